@@ -1,0 +1,105 @@
+"""Pure backend choice: conditions, traffic policies, random spread, ClientIP affinity.
+
+kube-proxy's rules in one place, with time and randomness passed in so the
+tests can drive them:
+
+* usable endpoints are the ready ones; when none is ready, the serving and
+  terminating ones (graceful termination); when none of those, nothing;
+* a ``Local`` traffic policy keeps only endpoints on this node (internal policy
+  for ClusterIP traffic, external policy for NodePort/externalIP/LB traffic);
+* the choice is uniform at random (what ``statistic --mode random`` rules do),
+  except with ``sessionAffinity: ClientIP``, where a client keeps its endpoint
+  until the timeout passes unused or the endpoint goes away;
+* an endpoint that just failed to connect is avoided for a while, unless
+  nothing else is left.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Collection, Mapping
+
+from uproxy.model import Endpoint, ServicePortName
+from uproxy.state import Entry
+
+FAILED_AVOID_SECONDS = 5.0
+
+
+def usable_endpoints(entry: Entry, *, external: bool, node_name: str) -> tuple[Endpoint, ...]:
+    port = entry.port
+    local = port.external_local if external else port.internal_local
+    candidates = entry.endpoints
+    if local:
+        candidates = tuple(e for e in candidates if e.node_name == node_name)
+    ready = tuple(e for e in candidates if e.ready)
+    if ready:
+        return ready
+    return tuple(e for e in candidates if e.serving and e.terminating)
+
+
+class Balancer:
+    """Chooses an endpoint per connection (TCP) or per flow (UDP)."""
+
+    def __init__(self, *, node_name: str, rng: random.Random | None = None) -> None:
+        self.node_name = node_name
+        self._rng = rng or random.Random()
+        self._affinity: dict[tuple[ServicePortName, str], tuple[Endpoint, float]] = {}
+        self._failed: dict[tuple[str, int], float] = {}
+
+    def choose(
+        self,
+        entry: Entry,
+        client_ip: str,
+        now: float,
+        *,
+        external: bool = False,
+        exclude: Collection[Endpoint] = (),
+    ) -> Endpoint | None:
+        usable = usable_endpoints(entry, external=external, node_name=self.node_name)
+        if exclude:
+            usable = tuple(e for e in usable if e not in exclude)
+        if not usable:
+            return None
+        timeout = entry.port.affinity_timeout
+        key = (entry.port.name, client_ip)
+        if timeout is not None:
+            pinned = self._affinity.get(key)
+            if pinned is not None:
+                endpoint, last = pinned
+                if now - last <= timeout and endpoint in usable:
+                    self._affinity[key] = (endpoint, now)
+                    return endpoint
+                del self._affinity[key]
+        healthy = tuple(e for e in usable if self._failed.get(e.address, 0.0) <= now)
+        endpoint = self._rng.choice(healthy or usable)
+        if timeout is not None:
+            self._affinity[key] = (endpoint, now)
+        return endpoint
+
+    def connect_failed(self, endpoint: Endpoint, now: float, entry: Entry | None = None,
+                       client_ip: str | None = None) -> None:
+        """Avoid ``endpoint`` for a while; drop an affinity pin to it."""
+        self._failed[endpoint.address] = now + FAILED_AVOID_SECONDS
+        if entry is not None and client_ip is not None:
+            pinned = self._affinity.get((entry.port.name, client_ip))
+            if pinned is not None and pinned[0] == endpoint:
+                del self._affinity[(entry.port.name, client_ip)]
+
+    def connect_succeeded(self, endpoint: Endpoint) -> None:
+        self._failed.pop(endpoint.address, None)
+
+    def prune(self, table: Mapping[ServicePortName, Entry], now: float) -> None:
+        """Forget pins whose service port or endpoint is gone, or whose timeout passed."""
+        for key, (endpoint, last) in list(self._affinity.items()):
+            entry = table.get(key[0])
+            timeout = entry.port.affinity_timeout if entry else None
+            if entry is None or timeout is None or now - last > timeout or (
+                endpoint not in entry.endpoints
+            ):
+                del self._affinity[key]
+        for address, until in list(self._failed.items()):
+            if until <= now:
+                del self._failed[address]
+
+    def affinity_count(self) -> int:
+        return len(self._affinity)

@@ -1,0 +1,453 @@
+"""Pure data: what a Service port and its endpoints are, built from Kubernetes objects.
+
+This module only turns plain ``dict`` objects (as YAML, JSON or the API give
+them) into frozen values, and reports what it cannot use as :class:`Problem`
+values naming the origin, the object and the field. It does no I/O and keeps
+no state, so both sources (files and the API) and the tests share it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_AFFINITY_TIMEOUT = 10800  # seconds, as the API server defaults it
+PROXIED_PROTOCOLS = ("TCP", "UDP")
+KNOWN_PROTOCOLS = ("TCP", "UDP", "SCTP")
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+
+Obj = Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """Something in the input uproxy cannot use: one line naming file, object and field."""
+
+    origin: str
+    obj: str
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        parts = [p for p in (self.origin, self.obj, self.field) if p]
+        return ": ".join([*parts, self.message])
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class ServicePortName:
+    """``namespace/name:port`` — the key of everything (kube-proxy's ServicePortName)."""
+
+    namespace: str
+    name: str
+    port: str
+    protocol: str = "TCP"
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}:{self.port}"
+
+    @property
+    def service(self) -> tuple[str, str]:
+        return (self.namespace, self.name)
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePort:
+    """One port of one Service, with everything the proxy needs to serve it."""
+
+    name: ServicePortName
+    type: str
+    cluster_ips: tuple[str, ...]
+    port: int
+    protocol: str
+    target_port: int | str
+    node_port: int | None = None
+    external_ips: tuple[str, ...] = ()
+    load_balancer_ips: tuple[str, ...] = ()
+    affinity_timeout: int | None = None  # seconds; None = no session affinity
+    internal_local: bool = False  # internalTrafficPolicy: Local
+    external_local: bool = False  # externalTrafficPolicy: Local
+
+    @property
+    def external_addresses(self) -> tuple[str, ...]:
+        return self.external_ips + self.load_balancer_ips
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Endpoint:
+    """One backend address for one service port, with its EndpointSlice conditions."""
+
+    ip: str
+    port: int
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+    node_name: str | None = None
+    zone: str | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.ip, self.port)
+
+    def __str__(self) -> str:
+        host = f"[{self.ip}]" if ":" in self.ip else self.ip
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class SlicePort:
+    name: str
+    port: int
+    protocol: str
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSet:
+    """Endpoints of one service from one object (a slice, or a v1 Endpoints subset)."""
+
+    namespace: str
+    service: str
+    address_type: str  # IPv4 | IPv6
+    ports: tuple[SlicePort, ...]
+    endpoints: tuple[Endpoint, ...]
+    trigger_time: str | None = None
+
+
+@dataclass(slots=True)
+class Parsed:
+    """What parsing one object gave: the values and the problems, never an exception."""
+
+    ports: list[ServicePort] = field(default_factory=list)
+    endpoint_sets: list[EndpointSet] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # debug-level notes (headless, ...)
+
+
+def object_ref(obj: Obj) -> str:
+    """``Kind namespace/name`` for messages, tolerant of anything."""
+    kind = obj.get("kind") if isinstance(obj, Mapping) else None
+    meta = obj.get("metadata") if isinstance(obj, Mapping) else None
+    name = ns = None
+    if isinstance(meta, Mapping):
+        name = meta.get("name")
+        ns = meta.get("namespace") or "default"
+    return f"{kind or 'object'} {ns or 'default'}/{name or '?'}"
+
+
+class _Bad(Exception):
+    def __init__(self, field_path: str, message: str) -> None:
+        super().__init__(message)
+        self.field_path = field_path
+        self.message = message
+
+
+def _meta(obj: Obj) -> tuple[str, str]:
+    meta = obj.get("metadata")
+    if not isinstance(meta, Mapping):
+        raise _Bad("metadata", "missing")
+    name = meta.get("name")
+    if not isinstance(name, str) or not name:
+        raise _Bad("metadata.name", "missing")
+    ns = meta.get("namespace") or "default"
+    if not isinstance(ns, str):
+        raise _Bad("metadata.namespace", "must be a string")
+    return ns, name
+
+
+def _port_number(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, str) and value.isdigit():
+            value = int(value)
+        else:
+            raise _Bad(where, f"{value!r} is not a port number")
+    if not 1 <= value <= 65535:
+        raise _Bad(where, f"{value} is outside 1-65535")
+    return value
+
+
+def _protocol(value: Any, where: str) -> str:
+    proto = "TCP" if value is None else value
+    if proto not in KNOWN_PROTOCOLS:
+        raise _Bad(where, f"unknown protocol {proto!r} (TCP, UDP or SCTP)")
+    return str(proto)
+
+
+def _ip(value: Any, where: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except (ValueError, TypeError):
+        raise _Bad(where, f"{value!r} is not an IP address") from None
+
+
+def _ip_list(values: Any, where: str) -> tuple[str, ...]:
+    if values is None:
+        return ()
+    if not isinstance(values, list):
+        raise _Bad(where, "must be a list")
+    return tuple(_ip(v, f"{where}[{i}]") for i, v in enumerate(values))
+
+
+def parse_service(obj: Obj, origin: str = "") -> Parsed:
+    """A v1 Service -> its proxied ports; bad ports are skipped with a Problem each."""
+    out = Parsed()
+    ref = object_ref(obj)
+    try:
+        ns, name = _meta(obj)
+        spec = obj.get("spec")
+        if not isinstance(spec, Mapping):
+            raise _Bad("spec", "missing")
+        svc_type = spec.get("type") or "ClusterIP"
+        if svc_type == "ExternalName":
+            out.skipped.append(f"{ref}: ExternalName services are not proxied")
+            return out
+        cluster_ips = _cluster_ips(spec)
+        if cluster_ips is None:
+            out.skipped.append(f"{ref}: headless (clusterIP: None) services are not proxied")
+            return out
+        external_ips = _ip_list(spec.get("externalIPs"), "spec.externalIPs")
+        lb_ips = _lb_ips(obj)
+        affinity = _affinity(spec)
+        internal_local = spec.get("internalTrafficPolicy") == "Local"
+        external_local = spec.get("externalTrafficPolicy") == "Local"
+        ports = spec.get("ports")
+        if not isinstance(ports, list) or not ports:
+            raise _Bad("spec.ports", "missing or empty")
+    except _Bad as bad:
+        out.problems.append(Problem(origin, ref, bad.field_path, bad.message))
+        return out
+
+    seen_names: set[str] = set()
+    seen_ports: set[tuple[int, str]] = set()
+    for i, p in enumerate(ports):
+        where = f"spec.ports[{i}]"
+        try:
+            if not isinstance(p, Mapping):
+                raise _Bad(where, "must be a mapping")
+            port_name = p.get("name") or ""
+            if not isinstance(port_name, str):
+                raise _Bad(f"{where}.name", "must be a string")
+            if len(ports) > 1 and not port_name:
+                raise _Bad(f"{where}.name", "required when a service has several ports")
+            if port_name in seen_names:
+                raise _Bad(f"{where}.name", f"duplicate port name {port_name!r}")
+            number = _port_number(p.get("port"), f"{where}.port")
+            proto = _protocol(p.get("protocol"), f"{where}.protocol")
+            if (number, proto) in seen_ports:
+                raise _Bad(f"{where}.port", f"duplicate {proto} port {number}")
+            target = p.get("targetPort", number)
+            if isinstance(target, str) and not target.isdigit():
+                target_port: int | str = target
+            else:
+                target_port = _port_number(target, f"{where}.targetPort")
+            node_port = None
+            if svc_type in ("NodePort", "LoadBalancer") and p.get("nodePort") is not None:
+                node_port = _port_number(p.get("nodePort"), f"{where}.nodePort")
+            seen_names.add(port_name)
+            seen_ports.add((number, proto))
+            if proto not in PROXIED_PROTOCOLS:
+                out.problems.append(
+                    Problem(origin, ref, f"{where}.protocol", f"{proto} is not supported; skipped")
+                )
+                continue
+            out.ports.append(
+                ServicePort(
+                    name=ServicePortName(ns, name, port_name, proto),
+                    type=str(svc_type),
+                    cluster_ips=cluster_ips,
+                    port=number,
+                    protocol=proto,
+                    target_port=target_port,
+                    node_port=node_port,
+                    external_ips=external_ips,
+                    load_balancer_ips=lb_ips,
+                    affinity_timeout=affinity,
+                    internal_local=internal_local,
+                    external_local=external_local,
+                )
+            )
+        except _Bad as bad:
+            out.problems.append(Problem(origin, ref, bad.field_path, bad.message))
+    return out
+
+
+def _cluster_ips(spec: Mapping[str, Any]) -> tuple[str, ...] | None:
+    ips = spec.get("clusterIPs")
+    if ips is None:
+        one = spec.get("clusterIP")
+        ips = [] if one in (None, "") else [one]
+    if not isinstance(ips, list):
+        raise _Bad("spec.clusterIPs", "must be a list")
+    if any(ip == "None" for ip in ips):
+        return None
+    if not ips:
+        raise _Bad("spec.clusterIP", "missing (manifests must name the ClusterIP)")
+    field_name = "spec.clusterIPs" if "clusterIPs" in spec else "spec.clusterIP"
+    return tuple(_ip(ip, field_name) for ip in ips)
+
+
+def _lb_ips(obj: Obj) -> tuple[str, ...]:
+    status = obj.get("status")
+    if not isinstance(status, Mapping):
+        return ()
+    lb = status.get("loadBalancer")
+    if not isinstance(lb, Mapping):
+        return ()
+    ingress = lb.get("ingress") or []
+    if not isinstance(ingress, list):
+        raise _Bad("status.loadBalancer.ingress", "must be a list")
+    out = []
+    for i, entry in enumerate(ingress):
+        if isinstance(entry, Mapping) and entry.get("ip"):
+            out.append(_ip(entry["ip"], f"status.loadBalancer.ingress[{i}].ip"))
+    return tuple(out)
+
+
+def _affinity(spec: Mapping[str, Any]) -> int | None:
+    mode = spec.get("sessionAffinity") or "None"
+    if mode == "None":
+        return None
+    if mode != "ClientIP":
+        raise _Bad("spec.sessionAffinity", f"unknown value {mode!r} (None or ClientIP)")
+    cfg = spec.get("sessionAffinityConfig") or {}
+    client = cfg.get("clientIP") if isinstance(cfg, Mapping) else None
+    timeout = client.get("timeoutSeconds") if isinstance(client, Mapping) else None
+    if timeout is None:
+        return DEFAULT_AFFINITY_TIMEOUT
+    if isinstance(timeout, bool) or not isinstance(timeout, int) or not 0 < timeout <= 86400:
+        raise _Bad(
+            "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+            f"{timeout!r} is outside 1-86400",
+        )
+    return timeout
+
+
+def parse_endpoint_slice(obj: Obj, origin: str = "") -> Parsed:
+    """A discovery.k8s.io/v1 EndpointSlice -> one EndpointSet (FQDN slices are ignored)."""
+    out = Parsed()
+    ref = object_ref(obj)
+    try:
+        ns, _name = _meta(obj)
+        labels = obj["metadata"].get("labels") or {}
+        service = labels.get(SERVICE_NAME_LABEL) if isinstance(labels, Mapping) else None
+        if not isinstance(service, str) or not service:
+            raise _Bad(f"metadata.labels[{SERVICE_NAME_LABEL}]", "missing")
+        addr_type = obj.get("addressType") or "IPv4"
+        if addr_type == "FQDN":
+            out.skipped.append(f"{ref}: FQDN slices are not proxied")
+            return out
+        if addr_type not in ("IPv4", "IPv6"):
+            raise _Bad("addressType", f"unknown value {addr_type!r}")
+        ports = tuple(_slice_ports(obj.get("ports"), "ports"))
+        endpoints: list[Endpoint] = []
+        raw = obj.get("endpoints") or []
+        if not isinstance(raw, list):
+            raise _Bad("endpoints", "must be a list")
+        for i, ep in enumerate(raw):
+            where = f"endpoints[{i}]"
+            try:
+                endpoints.extend(_slice_endpoint(ep, where, addr_type))
+            except _Bad as bad:
+                out.problems.append(Problem(origin, ref, bad.field_path, bad.message))
+        annotations = obj["metadata"].get("annotations") or {}
+        trigger = None
+        if isinstance(annotations, Mapping):
+            trigger = annotations.get("endpoints.kubernetes.io/last-change-trigger-time")
+        out.endpoint_sets.append(
+            EndpointSet(ns, service, addr_type, ports, tuple(endpoints), trigger)
+        )
+    except _Bad as bad:
+        out.problems.append(Problem(origin, ref, bad.field_path, bad.message))
+    return out
+
+
+def _slice_ports(raw: Any, where: str) -> Iterator[SlicePort]:
+    if raw is None:
+        return
+    if not isinstance(raw, list):
+        raise _Bad(where, "must be a list")
+    for i, p in enumerate(raw):
+        if not isinstance(p, Mapping):
+            raise _Bad(f"{where}[{i}]", "must be a mapping")
+        name = p.get("name") or ""
+        number = _port_number(p.get("port"), f"{where}[{i}].port")
+        proto = _protocol(p.get("protocol"), f"{where}[{i}].protocol")
+        yield SlicePort(str(name), number, proto)
+
+
+def _slice_endpoint(ep: Any, where: str, addr_type: str) -> Iterator[Endpoint]:
+    if not isinstance(ep, Mapping):
+        raise _Bad(where, "must be a mapping")
+    addresses = ep.get("addresses")
+    if not isinstance(addresses, list) or not addresses:
+        raise _Bad(f"{where}.addresses", "missing")
+    cond = ep.get("conditions") or {}
+    if not isinstance(cond, Mapping):
+        raise _Bad(f"{where}.conditions", "must be a mapping")
+    # API semantics: a nil ready means ready; serving defaults to ready.
+    ready = cond.get("ready") is not False
+    serving = cond.get("serving", ready) is not False
+    terminating = cond.get("terminating") is True
+    node = ep.get("nodeName")
+    zone = ep.get("zone")
+    # Only the first address is used, as kube-proxy does.
+    ip = _ip(addresses[0], f"{where}.addresses[0]")
+    if (":" in ip) != (addr_type == "IPv6"):
+        raise _Bad(f"{where}.addresses[0]", f"{ip} is not {addr_type}")
+    yield Endpoint(ip, 0, ready, serving, terminating, node, zone)
+
+
+def parse_endpoints(obj: Obj, origin: str = "") -> Parsed:
+    """A v1 Endpoints (hand-written for selector-less services) -> EndpointSets per subset."""
+    out = Parsed()
+    ref = object_ref(obj)
+    try:
+        ns, name = _meta(obj)
+        subsets = obj.get("subsets") or []
+        if not isinstance(subsets, list):
+            raise _Bad("subsets", "must be a list")
+        for i, subset in enumerate(subsets):
+            where = f"subsets[{i}]"
+            if not isinstance(subset, Mapping):
+                raise _Bad(where, "must be a mapping")
+            ports = tuple(_slice_ports(subset.get("ports"), f"{where}.ports"))
+            eps: list[Endpoint] = []
+            for key, ready in (("addresses", True), ("notReadyAddresses", False)):
+                for j, addr in enumerate(subset.get(key) or []):
+                    if not isinstance(addr, Mapping):
+                        raise _Bad(f"{where}.{key}[{j}]", "must be a mapping")
+                    ip = _ip(addr.get("ip"), f"{where}.{key}[{j}].ip")
+                    node = addr.get("nodeName")
+                    eps.append(Endpoint(ip, 0, ready, ready, False, node, None))
+            by_family: dict[str, list[Endpoint]] = {}
+            for ep in eps:
+                by_family.setdefault("IPv6" if ":" in ep.ip else "IPv4", []).append(ep)
+            for family, members in by_family.items():
+                out.endpoint_sets.append(EndpointSet(ns, name, family, ports, tuple(members)))
+    except _Bad as bad:
+        out.problems.append(Problem(origin, ref, bad.field_path, bad.message))
+    return out
+
+
+def resolve_endpoints(port: ServicePort, sets: Iterable[EndpointSet]) -> tuple[Endpoint, ...]:
+    """The endpoints of one service port: slice ports matched by name and protocol.
+
+    The target port comes from the slice (per endpoint set), not from the Service.
+    Only sets of the service's first ClusterIP family are used.
+    """
+    family = "IPv6" if port.cluster_ips and ":" in port.cluster_ips[0] else "IPv4"
+    found: dict[tuple[str, int], Endpoint] = {}
+    for s in sets:
+        if s.address_type != family:
+            continue
+        for sp in s.ports:
+            if sp.name == port.name.port and sp.protocol == port.protocol:
+                for ep in s.endpoints:
+                    resolved = Endpoint(
+                        ep.ip, sp.port, ep.ready, ep.serving, ep.terminating, ep.node_name, ep.zone
+                    )
+                    # Duplicates across slices: a ready copy wins.
+                    prev = found.get(resolved.address)
+                    if prev is None or (resolved.ready and not prev.ready):
+                        found[resolved.address] = resolved
+    return tuple(sorted(found.values()))
