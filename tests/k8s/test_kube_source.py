@@ -1,0 +1,382 @@
+"""KubeSource against the fake API server over real HTTP: list, watch, and everything that breaks.
+
+The source fills a real Store; the server records every request, so the tests
+can count retries (bounded, never a busy loop) and see re-lists after 410.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from uproxy.sources.kube import ConfigError, KubeSettings, KubeSource, check_config
+from uproxy.state import Store
+
+from .apiserver import FakeApiServer, Request, endpoint_slice, node, service
+
+NODE = "node-a"
+FAST = KubeSettings(
+    page_size=500,
+    watch_timeout_seconds=300,
+    inactivity_timeout=5.0,
+    backoff_initial=0.05,
+    backoff_max=0.5,
+)
+
+
+class Hooks:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.changes = 0
+        self.synced_count = 0
+        self.services_at_sync: set[tuple[str, str]] | None = None
+        self.slices_at_sync: set[tuple[str, str]] | None = None
+
+    def changed(self) -> None:
+        self.changes += 1
+
+    def synced(self) -> None:
+        self.synced_count += 1
+        if self.services_at_sync is None:
+            self.services_at_sync = self.store.keys("Service")
+            self.slices_at_sync = self.store.keys("EndpointSlice")
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or check}")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[FakeApiServer]:
+    server = FakeApiServer(bookmark_interval=0.3)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+def kubeconfig(api: FakeApiServer, tmp_path: Path) -> str:
+    return str(api.write_kubeconfig(tmp_path / "kubeconfig"))
+
+
+@contextlib.asynccontextmanager
+async def running(
+    kubeconfig: str, settings: KubeSettings = FAST
+) -> AsyncIterator[tuple[KubeSource, Store, Hooks]]:
+    source = KubeSource(kubeconfig=kubeconfig, master=None, node_name=NODE, settings=settings)
+    store = Store()
+    hooks = Hooks(store)
+    task = asyncio.create_task(source.run(store, hooks))
+    try:
+        yield source, store, hooks
+        assert not task.done(), task  # the source never ends by itself
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def svc_keys(store: Store) -> set[tuple[str, str]]:
+    return store.keys("Service")
+
+
+def endpoint_ips(store: Store, name: str) -> list[str]:
+    return sorted(
+        ep.ip
+        for entry in store.table().values()
+        if entry.port.name.name == name
+        for ep in entry.endpoints
+    )
+
+
+async def test_create_update_delete_reach_the_store(api: FakeApiServer, kubeconfig: str) -> None:
+    api.create(service("web", cluster_ip="10.96.0.10"))
+    api.create(endpoint_slice("web", ["10.244.1.5"]))
+    async with running(kubeconfig) as (_source, store, hooks):
+        await eventually(lambda: hooks.synced_count == 1, what="synced")
+        assert svc_keys(store) == {("default", "web")}
+        assert endpoint_ips(store, "web") == ["10.244.1.5"]
+
+        api.create(service("db", namespace="data", cluster_ip="10.96.0.11", port=5432))
+        await eventually(lambda: ("data", "db") in svc_keys(store), what="db added")
+
+        changes = hooks.changes
+        api.update(endpoint_slice("web", ["10.244.1.5", "10.244.2.7"]))
+        await eventually(lambda: endpoint_ips(store, "web") == ["10.244.1.5", "10.244.2.7"])
+        assert hooks.changes > changes
+
+        # Dual stack: an IPv6 slice of the same service is just another slice.
+        api.create(endpoint_slice("web", ["fd00::5"], name="web-v6", address_type="IPv6"))
+        await eventually(lambda: ("default", "web-v6") in store.keys("EndpointSlice"))
+
+        api.delete("Service", "default", "web")
+        await eventually(lambda: ("default", "web") not in svc_keys(store), what="web deleted")
+        assert svc_keys(store) == {("data", "db")}
+        assert hooks.synced_count == 1
+
+
+async def test_lists_are_paged(api: FakeApiServer, kubeconfig: str) -> None:
+    for i in range(53):
+        api.create(service(f"s{i:02}"))
+        api.create(endpoint_slice(f"s{i:02}", [f"10.244.0.{i + 1}"]))
+    settings = dataclasses.replace(FAST, page_size=7)
+    async with running(kubeconfig, settings) as (_source, store, hooks):
+        await eventually(lambda: hooks.synced_count == 1, what="synced")
+        assert len(svc_keys(store)) == 53
+        assert len(store.keys("EndpointSlice")) == 53
+        assert hooks.services_at_sync is not None and len(hooks.services_at_sync) == 53
+        lists = api.list_requests("services")
+        assert len(lists) == 8  # ceil(53 / 7)
+        assert all(r.query.get("limit") == "7" for r in lists)
+        assert sum("continue" in r.query for r in lists) == 7
+
+
+async def test_expired_continue_token_restarts_the_list(
+    api: FakeApiServer, kubeconfig: str
+) -> None:
+    for i in range(10):
+        api.create(service(f"s{i}"))
+    api.compact_on_continue = 1  # etcd compacts between the first and the second page
+    settings = KubeSettings(page_size=3, inactivity_timeout=5.0, backoff_initial=0.05)
+    async with running(kubeconfig, settings) as (_source, store, hooks):
+        await eventually(lambda: hooks.synced_count == 1, what="synced")
+        assert len(svc_keys(store)) == 10
+        first_pages = [r for r in api.list_requests("services") if "continue" not in r.query]
+        assert len(first_pages) == 2  # the list started over after the 410
+
+
+async def test_deletion_missed_during_a_drop_is_applied_after_410(
+    api: FakeApiServer, kubeconfig: str
+) -> None:
+    api.create(service("keep"))
+    api.create(service("gone"))
+    api.create(endpoint_slice("gone", ["10.244.3.3"]))
+    async with running(kubeconfig) as (_source, store, hooks):
+        await eventually(lambda: hooks.synced_count == 1, what="synced")
+        await eventually(lambda: len(api.watch_requests("services")) == 1, what="watching")
+        lists_before = len(api.list_requests("services"))
+        # No await between these: the source cannot see the deletion on a stream.
+        api.drop_streams()
+        api.delete("Service", "default", "gone")
+        api.delete("EndpointSlice", "default", "gone-abc")
+        api.compact()
+        await eventually(lambda: svc_keys(store) == {("default", "keep")}, what="gone removed")
+        await eventually(lambda: not store.keys("EndpointSlice"), what="slice removed")
+        assert len(api.list_requests("services")) == lists_before + 1  # one re-list
+        # And it keeps watching from the new list's version.
+        api.create(service("after"))
+        await eventually(lambda: ("default", "after") in svc_keys(store), what="after")
+        assert hooks.synced_count == 1
+
+
+async def test_500_is_retried_with_backoff(api: FakeApiServer, kubeconfig: str) -> None:
+    api.fail_next(4, 500)
+    api.create(service("web"))
+    async with running(kubeconfig) as (_source, store, hooks):
+        await eventually(lambda: hooks.synced_count == 1, what="synced despite 500s")
+        assert svc_keys(store) == {("default", "web")}
+
+
+async def test_429_retry_after_is_honoured(api: FakeApiServer, kubeconfig: str) -> None:
+    api.create(service("web"))
+    async with running(kubeconfig) as (_source, store, hooks):
+        await eventually(lambda: hooks.synced_count == 1, what="synced")
+        await eventually(lambda: len(api.watch_requests("services")) == 1, what="watching")
+        api.fail_next(1, 429, retry_after=1.5)
+        api.drop_streams()
+
+        def rejected() -> Request | None:
+            return next((r for r in api.requests if r.status == 429), None)
+
+        def retry() -> Request | None:
+            first = rejected()
+            return next(
+                (
+                    r
+                    for r in api.requests
+                    if first and r.at > first.at and r.resource == first.resource
+                ),
+                None,
+            )
+
+        await eventually(lambda: retry() is not None, what="retry after 429")
+        first, again = rejected(), retry()
+        assert first is not None and again is not None
+        assert again.at - first.at >= 1.4  # waited as the server asked
+        api.create(service("later"))
+        await eventually(lambda: ("default", "later") in svc_keys(store), what="later")
+
+
+async def test_persistent_errors_never_busy_loop(api: FakeApiServer, kubeconfig: str) -> None:
+    api.fail_next(100_000, 500)
+    async with running(kubeconfig) as (_source, _store, hooks):
+        await asyncio.sleep(3.0)
+        count = len(api.requests)
+        # backoff 0.05 s doubling to a 0.5 s cap, three resources: a few dozen at most.
+        assert 3 <= count <= 60, count
+        assert hooks.synced_count == 0
+        api._fail.clear()
+        await eventually(lambda: hooks.synced_count == 1, what="recovers when the server does")
+
+
+async def test_silent_stream_is_reconnected_after_the_inactivity_timeout(
+    api: FakeApiServer, kubeconfig: str
+) -> None:
+    api.bookmark_interval = 3600.0  # the server sends nothing at all
+    settings = KubeSettings(inactivity_timeout=0.5, backoff_initial=0.05, backoff_max=0.5)
+    async with running(kubeconfig, settings) as (_source, store, hooks):
+        await eventually(lambda: hooks.synced_count == 1, what="synced")
+        await eventually(lambda: len(api.watch_requests("services")) >= 3, what="reconnects")
+        # The store is still followed after the reconnects.
+        api.create(service("late"))
+        await eventually(lambda: ("default", "late") in svc_keys(store), what="late")
+
+
+async def test_bookmarks_keep_a_quiet_stream_alive(api: FakeApiServer, kubeconfig: str) -> None:
+    api.bookmark_interval = 0.2
+    settings = KubeSettings(inactivity_timeout=0.8, backoff_initial=0.05, backoff_max=0.5)
+    async with running(kubeconfig, settings) as (_source, _store, hooks):
+        await eventually(lambda: hooks.synced_count == 1, what="synced")
+        await asyncio.sleep(2.5)
+        assert len(api.watch_requests("services")) == 1
+
+
+async def test_stalled_stream_with_held_events_reconnects(
+    api: FakeApiServer, kubeconfig: str
+) -> None:
+    api.bookmark_interval = 3600.0
+    settings = KubeSettings(inactivity_timeout=0.5, backoff_initial=0.05, backoff_max=0.5)
+    async with running(kubeconfig, settings) as (_source, store, hooks):
+        await eventually(lambda: hooks.synced_count == 1, what="synced")
+        api.stalled = True
+        api.create(service("held"))
+        watches = len(api.watch_requests("services"))
+        await eventually(lambda: len(api.watch_requests("services")) > watches, what="reconnect")
+        assert ("default", "held") not in svc_keys(store)
+        api.stalled = False
+        await eventually(lambda: ("default", "held") in svc_keys(store), what="held arrives")
+
+
+async def test_synced_only_after_both_lists(api: FakeApiServer, kubeconfig: str) -> None:
+    api.create(service("web"))
+    api.create(endpoint_slice("web", ["10.244.1.1"]))
+    api.hold_lists("endpointslices")
+    async with running(kubeconfig) as (_source, store, hooks):
+        await eventually(lambda: ("default", "web") in svc_keys(store), what="services listed")
+        await asyncio.sleep(0.3)
+        assert hooks.synced_count == 0
+        api.release_lists("endpointslices")
+        await eventually(lambda: hooks.synced_count == 1, what="synced")
+        assert hooks.slices_at_sync == {("default", "web-abc")}
+        # A later re-list does not sync again.
+        api.drop_streams()
+        api.compact()
+        await eventually(lambda: len(api.list_requests("services")) == 2, what="re-list")
+        await asyncio.sleep(0.2)
+        assert hooks.synced_count == 1
+
+
+@pytest.mark.parametrize("refuse", [False, True], ids=["503", "refused"])
+async def test_outage_keeps_state_and_converges(
+    api: FakeApiServer, kubeconfig: str, refuse: bool
+) -> None:
+    api.create(service("old"))
+    api.create(service("stays"))
+    async with running(kubeconfig) as (_source, store, hooks):
+        await eventually(lambda: hooks.synced_count == 1, what="synced")
+        api.outage(2.0, refuse=refuse)
+        api.delete("Service", "default", "old")
+        api.create(service("new"))
+        api.compact()  # and the history went while the server was down
+        await asyncio.sleep(1.0)
+        assert svc_keys(store) == {("default", "old"), ("default", "stays")}
+        await eventually(
+            lambda: svc_keys(store) == {("default", "new"), ("default", "stays")},
+            what="converged",
+        )
+
+
+async def test_bad_object_is_skipped_with_one_log_line(
+    api: FakeApiServer, kubeconfig: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    bad = service("broken")
+    bad["spec"]["ports"][0]["port"] = 70000
+    api.create(bad)
+    api.create(service("good"))
+    caplog.set_level(logging.WARNING, logger="uproxy.kube")
+    async with running(kubeconfig) as (_source, store, hooks):
+        await eventually(lambda: hooks.synced_count == 1, what="synced")
+        api.create(service("good2"))
+        await eventually(lambda: ("default", "good2") in svc_keys(store))
+        assert {e.port.name.name for e in store.table().values()} == {"good", "good2"}
+        # A re-list brings the same bad object again: still one line.
+        api.drop_streams()
+        api.compact()
+        await eventually(lambda: len(api.list_requests("services")) == 2, what="re-list")
+        api.create(service("good3"))
+        await eventually(lambda: ("default", "good3") in svc_keys(store))
+    lines = [r.getMessage() for r in caplog.records if "broken" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "spec.ports[0]" in lines[0] and "\n" not in lines[0]
+
+
+async def test_node_zone_and_termination(api: FakeApiServer, kubeconfig: str) -> None:
+    api.create(node(NODE, zone="zone-a"))
+    api.create(node("other", zone="zone-b"))
+    async with running(kubeconfig) as (source, _store, hooks):
+        await eventually(lambda: source.node_zone == "zone-a", what="zone")
+        assert source.node_terminating is False
+        assert all(
+            r.query.get("fieldSelector") == f"metadata.name={NODE}"
+            for r in api.requests
+            if r.resource == "nodes"
+        )
+        changes = hooks.changes
+        api.update(
+            node(
+                NODE,
+                zone="zone-a",
+                taints=[
+                    {"key": "ToBeDeletedByClusterAutoscaler", "value": "1", "effect": "NoSchedule"}
+                ],
+            )
+        )
+        await eventually(lambda: source.node_terminating, what="tainted")
+        assert hooks.changes > changes
+        api.update(node("other", zone="zone-c"))
+        await asyncio.sleep(0.2)
+        assert source.node_zone == "zone-a"
+        marked = node(NODE, zone="zone-a")
+        marked["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+        api.update(marked)
+        await eventually(lambda: source.node_terminating, what="being deleted")
+
+
+async def test_check_config(tmp_path: Path, kubeconfig: str) -> None:
+    await check_config(kubeconfig, None)
+    await check_config(kubeconfig, "http://127.0.0.1:1")
+    with pytest.raises(ConfigError, match="not found") as missing:
+        await check_config(str(tmp_path / "nope"), None)
+    assert str(tmp_path / "nope") in str(missing.value)
+    broken = tmp_path / "broken"
+    broken.write_text("clusters: [ {name: x\n")
+    with pytest.raises(ConfigError, match="bad kubeconfig") as bad:
+        await check_config(str(broken), None)
+    assert "\n" not in str(bad.value)
+    empty = tmp_path / "empty"
+    empty.write_text("apiVersion: v1\nkind: Config\n")
+    with pytest.raises(ConfigError):
+        await check_config(str(empty), None)
