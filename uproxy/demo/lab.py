@@ -355,12 +355,15 @@ class Lab:
                   *, proc: subprocess.Popen[bytes] | None = None) -> None:
         """Poll ``ss`` in ``ns`` until a socket listens on ``ip:port`` (or a wildcard).
 
-        Never connects. If ``proc`` is given and exits first, fails with its log.
+        Never connects. With ``proc``, the listening socket must belong to that
+        process (so an older listener on the port does not count), and if the
+        process exits first this fails at once with its log.
         """
         if proto not in ("tcp", "udp"):
             raise ValueError(f"proto must be tcp or udp, got {proto!r}")
-        flag = "-Hltn" if proto == "tcp" else "-Hlun"
+        flag = ("-Hltn" if proto == "tcp" else "-Hlun") + ("p" if proc is not None else "")
         wanted = {ip, "0.0.0.0", "*", "[::]", "::"}
+        owner = f"pid={proc.pid}," if proc is not None else ""
         deadline = time.monotonic() + timeout
         while True:
             out = self.run(ns, ["ss", flag, "sport", "=", f":{port}"]).stdout
@@ -369,7 +372,7 @@ class Lab:
                 if len(cols) < 4:
                     continue
                 host, _, _port = cols[3].rpartition(":")
-                if host.split("%", 1)[0] in wanted:
+                if host.split("%", 1)[0] in wanted and owner in line:
                     return
             if proc is not None and proc.poll() is not None:
                 name = next((n for n, p in self._procs if p is proc), "")
