@@ -80,6 +80,28 @@ def test_probe_reports_refused_and_timeout(lab: Lab) -> None:
     assert lost_udp["counts"] == {} and lost_udp["errors"]["timeout"] == 2
 
 
+def test_echo_serves_thousands_of_connections(lab: Lab) -> None:
+    lab.start_echo(1, tcp_ports=(6789,))
+    held = lab.probe("tcp", lab.pod_ip(1), "6789", "--count", "2000", "--concurrency", "500",
+                     "--hold", "0.3", "--timeout", "5")
+    assert held["counts"] == {"pod1": 2000}, held
+    assert held["errors"] == NO_ERRORS
+
+
+def test_probe_source_ip_binds_before_connecting(lab: Lab) -> None:
+    lab.start_echo(1, tcp_ports=(6789,), udp_ports=(5353,))
+    lab.run("client", ["ip", "addr", "add", "10.99.0.50/24", "dev", "eth0"])
+    for proto in ("tcp", "udp"):
+        ok = lab.probe(proto, lab.pod_ip(1), "6789" if proto == "tcp" else "5353",
+                       "--count", "20", "--source-ip", "10.99.0.50")
+        assert ok["counts"] == {"pod1": 20} and ok["errors"] == NO_ERRORS, ok
+    # an address the client does not own cannot be bound: proof the option is used
+    for proto, port in (("tcp", "6789"), ("udp", "5353")):
+        bad = lab.probe(proto, lab.pod_ip(1), port, "--count", "2", "--source-ip", "10.99.0.51")
+        assert bad["counts"] == {} and bad["errors"]["other"] == 2, bad
+        assert "Cannot assign requested address" in bad["samples"][0]
+
+
 def test_echo_modes_whoami_bulk_half_close_and_big_datagrams(lab: Lab) -> None:
     lab.start_echo(1, tcp_ports=(6789,), udp_ports=(5353,), name="alpha")
     ip = lab.pod_ip(1)
@@ -161,7 +183,8 @@ def test_teardown_kills_processes_and_deletes_everything(lab_factory: Callable[.
     workdir = lab.workdir
     names = set(lab.namespaces)
     lab.teardown()
-    assert echo.returncode is not None and nginx.returncode is not None
+    assert echo.returncode == 0  # SIGTERM is a clean stop for the echo server
+    assert nginx.returncode is not None
     assert not names & netns_names()
     assert not workdir.exists()
     lab.teardown()  # idempotent

@@ -34,6 +34,7 @@ import errno
 import hashlib
 import json
 import os
+import resource
 import socket
 import sys
 import time
@@ -195,27 +196,27 @@ async def udp_whoami(host: str, port: int, *, count: int, timeout: float,
                                          f"got {len(reply)} different bytes")
 
     shared: socket.socket | None = None
-    if not new_socket_each:
-        shared = _socket(socket.SOCK_DGRAM, source_ip)
-        shared.connect((host, port))  # UDP connect: no packet, sets the peer
 
     async def worker() -> None:
-        nonlocal next_index
+        nonlocal next_index, shared
         while next_index < count and time.monotonic() < deadline:
             next_index += 1
             tally.attempted += 1
             try:
-                if shared is not None:
-                    _drain(shared)
-                    await exchange(shared)
-                else:
+                if new_socket_each:
                     with _socket(socket.SOCK_DGRAM, source_ip) as sock:
-                        sock.connect((host, port))
+                        sock.connect((host, port))  # UDP connect: no packet, sets the peer
                         await exchange(sock)
+                    continue
+                if shared is None:
+                    shared = _socket(socket.SOCK_DGRAM, source_ip)
+                    shared.connect((host, port))
+                _drain(shared)
+                await exchange(shared)
             except (OSError, TimeoutError) as exc:
                 tally.error(exc)
 
-    workers = 1 if shared is not None else max(1, min(concurrency, count))
+    workers = max(1, min(concurrency, count)) if new_socket_each else 1
     try:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max_time + timeout + 1.0):
@@ -275,6 +276,14 @@ async def tcp_echo(host: str, port: int, *, nbytes: int, timeout: float,
     return result
 
 
+def _raise_nofile_limit() -> None:
+    """Many held connections need many descriptors: lift the soft limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m uproxy.demo.probe",
                                 description="bounded client loops for the uproxy lab")
@@ -319,6 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.mode == "udp" and args.size is not None and not 1 <= args.size <= 65507:
         print("probe: --size must be within 1..65507", file=sys.stderr)
         return 2
+    _raise_nofile_limit()
     if args.mode == "tcp":
         result = asyncio.run(tcp_whoami(
             args.host, args.port, count=args.count, concurrency=args.concurrency,
