@@ -1,10 +1,41 @@
-/* uproxy native relay engine. See uproxy_native.h. */
+/* uproxy native relay engine. See uproxy_native.h for the shape and the contract.
+ *
+ * Threading: everything below "engine thread" runs only on the engine thread,
+ * except the fields guarded by e->lock (the command list, the completion list,
+ * the stopping flag) and the statistics/counters (relaxed atomics).
+ *
+ * Per connection and direction the state machine is:
+ *   pipe (or copy buffer) holds data -> drain it to dst while dst is writable;
+ *   empty and src saw EOF             -> shutdown(dst, SHUT_WR) once;
+ *   empty and src is readable         -> take a pipe, fill it once from src.
+ * A pipe is filled only when empty and drained fully before src is read
+ * again, so EAGAIN from splice is never ambiguous, and it goes back to the
+ * pool only when empty. Readiness is tracked per fd from edge-triggered
+ * events and cleared on EAGAIN, so EPOLLRDHUP cannot make the thread spin.
+ */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "uproxy_native.h"
+
+#define SCRATCH_SIZE (64 * 1024)
+#define MIN_PIPE_SIZE (64 * 1024)
+#define MAX_EVENTS 256
+
+#define CMD_ADD 1u
+#define CMD_ABORT 2u
+#define CMD_RELEASE 4u
 
 ssize_t uproxy_splice_move(int from_fd, int to_fd, int pipe_r, int pipe_w, size_t len)
 {
@@ -24,4 +55,686 @@ ssize_t uproxy_splice_move(int from_fd, int to_fd, int pipe_r, int pipe_w, size_
         left -= out;
     }
     return in;
+}
+
+/* ---- data structures ---------------------------------------------------- */
+
+struct pipe_slot {
+    int r, w;
+    struct pipe_slot *next;
+};
+
+struct direction {
+    struct pipe_slot *pipe; /* non-NULL only while it holds data */
+    size_t in_pipe;
+    char *buf; /* copy path: bytes read but not yet sent */
+    size_t buf_off, buf_len;
+    bool eof;  /* src returned EOF */
+    bool shut; /* dst got SHUT_WR (after everything was delivered) */
+};
+
+struct conn;
+
+struct endpoint {
+    struct conn *conn;
+    int side;
+};
+
+struct conn {
+    struct uproxy_conn pub; /* first: the pointer handed to Python */
+    int fd[2];              /* UPROXY_SIDE_CLIENT, UPROXY_SIDE_BACKEND */
+    bool readable[2], writable[2];
+    struct endpoint ep[2];
+    struct direction dir[2]; /* 0: client -> backend, 1: backend -> client */
+    bool live, closed, released;
+    struct conn *prev, *next; /* all conns the engine thread knows */
+    /* guarded by e->lock */
+    unsigned cmds;
+    bool cmd_queued;
+    struct conn *cmd_next;
+    struct conn *done_next;
+    struct uproxy_done done;
+};
+
+struct uproxy_engine {
+    int epfd, wakefd, donefd;
+    pthread_t thread;
+    bool thread_started;
+    bool lock_ready;
+
+    pthread_mutex_t lock;
+    struct conn *cmd_head, *cmd_tail;
+    struct conn *done_head, *done_tail;
+    bool stopping;
+    int stopped; /* atomic */
+
+    /* engine thread only */
+    struct conn *all;
+    struct pipe_slot *free_pipes;
+    int max_pipes, pipe_size;
+    char *scratch;
+
+    struct uproxy_engine_stats stats; /* written by the engine thread, atomically */
+};
+
+static inline void stat_set(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
+static inline uint64_t stat_get(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+/* Single writer (the engine thread): load + store is enough, no RMW needed. */
+static inline void stat_add(uint64_t *p, uint64_t v) { stat_set(p, stat_get(p) + v); }
+
+static void wake(int fd)
+{
+    uint64_t one = 1;
+    while (write(fd, &one, sizeof one) < 0 && errno == EINTR)
+        ;
+}
+
+static void drain_eventfd(int fd)
+{
+    uint64_t v;
+    while (read(fd, &v, sizeof v) < 0 && errno == EINTR)
+        ;
+}
+
+/* ---- pipe pool (engine thread) ------------------------------------------ */
+
+static int probe_pipe_size(int want)
+{
+    int fds[2];
+    if (pipe2(fds, O_CLOEXEC | O_NONBLOCK) < 0)
+        return -1;
+    int got = -1;
+    for (int size = want; size >= MIN_PIPE_SIZE; size /= 2) {
+        int r = fcntl(fds[1], F_SETPIPE_SZ, size);
+        if (r >= size) {
+            got = r;
+            break;
+        }
+    }
+    if (got < 0)
+        got = fcntl(fds[1], F_GETPIPE_SZ);
+    close(fds[0]);
+    close(fds[1]);
+    return got;
+}
+
+static struct pipe_slot *pool_get(struct uproxy_engine *e)
+{
+    struct pipe_slot *p = e->free_pipes;
+    if (p) {
+        e->free_pipes = p->next;
+    } else {
+        if ((int)stat_get(&e->stats.pipes_total) >= e->max_pipes)
+            return NULL;
+        int fds[2];
+        if (pipe2(fds, O_CLOEXEC | O_NONBLOCK) < 0)
+            return NULL; /* EMFILE and friends: copy instead */
+        if (fcntl(fds[1], F_SETPIPE_SZ, e->pipe_size) < e->pipe_size) {
+            /* Over the per-user pipe page limit: a small pipe is no better than copying. */
+            close(fds[0]);
+            close(fds[1]);
+            return NULL;
+        }
+        p = malloc(sizeof *p);
+        if (!p) {
+            close(fds[0]);
+            close(fds[1]);
+            return NULL;
+        }
+        p->r = fds[0];
+        p->w = fds[1];
+        stat_add(&e->stats.pipes_total, 1);
+    }
+    p->next = NULL;
+    stat_add(&e->stats.pipes_in_use, 1);
+    return p;
+}
+
+/* Only ever called with an empty pipe. */
+static void pool_put(struct uproxy_engine *e, struct pipe_slot *p)
+{
+    p->next = e->free_pipes;
+    e->free_pipes = p;
+    stat_set(&e->stats.pipes_in_use, stat_get(&e->stats.pipes_in_use) - 1);
+}
+
+/* A pipe that may still hold data is closed, never pooled. */
+static void pool_discard(struct uproxy_engine *e, struct pipe_slot *p)
+{
+    close(p->r);
+    close(p->w);
+    free(p);
+    stat_set(&e->stats.pipes_in_use, stat_get(&e->stats.pipes_in_use) - 1);
+    stat_set(&e->stats.pipes_total, stat_get(&e->stats.pipes_total) - 1);
+}
+
+/* ---- connections (engine thread) ---------------------------------------- */
+
+static void reset_close(int fd)
+{
+    struct linger lg = {.l_onoff = 1, .l_linger = 0};
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+    close(fd);
+}
+
+static void conn_finish(struct uproxy_engine *e, struct conn *c, int reason, int side, int err)
+{
+    if (c->closed)
+        return;
+    c->closed = true;
+    bool rst = reason != UPROXY_DONE_CLOSED;
+    for (int s = 0; s < 2; s++) {
+        /* Explicit DEL: a forked child may still share the file, and then
+         * close() alone would leave the registration (and its pointer) behind. */
+        epoll_ctl(e->epfd, EPOLL_CTL_DEL, c->fd[s], NULL);
+        if (rst)
+            reset_close(c->fd[s]);
+        else
+            close(c->fd[s]);
+        c->fd[s] = -1;
+        struct direction *d = &c->dir[s];
+        if (d->pipe) {
+            pool_discard(e, d->pipe);
+            d->pipe = NULL;
+        }
+        free(d->buf);
+        d->buf = NULL;
+    }
+    if (c->live) {
+        c->live = false;
+        stat_set(&e->stats.conns_live, stat_get(&e->stats.conns_live) - 1);
+    }
+    c->done = (struct uproxy_done){
+        .conn = &c->pub,
+        .token = c->pub.token,
+        .bytes_up = stat_get(&c->pub.bytes_up),
+        .bytes_down = stat_get(&c->pub.bytes_down),
+        .reason = reason,
+        .side = side,
+        .err = err,
+    };
+    pthread_mutex_lock(&e->lock);
+    c->done_next = NULL;
+    if (e->done_tail)
+        e->done_tail->done_next = c;
+    else
+        e->done_head = c;
+    e->done_tail = c;
+    pthread_mutex_unlock(&e->lock);
+    wake(e->donefd);
+}
+
+static void conn_fail(struct uproxy_engine *e, struct conn *c, int side, int err)
+{
+    int reason = (err == ECONNRESET || err == EPIPE) ? UPROXY_DONE_RESET : UPROXY_DONE_ERROR;
+    conn_finish(e, c, reason, side, err);
+}
+
+/* Move what can be moved one way. Returns false when the connection ended. */
+static bool dir_pump(struct uproxy_engine *e, struct conn *c, int di)
+{
+    struct direction *d = &c->dir[di];
+    int src = di, dst = 1 - di;
+    uint64_t *moved = di == 0 ? &c->pub.bytes_up : &c->pub.bytes_down;
+
+    for (;;) {
+        if (d->pipe) {
+            if (!c->writable[dst])
+                return true;
+            ssize_t n = splice(d->pipe->r, NULL, c->fd[dst], NULL, d->in_pipe,
+                               SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+            if (n < 0) {
+                if (errno == EINTR)
+                    continue;
+                if (errno == EAGAIN) {
+                    c->writable[dst] = false;
+                    return true;
+                }
+                conn_fail(e, c, dst, errno);
+                return false;
+            }
+            d->in_pipe -= (size_t)n;
+            stat_add(moved, (uint64_t)n);
+            stat_add(&e->stats.splice_bytes, (uint64_t)n);
+            if (d->in_pipe == 0) {
+                pool_put(e, d->pipe);
+                d->pipe = NULL;
+            }
+            continue;
+        }
+        if (d->buf) {
+            if (!c->writable[dst])
+                return true;
+            ssize_t n = send(c->fd[dst], d->buf + d->buf_off, d->buf_len - d->buf_off,
+                             MSG_NOSIGNAL | MSG_DONTWAIT);
+            if (n < 0) {
+                if (errno == EINTR)
+                    continue;
+                if (errno == EAGAIN) {
+                    c->writable[dst] = false;
+                    return true;
+                }
+                conn_fail(e, c, dst, errno);
+                return false;
+            }
+            d->buf_off += (size_t)n;
+            stat_add(moved, (uint64_t)n);
+            stat_add(&e->stats.copy_bytes, (uint64_t)n);
+            if (d->buf_off == d->buf_len) {
+                free(d->buf);
+                d->buf = NULL;
+            }
+            continue;
+        }
+        if (d->eof) {
+            if (!d->shut) {
+                shutdown(c->fd[dst], SHUT_WR);
+                d->shut = true;
+            }
+            return true;
+        }
+        if (!c->readable[src])
+            return true;
+
+        struct pipe_slot *p = pool_get(e);
+        if (p) {
+            ssize_t n = splice(c->fd[src], NULL, p->w, NULL, (size_t)e->pipe_size,
+                               SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+            if (n > 0) {
+                d->pipe = p;
+                d->in_pipe = (size_t)n;
+                continue;
+            }
+            int err = errno;
+            pool_put(e, p); /* nothing went in */
+            if (n == 0) {
+                d->eof = true;
+                continue;
+            }
+            if (err == EINTR)
+                continue;
+            if (err == EAGAIN) { /* the pipe was empty, so the socket is */
+                c->readable[src] = false;
+                return true;
+            }
+            conn_fail(e, c, src, err);
+            return false;
+        }
+
+        /* Pool empty: copy through the scratch buffer; keep only what dst refuses. */
+        ssize_t n = recv(c->fd[src], e->scratch, SCRATCH_SIZE, MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN) {
+                c->readable[src] = false;
+                return true;
+            }
+            conn_fail(e, c, src, errno);
+            return false;
+        }
+        if (n == 0) {
+            d->eof = true;
+            continue;
+        }
+        ssize_t sent = 0;
+        if (c->writable[dst]) {
+            sent = send(c->fd[dst], e->scratch, (size_t)n, MSG_NOSIGNAL | MSG_DONTWAIT);
+            if (sent < 0) {
+                if (errno != EAGAIN && errno != EINTR) {
+                    conn_fail(e, c, dst, errno);
+                    return false;
+                }
+                if (errno == EAGAIN)
+                    c->writable[dst] = false;
+                sent = 0;
+            }
+            stat_add(moved, (uint64_t)sent);
+            stat_add(&e->stats.copy_bytes, (uint64_t)sent);
+        }
+        if (sent < n) {
+            d->buf = malloc((size_t)(n - sent));
+            if (!d->buf) {
+                conn_finish(e, c, UPROXY_DONE_ERROR, -1, ENOMEM);
+                return false;
+            }
+            memcpy(d->buf, e->scratch + sent, (size_t)(n - sent));
+            d->buf_off = 0;
+            d->buf_len = (size_t)(n - sent);
+        }
+    }
+}
+
+static void conn_pump(struct uproxy_engine *e, struct conn *c)
+{
+    if (!dir_pump(e, c, 0) || !dir_pump(e, c, 1))
+        return;
+    if (c->dir[0].shut && c->dir[1].shut)
+        conn_finish(e, c, UPROXY_DONE_CLOSED, -1, 0);
+}
+
+static void conn_event(struct uproxy_engine *e, struct endpoint *ep, uint32_t ev)
+{
+    struct conn *c = ep->conn;
+    if (c->closed)
+        return;
+    int s = ep->side;
+    if (ev & EPOLLERR) {
+        /* Also catches a reset on a side we no longer read (after its EOF). */
+        int err = 0;
+        socklen_t len = sizeof err;
+        if (getsockopt(c->fd[s], SOL_SOCKET, SO_ERROR, &err, &len) == 0 && err) {
+            conn_fail(e, c, s, err);
+            return;
+        }
+    }
+    if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+        c->readable[s] = true;
+    if (ev & (EPOLLOUT | EPOLLHUP | EPOLLERR))
+        c->writable[s] = true;
+    conn_pump(e, c);
+}
+
+static void conn_start(struct uproxy_engine *e, struct conn *c)
+{
+    c->next = e->all;
+    c->prev = NULL;
+    if (e->all)
+        e->all->prev = c;
+    e->all = c;
+    c->live = true;
+    stat_add(&e->stats.conns_live, 1);
+    for (int s = 0; s < 2; s++) {
+        int fl = fcntl(c->fd[s], F_GETFL);
+        if (fl >= 0 && !(fl & O_NONBLOCK))
+            fcntl(c->fd[s], F_SETFL, fl | O_NONBLOCK);
+        struct epoll_event ev = {
+            .events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
+            .data.ptr = &c->ep[s],
+        };
+        if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, c->fd[s], &ev) < 0) {
+            int err = errno;
+            conn_finish(e, c, UPROXY_DONE_ERROR, s, err);
+            return;
+        }
+    }
+    /* Data may already be queued: the initial pass sees it without waiting for an edge. */
+    c->readable[0] = c->readable[1] = true;
+    c->writable[0] = c->writable[1] = true;
+    conn_pump(e, c);
+}
+
+static void conn_free(struct uproxy_engine *e, struct conn *c)
+{
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        e->all = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    free(c);
+}
+
+/* Run queued commands; returns true when the engine is stopping. */
+static bool run_commands(struct uproxy_engine *e)
+{
+    pthread_mutex_lock(&e->lock);
+    struct conn *list = e->cmd_head;
+    e->cmd_head = e->cmd_tail = NULL;
+    bool stopping = e->stopping;
+    pthread_mutex_unlock(&e->lock);
+
+    while (list) {
+        pthread_mutex_lock(&e->lock);
+        struct conn *c = list;
+        list = c->cmd_next;
+        unsigned cmds = c->cmds;
+        c->cmds = 0;
+        c->cmd_queued = false;
+        c->cmd_next = NULL;
+        pthread_mutex_unlock(&e->lock);
+
+        if (cmds & CMD_ADD)
+            conn_start(e, c);
+        if (cmds & CMD_ABORT)
+            conn_finish(e, c, UPROXY_DONE_ABORTED, -1, 0);
+        if (cmds & CMD_RELEASE) {
+            c->released = true;
+            if (c->closed)
+                conn_free(e, c);
+        }
+    }
+    return stopping;
+}
+
+static void *engine_main(void *arg)
+{
+    struct uproxy_engine *e = arg;
+    struct epoll_event evs[MAX_EVENTS];
+    bool stopping = false;
+    while (!stopping) {
+        int n = epoll_wait(e->epfd, evs, MAX_EVENTS, -1);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            break; /* cannot happen with a valid epfd; stop rather than spin */
+        }
+        bool woken = false;
+        for (int i = 0; i < n; i++) {
+            if (evs[i].data.ptr == NULL)
+                woken = true;
+            else
+                conn_event(e, evs[i].data.ptr, evs[i].events);
+        }
+        /* Commands run after the batch, so a release never frees a conn that a
+         * later event of the same batch still points to. */
+        if (woken) {
+            drain_eventfd(e->wakefd);
+            stopping = run_commands(e);
+        }
+    }
+    run_commands(e);
+    for (struct conn *c = e->all; c; c = c->next)
+        conn_finish(e, c, UPROXY_DONE_ABORTED, -1, 0);
+    __atomic_store_n(&e->stopped, 1, __ATOMIC_RELEASE);
+    wake(e->donefd);
+    return NULL;
+}
+
+/* ---- API (event loop thread) -------------------------------------------- */
+
+static void enqueue(struct uproxy_engine *e, struct conn *c, unsigned cmd)
+{
+    /* Caller holds e->lock. */
+    c->cmds |= cmd;
+    if (!c->cmd_queued) {
+        c->cmd_queued = true;
+        c->cmd_next = NULL;
+        if (e->cmd_tail)
+            e->cmd_tail->cmd_next = c;
+        else
+            e->cmd_head = c;
+        e->cmd_tail = c;
+    }
+}
+
+struct uproxy_engine *uproxy_engine_new(int max_pipes, int want_pipe_size)
+{
+    struct uproxy_engine *e = calloc(1, sizeof *e);
+    if (!e)
+        return NULL;
+    e->epfd = e->wakefd = e->donefd = -1;
+    e->max_pipes = max_pipes < 0 ? 0 : max_pipes;
+    e->scratch = malloc(SCRATCH_SIZE);
+    if (!e->scratch)
+        goto fail;
+    e->pipe_size = probe_pipe_size(want_pipe_size < MIN_PIPE_SIZE ? MIN_PIPE_SIZE : want_pipe_size);
+    if (e->pipe_size <= 0)
+        e->max_pipes = 0;
+    e->stats.pipes_max = (uint64_t)e->max_pipes;
+    e->stats.pipe_size = e->pipe_size > 0 ? (uint64_t)e->pipe_size : 0;
+    if (pthread_mutex_init(&e->lock, NULL) != 0)
+        goto fail;
+    e->lock_ready = true;
+    e->epfd = epoll_create1(EPOLL_CLOEXEC);
+    e->wakefd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    e->donefd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (e->epfd < 0 || e->wakefd < 0 || e->donefd < 0)
+        goto fail;
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = NULL};
+    if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, e->wakefd, &ev) < 0)
+        goto fail;
+
+    /* The thread must not take the process's asynchronous signals (Python
+     * handles them on the main thread); SIGPIPE stays as the process has it. */
+    sigset_t all, old;
+    sigfillset(&all);
+    sigdelset(&all, SIGPIPE);
+    sigdelset(&all, SIGSEGV);
+    sigdelset(&all, SIGBUS);
+    sigdelset(&all, SIGFPE);
+    sigdelset(&all, SIGILL);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    int rc = pthread_create(&e->thread, NULL, engine_main, e);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc != 0) {
+        errno = rc;
+        goto fail;
+    }
+    e->thread_started = true;
+    return e;
+
+fail: {
+    int err = errno;
+    uproxy_engine_free(e);
+    errno = err;
+    return NULL;
+}
+}
+
+int uproxy_engine_eventfd(struct uproxy_engine *e) { return e->donefd; }
+
+struct uproxy_conn *uproxy_engine_add(struct uproxy_engine *e, int client_fd, int backend_fd,
+                                      uint64_t token)
+{
+    struct conn *c = calloc(1, sizeof *c);
+    if (!c) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    c->pub.token = token;
+    c->fd[0] = client_fd;
+    c->fd[1] = backend_fd;
+    for (int s = 0; s < 2; s++) {
+        c->ep[s].conn = c;
+        c->ep[s].side = s;
+    }
+    pthread_mutex_lock(&e->lock);
+    if (e->stopping) {
+        pthread_mutex_unlock(&e->lock);
+        free(c);
+        errno = ESHUTDOWN;
+        return NULL;
+    }
+    enqueue(e, c, CMD_ADD);
+    pthread_mutex_unlock(&e->lock);
+    wake(e->wakefd);
+    return &c->pub;
+}
+
+void uproxy_engine_abort(struct uproxy_engine *e, struct uproxy_conn *pc)
+{
+    struct conn *c = (struct conn *)pc;
+    pthread_mutex_lock(&e->lock);
+    bool queued = !e->stopping;
+    if (queued)
+        enqueue(e, c, CMD_ABORT);
+    pthread_mutex_unlock(&e->lock);
+    if (queued)
+        wake(e->wakefd);
+}
+
+void uproxy_engine_release(struct uproxy_engine *e, struct uproxy_conn *pc)
+{
+    struct conn *c = (struct conn *)pc;
+    pthread_mutex_lock(&e->lock);
+    /* After stop the conn is freed by uproxy_engine_free. No wake: freeing can
+     * wait for the next command. */
+    if (!e->stopping)
+        enqueue(e, c, CMD_RELEASE);
+    pthread_mutex_unlock(&e->lock);
+}
+
+int uproxy_engine_poll(struct uproxy_engine *e, struct uproxy_done *out, int max)
+{
+    drain_eventfd(e->donefd);
+    int n = 0;
+    pthread_mutex_lock(&e->lock);
+    while (n < max && e->done_head) {
+        struct conn *c = e->done_head;
+        e->done_head = c->done_next;
+        if (!e->done_head)
+            e->done_tail = NULL;
+        out[n++] = c->done;
+    }
+    bool more = e->done_head != NULL;
+    pthread_mutex_unlock(&e->lock);
+    if (more)
+        wake(e->donefd);
+    return n;
+}
+
+void uproxy_engine_stop(struct uproxy_engine *e)
+{
+    pthread_mutex_lock(&e->lock);
+    bool first = !e->stopping;
+    e->stopping = true;
+    pthread_mutex_unlock(&e->lock);
+    if (first && e->wakefd >= 0)
+        wake(e->wakefd);
+}
+
+int uproxy_engine_stopped(struct uproxy_engine *e)
+{
+    return __atomic_load_n(&e->stopped, __ATOMIC_ACQUIRE);
+}
+
+void uproxy_engine_stats(struct uproxy_engine *e, struct uproxy_engine_stats *out)
+{
+    out->conns_live = stat_get(&e->stats.conns_live);
+    out->pipes_in_use = stat_get(&e->stats.pipes_in_use);
+    out->pipes_total = stat_get(&e->stats.pipes_total);
+    out->pipes_max = stat_get(&e->stats.pipes_max);
+    out->pipe_size = stat_get(&e->stats.pipe_size);
+    out->splice_bytes = stat_get(&e->stats.splice_bytes);
+    out->copy_bytes = stat_get(&e->stats.copy_bytes);
+}
+
+void uproxy_engine_free(struct uproxy_engine *e)
+{
+    if (!e)
+        return;
+    if (e->thread_started) {
+        uproxy_engine_stop(e);
+        pthread_join(e->thread, NULL);
+    }
+    while (e->all) /* all closed by now; freed whether released or not */
+        conn_free(e, e->all);
+    while (e->free_pipes) {
+        struct pipe_slot *p = e->free_pipes;
+        e->free_pipes = p->next;
+        close(p->r);
+        close(p->w);
+        free(p);
+    }
+    if (e->epfd >= 0)
+        close(e->epfd);
+    if (e->wakefd >= 0)
+        close(e->wakefd);
+    if (e->donefd >= 0)
+        close(e->donefd);
+    if (e->lock_ready)
+        pthread_mutex_destroy(&e->lock);
+    free(e->scratch);
+    free(e);
 }

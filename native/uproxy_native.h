@@ -1,11 +1,24 @@
 /* uproxy native relay: the C side of uproxy._native (cffi, API mode).
  *
  * Every declaration here is mirrored in uproxy/_native_build.py's cdef.
+ *
+ * The engine: Python accepts, picks a backend and connects, then hands both
+ * fds to the engine (uproxy_engine_add), which owns them from then on. One
+ * engine thread (epoll, edge-triggered) moves bytes both ways with splice(2)
+ * through pipes taken from a bounded pool only while data is in flight, or
+ * with recv/send through a scratch buffer when the pool is empty. When a
+ * connection ends the engine closes both fds and queues a completion; it
+ * signals the event loop through an eventfd (uproxy_engine_eventfd), and the
+ * loop drains the queue with uproxy_engine_poll. The engine thread never calls
+ * into Python; the only shared state is the command list and the completion
+ * list (one mutex), the per-connection byte counters (written with relaxed
+ * atomic stores, read as plain aligned 64-bit loads) and the pool statistics.
  */
 #ifndef UPROXY_NATIVE_H
 #define UPROXY_NATIVE_H
 
 #include <stddef.h>
+#include <stdint.h>
 #include <sys/types.h>
 
 /* Move up to `len` bytes from socket `from_fd` to socket `to_fd` through the
@@ -13,5 +26,79 @@
  * Fills the pipe only when it is empty and drains it fully before returning.
  * Returns the number of bytes moved, 0 at EOF of from_fd, or -errno. */
 ssize_t uproxy_splice_move(int from_fd, int to_fd, int pipe_r, int pipe_w, size_t len);
+
+/* Why a connection ended (uproxy_done.reason). */
+#define UPROXY_DONE_CLOSED 0  /* both sides sent EOF and everything was delivered */
+#define UPROXY_DONE_RESET 1   /* `side` reset (ECONNRESET/EPIPE); the other side got RST */
+#define UPROXY_DONE_ERROR 2   /* `side` failed with errno `err`; both sides got RST */
+#define UPROXY_DONE_ABORTED 3 /* uproxy_engine_abort or uproxy_engine_stop; both got RST */
+
+#define UPROXY_SIDE_CLIENT 0
+#define UPROXY_SIDE_BACKEND 1
+
+struct uproxy_engine;
+
+/* A relayed connection. Only the two counters are public: they are updated by
+ * the engine thread with relaxed atomic stores and may be read at any time
+ * until the connection is released. */
+struct uproxy_conn {
+    uint64_t bytes_up;   /* client -> backend, delivered to the backend socket */
+    uint64_t bytes_down; /* backend -> client, delivered to the client socket */
+    uint64_t token;      /* the caller's id, echoed in the completion */
+    /* private fields follow in relay.c */
+};
+
+struct uproxy_done {
+    struct uproxy_conn *conn;
+    uint64_t token;
+    uint64_t bytes_up;
+    uint64_t bytes_down;
+    int reason;
+    int side; /* -1 when no side is to blame */
+    int err;  /* errno for UPROXY_DONE_RESET / UPROXY_DONE_ERROR, else 0 */
+};
+
+struct uproxy_engine_stats {
+    uint64_t conns_live;    /* added and not yet closed */
+    uint64_t pipes_in_use;  /* pipes holding (or about to hold) a connection's data */
+    uint64_t pipes_total;   /* pipes open (in use + idle in the pool) */
+    uint64_t pipes_max;     /* pool bound */
+    uint64_t pipe_size;     /* bytes per pipe after probing */
+    uint64_t splice_bytes;  /* bytes delivered through pipes */
+    uint64_t copy_bytes;    /* bytes delivered through the copy path */
+};
+
+/* Probe the pipe size (tries `want`, then halves down to 64 KiB, within
+ * F_SETPIPE_SZ's limits), start the engine thread. `max_pipes` bounds the pool
+ * (0: always copy). NULL with errno set on failure. */
+struct uproxy_engine *uproxy_engine_new(int max_pipes, int want_pipe_size);
+
+/* The eventfd that becomes readable when completions are queued. */
+int uproxy_engine_eventfd(struct uproxy_engine *e);
+
+/* Hand two connected sockets to the engine. On success the engine owns both
+ * fds (it sets O_NONBLOCK and closes them when done). NULL with errno set
+ * (ESHUTDOWN after uproxy_engine_stop, ENOMEM): the caller still owns them. */
+struct uproxy_conn *uproxy_engine_add(struct uproxy_engine *e, int client_fd, int backend_fd,
+                                      uint64_t token);
+
+/* Reset both sides of `c` (no-op when it already ended). Only before release. */
+void uproxy_engine_abort(struct uproxy_engine *e, struct uproxy_conn *c);
+
+/* The caller is done with `c` (after its completion): the engine frees it. */
+void uproxy_engine_release(struct uproxy_engine *e, struct uproxy_conn *c);
+
+/* Copy up to `max` queued completions into `out`; returns how many. */
+int uproxy_engine_poll(struct uproxy_engine *e, struct uproxy_done *out, int max);
+
+/* Abort every connection and let the thread exit; completions for all of them
+ * are queued before uproxy_engine_stopped() turns 1. Idempotent. */
+void uproxy_engine_stop(struct uproxy_engine *e);
+int uproxy_engine_stopped(struct uproxy_engine *e);
+
+void uproxy_engine_stats(struct uproxy_engine *e, struct uproxy_engine_stats *out);
+
+/* Stop (if needed), join the thread, close every fd, free everything. */
+void uproxy_engine_free(struct uproxy_engine *e);
 
 #endif

@@ -8,8 +8,8 @@ and shown on the status page).
 
 from __future__ import annotations
 
+import importlib
 import os
-from types import ModuleType
 from typing import Any
 
 _lib: Any = None
@@ -20,9 +20,7 @@ if os.environ.get("UPROXY_NO_NATIVE", "") not in ("", "0"):
     REASON = "UPROXY_NO_NATIVE is set"
 else:
     try:
-        _mod: ModuleType
-        from uproxy import _native as _mod
-
+        _mod = importlib.import_module("uproxy._native")
         _lib, _ffi = _mod.lib, _mod.ffi
         REASON = "compiled module loaded"
     except ImportError as exc:  # not built (e.g. a source checkout without install)
