@@ -90,7 +90,9 @@ def test_echo_serves_thousands_of_connections(lab: Lab) -> None:
 
 def test_probe_source_ip_binds_before_connecting(lab: Lab) -> None:
     lab.start_echo(1, tcp_ports=(6789,), udp_ports=(5353,))
-    lab.run("client", ["ip", "addr", "add", "10.99.0.50/24", "dev", "eth0"])
+    lab.add_client_ip("10.99.0.50")
+    with pytest.raises(ValueError, match="outside the client subnet"):
+        lab.add_client_ip("192.0.2.1")
     for proto in ("tcp", "udp"):
         ok = lab.probe(proto, lab.pod_ip(1), "6789" if proto == "tcp" else "5353",
                        "--count", "20", "--source-ip", "10.99.0.50")

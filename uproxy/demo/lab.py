@@ -287,6 +287,18 @@ class Lab:
         return self.pod_namespaces[index - 1]
 
     @property
+    def pod_ips(self) -> list[str]:
+        """Addresses of all pods, in order."""
+        return [pod_ip(i) for i in range(1, self.pods + 1)]
+
+    def add_client_ip(self, ip: str) -> None:
+        """Give the client one more address in 10.99.0.0/24 (e.g. for ClientIP affinity)."""
+        if ipaddress.IPv4Address(ip) not in ipaddress.IPv4Network(f"{CLIENT_IP}/{CLIENT_PREFIXLEN}",
+                                                                   strict=False):
+            raise ValueError(f"{ip} is outside the client subnet of {CLIENT_IP}/{CLIENT_PREFIXLEN}")
+        self._ip("-n", self.client, "addr", "add", f"{ip}/{CLIENT_PREFIXLEN}", "dev", "eth0")
+
+    @property
     def pod_names(self) -> list[str]:
         """Short pod names, ``["pod1", ...]`` (what the helpers answer with by default)."""
         return [f"pod{i}" for i in range(1, self.pods + 1)]
