@@ -17,6 +17,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -50,6 +51,12 @@ ssize_t uproxy_splice_move(int from_fd, int to_fd, int pipe_r, int pipe_w, size_
         if (out < 0) {
             if (errno == EINTR)
                 continue;
+            if (errno == EAGAIN) { /* non-blocking to_fd is full: wait, the pipe must drain */
+                struct pollfd pfd = {.fd = to_fd, .events = POLLOUT};
+                if (poll(&pfd, 1, -1) < 0 && errno != EINTR)
+                    return -errno;
+                continue;
+            }
             return -errno;
         }
         left -= out;

@@ -23,8 +23,11 @@
 
 /* Move up to `len` bytes from socket `from_fd` to socket `to_fd` through the
  * pipe (pipe_r, pipe_w) with splice(2), so the payload never leaves the kernel.
- * Fills the pipe only when it is empty and drains it fully before returning.
- * Returns the number of bytes moved, 0 at EOF of from_fd, or -errno. */
+ * Fills the pipe only when it is empty and drains it fully before returning
+ * (waiting with poll(2) if to_fd is non-blocking and full), so it must be
+ * called with an empty pipe. A one-shot building block for tests and tools;
+ * the engine below does the same without ever blocking. Returns the number of
+ * bytes moved, 0 at EOF of from_fd, or -errno. */
 ssize_t uproxy_splice_move(int from_fd, int to_fd, int pipe_r, int pipe_w, size_t len);
 
 /* Why a connection ended (uproxy_done.reason). */

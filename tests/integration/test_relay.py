@@ -412,11 +412,18 @@ def test_close_aborts_live_connections_and_leaves_no_fds(kind: Kind) -> None:
 # ---- native only: the pipe pool --------------------------------------------
 
 
+@pytest.fixture(params=[Kind(loop, "native") for loop in LOOPS], ids=lambda k: k.loop)
+def native_kind(request: pytest.FixtureRequest) -> Kind:
+    k: Kind = request.param
+    if native.ACTIVE != "native":
+        pytest.skip(f"native relay not active: {native.REASON}")
+    return k
+
+
 @pytest.mark.parametrize("max_pipes", [0, 1])
-def test_native_copy_path_when_pool_is_short(kind: Kind, max_pipes: int) -> None:
+def test_native_copy_path_when_pool_is_short(native_kind: Kind, max_pipes: int) -> None:
     """With no free pipe, bytes are copied instead, with the same stream semantics."""
-    if kind.impl != "native":
-        pytest.skip("pipe pool is native only")
+    kind = native_kind
 
     async def body() -> None:
         loop = asyncio.get_running_loop()

@@ -1,0 +1,196 @@
+"""The compiled module: it imports, its functions work on real fds, and the fallback switch works.
+
+Real socketpairs, pipes and loopback TCP only. The relay contract itself
+(both implementations, both loops) is tested in tests/integration/test_relay.py;
+here we check the C pieces directly, without an event loop where possible.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from uproxy import native
+
+needs_native = pytest.mark.skipif(not native.AVAILABLE, reason=native.REASON)
+
+
+def test_native_module_is_built_and_active() -> None:
+    # A checkout that was installed with pip must have the compiled module;
+    # a silent fallback to Python here would hide a broken build.
+    assert native.AVAILABLE, native.REASON
+    assert native.ACTIVE == "native"
+    assert native.describe() == "relay path: native (compiled module loaded)"
+
+
+@pytest.mark.parametrize("value", ["1", "yes"])
+def test_no_native_env_forces_python(value: str) -> None:
+    code = (
+        "import asyncio, uproxy.native as n\n"
+        "from uproxy.proxy.relay import make_relay\n"
+        "loop = asyncio.new_event_loop()\n"
+        "print(n.ACTIVE, make_relay(loop).name, sep=',')\n"
+        "print(n.REASON)\n"
+        "loop.close()\n"
+        "n.lib()\n"  # must refuse: the Python path is active
+    )
+    env = {**os.environ, "UPROXY_NO_NATIVE": value}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=30)
+    assert proc.stdout.split("\n")[:2] == ["python,python", "UPROXY_NO_NATIVE is set"]
+    assert proc.returncode == 1
+    assert "RuntimeError: native relay not active: UPROXY_NO_NATIVE is set" in proc.stderr
+
+
+@needs_native
+def test_splice_move_on_socketpairs_and_a_pipe() -> None:
+    lib = native.lib()
+    a_near, a_far = socket.socketpair()
+    b_near, b_far = socket.socketpair()
+    r, w = os.pipe()
+    try:
+        payload = os.urandom(50_000)
+        a_far.sendall(payload)
+        moved = 0
+        while moved < len(payload):
+            n = lib.uproxy_splice_move(a_near.fileno(), b_near.fileno(), r, w, 1 << 16)
+            assert n > 0, os.strerror(-n)
+            moved += n
+        assert moved == len(payload)
+        got = b""
+        while len(got) < len(payload):
+            got += b_far.recv(1 << 16)
+        assert got == payload
+        # Nothing queued: -EAGAIN (the pipe was empty, so the socket is).
+        a_near.setblocking(False)
+        assert lib.uproxy_splice_move(a_near.fileno(), b_near.fileno(), r, w, 1 << 16) \
+            == -errno.EAGAIN
+        # EOF: 0.
+        a_far.shutdown(socket.SHUT_WR)
+        assert lib.uproxy_splice_move(a_near.fileno(), b_near.fileno(), r, w, 1 << 16) == 0
+        # A bad fd is an error code, not a crash.
+        assert lib.uproxy_splice_move(-1, b_near.fileno(), r, w, 16) == -errno.EBADF
+    finally:
+        for s in (a_near, a_far, b_near, b_far):
+            s.close()
+        os.close(r)
+        os.close(w)
+
+
+@needs_native
+def test_splice_move_waits_for_a_full_nonblocking_destination() -> None:
+    """It drains the pipe fully even when the destination is full at first."""
+    lib = native.lib()
+    src_near, src_far = socket.socketpair()
+    dst_near, dst_far = socket.socketpair()
+    r, w = os.pipe()
+    try:
+        dst_near.setblocking(False)
+        filler = b"f" * 4096
+        filled = 0
+        try:
+            while True:
+                filled += dst_near.send(filler)
+        except BlockingIOError:
+            pass
+        payload = os.urandom(30_000)
+        src_far.sendall(payload)
+        # Another thread reads the destination, so it frees up while we wait.
+        received = bytearray()
+
+        def reader() -> None:
+            while len(received) < filled + len(payload):
+                select.select([dst_far], [], [], 5)
+                received.extend(dst_far.recv(1 << 16))
+
+        t = threading.Thread(target=reader)
+        t.start()
+        moved = 0
+        while moved < len(payload):
+            n = lib.uproxy_splice_move(src_near.fileno(), dst_near.fileno(), r, w, 1 << 16)
+            assert n > 0, os.strerror(-n)
+            moved += n
+        t.join(10)
+        assert bytes(received[filled:]) == payload
+    finally:
+        for s in (src_near, src_far, dst_near, dst_far):
+            s.close()
+        os.close(r)
+        os.close(w)
+
+
+@needs_native
+def test_engine_lifecycle_probes_pipe_size_and_frees_its_fds() -> None:
+    lib, ffi = native.lib(), native.ffi()
+    before = len(os.listdir("/proc/self/fd"))
+    engine = lib.uproxy_engine_new(8, 256 * 1024)
+    assert engine != ffi.NULL
+    stats = ffi.new("struct uproxy_engine_stats *")
+    lib.uproxy_engine_stats(engine, stats)
+    assert 64 * 1024 <= stats.pipe_size <= 256 * 1024
+    assert (stats.pipes_max, stats.pipes_total, stats.pipes_in_use, stats.conns_live) \
+        == (8, 0, 0, 0)
+    efd = lib.uproxy_engine_eventfd(engine)
+    lib.uproxy_engine_stop(engine)
+    lib.uproxy_engine_stop(engine)  # idempotent
+    select.select([efd], [], [], 5)
+    assert lib.uproxy_engine_stopped(engine) == 1
+    done = ffi.new("struct uproxy_done[4]")
+    assert lib.uproxy_engine_poll(engine, done, 4) == 0
+    # After stop it refuses new work and leaves the fds with the caller.
+    a, b = socket.socketpair()
+    assert lib.uproxy_engine_add(engine, a.fileno(), b.fileno(), 1) == ffi.NULL
+    assert ffi.errno == errno.ESHUTDOWN
+    a.send(b"still mine")
+    assert b.recv(100) == b"still mine"
+    a.close()
+    b.close()
+    lib.uproxy_engine_free(engine)
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+@needs_native
+def test_engine_relays_a_socketpair_without_an_event_loop() -> None:
+    """The C API alone: add, counters, completion through the eventfd, release."""
+    lib, ffi = native.lib(), native.ffi()
+    engine = lib.uproxy_engine_new(4, 64 * 1024)
+    client_far, client_near = socket.socketpair()
+    backend_near, backend_far = socket.socketpair()
+    try:
+        conn = lib.uproxy_engine_add(engine, client_near.detach(), backend_near.detach(), 42)
+        assert conn != ffi.NULL
+        client_far.sendall(b"up" * 1000)
+        got = b""
+        while len(got) < 2000:
+            got += backend_far.recv(4096)
+        backend_far.sendall(b"down")
+        assert client_far.recv(100) == b"down"
+        client_far.shutdown(socket.SHUT_WR)
+        assert backend_far.recv(100) == b""
+        backend_far.close()
+        assert client_far.recv(100) == b""
+        efd = lib.uproxy_engine_eventfd(engine)
+        done = ffi.new("struct uproxy_done[4]")
+        n = 0
+        for _ in range(50):
+            select.select([efd], [], [], 0.1)
+            n = lib.uproxy_engine_poll(engine, done, 4)
+            if n:
+                break
+        assert n == 1
+        d = done[0]
+        assert (d.token, d.bytes_up, d.bytes_down) == (42, 2000, 4)
+        assert (d.reason, d.side, d.err) == (lib.UPROXY_DONE_CLOSED, -1, 0)
+        assert (conn.bytes_up, conn.bytes_down) == (2000, 4)
+        lib.uproxy_engine_release(engine, d.conn)
+    finally:
+        client_far.close()
+        backend_far.close()
+        lib.uproxy_engine_free(engine)
