@@ -312,7 +312,9 @@ class FakeApiServer:
             status, retry_after = self._fail.pop(0)
             seen.status = status
             headers = {"Retry-After": f"{retry_after:g}"} if retry_after is not None else {}
-            reason = "TooManyRequests" if status == 429 else "InternalError"
+            reason = {410: "Expired", 429: "TooManyRequests", 503: "ServiceUnavailable"}.get(
+                status, "InternalError"
+            )
             return web.json_response(
                 _status(status, reason, f"injected {status}"), status=status, headers=headers
             )

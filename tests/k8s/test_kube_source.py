@@ -380,3 +380,49 @@ async def test_check_config(tmp_path: Path, kubeconfig: str) -> None:
     empty.write_text("apiVersion: v1\nkind: Config\n")
     with pytest.raises(ConfigError):
         await check_config(str(empty), None)
+
+
+async def test_watch_ended_by_the_server_resumes_from_the_last_version(
+    api: FakeApiServer, kubeconfig: str
+) -> None:
+    api.create(service("web"))
+    settings = dataclasses.replace(FAST, watch_timeout_seconds=1)
+    async with running(kubeconfig, settings) as (_source, store, hooks):
+        await eventually(lambda: hooks.synced_count == 1, what="synced")
+        # A write to another kind moves the global version; only bookmarks tell the
+        # services watch about it.
+        api.create(endpoint_slice("web", ["10.244.9.9"]))
+        moved_to = api.resource_version
+        await eventually(
+            lambda: any(
+                int(r.query["resourceVersion"]) >= moved_to for r in api.watch_requests("services")
+            ),
+            what="a watch resumed from a bookmark's version",
+        )
+        watches = api.watch_requests("services")
+        assert all(r.query["timeoutSeconds"] == "1" for r in watches)
+        assert all(r.query["allowWatchBookmarks"] == "true" for r in watches)
+        versions = [int(r.query["resourceVersion"]) for r in watches]
+        assert versions == sorted(versions)
+        assert len(api.list_requests("services")) == 1  # resumed, never re-listed
+        api.update(service("web", cluster_ip="10.96.7.7"))
+        await eventually(
+            lambda: store.raw("Service")[("default", "web")]["spec"]["clusterIP"] == "10.96.7.7"
+        )
+
+
+async def test_http_410_on_a_watch_request_relists(api: FakeApiServer, kubeconfig: str) -> None:
+    api.create(service("web"))
+    async with running(kubeconfig) as (_source, _store, hooks):
+        await eventually(lambda: hooks.synced_count == 1, what="synced")
+        await eventually(lambda: len(api.watch_requests()) == 3, what="three watches")
+        assert len(api.list_requests()) == 3
+        api.fail_next(1, 410)
+        api.drop_streams()
+        await eventually(lambda: any(r.status == 410 for r in api.requests), what="the 410")
+        gone = next(r for r in api.requests if r.status == 410)
+        await eventually(
+            lambda: len(api.list_requests(gone.resource)) == 2, what="re-list after 410"
+        )
+        await asyncio.sleep(0.3)
+        assert len(api.list_requests()) == 4  # only that resource listed again

@@ -228,17 +228,20 @@ class _Reflector:
         self._on_event = on_event
         self._backoff = _Backoff(settings.backoff_initial, settings.backoff_max)
         self._problems = _LogLimiter(log)
+        self._progress = False  # a watch event arrived since the last (re)connect
 
     async def run(self) -> None:
         version: str | None = None
+        gone_in_a_row = 0
         while True:
+            self._progress = False
             try:
                 if version is None:
                     version = await self._list()
-                    self._backoff.reset()
                 version, healthy = await self._watch(version)
                 if healthy:
                     self._backoff.reset()
+                    gone_in_a_row = 0
                     continue
                 # The server ended a watch at once without sending anything: not a
                 # failure, but reconnecting at once would spin.
@@ -246,15 +249,24 @@ class _Reflector:
             except _Gone as gone:
                 log.info("%s: %s; listing again", self._what, gone)
                 version = None
+                gone_in_a_row = 0 if self._progress else gone_in_a_row + 1
+                if gone_in_a_row > 1:  # 410 right after a fresh list: do not spin
+                    await asyncio.sleep(self._backoff.next_delay())
             except _Retry as err:
-                self._problems.warn(f"{self._what}: {err}")
-                delay = self._backoff.next_delay()
-                if err.retry_after is not None:
-                    delay = max(delay, err.retry_after)
-                await asyncio.sleep(delay)
+                await self._failed(str(err), err.retry_after)
             except (aiohttp.ClientError, OSError, ValueError, TimeoutError) as exc:
-                self._problems.warn(f"{self._what}: {type(exc).__name__}: {_one_line(exc)}")
-                await asyncio.sleep(self._backoff.next_delay())
+                await self._failed(f"{type(exc).__name__}: {_one_line(exc)}")
+            except Exception as exc:  # never let one resource take the source down
+                await self._failed(f"unexpected {type(exc).__name__}: {_one_line(exc)}")
+
+    async def _failed(self, problem: str, retry_after: float | None = None) -> None:
+        if self._progress:  # the connection worked for a while: start the backoff over
+            self._backoff.reset()
+        self._problems.warn(f"{self._what}: {problem}")
+        delay = self._backoff.next_delay()
+        if retry_after is not None:
+            delay = max(delay, retry_after)
+        await asyncio.sleep(delay)
 
     async def _get(self, query: list[tuple[str, str]], timeout: aiohttp.ClientTimeout) -> Any:
         if self._field_selector:
@@ -340,6 +352,7 @@ class _Reflector:
                         raise _Gone(f"watch {self._what}: 410 Gone: {message}")
                     raise _Retry(f"watch {self._what}: error event {code}: {message}")
                 events += 1
+                self._progress = True
                 meta = obj.get("metadata")
                 new_version = meta.get("resourceVersion") if isinstance(meta, dict) else None
                 if kind in ("ADDED", "MODIFIED", "DELETED"):
