@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -426,3 +426,30 @@ async def test_http_410_on_a_watch_request_relists(api: FakeApiServer, kubeconfi
         )
         await asyncio.sleep(0.3)
         assert len(api.list_requests()) == 4  # only that resource listed again
+
+
+@pytest.mark.parametrize(
+    "scenario",
+    [
+        test_create_update_delete_reach_the_store,
+        test_deletion_missed_during_a_drop_is_applied_after_410,
+        test_silent_stream_is_reconnected_after_the_inactivity_timeout,
+        test_429_retry_after_is_honoured,
+    ],
+    ids=lambda f: f.__name__.removeprefix("test_"),
+)
+def test_on_uvloop(
+    tmp_path: Path, scenario: Callable[[FakeApiServer, str], Awaitable[None]]
+) -> None:
+    """The daemon runs on uvloop by default: the same scenarios on it."""
+    import uvloop
+
+    async def main() -> None:
+        server = FakeApiServer(bookmark_interval=0.3)
+        await server.start()
+        try:
+            await scenario(server, str(server.write_kubeconfig(tmp_path / "kubeconfig")))
+        finally:
+            await server.stop()
+
+    uvloop.run(main())
