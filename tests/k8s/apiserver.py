@@ -136,7 +136,9 @@ class FakeApiServer:
         app = web.Application(middlewares=[self._middleware])
         for plural, (*_rest, path) in RESOURCES.items():
             app.router.add_get(path, self._make_handler(plural))
-        self._runner = web.AppRunner(app, shutdown_timeout=0.5, handler_cancellation=True)
+        self._runner = web.AppRunner(
+            app, shutdown_timeout=0.5, handler_cancellation=True, access_log=None
+        )
         await self._runner.setup()
         await self._open_port()
 

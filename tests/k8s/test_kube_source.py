@@ -220,13 +220,22 @@ async def test_429_retry_after_is_honoured(api: FakeApiServer, kubeconfig: str) 
         await eventually(lambda: ("default", "later") in svc_keys(store), what="later")
 
 
-async def test_persistent_errors_never_busy_loop(api: FakeApiServer, kubeconfig: str) -> None:
+async def test_persistent_errors_never_busy_loop(
+    api: FakeApiServer, kubeconfig: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="uproxy.kube")
     api.fail_next(100_000, 500)
     async with running(kubeconfig) as (_source, _store, hooks):
         await asyncio.sleep(3.0)
         count = len(api.requests)
         # backoff 0.05 s doubling to a 0.5 s cap, three resources: a few dozen at most.
-        assert 3 <= count <= 60, count
+        assert 12 <= count <= 60, count
+        # and the log says it once per resource, not once per retry
+        lines = [r.getMessage() for r in caplog.records if "HTTP 500" in r.getMessage()]
+        assert sorted(lines) == [
+            f"{what}: list: HTTP 500: injected 500"
+            for what in ("endpointslices", "nodes", "services")
+        ]
         assert hooks.synced_count == 0
         api._fail.clear()
         await eventually(lambda: hooks.synced_count == 1, what="recovers when the server does")

@@ -116,8 +116,10 @@ async def check_config(kubeconfig: str | None, master: str | None) -> None:
     await load_configuration(kubeconfig, master)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
+def _one_line(what: object) -> str:
+    text = " ".join(str(what).split())
+    if not text and isinstance(what, BaseException):
+        text = type(what).__name__
     return text[:300]
 
 
@@ -155,28 +157,37 @@ class _Backoff:
 
 
 class _LogLimiter:
-    """One line per distinct problem; an identical line again only after a quiet minute."""
+    """One line per distinct problem; the same line again only after a quiet minute.
+
+    A retry storm (the same failure every few seconds) thus logs one line a
+    minute, with the count of the lines it held back.
+    """
 
     def __init__(self, logger: logging.Logger) -> None:
         self._log = logger
-        self._last: str | None = None
-        self._last_at = 0.0
-        self._repeats = 0
+        self._seen: dict[str, tuple[float, int]] = {}  # line -> (logged at, held back since)
+        self.failing = False
+
+    def _emit(self, level: int, line: str) -> None:
+        now = time.monotonic()
+        last = self._seen.get(line)
+        if last is not None and now - last[0] < _REPEAT_LOG_INTERVAL:
+            self._seen[line] = (last[0], last[1] + 1)
+            return
+        suffix = f" (repeated {last[1]} times)" if last is not None and last[1] else ""
+        if len(self._seen) > 64:
+            self._seen = {k: v for k, v in self._seen.items() if now - v[0] < _REPEAT_LOG_INTERVAL}
+        self._seen[line] = (now, 0)
+        self._log.log(level, "%s%s", line, suffix)
 
     def warn(self, line: str) -> None:
-        now = time.monotonic()
-        if line == self._last and now - self._last_at < _REPEAT_LOG_INTERVAL:
-            self._repeats += 1
-            return
-        repeated = line == self._last and self._repeats
-        suffix = f" (and {self._repeats} times more)" if repeated else ""
-        self._log.warning("%s%s", line, suffix)
-        self._last, self._last_at, self._repeats = line, now, 0
+        self.failing = True
+        self._emit(logging.WARNING, line)
 
     def recovered(self, line: str) -> None:
-        if self._last is not None:
-            self._log.info("%s", line)
-        self._last, self._repeats = None, 0
+        if self.failing:
+            self.failing = False
+            self._emit(logging.INFO, line)
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:
@@ -194,15 +205,13 @@ def _status_error(what: str, status: int, body: bytes, headers: Mapping[str, str
         message = str(json.loads(body).get("message") or "")
     except (ValueError, AttributeError):
         message = ""
-    detail = f"{what}: HTTP {status}" + (f": {_one_line(Exception(message))}" if message else "")
+    detail = f"{what}: HTTP {status}" + (f": {_one_line(message)}" if message else "")
     if status == 410:
         return _Gone(detail)
     return _Retry(detail, _retry_after(headers))
 
 
 # --- one resource ---------------------------------------------------------------
-
-Event = tuple[str, dict[str, Any]]  # (type, object)
 
 
 class _Reflector:
@@ -294,10 +303,10 @@ class _Reflector:
             async with resp:
                 body = await resp.read()
                 if resp.status != 200:
-                    raise _status_error(f"list {self._what}", resp.status, body, resp.headers)
+                    raise _status_error("list", resp.status, body, resp.headers)
             doc = json.loads(body)
             if not isinstance(doc, dict) or not isinstance(doc.get("metadata"), dict):
-                raise _Retry(f"list {self._what}: response is not a list")
+                raise _Retry("list: response is not a list")
             page = doc.get("items") or []
             items.extend(obj for obj in page if isinstance(obj, dict))
             meta = doc["metadata"]
@@ -305,7 +314,7 @@ class _Reflector:
             if token is None:
                 version = str(meta.get("resourceVersion") or "")
                 if not version:
-                    raise _Retry(f"list {self._what}: no resourceVersion in the list")
+                    raise _Retry("list: no resourceVersion in the list")
                 self._on_list(items)
                 self._problems.recovered(f"{self._what}: listed {len(items)} objects")
                 return version
@@ -326,14 +335,14 @@ class _Reflector:
         async with resp:
             if resp.status != 200:
                 body = await resp.read()
-                raise _status_error(f"watch {self._what}", resp.status, body, resp.headers)
+                raise _status_error("watch", resp.status, body, resp.headers)
             self._problems.recovered(f"{self._what}: watching again")
             while True:
                 try:
                     line = await asyncio.wait_for(resp.content.readline(), inactivity)
                 except TimeoutError:
                     raise _Retry(
-                        f"watch {self._what}: nothing received for {inactivity:g}s; reconnecting"
+                        f"watch: nothing received for {inactivity:g}s; reconnecting"
                     ) from None
                 if not line:
                     healthy = events > 0 or time.monotonic() - started >= 1.0
@@ -344,13 +353,13 @@ class _Reflector:
                 kind = event.get("type") if isinstance(event, dict) else None
                 obj = event.get("object") if isinstance(event, dict) else None
                 if not isinstance(kind, str) or not isinstance(obj, dict):
-                    raise _Retry(f"watch {self._what}: malformed event")
+                    raise _Retry("watch: malformed event")
                 if kind == "ERROR":
                     code = obj.get("code")
-                    message = _one_line(Exception(obj.get("message") or obj.get("reason") or ""))
+                    message = _one_line(obj.get("message") or obj.get("reason") or "")
                     if code == 410:
-                        raise _Gone(f"watch {self._what}: 410 Gone: {message}")
-                    raise _Retry(f"watch {self._what}: error event {code}: {message}")
+                        raise _Gone(f"watch: 410 Gone: {message}")
+                    raise _Retry(f"watch: error event {code}: {message}")
                 events += 1
                 self._progress = True
                 meta = obj.get("metadata")
@@ -390,6 +399,7 @@ class KubeSource:
         self.node_zone: str | None = None
         self.node_terminating = False
         self.node_seen = False
+        self._node_missing_logged = False
         self._listed: set[str] = set()
         self._synced = False
         self._logged: dict[tuple[str, Key], set[str]] = {}
@@ -486,7 +496,8 @@ class KubeSource:
     def _node_list(self, items: list[dict[str, Any]], hooks: SourceHooks) -> None:
         mine = [o for o in items if (o.get("metadata") or {}).get("name") == self.node_name]
         if not mine:
-            if not self.node_seen:
+            if not self.node_seen and not self._node_missing_logged:
+                self._node_missing_logged = True
                 log.warning(
                     "node %s: not found in the API (check --hostname-override)", self.node_name
                 )
