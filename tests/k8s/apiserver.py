@@ -524,3 +524,44 @@ def node(name: str, *, zone: str | None = None, taints: list[Obj] | None = None)
         "metadata": {"name": name, "labels": labels},
         "spec": {"taints": taints or []},
     }
+
+
+# --- as a program: a fake cluster for trying `uproxy run --kubeconfig` by hand -------
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m tests.k8s.apiserver --kubeconfig PATH [--load FILE.yaml]...``."""
+    import argparse
+
+    import yaml
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--kubeconfig", type=Path, required=True, help="written at start")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--load", type=Path, action="append", default=[], help="YAML objects")
+    parser.add_argument("--bookmark-interval", type=float, default=60.0)
+    args = parser.parse_args(argv)
+
+    async def serve() -> None:
+        server = FakeApiServer(bookmark_interval=args.bookmark_interval)
+        server.port = args.port
+        for path in args.load:
+            for doc in yaml.safe_load_all(path.read_text()):
+                items = doc.get("items", []) if doc and doc.get("kind") == "List" else [doc]
+                for obj in items:
+                    if obj and obj.get("kind") in PLURAL_OF_KIND:
+                        server.apply(obj)
+        await server.start()
+        server.write_kubeconfig(args.kubeconfig)
+        print(f"fake API server on {server.url}; kubeconfig {args.kubeconfig}", flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await server.stop()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()

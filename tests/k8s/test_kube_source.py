@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -462,3 +463,46 @@ def test_on_uvloop(
             await server.stop()
 
     uvloop.run(main())
+
+
+async def test_bounded_history_expires_old_versions(tmp_path: Path) -> None:
+    server = FakeApiServer(history_size=5, bookmark_interval=3600.0)
+    await server.start()
+    try:
+        kubeconfig = str(server.write_kubeconfig(tmp_path / "kubeconfig"))
+        server.create(service("first"))
+        async with running(kubeconfig) as (_source, store, hooks):
+            await eventually(lambda: hooks.synced_count == 1, what="synced")
+            server.outage(1.0)  # streams cut; meanwhile more changes than the history holds
+            server.delete("Service", "default", "first")
+            for i in range(10):
+                server.create(service(f"s{i}"))
+            want = {("default", f"s{i}") for i in range(10)}
+            await eventually(lambda: svc_keys(store) == want, what="converged")
+            assert len(server.list_requests("services")) == 2  # 410, then one re-list
+    finally:
+        await server.stop()
+
+
+async def test_fake_server_runs_as_a_program(tmp_path: Path) -> None:
+    manifest = tmp_path / "objects.yaml"
+    manifest.write_text(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\n"
+        "spec: {clusterIP: 10.96.0.10, ports: [{port: 80, targetPort: 8080}]}\n"
+    )
+    kubeconfig = tmp_path / "kubeconfig"
+    repo = Path(__file__).parents[2]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.k8s.apiserver", "--kubeconfig", str(kubeconfig),
+        "--load", str(manifest), cwd=repo, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 20)
+        assert b"fake API server on http://127.0.0.1:" in line
+        async with running(str(kubeconfig)) as (_source, store, hooks):
+            await eventually(lambda: hooks.synced_count == 1, what="synced")
+            assert svc_keys(store) == {("default", "web")}
+    finally:
+        proc.terminate()
+        await proc.wait()
