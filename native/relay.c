@@ -76,6 +76,7 @@ struct direction {
     size_t in_pipe;
     char *buf; /* copy path: bytes read but not yet sent */
     size_t buf_off, buf_len;
+    bool bulk; /* the last read filled its buffer: use a pipe next */
     bool eof;  /* src returned EOF */
     bool shut; /* dst got SHUT_WR (after everything was delivered) */
 };
@@ -91,6 +92,7 @@ struct conn {
     struct uproxy_conn pub; /* first: the pointer handed to Python */
     int fd[2];              /* UPROXY_SIDE_CLIENT, UPROXY_SIDE_BACKEND */
     bool readable[2], writable[2];
+    bool hup[2]; /* an event reported EPOLLRDHUP/EPOLLHUP: never trust a short read */
     struct endpoint ep[2];
     struct direction dir[2]; /* 0: client -> backend, 1: backend -> client */
     bool live, closed, released;
@@ -244,8 +246,11 @@ static void conn_finish(struct uproxy_engine *e, struct conn *c, int reason, int
             pool_discard(e, d->pipe);
             d->pipe = NULL;
         }
-        free(d->buf);
-        d->buf = NULL;
+        if (d->buf) {
+            free(d->buf);
+            d->buf = NULL;
+            stat_set(&e->stats.bufs_in_use, stat_get(&e->stats.bufs_in_use) - 1);
+        }
     }
     if (c->live) {
         c->live = false;
@@ -330,6 +335,7 @@ static bool dir_pump(struct uproxy_engine *e, struct conn *c, int di)
             if (d->buf_off == d->buf_len) {
                 free(d->buf);
                 d->buf = NULL;
+                stat_set(&e->stats.bufs_in_use, stat_get(&e->stats.bufs_in_use) - 1);
             }
             continue;
         }
@@ -343,13 +349,18 @@ static bool dir_pump(struct uproxy_engine *e, struct conn *c, int di)
         if (!c->readable[src])
             return true;
 
-        struct pipe_slot *p = pool_get(e);
+        /* Small reads (requests, interactive traffic) are cheaper as recv/send
+         * and need no pipe; once a read fills the scratch buffer the direction
+         * is bulk and uses a pipe while one is free. */
+        struct pipe_slot *p = d->bulk ? pool_get(e) : NULL;
         if (p) {
             ssize_t n = splice(c->fd[src], NULL, p->w, NULL, (size_t)e->pipe_size,
                                SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
             if (n > 0) {
                 d->pipe = p;
                 d->in_pipe = (size_t)n;
+                if (n < SCRATCH_SIZE)
+                    d->bulk = false;
                 continue;
             }
             int err = errno;
@@ -362,13 +373,14 @@ static bool dir_pump(struct uproxy_engine *e, struct conn *c, int di)
                 continue;
             if (err == EAGAIN) { /* the pipe was empty, so the socket is */
                 c->readable[src] = false;
+                d->bulk = false;
                 return true;
             }
             conn_fail(e, c, src, err);
             return false;
         }
 
-        /* Pool empty: copy through the scratch buffer; keep only what dst refuses. */
+        /* Copy through the scratch buffer; keep only what dst refuses. */
         ssize_t n = recv(c->fd[src], e->scratch, SCRATCH_SIZE, MSG_DONTWAIT);
         if (n < 0) {
             if (errno == EINTR)
@@ -383,6 +395,15 @@ static bool dir_pump(struct uproxy_engine *e, struct conn *c, int di)
         if (n == 0) {
             d->eof = true;
             continue;
+        }
+        if (n == SCRATCH_SIZE) {
+            d->bulk = true;
+        } else if (!c->hup[src]) {
+            /* A short TCP read emptied the receive queue. Anything arriving after
+             * the event we are handling raises a new edge, and a FIN that came
+             * before it would have shown as EPOLLRDHUP (hup), so we can skip the
+             * read that would only say EAGAIN. */
+            c->readable[src] = false;
         }
         ssize_t sent = 0;
         if (c->writable[dst]) {
@@ -405,6 +426,7 @@ static bool dir_pump(struct uproxy_engine *e, struct conn *c, int di)
                 conn_finish(e, c, UPROXY_DONE_ERROR, -1, ENOMEM);
                 return false;
             }
+            stat_add(&e->stats.bufs_in_use, 1);
             memcpy(d->buf, e->scratch + sent, (size_t)(n - sent));
             d->buf_off = 0;
             d->buf_len = (size_t)(n - sent);
@@ -435,6 +457,8 @@ static void conn_event(struct uproxy_engine *e, struct endpoint *ep, uint32_t ev
             return;
         }
     }
+    if (ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+        c->hup[s] = true;
     if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
         c->readable[s] = true;
     if (ev & (EPOLLOUT | EPOLLHUP | EPOLLERR))
@@ -715,6 +739,7 @@ void uproxy_engine_stats(struct uproxy_engine *e, struct uproxy_engine_stats *ou
     out->pipe_size = stat_get(&e->stats.pipe_size);
     out->splice_bytes = stat_get(&e->stats.splice_bytes);
     out->copy_bytes = stat_get(&e->stats.copy_bytes);
+    out->bufs_in_use = stat_get(&e->stats.bufs_in_use);
 }
 
 void uproxy_engine_free(struct uproxy_engine *e)

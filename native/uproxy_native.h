@@ -69,6 +69,7 @@ struct uproxy_engine_stats {
     uint64_t pipe_size;     /* bytes per pipe after probing */
     uint64_t splice_bytes;  /* bytes delivered through pipes */
     uint64_t copy_bytes;    /* bytes delivered through the copy path */
+    uint64_t bufs_in_use;   /* copy buffers holding bytes the destination refused so far */
 };
 
 /* Probe the pipe size (tries `want`, then halves down to 64 KiB, within

@@ -50,6 +50,7 @@ struct uproxy_engine_stats {
     uint64_t pipe_size;
     uint64_t splice_bytes;
     uint64_t copy_bytes;
+    uint64_t bufs_in_use;
 };
 
 ssize_t uproxy_splice_move(int from_fd, int to_fd, int pipe_r, int pipe_w, size_t len);

@@ -87,6 +87,8 @@ class Relay(Protocol):
 
     def pipes_in_use(self) -> int: ...
 
+    def buffers_in_use(self) -> int: ...
+
     async def close(self) -> None: ...
 
 
@@ -249,6 +251,10 @@ class PyRelay:
     def pipes_in_use(self) -> int:
         return 0
 
+    def buffers_in_use(self) -> int:
+        """Directions holding bytes their destination has not taken yet."""
+        return sum((h._up.pending != b"") + (h._down.pending != b"") for h in self._live)
+
     async def close(self) -> None:
         for handle in list(self._live):
             handle.abort()
@@ -405,10 +411,15 @@ class NativeRelay:
         s = self._stats
         return {name: int(getattr(s, name)) for name in (
             "conns_live", "pipes_in_use", "pipes_total", "pipes_max", "pipe_size",
-            "splice_bytes", "copy_bytes")}
+            "splice_bytes", "copy_bytes", "bufs_in_use")}
 
     def pipes_in_use(self) -> int:
+        """Pipes holding a connection's bytes right now (idle connections hold none)."""
         return self.stats().get("pipes_in_use", 0)
+
+    def buffers_in_use(self) -> int:
+        """Copy buffers holding bytes a destination has not taken yet."""
+        return self.stats().get("bufs_in_use", 0)
 
     async def close(self) -> None:
         """Abort live connections (both sides get RST), wait for the thread, free everything."""
