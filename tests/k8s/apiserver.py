@@ -247,6 +247,12 @@ class FakeApiServer:
 
     # --- test controls --------------------------------------------------------------
 
+    def restore_from_backup(self, version: int) -> None:
+        """Roll the version counter back (etcd restored): newer versions are 'too large'."""
+        self._rv = version
+        self._floor = min(self._floor, version)
+        self._history = deque(e for e in self._history if e[0] <= version)
+
     def compact(self) -> None:
         """Forget all history (as etcd compaction): every version handed out so far gets 410.
 
@@ -401,6 +407,16 @@ class FakeApiServer:
                     watcher.queue.put_nowait(("ADDED", copy.deepcopy(o)))
         else:
             since = int(since_text)
+            if since > self._rv:  # as after an etcd restore from backup
+                await response.prepare(request)
+                too_large = _status(
+                    504, "Timeout", f"Too large resource version: {since}, current: {self._rv}"
+                )
+                await response.write(
+                    json.dumps({"type": "ERROR", "object": too_large}).encode() + b"\n"
+                )
+                await response.write_eof()
+                return response
             if since < self._floor:
                 await response.prepare(request)
                 gone = _status(410, "Expired", f"too old resource version: {since} ({self._floor})")

@@ -519,3 +519,15 @@ async def test_config_from_the_environment(
         await check_config(None, None)
     with pytest.raises(ConfigError, match="must start with http"):
         await check_config(kubeconfig, "127.0.0.1:6443")
+
+
+async def test_error_event_too_large_version_relists(api: FakeApiServer, kubeconfig: str) -> None:
+    api.create(service("web"))
+    api.create(service("old"))
+    async with running(kubeconfig) as (_source, store, hooks):
+        await eventually(lambda: hooks.synced_count == 1, what="synced")
+        api.restore_from_backup(api.resource_version - 5)
+        api.drop_streams()
+        api.delete("Service", "default", "old")
+        await eventually(lambda: svc_keys(store) == {("default", "web")}, what="re-listed")
+        assert len(api.list_requests("services")) == 2

@@ -133,9 +133,12 @@ class _Gone(Exception):
 class _Retry(Exception):
     """A failure worth retrying; ``retry_after`` is the server's wish, if any."""
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, retry_after: float | None = None, *, relist: bool = False
+    ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.relist = relist
 
 
 class _Backoff:
@@ -262,6 +265,8 @@ class _Reflector:
                 if gone_in_a_row > 1:  # 410 right after a fresh list: do not spin
                     await asyncio.sleep(self._backoff.next_delay())
             except _Retry as err:
+                if err.relist:
+                    version = None
                 await self._failed(str(err), err.retry_after)
             except (aiohttp.ClientError, OSError, ValueError, TimeoutError) as exc:
                 await self._failed(f"{type(exc).__name__}: {_one_line(exc)}")
@@ -359,7 +364,9 @@ class _Reflector:
                     message = _one_line(obj.get("message") or obj.get("reason") or "")
                     if code == 410:
                         raise _Gone(f"watch: 410 Gone: {message}")
-                    raise _Retry(f"watch: error event {code}: {message}")
+                    # e.g. "too large resource version" after an etcd restore: the
+                    # version is no good; a fresh list always is.
+                    raise _Retry(f"watch: error event {code}: {message}", relist=True)
                 events += 1
                 self._progress = True
                 meta = obj.get("metadata")
