@@ -128,6 +128,15 @@ class Rig:
         self.back.close()
 
 
+async def eventually(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    """Wait for a state the relay reaches on its own time (another thread, for native)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"not reached within {timeout}s: {what}")
+        await asyncio.sleep(0.01)
+
+
 async def recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
     buf = bytearray()
     while len(buf) < n:
@@ -308,12 +317,14 @@ def test_stalled_reader_backpressure_then_drain(kind: Kind) -> None:
             p = rig.connect()
             payload = os.urandom(32 * MiB)
             sender = asyncio.ensure_future(loop.sock_sendall(p.client, payload))
-            await asyncio.sleep(0.3)
+            relay = rig.relay
+            # The stuck bytes sit in one place: a pipe or a copy buffer.
+            await eventually(lambda: relay.pipes_in_use() + relay.buffers_in_use() == 1,
+                             "stuck bytes held")
+            await asyncio.sleep(0.2)
             assert not sender.done()  # nobody reads on the backend side: it must stall
             stalled_at = p.handle.bytes_up
             assert 0 < stalled_at < len(payload)
-            # The stuck bytes sit in one place: a pipe or a copy buffer.
-            assert rig.relay.pipes_in_use() + rig.relay.buffers_in_use() == 1
             got = await recv_exactly(loop, p.server, len(payload))
             await sender
             assert got == payload
@@ -391,10 +402,11 @@ def test_close_aborts_live_connections_and_leaves_no_fds(kind: Kind) -> None:
             blob = b"q" * 32 * MiB
             senders = [asyncio.ensure_future(loop.sock_sendall(p.client, blob))
                        for p in pairs[:10]]
-            await asyncio.sleep(0.2)
-            assert not any(s.done() for s in senders)
+            relay = rig.relay
             # (Native: pipes holding data are closed with the connection, never pooled.)
-            assert rig.relay.pipes_in_use() + rig.relay.buffers_in_use() == 10
+            await eventually(lambda: relay.pipes_in_use() + relay.buffers_in_use() == 10,
+                             "10 connections hold stuck bytes")
+            assert not any(s.done() for s in senders)
             await rig.relay.close()
             for p in pairs:
                 assert [r.error for r in p.results] == ["aborted"]
@@ -436,8 +448,8 @@ def test_native_pool_bound_and_copy_path(native_kind: Kind, max_pipes: int) -> N
             # The hog's reader is stalled: its stuck bytes hold a pipe or a buffer.
             hog_data = os.urandom(8 * MiB)
             hog_send = asyncio.ensure_future(loop.sock_sendall(hog.client, hog_data))
-            await asyncio.sleep(0.2)
-            assert relay.pipes_in_use() + relay.buffers_in_use() == 1
+            await eventually(lambda: relay.pipes_in_use() + relay.buffers_in_use() == 1,
+                             "the hog's stuck bytes held")
 
             data = os.urandom(4 * MiB)
             await loop.sock_sendall(p.client, data)
