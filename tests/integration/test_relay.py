@@ -271,6 +271,28 @@ def test_reset_propagates_as_reset(kind: Kind, who: str) -> None:
     run(kind, body)
 
 
+def test_reset_after_half_close_reaches_the_backend(kind: Kind) -> None:
+    """The client sends EOF, then resets: the backend, still talking, gets reset too."""
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        async with Rig(loop, make(kind, loop)) as rig:
+            p = rig.connect()
+            p.client.shutdown(socket.SHUT_WR)
+            assert await recv_to_eof(loop, p.server) == b""
+            p.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
+            p.client.close()
+            with pytest.raises((ConnectionResetError, BrokenPipeError)):
+                for _ in range(500):
+                    await loop.sock_sendall(p.server, b"late" * 1000)
+                    await asyncio.sleep(0.01)
+            await p.done.wait()
+            assert len(p.results) == 1
+            assert p.results[0].error == "reset by client"
+
+    run(kind, body)
+
+
 def test_abort_resets_both_sides(kind: Kind) -> None:
     async def body() -> None:
         loop = asyncio.get_running_loop()

@@ -17,16 +17,24 @@ the native engine when it is active (:data:`uproxy.native.ACTIVE`).
 
 :class:`NativeRelay` hands the two fds to the C engine (``native/relay.c``):
 one engine thread per relay (one per process in the daemon) runs an
-edge-triggered epoll loop and splices both directions; the event loop hears
-of finished connections only, through an eventfd it watches with
-``add_reader``, and drains a completion queue. Counters live in C memory and
-are plain 64-bit reads. We chose that over the alternative (the event loop
-calls a native ``splice`` step from a Python readiness callback per wake-up)
-because the Python callback per wake-up is the cost we want gone: the loop
-thread stays free for accepting and connecting, and payload readiness never
-touches the interpreter. Measured on this 2-core box over loopback (one
-256 MiB bulk stream, ``bench`` numbers in the test-suite report): see
-``_MEASURED`` below.
+edge-triggered epoll loop and moves both directions itself (small reads with
+recv/send, bulk with splice through pooled pipes); the event loop hears only
+of finished connections, through an eventfd it watches with ``add_reader``,
+and drains a completion queue. Counters live in C memory, read as plain
+64-bit loads.
+
+Engine thread rather than per-readiness Python callbacks (the loop calls a
+splice step from ``add_reader``/``add_writer`` callbacks): we measured both
+(plus this module's copying twin) on the 2-core build box over loopback,
+uvloop, iperf3 and a 32-connection 512-byte ping-pong through the relay, 3 s
+runs, noisy because the box is shared. Bulk Gbit/s was a wash (native 15.6-17.9,
+per-readiness splice 13.7-15.7, Python copy 16.2-18.5; loopback copies are
+cheap), and so was proxy CPU per GB (0.25-0.33 vs 0.22-0.24 vs 0.34-0.40 s).
+What differs is the event loop thread: with the engine it spent 0.00 s of
+the run, with per-readiness callbacks all of the proxy's CPU (1.2-1.3 s bulk,
+2.4 s ping-pong) ran on it, and ping-pong cost 12.4 us of proxy CPU per round
+trip against 14.8 (callbacks) and 16.0 (copy). The loop thread is the one
+that accepts, connects and serves the status page, so it stays free.
 
 :class:`PyRelay` is the pure-Python twin (``add_reader``/``add_writer`` on raw
 non-blocking sockets, so it runs the same on asyncio and uvloop). It reads
