@@ -295,6 +295,10 @@ static bool dir_pump(struct uproxy_engine *e, struct conn *c, int di)
                 return true;
             ssize_t n = splice(d->pipe->r, NULL, c->fd[dst], NULL, d->in_pipe,
                                SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+            if (n == 0) { /* not expected with data in the pipe; wait rather than spin */
+                c->writable[dst] = false;
+                return true;
+            }
             if (n < 0) {
                 if (errno == EINTR)
                     continue;

@@ -14,6 +14,7 @@ import hashlib
 import os
 import socket
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -325,6 +326,30 @@ def test_idle_connection_stays_open_and_holds_no_pipe(kind: Kind) -> None:
             await loop.sock_sendall(p.server, b"still here")
             assert await recv_exactly(loop, p.client, 10) == b"still here"
             assert rig.relay.pipes_in_use() == 0
+
+    run(kind, body)
+
+
+def test_half_closed_idle_connection_does_not_spin(kind: Kind) -> None:
+    """After an EOF the relay waits quietly: no busy loop on a readable-at-EOF socket."""
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        async with Rig(loop, make(kind, loop)) as rig:
+            pairs = [rig.connect() for _ in range(10)]
+            for p in pairs:
+                p.client.shutdown(socket.SHUT_WR)
+                p.server.sendall(b"hello")
+            for p in pairs:
+                assert await recv_to_eof(loop, p.server) == b""
+                assert await recv_exactly(loop, p.client, 5) == b"hello"
+            cpu = time.process_time()  # all threads, the engine's included
+            await asyncio.sleep(0.5)
+            assert time.process_time() - cpu < 0.1
+            assert rig.relay.active() == 10
+            for p in pairs:
+                await loop.sock_sendall(p.server, b"bye")
+                assert await recv_exactly(loop, p.client, 3) == b"bye"
 
     run(kind, body)
 
