@@ -161,9 +161,10 @@ def _port_number(value: Any, where: str) -> int:
             value = int(value)
         else:
             raise _Bad(where, f"{value!r} is not a port number")
-    if not 1 <= value <= 65535:
-        raise _Bad(where, f"{value} is outside 1-65535")
-    return value
+    number = int(value)
+    if not 1 <= number <= 65535:
+        raise _Bad(where, f"{number} is outside 1-65535")
+    return number
 
 
 def _protocol(value: Any, where: str) -> str:

@@ -153,7 +153,9 @@ class Store:
         return table
 
 
-def diff_tables(old: Mapping[ServicePortName, Entry], new: Mapping[ServicePortName, Entry]) -> TableDiff:
+def diff_tables(
+    old: Mapping[ServicePortName, Entry], new: Mapping[ServicePortName, Entry]
+) -> TableDiff:
     out = TableDiff()
     for name, entry in new.items():
         prev = old.get(name)

@@ -1,0 +1,286 @@
+"""Entry points: ``uproxy run | cleanup | rules | get | demo``.
+
+Exit codes: 0 ok, 1 runtime failure, 2 bad usage or bad configuration at
+start. Every start-up problem a user can cause is one line on stderr, never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+from uproxy import __version__
+from uproxy.settings import Settings, SettingsError, load
+
+log = logging.getLogger("uproxy")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad usage or configuration at start: printed as one line, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # one line and exit 2, as argparse does, but terse
+        self.exit(EXIT_USAGE, f"uproxy: {message} (see uproxy {self.prog.split()[-1]} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="uproxy", description="A userspace Kubernetes service proxy.")
+    parser.add_argument("--version", action="version", version=f"uproxy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="proxy services on this node")
+    _source_flags(run)
+    S = argparse.SUPPRESS
+    run.add_argument("--hostname-override", metavar="NAME", default=S)
+    run.add_argument("--bind-address", metavar="IP", default=S)
+    run.add_argument("--nodeport-addresses", metavar="CIDR[,CIDR]", default=S)
+    run.add_argument("--proxy-port-range", metavar="LOW-HIGH", default=S)
+    run.add_argument("--udp-timeout", metavar="DURATION", default=S)
+    run.add_argument("--sync-period", metavar="DURATION", default=S)
+    run.add_argument("--min-sync-period", metavar="DURATION", default=S)
+    run.add_argument("--status-address", metavar="HOST:PORT", default=S)
+    run.add_argument("--healthz-address", metavar="HOST:PORT", default=S)
+    run.add_argument("--loop", choices=("uvloop", "asyncio"), default=S)
+    run.add_argument("--config", metavar="FILE")
+    run.add_argument("--log-format", choices=("text", "json"), default=S)
+    run.add_argument("-v", dest="verbosity", type=int, metavar="N", default=S)
+
+    sub.add_parser("cleanup", help="remove every chain and rule uproxy ever made, then exit")
+
+    rules = sub.add_parser("rules", help="print the iptables-restore text it would apply")
+    rules.add_argument("--manifests", metavar="PATH", action="append", required=True)
+    rules.add_argument("--proxy-port-range", metavar="LOW-HIGH", default="40000-49999")
+
+    get = sub.add_parser("get", help="kubectl-style tables from a running uproxy")
+    get.add_argument("what", choices=("services", "svc", "endpoints", "ep", "connections",
+                                      "conn"))
+    get.add_argument("--status", metavar="URL", default="http://127.0.0.1:10249")
+    get.add_argument("-o", dest="output", choices=("wide", "json"), default=None)
+
+    demo = sub.add_parser("demo", help="the network-namespace walkthrough")
+    demo.add_argument("--once", action="store_true", help="exit after the walkthrough")
+    return parser
+
+
+def _source_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--manifests", metavar="PATH", action="append", default=argparse.SUPPRESS,
+                   help="file or directory of YAML/JSON manifests (repeatable)")
+    p.add_argument("--kubeconfig", metavar="PATH", default=argparse.SUPPRESS)
+    p.add_argument("--master", metavar="URL", default=argparse.SUPPRESS)
+
+
+def setup_logging(fmt: str, verbosity: int) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(name)s: %(message)s",
+                                               "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbosity > 0 else logging.INFO)
+    for noisy in ("aiohttp.access", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": record.created, "level": record.levelname.lower(), "logger": record.name,
+               "msg": record.getMessage()}
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def run_loop(kind: str, main: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    if kind == "uvloop":
+        import uvloop
+
+        return uvloop.run(main())
+    return asyncio.run(main())
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    return load(flags, config_file=getattr(args, "config", None))
+
+
+def preflight(settings: Settings) -> None:
+    """Everything that would make ``run`` fail at once, as one line each (exit 2)."""
+    if settings.manage_iptables:
+        if os.geteuid() != 0:
+            raise UsageError("uproxy run needs root (CAP_NET_ADMIN) to program iptables; "
+                             "run it as root")
+        from uproxy.iptables import Iptables
+
+        missing = Iptables().missing_tool()
+        if missing:
+            raise UsageError(f"{missing} not found: install iptables (apt-get install iptables)")
+    if settings.manifests and (settings.kubeconfig or settings.master):
+        raise UsageError("--manifests and --kubeconfig/--master are two sources; choose one")
+    if settings.manifests:
+        from uproxy.sources.files import ManifestError, check_paths
+
+        try:
+            check_paths(settings.manifests)
+        except ManifestError as exc:
+            raise UsageError(str(exc)) from None
+
+
+def make_source(settings: Settings) -> Any:
+    if settings.manifests:
+        from uproxy.sources.files import FilesSource
+
+        return FilesSource(settings.manifests)
+    try:
+        from uproxy.sources.kube import KubeSource
+    except ImportError:
+        raise UsageError(
+            "the Kubernetes API source is not built yet; use --manifests PATH") from None
+    return KubeSource(kubeconfig=settings.kubeconfig, master=settings.master,
+                      node_name=settings.hostname_override)
+
+
+async def _check_kube(settings: Settings) -> None:
+    if settings.manifests:
+        return
+    try:
+        from uproxy.sources.kube import ConfigError, check_config
+    except ImportError:
+        return
+    try:
+        await check_config(settings.kubeconfig, settings.master)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    setup_logging(settings.log_format, settings.verbosity)
+    preflight(settings)
+    _raise_fd_limit()
+
+    async def main() -> int:
+        from uproxy.daemon import Daemon
+
+        await _check_kube(settings)
+        daemon = Daemon(settings, make_source(settings))
+        status = await _start_status(daemon)
+        try:
+            await daemon.run()
+        finally:
+            for runner in status:
+                await runner.cleanup()
+        return EXIT_OK
+
+    return run_loop(settings.loop, main)
+
+
+async def _start_status(daemon: Any) -> list[Any]:
+    try:
+        from uproxy.status.server import start_servers
+    except ImportError:
+        return []
+    try:
+        runners: list[Any] = await start_servers(daemon)
+    except OSError as exc:
+        raise UsageError(f"cannot start the status/health servers: {exc.strerror or exc}") from None
+    return runners
+
+
+def _raise_fd_limit() -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        log.debug("raised the open-files limit from %d to %d", soft, hard)
+
+
+def cmd_cleanup(_: argparse.Namespace) -> int:
+    setup_logging("text", 0)
+    if os.geteuid() != 0:
+        raise UsageError("uproxy cleanup needs root to change iptables; run it as root")
+    if shutil.which("iptables-save") is None:
+        raise UsageError("iptables-save not found: install iptables (apt-get install iptables)")
+    from uproxy.iptables import Iptables
+
+    removed = asyncio.run(Iptables().cleanup())
+    print(f"removed {removed} uproxy rules and chains")
+    return EXIT_OK
+
+
+def cmd_rules(args: argparse.Namespace) -> int:
+    from uproxy.daemon import redirects_for
+    from uproxy.rules import render
+    from uproxy.settings import parse_port_range
+    from uproxy.sources.files import FilesSource, ManifestError, check_paths
+    from uproxy.state import Store
+
+    setup_logging("text", 0)
+    paths = tuple(args.manifests)
+    try:
+        check_paths(paths)
+        port_range = parse_port_range(args.proxy_port_range) or (40000, 49999)
+    except (ManifestError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    store = Store()
+    FilesSource(paths).load(store)
+    redirects = redirects_for(store.table(), range(port_range[0], port_range[1] + 1))
+    sys.stdout.write("# uproxy rules for " + ", ".join(paths) + "\n")
+    sys.stdout.write("# proxy ports are numbered from the start of --proxy-port-range; "
+                     "a running uproxy uses the first free ones\n")
+    sys.stdout.write(render(redirects))
+    return EXIT_OK
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    try:
+        from uproxy.status.client import get
+    except ImportError:
+        raise UsageError(
+            "uproxy get needs the status server, which is not built yet") from None
+    result: int = get(args.what, status=args.status, output=args.output)
+    return result
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from uproxy.demo.walkthrough import main as demo_main
+
+    result: int = demo_main(once=args.once)
+    return result
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": cmd_run, "cleanup": cmd_cleanup, "rules": cmd_rules, "get": cmd_get, "demo": cmd_demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (UsageError, SettingsError) as exc:
+        print(f"uproxy: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except OSError as exc:  # e.g. the status port is taken
+        print(f"uproxy: {exc.strerror or exc}"
+              + (f": {exc.filename}" if getattr(exc, "filename", None) else ""), file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

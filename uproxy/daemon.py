@@ -1,0 +1,369 @@
+"""Wiring: source -> store -> bounded-frequency sync -> sockets + iptables rules.
+
+One :class:`Daemon` per process. The source fills the store and calls
+``changed()``; syncs are batched (at most one per ``--min-sync-period``) and
+repeated every ``--sync-period`` (which also re-inserts hooks and rules that
+someone deleted). A sync diffs the desired table against what is served,
+opens and closes listening sockets, hands the new entries to the protocol
+proxies, renders the whole ``UPROXY-SERVICES`` chain and applies it with one
+``iptables-restore``. Nothing is applied before the source's first complete
+view is in, so a partial rule set never replaces a good one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import ipaddress
+import json
+import logging
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from uproxy import native
+from uproxy.balance import Balancer
+from uproxy.connections import ConnTable
+from uproxy.iptables import Iptables, IptablesError
+from uproxy.metrics import Metrics
+from uproxy.model import ServicePort, ServicePortName
+from uproxy.proxy.ports import PortAllocator, bind
+from uproxy.proxy.relay import make_relay
+from uproxy.proxy.tcp import TcpProxy
+from uproxy.rules import KIND_CLUSTER, KIND_EXTERNAL, KIND_LOADBALANCER, Redirect, render
+from uproxy.settings import Settings
+from uproxy.sources import Source
+from uproxy.state import Entry, Store, diff_tables
+
+log = logging.getLogger("uproxy")
+
+
+class Listener(Protocol):
+    @property
+    def port(self) -> int: ...
+    def close(self) -> None: ...
+
+
+class ProtocolProxy(Protocol):
+    entries: dict[ServicePortName, Entry]
+
+    def listen(self, sock: socket.socket, name: ServicePortName, scope: str) -> Listener: ...
+    async def drain(self, grace: float) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerKey:
+    name: ServicePortName
+    scope: str  # cluster | external | nodeport
+    address: str
+    port: int  # the requested port: 0 for proxy sockets, the nodePort for NodePorts
+
+
+SOCK_KIND = {"TCP": socket.SOCK_STREAM, "UDP": socket.SOCK_DGRAM}
+
+
+class Daemon:
+    def __init__(self, settings: Settings, source: Source) -> None:
+        self.settings = settings
+        self.source = source
+        self.store = Store()
+        self.metrics = Metrics()
+        self.conns = ConnTable()
+        self.balancer = Balancer(node_name=settings.hostname_override)
+        self.iptables = Iptables() if settings.manage_iptables else None
+        self.allocator = PortAllocator(settings.proxy_port_range)
+        self.loop = asyncio.get_running_loop()
+        self.relay = make_relay(self.loop)
+        self.proxies: dict[str, ProtocolProxy] = {
+            "TCP": TcpProxy(loop=self.loop, relay=self.relay, balancer=self.balancer,
+                            conns=self.conns, metrics=self.metrics),
+        }
+        self._add_udp()
+        self.served: dict[ServicePortName, Entry] = {}
+        self.listeners: dict[ListenerKey, Listener] = {}
+        self.redirects: list[Redirect] = []
+        self.started = time.time()
+        self.source_synced = False
+        self.rules_applied = False
+        self.last_sync: float | None = None  # wall clock of the last successful sync
+        self.queued_since: float | None = None  # wall clock of the oldest unapplied change
+        self.node_terminating = False
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._last_rules = ""
+        self._observed_triggers: set[str] = set()
+        self._warned: set[str] = set()
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    def _add_udp(self) -> None:
+        try:
+            from uproxy.proxy.udp import UdpProxy
+        except ImportError:
+            return
+        self.proxies["UDP"] = UdpProxy(loop=self.loop, balancer=self.balancer, conns=self.conns,
+                                       metrics=self.metrics, settings=self.settings)
+
+    # SourceHooks -----------------------------------------------------------------------
+    def changed(self) -> None:
+        if self.queued_since is None:
+            self.queued_since = time.time()
+        self._wake.set()
+
+    def synced(self) -> None:
+        if not self.source_synced:
+            self.source_synced = True
+            self._wake.set()
+
+    # Health (kube-proxy's /healthz meaning) ----------------------------------------------
+    def healthy(self, now: float | None = None) -> bool:
+        now = time.time() if now is None else now
+        if self.queued_since is None:
+            return True
+        return now - self.queued_since <= 2 * self.settings.sync_period
+
+    @property
+    def ready(self) -> bool:
+        return self.source_synced and self.rules_applied
+
+    # Lifecycle ----------------------------------------------------------------------------
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def start(self) -> None:
+        log.info("%s", native.describe())
+        log.info("event loop: %s", type(self.loop).__module__.split(".")[0])
+        if self.iptables is not None:
+            removed = await self.iptables.cleanup()
+            if removed:
+                log.info("replaced %d uproxy rules and chains left by an earlier run", removed)
+        self._tasks.append(self.loop.create_task(self._run_source(), name="source"))
+        self._tasks.append(self.loop.create_task(self._sync_loop(), name="sync"))
+
+    async def _run_source(self) -> None:
+        try:
+            await self.source.run(self.store, self)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("the %s source stopped", self.source.name)
+            self.stop()
+
+    async def run(self) -> None:
+        """Start, serve until stop() (or SIGTERM/SIGINT), then shut down cleanly."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, self.stop)
+        try:
+            await self.start()
+            await self._stop.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.loop.remove_signal_handler(sig)
+            await self.shutdown()
+
+    async def shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        for listener in self.listeners.values():
+            listener.close()
+        self.listeners.clear()
+        if self.iptables is not None:
+            try:
+                await self.iptables.cleanup()
+            except IptablesError as exc:
+                log.error("removing rules at shutdown: %s", exc)
+        open_conns = len(self.conns)
+        if open_conns:
+            log.info("letting %d open connections finish (up to %.1fs)", open_conns,
+                     self.settings.shutdown_grace)
+        for proxy in self.proxies.values():
+            await proxy.drain(self.settings.shutdown_grace)
+        log.info("stopped")
+
+    # Sync -----------------------------------------------------------------------------------
+    async def _sync_loop(self) -> None:
+        last_full = 0.0
+        last_run = 0.0
+        while True:
+            timeout = max(0.0, self.settings.sync_period - (time.monotonic() - last_full))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            # Batch bursts: at most one sync per min-sync-period.
+            wait = self.settings.min_sync_period - (time.monotonic() - last_run)
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self._wake.clear()
+            if not self.source_synced:
+                continue
+            full = time.monotonic() - last_full >= self.settings.sync_period
+            last_run = time.monotonic()
+            try:
+                await self.sync(full=full)
+            except Exception:  # never let one bad sync end the daemon
+                log.exception("sync failed")
+                self.metrics.sync_errors.inc()
+            if full:
+                last_full = time.monotonic()
+
+    async def sync(self, *, full: bool = False) -> None:
+        started = time.monotonic()
+        queued = self.queued_since
+        self.queued_since = None
+        table = self.store.table()
+        diff = diff_tables(self.served, table)
+        for entry in diff.removed:
+            self._close_listeners(entry.port.name)
+        for entry in [*diff.added, *(new for _, new in diff.changed)]:
+            self._ensure_listeners(entry.port)
+        if full:  # retry NodePorts that were taken before
+            for entry in table.values():
+                self._ensure_listeners(entry.port)
+        self.served = dict(table)
+        for proto, proxy in self.proxies.items():
+            proxy.entries = {n: e for n, e in table.items() if e.port.protocol == proto}
+        self.redirects = self._redirects(table)
+        if self.iptables is not None:
+            text = render(self.redirects)
+            try:
+                if full or text != self._last_rules or not self.rules_applied:
+                    await self.iptables.restore(text)
+                    self._last_rules = text
+                if full or not self.rules_applied:
+                    added = await self.iptables.ensure_hooks()
+                    if added and self.rules_applied:
+                        log.warning("re-inserted %d uproxy hooks someone removed", added)
+            except IptablesError as exc:
+                log.error("applying rules: %s", exc)
+                self.metrics.sync_errors.inc()
+                self.queued_since = queued or time.time()
+                return
+        self.rules_applied = True
+        self.last_sync = time.time()
+        self.balancer.prune(table, time.monotonic())
+        self._observe_programming_latency()
+        elapsed = time.monotonic() - started
+        self.metrics.sync_duration.observe(elapsed)
+        self.metrics.sync_last.set(self.last_sync)
+        if diff:
+            log.info("synced %d service ports (+%d -%d ~%d) in %.1f ms", len(table),
+                     len(diff.added), len(diff.removed), len(diff.changed), elapsed * 1000)
+
+    def _observe_programming_latency(self) -> None:
+        now = time.time()
+        current = set(self.store.trigger_times())
+        for stamp in current - self._observed_triggers:
+            try:
+                when = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                continue
+            if 0 <= now - when < 3600:
+                self.metrics.network_programming.observe(now - when)
+        self._observed_triggers = current
+
+    def _warn_once(self, key: str, message: str, *args: object) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message, *args)
+
+    def _ensure_listeners(self, port: ServicePort) -> None:
+        proxy = self.proxies.get(port.protocol)
+        if proxy is None:
+            self._warn_once(f"proto:{port.name}", "%s: %s services are not proxied yet; skipped",
+                            port.name, port.protocol)
+            return
+        wanted = {ListenerKey(port.name, "cluster", self.settings.bind_address, 0)}
+        if port.external_addresses:
+            wanted.add(ListenerKey(port.name, "external", self.settings.bind_address, 0))
+        if port.node_port:
+            for address in self._nodeport_addresses():
+                wanted.add(ListenerKey(port.name, "nodeport", address, port.node_port))
+        existing = {k for k in self.listeners if k.name == port.name}
+        for key in existing - wanted:
+            self.listeners.pop(key).close()
+        for key in sorted(wanted - existing, key=lambda k: (k.scope, k.address)):
+            try:
+                if key.scope == "nodeport":
+                    sock = bind(SOCK_KIND[port.protocol], key.address, key.port)
+                else:
+                    sock = self.allocator.open(SOCK_KIND[port.protocol], key.address)
+            except OSError as exc:
+                what = f"nodePort {key.port}" if key.scope == "nodeport" else "a proxy port"
+                reason = ("already in use by another process"
+                          if exc.errno == 98 else (exc.strerror or str(exc)))
+                self._warn_once(f"bind:{key}", "Service %s/%s: port %s: cannot listen on %s %s: %s",
+                                port.name.namespace, port.name.name, port.name.port or "(unnamed)",
+                                what, key.address, reason)
+                continue
+            self._warned.discard(f"bind:{key}")
+            self.listeners[key] = proxy.listen(sock, port.name, key.scope)
+
+    def _close_listeners(self, name: ServicePortName) -> None:
+        for key in [k for k in self.listeners if k.name == name]:
+            self.listeners.pop(key).close()
+
+    def _nodeport_addresses(self) -> list[str]:
+        cidrs = self.settings.nodeport_addresses
+        if not cidrs:
+            return ["0.0.0.0"]
+        nets = [ipaddress.ip_network(c) for c in cidrs]
+        return [a for a in node_addresses() if any(ipaddress.ip_address(a) in n for n in nets)]
+
+    def _redirects(self, table: dict[ServicePortName, Entry]) -> list[Redirect]:
+        out: list[Redirect] = []
+        for name, entry in table.items():
+            port = entry.port
+            for scope, addresses in (
+                ("cluster", [(a, KIND_CLUSTER) for a in port.cluster_ips]),
+                ("external", [(a, KIND_EXTERNAL) for a in port.external_ips]
+                 + [(a, KIND_LOADBALANCER) for a in port.load_balancer_ips]),
+            ):
+                listener = self.listeners.get(
+                    ListenerKey(name, scope, self.settings.bind_address, 0))
+                if listener is None:
+                    continue
+                for address, kind in addresses:
+                    if ":" in address:
+                        self._warn_once(f"v6:{name}:{address}",
+                                        "%s: %s %s is IPv6; uproxy serves IPv4 only, skipped",
+                                        name, kind, address)
+                        continue
+                    out.append(Redirect(name, kind, address, port.port, port.protocol,
+                                        listener.port))
+        return out
+
+
+def node_addresses() -> list[str]:
+    """Every IPv4 address configured on this node (network namespace)."""
+    try:
+        out = subprocess.run(["ip", "-j", "-4", "addr", "show"], capture_output=True, text=True,
+                             timeout=5, check=True).stdout
+        data = json.loads(out)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return []
+    return [a["local"] for link in data for a in link.get("addr_info", []) if "local" in a]
+
+
+def redirects_for(table: dict[ServicePortName, Entry], ports: Iterable[int]) -> list[Redirect]:
+    """Redirects with placeholder proxy ports, for ``uproxy rules`` (nothing is bound)."""
+    out: list[Redirect] = []
+    numbers = iter(ports)
+    for name, entry in table.items():
+        port = entry.port
+        cluster = next(numbers)
+        out.extend(Redirect(name, KIND_CLUSTER, a, port.port, port.protocol, cluster)
+                   for a in port.cluster_ips)
+        if port.external_addresses:
+            ext = next(numbers)
+            out.extend(Redirect(name, KIND_EXTERNAL, a, port.port, port.protocol, ext)
+                       for a in port.external_ips)
+            out.extend(Redirect(name, KIND_LOADBALANCER, a, port.port, port.protocol, ext)
+                       for a in port.load_balancer_ips)
+    return out

@@ -1,0 +1,51 @@
+"""Prometheus metrics, on a registry of our own (never the global one).
+
+kube-proxy's names where they mean the same thing; ``uproxy_*`` for the rest.
+The data path only increments counters at connection open/close; byte totals
+of live connections are added at scrape time by the status server.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_SYNC_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_PROG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.sync_duration = Histogram(
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "Time a sync of proxy rules and sockets took", buckets=_SYNC_BUCKETS, registry=r)
+        self.sync_last = Gauge(
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "When the last successful sync finished", registry=r)
+        self.network_programming = Histogram(
+            "kubeproxy_network_programming_duration_seconds",
+            "From an endpoint change (last-change-trigger-time) to rules applied",
+            buckets=_PROG_BUCKETS, registry=r)
+        self.connections_total = Counter(
+            "uproxy_connections_total", "Connections accepted, by service and result",
+            ["service", "protocol", "result"], registry=r)
+        self.connections_active = Gauge(
+            "uproxy_connections_active", "Connections open now, by service",
+            ["service", "protocol"], registry=r)
+        self.bytes_total = Counter(
+            "uproxy_bytes_total", "Bytes relayed by closed connections, by service and direction",
+            ["service", "direction"], registry=r)
+        self.endpoint_failures = Counter(
+            "uproxy_endpoint_connect_failures_total", "Failed connects to endpoints",
+            ["service", "endpoint"], registry=r)
+        self.relay_path = Counter(
+            "uproxy_relay_connections_total", "Connections by relay path (native or python)",
+            ["path"], registry=r)
+        self.udp_flows_active = Gauge(
+            "uproxy_udp_flows_active", "UDP flows held now", ["service"], registry=r)
+        self.udp_flows_evicted = Counter(
+            "uproxy_udp_flows_evicted_total", "UDP flows evicted from a full table",
+            ["service"], registry=r)
+        self.sync_errors = Counter(
+            "uproxy_sync_errors_total", "Syncs that failed (iptables errors)", registry=r)
