@@ -387,7 +387,8 @@ def _slice_endpoint(ep: Any, where: str, addr_type: str) -> Iterator[Endpoint]:
         raise _Bad(f"{where}.conditions", "must be a mapping")
     # API semantics: a nil ready means ready; serving defaults to ready.
     ready = cond.get("ready") is not False
-    serving = cond.get("serving", ready) is not False
+    serving_raw = cond.get("serving")
+    serving = ready if serving_raw is None else serving_raw is not False
     terminating = cond.get("terminating") is True
     node = ep.get("nodeName")
     zone = ep.get("zone")
