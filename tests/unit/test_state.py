@@ -1,0 +1,179 @@
+"""The Store (uproxy.state): objects in, the desired table out, generations, diffs."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from uproxy.model import ServicePortName
+from uproxy.state import Store, diff_tables
+
+
+def service(name: str = "multi-port", cluster_ip: str = "10.0.0.180",
+            ports: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"kind": "Service", "metadata": {"name": name, "namespace": "default"},
+            "spec": {"clusterIP": cluster_ip, "ports": ports or [
+                {"name": "port1", "port": 6789}, {"name": "port2", "port": 9876}]}}
+
+
+def endpoint_slice(name: str, ips: list[str], service_name: str = "multi-port",
+                   ready: bool = True) -> dict[str, Any]:
+    return {"kind": "EndpointSlice",
+            "metadata": {"name": name, "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": service_name}},
+            "addressType": "IPv4",
+            "ports": [{"name": "port1", "port": 6789}, {"name": "port2", "port": 9876}],
+            "endpoints": [{"addresses": [ip], "conditions": {"ready": ready}} for ip in ips]}
+
+
+def endpoints(ips: list[str], name: str = "multi-port") -> dict[str, Any]:
+    return {"kind": "Endpoints", "metadata": {"name": name, "namespace": "default"},
+            "subsets": [{"addresses": [{"ip": ip} for ip in ips],
+                         "ports": [{"name": "port2", "port": 9876},
+                                   {"name": "port1", "port": 6789}]}]}
+
+
+PORT1 = ServicePortName("default", "multi-port", "port1", "TCP")
+PORT2 = ServicePortName("default", "multi-port", "port2", "TCP")
+
+
+def ips(store: Store, name: ServicePortName = PORT1) -> list[str]:
+    return [str(e) for e in store.table()[name].endpoints]
+
+
+def test_apply_builds_the_table() -> None:
+    store = Store()
+    assert store.apply("Service", service(), "svc.yaml") == []
+    assert store.apply("EndpointSlice", endpoint_slice("mp-1", ["172.17.0.5", "172.17.0.6"])) == []
+    table = store.table()
+    assert set(table) == {PORT1, PORT2}
+    assert ips(store) == ["172.17.0.5:6789", "172.17.0.6:6789"]
+    assert ips(store, PORT2) == ["172.17.0.5:9876", "172.17.0.6:9876"]
+    assert table[PORT1].port.cluster_ips == ("10.0.0.180",)
+
+
+def test_service_without_endpoints_has_an_empty_entry() -> None:
+    store = Store()
+    store.apply("Service", service())
+    assert store.table()[PORT1].endpoints == ()
+
+
+def test_generation_bumps_only_on_real_changes() -> None:
+    store = Store()
+    g0 = store.generation
+    store.apply("Service", service())
+    g1 = store.generation
+    assert g1 > g0
+    store.apply("Service", copy.deepcopy(service()))  # equal content
+    assert store.generation == g1
+    store.apply("Service", service(cluster_ip="10.0.0.181"))
+    g2 = store.generation
+    assert g2 > g1
+    assert store.remove("Service", "default", "nothing-here") is False
+    assert store.generation == g2
+    assert store.remove("Service", "default", "multi-port") is True
+    assert store.generation > g2
+    assert store.table() == {}
+
+
+def test_apply_reports_problems_and_unknown_kinds() -> None:
+    store = Store()
+    bad = service(ports=[{"name": "a", "port": 0}, {"name": "b", "port": 80}])
+    (problem,) = store.apply("Service", bad, "bad.yaml")
+    assert problem.origin == "bad.yaml" and problem.field == "spec.ports[0].port"
+    assert [n.port for n in store.table()] == ["b"]
+    (nameless,) = store.apply("Service", {"kind": "Service", "metadata": {}}, "x.yaml")
+    assert nameless.field == "metadata.name"
+    g = store.generation
+    assert store.apply("Deployment", {"metadata": {"name": "d"}}) == []
+    assert store.generation == g
+
+
+def test_endpoint_slices_win_over_endpoints() -> None:
+    store = Store()
+    store.apply("Service", service())
+    store.apply("Endpoints", endpoints(["172.17.0.5", "172.17.0.6"]))
+    assert ips(store) == ["172.17.0.5:6789", "172.17.0.6:6789"]
+    store.apply("EndpointSlice", endpoint_slice("mp-1", ["172.17.0.9"]))
+    assert ips(store) == ["172.17.0.9:6789"]
+    store.remove("EndpointSlice", "default", "mp-1")
+    assert ips(store) == ["172.17.0.5:6789", "172.17.0.6:6789"]
+
+
+def test_several_slices_are_merged() -> None:
+    store = Store()
+    store.apply("Service", service())
+    store.apply("EndpointSlice", endpoint_slice("mp-1", ["172.17.0.5"]))
+    store.apply("EndpointSlice", endpoint_slice("mp-2", ["172.17.0.6"]))
+    store.apply("EndpointSlice", endpoint_slice("other", ["172.17.0.7"], service_name="other"))
+    assert ips(store) == ["172.17.0.5:6789", "172.17.0.6:6789"]
+
+
+def test_table_is_cached_until_the_generation_changes() -> None:
+    store = Store()
+    store.apply("Service", service())
+    first = store.table()
+    assert store.table() is first
+    store.apply("Service", service())  # unchanged
+    assert store.table() is first
+    store.apply("EndpointSlice", endpoint_slice("mp-1", ["172.17.0.5"]))
+    second = store.table()
+    assert second is not first
+    assert ips(store) == ["172.17.0.5:6789"]
+
+
+def test_replace_removes_what_the_snapshot_lacks() -> None:
+    store = Store()
+    store.apply("Service", service())
+    store.apply("Service", service("gone", "10.0.0.2", [{"port": 80}]))
+    store.apply("EndpointSlice", endpoint_slice("mp-1", ["172.17.0.5"]))
+    g = store.generation
+    problems = store.replace("Service", [(service(), "a.yaml")])
+    assert problems == []
+    assert store.keys("Service") == {("default", "multi-port")}
+    assert store.generation > g
+    # Other kinds are untouched.
+    assert store.keys("EndpointSlice") == {("default", "mp-1")}
+    g = store.generation
+    store.replace("Service", [(service(), "a.yaml")])
+    assert store.generation == g
+    store.replace("EndpointSlice", [])
+    assert store.keys("EndpointSlice") == set()
+    assert ips(store) == []
+
+
+def test_replace_reports_problems_with_their_origin() -> None:
+    store = Store()
+    bad = service("bad", "10.0.0.9", [{"port": 70000}])
+    (problem,) = store.replace("Service", [(service(), "a.yaml"), (bad, "b.yaml")])
+    assert str(problem).startswith("b.yaml: Service default/bad: spec.ports[0].port")
+
+
+def test_diff_tables_added_removed_changed() -> None:
+    store = Store()
+    store.apply("Service", service())
+    store.apply("Service", service("old", "10.0.0.3", [{"port": 80}]))
+    before = dict(store.table())
+    assert not diff_tables(before, before)
+    store.remove("Service", "default", "old")
+    store.apply("Service", service("new", "10.0.0.4", [{"port": 81}]))
+    store.apply("EndpointSlice", endpoint_slice("mp-1", ["172.17.0.5"]))
+    after = store.table()
+    diff = diff_tables(before, after)
+    assert diff
+    assert [str(e.port.name) for e in diff.added] == ["default/new:"]
+    assert [str(e.port.name) for e in diff.removed] == ["default/old:"]
+    assert sorted(str(new.port.name) for _, new in diff.changed) == [
+        "default/multi-port:port1", "default/multi-port:port2"]
+    for old, new in diff.changed:
+        assert old.endpoints == () and len(new.endpoints) == 1
+
+
+def test_trigger_times_and_raw() -> None:
+    store = Store()
+    sl = endpoint_slice("mp-1", ["172.17.0.5"])
+    sl["metadata"]["annotations"] = {
+        "endpoints.kubernetes.io/last-change-trigger-time": "2026-11-21T08:00:00Z"}
+    store.apply("EndpointSlice", sl)
+    assert store.trigger_times() == ["2026-11-21T08:00:00Z"]
+    assert store.raw("EndpointSlice") == {("default", "mp-1"): sl}
