@@ -10,6 +10,7 @@ from another) and hands the proxy-side ends to the relay under test. Only
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import socket
@@ -479,6 +480,31 @@ def native_kind(request: pytest.FixtureRequest) -> Kind:
     if native.ACTIVE != "native":
         pytest.skip(f"native relay not active: {native.REASON}")
     return k
+
+
+def test_native_reset_while_stalled_propagates_at_once(native_kind: Kind) -> None:
+    """A client reset while its bytes wait for a stalled backend resets the backend
+    without waiting for it to read (the Python twin only notices at its next write)."""
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        async with Rig(loop, make(native_kind, loop)) as rig:
+            p = rig.connect()
+            relay = rig.relay
+            sender = asyncio.ensure_future(loop.sock_sendall(p.client, b"s" * 32 * MiB))
+            await eventually(lambda: relay.pipes_in_use() + relay.buffers_in_use() == 1,
+                             "stuck bytes held")
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender
+            p.client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
+            p.client.close()
+            await p.done.wait()
+            assert [r.error for r in p.results] == ["reset by client"]
+            assert relay.pipes_in_use() == relay.buffers_in_use() == 0
+            await expect_reset(loop, p.server)
+
+    run(native_kind, body)
 
 
 @pytest.mark.parametrize("max_pipes", [0, 1])

@@ -39,7 +39,11 @@ that accepts, connects and serves the status page, so it stays free.
 :class:`PyRelay` is the pure-Python twin (``add_reader``/``add_writer`` on raw
 non-blocking sockets, so it runs the same on asyncio and uvloop). It reads
 into one buffer shared by the whole relay and keeps only what the peer would
-not take yet, so an idle connection holds no buffer.
+not take yet, so an idle connection holds no buffer. One difference it cannot
+avoid with level-triggered readers: a reset arriving on a side it is not
+reading (after that side's EOF, or while that side's bytes wait for the other
+side) is noticed at the next write to that side; the native engine sees it
+at once (EPOLLERR).
 """
 
 from __future__ import annotations
