@@ -127,8 +127,17 @@ _PARSERS: dict[str, Any] = {
     "log_format": lambda v: _choice(v, ("text", "json")),
     "verbosity": int,
     "shutdown_grace": parse_duration,
-    "manage_iptables": lambda v: str(v).lower() in ("1", "true", "yes", "on"),
+    "manage_iptables": lambda v: _boolean(v),
 }
+
+
+def _boolean(value: Any) -> bool:
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{value!r} is not a boolean (true or false)")
 
 
 def _choice(value: Any, allowed: tuple[str, ...]) -> str:
