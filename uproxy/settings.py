@@ -9,6 +9,7 @@ a global.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import socket
@@ -39,6 +40,8 @@ def parse_duration(text: str | float | int) -> float:
         if not m:
             raise ValueError(f"{text!r} is not a duration (like 250ms, 30s, 3h)")
         value = float(m[1]) * _UNITS[m[2]]
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r} is not a finite duration")
     if value < 0:
         raise ValueError(f"{text!r} is negative")
     return value
