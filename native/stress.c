@@ -1,0 +1,224 @@
+/* Stress test for the engine's C API, meant to be built with sanitizers:
+ *
+ *   cc -O1 -g -fsanitize=address,undefined -Inative native/stress.c native/relay.c -lpthread
+ *   cc -O1 -g -fsanitize=thread -Inative native/stress.c native/relay.c -lpthread
+ *
+ * tests/unit/test_native.py builds and runs it (ASan+UBSan, and TSan when the
+ * toolchain has it). Loopback TCP only. Each round opens a batch of relayed
+ * connections and ends each one a different way (clean half-closes, a reset
+ * from either side, an abort, or left open for stop), racing the engine
+ * thread; then checks that every connection completed exactly once with the
+ * expected reason, and at the end that no fd is left open.
+ * Exit status 0 on success; a message on stderr otherwise.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <dirent.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "uproxy_native.h"
+
+#define ROUNDS 8
+#define BATCH 64
+
+#define FAIL(...)                                                                                  \
+    do {                                                                                           \
+        fprintf(stderr, "stress: " __VA_ARGS__);                                                  \
+        fputc('\n', stderr);                                                                       \
+        exit(1);                                                                                   \
+    } while (0)
+
+static int count_fds(void)
+{
+    DIR *d = opendir("/proc/self/fd");
+    int n = 0;
+    while (readdir(d))
+        n++;
+    closedir(d);
+    return n;
+}
+
+static int listener(void)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof a) < 0 || listen(fd, 1024) < 0)
+        FAIL("listener: %s", strerror(errno));
+    return fd;
+}
+
+/* A connected pair through listener `l`: *near is accepted, *far dialled. */
+static void tcp_pair(int l, int *near, int *far)
+{
+    struct sockaddr_in a;
+    socklen_t len = sizeof a;
+    getsockname(l, (struct sockaddr *)&a, &len);
+    *far = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (*far < 0 || connect(*far, (struct sockaddr *)&a, sizeof a) < 0)
+        FAIL("connect: %s", strerror(errno));
+    *near = accept4(l, NULL, NULL, SOCK_CLOEXEC);
+    if (*near < 0)
+        FAIL("accept: %s", strerror(errno));
+}
+
+static void rst_close(int fd)
+{
+    struct linger lg = {1, 0};
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+    close(fd);
+}
+
+struct slot {
+    struct uproxy_conn *conn;
+    int client, backend; /* the far ends, held by the test */
+    int how;             /* 0 clean, 1 client RST, 2 backend RST, 3 abort, 4 left for stop */
+    int completions;
+    int reason;
+};
+
+static int drain(struct uproxy_engine *e, struct slot *slots, int stopping)
+{
+    struct uproxy_done done[16];
+    int total = 0, n;
+    while ((n = uproxy_engine_poll(e, done, 16)) > 0) {
+        for (int i = 0; i < n; i++) {
+            struct slot *s = &slots[done[i].token];
+            if (done[i].conn != s->conn)
+                FAIL("token %lu: conn pointer mismatch", (unsigned long)done[i].token);
+            s->completions++;
+            s->reason = done[i].reason;
+            if (!stopping)
+                uproxy_engine_release(e, done[i].conn);
+        }
+        total += n;
+    }
+    return total;
+}
+
+int main(void)
+{
+    int fds_before = count_fds();
+    int lc = listener(), lb = listener();
+    struct uproxy_engine *e = uproxy_engine_new(4, 64 * 1024); /* a small pool: copies too */
+    if (!e)
+        FAIL("engine_new: %s", strerror(errno));
+    static char payload[300 * 1024];
+    memset(payload, 'p', sizeof payload);
+    static struct slot slots[ROUNDS * BATCH];
+    int efd = uproxy_engine_eventfd(e);
+    int pending_stop = 0;
+
+    for (int round = 0; round < ROUNDS; round++) {
+        int base = round * BATCH;
+        for (int i = 0; i < BATCH; i++) {
+            struct slot *s = &slots[base + i];
+            int cn, bn;
+            tcp_pair(lc, &cn, &s->client);
+            tcp_pair(lb, &bn, &s->backend);
+            s->how = (base + i) % 5;
+            s->conn = uproxy_engine_add(e, cn, bn, (uint64_t)(base + i));
+            if (!s->conn)
+                FAIL("add: %s", strerror(errno));
+            /* Some bytes in flight, sometimes more than a pipe holds. */
+            size_t len = (i % 3 == 0) ? sizeof payload : 100;
+            if (send(s->client, payload, len, MSG_DONTWAIT) < 0 && errno != EAGAIN)
+                FAIL("send: %s", strerror(errno));
+        }
+        for (int i = 0; i < BATCH; i++) {
+            struct slot *s = &slots[base + i];
+            switch (s->how) {
+            case 0:
+                shutdown(s->client, SHUT_WR);
+                shutdown(s->backend, SHUT_WR);
+                break;
+            case 1:
+                rst_close(s->client);
+                s->client = -1;
+                break;
+            case 2:
+                rst_close(s->backend);
+                s->backend = -1;
+                break;
+            case 3:
+                uproxy_engine_abort(e, s->conn);
+                uproxy_engine_abort(e, s->conn); /* twice: still one completion */
+                break;
+            default:
+                pending_stop++;
+            }
+        }
+        /* Clean ones need their bytes read to finish: read everything everywhere. */
+        int want = 0, got = 0;
+        for (int i = 0; i < BATCH; i++)
+            want += slots[base + i].how != 4;
+        for (int spins = 0; got < want && spins < 2000; spins++) {
+            for (int i = 0; i < BATCH; i++) {
+                struct slot *s = &slots[base + i];
+                char buf[65536];
+                if (s->client >= 0)
+                    while (recv(s->client, buf, sizeof buf, MSG_DONTWAIT) > 0)
+                        ;
+                if (s->backend >= 0)
+                    while (recv(s->backend, buf, sizeof buf, MSG_DONTWAIT) > 0)
+                        ;
+            }
+            struct pollfd p = {.fd = efd, .events = POLLIN};
+            poll(&p, 1, 5);
+            got += drain(e, slots, 0);
+        }
+        int finished = 0;
+        for (int i = 0; i < BATCH; i++)
+            finished += slots[base + i].completions;
+        if (finished != want)
+            FAIL("round %d: %d of %d connections completed", round, finished, want);
+    }
+
+    struct uproxy_engine_stats st;
+    uproxy_engine_stats(e, &st);
+    if (st.conns_live != (uint64_t)pending_stop)
+        FAIL("conns_live %lu, expected %d", (unsigned long)st.conns_live, pending_stop);
+    if (st.pipes_total > 4)
+        FAIL("pool grew past its bound: %lu", (unsigned long)st.pipes_total);
+
+    uproxy_engine_stop(e);
+    while (!uproxy_engine_stopped(e)) {
+        struct pollfd p = {.fd = efd, .events = POLLIN};
+        poll(&p, 1, 100);
+        drain(e, slots, 1);
+    }
+    drain(e, slots, 1);
+
+    static const int expect[5] = {UPROXY_DONE_CLOSED, UPROXY_DONE_RESET, UPROXY_DONE_RESET,
+                                  UPROXY_DONE_ABORTED, UPROXY_DONE_ABORTED};
+    for (int i = 0; i < ROUNDS * BATCH; i++) {
+        struct slot *s = &slots[i];
+        if (s->completions != 1)
+            FAIL("conn %d (how %d): %d completions", i, s->how, s->completions);
+        if (s->reason != expect[s->how])
+            FAIL("conn %d (how %d): reason %d, expected %d", i, s->how, s->reason,
+                 expect[s->how]);
+        if (s->client >= 0)
+            close(s->client);
+        if (s->backend >= 0)
+            close(s->backend);
+    }
+    uproxy_engine_stats(e, &st);
+    if (st.conns_live || st.pipes_in_use || st.bufs_in_use)
+        FAIL("after stop: live %lu, pipes %lu, bufs %lu", (unsigned long)st.conns_live,
+             (unsigned long)st.pipes_in_use, (unsigned long)st.bufs_in_use);
+    uproxy_engine_free(e);
+    close(lc);
+    close(lb);
+    if (count_fds() != fds_before)
+        FAIL("fds: %d before, %d after", fds_before, count_fds());
+    printf("stress: %d connections ok (splice %lu B, copy %lu B)\n", ROUNDS * BATCH,
+           (unsigned long)st.splice_bytes, (unsigned long)st.copy_bytes);
+    return 0;
+}
