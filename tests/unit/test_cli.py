@@ -1,0 +1,144 @@
+"""The command line (uproxy.cli) as a user meets it: a subprocess, its exit code, its stderr.
+
+Every failing case here must stop before the daemon starts (nothing is bound,
+no iptables rule is touched); each asserts a one-line message and no traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+SERVICE = """\
+apiVersion: v1
+kind: Service
+metadata: {name: multi-port, namespace: default}
+spec:
+  clusterIP: 10.0.0.180
+  ports:
+  - {name: port1, port: 6789, targetPort: 6789}
+  - {name: port2, port: 9876, targetPort: 9876}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: multi-port-x1
+  namespace: default
+  labels: {kubernetes.io/service-name: multi-port}
+addressType: IPv4
+ports: [{name: port1, port: 6789}, {name: port2, port: 9876}]
+endpoints: [{addresses: [172.17.0.5]}, {addresses: [172.17.0.6]}]
+"""
+
+EXPECTED_RULES = [
+    '-A UPROXY-SERVICES -d 10.0.0.180/32 -p tcp -m comment --comment '
+    '"default/multi-port:port1 cluster IP" -m tcp --dport 6789 -j REDIRECT --to-ports 40000',
+    '-A UPROXY-SERVICES -d 10.0.0.180/32 -p tcp -m comment --comment '
+    '"default/multi-port:port2 cluster IP" -m tcp --dport 9876 -j REDIRECT --to-ports 40001',
+]
+
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+@pytest.fixture
+def manifests() -> Iterator[Path]:
+    """A world-readable manifest directory (pytest's tmp_path is private to root)."""
+    with tempfile.TemporaryDirectory(prefix="uproxy-cli-") as d:
+        os.chmod(d, 0o755)
+        path = Path(d) / "multi-port.yaml"
+        path.write_text(SERVICE)
+        path.chmod(0o644)
+        yield Path(d)
+
+
+def uproxy(*args: str, as_nobody: bool = False,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    prefix: list[str] = []
+    if as_nobody:
+        if os.geteuid() != 0 or shutil.which("setpriv") is None:
+            pytest.fail("running as nobody needs root and setpriv (util-linux)", pytrace=False)
+        prefix = NOBODY
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("UPROXY_")}
+    full_env.update(env or {})
+    return subprocess.run([*prefix, sys.executable, "-m", "uproxy", *args], capture_output=True,
+                          text=True, timeout=30, env=full_env, cwd="/")
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess[str], *words: str) -> str:
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    assert done.stdout == ""
+    return lines[0]
+
+
+def test_rules_prints_restore_text(manifests: Path) -> None:
+    done = uproxy("rules", "--manifests", str(manifests))
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    body = [ln for ln in done.stdout.splitlines() if not ln.startswith("#")]
+    assert body == ["*nat", ":UPROXY-SERVICES - [0:0]", *EXPECTED_RULES, "COMMIT"]
+
+
+def test_rules_needs_no_root(manifests: Path) -> None:
+    done = uproxy("rules", "--manifests", str(manifests / "multi-port.yaml"),
+                  "--proxy-port-range", "50000-50010", as_nobody=True)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert [ln.replace("5000", "4000") for ln in done.stdout.splitlines()
+            if ln.startswith("-A ")] == EXPECTED_RULES
+
+
+def test_rules_with_a_missing_path(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    assert_one_line_error(uproxy("rules", "--manifests", str(missing)), str(missing))
+
+
+def test_rules_with_a_bad_port_range(manifests: Path) -> None:
+    done = uproxy("rules", "--manifests", str(manifests), "--proxy-port-range", "9-1")
+    assert_one_line_error(done, "9-1")
+
+
+def test_run_with_a_missing_manifest_path(tmp_path: Path) -> None:
+    missing = tmp_path / "does-not-exist"
+    # Without iptables management the manifest check is the first one, root or not.
+    done = uproxy("run", "--manifests", str(missing), env={"UPROXY_MANAGE_IPTABLES": "false"})
+    assert_one_line_error(done, str(missing))
+
+
+def test_run_with_a_bad_flag_value(manifests: Path) -> None:
+    done = uproxy("run", "--manifests", str(manifests), "--sync-period", "banana")
+    assert_one_line_error(done, "--sync-period", "banana")
+
+
+def test_run_with_a_bad_environment_value(manifests: Path) -> None:
+    done = uproxy("run", "--manifests", str(manifests), env={"UPROXY_SYNC_PERIOD": "soon"})
+    assert_one_line_error(done, "UPROXY_SYNC_PERIOD", "soon")
+
+
+def test_run_as_nobody_needs_root(manifests: Path) -> None:
+    done = uproxy("run", "--manifests", str(manifests), as_nobody=True)
+    assert_one_line_error(done, "root")
+
+
+def test_unknown_subcommand() -> None:
+    assert_one_line_error(uproxy("frobnicate"), "invalid choice", "frobnicate")
+
+
+def test_unknown_flag() -> None:
+    done = uproxy("run", "--no-such-flag")
+    assert_one_line_error(done, "--no-such-flag")
+
+
+def test_no_subcommand() -> None:
+    assert_one_line_error(uproxy(), "required")
