@@ -471,6 +471,26 @@ def test_close_aborts_live_connections_and_leaves_no_fds(kind: Kind) -> None:
     run(kind, body)
 
 
+def test_start_after_close_is_refused_with_resets(kind: Kind) -> None:
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        async with Rig(loop, make(kind, loop)) as rig:
+            await rig.relay.close()
+            p = rig.connect()
+            await expect_reset(loop, p.client)
+            await expect_reset(loop, p.server)
+            await p.done.wait()
+            await asyncio.sleep(0.05)
+            assert p.results == [RelayResult(0, 0, "relay closed")]
+            assert (p.handle.bytes_up, p.handle.bytes_down, p.handle.native) \
+                == (0, 0, kind.impl == "native")
+            p.handle.abort()  # harmless
+            assert rig.relay.active() == 0
+            assert rig.relay.stats()["conns_live"] == 0
+
+    run(kind, body)
+
+
 # ---- native only: the pipe pool --------------------------------------------
 
 

@@ -101,6 +101,8 @@ class Relay(Protocol):
 
     def buffers_in_use(self) -> int: ...
 
+    def stats(self) -> dict[str, int]: ...
+
     async def close(self) -> None: ...
 
 
@@ -109,6 +111,29 @@ def reset_close(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
     sock.close()
+
+
+class RefusedHandle:
+    """A connection the relay did not take (closed relay, engine failure): both
+    sockets were reset and ``on_done`` is scheduled with the reason."""
+
+    __slots__ = ("native",)
+    bytes_up = 0
+    bytes_down = 0
+
+    def __init__(self, *, native: bool) -> None:
+        self.native = native
+
+    def abort(self) -> None:
+        pass
+
+
+def _refuse(loop: asyncio.AbstractEventLoop, client: socket.socket, backend: socket.socket,
+            on_done: DoneCallback, error: str, *, native: bool) -> RefusedHandle:
+    reset_close(client)
+    reset_close(backend)
+    loop.call_soon(on_done, RelayResult(0, 0, error))
+    return RefusedHandle(native=native)
 
 
 def _describe(exc: OSError, client_side: bool) -> str:
@@ -247,9 +272,12 @@ class PyRelay:
         self.loop = loop
         self.buffer = bytearray(CHUNK)  # shared: callbacks run one at a time on the loop
         self._live: set[PyRelayHandle] = set()
+        self._closed = False
 
     def start(self, client: socket.socket, backend: socket.socket,
-              on_done: DoneCallback) -> PyRelayHandle:
+              on_done: DoneCallback) -> PyRelayHandle | RefusedHandle:
+        if self._closed:
+            return _refuse(self.loop, client, backend, on_done, "relay closed", native=False)
         handle = PyRelayHandle(self, client, backend, on_done)
         self._live.add(handle)
         return handle
@@ -267,7 +295,14 @@ class PyRelay:
         """Directions holding bytes their destination has not taken yet."""
         return sum((h._up.pending != b"") + (h._down.pending != b"") for h in self._live)
 
+    def stats(self) -> dict[str, int]:
+        """The same keys as the native engine's, where they mean something here."""
+        return {"conns_live": len(self._live), "pipes_in_use": 0,
+                "bufs_in_use": self.buffers_in_use()}
+
     async def close(self) -> None:
+        """Abort live connections (both sides get RST); later ``start`` calls are refused."""
+        self._closed = True
         for handle in list(self._live):
             handle.abort()
 
@@ -357,23 +392,19 @@ class NativeRelay:
         self._live: dict[int, NativeRelayHandle] = {}
         self._next_token = 1
         self._stopped: asyncio.Future[None] | None = None
+        self._final_stats: dict[str, int] = {}
         loop.add_reader(self._efd, self._on_completions)
 
     def start(self, client: socket.socket, backend: socket.socket,
-              on_done: DoneCallback) -> NativeRelayHandle:
+              on_done: DoneCallback) -> NativeRelayHandle | RefusedHandle:
+        if self._stopped is not None:
+            return _refuse(self.loop, client, backend, on_done, "relay closed", native=True)
         token = self._next_token
         self._next_token += 1
-        conn: Any = self._ffi.NULL
-        if self._stopped is None:
-            conn = self._lib.uproxy_engine_add(self._raw, client.fileno(), backend.fileno(), token)
-        if conn == self._ffi.NULL:
-            err = self._ffi.errno if self._stopped is None else errno.ESHUTDOWN
-            reset_close(client)
-            reset_close(backend)
-            handle = NativeRelayHandle(self, None, on_done)
-            handle._final = RelayResult(0, 0, f"error: {os.strerror(err)}")
-            self.loop.call_soon(on_done, handle._final)
-            return handle
+        conn = self._lib.uproxy_engine_add(self._raw, client.fileno(), backend.fileno(), token)
+        if conn == self._ffi.NULL:  # ENOMEM: the sockets are still ours
+            error = f"error: {os.strerror(self._ffi.errno)}"
+            return _refuse(self.loop, client, backend, on_done, error, native=True)
         # The engine owns the fds now; the socket objects must forget them.
         client.detach()
         backend.detach()
@@ -418,7 +449,7 @@ class NativeRelay:
     def stats(self) -> dict[str, int]:
         """Engine-wide figures: live connections, pool use, bytes per path."""
         if self._engine is None:
-            return {}
+            return dict(self._final_stats)  # the last figures before the engine was freed
         self._lib.uproxy_engine_stats(self._raw, self._stats)
         s = self._stats
         return {name: int(getattr(s, name)) for name in (
@@ -427,11 +458,11 @@ class NativeRelay:
 
     def pipes_in_use(self) -> int:
         """Pipes holding a connection's bytes right now (idle connections hold none)."""
-        return self.stats().get("pipes_in_use", 0)
+        return self.stats()["pipes_in_use"]
 
     def buffers_in_use(self) -> int:
         """Copy buffers holding bytes a destination has not taken yet."""
-        return self.stats().get("bufs_in_use", 0)
+        return self.stats()["bufs_in_use"]
 
     async def close(self) -> None:
         """Abort live connections (both sides get RST), wait for the thread, free everything."""
@@ -445,6 +476,7 @@ class NativeRelay:
             return
         self._on_completions()
         self.loop.remove_reader(self._efd)
+        self._final_stats = self.stats()
         engine, self._engine = self._engine, None
         self._ffi.release(engine)  # uproxy_engine_free: joins the (finished) thread
 
