@@ -7,6 +7,7 @@ here we check the C pieces directly, without an event loop where possible.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 import select
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from uproxy import native
+from uproxy.proxy.relay import PyRelay, default_max_pipes, make_relay
 
 needs_native = pytest.mark.skipif(not native.AVAILABLE, reason=native.REASON)
 
@@ -225,3 +227,26 @@ def test_engine_stress_under_sanitizers(tmp_path: Path, sanitizer: str) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "512 connections ok" in proc.stdout
     assert "WARNING" not in proc.stderr and "ERROR" not in proc.stderr, proc.stderr
+
+
+def test_make_relay_follows_the_switch() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        relay = make_relay(loop)
+        assert relay.name == native.ACTIVE
+        loop.run_until_complete(relay.close())
+        twin = make_relay(loop, prefer_native=False)
+        assert isinstance(twin, PyRelay)
+        loop.run_until_complete(twin.close())
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize("pipe_size", [64 * 1024, 256 * 1024, 1024 * 1024])
+def test_default_pool_stays_within_half_the_user_pipe_budget(pipe_size: int) -> None:
+    soft_pages = int(Path("/proc/sys/fs/pipe-user-pages-soft").read_text())
+    n = default_max_pipes(pipe_size)
+    assert 0 <= n <= 1024
+    if soft_pages:
+        assert n * pipe_size <= soft_pages * os.sysconf("SC_PAGE_SIZE") // 2
+        assert n >= 1  # the kernel default budget (64 MiB) always leaves room for some
