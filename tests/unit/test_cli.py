@@ -90,6 +90,7 @@ def test_rules_prints_restore_text(manifests: Path) -> None:
     assert body == ["*nat", ":UPROXY-SERVICES - [0:0]", *EXPECTED_RULES, "COMMIT"]
 
 
+@pytest.mark.lab  # needs root to drop it
 def test_rules_needs_no_root(manifests: Path) -> None:
     done = uproxy("rules", "--manifests", str(manifests / "multi-port.yaml"),
                   "--proxy-port-range", "50000-50010", as_nobody=True)
@@ -126,6 +127,7 @@ def test_run_with_a_bad_environment_value(manifests: Path) -> None:
     assert_one_line_error(done, "UPROXY_SYNC_PERIOD", "soon")
 
 
+@pytest.mark.lab  # needs root to drop it
 def test_run_as_nobody_needs_root(manifests: Path) -> None:
     done = uproxy("run", "--manifests", str(manifests), as_nobody=True)
     assert_one_line_error(done, "root")

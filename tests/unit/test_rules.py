@@ -193,7 +193,7 @@ def _expected(rs: set[Redirect], family: int) -> list[tuple[str, str, int, str, 
         for r in rs if (ipaddress.ip_address(r.address).version == family))
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None, database=None)
 @given(st.sets(REDIRECTS, max_size=25), st.sampled_from([4, 6]))
 def test_render_then_parse_gives_back_the_rules(rs: set[Redirect], family: int) -> None:
     text = render(rs, family=family)
@@ -209,7 +209,7 @@ def test_render_then_parse_gives_back_the_rules(rs: set[Redirect], family: int) 
         assert "\r" not in line and "\\" not in line and "'" not in line
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100, deadline=None, database=None)
 @given(st.lists(REDIRECTS, max_size=20, unique=True), st.randoms(use_true_random=False))
 def test_render_is_deterministic(rs: list[Redirect], rnd: random.Random) -> None:
     shuffled = list(rs)
@@ -218,6 +218,7 @@ def test_render_is_deterministic(rs: list[Redirect], rnd: random.Random) -> None
     assert render(rs, family=6) == render(reversed(rs), family=6)
 
 
+@settings(database=None)
 @given(st.text(max_size=300))
 def test_safe_comment_is_always_quotable(text: str) -> None:
     out = safe_comment(text)
