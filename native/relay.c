@@ -568,6 +568,9 @@ static void *engine_main(void *arg)
             stopping = run_commands(e);
         }
     }
+    pthread_mutex_lock(&e->lock);
+    e->stopping = true; /* also when epoll_wait failed: refuse new work from now on */
+    pthread_mutex_unlock(&e->lock);
     run_commands(e);
     for (struct conn *c = e->all; c; c = c->next)
         conn_finish(e, c, UPROXY_DONE_ABORTED, -1, 0);
