@@ -440,6 +440,49 @@ def test_two_hundred_concurrent_connections(kind: Kind) -> None:
     run(kind, body)
 
 
+def test_sockets_the_loop_accepted_and_connected_hand_over_cleanly(kind: Kind) -> None:
+    """As the TCP proxy does it: loop.sock_accept / loop.sock_connect, then start().
+    Sequential connections reuse fd numbers, so a registration the loop kept on
+    a handed-over fd would show up here."""
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        async with Rig(loop, make(kind, loop)) as rig:
+            rig.front.setblocking(False)
+            for i in range(50):
+                client = socket.socket()
+                client.setblocking(False)
+                accepted_task = asyncio.ensure_future(loop.sock_accept(rig.front))
+                await loop.sock_connect(client, rig.front.getsockname())
+                accepted, _ = await accepted_task
+                to_backend = socket.socket()
+                to_backend.setblocking(False)
+                await loop.sock_connect(to_backend, rig.back.getsockname())
+                server, _ = rig.back.accept()
+                server.setblocking(False)
+                results: list[RelayResult] = []
+                done = asyncio.Event()
+
+                def on_done(r: RelayResult, results: list[RelayResult] = results,
+                            done: asyncio.Event = done) -> None:
+                    results.append(r)
+                    done.set()
+
+                rig.relay.start(accepted, to_backend, on_done)
+                assert accepted.fileno() == -1 or kind.impl == "python"
+                msg = f"message {i}".encode()
+                await loop.sock_sendall(client, msg)
+                assert await recv_exactly(loop, server, len(msg)) == msg
+                await loop.sock_sendall(server, msg[::-1])
+                assert await recv_exactly(loop, client, len(msg)) == msg[::-1]
+                client.close()
+                server.close()
+                await done.wait()
+                assert results == [RelayResult(len(msg), len(msg), None)]
+
+    run(kind, body)
+
+
 def test_close_aborts_live_connections_and_leaves_no_fds(kind: Kind) -> None:
     async def body() -> None:
         loop = asyncio.get_running_loop()
