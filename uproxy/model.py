@@ -415,7 +415,10 @@ def parse_endpoints(obj: Obj, origin: str = "") -> Parsed:
             ports = tuple(_slice_ports(subset.get("ports"), f"{where}.ports"))
             eps: list[Endpoint] = []
             for key, ready in (("addresses", True), ("notReadyAddresses", False)):
-                for j, addr in enumerate(subset.get(key) or []):
+                addrs = subset.get(key) or []
+                if not isinstance(addrs, list):
+                    raise _Bad(f"{where}.{key}", "must be a list")
+                for j, addr in enumerate(addrs):
                     if not isinstance(addr, Mapping):
                         raise _Bad(f"{where}.{key}[{j}]", "must be a mapping")
                     ip = _ip(addr.get("ip"), f"{where}.{key}[{j}].ip")
