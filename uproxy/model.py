@@ -175,6 +175,8 @@ def _protocol(value: Any, where: str) -> str:
 
 
 def _ip(value: Any, where: str) -> str:
+    if not isinstance(value, str):  # ip_address() takes ints: 1 would become 0.0.0.1
+        raise _Bad(where, f"{value!r} is not an IP address")
     try:
         return str(ipaddress.ip_address(value))
     except (ValueError, TypeError):
