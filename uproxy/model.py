@@ -17,6 +17,7 @@ DEFAULT_AFFINITY_TIMEOUT = 10800  # seconds, as the API server defaults it
 PROXIED_PROTOCOLS = ("TCP", "UDP")
 KNOWN_PROTOCOLS = ("TCP", "UDP", "SCTP")
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
 
 Obj = Mapping[str, Any]
 
@@ -201,6 +202,8 @@ def parse_service(obj: Obj, origin: str = "") -> Parsed:
         if not isinstance(spec, Mapping):
             raise _Bad("spec", "missing")
         svc_type = spec.get("type") or "ClusterIP"
+        if svc_type not in SERVICE_TYPES:
+            raise _Bad("spec.type", f"unknown type {svc_type!r} ({', '.join(SERVICE_TYPES)})")
         if svc_type == "ExternalName":
             out.skipped.append(f"{ref}: ExternalName services are not proxied")
             return out
