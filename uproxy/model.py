@@ -184,6 +184,12 @@ def _ip(value: Any, where: str) -> str:
         raise _Bad(where, f"{value!r} is not an IP address") from None
 
 
+def _optional_str(value: Any, where: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise _Bad(where, "must be a string")
+    return value
+
+
 def _ip_list(values: Any, where: str) -> tuple[str, ...]:
     if values is None:
         return ()
@@ -395,8 +401,8 @@ def _slice_endpoint(ep: Any, where: str, addr_type: str) -> Iterator[Endpoint]:
     serving_raw = cond.get("serving")
     serving = ready if serving_raw is None else serving_raw is not False
     terminating = cond.get("terminating") is True
-    node = ep.get("nodeName")
-    zone = ep.get("zone")
+    node = _optional_str(ep.get("nodeName"), f"{where}.nodeName")
+    zone = _optional_str(ep.get("zone"), f"{where}.zone")
     # Only the first address is used, as kube-proxy does.
     ip = _ip(addresses[0], f"{where}.addresses[0]")
     if (":" in ip) != (addr_type == "IPv6"):
@@ -427,7 +433,7 @@ def parse_endpoints(obj: Obj, origin: str = "") -> Parsed:
                     if not isinstance(addr, Mapping):
                         raise _Bad(f"{where}.{key}[{j}]", "must be a mapping")
                     ip = _ip(addr.get("ip"), f"{where}.{key}[{j}].ip")
-                    node = addr.get("nodeName")
+                    node = _optional_str(addr.get("nodeName"), f"{where}.{key}[{j}].nodeName")
                     eps.append(Endpoint(ip, 0, ready, ready, False, node, None))
             by_family: dict[str, list[Endpoint]] = {}
             for ep in eps:
