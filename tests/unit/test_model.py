@@ -8,14 +8,19 @@ service ``default/multi-port`` (10.0.0.180, port1 6789 / port2 9876) over pods
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from uproxy.model import (
     DEFAULT_AFFINITY_TIMEOUT,
     Endpoint,
     EndpointSet,
+    Parsed,
     ServicePortName,
     parse_endpoint_slice,
     parse_endpoints,
@@ -206,6 +211,9 @@ def test_bad_port_is_one_problem_and_the_other_ports_survive(
         ({"externalIPs": ["1.2.3"]}, "spec.externalIPs[0]"),
         ({"ports": []}, "spec.ports"),
         ({"sessionAffinity": "Cookie"}, "spec.sessionAffinity"),
+        ({"type": "Nodeport"}, "spec.type"),
+        ({"clusterIP": True}, "spec.clusterIP"),
+        ({"clusterIP": 167772161}, "spec.clusterIP"),
     ],
 )
 def test_service_level_problems_name_the_field(change: dict[str, Any], field: str) -> None:
@@ -399,3 +407,90 @@ def test_resolve_duplicates_across_slices_ready_wins() -> None:
         resolved = resolve_endpoints(port, sets)
         assert [(e.ip, e.ready) for e in resolved] == [("172.17.0.5", True),
                                                        ("172.17.0.6", True)]
+
+
+def test_v1_endpoints_non_list_addresses_is_a_problem() -> None:
+    obj = {"kind": "Endpoints", "metadata": {"name": "x"}, "subsets": [{"addresses": 5}]}
+    (p,) = parse_endpoints(obj, "ep.yaml").problems
+    assert p.field == "subsets[0].addresses"
+
+
+def test_non_string_node_name_is_a_problem() -> None:
+    parsed = parse_endpoint_slice(endpoint_slice("s", endpoints=[
+        {"addresses": ["172.17.0.5"], "nodeName": ["n1"]},
+        {"addresses": ["172.17.0.6"], "nodeName": "n2", "zone": "z"}]))
+    assert [p.field for p in parsed.problems] == ["endpoints[0].nodeName"]
+    (e,) = parsed.endpoint_sets[0].endpoints
+    assert (e.ip, e.node_name, e.zone) == ("172.17.0.6", "n2", "z")
+    hash(e)
+
+
+# --- robustness: any damage to a valid object gives Problems, never an exception ----------------
+
+
+def _paths(obj: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    out = [prefix] if prefix else []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.extend(_paths(v, (*prefix, k)))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            out.extend(_paths(v, (*prefix, i)))
+    return out
+
+
+def _damaged(obj: dict[str, Any], path: tuple[Any, ...], value: Any) -> dict[str, Any]:
+    out = copy.deepcopy(obj)
+    target: Any = out
+    for step in path[:-1]:
+        target = target[step]
+    target[path[-1]] = value
+    return out
+
+
+def _full_service() -> dict[str, Any]:
+    svc = service(type="LoadBalancer", externalIPs=["192.0.2.1"], sessionAffinity="ClientIP",
+                  sessionAffinityConfig={"clientIP": {"timeoutSeconds": 5}},
+                  ports=[{"name": "a", "port": 80, "targetPort": "http", "nodePort": 30080,
+                          "protocol": "TCP"}, {"name": "b", "port": 81}])
+    svc["status"] = {"loadBalancer": {"ingress": [{"ip": "198.51.100.1"}]}}
+    return svc
+
+
+def _full_endpoints() -> dict[str, Any]:
+    return {"kind": "Endpoints", "metadata": {"name": "multi-port", "namespace": "default"},
+            "subsets": [{"addresses": [{"ip": "172.17.0.5", "nodeName": "n"}],
+                         "notReadyAddresses": [{"ip": "172.17.0.6"}],
+                         "ports": [{"name": "port1", "port": 6789, "protocol": "TCP"}]}]}
+
+
+def _full_slice() -> dict[str, Any]:
+    sl = endpoint_slice("s")
+    sl["endpoints"][0].update(zone="z", conditions={"ready": True, "serving": True,
+                                                     "terminating": False})
+    sl["metadata"]["annotations"] = {"endpoints.kubernetes.io/last-change-trigger-time": "t"}
+    return sl
+
+
+JUNK = st.one_of(st.none(), st.booleans(), st.integers(-2, 70000), st.floats(allow_nan=True),
+                 st.text(max_size=4), st.sampled_from(["None", "FQDN", "IPv6", "::1", "SCTP"]),
+                 st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=3),
+                                                                      st.integers(), max_size=2))
+CASES: list[tuple[Callable[[Any, str], Parsed], dict[str, Any]]] = [
+    (parse_service, _full_service()), (parse_endpoint_slice, _full_slice()),
+    (parse_endpoints, _full_endpoints())]
+
+
+@settings(max_examples=400, deadline=None, database=None)
+@given(st.sampled_from(range(len(CASES))), st.data(), JUNK)
+def test_damaged_objects_never_raise(case: int, data: st.DataObject, junk: Any) -> None:
+    parse, good = CASES[case]
+    path = data.draw(st.sampled_from(_paths(good)))
+    parsed = parse(_damaged(good, path, junk), "damaged.yaml")
+    for problem in parsed.problems:
+        assert problem.origin == "damaged.yaml"
+        assert "\n" not in str(problem)
+    for port in parsed.ports:
+        hash(port)
+    for eps in parsed.endpoint_sets:
+        hash(eps)
