@@ -153,7 +153,7 @@ def _convert(values: Mapping[str, Any], where: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     known = {f.name for f in fields(Settings)}
     for raw_key, value in values.items():
-        key = raw_key.replace("-", "_")
+        key = str(raw_key).replace("-", "_")
         if key not in known:
             raise SettingsError(f"{where}: unknown setting {raw_key!r}")
         try:
