@@ -171,6 +171,8 @@ def from_config_file(path: str) -> dict[str, Any]:
         data = yaml.safe_load(Path(path).read_text())
     except OSError as exc:
         raise SettingsError(f"{path}: cannot read config file: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise SettingsError(f"{path}: the config file is not UTF-8 text") from None
     except yaml.YAMLError as exc:
         raise SettingsError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
     if data is None:
