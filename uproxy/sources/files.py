@@ -94,7 +94,10 @@ def _objects(docs: list[Any]) -> Iterator[tuple[str, Mapping[str, Any]]]:
             continue
         kind = doc.get("kind")
         if kind == "List" or (isinstance(kind, str) and kind.endswith("List")):
-            yield from _objects(list(doc.get("items") or []))
+            items = doc.get("items") or []
+            if not isinstance(items, list):
+                raise ValueError(f"{kind}: items must be a list")
+            yield from _objects(items)
         elif kind in KINDS:
             yield str(kind), doc
 
