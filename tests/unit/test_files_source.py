@@ -203,3 +203,46 @@ def test_bad_object_is_logged_with_its_file(tmp_path: Path,
     (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert record.getMessage() == (
         f"{f}: Service default/multi-port: spec.ports[1].port: 98760 is outside 1-65535")
+
+
+def test_malformed_list_and_binary_file_are_one_line_each(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    f = tmp_path / "svc.yaml"
+    write(f, SERVICE)
+    write(tmp_path / "binary.yaml", "")
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00\x01")
+    caplog.set_level(logging.INFO, logger=LOG)
+    store = Store()
+    source = FilesSource((str(tmp_path),))
+    source.load(store)
+    assert store.keys("Service") == {("default", "multi-port")}
+    write(f, "kind: List\nitems: 5\n")
+    source.load(store)
+    assert store.keys("Service") == {("default", "multi-port")}  # last good content kept
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(str(tmp_path / "binary.yaml") + ": ")
+    assert lines[1].startswith(f"{f}: List: items must be a list")
+    assert all("\n" not in line for line in lines)
+
+
+def test_duplicate_takes_over_when_the_first_file_goes(tmp_path: Path) -> None:
+    write(tmp_path / "a.yaml", SERVICE)
+    write(tmp_path / "b.yaml", SERVICE.replace("10.0.0.180", "10.0.0.181"))
+    store = Store()
+    source = FilesSource((str(tmp_path),))
+    source.load(store)
+    (tmp_path / "a.yaml").unlink()
+    assert source.load(store) is True
+    assert store.table()[PORT1].port.cluster_ips == ("10.0.0.181",)
+
+
+def test_broken_at_start_then_fixed(tmp_path: Path) -> None:
+    f = tmp_path / "svc.yaml"
+    write(f, "kind: Service\nmetadata: {name: [\n")
+    store = Store()
+    source = FilesSource((str(f),))
+    assert source.load(store) is False
+    write(f, SERVICE)
+    assert source.load(store) is True
+    assert PORT1 in store.table()

@@ -188,3 +188,15 @@ def test_choices() -> None:
     with pytest.raises(SettingsError) as exc:
         load({}, env={"UPROXY_LOG_FORMAT": "xml"})
     assert "UPROXY_LOG_FORMAT" in _one_line(exc) and "text, json" in _one_line(exc)
+
+
+def test_non_string_key_and_non_utf8_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "uproxy.yaml"
+    cfg.write_text("80: x\n")
+    with pytest.raises(SettingsError) as exc:
+        load({}, config_file=str(cfg), env={})
+    assert _one_line(exc) == f"{cfg}: unknown setting 80"
+    cfg.write_bytes(b"\xff\xfe\x00sync_period: 1s\n")
+    with pytest.raises(SettingsError) as exc:
+        load({}, config_file=str(cfg), env={})
+    assert _one_line(exc).startswith(f"{cfg}: ")
