@@ -5,6 +5,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from uproxy.model import ServicePortName
 from uproxy.state import Store, diff_tables
 
@@ -177,3 +180,63 @@ def test_trigger_times_and_raw() -> None:
     store.apply("EndpointSlice", sl)
     assert store.trigger_times() == ["2026-11-21T08:00:00Z"]
     assert store.raw("EndpointSlice") == {("default", "mp-1"): sl}
+
+
+# --- properties -------------------------------------------------------------------------------
+
+SERVICE_NAMES = st.sampled_from(["multi-port", "hostnames", "simpleservice"])
+OCTETS = st.integers(2, 9)
+
+
+@st.composite
+def objects(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
+    kind = draw(st.sampled_from(["Service", "EndpointSlice", "Endpoints"]))
+    svc = draw(SERVICE_NAMES)
+    if kind == "Service":
+        return kind, service(svc, f"10.0.0.{draw(OCTETS)}")
+    addresses = draw(st.lists(OCTETS.map(lambda o: f"172.17.0.{o}"), max_size=3, unique=True))
+    if kind == "Endpoints":
+        return kind, endpoints(addresses, name=svc)
+    name = f"{svc}-{draw(st.sampled_from('abc'))}"
+    return kind, endpoint_slice(name, addresses, service_name=svc, ready=draw(st.booleans()))
+
+
+@settings(max_examples=150, deadline=None, database=None)
+@given(st.lists(objects(), max_size=12), st.randoms(use_true_random=False))
+def test_table_does_not_depend_on_arrival_order(objs: list[tuple[str, dict[str, Any]]],
+                                                rnd: Any) -> None:
+    # The last version of each object wins, whatever order different objects arrive in.
+    last: dict[tuple[str, str], dict[str, Any]] = {}
+    for kind, obj in objs:
+        last[(kind, obj["metadata"]["name"])] = obj
+    items = list(last.items())
+    one, two = Store(), Store()
+    for (kind, _), obj in items:
+        one.apply(kind, obj)
+    rnd.shuffle(items)
+    for (kind, _), obj in items:
+        two.apply(kind, obj)
+    assert one.table() == two.table()
+
+
+@settings(max_examples=150, deadline=None, database=None)
+@given(st.lists(objects(), max_size=10), st.lists(objects(), max_size=10))
+def test_replace_equals_a_fresh_store(before: list[tuple[str, dict[str, Any]]],
+                                      snapshot: list[tuple[str, dict[str, Any]]]) -> None:
+    by_kind: dict[str, dict[str, dict[str, Any]]] = {
+        "Service": {}, "EndpointSlice": {}, "Endpoints": {}}
+    for kind, obj in snapshot:
+        by_kind[kind][obj["metadata"]["name"]] = obj
+    old, fresh = Store(), Store()
+    for kind, obj in before:
+        old.apply(kind, obj)
+    for kind, objs in by_kind.items():
+        old.replace(kind, [(o, "snap") for o in objs.values()])
+        fresh.replace(kind, [(o, "snap") for o in objs.values()])
+    assert old.table() == fresh.table()
+    for kind in by_kind:
+        assert old.keys(kind) == fresh.keys(kind)
+    g = old.generation
+    for kind, objs in by_kind.items():
+        old.replace(kind, [(o, "snap") for o in objs.values()])
+    assert old.generation == g
