@@ -1,0 +1,429 @@
+"""UDP flow bookkeeping (LRU, expiry, eviction), conntrack parsing and matching, and the UDP
+proxy itself over real sockets on loopback (no root, no namespace, no iptables).
+
+Conntrack is disabled here (these tests do not own the root namespace's table); the lab
+tests in tests/integration/test_udp.py exercise it for real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, replace
+from typing import Any, cast
+
+import pytest
+import uvloop
+
+from uproxy.balance import Balancer
+from uproxy.connections import ConnTable
+from uproxy.conntrack import Conntrack, CtEntry, Stale, parse_entries, select
+from uproxy.metrics import Metrics
+from uproxy.model import Endpoint, ServicePort, ServicePortName
+from uproxy.proxy.udp import FlowLru, UdpProxy, max_flows_from_env
+from uproxy.settings import Settings
+from uproxy.state import Entry
+
+# --- FlowLru (pure) ----------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Item:
+    name: str
+    last: float = 0.0
+
+
+def test_lru_expires_oldest_first_and_touch_keeps_alive() -> None:
+    lru: FlowLru[Item] = FlowLru(10)
+    a, b, c = Item("a"), Item("b"), Item("c")
+    lru.add(a, 0.0)
+    lru.add(b, 1.0)
+    lru.add(c, 2.0)
+    lru.touch(a, 3.0)  # a is now the most recent
+    assert lru.oldest() is b
+    assert lru.next_expiry(5.0) == 6.0
+    assert lru.expired(6.5, 5.0) == [b]
+    assert lru.expired(7.5, 5.0) == [c]
+    assert list(lru) == [a] and len(lru) == 1
+    assert lru.expired(7.9, 5.0) == []
+    assert lru.expired(8.0, 5.0) == [a]
+    assert lru.next_expiry(5.0) is None and lru.oldest() is None
+
+
+def test_lru_bound_and_victim_respects_min_idle() -> None:
+    lru: FlowLru[Item] = FlowLru(2, evict_min_idle=1.0)
+    a, b = Item("a"), Item("b")
+    lru.add(a, 10.0)
+    lru.add(b, 10.2)
+    assert lru.full
+    with pytest.raises(OverflowError):
+        lru.add(Item("c"), 10.3)
+    assert lru.victim(10.5) is None  # everyone active within the last second: drop newcomers
+    assert lru.victim(11.0) is a
+    lru.touch(a, 11.0)
+    assert lru.victim(11.1) is None
+    assert lru.victim(11.2) is b
+    lru.remove(b)
+    assert not lru.full and b not in lru and a in lru
+    lru.remove(b)  # idempotent
+
+
+def test_lru_rejects_a_zero_bound() -> None:
+    with pytest.raises(ValueError):
+        FlowLru(0)
+
+
+def test_max_flows_from_env() -> None:
+    assert max_flows_from_env({}) == 65536
+    assert max_flows_from_env({"UPROXY_UDP_MAX_FLOWS": "32"}) == 32
+    assert max_flows_from_env({"UPROXY_UDP_MAX_FLOWS": "zero"}) == 65536
+    assert max_flows_from_env({"UPROXY_UDP_MAX_FLOWS": "-3"}) == 65536
+
+
+# --- conntrack (pure parts) --------------------------------------------------------------------
+
+LISTING = """\
+udp      17 29 src=10.99.0.2 dst=10.0.0.10 sport=40001 dport=53 src=10.99.0.1 dst=10.99.0.2 \
+sport=41234 dport=40001 mark=0 use=1
+udp      17 25 src=10.99.0.2 dst=10.0.0.10 sport=40002 dport=53 [UNREPLIED] src=10.99.0.1 \
+dst=10.99.0.2 sport=39999 dport=40002 mark=0 use=1
+udp      17 20 src=10.99.0.2 dst=10.0.0.10 sport=40003 dport=53 [UNREPLIED] src=10.0.0.10 \
+dst=10.99.0.2 sport=53 dport=40003 mark=0 use=1
+udp      17 170 src=172.17.0.1 dst=172.17.0.2 sport=50000 dport=53 src=172.17.0.2 \
+dst=172.17.0.1 sport=53 dport=50000 [ASSURED] mark=0 use=1
+udp      17 10 src=172.17.0.1 dst=172.17.0.3 sport=50001 dport=53 src=172.17.0.3 \
+dst=172.17.0.1 sport=53 dport=50001 mark=0 use=1
+tcp      6 431999 ESTABLISHED src=10.99.0.2 dst=10.0.0.10 sport=1 dport=53 src=10.99.0.1 \
+dst=10.99.0.2 sport=2 dport=1 [ASSURED] mark=0 use=1
+conntrack v1.4.7 (conntrack-tools): 6 flow entries have been shown.
+"""
+
+
+def test_parse_entries_reads_both_tuples_and_skips_other_protocols() -> None:
+    entries = parse_entries(LISTING)
+    assert len(entries) == 5
+    first = entries[0]
+    assert (first.orig_src, first.orig_dst, first.orig_sport, first.orig_dport) == (
+        "10.99.0.2", "10.0.0.10", 40001, 53)
+    assert (first.reply_src, first.reply_sport) == ("10.99.0.1", 41234)
+    assert first.delete_line() == (
+        "-D -p udp -s 10.99.0.2 -d 10.0.0.10 --sport 40001 --dport 53")
+    assert len(parse_entries(LISTING, "tcp")) == 1
+
+
+def _ports(found: list[CtEntry]) -> list[int]:
+    return [e.orig_sport for e in found]
+
+
+def test_select_removed_frontend_takes_every_entry_to_it() -> None:
+    found = select(parse_entries(LISTING), [Stale.frontend("10.0.0.10", 53)])
+    assert _ports(found) == [40001, 40002, 40003]
+
+
+def test_select_new_frontend_keeps_entries_already_on_the_current_proxy_port() -> None:
+    # 40001 is redirected to the current proxy port 41234 (kept); 40002 to an old port and
+    # 40003 not NATed at all (sent before the rule existed): both stale.
+    found = select(parse_entries(LISTING), [Stale.frontend("10.0.0.10", 53, keep_reply_port=41234)])
+    assert _ports(found) == [40002, 40003]
+    both = select(parse_entries(LISTING), [Stale.frontend("10.0.0.10", 53, keep_reply_port=41234),
+                                           Stale.frontend("10.0.0.10", 53)])
+    assert _ports(both) == [40001, 40002, 40003]
+
+
+def test_select_endpoint_by_reply_source() -> None:
+    found = select(parse_entries(LISTING), [Stale.endpoint("172.17.0.2", 53)])
+    assert _ports(found) == [50000]
+    assert select(parse_entries(LISTING), [Stale.endpoint("172.17.0.2", 54)]) == []
+
+
+async def test_conntrack_missing_binary_is_not_an_error(caplog: pytest.LogCaptureFixture) -> None:
+    ct = Conntrack(binary="/nonexistent/conntrack")
+    assert await ct.delete([Stale.frontend("10.0.0.10", 53)]) == 0
+    assert await ct.delete([Stale.frontend("10.0.0.10", 53)]) == 0
+    assert not ct.available
+    assert sum("not installed" in r.message for r in caplog.records) == 1
+
+
+# --- the proxy over loopback ---------------------------------------------------------------------
+
+NAME = ServicePortName("default", "dns", "dns", "UDP")
+
+
+def entry_for(*ports: int, affinity: int | None = None) -> Entry:
+    port = ServicePort(name=NAME, type="ClusterIP", cluster_ips=("10.0.0.10",), port=53,
+                       protocol="UDP", target_port=53, affinity_timeout=affinity)
+    return Entry(port, tuple(Endpoint("127.0.0.1", p) for p in ports))
+
+
+class Backend(asyncio.DatagramProtocol):
+    """whoami -> the port; anything else echoed."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.DatagramTransport | None = None
+        self.port = 0
+        self.received = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+        self.port = transport.get_extra_info("sockname")[1]
+
+    def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
+        self.received += 1
+        assert self.transport is not None
+        self.transport.sendto(str(self.port).encode() if data == b"whoami" else data, addr)
+
+
+LOOPS = ["asyncio", "uvloop"]
+
+
+def run(loop_kind: str, body: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    factory = uvloop.new_event_loop if loop_kind == "uvloop" else asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(body())
+
+
+@dataclass
+class Setup:
+    proxy: UdpProxy
+    port: int
+    backends: list[Backend]
+    conns: ConnTable
+    metrics: Metrics
+
+
+@contextlib.asynccontextmanager
+async def setup(backends: int = 2, *, timeout: float = 30.0, max_flows: int = 64,
+                evict_min_idle: float = 1.0, affinity: int | None = None) -> AsyncIterator[Setup]:
+    loop = asyncio.get_running_loop()
+    protos: list[Backend] = []
+    transports: list[asyncio.BaseTransport] = []
+    proxy: UdpProxy | None = None
+    try:
+        for _ in range(backends):
+            transport, proto = await loop.create_datagram_endpoint(
+                Backend, local_addr=("127.0.0.1", 0))
+            protos.append(proto)
+            transports.append(transport)
+        metrics, conns = Metrics(), ConnTable()
+        proxy = UdpProxy(loop=loop, balancer=Balancer(node_name="node"), conns=conns,
+                         metrics=metrics, settings=Settings(udp_timeout=timeout),
+                         max_flows=max_flows, evict_min_idle=evict_min_idle,
+                         conntrack=Conntrack(enabled=False))
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.setblocking(False)
+        proxy.entries = {NAME: entry_for(*(p.port for p in protos), affinity=affinity)}
+        listener = proxy.listen(sock, NAME, "cluster")
+        yield Setup(proxy, listener.port, protos, conns, metrics)
+    finally:
+        if proxy is not None:
+            await proxy.drain(0.1)
+        for t in transports:
+            t.close()
+
+
+async def ask(port: int, payload: bytes = b"whoami", *, sock: socket.socket | None = None,
+              timeout: float = 2.0) -> bytes:
+    loop = asyncio.get_running_loop()
+    own = sock is None
+    if sock is None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        sock.connect(("127.0.0.1", port))  # connected: replies from another source are refused
+    try:
+        await loop.sock_sendall(sock, payload)
+        async with asyncio.timeout(timeout):
+            return await loop.sock_recv(sock, 65536)
+    finally:
+        if own:
+            sock.close()
+
+
+def client(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_relays_whoami_spreads_and_registers_flows(loop_kind: str) -> None:
+    async def body() -> None:
+        async with setup(backends=3) as s:
+            answers = [await ask(s.port) for _ in range(60)]
+            ports = {str(b.port).encode() for b in s.backends}
+            assert set(answers) == ports  # every endpoint answered some of 60 new clients
+            assert len(s.proxy.flows) == 60
+            rows = [c for c in s.conns if c.protocol == "UDP"]
+            assert len(rows) == 60 and all(c.state == "open" for c in rows)
+            assert sum(c.bytes_up for c in rows) == 60 * len(b"whoami")
+            assert s.metrics.udp_flows_active.labels(str(NAME))._value.get() == 60
+
+    run(loop_kind, body)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_largest_datagrams_pass_whole_both_ways(loop_kind: str) -> None:
+    async def body() -> None:
+        async with setup(backends=1) as s:
+            with client(s.port) as sock:
+                for size in (1, 9000, 65507):
+                    payload = os.urandom(size)
+                    assert await ask(s.port, payload, sock=sock) == payload
+            assert len(s.proxy.flows) == 1
+
+    run(loop_kind, body)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_idle_flows_expire_and_close_their_rows(loop_kind: str) -> None:
+    async def body() -> None:
+        async with setup(backends=1, timeout=0.3) as s:
+            with client(s.port) as sock:
+                await ask(s.port, sock=sock)
+                assert len(s.proxy.flows) == 1 and len(s.conns) == 1
+                flow = next(iter(s.proxy.flows))
+                for _ in range(50):  # up to 5 s
+                    if not s.proxy.flows:
+                        break
+                    await asyncio.sleep(0.1)
+                assert len(s.proxy.flows) == 0 and len(s.conns) == 0
+                assert flow.closed and flow.sock.fileno() == -1
+                assert s.metrics.udp_flows_active.labels(str(NAME))._value.get() == 0
+                # the same client afterwards gets a new flow
+                await ask(s.port, sock=sock)
+                assert len(s.proxy.flows) == 1 and next(iter(s.proxy.flows)) is not flow
+
+    run(loop_kind, body)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_active_flow_does_not_expire(loop_kind: str) -> None:
+    async def body() -> None:
+        async with setup(backends=1, timeout=0.4) as s:
+            with client(s.port) as sock:
+                await ask(s.port, sock=sock)
+                flow = next(iter(s.proxy.flows))
+                for _ in range(8):  # 0.8 s of traffic every 0.1 s: twice the timeout
+                    await asyncio.sleep(0.1)
+                    await ask(s.port, sock=sock)
+                assert not flow.closed and list(s.proxy.flows) == [flow]
+
+    run(loop_kind, body)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_flood_keeps_the_bound_and_the_active_flow(loop_kind: str) -> None:
+    async def body() -> None:
+        async with setup(backends=1, max_flows=8, evict_min_idle=0.2) as s:
+            with client(s.port) as steady:
+                await ask(s.port, sock=steady)
+                steady_flow = next(iter(s.proxy.flows))
+                answered = 0
+                for round_ in range(3):
+                    await ask(s.port, sock=steady)  # the steady client is in use...
+                    socks = [client(s.port) for _ in range(40)]
+                    try:
+                        for sock in socks:  # ...when 40 new clients arrive at once
+                            sock.send(b"whoami")
+                        await ask(s.port, sock=steady)
+                        await asyncio.sleep(0.1)
+                        for sock in socks:
+                            try:
+                                sock.recv(100)
+                                answered += 1
+                            except BlockingIOError:
+                                pass
+                    finally:
+                        for sock in socks:
+                            sock.close()
+                    assert len(s.proxy.flows) <= 8, round_
+                    await asyncio.sleep(0.25)  # the flood's flows go idle: evictable next round
+                assert not steady_flow.closed  # in use all along: never evicted
+                assert 7 <= answered < 120  # some newcomers served, the rest dropped
+            evicted = s.metrics.udp_flows_evicted.labels(str(NAME))._value.get()
+            assert evicted >= 7
+            assert s.proxy.dropped.get("table_full", 0) >= 40
+            assert len(s.conns) == len(s.proxy.flows) <= 8
+
+    run(loop_kind, body)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_refusing_endpoint_closes_the_flow_and_the_next_datagram_moves_on(loop_kind: str) -> None:
+    async def body() -> None:
+        async with setup(backends=1) as s:
+            dead = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            dead.bind(("127.0.0.1", 0))
+            dead_port = dead.getsockname()[1]
+            dead.close()  # nothing listens there now: ICMP port unreachable
+            live = s.backends[0].port
+            s.proxy.entries = {NAME: replace(entry_for(dead_port, live))}
+            with client(s.port) as sock:
+                answers = []
+                for _ in range(20):
+                    try:
+                        answers.append(await ask(s.port, sock=sock, timeout=0.3))
+                    except TimeoutError:
+                        answers.append(b"lost")
+                # at most the first datagram to the dead endpoint is lost; then always the live one
+                assert answers.count(b"lost") <= 1, answers
+                assert answers[-1] == str(live).encode()
+                assert all(f.endpoint.port == live for f in s.proxy.flows)
+
+    run(loop_kind, body)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_removed_endpoint_closes_its_flows(loop_kind: str) -> None:
+    async def body() -> None:
+        async with setup(backends=2) as s:
+            socks = [client(s.port) for _ in range(20)]
+            try:
+                for sock in socks:
+                    await ask(s.port, sock=sock)
+                a, b = (be.port for be in s.backends)
+                assert {f.endpoint.port for f in s.proxy.flows} == {a, b}
+                s.proxy.entries = {NAME: entry_for(a)}
+                assert {f.endpoint.port for f in s.proxy.flows} == {a}
+                assert all(c.backend == ("127.0.0.1", a) for c in s.conns)
+                for sock in socks:  # every client still answered, now by a
+                    assert await ask(s.port, sock=sock) == str(a).encode()
+                s.proxy.entries = {}
+                assert len(s.proxy.flows) == 0 and len(s.conns) == 0
+                sock = socks[0]
+                sock.send(b"whoami")
+                await asyncio.sleep(0.1)
+                with pytest.raises(BlockingIOError):
+                    sock.recv(100)
+                assert s.proxy.dropped["no_service"] >= 1
+            finally:
+                for sock in socks:
+                    sock.close()
+
+    run(loop_kind, body)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_client_ip_affinity_pins_new_flows(loop_kind: str) -> None:
+    async def body() -> None:
+        async with setup(backends=3, affinity=10) as s:
+            answers = {await ask(s.port) for _ in range(30)}
+            assert len(answers) == 1
+
+    run(loop_kind, body)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_no_endpoints_drops_and_counts(loop_kind: str) -> None:
+    async def body() -> None:
+        async with setup(backends=1) as s:
+            s.proxy.entries = {NAME: entry_for()}
+            with pytest.raises(TimeoutError):
+                await ask(s.port, timeout=0.2)
+            assert s.proxy.dropped["no_endpoints"] == 1 and len(s.proxy.flows) == 0
+
+    run(loop_kind, body)
