@@ -144,3 +144,55 @@ def test_unknown_flag() -> None:
 
 def test_no_subcommand() -> None:
     assert_one_line_error(uproxy(), "required")
+
+
+MIXED = """\
+apiVersion: v1
+kind: Service
+metadata: {name: 'we"ird\\\\name', namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.0.0.50
+  externalIPs: [192.0.2.10]
+  ports:
+  - {name: web, port: 80, nodePort: 30080}
+  - {name: bad, port: 70000}
+status:
+  loadBalancer: {ingress: [{ip: 198.51.100.7}]}
+"""
+
+
+def test_rules_with_problems_external_and_hostile_names(manifests: Path) -> None:
+    f = manifests / "mixed.yaml"
+    f.write_text(MIXED)
+    done = uproxy("rules", "--manifests", str(f))
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    errors = done.stderr.strip().splitlines()
+    assert len(errors) == 1, errors
+    assert f"{f}: Service default/" in errors[0]
+    assert "spec.ports[1].port: 70000 is outside 1-65535" in errors[0]
+    rules = [ln for ln in done.stdout.splitlines() if ln.startswith("-A ")]
+    assert rules == [
+        '-A UPROXY-SERVICES -d 10.0.0.50/32 -p tcp -m comment --comment '
+        '"default/we_ird__name:web cluster IP" -m tcp --dport 80 -j REDIRECT --to-ports 40000',
+        '-A UPROXY-SERVICES -d 192.0.2.10/32 -p tcp -m comment --comment '
+        '"default/we_ird__name:web external IP" -m tcp --dport 80 -j REDIRECT --to-ports 40001',
+        '-A UPROXY-SERVICES -d 198.51.100.7/32 -p tcp -m comment --comment '
+        '"default/we_ird__name:web loadbalancer IP" -m tcp --dport 80 -j REDIRECT --to-ports 40001',
+    ]
+
+
+def test_run_with_a_bad_config_file(manifests: Path) -> None:
+    cfg = manifests / "uproxy-config.yaml"
+    cfg.write_text("sync_period: whenever\n")
+    done = uproxy("run", "--config", str(cfg), "--manifests", str(manifests / "multi-port.yaml"))
+    assert_one_line_error(done, str(cfg), "sync_period", "whenever")
+    done = uproxy("run", "--config", str(manifests / "missing.yaml"))
+    assert_one_line_error(done, str(manifests / "missing.yaml"))
+
+
+def test_run_with_two_sources(manifests: Path) -> None:
+    done = uproxy("run", "--manifests", str(manifests), "--kubeconfig", "/dev/null",
+                  env={"UPROXY_MANAGE_IPTABLES": "false"})
+    assert_one_line_error(done, "--manifests", "--kubeconfig")
