@@ -364,7 +364,8 @@ def parse_endpoint_slice(obj: Obj, origin: str = "") -> Parsed:
         annotations = obj["metadata"].get("annotations") or {}
         trigger = None
         if isinstance(annotations, Mapping):
-            trigger = annotations.get("endpoints.kubernetes.io/last-change-trigger-time")
+            value = annotations.get("endpoints.kubernetes.io/last-change-trigger-time")
+            trigger = value if isinstance(value, str) else None
         out.endpoint_sets.append(
             EndpointSet(ns, service, addr_type, ports, tuple(endpoints), trigger)
         )
