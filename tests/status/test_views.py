@@ -176,3 +176,38 @@ async def test_no_watchers_no_work() -> None:
         assert not hub._opened  # nothing recorded while no one watches
     finally:
         await hub.close()
+
+
+async def test_ten_thousand_connections_stay_bounded() -> None:
+    conns = ConnTable()
+    now = [1000.0]
+    hub = ConnHub(conns, clock=lambda: now[0])
+    hub.start()
+    try:
+        watcher = hub.add(limit=200)
+        names = [ServicePortName("default", f"svc{i}", "http") for i in range(10)]
+        for i in range(10_000):
+            conns.open(protocol="TCP", service=names[i % 10], client=("127.0.0.1", i),
+                       scope="cluster")
+        hub.flush()  # a snapshot: 200 rows and the counts of all 10,000
+        ((kind, snap),) = events(watcher)
+        assert kind == "snapshot" and snap["total"] == 10_000 and len(snap["items"]) == 200
+        assert snap["counts"] == {str(n): 1000 for n in names}
+        # A burst of 10,000 opens and closes is one batch, with rows only for what is shown.
+        for conn in list(conns):
+            conns.close(conn)
+        for i in range(10_000):
+            conns.open(protocol="TCP", service=names[0], client=("127.0.0.1", i),
+                       scope="cluster")
+        hub.flush()
+        ((kind, batch),) = events(watcher)
+        assert kind == "batch" and len(batch["closed"]) == 200
+        assert len(batch["opened"]) == 200 and len(watcher.visible) == 200  # refilled, no more
+        hub.flush()  # nothing new happened: nothing sent
+        assert events(watcher) == []
+        now[0] += 2
+        hub.flush()
+        ((kind, snap),) = events(watcher)
+        assert len(snap["items"]) == 200 and snap["counts"] == {str(names[0]): 10_000}
+    finally:
+        await hub.close()

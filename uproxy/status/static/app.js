@@ -70,7 +70,9 @@ function renderInfo(info) {
     const div = el("div");
     div.appendChild(el("dt", k));
     const cls = (k === "ready" || k === "healthy") ? (v === "yes" ? "ok" : "bad") : undefined;
-    div.appendChild(el("dd", v, cls));
+    const dd = el("dd", v, cls);
+    dd.dataset.key = k;
+    div.appendChild(dd);
     return div;
   }));
 }
@@ -187,6 +189,8 @@ function onSnapshot(data) {
   document.getElementById("conn-summary").textContent =
     "(" + data.total + " open" + (data.matched !== data.total ? ", " + data.matched + " matching" : "") +
     (shown < data.matched ? ", showing the oldest " + shown : "") + ")";
+  const live = document.querySelector('#info dd[data-key="connections"]');
+  if (live) live.textContent = String(data.total);
   fillTable("conn-counts", Object.entries(data.counts).map(([name, n]) => [name, [n, "num"]]));
   updateEmpty();
 }
@@ -196,6 +200,8 @@ function onBatch(data) {
   for (const id of data.closed) removeRow(id);
   for (const c of data.updated) upsertRow(c, false);
   for (const c of data.opened) body.appendChild(upsertRow(c, true));
+  const live = document.querySelector('#info dd[data-key="connections"]');
+  if (live) live.textContent = String(data.total);
   updateEmpty();
 }
 
