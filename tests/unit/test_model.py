@@ -9,6 +9,7 @@ service ``default/multi-port`` (10.0.0.180, port1 6789 / port2 9876) over pods
 from __future__ import annotations
 
 import copy
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from uproxy.balance import Balancer
 from uproxy.model import (
     DEFAULT_AFFINITY_TIMEOUT,
     Endpoint,
@@ -27,6 +29,7 @@ from uproxy.model import (
     parse_service,
     resolve_endpoints,
 )
+from uproxy.state import Store
 
 
 def service(name: str = "multi-port", *, namespace: str = "default",
@@ -494,3 +497,20 @@ def test_damaged_objects_never_raise(case: int, data: st.DataObject, junk: Any) 
         hash(port)
     for eps in parsed.endpoint_sets:
         hash(eps)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.sampled_from(range(len(CASES))), st.data(), JUNK)
+def test_damaged_objects_flow_through_store_and_balancer(case: int, data: st.DataObject,
+                                                         junk: Any) -> None:
+    kinds = ["Service", "EndpointSlice", "Endpoints"]
+    path = data.draw(st.sampled_from(_paths(CASES[case][1])))
+    store = Store()
+    for i, (_, good) in enumerate(CASES):
+        store.apply(kinds[i], _damaged(good, path, junk) if i == case else good, "f.yaml")
+    balancer = Balancer(node_name="n", rng=random.Random(0))
+    for entry in store.table().values():
+        for external in (False, True):
+            chosen = balancer.choose(entry, "10.9.9.9", 0.0, external=external)
+            assert chosen is None or chosen in entry.endpoints
+    store.trigger_times()
