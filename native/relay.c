@@ -7,7 +7,11 @@
  * Per connection and direction the state machine is:
  *   pipe (or copy buffer) holds data -> drain it to dst while dst is writable;
  *   empty and src saw EOF             -> shutdown(dst, SHUT_WR) once;
- *   empty and src is readable         -> take a pipe, fill it once from src.
+ *   empty and src is readable         -> bulk: take a pipe, fill it once from src;
+ *                                        else (or no free pipe): recv into the
+ *                                        scratch buffer, send, keep the rest.
+ * A direction turns bulk when a recv fills the 64 KiB scratch buffer and
+ * stops being bulk when a splice brings less than that (or nothing).
  * A pipe is filled only when empty and drained fully before src is read
  * again, so EAGAIN from splice is never ambiguous, and it goes back to the
  * pool only when empty. Readiness is tracked per fd from edge-triggered

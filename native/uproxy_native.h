@@ -4,10 +4,11 @@
  *
  * The engine: Python accepts, picks a backend and connects, then hands both
  * fds to the engine (uproxy_engine_add), which owns them from then on. One
- * engine thread (epoll, edge-triggered) moves bytes both ways with splice(2)
- * through pipes taken from a bounded pool only while data is in flight, or
- * with recv/send through a scratch buffer when the pool is empty. When a
- * connection ends the engine closes both fds and queues a completion; it
+ * engine thread (epoll, edge-triggered) moves bytes both ways: bulk with
+ * splice(2) through pipes taken from a bounded pool only while data is in
+ * flight; small reads (a read that did not fill the 64 KiB scratch buffer),
+ * and everything while the pool is empty, with recv/send through the scratch
+ * buffer, keeping only what the destination refused. When a connection ends the engine closes both fds and queues a completion; it
  * signals the event loop through an eventfd (uproxy_engine_eventfd), and the
  * loop drains the queue with uproxy_engine_poll. The engine thread never calls
  * into Python; the only shared state is the command list and the completion
