@@ -196,3 +196,28 @@ def test_run_with_two_sources(manifests: Path) -> None:
     done = uproxy("run", "--manifests", str(manifests), "--kubeconfig", "/dev/null",
                   env={"UPROXY_MANAGE_IPTABLES": "false"})
     assert_one_line_error(done, "--manifests", "--kubeconfig")
+
+
+V6 = """\
+apiVersion: v1
+kind: Service
+metadata: {name: v6, namespace: default}
+spec:
+  clusterIP: fd00::10
+  ports: [{port: 80}]
+"""
+
+
+@pytest.mark.xfail(strict=True, reason="cli/daemon (lead): redirects_for raises StopIteration "
+                                       "when the port range is smaller than the service ports")
+def test_rules_with_a_port_range_too_small(manifests: Path) -> None:
+    done = uproxy("rules", "--manifests", str(manifests), "--proxy-port-range", "40000-40000")
+    assert_one_line_error(done, "40000-40000")
+
+
+@pytest.mark.xfail(strict=True, reason="cli (lead): uproxy rules renders only the IPv4 family")
+def test_rules_prints_ipv6_services(manifests: Path) -> None:
+    (manifests / "v6.yaml").write_text(V6)
+    done = uproxy("rules", "--manifests", str(manifests / "v6.yaml"))
+    assert done.returncode == 0, done.stderr
+    assert "-d fd00::10/128 -p tcp" in done.stdout
