@@ -10,7 +10,7 @@ The cdef mirrors ``native/uproxy_native.h``; ``struct uproxy_conn`` is partial
 
 from pathlib import Path
 
-from cffi import FFI
+from cffi import FFI  # type: ignore[import-untyped]  # no stubs; build-time only
 
 # Relative to the project root, where setuptools runs the build.
 NATIVE_DIR = Path("native")
