@@ -255,3 +255,52 @@ def test_iptables_restore_accepts_the_text(tmp_path: Path) -> None:
         assert done.returncode != 0
     finally:
         subprocess.run(["ip", "netns", "delete", ns], check=False)
+
+
+@pytest.mark.lab
+def test_restore_save_round_trip_in_a_namespace() -> None:
+    """Apply for real inside a throwaway namespace; read back what iptables-save prints."""
+    if os.geteuid() != 0 or shutil.which("iptables-restore") is None or not shutil.which("ip"):
+        pytest.fail("needs root, ip and iptables (a lab test)", pytrace=False)
+    hostile = ServicePortName('we"ird', "na\\me\nx", "p 'o$rt`", "TCP")
+    rs = [*seed_redirects(), Redirect(hostile, KIND_CLUSTER, "10.0.0.99", 99, "TCP", 40099)]
+    ns = f"utest-{os.getpid()}"
+
+    def run(*argv: str, stdin: str | None = None) -> str:
+        done = subprocess.run(["ip", "netns", "exec", ns, *argv], input=stdin,
+                              capture_output=True, text=True, timeout=20)
+        assert done.returncode == 0, (argv, done.stderr)
+        return done.stdout
+
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        for family, prefix in ((4, "iptables"), (6, "ip6tables")):
+            # A stale chain from an older run, hooked nowhere.
+            run(f"{prefix}-restore", "--noflush",
+                stdin="*nat\n:UPROXY-OLD - [0:0]\n-A UPROXY-OLD -j RETURN\nCOMMIT\n")
+            run(f"{prefix}-restore", "--noflush",
+                stdin=render(rs, family=family, stale_chains=["UPROXY-OLD"]))
+            for builtin, spec in HOOKS:
+                run(prefix, "-t", "nat", "-A", builtin, *spec)
+            saved = run(f"{prefix}-save", "-t", "nat")
+            expected = sorted((r.comment, r.address, r.port, r.protocol, r.to_port)
+                              for r in rs if r.family == family)
+            assert sorted(parse_rules(saved)) == expected
+            assert uproxy_chains(saved) == {CHAIN}
+            hooks = hook_lines(saved)
+            assert len(hooks) == 2 and all(CHAIN in h and HOOK_COMMENT in h for h in hooks)
+            # Cleanup as the runner does it: hooks first, then the chains.
+            for line in hooks:
+                run(prefix, "-t", "nat", "-D", line.split()[1], *_hook_args(line))
+            run(f"{prefix}-restore", "--noflush", stdin=render_cleanup(uproxy_chains(saved)))
+            after = run(f"{prefix}-save", "-t", "nat")
+            assert uproxy_chains(after) == set() and hook_lines(after) == []
+    finally:
+        subprocess.run(["ip", "netns", "delete", ns], check=False)
+
+
+def _hook_args(line: str) -> list[str]:
+    """The rule spec of a saved hook line (after ``-A CHAIN``), with the quoted comment whole."""
+    before, quote, rest = line.partition('"')
+    comment, _, after = rest.partition('"')
+    return [*before.split()[2:], comment, *after.split()] if quote else line.split()[2:]
