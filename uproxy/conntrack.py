@@ -32,7 +32,7 @@ an exact tuple), so one command per stale frontend does not scale to a restart
 with thousands of UDP services. Instead one ``conntrack -L -p udp`` dump is
 parsed here, matched against the stale set in Python (set lookups), and only
 the entries actually found are deleted by exact original tuple, in one
-``conntrack -R -`` batch. Typically only a handful match. Everything runs as
+``conntrack -R FILE`` batch. Typically only a handful match. Everything runs as
 an async subprocess with a bounded timeout; a missing binary is logged once
 and otherwise ignored (the proxy works without it, just less tidily).
 """
@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import tempfile
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
@@ -181,20 +182,25 @@ class Conntrack:
                 continue
             batch = "".join(e.delete_line() + "\n" for e in found)
             timeout = self.timeout + DELETE_TIMEOUT_PER_ENTRY * len(found)
-            if await self._run(["-R", "-"], stdin=batch, timeout=timeout) is None:
-                return deleted
+            # A file, not "-R -": the tool opens /dev/stdin by path, which fails when stdin
+            # is a socket (uvloop's subprocess pipes are socket pairs).
+            with tempfile.NamedTemporaryFile("w", prefix="uproxy-conntrack-",
+                                             suffix=".txt") as f:
+                f.write(batch)
+                f.flush()
+                if await self._run(["-R", f.name], timeout=timeout) is None:
+                    return deleted
             deleted += len(found)
             log.debug("deleted %d stale conntrack entries", len(found))
         self.deleted_total += deleted
         return deleted
 
-    async def _run(self, args: list[str], *, stdin: str | None = None,
-                   timeout: float) -> str | None:
+    async def _run(self, args: list[str], *, timeout: float) -> str | None:
         """Run the tool; its stdout, or None after logging why not."""
         try:
             proc = await asyncio.create_subprocess_exec(
                 self.binary, *args,
-                stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+                stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         except FileNotFoundError:
             self.available = False
@@ -205,8 +211,7 @@ class Conntrack:
             log.warning("cannot run %s: %s", self.binary, exc.strerror or exc)
             return None
         try:
-            out, err = await asyncio.wait_for(
-                proc.communicate(stdin.encode() if stdin is not None else None), timeout)
+            out, err = await asyncio.wait_for(proc.communicate(), timeout)
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
