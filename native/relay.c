@@ -124,6 +124,7 @@ struct uproxy_engine {
     /* engine thread only */
     struct conn *all;
     struct pipe_slot *free_pipes;
+    int free_count, keep_free;
     int max_pipes, pipe_size;
     char *scratch;
 
@@ -176,6 +177,7 @@ static struct pipe_slot *pool_get(struct uproxy_engine *e)
     struct pipe_slot *p = e->free_pipes;
     if (p) {
         e->free_pipes = p->next;
+        e->free_count--;
     } else {
         if ((int)stat_get(&e->stats.pipes_total) >= e->max_pipes)
             return NULL;
@@ -203,14 +205,6 @@ static struct pipe_slot *pool_get(struct uproxy_engine *e)
     return p;
 }
 
-/* Only ever called with an empty pipe. */
-static void pool_put(struct uproxy_engine *e, struct pipe_slot *p)
-{
-    p->next = e->free_pipes;
-    e->free_pipes = p;
-    stat_set(&e->stats.pipes_in_use, stat_get(&e->stats.pipes_in_use) - 1);
-}
-
 /* A pipe that may still hold data is closed, never pooled. */
 static void pool_discard(struct uproxy_engine *e, struct pipe_slot *p)
 {
@@ -219,6 +213,20 @@ static void pool_discard(struct uproxy_engine *e, struct pipe_slot *p)
     free(p);
     stat_set(&e->stats.pipes_in_use, stat_get(&e->stats.pipes_in_use) - 1);
     stat_set(&e->stats.pipes_total, stat_get(&e->stats.pipes_total) - 1);
+}
+
+/* Only ever called with an empty pipe. Beyond e->keep_free idle ones it is
+ * closed, so a past burst does not keep its fds and pipe pages forever. */
+static void pool_put(struct uproxy_engine *e, struct pipe_slot *p)
+{
+    if (e->free_count >= e->keep_free) {
+        pool_discard(e, p);
+        return;
+    }
+    p->next = e->free_pipes;
+    e->free_pipes = p;
+    e->free_count++;
+    stat_set(&e->stats.pipes_in_use, stat_get(&e->stats.pipes_in_use) - 1);
 }
 
 /* ---- connections (engine thread) ---------------------------------------- */
@@ -600,13 +608,14 @@ static void enqueue(struct uproxy_engine *e, struct conn *c, unsigned cmd)
     }
 }
 
-struct uproxy_engine *uproxy_engine_new(int max_pipes, int want_pipe_size)
+struct uproxy_engine *uproxy_engine_new(int max_pipes, int want_pipe_size, int keep_free)
 {
     struct uproxy_engine *e = calloc(1, sizeof *e);
     if (!e)
         return NULL;
     e->epfd = e->wakefd = e->donefd = -1;
     e->max_pipes = max_pipes < 0 ? 0 : max_pipes;
+    e->keep_free = keep_free < 0 ? 0 : keep_free;
     e->scratch = malloc(SCRATCH_SIZE);
     if (!e->scratch)
         goto fail;

@@ -106,7 +106,7 @@ int main(void)
 {
     int fds_before = count_fds();
     int lc = listener(), lb = listener();
-    struct uproxy_engine *e = uproxy_engine_new(4, 64 * 1024); /* a small pool: copies too */
+    struct uproxy_engine *e = uproxy_engine_new(4, 64 * 1024, 2); /* a small pool: copies too */
     if (!e)
         FAIL("engine_new: %s", strerror(errno));
     static char payload[300 * 1024];

@@ -75,8 +75,9 @@ struct uproxy_engine_stats {
 
 /* Probe the pipe size (tries `want`, then halves down to 64 KiB, within
  * F_SETPIPE_SZ's limits), start the engine thread. `max_pipes` bounds the pool
- * (0: always copy). NULL with errno set on failure. */
-struct uproxy_engine *uproxy_engine_new(int max_pipes, int want_pipe_size);
+ * (0: always copy); at most `keep_free` idle pipes stay open for reuse.
+ * NULL with errno set on failure. */
+struct uproxy_engine *uproxy_engine_new(int max_pipes, int want_pipe_size, int keep_free);
 
 /* The eventfd that becomes readable when completions are queued. */
 int uproxy_engine_eventfd(struct uproxy_engine *e);

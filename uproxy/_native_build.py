@@ -55,7 +55,7 @@ struct uproxy_engine_stats {
 
 ssize_t uproxy_splice_move(int from_fd, int to_fd, int pipe_r, int pipe_w, size_t len);
 
-struct uproxy_engine *uproxy_engine_new(int max_pipes, int want_pipe_size);
+struct uproxy_engine *uproxy_engine_new(int max_pipes, int want_pipe_size, int keep_free);
 int uproxy_engine_eventfd(struct uproxy_engine *e);
 struct uproxy_conn *uproxy_engine_add(struct uproxy_engine *e, int client_fd, int backend_fd,
                                       uint64_t token);

@@ -95,11 +95,15 @@ class Rig:
         s.listen(512)
         return s
 
-    def connect(self) -> Pair:
+    def connect(self, *, backend_sndbuf: int = 0, server_rcvbuf: int = 0) -> Pair:
         client = socket.create_connection(self.front.getsockname())
         accepted, _ = self.front.accept()
         to_backend = socket.create_connection(self.back.getsockname())
         server, _ = self.back.accept()
+        if backend_sndbuf:  # fixed buffer sizes shape where a stalled relay holds bytes
+            to_backend.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, backend_sndbuf)
+        if server_rcvbuf:
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, server_rcvbuf)
         for s in (client, server):
             s.setblocking(False)
         holder: list[Pair] = []
@@ -566,6 +570,33 @@ def test_native_reset_while_stalled_propagates_at_once(native_kind: Kind) -> Non
             assert [r.error for r in p.results] == ["reset by client"]
             assert relay.pipes_in_use() == relay.buffers_in_use() == 0
             await expect_reset(loop, p.server)
+
+    run(native_kind, body)
+
+
+def test_native_pool_shrinks_after_a_burst(native_kind: Kind) -> None:
+    """Pipes go back to the pool empty, and only a few idle ones are kept open."""
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        relay = NativeRelay(loop, keep_free_pipes=4)
+        async with Rig(loop, relay) as rig:
+            # A roomy socket toward the backend lets reads go bulk (pipes) before
+            # the small buffer at the far end stalls them.
+            pairs = [rig.connect(backend_sndbuf=MiB, server_rcvbuf=64 * 1024)
+                     for _ in range(24)]
+            blob = os.urandom(8 * MiB)
+            senders = [asyncio.ensure_future(loop.sock_sendall(p.client, blob)) for p in pairs]
+            await eventually(lambda: relay.pipes_in_use() + relay.buffers_in_use() == 24,
+                             "24 stalled connections hold their bytes")
+            peak = relay.stats()["pipes_total"]
+            got = await asyncio.gather(*(recv_exactly(loop, p.server, len(blob)) for p in pairs))
+            assert all(g == blob for g in got)
+            await asyncio.gather(*senders)
+            stats = relay.stats()
+            assert stats["pipes_in_use"] == stats["bufs_in_use"] == 0
+            assert peak > 4  # the burst did take more pipes than the pool keeps
+            assert stats["pipes_total"] == 4
 
     run(native_kind, body)
 

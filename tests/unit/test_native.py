@@ -134,7 +134,7 @@ def test_splice_move_waits_for_a_full_nonblocking_destination() -> None:
 def test_engine_lifecycle_probes_pipe_size_and_frees_its_fds() -> None:
     lib, ffi = native.lib(), native.ffi()
     before = len(os.listdir("/proc/self/fd"))
-    engine = lib.uproxy_engine_new(8, 256 * 1024)
+    engine = lib.uproxy_engine_new(8, 256 * 1024, 4)
     assert engine != ffi.NULL
     stats = ffi.new("struct uproxy_engine_stats *")
     lib.uproxy_engine_stats(engine, stats)
@@ -164,7 +164,7 @@ def test_engine_lifecycle_probes_pipe_size_and_frees_its_fds() -> None:
 def test_engine_relays_a_socketpair_without_an_event_loop() -> None:
     """The C API alone: add, counters, completion through the eventfd, release."""
     lib, ffi = native.lib(), native.ffi()
-    engine = lib.uproxy_engine_new(4, 64 * 1024)
+    engine = lib.uproxy_engine_new(4, 64 * 1024, 4)
     client_far, client_near = socket.socketpair()
     backend_near, backend_far = socket.socketpair()
     try:

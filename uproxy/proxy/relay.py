@@ -66,6 +66,8 @@ _LINGER_RST = struct.pack("ii", 1, 0)
 PIPE_SIZE = 256 * 1024
 """Pipe size the native engine asks for (it halves down to 64 KiB when refused)."""
 MAX_PIPES_CAP = 1024
+KEEP_FREE_PIPES = 16
+"""Idle pipes the engine keeps open for reuse; the rest close when they empty."""
 _POLL_BATCH = 256
 
 
@@ -373,13 +375,13 @@ class NativeRelay:
     name = "native"
 
     def __init__(self, loop: asyncio.AbstractEventLoop, *, max_pipes: int | None = None,
-                 pipe_size: int = PIPE_SIZE) -> None:
+                 pipe_size: int = PIPE_SIZE, keep_free_pipes: int = KEEP_FREE_PIPES) -> None:
         self.loop = loop
         self._lib = native.lib()
         ffi = self._ffi = native.ffi()
         if max_pipes is None:
             max_pipes = default_max_pipes(pipe_size)
-        engine = self._lib.uproxy_engine_new(max_pipes, pipe_size)
+        engine = self._lib.uproxy_engine_new(max_pipes, pipe_size, keep_free_pipes)
         if engine == ffi.NULL:
             err = ffi.errno
             raise OSError(err, f"native relay engine: {os.strerror(err)}")
