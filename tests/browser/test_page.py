@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -129,4 +130,42 @@ async def test_hostile_names_are_text(browser: Any, site: tuple[Stack, str]) -> 
     await expect(page.locator("#services tbody")).to_contain_text("<b>ns</b>")
     assert await page.locator("#services img, #services b, #services script").count() == 0
     assert await page.evaluate("window.pwned") is None
+    await page.close()
+
+
+async def test_thousands_of_connections_page_stays_bounded(browser: Any,
+                                                          site: tuple[Stack, str]) -> None:
+    """3,000 open connections (the most this process's open-file limit allows with the
+    proxy, the clients and the backends in one process): the page shows the count, at most
+    its row limit, and still answers a filter change."""
+    stack, url = site
+    loop = asyncio.get_running_loop()
+    count = 3000
+    socks: list[socket.socket] = []
+    try:
+        for start in range(0, count, 250):
+            batch = [socket.socket() for _ in range(min(250, count - start))]
+            socks.extend(batch)
+            for s in batch:
+                s.setblocking(False)
+            await asyncio.gather(*(loop.sock_connect(s, ("127.0.0.1", stack.proxy_port()))
+                                   for s in batch))
+        page, problems = await open_page(browser, url)
+        await expect(page.locator("#conn-summary")).to_contain_text(
+            f"({count} open, showing the oldest 200)", timeout=30_000)
+        rows = page.locator("#connections tbody tr")
+        await expect(rows).to_have_count(200)
+        await expect(page.locator("#conn-counts tbody")).to_contain_text(str(count))
+        await page.select_option("#row-limit", "50")
+        await expect(rows).to_have_count(50, timeout=10_000)
+        await page.select_option("#service-filter", "default/echo:alt")
+        await expect(page.locator("#conn-empty")).to_be_visible(timeout=10_000)
+        await page.select_option("#service-filter", "")
+        await expect(rows).to_have_count(50, timeout=10_000)
+    finally:
+        for s in socks:
+            s.close()
+    await expect(page.locator("#conn-empty")).to_be_visible(timeout=30_000)
+    await expect(page.locator("#conn-summary")).to_contain_text("(0 open)")
+    assert problems == []
     await page.close()

@@ -382,3 +382,23 @@ async def test_start_servers_binds_both_and_reports_bind_errors(tmp_path: Path) 
         finally:
             for runner in runners:
                 await runner.cleanup()
+
+
+async def test_stopping_the_server_ends_open_streams(tmp_path: Path) -> None:
+    async with running_stack(tmp_path) as stack:
+        runners = await server.start_servers(stack.daemon)
+        try:
+            url = f"http://127.0.0.1:{server.bound_port(runners[0])}/api/v1/connections/watch"
+            async with ClientSession() as session, session.get(url) as response:
+                kind, _ = await anext(read_events(response))
+                assert kind == "snapshot"
+                for runner in runners:
+                    await runner.cleanup()
+                runners = []
+                # The stream ends cleanly (EOF), not by a reset after a shutdown timeout.
+                rest = [kind async for kind, _ in read_events(response)]
+                assert set(rest) <= {"snapshot", "batch"}
+                assert response.content.at_eof()
+        finally:
+            for runner in runners:
+                await runner.cleanup()

@@ -37,6 +37,11 @@ def node(lab: Lab) -> Iterator[NodeProxy]:
     proxy.write("multi-port.yaml", service("multi-port", "10.0.0.180", PORTS),
                 endpoint_slice("multi-port", lab.pod_ips[:2], SLICE_PORTS))
     proxy.start(wait_for="default/multi-port:port2 cluster IP")
+    # The rules show in iptables-save a moment before the sync that wrote them completes.
+    deadline = time.monotonic() + 10
+    while curl(lab, HEALTH + "/readyz")[0] != 200:
+        assert time.monotonic() < deadline, f"uproxy never became ready:\n{proxy.log}"
+        time.sleep(0.05)
     yield proxy
     if proxy.proc is not None and proxy.proc.poll() is None:
         assert proxy.stop() == 0

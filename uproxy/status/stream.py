@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -31,6 +32,8 @@ from typing import Any
 
 from uproxy.connections import Conn, ConnTable
 from uproxy.status.views import matches
+
+log = logging.getLogger("uproxy.status")
 
 FLUSH_INTERVAL = 0.25
 SNAPSHOT_INTERVAL = 1.0
@@ -129,7 +132,12 @@ class ConnHub:
     async def _run(self) -> None:
         while True:
             await self._have_watchers.wait()
-            self.flush()
+            try:
+                self.flush()
+            except Exception:  # never let one bad row end every stream
+                log.exception("live connection stream: flush failed; resending snapshots")
+                for watcher in self.watchers:
+                    watcher.next_snapshot = 0.0
             await asyncio.sleep(self.flush_interval)
 
     def flush(self) -> None:
