@@ -10,7 +10,15 @@ The contract every implementation keeps (the native engine and the Python twin):
 * Byte counters per direction are readable at any time from the handle
   (no callback per chunk).
 * ``on_done`` is called once, on the event loop's thread, when both sockets
-  are closed.
+  are closed, with a :class:`RelayResult` whose ``error`` is ``None`` (both
+  sides finished cleanly), ``"reset by client|backend"``, ``"client|backend
+  error: ..."``, ``"aborted"`` (``handle.abort()`` or ``close()``) or
+  ``"relay closed"`` (``start`` after ``close``: both sockets get RST).
+* ``await relay.close()`` resets every live connection and releases
+  everything the relay holds (the native engine's thread is joined).
+* ``active()`` counts live connections; ``pipes_in_use()`` and
+  ``buffers_in_use()`` count where stuck bytes sit (an idle connection holds
+  neither); ``stats()`` has those figures by name for the status page.
 
 This module holds both implementations and :func:`make_relay`, which picks
 the native engine when it is active (:data:`uproxy.native.ACTIVE`).
