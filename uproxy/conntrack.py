@@ -163,13 +163,13 @@ class Conntrack:
         self.timeout = timeout
         self.available = enabled  # False: do nothing (tests outside a namespace of their own)
         self.deleted_total = 0
-        self.runs = 0
+        self.calls = 0
 
     async def delete(self, stale: Collection[Stale], *, protocol: str = "udp") -> int:
         """Delete the entries matching ``stale``; returns how many were found and deleted."""
+        self.calls += 1
         if not stale or not self.available:
             return 0
-        self.runs += 1
         deleted = 0
         for family in sorted({s.family for s in stale}):
             wanted = [s for s in stale if s.family == family]

@@ -106,6 +106,28 @@ def conntrack_udp(lab: Lab) -> str:
     return lab.run("node", ["conntrack", "-L", "-p", "udp"], check=False).stdout
 
 
+def status(lab: Lab, path: str) -> str:
+    """GET from the daemon's status server (it listens on the node's own loopback)."""
+    return lab.run("node", ["curl", "-sS", "--max-time", "3",
+                            f"http://127.0.0.1:10249{path}"]).stdout
+
+
+def udp_rows(lab: Lab) -> list[dict[str, object]]:
+    doc = json.loads(status(lab, "/api/v1/connections"))
+    return [row for row in doc["items"] if row["protocol"] == "UDP"]
+
+
+def metric(lab: Lab, name: str, **labels: str) -> float:
+    """Sum of one metric's samples whose labels include ``labels``."""
+    total = 0.0
+    for line in status(lab, "/metrics").splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -156,7 +178,13 @@ def test_idle_flows_expire_and_client_ip_affinity_holds(lab: Lab) -> None:
     answers = {dig_one(lab, source=fixed) for _ in range(5)}
     assert len(answers) == 1 and answers <= {"pod1", "pod2", "pod3"}, answers
     assert len(backend_flows(lab)) == 1
+    rows = udp_rows(lab)
+    assert [(r["client"], r["state"], r["service"]) for r in rows] == [
+        (f"{lab.client_ip}:40053", "open", "default/dns:dns")], rows
+    assert metric(lab, "uproxy_udp_flows_active", service="default/dns:dns") == 1
     wait_until(lambda: not backend_flows(lab), "the idle flow expired", timeout=3)
+    assert udp_rows(lab) == []
+    assert metric(lab, "uproxy_udp_flows_active", service="default/dns:dns") == 0
     # After expiry the same source port is a new flow and may land elsewhere.
     seen = set(answers)
     for _ in range(8):
@@ -247,6 +275,9 @@ def test_flood_of_new_clients_keeps_the_bound_and_the_steady_client(
     assert result["errors"]["timeout"] > 0, result
     assert 0 < peak <= 32, peak
     assert len(backend_flows(lab)) <= 32
+    assert metric(lab, "uproxy_udp_flows_evicted_total", service="default/dns:echo") > 0
+    assert metric(lab, "uproxy_connections_total", service="default/dns:echo",
+                  result="table_full") > 0
     steady_result = json.loads(lab.log("steady").strip().splitlines()[-1])
     assert steady_result["asked"] >= 20, steady_result
     assert sum(steady_result["answers"].values()) == steady_result["asked"], steady_result

@@ -253,7 +253,12 @@ def client(port: int) -> socket.socket:
 def test_relays_whoami_spreads_and_registers_flows(loop_kind: str) -> None:
     async def body() -> None:
         async with setup(backends=3) as s:
-            answers = [await ask(s.port) for _ in range(60)]
+            socks = [client(s.port) for _ in range(60)]  # held open: 60 distinct ports
+            try:
+                answers = [await ask(s.port, sock=sock) for sock in socks]
+            finally:
+                for sock in socks:
+                    sock.close()
             ports = {str(b.port).encode() for b in s.backends}
             assert set(answers) == ports  # every endpoint answered some of 60 new clients
             assert len(s.proxy.flows) == 60
@@ -427,3 +432,37 @@ def test_no_endpoints_drops_and_counts(loop_kind: str) -> None:
             assert s.proxy.dropped["no_endpoints"] == 1 and len(s.proxy.flows) == 0
 
     run(loop_kind, body)
+
+
+def test_entry_changes_queue_the_right_conntrack_deletions() -> None:
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        ct = Conntrack(enabled=False)
+        proxy = UdpProxy(loop=loop, balancer=Balancer(node_name="node"), conns=ConnTable(),
+                         metrics=Metrics(), settings=Settings(), conntrack=ct)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.setblocking(False)
+        listener = proxy.listen(sock, NAME, "cluster")  # the daemon listens, then syncs
+        proxy.entries = {NAME: entry_for(1053, 2053)}
+        # a new frontend: entries made before our rule (or to an old proxy port) are stale
+        assert proxy.pending_conntrack == [
+            Stale.frontend("10.0.0.10", 53, keep_reply_port=listener.port)]
+        proxy.rules_applied()
+        await proxy.flush_conntrack()
+        assert proxy.pending_conntrack == [] and ct.calls == 1
+        proxy.entries = {NAME: entry_for(1053, 2053)}  # nothing changed: nothing to delete
+        assert proxy.pending_conntrack == []
+        proxy.entries = {NAME: entry_for(1053)}
+        assert proxy.pending_conntrack == [Stale.endpoint("127.0.0.1", 2053)]
+        listener.close()  # the service goes away: listeners first, then the entries
+        proxy.entries = {}
+        assert proxy.pending_conntrack == [Stale.endpoint("127.0.0.1", 2053),
+                                           Stale.frontend("10.0.0.10", 53),
+                                           Stale.endpoint("127.0.0.1", 1053)]
+        proxy.rules_applied()
+        await proxy.flush_conntrack()
+        assert proxy.pending_conntrack == [] and ct.calls == 2
+        await proxy.drain(0.1)
+
+    run("asyncio", body)

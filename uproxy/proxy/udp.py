@@ -279,7 +279,8 @@ class UdpProxy:
         self._bufs = [self._buf]
         self._view = memoryview(self._buf)
         self._sweeper: asyncio.TimerHandle | None = None
-        self._stale: list[Stale] = []
+        self._stale: list[Stale] = []  # found at a sync, rules not applied yet
+        self._ready: list[Stale] = []  # rules applied: to delete
         self._flush_task: asyncio.Task[None] | None = None
         self._flush_timer: asyncio.TimerHandle | None = None
         self._hooked = False
@@ -364,13 +365,17 @@ class UdpProxy:
         self._start_flush()
 
     def _start_flush(self) -> None:
-        if not self._stale or (self._flush_task is not None and not self._flush_task.done()):
+        # Only what is pending now is known to be covered by applied rules; what a later
+        # sync adds waits for its own rules_applied() (or timer).
+        self._ready.extend(self._stale)
+        self._stale.clear()
+        if not self._ready or (self._flush_task is not None and not self._flush_task.done()):
             return
         self._flush_task = self.loop.create_task(self._flush(), name="udp-conntrack")
 
     async def _flush(self) -> None:
-        while self._stale:
-            batch, self._stale = self._stale, []
+        while self._ready:
+            batch, self._ready = self._ready, []
             try:
                 await self.conntrack.delete(batch)
             except asyncio.CancelledError:
@@ -378,8 +383,15 @@ class UdpProxy:
             except Exception:
                 log.exception("deleting stale conntrack entries failed")
 
+    @property
+    def pending_conntrack(self) -> list[Stale]:
+        """Stale-entry deletions not done yet (waiting for rules, or running)."""
+        return [*self._ready, *self._stale]
+
     async def flush_conntrack(self) -> None:
         """Delete pending stale entries now and wait (for tests and shutdown)."""
+        self._ready.extend(self._stale)
+        self._stale.clear()
         if self._flush_task is not None and not self._flush_task.done():
             await self._flush_task
         await self._flush()
@@ -607,3 +619,4 @@ class UdpProxy:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await self._flush_task
         self._stale.clear()
+        self._ready.clear()
