@@ -32,17 +32,16 @@ and drains a completion queue. Counters live in C memory, read as plain
 64-bit loads.
 
 Engine thread rather than per-readiness Python callbacks (the loop calls a
-splice step from ``add_reader``/``add_writer`` callbacks): we measured both
-(plus this module's copying twin) on the 2-core build box over loopback,
-uvloop, iperf3 and a 32-connection 512-byte ping-pong through the relay, 3 s
-runs, noisy because the box is shared. Bulk Gbit/s was a wash (native 15.6-17.9,
-per-readiness splice 13.7-15.7, Python copy 16.2-18.5; loopback copies are
-cheap), and so was proxy CPU per GB (0.25-0.33 vs 0.22-0.24 vs 0.34-0.40 s).
-What differs is the event loop thread: with the engine it spent 0.00 s of
-the run, with per-readiness callbacks all of the proxy's CPU (1.2-1.3 s bulk,
-2.4 s ping-pong) ran on it, and ping-pong cost 12.4 us of proxy CPU per round
-trip against 14.8 (callbacks) and 16.0 (copy). The loop thread is the one
-that accepts, connects and serves the status page, so it stays free.
+splice step from ``add_reader``/``add_writer`` callbacks): measured with
+``native/bench_relay.py`` on the shared 2-core build box over loopback, uvloop,
+2-3 s runs, one iperf3 stream and a 32-connection 512-byte ping-pong. The box
+was noisy, so throughput was a wash (bulk: native 10-18, callbacks 7-16,
+Python copy 8-18 Gbit/s; loopback copies are cheap). CPU was not: per GB,
+native 0.24-0.33 s, callbacks 0.22-0.35 s, copy 0.34-0.45 s; per ping-pong
+round trip, native 12.4-13.9 us, callbacks 14.8-17.7 us, copy 14.7-16.4 us.
+And the event loop thread, which accepts, connects and serves the status
+page, spent 0.00-0.01 s with the engine against all of the relaying CPU with
+callbacks. So the engine thread it is.
 
 :class:`PyRelay` is the pure-Python twin (``add_reader``/``add_writer`` on raw
 non-blocking sockets, so it runs the same on asyncio and uvloop). It reads
