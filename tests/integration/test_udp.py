@@ -161,9 +161,12 @@ def test_dig_through_the_cluster_ip_and_whole_large_datagrams(lab: Lab,
             echo = lab.probe("udp", DNS_IP, "5353", "--size", size, "--count", "3")
             assert echo["counts"] == {"echo": 3}, echo
         assert f"event loop: {loop}" in node.log
+        assert f"dst={DNS_IP}" in conntrack_udp(lab)
     finally:
         assert node.stop() == 0
     assert node.uproxy_lines() == []
+    # Stopped: no client is left mapped to a closed proxy port.
+    assert f"dst={DNS_IP}" not in conntrack_udp(lab)
 
 
 def test_idle_flows_expire_and_client_ip_affinity_holds(lab: Lab) -> None:

@@ -76,11 +76,12 @@ def test_lru_rejects_a_zero_bound() -> None:
         FlowLru(0)
 
 
-def test_max_flows_from_env() -> None:
-    assert max_flows_from_env({}) == 65536
-    assert max_flows_from_env({"UPROXY_UDP_MAX_FLOWS": "32"}) == 32
-    assert max_flows_from_env({"UPROXY_UDP_MAX_FLOWS": "zero"}) == 65536
-    assert max_flows_from_env({"UPROXY_UDP_MAX_FLOWS": "-3"}) == 65536
+def test_max_flows_from_env_and_the_fd_limit() -> None:
+    assert max_flows_from_env({}, nofile=1 << 20) == 65536
+    assert max_flows_from_env({}, nofile=20000) == 10000  # half the descriptors at most
+    assert max_flows_from_env({"UPROXY_UDP_MAX_FLOWS": "32"}, nofile=20000) == 32
+    assert max_flows_from_env({"UPROXY_UDP_MAX_FLOWS": "zero"}, nofile=1 << 20) == 65536
+    assert max_flows_from_env({"UPROXY_UDP_MAX_FLOWS": "-3"}, nofile=1024) == 512
 
 
 # --- conntrack (pure parts) --------------------------------------------------------------------

@@ -29,7 +29,8 @@ datagram in either direction, so expiry and eviction are O(1) each:
   forwarders: a reply that takes longer than the timeout (a forwarder asking
   upstream) arrives after the backend socket is closed and is lost. A long
   timeout costs one socket per idle flow, bounded by the table size;
-* the table is bounded (``max_flows``, 65,536 by default, ``UPROXY_UDP_MAX_FLOWS``
+* the table is bounded (``max_flows``: 65,536 by default but at most half the
+  open-files limit, since every flow holds a socket; ``UPROXY_UDP_MAX_FLOWS``
   overrides it). When it is full, the least recently used flow is evicted
   if it has been idle at least ``evict_min_idle`` (1 s); otherwise the new
   client's datagram is dropped -- what the kernel does when its conntrack
@@ -56,11 +57,12 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 import socket
 import struct
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Generic, Protocol, TypeVar
 
 from uproxy.balance import Balancer
@@ -241,18 +243,30 @@ class UdpListener:
         self.sock.close()
 
 
-def max_flows_from_env(env: dict[str, str] | None = None) -> int:
+def default_max_flows(nofile: int | None = None) -> int:
+    """65,536, but at most half the open-files limit: each flow holds one socket, and TCP
+    connections need descriptors too."""
+    if nofile is None:
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if nofile == resource.RLIM_INFINITY:
+            return DEFAULT_MAX_FLOWS
+    return max(16, min(DEFAULT_MAX_FLOWS, nofile // 2))
+
+
+def max_flows_from_env(env: Mapping[str, str] | None = None, *,
+                       nofile: int | None = None) -> int:
+    """``UPROXY_UDP_MAX_FLOWS`` when set to a positive number, else :func:`default_max_flows`."""
     value = (os.environ if env is None else env).get(MAX_FLOWS_ENV, "")
+    default = default_max_flows(nofile)
     if not value:
-        return DEFAULT_MAX_FLOWS
+        return default
     try:
         number = int(value)
     except ValueError:
         number = 0
     if number < 1:
-        log.warning("%s=%r is not a positive number; using %d", MAX_FLOWS_ENV, value,
-                    DEFAULT_MAX_FLOWS)
-        return DEFAULT_MAX_FLOWS
+        log.warning("%s=%r is not a positive number; using %d", MAX_FLOWS_ENV, value, default)
+        return default
     return number
 
 
@@ -600,7 +614,13 @@ class UdpProxy:
 
     # Shutdown -------------------------------------------------------------------------------
     async def drain(self, grace: float) -> None:
-        """UDP has no end to wait for: close every flow (pending conntrack work gets ``grace``)."""
+        """UDP has no end to wait for: close every flow, then forget clients' mappings.
+
+        The daemon calls this after removing the rules, so the entries that still
+        redirect clients to our (now closed) proxy ports are deleted too: a client that
+        keeps its source port would otherwise keep sending into a closed port. Pending
+        conntrack work gets ``grace`` seconds.
+        """
         for listener in list(self.listeners):
             listener.close()
         for flow in list(self.flows):
@@ -611,6 +631,9 @@ class UdpProxy:
         if self._flush_timer is not None:
             self._flush_timer.cancel()
             self._flush_timer = None
+        self._stale.extend(Stale.frontend(*f) for f in self._served_frontends)
+        self._served_frontends = {}
+        self._start_flush()
         if self._flush_task is not None and not self._flush_task.done():
             try:
                 await asyncio.wait_for(asyncio.shield(self._flush_task), grace)
