@@ -80,6 +80,7 @@ BUFFER_SIZE = 65536  # > 65,507 (largest IPv4 UDP payload): never truncates
 DEFAULT_MAX_FLOWS = 65536
 MAX_FLOWS_ENV = "UPROXY_UDP_MAX_FLOWS"
 EVICT_MIN_IDLE = 1.0
+MIN_TIMEOUT = 0.05
 LISTEN_RCVBUF = 4 << 20
 RULES_GRACE = 0.5  # without a rules_applied() call, flush conntrack this long after a change
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
@@ -281,11 +282,17 @@ class UdpProxy:
         self.balancer = balancer
         self.conns = conns
         self.metrics = metrics
-        self.timeout = settings.udp_timeout
+        self.timeout = max(settings.udp_timeout, MIN_TIMEOUT)
+        if settings.udp_timeout < MIN_TIMEOUT:
+            log.warning("--udp-timeout %gs is too short for any reply to arrive; using %gs",
+                        settings.udp_timeout, MIN_TIMEOUT)
         self.clock = clock
         self.flows: FlowLru[Flow] = FlowLru(max_flows or max_flows_from_env(),
                                             evict_min_idle=min(evict_min_idle, self.timeout))
-        self.conntrack = conntrack if conntrack is not None else Conntrack()
+        # Without our rules there is no NAT of ours to go stale (and tests that run the
+        # daemon without iptables must not touch the host's conntrack table).
+        self.conntrack = (conntrack if conntrack is not None
+                          else Conntrack(enabled=settings.manage_iptables))
         self.listeners: set[UdpListener] = set()
         self.dropped: dict[str, int] = {}
         self._entries: dict[ServicePortName, Entry] = {}
@@ -533,6 +540,7 @@ class UdpProxy:
         listener = flow.listener
         out = listener.sock
         client, anc = flow.client, flow.reply_anc
+        answered_before = flow.bytes_down > 0
         got = 0
         for _ in range(BATCH):
             try:
@@ -557,7 +565,8 @@ class UdpProxy:
             flow.bytes_down += n
         if got and not flow.closed:
             self.flows.touch(flow, self.clock())
-            self.balancer.connect_succeeded(flow.endpoint)
+            if not answered_before:  # the endpoint answers: stop avoiding it
+                self.balancer.connect_succeeded(flow.endpoint)
 
     def _backend_failed(self, flow: Flow, exc: OSError) -> None:
         if flow.closed:
