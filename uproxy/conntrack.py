@@ -164,6 +164,7 @@ class Conntrack:
         self.available = enabled  # False: do nothing (tests outside a namespace of their own)
         self.deleted_total = 0
         self.calls = 0
+        self._warned: set[str] = set()
 
     async def delete(self, stale: Collection[Stale], *, protocol: str = "udp") -> int:
         """Delete the entries matching ``stale``; returns how many were found and deleted."""
@@ -195,6 +196,16 @@ class Conntrack:
         self.deleted_total += deleted
         return deleted
 
+    def _warn(self, message: str) -> None:
+        """A problem is logged once as a warning; the same problem again only at debug."""
+        if message in self._warned:
+            log.debug("%s", message)
+            return
+        if len(self._warned) > 100:
+            self._warned.clear()
+        self._warned.add(message)
+        log.warning("%s", message)
+
     async def _run(self, args: list[str], *, timeout: float) -> str | None:
         """Run the tool; its stdout, or None after logging why not."""
         try:
@@ -208,7 +219,7 @@ class Conntrack:
                         "deleted (install conntrack)", self.binary)
             return None
         except OSError as exc:
-            log.warning("cannot run %s: %s", self.binary, exc.strerror or exc)
+            self._warn(f"cannot run {self.binary}: {exc.strerror or exc}")
             return None
         try:
             out, err = await asyncio.wait_for(proc.communicate(), timeout)
@@ -216,7 +227,7 @@ class Conntrack:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
-            log.warning("%s %s timed out after %.1fs", self.binary, args[0], timeout)
+            self._warn(f"{self.binary} {args[0]} timed out after {timeout:.1f}s")
             return None
         except BaseException:
             with contextlib.suppress(ProcessLookupError):
@@ -227,7 +238,6 @@ class Conntrack:
         # Exit 1 with "0 flow entries have been deleted" only means nothing matched.
         if proc.returncode != 0 and not (proc.returncode == 1 and "0 flow entries" in text_err):
             line = text_err.splitlines()[0] if text_err else ""
-            log.warning("%s %s failed (exit %s): %s", self.binary, " ".join(args),
-                        proc.returncode, line)
+            self._warn(f"{self.binary} {' '.join(args)} failed (exit {proc.returncode}): {line}")
             return None
         return out.decode(errors="replace")

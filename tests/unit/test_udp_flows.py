@@ -13,6 +13,7 @@ import os
 import socket
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -146,6 +147,27 @@ async def test_conntrack_missing_binary_is_not_an_error(caplog: pytest.LogCaptur
     assert await ct.delete([Stale.frontend("10.0.0.10", 53)]) == 0
     assert not ct.available
     assert sum("not installed" in r.message for r in caplog.records) == 1
+
+
+async def test_conntrack_failure_warns_once(caplog: pytest.LogCaptureFixture) -> None:
+    ct = Conntrack(binary="false")  # exits 1 without a word
+    for _ in range(3):
+        assert await ct.delete([Stale.endpoint("172.17.0.2", 53)]) == 0
+    assert ct.available
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "failed (exit 1)" in warnings[0].message
+
+
+async def test_conntrack_timeout_kills_the_tool(tmp_path: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    slow = tmp_path / "conntrack"
+    slow.write_text("#!/bin/sh\nexec sleep 30\n")
+    slow.chmod(0o755)
+    ct = Conntrack(binary=str(slow), timeout=0.2)
+    started = asyncio.get_running_loop().time()
+    assert await ct.delete([Stale.frontend("10.0.0.10", 53)]) == 0
+    assert asyncio.get_running_loop().time() - started < 5
+    assert any("timed out" in r.message for r in caplog.records)
 
 
 # --- the proxy over loopback ---------------------------------------------------------------------
