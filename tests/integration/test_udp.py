@@ -298,3 +298,25 @@ def test_unreachable_endpoint_is_left_for_another(lab: Lab) -> None:
     # error and pod2 is avoided, so the same client's next query is answered by pod1.
     assert answers[1:] == ["pod1"] * 5, answers
     assert all(pod_of(lab, p) == "pod1" for p in backend_flows(lab))
+
+
+def test_nodeport_and_external_ip_from_client_and_node(lab: Lab) -> None:
+    start_pods(lab, 2)
+    ports = [{"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 53,
+              "nodePort": 30053}]
+    node = NodeProxy(lab, loop="uvloop")
+    node.write("dns.yaml",
+               service("dns", DNS_IP, ports, type="NodePort", externalIPs=["10.0.0.250"]),
+               endpoint_slice("dns", lab.pod_ips[:2], [{"name": "dns", "port": 53,
+                                                        "protocol": "UDP"}]))
+    node.start(wait_for="default/dns:dns external IP")
+    lab.wait_port("node", "0.0.0.0", 30053, "udp", proc=node.proc)
+    cases = [("client", lab.node_ip, "30053"), ("node", "127.0.0.1", "30053"),
+             ("node", lab.bridge_ip, "30053"), ("client", "10.0.0.250", "53"),
+             ("node", "10.0.0.250", "53")]
+    for ns, host, port in cases:
+        answer = lab.run(ns, ["dig", f"@{host}", "-p", port, *WHOAMI], check=False).stdout
+        assert answer.strip().strip('"') in {"pod1", "pod2"}, (ns, host, port, answer)
+    rows = udp_rows(lab)
+    assert {r["scope"] for r in rows} == {"nodeport", "external"}, rows
+    assert node.stop() == 0
