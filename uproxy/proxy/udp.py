@@ -47,7 +47,9 @@ is no UDP equivalent of a RST worth sending).
 Endpoint and service changes arrive as a new ``entries`` dict: flows whose
 service port is gone, or whose endpoint is no longer serving, are closed at
 once, and stale conntrack entries are deleted (see :mod:`uproxy.conntrack`)
-after the daemon has applied the rules (:meth:`UdpProxy.rules_applied`).
+after the daemon has applied the rules (:meth:`UdpProxy.rules_applied`; until a
+daemon calls it, :data:`RULES_GRACE` after the change). Deleting earlier would
+let a client's next datagram re-create the old mapping from the old rules.
 """
 
 from __future__ import annotations
