@@ -53,6 +53,7 @@ class ProtocolProxy(Protocol):
     entries: dict[ServicePortName, Entry]
 
     def listen(self, sock: socket.socket, name: ServicePortName, scope: str) -> Listener: ...
+    def rules_applied(self) -> None: ...
     async def drain(self, grace: float) -> None: ...
 
 
@@ -175,9 +176,10 @@ class Daemon:
         for listener in self.listeners.values():
             listener.close()
         self.listeners.clear()
-        if self.iptables is not None:
+        if self.iptables is not None and self.rules_applied:
+            # Stop intercepting new connections, but keep NAT alive for open ones.
             try:
-                await self.iptables.cleanup()
+                await self.iptables.restore(render([]))
             except IptablesError as exc:
                 log.error("removing rules at shutdown: %s", exc)
         open_conns = len(self.conns)
@@ -186,6 +188,11 @@ class Daemon:
                      self.settings.shutdown_grace)
         for proxy in self.proxies.values():
             await proxy.drain(self.settings.shutdown_grace)
+        if self.iptables is not None:
+            try:
+                await self.iptables.cleanup()
+            except IptablesError as exc:
+                log.error("removing rules at shutdown: %s", exc)
         log.info("stopped")
 
     # Sync -----------------------------------------------------------------------------------
@@ -246,6 +253,8 @@ class Daemon:
                 self.queued_since = queued or time.time()
                 return
         self.rules_applied = True
+        for proxy in self.proxies.values():
+            proxy.rules_applied()
         self.last_sync = time.time()
         self.balancer.prune(table, time.monotonic())
         self._observe_programming_latency()

@@ -34,6 +34,20 @@ KIND_CLUSTER = "cluster IP"
 KIND_EXTERNAL = "external IP"
 KIND_LOADBALANCER = "loadbalancer IP"
 
+# With iptables-nft, once the nat table holds no NAT target at all, packets of
+# connections that were already REDIRECTed stop being translated and the open
+# connections die (seen on this kernel: flush the last REDIRECT rule and an open
+# connection hangs). So uproxy's chain always ends with one NAT rule that can
+# never match (nobody connects *to* the broadcast/unspecified address), which
+# keeps open connections alive when the last service goes away and during the
+# shutdown grace period.
+KEEP_NAT_COMMENT = "uproxy keeps NAT of open connections (matches nothing)"
+KEEP_NAT_V4 = (
+    f"-A {CHAIN} -d 255.255.255.255/32 -p tcp "
+    f'-m comment --comment "{KEEP_NAT_COMMENT}" -m tcp --dport 1 -j REDIRECT --to-ports 1'
+)
+KEEP_NAT_V6 = KEEP_NAT_V4.replace("255.255.255.255/32", "::/128")
+
 _UNSAFE = re.compile(r"[^A-Za-z0-9 ._:/@+=,-]")
 
 
@@ -83,6 +97,7 @@ def render(redirects: Iterable[Redirect], *, family: int = 4,
     stale = sorted(c for c in set(stale_chains) if c.startswith(CHAIN_PREFIX) and c != CHAIN)
     lines.extend(f":{c} - [0:0]" for c in stale)
     lines.extend(render_rule(r) for r in sorted(redirects) if r.family == family)
+    lines.append(KEEP_NAT_V6 if family == 6 else KEEP_NAT_V4)
     lines.extend(f"-X {c}" for c in stale)
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
@@ -109,7 +124,7 @@ def parse_rules(text: str) -> list[tuple[str, str, int, str, int]]:
     out = []
     for line in text.splitlines():
         m = _RULE.match(line.strip())
-        if m and m["chain"] == CHAIN:
+        if m and m["chain"] == CHAIN and m["comment"] != KEEP_NAT_COMMENT:
             out.append((m["comment"], m["addr"], int(m["port"]), m["proto"].upper(), int(m["to"])))
     return out
 

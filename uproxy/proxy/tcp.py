@@ -200,6 +200,9 @@ class TcpProxy:
             raise
         return sock
 
+    def rules_applied(self) -> None:
+        """Nothing to do for TCP once rules are in (UDP cleans conntrack here)."""
+
     async def drain(self, grace: float) -> None:
         """Wait up to ``grace`` seconds for open connections to finish, then abort the rest."""
         deadline = self.loop.time() + grace

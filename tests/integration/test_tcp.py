@@ -1,0 +1,358 @@
+"""TCP services end to end: the real daemon in the lab's node namespace, real iptables,
+real backends in pod namespaces, real clients in the client namespace (and on the node).
+
+The seeds' walkthroughs (multi-port service, scaling) run for real here.
+"""
+
+from __future__ import annotations
+
+import signal
+import textwrap
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from uproxy.demo.lab import Lab
+from uproxy.demo.node import NodeProxy, endpoint_slice, service
+
+FLAVORS = [
+    pytest.param(("uvloop", True), id="uvloop-native"),
+    pytest.param(("uvloop", False), id="uvloop-python"),
+    pytest.param(("asyncio", True), id="asyncio-native"),
+    pytest.param(("asyncio", False), id="asyncio-python"),
+]
+MULTI_PORTS = [{"name": "port1", "port": 6789, "targetPort": 6789},
+               {"name": "port2", "port": 9876, "targetPort": 9876}]
+SLICE_PORTS = [{"name": "port1", "port": 6789, "protocol": "TCP"},
+               {"name": "port2", "port": 9876, "protocol": "TCP"}]
+
+
+@pytest.fixture
+def node(lab: Lab) -> Iterator[NodeProxy]:
+    proxy = NodeProxy(lab)
+    yield proxy
+    if proxy.proc is not None and proxy.proc.poll() is None:
+        proxy.stop()
+
+
+def _multi_port(lab: Lab, node: NodeProxy, pods: int = 2) -> None:
+    for pod in range(1, pods + 1):
+        lab.start_echo(pod, tcp_ports=(6789, 9876))
+    node.write("multi-port.yaml",
+               service("multi-port", "10.0.0.180", MULTI_PORTS),
+               endpoint_slice("multi-port", lab.pod_ips[:pods], SLICE_PORTS))
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_multi_port_service_reaches_both_pods_on_both_ports(lab: Lab,
+                                                            flavor: tuple[str, bool]) -> None:
+    loop, native = flavor
+    node = NodeProxy(lab, loop=loop, native=native)
+    _multi_port(lab, node)
+    node.start(wait_for="default/multi-port:port2 cluster IP")
+    try:
+        rules = [line for line in node.iptables_save().splitlines() if "10.0.0.180" in line]
+        assert len(rules) == 2
+        assert any('--comment "default/multi-port:port1 cluster IP"' in r and "--dport 6789" in r
+                   and "-j REDIRECT --to-ports" in r for r in rules)
+        for port in (6789, 9876):
+            result = lab.probe("tcp", "10.0.0.180", str(port), "--count", "60")
+            assert sum(result["counts"].values()) == 60, result
+            assert set(result["counts"]) == {"pod1", "pod2"}, result
+        # A large transfer with half-close, checked end to end.
+        echo = lab.probe("echo", "10.0.0.180", "9876", "--bytes", str(8 << 20))
+        assert echo["ok"] and echo["received"] == 8 << 20, echo
+        path = "native" if native else "python"
+        assert f"relay path: {path}" in node.log
+    finally:
+        assert node.stop() == 0
+    assert node.uproxy_lines() == []
+
+
+def test_scaling_adds_an_endpoint_without_restart(lab: Lab, node: NodeProxy) -> None:
+    lab.start_echo(1, tcp_ports=(9876,))
+    lab.start_echo(2, tcp_ports=(9876,))
+    ports = [{"port": 80, "targetPort": 9876}]
+    slice_ports = [{"name": "", "port": 9876, "protocol": "TCP"}]
+    node.write("sise.yaml", service("simpleservice", "10.0.0.155", ports, namespace="namingthings"),
+               endpoint_slice("simpleservice", [lab.pod_ip(1)], slice_ports,
+                              namespace="namingthings"))
+    node.start(wait_for="namingthings/simpleservice: cluster IP")
+    pid = node.proc.pid if node.proc else None
+    first = lab.probe("tcp", "10.0.0.155", "80", "--count", "40")
+    assert first["counts"] == {"pod1": 40}, first
+    node.write("sise.yaml", service("simpleservice", "10.0.0.155", ports, namespace="namingthings"),
+               endpoint_slice("simpleservice", [lab.pod_ip(1), lab.pod_ip(2)], slice_ports,
+                              namespace="namingthings"))
+    deadline = time.monotonic() + 5
+    while True:
+        later = lab.probe("tcp", "10.0.0.155", "80", "--count", "60")
+        if set(later["counts"]) == {"pod1", "pod2"} or time.monotonic() > deadline:
+            break
+    assert set(later["counts"]) == {"pod1", "pod2"}, later
+    assert sum(later["counts"].values()) == 60
+    assert node.proc is not None and node.proc.pid == pid and node.proc.poll() is None
+
+
+def test_from_the_node_itself_nodeport_and_external_ip(lab: Lab, node: NodeProxy) -> None:
+    lab.start_echo(1, tcp_ports=(8080,))
+    lab.start_echo(2, tcp_ports=(8080,))
+    ports = [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080}]
+    node.write("web.yaml",
+               service("web", "10.0.0.50", ports, type="NodePort", externalIPs=["10.0.0.250"],
+                       status={"loadBalancer": {"ingress": [{"ip": "10.0.0.251"}]}}),
+               endpoint_slice("web", lab.pod_ips[:2],
+                              [{"name": "http", "port": 8080, "protocol": "TCP"}]))
+    node.start(wait_for="default/web:http loadbalancer IP")
+    text = node.iptables_save()
+    assert '--comment "default/web:http external IP"' in text
+    cases = [
+        ("node", "10.0.0.50", "80"),          # OUTPUT hook
+        ("client", "10.0.0.50", "80"),        # PREROUTING hook
+        ("client", "10.0.0.250", "80"),       # externalIP
+        ("client", "10.0.0.251", "80"),       # LoadBalancer ingress IP
+        ("client", lab.node_ip, "30080"),     # NodePort on the node's address
+        ("node", "127.0.0.1", "30080"),       # NodePort from the node itself
+    ]
+    for ns, host, port in cases:
+        result = lab.probe("tcp", host, port, "--count", "30", ns=ns)
+        assert sum(result["counts"].values()) == 30, (ns, host, port, result)
+        assert set(result["counts"]) <= {"pod1", "pod2"}
+
+
+def _chi_square(counts: list[int]) -> float:
+    expected = sum(counts) / len(counts)
+    return sum((c - expected) ** 2 / expected for c in counts)
+
+
+@pytest.mark.parametrize("pods", [2, 3])
+def test_random_spread_passes_chi_square(lab: Lab, node: NodeProxy, pods: int) -> None:
+    for pod in range(1, pods + 1):
+        lab.start_echo(pod, tcp_ports=(9376,))
+    node.write("hostnames.yaml",
+               service("hostnames", "10.0.0.175", [{"port": 80, "targetPort": 9376}]),
+               endpoint_slice("hostnames", lab.pod_ips[:pods],
+                              [{"name": "", "port": 9376, "protocol": "TCP"}]))
+    node.start(wait_for="default/hostnames: cluster IP")
+    result = lab.probe("tcp", "10.0.0.175", "80", "--count", "2000", "--concurrency", "20",
+                       timeout=120)
+    counts = [result["counts"].get(f"pod{i}", 0) for i in range(1, pods + 1)]
+    assert sum(counts) == 2000, result
+    # Critical values of chi-square at p = 0.001: df=1 -> 10.828, df=2 -> 13.816.
+    critical = {2: 10.828, 3: 13.816}[pods]
+    assert _chi_square(counts) < critical, counts
+
+
+def test_client_ip_affinity_sticks_spreads_and_expires(lab: Lab, node: NodeProxy) -> None:
+    for pod in (1, 2, 3):
+        lab.start_echo(pod, tcp_ports=(9376,))
+    extra = [f"10.99.0.{i}" for i in range(10, 18)]
+    for ip in extra:
+        lab.add_client_ip(ip)
+    node.write("sticky.yaml",
+               service("sticky", "10.0.0.176", [{"port": 80, "targetPort": 9376}],
+                       sessionAffinity="ClientIP",
+                       sessionAffinityConfig={"clientIP": {"timeoutSeconds": 1}}),
+               endpoint_slice("sticky", lab.pod_ips, [{"name": "", "port": 9376,
+                                                       "protocol": "TCP"}]))
+    node.start(wait_for="default/sticky: cluster IP")
+    # One client keeps its endpoint while it keeps using it.
+    same = lab.probe("tcp", "10.0.0.176", "80", "--count", "40", "--concurrency", "1")
+    assert len(same["counts"]) == 1 and sum(same["counts"].values()) == 40, same
+    # Different clients spread.
+    chosen = set()
+    for ip in extra:
+        r = lab.probe("tcp", "10.0.0.176", "80", "--count", "5", "--source-ip", ip)
+        assert len(r["counts"]) == 1, r
+        chosen.update(r["counts"])
+    assert len(chosen) >= 2, chosen
+    # After the timeout passes unused, a new choice is made: over several idle gaps the
+    # single client must land on more than one pod ((1/3)^7 chance of a false failure).
+    seen = set()
+    for _ in range(8):
+        time.sleep(1.3)
+        r = lab.probe("tcp", "10.0.0.176", "80", "--count", "1")
+        seen.update(r["counts"])
+        if len(seen) > 1:
+            break
+    assert len(seen) > 1, seen
+
+
+HOLD_CLIENT = textwrap.dedent("""
+    import socket, sys, time, os
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+    s.sendall(b"whoami\\n")
+    print("first", s.recv(100).decode().strip(), flush=True)
+    flag = sys.argv[3]
+    deadline = time.time() + 20
+    while not os.path.exists(flag) and time.time() < deadline:
+        time.sleep(0.05)
+    s.sendall(b"still-there")
+    data = b""
+    while len(data) < 11:
+        chunk = s.recv(100)
+        if not chunk:
+            break
+        data += chunk
+    print("second", data.decode(), flush=True)
+""")
+
+
+def test_open_connection_survives_endpoint_and_service_removal(lab: Lab, node: NodeProxy) -> None:
+    lab.start_echo(1, tcp_ports=(9376,))
+    lab.start_echo(2, tcp_ports=(9376,))
+    ports = [{"port": 80, "targetPort": 9376}]
+    sp = [{"name": "", "port": 9376, "protocol": "TCP"}]
+    node.write("keep.yaml", service("keep", "10.0.0.177", ports),
+               endpoint_slice("keep", [lab.pod_ip(1)], sp))
+    node.start(wait_for="default/keep: cluster IP")
+    script = lab.workdir / "hold.py"
+    script.write_text(HOLD_CLIENT)
+    flag = lab.workdir / "go"
+    holder = lab.spawn("client", ["python3", str(script), "10.0.0.177", "80", str(flag)], "hold")
+    deadline = time.monotonic() + 10
+    while "first pod1" not in lab.log("hold"):
+        assert time.monotonic() < deadline, lab.log("hold")
+        time.sleep(0.05)
+    # The endpoint goes away: new connections go to pod2 only.
+    node.write("keep.yaml", service("keep", "10.0.0.177", ports),
+               endpoint_slice("keep", [lab.pod_ip(2)], sp))
+    deadline = time.monotonic() + 5
+    while True:
+        r = lab.probe("tcp", "10.0.0.177", "80", "--count", "20")
+        if r["counts"] == {"pod2": 20} or time.monotonic() > deadline:
+            break
+    assert r["counts"] == {"pod2": 20}, r
+    # Then the whole service goes away: its rule goes, the open connection stays.
+    node.remove("keep.yaml")
+    node.wait_rules(lambda text: "default/keep" not in text)
+    flag.write_text("go")
+    assert holder.wait(10) == 0
+    assert "second still-there" in lab.log("hold")
+
+
+REFUSE_CLIENT = textwrap.dedent("""
+    import socket, sys, time
+    best = 10.0
+    for _ in range(5):
+        s = socket.socket()
+        s.settimeout(3)
+        t = time.monotonic()
+        try:
+            s.connect((sys.argv[1], int(sys.argv[2])))
+            s.sendall(b"whoami\\n")
+            data = s.recv(100)
+            outcome = "data" if data else "eof"
+        except ConnectionRefusedError:
+            outcome = "refused"
+        except ConnectionResetError:
+            outcome = "reset"
+        except TimeoutError:
+            outcome = "timeout"
+        best = min(best, time.monotonic() - t)
+        s.close()
+        print(outcome)
+    print(f"best {best:.4f}")
+""")
+
+
+def test_backend_killed_and_no_endpoints(lab: Lab, node: NodeProxy) -> None:
+    echo1 = lab.start_echo(1, tcp_ports=(9376,))
+    lab.start_echo(2, tcp_ports=(9376,))
+    sp = [{"name": "", "port": 9376, "protocol": "TCP"}]
+    node.write("svc.yaml",
+               service("retry", "10.0.0.178", [{"port": 80, "targetPort": 9376}]),
+               endpoint_slice("retry", lab.pod_ips[:2], sp),
+               service("empty", "10.0.0.179", [{"port": 80, "targetPort": 9376}]))
+    node.start(wait_for="default/empty: cluster IP")
+    echo1.send_signal(signal.SIGKILL)
+    echo1.wait(5)
+    # pod1 refuses now; every new connection still succeeds through a retry on pod2.
+    r = lab.probe("tcp", "10.0.0.178", "80", "--count", "100")
+    assert r["counts"] == {"pod2": 100}, r
+    # No endpoints: refused at once (RST), never left hanging.
+    script = lab.workdir / "refuse.py"
+    script.write_text(REFUSE_CLIENT)
+    out = lab.run("client", ["python3", str(script), "10.0.0.179", "80"], timeout=30).stdout
+    outcomes = out.split()[:5]
+    assert all(o in ("refused", "reset") for o in outcomes), out
+    best = float(out.split("best")[1])
+    assert best < 0.1, out
+
+
+def test_shutdown_cleanup_and_crash_recovery(lab: Lab, node: NodeProxy) -> None:
+    lab.start_echo(1, tcp_ports=(9376,))
+    node.write("svc.yaml",
+               service("one", "10.0.0.181", [{"port": 80, "targetPort": 9376}]),
+               endpoint_slice("one", [lab.pod_ip(1)], [{"name": "", "port": 9376,
+                                                        "protocol": "TCP"}]))
+    node.start(wait_for="default/one: cluster IP")
+    # A crash leaves rules behind...
+    assert node.stop(signal.SIGKILL) == -signal.SIGKILL
+    assert node.uproxy_lines()
+    # ...which a new run replaces (no duplicate hooks) and serves.
+    node.start(wait_for="default/one: cluster IP")
+    hooks = [line for line in node.uproxy_lines() if line.startswith("-A PREROUTING")]
+    assert len(hooks) == 1, node.uproxy_lines()
+    assert lab.probe("tcp", "10.0.0.181", "80", "--count", "5")["counts"] == {"pod1": 5}
+    # Crash again; `uproxy cleanup` removes everything.
+    node.stop(signal.SIGKILL)
+    import sys
+
+    out = lab.run("node", [sys.executable, "-m", "uproxy", "cleanup"]).stdout
+    assert "removed" in out
+    assert node.uproxy_lines() == []
+    # A clean shutdown (SIGTERM) exits 0 and leaves no uproxy rule behind.
+    node.start(wait_for="default/one: cluster IP")
+    assert node.stop(signal.SIGTERM) == 0
+    assert node.uproxy_lines() == []
+
+
+def test_resync_repairs_deleted_rules(lab: Lab) -> None:
+    lab.start_echo(1, tcp_ports=(9376,))
+    node = NodeProxy(lab, args=["--sync-period", "1s"])
+    node.write("svc.yaml",
+               service("fix", "10.0.0.182", [{"port": 80, "targetPort": 9376}]),
+               endpoint_slice("fix", [lab.pod_ip(1)], [{"name": "", "port": 9376,
+                                                        "protocol": "TCP"}]))
+    node.start(wait_for="default/fix: cluster IP")
+    try:
+        lab.run("node", ["iptables", "-t", "nat", "-F", "UPROXY-SERVICES"])
+        lab.run("node", ["iptables", "-t", "nat", "-D", "OUTPUT", "-m", "comment", "--comment",
+                         "uproxy service portals", "-j", "UPROXY-SERVICES"])
+        node.wait_rules(lambda t: "default/fix: cluster IP" in t and "-A OUTPUT" in t, timeout=5)
+        r = lab.probe("tcp", "10.0.0.182", "80", "--count", "5", ns="node")
+        assert r["counts"] == {"pod1": 5}, r
+    finally:
+        node.stop()
+
+
+def test_bad_input_is_one_line_and_the_rest_keeps_serving(lab: Lab, node: NodeProxy) -> None:
+    lab.start_echo(1, tcp_ports=(9376,))
+    blocker = lab.spawn("node", ["python3", "-c",
+                                 "import socket,time; s=socket.socket(); s.bind(('0.0.0.0',30090));"
+                                 "s.listen(); time.sleep(60)"], "blocker")
+    lab.wait_port("node", "0.0.0.0", 30090, proc=blocker)
+    sp = [{"name": "", "port": 9376, "protocol": "TCP"}]
+    node.write("good.yaml", service("good", "10.0.0.183", [{"port": 80, "targetPort": 9376}]),
+               endpoint_slice("good", [lab.pod_ip(1)], sp))
+    node.write("taken.yaml", service("taken", "10.0.0.184",
+                                     [{"port": 80, "targetPort": 9376, "nodePort": 30090}],
+                                     type="NodePort"),
+               endpoint_slice("taken", [lab.pod_ip(1)], sp))
+    node.write_text("broken.yaml", "kind: Service\nmetadata: {name: broken\nspec: [\n")
+    node.write("badport.yaml", service("badport", "10.0.0.185",
+                                       [{"name": "a", "port": 70000},
+                                        {"name": "b", "port": 81, "targetPort": 9376}]),
+               endpoint_slice("badport", [lab.pod_ip(1)],
+                              [{"name": "b", "port": 9376, "protocol": "TCP"}]))
+    node.start(wait_for="default/badport:b cluster IP")
+    log = node.wait_log("nodePort 30090")
+    assert "broken.yaml" in log and "not valid YAML" in log
+    assert "Service default/badport: spec.ports[0].port: 70000 is outside 1-65535" in log
+    assert "already in use by another process" in log
+    assert "Traceback" not in log
+    for host in ("10.0.0.183", "10.0.0.184", "10.0.0.185"):
+        port = "81" if host == "10.0.0.185" else "80"
+        assert lab.probe("tcp", host, port, "--count", "3")["counts"] == {"pod1": 3}, host

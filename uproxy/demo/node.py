@@ -1,0 +1,154 @@
+"""Running ``uproxy run`` inside a lab's node namespace (for the tests, the demo and the bench).
+
+:class:`NodeProxy` writes manifests into a directory the daemon watches, starts
+the daemon as a real process in the node namespace, and waits by looking at
+what a user would look at: the rules in ``iptables-save`` and the health
+endpoint — never by sleeping a fixed time.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from uproxy.demo.lab import Lab, LabError
+
+
+class NodeProxy:
+    def __init__(self, lab: Lab, *, loop: str = "uvloop", native: bool = True,
+                 args: Iterable[str] = (), name: str = "uproxy") -> None:
+        self.lab = lab
+        self.loop = loop
+        self.native = native
+        self.args = list(args)
+        self.name = name
+        self.manifests = lab.workdir / f"{name}-manifests"
+        self.manifests.mkdir(exist_ok=True)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._starts = 0
+
+    # Manifests ---------------------------------------------------------------------------
+    def write(self, filename: str, *objects: Mapping[str, Any]) -> Path:
+        """Write (or replace, atomically) one manifest file with these objects."""
+        path = self.manifests / filename
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump_all([dict(o) for o in objects], sort_keys=False))
+        os.replace(tmp, path)
+        return path
+
+    def write_text(self, filename: str, text: str) -> Path:
+        path = self.manifests / filename
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+        return path
+
+    def remove(self, filename: str) -> None:
+        (self.manifests / filename).unlink()
+
+    # Process ------------------------------------------------------------------------------
+    def start(self, *, wait_for: str | None = None, timeout: float = 15.0) -> None:
+        env = {} if self.native else {"UPROXY_NO_NATIVE": "1"}
+        argv = [sys.executable, "-m", "uproxy", "run", "--manifests", str(self.manifests),
+                "--loop", self.loop, "--hostname-override", "node",
+                "--status-address", "127.0.0.1:10249", "--healthz-address", "127.0.0.1:10256",
+                *self.args]
+        self._starts += 1
+        self.proc = self.lab.spawn("node", argv, f"{self.name}-{self._starts}", env=env)
+        self.wait_ready(timeout=timeout)
+        if wait_for is not None:
+            self.wait_rules(lambda text: wait_for in text, timeout=timeout)
+
+    def ready(self) -> bool:
+        """``/readyz`` of the running daemon answers 200 (first sync done, rules applied)."""
+        result = self.lab.run("node", ["curl", "-sf", "-m", "2", "http://127.0.0.1:10256/readyz"],
+                              check=False)
+        return result.returncode == 0
+
+    def wait_ready(self, *, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.ready():
+            if self.proc is not None and self.proc.poll() is not None:
+                raise LabError(f"uproxy exited with {self.proc.returncode}:\n{self.log}")
+            if time.monotonic() > deadline:
+                raise LabError(f"uproxy not ready after {timeout}s:\n{self.log}")
+            time.sleep(0.05)
+
+    @property
+    def log(self) -> str:
+        return self.lab.log(f"{self.name}-{self._starts}")
+
+    def iptables_save(self) -> str:
+        return self.lab.run("node", ["iptables-save", "-t", "nat"]).stdout
+
+    def uproxy_lines(self) -> list[str]:
+        return [line for line in self.iptables_save().splitlines() if "UPROXY" in line]
+
+    def wait_rules(self, predicate: Callable[[str], bool], *, timeout: float = 10.0) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.iptables_save()
+            if predicate(text):
+                return text
+            if self.proc is not None and self.proc.poll() is not None:
+                raise LabError(f"uproxy exited with {self.proc.returncode}:\n{self.log}")
+            if time.monotonic() > deadline:
+                raise LabError(f"rules not as expected after {timeout}s:\n{text}\n{self.log}")
+            time.sleep(0.1)
+
+    def wait_log(self, needle: str, *, timeout: float = 10.0) -> str:
+        deadline = time.monotonic() + timeout
+        while needle not in self.log:
+            if time.monotonic() > deadline:
+                raise LabError(f"{needle!r} not logged after {timeout}s:\n{self.log}")
+            time.sleep(0.05)
+        return self.log
+
+    def stop(self, sig: int = signal.SIGTERM, *, timeout: float = 15.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise LabError(f"uproxy did not stop within {timeout}s:\n{self.log}") from None
+
+
+def service(name: str, cluster_ip: str, ports: list[dict[str, Any]], *,
+            namespace: str = "default", **spec: Any) -> dict[str, Any]:
+    status = spec.pop("status", None)
+    obj: dict[str, Any] = {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"clusterIP": cluster_ip, "ports": ports, **spec},
+    }
+    if status is not None:
+        obj["status"] = status
+    return obj
+
+
+def endpoint_slice(service_name: str, addresses: Iterable[str], ports: list[dict[str, Any]], *,
+                   namespace: str = "default", name: str | None = None,
+                   conditions: Mapping[str, Mapping[str, bool]] | None = None,
+                   node_names: Mapping[str, str] | None = None) -> dict[str, Any]:
+    endpoints = []
+    for ip in addresses:
+        ep: dict[str, Any] = {"addresses": [ip],
+                              "conditions": dict((conditions or {}).get(ip, {"ready": True}))}
+        if node_names and ip in node_names:
+            ep["nodeName"] = node_names[ip]
+        endpoints.append(ep)
+    return {
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": name or f"{service_name}-slice", "namespace": namespace,
+                     "labels": {"kubernetes.io/service-name": service_name}},
+        "addressType": "IPv4", "ports": ports, "endpoints": endpoints,
+    }
