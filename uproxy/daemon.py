@@ -93,7 +93,6 @@ class Daemon:
         self.rules_applied = False
         self.last_sync: float | None = None  # wall clock of the last successful sync
         self.queued_since: float | None = None  # wall clock of the oldest unapplied change
-        self.node_terminating = False
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._last_rules = ""
@@ -130,6 +129,11 @@ class Daemon:
     @property
     def ready(self) -> bool:
         return self.source_synced and self.rules_applied
+
+    @property
+    def node_terminating(self) -> bool:
+        """The source says this node is going away (deletionTimestamp or autoscaler taint)."""
+        return bool(getattr(self.source, "node_terminating", False))
 
     # Lifecycle ----------------------------------------------------------------------------
     def stop(self) -> None:
