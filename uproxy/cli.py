@@ -31,7 +31,7 @@ class UsageError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:  # one line and exit 2, as argparse does, but terse
-        self.exit(EXIT_USAGE, f"uproxy: {message} (see uproxy {self.prog.split()[-1]} --help)\n")
+        self.exit(EXIT_USAGE, f"uproxy: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,7 +222,7 @@ def cmd_cleanup(_: argparse.Namespace) -> int:
 
 
 def cmd_rules(args: argparse.Namespace) -> int:
-    from uproxy.daemon import redirects_for
+    from uproxy.daemon import proxy_ports_needed, redirects_for
     from uproxy.rules import render
     from uproxy.settings import parse_port_range
     from uproxy.sources.files import FilesSource, ManifestError, check_paths
@@ -237,11 +237,19 @@ def cmd_rules(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     store = Store()
     FilesSource(paths).load(store)
-    redirects = redirects_for(store.table(), range(port_range[0], port_range[1] + 1))
-    sys.stdout.write("# uproxy rules for " + ", ".join(paths) + "\n")
-    sys.stdout.write("# proxy ports are numbered from the start of --proxy-port-range; "
-                     "a running uproxy uses the first free ones\n")
-    sys.stdout.write(render(redirects))
+    table = store.table()
+    needed = proxy_ports_needed(table)
+    available = port_range[1] - port_range[0] + 1
+    if needed > available:
+        raise UsageError(f"--proxy-port-range {args.proxy_port_range} holds {available} ports "
+                         f"but the manifests need {needed}")
+    redirects = redirects_for(table, range(port_range[0], port_range[1] + 1))
+    out = ["# uproxy rules for " + ", ".join(paths),
+           "# proxy ports are numbered from the start of --proxy-port-range; "
+           "a running uproxy uses the first free ones"]
+    out.extend(f"# skipped: {r.name} {r.kind} {r.address} is IPv6; uproxy serves IPv4 only"
+               for r in redirects if r.family == 6)
+    sys.stdout.write("\n".join(out) + "\n" + render(redirects))
     return EXIT_OK
 
 

@@ -364,8 +364,15 @@ def node_addresses() -> list[str]:
     return [a["local"] for link in data for a in link.get("addr_info", []) if "local" in a]
 
 
+def proxy_ports_needed(table: dict[ServicePortName, Entry]) -> int:
+    return sum(1 + bool(e.port.external_addresses) for e in table.values())
+
+
 def redirects_for(table: dict[ServicePortName, Entry], ports: Iterable[int]) -> list[Redirect]:
-    """Redirects with placeholder proxy ports, for ``uproxy rules`` (nothing is bound)."""
+    """Redirects with placeholder proxy ports, for ``uproxy rules`` (nothing is bound).
+
+    ``ports`` must hold at least :func:`proxy_ports_needed` numbers.
+    """
     out: list[Redirect] = []
     numbers = iter(ports)
     for name, entry in table.items():

@@ -23,6 +23,8 @@ from uproxy.rules import (
     CHAIN,
     HOOK_COMMENT,
     HOOKS,
+    KEEP_NAT_V4,
+    KEEP_NAT_V6,
     KIND_CLUSTER,
     KIND_EXTERNAL,
     KIND_LOADBALANCER,
@@ -85,8 +87,10 @@ def test_render_frames_one_nat_table_for_one_family() -> None:
     assert lines[1] == f":{CHAIN} - [0:0]"
     assert lines[-1] == "COMMIT"
     rules = lines[2:-1]
-    assert len(rules) == 6
+    assert len(rules) == 7
     assert all(r.startswith(f"-A {CHAIN} ") for r in rules)
+    # The chain always ends with the never-matching NAT rule that keeps open connections alive.
+    assert rules[-1] == KEEP_NAT_V4
     assert "fd00::9b" not in text
     assert rules[0].startswith("-A UPROXY-SERVICES -d 10.0.0.180/32 -p tcp -m comment "
                                '--comment "default/multi-port:port1 cluster IP"')
@@ -97,7 +101,9 @@ def test_render_frames_one_nat_table_for_one_family() -> None:
 
 
 def test_render_empty_still_declares_the_chain() -> None:
-    assert render([]) == f"*nat\n:{CHAIN} - [0:0]\nCOMMIT\n"
+    assert render([]) == f"*nat\n:{CHAIN} - [0:0]\n{KEEP_NAT_V4}\nCOMMIT\n"
+    assert render([], family=6) == f"*nat\n:{CHAIN} - [0:0]\n{KEEP_NAT_V6}\nCOMMIT\n"
+    assert parse_rules(render([])) == []
 
 
 def test_stale_chains_are_flushed_and_deleted() -> None:
@@ -203,7 +209,7 @@ def test_render_then_parse_gives_back_the_rules(rs: set[Redirect], family: int) 
     rule_lines = [ln for ln in lines if ln.startswith("-A ")]
     # Every line is either framing or a whole rule: nothing a name could have broken off.
     assert len(lines) == 4 + len(rule_lines)
-    assert len(rule_lines) == len(_expected(rs, family))
+    assert len(rule_lines) == len(_expected(rs, family)) + 1  # + the KEEP_NAT rule
     for line in rule_lines:
         assert line.count('"') == 2
         assert "\r" not in line and "\\" not in line and "'" not in line
