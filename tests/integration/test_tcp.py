@@ -356,3 +356,28 @@ def test_bad_input_is_one_line_and_the_rest_keeps_serving(lab: Lab, node: NodePr
     for host in ("10.0.0.183", "10.0.0.184", "10.0.0.185"):
         port = "81" if host == "10.0.0.185" else "80"
         assert lab.probe("tcp", host, port, "--count", "3")["counts"] == {"pod1": 3}, host
+
+
+def test_out_of_file_descriptors_pauses_accepting_and_recovers(lab: Lab) -> None:
+    lab.start_echo(1, tcp_ports=(9376,))
+    # A hard limit of 96 fds: the daemon, its status server and a few dozen relayed
+    # connections (two fds each) fit; 60 held connections at once do not.
+    node = NodeProxy(lab, prefix=["prlimit", "--nofile=96:96"])
+    node.write("svc.yaml",
+               service("fds", "10.0.0.186", [{"port": 80, "targetPort": 9376}]),
+               endpoint_slice("fds", [lab.pod_ip(1)], [{"name": "", "port": 9376,
+                                                        "protocol": "TCP"}]))
+    node.start(wait_for="default/fds: cluster IP")
+    try:
+        r = lab.probe("tcp", "10.0.0.186", "80", "--count", "60", "--concurrency", "60",
+                      "--hold", "1.5", "--timeout", "10", timeout=60)
+        # Every connection is served in the end: the ones that waited in the backlog too.
+        assert r["counts"] == {"pod1": 60}, r
+        # After a quiet period (EMFILE_QUIET) the next accept closes the episode with one line.
+        time.sleep(2.5)
+        assert lab.probe("tcp", "10.0.0.186", "80", "--count", "5")["counts"] == {"pod1": 5}
+        log = node.wait_log("accepting again", timeout=5)
+        assert log.count("out of file descriptors") == 1, log
+        assert "Traceback" not in log
+    finally:
+        assert node.stop() == 0

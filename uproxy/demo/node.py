@@ -24,11 +24,13 @@ from uproxy.demo.lab import Lab, LabError
 
 class NodeProxy:
     def __init__(self, lab: Lab, *, loop: str = "uvloop", native: bool = True,
-                 args: Iterable[str] = (), name: str = "uproxy") -> None:
+                 args: Iterable[str] = (), name: str = "uproxy",
+                 prefix: Iterable[str] = ()) -> None:
         self.lab = lab
         self.loop = loop
         self.native = native
         self.args = list(args)
+        self.prefix = list(prefix)  # e.g. ["prlimit", "--nofile=64:64"]
         self.name = name
         self.manifests = lab.workdir / f"{name}-manifests"
         self.manifests.mkdir(exist_ok=True)
@@ -57,7 +59,7 @@ class NodeProxy:
     # Process ------------------------------------------------------------------------------
     def start(self, *, wait_for: str | None = None, timeout: float = 15.0) -> None:
         env = {} if self.native else {"UPROXY_NO_NATIVE": "1"}
-        argv = [sys.executable, "-m", "uproxy", "run", "--manifests", str(self.manifests),
+        argv = [*self.prefix, sys.executable, "-m", "uproxy", "run", "--manifests", str(self.manifests),
                 "--loop", self.loop, "--hostname-override", "node",
                 "--status-address", "127.0.0.1:10249", "--healthz-address", "127.0.0.1:10256",
                 *self.args]

@@ -31,6 +31,9 @@ log = logging.getLogger("uproxy.tcp")
 CONNECT_TIMEOUTS = (0.25, 0.5, 1.0, 2.0)
 ACCEPT_BATCH = 64
 EMFILE_PAUSE = 0.2
+EMFILE_QUIET = 2.0  # seconds without EMFILE that end an episode
+FD_WAIT = 2.0  # how long an accepted client may wait for a backend socket
+FD_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 class TcpListener:
@@ -45,6 +48,9 @@ class TcpListener:
         self.external = scope != "cluster"
         self.address: tuple[str, int] = sock.getsockname()[:2]
         self._fd = sock.fileno()
+        self._fd_trouble_since: float | None = None  # first EMFILE of the current episode
+        self._fd_trouble_last = 0.0
+        self._fd_pauses = 0
         self._paused = False
         self._closed = False
         proxy.loop.add_reader(self._fd, self._accept)
@@ -60,29 +66,44 @@ class TcpListener:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self._pause(exc)
+                if exc.errno in FD_ERRNOS:
+                    self.fds_exhausted(exc)
                     return
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue
                 log.error("%s: accept failed: %s", self.name, exc)
                 return
+            if self._fd_trouble_since is not None:
+                self._fd_recovered()
             self.proxy.handle(client, addr, self)
 
-    def _pause(self, exc: OSError) -> None:
-        if not self._paused:
-            log.warning("%s: out of file descriptors (%s); pausing accepts", self.name,
-                        exc.strerror)
+    def fds_exhausted(self, exc: OSError) -> None:
+        """Out of fds: stop accepting for a moment (the kernel keeps the backlog)."""
+        now = time.monotonic()
+        if self._fd_trouble_since is None:
+            log.warning("%s: out of file descriptors (%s); pausing accepts until some close",
+                        self.name, exc.strerror)
+            self._fd_trouble_since = now
+        self._fd_trouble_last = now
+        if self._paused or self._closed:
+            return
         self._paused = True
+        self._fd_pauses += 1
         self.proxy.loop.remove_reader(self._fd)
         self.proxy.loop.call_later(EMFILE_PAUSE, self._resume)
 
+    def _fd_recovered(self) -> None:
+        # One line per episode: only when no EMFILE has been seen for a while.
+        if time.monotonic() - self._fd_trouble_last >= EMFILE_QUIET:
+            log.info("%s: accepting again (paused %d times)", self.name, self._fd_pauses)
+            self._fd_trouble_since = None
+            self._fd_pauses = 0
+
     def _resume(self) -> None:
+        self._paused = False
         if self._closed:
             return
         self.proxy.loop.add_reader(self._fd, self._accept)
-        # Log the recovery once: the next successful accept clears the flag.
-        self._paused = False
 
     def close(self) -> None:
         if self._closed:
@@ -141,7 +162,7 @@ class TcpProxy:
                 if endpoint is None:
                     break
                 tried.append(endpoint)
-                backend = await self._try_connect(endpoint, timeout)
+                backend = await self._try_connect(endpoint, timeout, listener)
                 if backend is not None:
                     self.balancer.connect_succeeded(endpoint)
                     break
@@ -184,9 +205,27 @@ class TcpProxy:
         if conn.state != "closed":
             self.conns.established(conn, endpoint.address, handle)
 
-    async def _try_connect(self, endpoint: Endpoint, timeout: float) -> socket.socket | None:
+    async def _backend_socket(self, family: int, listener: TcpListener) -> socket.socket:
+        """A new socket; when fds run out, pause accepting and wait for some to close."""
+        deadline = self.loop.time() + FD_WAIT
+        while True:
+            try:
+                return socket.socket(family, socket.SOCK_STREAM)
+            except OSError as exc:
+                if exc.errno not in FD_ERRNOS or self.loop.time() > deadline:
+                    raise
+                listener.fds_exhausted(exc)
+                await asyncio.sleep(EMFILE_PAUSE / 4)
+
+    async def _try_connect(self, endpoint: Endpoint, timeout: float,
+                           listener: TcpListener) -> socket.socket | None:
         family = socket.AF_INET6 if ":" in endpoint.ip else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock = await self._backend_socket(family, listener)
+        except OSError as exc:
+            log.warning("%s: cannot open a socket to %s: %s", listener.name, endpoint,
+                        exc.strerror)
+            return None
         sock.setblocking(False)
         try:
             await asyncio.wait_for(self.loop.sock_connect(sock, endpoint.address), timeout)
