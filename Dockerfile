@@ -1,0 +1,27 @@
+# The image of the docker-compose demo stack (docker-compose.yml): uproxy itself, and the
+# project's echo server and probe for the backends and the client.
+#   docker compose up --build
+#
+# Only the official Python image. Two stages because the native splice relay (cffi, C)
+# needs a compiler at build time and not at run time; the runtime stage adds iptables
+# (uproxy's REDIRECT rules) and conntrack (stale UDP flows) and installs the wheel.
+# Debian's iptables uses the nft backend, which is what current Docker hosts use too.
+FROM python:3.11-slim AS build
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY pyproject.toml setup.py README.md ./
+COPY native ./native
+COPY uproxy ./uproxy
+RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+
+FROM python:3.11-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends iptables conntrack \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir --no-index --find-links /wheels uproxy \
+ && rm -rf /wheels
+EXPOSE 10249 10256
+CMD ["uproxy", "--help"]
