@@ -355,7 +355,10 @@ class Demo:
         self.show("node", "ss -Hltnp 'sport = :32293'")
         self.explain(f"From the client, through the node's address {NODE_IP}; nginx in "
                      "pod3 and pod4 answers with its pod name:")
-        self.show("client", f"for i in 1 2 3 4 5 6; do curl -s http://{NODE_IP}:32293/; done")
+        self.show("client", f"curl -s http://{NODE_IP}:32293/")
+        self.explain("Twenty requests, counted per answer:")
+        self.show("client", f"for i in $(seq 20); do curl -s http://{NODE_IP}:32293/; done "
+                            "| sort | uniq -c")
 
     def step_dns(self) -> None:
         self.heading("A DNS service on UDP 53 with three endpoints (seed 003: kube-dns)")
@@ -371,9 +374,12 @@ class Demo:
         self.show("client", "curl -s http://10.0.0.157/")
         self.explain(
             "Each dnsmasq pod answers the TXT record whoami.uproxy.test with its own name. "
-            "Every dig uses a new source port, so every query is a new flow:")
-        self.show("client", "for i in 1 2 3 4 5 6 7 8 9; do "
-                            "dig @10.0.0.10 +short +time=2 +tries=1 whoami.uproxy.test TXT; done")
+            "Every dig uses a new source port, so every query is a new flow; thirty of them, "
+            "counted per answer:")
+        self.show("client", "dig @10.0.0.10 +short +time=2 +tries=1 whoami.uproxy.test TXT")
+        self.show("client", "for i in $(seq 30); do "
+                            "dig @10.0.0.10 +short +time=2 +tries=1 whoami.uproxy.test TXT; done "
+                            "| sort | uniq -c")
         self.show("client", "dig +tcp @10.0.0.10 +short +time=2 +tries=1 "
                             "multi-port.default.svc.cluster.local")
 
