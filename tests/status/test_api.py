@@ -19,7 +19,7 @@ import pytest
 from aiohttp import ClientSession, test_utils, web
 from prometheus_client.parser import text_string_to_metric_families
 
-from uproxy.rules import render_rule
+from uproxy.rules import KEEP_NAT_V4, render_rule
 from uproxy.status import server
 from uproxy.status.views import parse_timestamp
 
@@ -225,7 +225,8 @@ async def test_stream_sends_rows_within_limit_and_counts_all(client: Client,
 async def test_rules_are_the_iptables_save_lines(client: Client, stack: Stack) -> None:
     data = await get_json(client, "/api/v1/rules")
     assert data["chain"] == "UPROXY-SERVICES" and data["applied"] is False
-    assert data["lines"] == [render_rule(r) for r in sorted(stack.daemon.redirects)]
+    assert data["lines"] == [*(render_rule(r) for r in sorted(stack.daemon.redirects)),
+                             KEEP_NAT_V4]
     tcp = stack.proxy_port(port="tcp")
     assert (f'-A UPROXY-SERVICES -d 10.96.0.10/32 -p tcp -m comment --comment '
             f'"default/echo:tcp cluster IP" -m tcp --dport 80 -j REDIRECT --to-ports {tcp}'

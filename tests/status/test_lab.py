@@ -76,7 +76,7 @@ def test_rules_shown_are_the_rules_applied(lab: Lab, node: NodeProxy) -> None:
     assert data["applied"] is True
     applied = [line for line in node.iptables_save().splitlines()
                if line.startswith("-A UPROXY-SERVICES")]
-    assert sorted(data["lines"]) == sorted(applied) and len(applied) == 2
+    assert sorted(data["lines"]) == sorted(applied) and len(applied) == 3  # + KEEP_NAT
 
 
 def test_live_connections_from_the_client_namespace(lab: Lab, node: NodeProxy) -> None:

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from uproxy.model import ServicePortName
-from uproxy.rules import CHAIN, Redirect, render_rule
+from uproxy.rules import CHAIN, KEEP_NAT_V4, Redirect, render_rule
 from uproxy.state import KINDS, Entry, Key, Store
 
 Json = dict[str, Any]
@@ -219,7 +219,9 @@ def rules(redirects: Iterable[Redirect], listeners: Iterable[tuple[str, str, str
     return {
         "table": "nat",
         "chain": CHAIN,
-        "lines": [render_rule(r) for r in ordered],
+        # Exactly what iptables-save shows, including the never-matching rule that keeps
+        # NAT of open connections alive (see uproxy.rules).
+        "lines": [*(render_rule(r) for r in ordered if r.family == 4), KEEP_NAT_V4],
         "redirects": [{
             "service": str(r.name), "kind": r.kind, "address": r.address, "port": r.port,
             "protocol": r.protocol, "toPort": r.to_port,
