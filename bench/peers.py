@@ -1,0 +1,330 @@
+"""The five data paths compared, each started and stopped in the lab's node namespace.
+
+Every peer is reached by the client at the same addresses (the ClusterIPs
+:data:`VIP` and :data:`VIP_BULK`), so the load tools run unchanged:
+
+- kernel DNAT: kube-proxy's iptables mode, written the way kube-proxy writes it
+  (``KUBE-SERVICES`` -> ``KUBE-SVC-*`` with ``-m statistic --mode random`` ->
+  ``KUBE-SEP-*`` with ``-j DNAT --to-destination``);
+- uproxy (native splice engine, and its pure-Python twin): the real daemon via
+  :class:`uproxy.demo.node.NodeProxy` and manifests for the same ClusterIPs;
+  it intercepts with ``REDIRECT`` into its own sockets;
+- nginx stream and HAProxy: listening on local ports in the node namespace,
+  reached through ``REDIRECT`` rules for the ClusterIPs -- the same
+  interception uproxy uses, so the comparison is of the proxies, not of how
+  packets reach them.
+
+A peer's :meth:`Peer.pids` are the processes whose CPU, RSS and fds we measure
+(all of nginx's or HAProxy's processes; none for the kernel).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import os
+import signal
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from uproxy.demo.lab import Lab, LabError
+from uproxy.demo.node import NodeProxy, endpoint_slice, service
+
+VIP = "10.0.0.10"
+"""ClusterIP of the balanced services: HTTP :80 (2 nginx pods) and DNS :53/udp (2 dnsmasq pods)."""
+VIP_BULK = "10.0.0.11"
+"""ClusterIP of the bulk service :5201, one endpoint (iperf3's control and data
+connections must reach the same server)."""
+HTTP_PORT, BULK_PORT, DNS_PORT, HOLD_PORT = 80, 5201, 53, 8080
+# where nginx/HAProxy listen in the node namespace (REDIRECT targets)
+LOCAL_PORTS = {HTTP_PORT: 18080, BULK_PORT: 15201, DNS_PORT: 10053}
+
+KERNEL, NATIVE, PYTHON, NGINX, HAPROXY = (
+    "kernel DNAT", "uproxy native", "uproxy python", "nginx stream", "HAProxy")
+ALL_PEERS = (KERNEL, NATIVE, PYTHON, NGINX, HAPROXY)
+
+
+@dataclass(frozen=True, slots=True)
+class Backends:
+    http: tuple[str, ...]   # pod IPs serving HTTP on :80
+    bulk: tuple[str, ...]   # pod IPs running iperf3 -s on :5201
+    dns: tuple[str, ...]    # pod IPs running dnsmasq on :53
+
+
+class Peer(Protocol):
+    name: str
+    udp: bool  # proxies DNS
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def pids(self) -> list[int]: ...
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Every live process in process group ``pgid`` (nginx master + worker, ...)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            text = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = text.rpartition(")")[2].split()
+        if len(fields) > 3 and fields[0] != "Z" and int(fields[2]) == pgid:
+            out.append(int(entry))
+    return sorted(out)
+
+
+def _chain(prefix: str, name: str) -> str:
+    digest = hashlib.sha256(name.encode()).digest()
+    return prefix + base64.b32encode(digest).decode()[:16]
+
+
+def kube_proxy_rules(services: list[tuple[str, str, int, str, tuple[str, ...]]]) -> str:
+    """iptables-restore text as kube-proxy's iptables mode writes it (nat table part).
+
+    ``services``: (name "ns/svc:port", cluster IP, port, protocol, endpoint IPs),
+    endpoints serve the same port number.
+    """
+    chains = ["KUBE-SERVICES"]
+    rules = []
+    for name, ip, port, proto, eps in services:
+        svc = _chain("KUBE-SVC-", name)
+        chains.append(svc)
+        rules.append(f'-A KUBE-SERVICES -d {ip}/32 -p {proto} -m comment --comment '
+                     f'"{name} cluster IP" -m {proto} --dport {port} -j {svc}')
+        seps = [_chain("KUBE-SEP-", f"{name}/{ep}") for ep in eps]
+        chains += seps
+        n = len(eps)
+        for i, (ep, sep) in enumerate(zip(eps, seps, strict=True)):
+            stat = "" if i == n - 1 else \
+                f"-m statistic --mode random --probability {1 / (n - i):.11f} "
+            rules.append(f'-A {svc} -m comment --comment "{name}" {stat}-j {sep}')
+            rules.append(f'-A {sep} -p {proto} -m comment --comment "{name}" -m {proto} '
+                         f'-j DNAT --to-destination {ep}:{port}')
+    head = ["*nat", *(f":{c} - [0:0]" for c in chains)]
+    hooks = [f'-A {h} -m comment --comment "kubernetes service portals" -j KUBE-SERVICES'
+             for h in ("PREROUTING", "OUTPUT")]
+    return "\n".join([*head, *hooks, *rules, "COMMIT", ""])
+
+
+def _restore(lab: Lab, text: str) -> None:
+    lab.run("node", ["iptables-restore", "--noflush"], input=text, timeout=30)
+
+
+def _remove_chains(lab: Lab, chains: list[str], hooks: list[list[str]]) -> None:
+    for hook in hooks:
+        while lab.run("node", ["iptables", "-t", "nat", "-D", *hook], check=False).returncode == 0:
+            pass
+    for chain in chains:
+        lab.run("node", ["iptables", "-t", "nat", "-F", chain], check=False)
+    for chain in chains:
+        lab.run("node", ["iptables", "-t", "nat", "-X", chain], check=False)
+
+
+def flush_conntrack(lab: Lab) -> None:
+    lab.run("node", ["conntrack", "-F"], check=False)
+
+
+class KernelDnat:
+    udp = True
+
+    def __init__(self, lab: Lab, backends: Backends) -> None:
+        self.name = KERNEL
+        self.lab = lab
+        self.services = [
+            ("bench/web:http", VIP, HTTP_PORT, "tcp", backends.http),
+            ("bench/dns:dns", VIP, DNS_PORT, "udp", backends.dns),
+            ("bench/bulk:iperf", VIP_BULK, BULK_PORT, "tcp", backends.bulk),
+        ]
+        self.text = kube_proxy_rules(self.services)
+
+    def start(self) -> None:
+        _restore(self.lab, self.text)
+
+    def stop(self) -> None:
+        chains = [line[1:].split()[0] for line in self.text.splitlines() if line.startswith(":")]
+        hooks = [[h, "-m", "comment", "--comment", "kubernetes service portals", "-j",
+                  "KUBE-SERVICES"] for h in ("PREROUTING", "OUTPUT")]
+        _remove_chains(self.lab, chains, hooks)
+        flush_conntrack(self.lab)
+
+    def pids(self) -> list[int]:
+        return []
+
+
+class Uproxy:
+    udp = True
+
+    def __init__(self, lab: Lab, backends: Backends, *, native: bool,
+                 args: tuple[str, ...] = ()) -> None:
+        self.name = NATIVE if native else PYTHON
+        self.lab = lab
+        self.node = NodeProxy(lab, native=native, loop="uvloop", args=args,
+                              name="uproxy-native" if native else "uproxy-python")
+        self.node.write(
+            "bench.yaml",
+            service("web", VIP, [{"name": "http", "port": HTTP_PORT, "targetPort": HTTP_PORT},
+                                 {"name": "dns", "port": DNS_PORT, "targetPort": DNS_PORT,
+                                  "protocol": "UDP"}], namespace="bench"),
+            endpoint_slice("web", backends.http,
+                           [{"name": "http", "port": HTTP_PORT, "protocol": "TCP"}],
+                           namespace="bench", name="web-http"),
+            endpoint_slice("web", backends.dns,
+                           [{"name": "dns", "port": DNS_PORT, "protocol": "UDP"}],
+                           namespace="bench", name="web-dns"),
+            service("bulk", VIP_BULK, [{"name": "iperf", "port": BULK_PORT,
+                                        "targetPort": BULK_PORT}], namespace="bench"),
+            endpoint_slice("bulk", backends.bulk,
+                           [{"name": "iperf", "port": BULK_PORT, "protocol": "TCP"}],
+                           namespace="bench"),
+        )
+
+    def start(self) -> None:
+        self.node.start(wait_for="bench/bulk:iperf cluster IP", timeout=30)
+        self.node.wait_rules(lambda t: "bench/web:dns cluster IP" in t
+                             and "bench/web:http cluster IP" in t, timeout=10)
+
+    def stop(self) -> None:
+        if self.node.proc is not None and self.node.proc.poll() is None:
+            self.node.stop()
+        flush_conntrack(self.lab)
+
+    def pids(self) -> list[int]:
+        proc = self.node.proc
+        return [proc.pid] if proc is not None and proc.poll() is None else []
+
+    @property
+    def pid(self) -> int | None:
+        proc = self.node.proc
+        return proc.pid if proc is not None else None
+
+
+class _Redirected:
+    """Base of nginx/HAProxy: a process group in the node ns plus REDIRECT rules."""
+
+    chain = "BENCH-REDIRECT"
+    udp = False
+    name = ""
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def _redirect_rules(self) -> str:
+        lines = ["*nat", f":{self.chain} - [0:0]",
+                 f"-A PREROUTING -j {self.chain}", f"-A OUTPUT -j {self.chain}"]
+        for port, local in LOCAL_PORTS.items():
+            ip = VIP_BULK if port == BULK_PORT else VIP
+            protos = ["udp"] if port == DNS_PORT else ["tcp"]
+            if port == DNS_PORT and not self.udp:
+                continue
+            for proto in protos:
+                lines.append(f"-A {self.chain} -d {ip}/32 -p {proto} -m {proto} --dport {port} "
+                             f"-j REDIRECT --to-ports {local}")
+        return "\n".join([*lines, "COMMIT", ""])
+
+    def _argv(self, d: Path) -> list[str]:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        d = self.lab.workdir / self.name.replace(" ", "-").lower()
+        d.mkdir(exist_ok=True)
+        self.proc = self.lab.spawn("node", self._argv(d), d.name)
+        try:
+            for port in (LOCAL_PORTS[HTTP_PORT], LOCAL_PORTS[BULK_PORT]):
+                self.lab.wait_port("node", "0.0.0.0", port, "tcp", proc=None)
+            if self.udp:
+                self.lab.wait_port("node", "0.0.0.0", LOCAL_PORTS[DNS_PORT], "udp", proc=None)
+        except LabError as exc:
+            raise LabError(f"{self.name}: {exc}: {self.lab.log(d.name).strip()[-1500:]}") from None
+        _restore(self.lab, self._redirect_rules())
+
+    def stop(self) -> None:
+        _remove_chains(self.lab, [self.chain],
+                       [[h, "-j", self.chain] for h in ("PREROUTING", "OUTPUT")])
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        flush_conntrack(self.lab)
+
+    def pids(self) -> list[int]:
+        if self.proc is None or self.proc.poll() is not None:
+            return []
+        return group_pids(self.proc.pid)
+
+
+class NginxStream(_Redirected):
+    udp = True
+
+    def __init__(self, lab: Lab, backends: Backends) -> None:
+        super().__init__(lab)
+        self.name = NGINX
+        self.backends = backends
+
+    def config(self, d: Path) -> str:
+        def ups(name: str, ips: tuple[str, ...], port: int) -> str:
+            servers = " ".join(f"server {ip}:{port};" for ip in ips)
+            return f"  upstream {name} {{ random; {servers} }}\n"
+
+        b = self.backends
+        return (
+            "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n"
+            "daemon off;\nuser root root;\nworker_processes 1;\n"
+            "worker_rlimit_nofile 20000;\n"
+            f"pid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n"
+            "events { worker_connections 19000; }\n"
+            "stream {\n"
+            + ups("http", b.http, HTTP_PORT) + ups("bulk", b.bulk, BULK_PORT)
+            + ups("dns", b.dns, DNS_PORT)
+            + f"  server {{ listen {LOCAL_PORTS[HTTP_PORT]} backlog=4096; proxy_pass http; }}\n"
+            f"  server {{ listen {LOCAL_PORTS[BULK_PORT]}; proxy_pass bulk; }}\n"
+            f"  server {{ listen {LOCAL_PORTS[DNS_PORT]} udp; proxy_pass dns; "
+            "proxy_responses 1; proxy_timeout 5s; }\n"
+            "}\n"
+        )
+
+    def _argv(self, d: Path) -> list[str]:
+        conf = d / "nginx.conf"
+        conf.write_text(self.config(d))
+        return ["nginx", "-p", str(d), "-e", f"{d}/error.log", "-c", str(conf)]
+
+
+class Haproxy(_Redirected):
+    udp = False  # HAProxy (community) has no UDP proxying
+
+    def __init__(self, lab: Lab, backends: Backends) -> None:
+        super().__init__(lab)
+        self.name = HAPROXY
+        self.backends = backends
+
+    def config(self) -> str:
+        def section(name: str, local: int, ips: tuple[str, ...], port: int) -> str:
+            servers = "".join(f"  server s{i} {ip}:{port}\n" for i, ip in enumerate(ips, 1))
+            return (f"frontend {name}\n  bind :{local} backlog 4096\n  default_backend {name}\n"
+                    f"backend {name}\n  balance random\n{servers}")
+
+        b = self.backends
+        return (
+            "global\n  nbthread 1\n  maxconn 9500\n  maxpipes 200\n  ulimit-n 20000\n"
+            "defaults\n  mode tcp\n  option splice-auto\n  maxconn 9500\n"
+            "  timeout connect 5s\n  timeout client 120s\n  timeout server 120s\n"
+            + section("http", LOCAL_PORTS[HTTP_PORT], b.http, HTTP_PORT)
+            + section("bulk", LOCAL_PORTS[BULK_PORT], b.bulk, BULK_PORT)
+        )
+
+    def _argv(self, d: Path) -> list[str]:
+        conf = d / "haproxy.cfg"
+        conf.write_text(self.config())
+        return ["haproxy", "-db", "-f", str(conf)]

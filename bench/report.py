@@ -1,0 +1,284 @@
+"""Results -> bench/RESULTS.md, the stdout table and bench/results.png.
+
+The targets are the issues' numbers, checked against the medians; a figure
+that was not measured (``--only``, a failed tool) is "not measured", never
+"met". The chart is optional: matplotlib is not a runtime dependency, so it is
+installed into the venv on demand and, if that fails, the chart is skipped with
+a note in RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.parse import (
+    Target,
+    check,
+    fmt_num,
+    fmt_ratio,
+    ratio,
+    render_summary,
+    render_table,
+    render_targets,
+)
+from bench.peers import HAPROXY, KERNEL, LOCAL_PORTS, NATIVE, NGINX, PYTHON
+from bench.run import Options, Results
+
+SUMMARY_FIGS = ("bulk", "cpu_gb", "conn", "ka", "ka_p50", "ka_p99", "dns", "dns_lost",
+                "idle_rss", "idle_fds")
+
+
+def targets(res: Results) -> list[Target]:
+    f = res.figures
+    out: list[Target] = []
+
+    def m(key: str, peer: str) -> float | None:
+        return f[key].median(peer)
+
+    r = ratio(m("bulk", NATIVE), m("bulk", KERNEL))
+    out.append(Target("bulk Gbit/s >= 0.85x kernel DNAT", check(r, ">=", 0.85),
+                      f"{fmt_ratio(r)} ({fmt_num(m('bulk', NATIVE))} vs "
+                      f"{fmt_num(m('bulk', KERNEL))} Gbit/s)"))
+    r = ratio(m("conn", NATIVE), m("conn", NGINX))
+    out.append(Target("new connections/s >= 1.0x nginx stream", check(r, ">=", 1.0),
+                      f"{fmt_ratio(r)} ({fmt_num(m('conn', NATIVE))} vs "
+                      f"{fmt_num(m('conn', NGINX))}/s)"))
+    r = ratio(m("ka", NATIVE), m("ka", NGINX))
+    r99 = ratio(m("ka_p99", NATIVE), m("ka_p99", NGINX))
+    both = None if check(r, ">=", 1.0) is None or check(r99, "<=", 1.2) is None else \
+        bool(check(r, ">=", 1.0) and check(r99, "<=", 1.2))
+    out.append(Target("keep-alive req/s >= 1.0x nginx, p99 <= 1.2x nginx's", both,
+                      f"req/s {fmt_ratio(r)}, p99 {fmt_ratio(r99)} "
+                      f"({fmt_num(m('ka_p99', NATIVE))} vs {fmt_num(m('ka_p99', NGINX))} ms)"))
+    rss, fds = m("idle_rss", NATIVE), m("idle_fds", NATIVE)
+    both = None if rss is None or fds is None else (rss <= 2.5 and fds <= 2.0 + 0.01)
+    out.append(Target("<= 2.5 KiB RSS and 2 fds per idle connection", both,
+                      f"{fmt_num(rss)} KiB, {fmt_num(fds)} fds per connection"))
+    cpu_n, cpu_p = m("cpu_gb", NATIVE), m("cpu_gb", PYTHON)
+    out.append(Target("CPU per GB lower than the pure-Python path's", check(cpu_n, "<", cpu_p),
+                      f"{fmt_num(cpu_n)} vs {fmt_num(cpu_p)} CPU s/GB"))
+    r = ratio(m("dns", NATIVE), m("dns", KERNEL))
+    lost = f["dns_lost"].samples.get(NATIVE)
+    ok: bool | None = None
+    if r is not None and m("dns", NGINX) is not None and lost is not None:
+        ok = r >= 0.95 and (m("dns", NATIVE) or 0) > (m("dns", NGINX) or 0) and sum(lost) == 0
+    rn = ratio(m("dns", NATIVE), m("dns", NGINX))
+    out.append(Target("DNS q/s >= 0.95x kernel DNAT, above nginx's UDP proxy, 0 lost", ok,
+                      f"{fmt_ratio(r)} of kernel, {fmt_ratio(rn)} of nginx, lost per round: "
+                      f"{lost if lost is not None else 'n/a'}"))
+    s = res.scale
+    ready = s.get("ready_s")
+    complete = s.get("rules") == s.get("services") and (s.get("listeners") or 0) >= (
+        s.get("services") or 0)
+    out.append(Target(f"{s.get('services', 10000):,} services ready <= 2 s",
+                      None if ready is None else (ready <= 2.0 and complete),
+                      "n/a" if ready is None else
+                      f"{ready:.2f} s to /readyz ({s.get('rules')} rules, "
+                      f"{s.get('listeners')} sockets)"))
+    p99 = s.get("change_p99_ms")
+    out.append(Target("endpoint-change-to-applied p99 <= 100 ms",
+                      None if p99 is None else (p99 <= 100 and not s.get("change_timeouts")),
+                      "n/a" if p99 is None else
+                      f"p99 {p99:.0f} ms, p50 {s.get('change_p50_ms', 0):.0f} ms "
+                      f"(client view, {s.get('change_count')} changes, "
+                      f"{s.get('change_timeouts')} timeouts)"))
+    return out
+
+
+def main_table(res: Results, peers: Sequence[str]) -> str:
+    figs = [res.figures[k] for k in SUMMARY_FIGS if res.figures[k].samples]
+    return render_summary(figs, peers, kernel=KERNEL, nginx=NGINX)
+
+
+def scale_table(res: Results) -> str:
+    s = res.scale
+    if not s:
+        return "_not run_"
+
+    def v(key: str, unit: str = "") -> str:
+        val = s.get(key)
+        return "n/a" if val is None else f"{fmt_num(float(val))}{unit}"
+
+    rows = [
+        ("services (2 endpoints each, one JSON manifest)", f"{s.get('services', 0):,}"),
+        ("start -> /readyz (all rules and sockets in place)", v("ready_s", " s")),
+        ("uproxy REDIRECT rules / listening sockets after ready",
+         f"{s.get('rules')} / {s.get('listeners')}"),
+        ("daemon's own log of the first sync", f"`{s.get('first_sync_log', 'n/a')}`"),
+        ("RSS at rest", v("rss_mib", " MiB")),
+        (f"CPU at rest over {fmt_num(s.get('rest_seconds'))} s", v("cpu_rest_pct", " %")),
+        ("endpoint change -> applied, client view, p50", v("change_p50_ms", " ms")),
+        ("endpoint change -> applied, client view, p99", v("change_p99_ms", " ms")),
+        ("changes measured / timed out (5 s)",
+         f"{s.get('change_count')} / {s.get('change_timeouts')}"),
+        ("/metrics kubeproxy_sync_proxy_rules_duration_seconds p50 / p99 (bucket bound)",
+         f"<= {s.get('sync_p50_le')} s / <= {s.get('sync_p99_le')} s "
+         f"({fmt_num(s.get('sync_count'))} syncs)"),
+        ("/metrics kubeproxy_network_programming_duration_seconds p50 / p99 (bucket bound)",
+         f"<= {s.get('prog_p50_le')} s / <= {s.get('prog_p99_le')} s "
+         f"({fmt_num(s.get('prog_count'))} observations)"),
+    ]
+    return "\n".join(["| scale figure (uproxy native) | value |", "|---|---|",
+                      *(f"| {a} | {b} |" for a, b in rows)])
+
+
+def render_markdown(res: Results, opts: Options, mach: dict[str, str], *, chart_note: str,
+                    elapsed: float) -> str:
+    peers = list(opts.peers)
+    out: list[str] = []
+    out.append("# uproxy side-by-side benchmark (`make bench` = `python -m bench`)\n")
+    out.append(f"Run {mach['date']}: {opts.rounds} round(s), {opts.seconds:g} s per load test, "
+               f"{elapsed / 60:.1f} min in all. Machine: `nproc` = {mach['nproc']} "
+               f"({mach['cpu']}), kernel {mach['kernel']}, Python {mach['python']}; "
+               f"{mach['nginx']}, {mach['haproxy']}, {mach['iperf3']}, {mach['dnsperf']}.\n")
+    out.append("**Numbers are noisy**: the machine has 2 cores shared with other engineers "
+               "running tests at the same time, and the load generator, the proxy and the "
+               "backends all share those 2 cores. Medians over rounds; every round's value "
+               "is listed in the per-figure tables. Compare ratios within one run, not "
+               "absolute numbers across runs.\n")
+    out.append("## Main table (median; in brackets the ratio to kernel DNAT, or to nginx "
+               "where the kernel has no value)\n")
+    out.append(main_table(res, peers) + "\n")
+    out.append("## Targets from the issues (uproxy native)\n")
+    out.append(render_targets(targets(res)) + "\n")
+    out.append("## Scale (issue 6)\n")
+    out.append(scale_table(res) + "\n")
+    out.append("## Per figure\n")
+    for key in SUMMARY_FIGS:
+        fig = res.figures[key]
+        if not fig.samples:
+            continue
+        better = "higher is better" if fig.higher_is_better else "lower is better"
+        out.append(f"### {fig.title} ({fig.unit}, {better})\n")
+        out.append(render_table(fig, peers, kernel=KERNEL, nginx=NGINX) + "\n")
+    out.append("## How each peer was configured\n")
+    out.append(PEERS_DOC.format(http=LOCAL_PORTS[80], bulk=LOCAL_PORTS[5201],
+                                dns=LOCAL_PORTS[53], haproxy=HAPROXY) + "\n")
+    out.append("## How each figure was measured\n")
+    out.append(METHOD_DOC.format(seconds=opts.seconds, idle=opts.idle_count,
+                                 conns=opts.wrk_conns, cconns=opts.conn_conns) + "\n")
+    out.append(f"Chart: {chart_note}\n")
+    if res.errors:
+        out.append("## Errors during the run\n")
+        out.extend(f"- {e[:600]}" for e in res.errors)
+        out.append("")
+    return "\n".join(out)
+
+
+PEERS_DOC = """\
+All in the namespace lab (`uproxy/demo/lab.py`): client ns (10.99.0.2) -> node ns
+(10.99.0.1, bridge 172.17.0.1) -> pod1 172.17.0.2, pod2 172.17.0.3. Services: ClusterIP
+10.0.0.10 port 80/tcp (nginx in both pods, `lab.start_nginx`, tiny `200 podN` answer) and
+53/udp (dnsmasq in both pods); ClusterIP 10.0.0.11 port 5201/tcp with **one** endpoint
+(iperf3 -s in pod1: iperf3's control and data connections must reach the same server).
+Every peer is reached by the client at those same ClusterIPs; only one peer is active
+at a time (started, measured, stopped, conntrack flushed).
+
+- **kernel DNAT**: kube-proxy's iptables mode written as kube-proxy writes it
+  (`KUBE-SERVICES` -> `KUBE-SVC-*` with `-m statistic --mode random --probability 0.5`
+  -> `KUBE-SEP-*` with `-j DNAT --to-destination`), hooked from PREROUTING and OUTPUT
+  of the node ns nat table, removed afterwards. No proxy process: CPU/RSS/fd figures n/a.
+- **uproxy native** / **uproxy python**: the real daemon (`uproxy run --manifests DIR
+  --loop uvloop`) via `uproxy.demo.node.NodeProxy`, one process; python = same daemon
+  with `UPROXY_NO_NATIVE=1` (pure-Python relay twin). Interception: its own
+  `REDIRECT` rules into its sockets.
+- **nginx stream**: Debian nginx with `load_module ngx_stream_module.so`,
+  **`worker_processes 1`** (to match uproxy's single process), `worker_connections
+  40000`, `upstream {{ random; server pod1; server pod2; }}`, `listen {http}` (HTTP),
+  `listen {bulk}` (bulk), `listen {dns} udp` with `proxy_responses 1` (DNS).
+- **{haproxy}**: Debian HAProxy 2.6, `nbthread 1`, `mode tcp`, `option splice-auto`,
+  `balance random`, `maxconn 40000`, frontends on :{http} and :{bulk}. HAProxy has no UDP
+  proxy, so no DNS figures.
+- nginx and HAProxy listen in the node ns and are reached through `REDIRECT` rules for
+  the ClusterIPs (chain `BENCH-REDIRECT` from PREROUTING/OUTPUT) -- the same interception
+  path uproxy uses, so proxies are compared with proxies. CPU, RSS and fds sum all of
+  their processes (nginx master + worker)."""
+
+METHOD_DOC = """\
+- **bulk**: `iperf3 -c 10.0.0.11 -t {seconds:g} -J` from the client ns, one stream;
+  receiver's bits/s. **CPU per GB**: utime+stime of the proxy's processes
+  (`/proc/PID/stat`) before/after the bulk test divided by the GB iperf3 moved.
+- **new connections/s**: `wrk -t2 -c{cconns} -d{seconds:g}s -H "Connection: close"` --
+  every request on a new connection through the proxy to the nginx pods.
+- **keep-alive**: `wrk -t2 -c{conns} -d{seconds:g}s --latency` (fixed connections);
+  req/s and wrk's p50/p99.
+- **DNS**: `dnsperf -c 1 -q 100 -t 2 -l {seconds:g}` (closed loop, at most 100 queries
+  outstanding, a query counts as lost after 2 s) against the dnsmasq pods through the
+  peer's UDP path.
+- **idle connections** (first round only): `python -m bench.hold` in the client ns opens
+  {idle} TCP connections to 10.0.0.10:80 and holds them; the proxy's VmRSS and fd count
+  (all its processes) before and 1.5 s after all connects finished, divided by the
+  connections held. Includes the upstream connection to the pod the proxy opens for each.
+- **scale**: a separate uproxy (native) run with one JSON List manifest of N Services
+  (ClusterIPs in 10.1.0.0/16, port 80) with 2 endpoints each; time from spawning the
+  process to `/readyz` = 200 (first sync done, rules applied), then the rule count in
+  `iptables-save` and the process's listening sockets (`ss -ltnp`) are checked. RSS and
+  CPU at rest; then `python -m bench.changes` (client ns) rewrites a small second
+  manifest 1 service whose single endpoint flips pod1 <-> pod2, every 0.2 s after the
+  previous change was seen, and times write -> first HTTP answer from the new pod (new
+  connections through the ClusterIP, polled every ~1 ms). The daemon's /metrics
+  histograms are reported too (bucket upper bounds, not interpolated)."""
+
+
+# ---------------------------------------------------------------------------- chart
+def ensure_matplotlib() -> Any | None:
+    try:
+        return importlib.import_module("matplotlib")
+    except ImportError:
+        pass
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "matplotlib"],
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        return None
+    importlib.invalidate_caches()
+    try:
+        return importlib.import_module("matplotlib")
+    except ImportError:
+        return None
+
+
+CHART_FIGS = ("bulk", "conn", "ka", "ka_p99", "dns", "cpu_gb", "idle_rss")
+
+
+def write_chart(res: Results, peers: Sequence[str], path: Path) -> str:
+    """Bar chart of ratios; returns a note for RESULTS.md."""
+    mpl = ensure_matplotlib()
+    if mpl is None:
+        return "skipped (matplotlib could not be installed)."
+    mpl.use("Agg")
+    plt = importlib.import_module("matplotlib.pyplot")
+    figs = [res.figures[k] for k in CHART_FIGS if res.figures[k].samples]
+    if not figs:
+        return "skipped (nothing measured)."
+    colors = {KERNEL: "#777777", NATIVE: "#1f77b4", PYTHON: "#9ecae1", NGINX: "#2ca02c",
+              HAPROXY: "#ff7f0e"}
+    fig, axes = plt.subplots(1, len(figs), figsize=(3.0 * len(figs), 4.2), squeeze=False)
+    for ax, f in zip(axes[0], figs, strict=True):
+        base_name = KERNEL if f.median(KERNEL) is not None else NGINX
+        base = f.median(base_name)
+        names, vals = [], []
+        for p in peers:
+            r = ratio(f.median(p), base)
+            if r is not None:
+                names.append(p)
+                vals.append(r)
+        ax.bar(range(len(vals)), vals, color=[colors.get(n, "#999999") for n in names])
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(vals)))
+        ax.set_xticklabels([n.replace(" ", "\n", 1) for n in names], fontsize=7)
+        arrow = "higher better" if f.higher_is_better else "lower better"
+        ax.set_title(f"{f.title}\n({f.unit}, {arrow})\nratio to {base_name}", fontsize=8)
+        for i, v in enumerate(vals):
+            ax.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=7)
+    fig.suptitle("uproxy benchmark: median ratio to the baseline (noisy shared 2-core machine)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"`{path.name}` (bars: median ratio to kernel DNAT, or to nginx where the kernel " \
+           "has no value)."

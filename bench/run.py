@@ -1,0 +1,451 @@
+"""The side-by-side run: one lab, every peer, every figure, a few rounds; medians.
+
+Shape: one lab for the whole run (client -> node -> 2 pods) with the backends
+started once; for each round, each peer in turn is started in the node
+namespace, measured with the real load tools from the client namespace, and
+stopped (its rules removed, conntrack flushed) before the next peer starts, so
+peers never see each other's rules. Rounds interleave peers to spread the noise
+of a shared machine over all of them. The idle-connections figure runs in the
+first round only (memory is not noisy; 10,000 connections per peer per round
+would double the run time). The scale figures (issue 6) are one uproxy run of
+their own at the end.
+
+Every external command has a timeout; the lab is torn down on any exit (the
+``with`` block, plus SIGTERM via :func:`install_signal_teardown`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import parse
+from bench.parse import Figure
+from bench.peers import (
+    ALL_PEERS,
+    BULK_PORT,
+    DNS_PORT,
+    HAPROXY,
+    HTTP_PORT,
+    KERNEL,
+    NATIVE,
+    NGINX,
+    PYTHON,
+    VIP,
+    VIP_BULK,
+    Backends,
+    Haproxy,
+    KernelDnat,
+    NginxStream,
+    Peer,
+    Uproxy,
+)
+from uproxy.demo.lab import Lab, LabError, install_signal_teardown
+from uproxy.demo.node import NodeProxy, endpoint_slice, service
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = ("bulk", "conn", "keepalive", "dns", "idle", "scale")
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(slots=True)
+class Options:
+    rounds: int = 3
+    seconds: float = 5.0
+    only: tuple[str, ...] = TESTS
+    peers: tuple[str, ...] = ALL_PEERS
+    idle_count: int = 9000
+    scale_services: int = 10000
+    rest_seconds: float = 10.0
+    changes: int = 40
+    wrk_conns: int = 50
+    conn_conns: int = 32
+    log: Callable[[str], None] = print
+
+
+@dataclass(slots=True)
+class Results:
+    figures: dict[str, Figure] = field(default_factory=dict)
+    scale: dict[str, Any] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    extra: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+
+    def fig(self, key: str) -> Figure:
+        return self.figures[key]
+
+
+def new_results() -> Results:
+    r = Results()
+    for f in (
+        Figure("bulk", "single-stream bulk", "Gbit/s"),
+        Figure("cpu_gb", "proxy CPU per GB moved", "CPU s/GB", higher_is_better=False),
+        Figure("conn", "new connections (1 HTTP request each)", "conn/s"),
+        Figure("ka", "keep-alive HTTP", "req/s"),
+        Figure("ka_p50", "keep-alive p50 latency", "ms", higher_is_better=False),
+        Figure("ka_p99", "keep-alive p99 latency", "ms", higher_is_better=False),
+        Figure("dns", "DNS over UDP", "queries/s"),
+        Figure("dns_lost", "DNS queries lost", "queries", higher_is_better=False),
+        Figure("idle_rss", "RSS per idle connection", "KiB", higher_is_better=False),
+        Figure("idle_fds", "fds per idle connection", "fds", higher_is_better=False),
+    ):
+        r.figures[f.key] = f
+    return r
+
+
+# ------------------------------------------------------------------------- /proc probes
+def cpu_seconds(pids: Sequence[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            total += parse.parse_proc_stat_cpu(Path(f"/proc/{pid}/stat").read_text(), ticks=TICKS)
+    return total
+
+
+def rss_kib(pids: Sequence[int]) -> int:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            total += parse.parse_vmrss_kib(Path(f"/proc/{pid}/status").read_text())
+    return total
+
+
+def fd_count(pids: Sequence[int]) -> int:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            total += len(os.listdir(f"/proc/{pid}/fd"))
+    return total
+
+
+# ---------------------------------------------------------------------------- the lab
+def prepare_lab(lab: Lab) -> Backends:
+    for ns in ("client", "node"):
+        lab.run(ns, ["sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65000"])
+        lab.run(ns, ["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])
+    for i in (1, 2):
+        lab.run(f"pod{i}", ["sysctl", "-qw", "net.core.somaxconn=8192"])
+    # conntrack entries of closed connections would otherwise pile up over the run
+    lab.run("node", ["sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_timeout_time_wait=1"],
+            check=False)
+    for i in (1, 2):
+        lab.start_nginx(i, HTTP_PORT)
+        lab.start_dnsmasq(i, {"bench.example": "1.2.3.4"}, port=DNS_PORT)
+    iperf = lab.spawn("pod1", ["iperf3", "-s", "-p", str(BULK_PORT)], "iperf3-pod1")
+    lab.wait_port("pod1", lab.pod_ip(1), BULK_PORT, "tcp", proc=iperf)
+    (lab.workdir / "queries.txt").write_text("bench.example A\n" * 200)
+    return Backends(http=(lab.pod_ip(1), lab.pod_ip(2)), bulk=(lab.pod_ip(1),),
+                    dns=(lab.pod_ip(1), lab.pod_ip(2)))
+
+
+def make_peer(name: str, lab: Lab, backends: Backends) -> Peer:
+    if name == KERNEL:
+        return KernelDnat(lab, backends)
+    if name == NATIVE:
+        return Uproxy(lab, backends, native=True)
+    if name == PYTHON:
+        return Uproxy(lab, backends, native=False)
+    if name == NGINX:
+        return NginxStream(lab, backends)
+    if name == HAPROXY:
+        return Haproxy(lab, backends)
+    raise ValueError(f"unknown peer {name!r}")
+
+
+def check_path(lab: Lab, peer: Peer) -> None:
+    """One request through the peer before measuring it: fail with a clear line if broken."""
+    seen = set()
+    for _ in range(6):
+        out = lab.run("client", ["curl", "-sS", "-m", "3", f"http://{VIP}:{HTTP_PORT}/"],
+                      check=False)
+        if out.returncode != 0:
+            raise LabError(f"{peer.name}: HTTP through {VIP}:{HTTP_PORT} failed: "
+                           f"{out.stderr.strip()}")
+        seen.add(out.stdout.strip())
+    if not seen <= {"pod1", "pod2"}:
+        raise LabError(f"{peer.name}: unexpected answers {sorted(seen)}")
+
+
+# ---------------------------------------------------------------------------- tests
+def run_bulk(lab: Lab, peer: Peer, opts: Options, res: Results) -> None:
+    pids = peer.pids()
+    cpu0 = cpu_seconds(pids)
+    out = lab.run("client", ["iperf3", "-c", VIP_BULK, "-p", str(BULK_PORT),
+                             "-t", f"{opts.seconds:g}", "-J"],
+                  timeout=opts.seconds + 20, check=False)
+    cpu1 = cpu_seconds(pids)
+    result = parse.parse_iperf3(out.stdout)
+    res.fig("bulk").add(peer.name, result.bits_per_second / 1e9)
+    if pids and result.bytes:
+        res.fig("cpu_gb").add(peer.name, (cpu1 - cpu0) / (result.bytes / 1e9))
+    opts.log(f"    bulk: {result.bits_per_second / 1e9:.2f} Gbit/s"
+             + (f", {(cpu1 - cpu0) / (result.bytes / 1e9):.3f} CPU s/GB" if pids else ""))
+
+
+def _wrk(lab: Lab, opts: Options, args: list[str]) -> parse.WrkResult:
+    out = lab.run("client", ["wrk", "-t", "2", "-d", f"{opts.seconds:g}s", "--timeout", "2s",
+                             *args, f"http://{VIP}:{HTTP_PORT}/"],
+                  timeout=opts.seconds + 20, check=False)
+    return parse.parse_wrk(out.stdout)
+
+
+def run_conn(lab: Lab, peer: Peer, opts: Options, res: Results) -> None:
+    r = _wrk(lab, opts, ["-c", str(opts.conn_conns), "-H", "Connection: close"])
+    res.fig("conn").add(peer.name, r.requests_per_sec)
+    res.extra.setdefault("conn_errors", {}).setdefault(peer.name, []).append(r.errors)
+    opts.log(f"    conn: {r.requests_per_sec:,.0f}/s ({r.errors} socket errors)")
+
+
+def run_keepalive(lab: Lab, peer: Peer, opts: Options, res: Results) -> None:
+    r = _wrk(lab, opts, ["-c", str(opts.wrk_conns), "--latency"])
+    res.fig("ka").add(peer.name, r.requests_per_sec)
+    res.fig("ka_p50").add(peer.name, None if r.p50 is None else r.p50 * 1000)
+    res.fig("ka_p99").add(peer.name, None if r.p99 is None else r.p99 * 1000)
+    opts.log(f"    keep-alive: {r.requests_per_sec:,.0f} req/s, p50 {fmt_ms(r.p50)}, "
+             f"p99 {fmt_ms(r.p99)} ({r.errors} socket errors)")
+
+
+def fmt_ms(v: float | None) -> str:
+    return "n/a" if v is None else f"{v * 1000:.2f} ms"
+
+
+def run_dns(lab: Lab, peer: Peer, opts: Options, res: Results) -> None:
+    if not peer.udp:
+        return
+    out = lab.run("client", ["dnsperf", "-s", VIP, "-p", str(DNS_PORT), "-d",
+                             str(lab.workdir / "queries.txt"), "-l", f"{opts.seconds:g}",
+                             "-c", "1", "-q", "100", "-t", "2"],
+                  timeout=opts.seconds + 20, check=False)
+    r = parse.parse_dnsperf(out.stdout)
+    res.fig("dns").add(peer.name, r.qps)
+    res.fig("dns_lost").add(peer.name, r.lost)
+    opts.log(f"    dns: {r.qps:,.0f} q/s, {r.lost} lost of {r.sent}")
+
+
+def run_idle(lab: Lab, peer: Peer, opts: Options, res: Results) -> None:
+    pids = peer.pids()
+    if not pids:
+        return
+    time.sleep(0.5)
+    rss0, fds0 = rss_kib(pids), fd_count(pids)
+    name = f"hold-{secrets.token_hex(2)}"
+    proc = lab.spawn("client", [sys.executable, "-m", "bench.hold", VIP, str(HTTP_PORT),
+                                "--count", str(opts.idle_count), "--hold", "90",
+                                "--max-time", "40"], name, env={"PYTHONPATH": str(ROOT)})
+    try:
+        deadline = time.monotonic() + 60
+        while not lab.log(name).strip():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise LabError(f"{peer.name}: the idle-connection client gave up: "
+                               f"{lab.log(name)[-500:]}")
+            time.sleep(0.2)
+        held = json.loads(lab.log(name).strip().splitlines()[-1])
+        opened = int(held["open"])
+        time.sleep(1.5)  # let the proxy finish its upstream connects
+        pids = peer.pids()
+        rss1, fds1 = rss_kib(pids), fd_count(pids)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait(10)
+    if opened == 0:
+        res.errors.append(f"{peer.name}: no idle connection opened ({held})")
+        return
+    res.fig("idle_rss").add(peer.name, (rss1 - rss0) / opened)
+    res.fig("idle_fds").add(peer.name, (fds1 - fds0) / opened)
+    res.extra.setdefault("idle_open", {}).setdefault(peer.name, []).append(opened)
+    opts.log(f"    idle: {opened} held ({held['failed']} failed): RSS {rss0}->{rss1} KiB "
+             f"({(rss1 - rss0) / opened:.2f} KiB/conn), fds {fds0}->{fds1} "
+             f"({(fds1 - fds0) / opened:.2f}/conn)")
+    time.sleep(1.0)  # closes propagate before the next test
+
+
+TEST_FUNCS = {"bulk": run_bulk, "conn": run_conn, "keepalive": run_keepalive, "dns": run_dns}
+
+
+def run_peer(lab: Lab, peer: Peer, opts: Options, res: Results, *, first_round: bool) -> None:
+    peer.start()
+    try:
+        check_path(lab, peer)
+        for test in ("bulk", "conn", "keepalive", "dns"):
+            if test in opts.only:
+                try:
+                    TEST_FUNCS[test](lab, peer, opts, res)
+                except (LabError, parse.ParseError) as exc:
+                    res.errors.append(f"{peer.name} {test}: {exc}")
+                    opts.log(f"    {test}: FAILED: {exc}")
+        if first_round and "idle" in opts.only:
+            try:
+                run_idle(lab, peer, opts, res)
+            except (LabError, ValueError, KeyError) as exc:
+                res.errors.append(f"{peer.name} idle: {exc}")
+                opts.log(f"    idle: FAILED: {exc}")
+    finally:
+        peer.stop()
+
+
+# ---------------------------------------------------------------------------- scale
+def scale_manifest(path: Path, n: int, endpoints: Sequence[str]) -> None:
+    """One JSON List with ``n`` Services (ClusterIPs in 10.1.0.0/16) and their slices."""
+    items: list[dict[str, Any]] = []
+    for i in range(n):
+        ip = f"10.1.{i // 250}.{i % 250 + 1}"
+        name = f"svc-{i}"
+        items.append(service(name, ip, [{"name": "http", "port": 80, "targetPort": 80}],
+                             namespace="scale"))
+        items.append(endpoint_slice(name, endpoints,
+                                    [{"name": "http", "port": 80, "protocol": "TCP"}],
+                                    namespace="scale"))
+    path.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+
+
+def metrics_text(lab: Lab) -> str:
+    out = lab.run("node", ["curl", "-sf", "-m", "5", "http://127.0.0.1:10249/metrics"],
+                  check=False)
+    return out.stdout
+
+
+def run_scale(lab: Lab, opts: Options, res: Results) -> None:
+    n = opts.scale_services
+    node = NodeProxy(lab, native=True, loop="uvloop", name="uproxy-scale",
+                     args=["--proxy-port-range", "20000-39999"])
+    scale_manifest(node.manifests / "scale.json", n, (lab.pod_ip(1), lab.pod_ip(2)))
+    churn = node.manifests / "churn.yaml"
+    from bench.changes import write as write_churn
+    churn_vip = "10.0.0.20"
+    write_churn(churn, churn_vip, HTTP_PORT, lab.pod_ip(1), stamp=False)
+    s = res.scale
+    s["services"] = n
+    t0 = time.monotonic()
+    node.start(timeout=120)
+    s["ready_s"] = time.monotonic() - t0
+    try:
+        pid = node.proc.pid if node.proc else 0
+        rules = node.iptables_save()
+        s["rules"] = sum(1 for line in rules.splitlines() if '"scale/svc-' in line)
+        ss = lab.run("node", ["ss", "-Hltnp"], timeout=30).stdout
+        s["listeners"] = sum(1 for line in ss.splitlines() if f"pid={pid}," in line)
+        for line in node.log.splitlines():
+            if "synced" in line and "service ports" in line:
+                s["first_sync_log"] = line.split("synced", 1)[1].strip()
+                break
+        opts.log(f"  scale: {n} services ready in {s['ready_s']:.2f} s "
+                 f"({s['rules']} rules, {s['listeners']} listening sockets; "
+                 f"daemon: {s.get('first_sync_log', '?')})")
+        time.sleep(2.0)
+        s["rss_mib"] = rss_kib([pid]) / 1024
+        c0 = cpu_seconds([pid])
+        time.sleep(opts.rest_seconds)
+        s["cpu_rest_pct"] = (cpu_seconds([pid]) - c0) / opts.rest_seconds * 100
+        s["rest_seconds"] = opts.rest_seconds
+        opts.log(f"  scale: RSS at rest {s['rss_mib']:.1f} MiB, CPU at rest "
+                 f"{s['cpu_rest_pct']:.1f}% over {opts.rest_seconds:g} s")
+        out = lab.run("client", ["env", f"PYTHONPATH={ROOT}", sys.executable, "-m",
+                                 "bench.changes", str(churn), churn_vip, str(HTTP_PORT),
+                                 "--pods", f"{lab.pod_ip(1)}=pod1,{lab.pod_ip(2)}=pod2",
+                                 "--count", str(opts.changes), "--gap", "0.2"],
+                      timeout=opts.changes * 6 + 30, check=False)
+        lines = out.stdout.strip().splitlines()
+        if not lines:
+            raise LabError(f"bench.changes printed nothing: {out.stderr.strip()[-800:]}")
+        doc = json.loads(lines[-1])
+        lat = [float(v) for v in doc["latencies"]]
+        s["change_timeouts"] = int(doc["timeouts"])
+        s["change_count"] = len(lat)
+        s["change_p50_ms"] = (parse.percentile(lat, 0.5) or 0) * 1000 if lat else None
+        s["change_p99_ms"] = (parse.percentile(lat, 0.99) or 0) * 1000 if lat else None
+        text = metrics_text(lab)
+        for key, name in (("sync", "kubeproxy_sync_proxy_rules_duration_seconds"),
+                          ("prog", "kubeproxy_network_programming_duration_seconds")):
+            buckets = parse.parse_histogram(text, name)
+            s[f"{key}_p50_le"] = parse.histogram_quantile(buckets, 0.5)
+            s[f"{key}_p99_le"] = parse.histogram_quantile(buckets, 0.99)
+            s[f"{key}_count"] = buckets[-1][1] if buckets else 0
+        opts.log(f"  scale: endpoint change -> applied (client view) p50 "
+                 f"{parse.fmt_num(s['change_p50_ms'])} ms, p99 "
+                 f"{parse.fmt_num(s['change_p99_ms'])} ms over {len(lat)} changes "
+                 f"({s['change_timeouts']} timeouts); /metrics: sync p99 <= "
+                 f"{s['sync_p99_le']} s, network programming p99 <= {s['prog_p99_le']} s")
+    finally:
+        if node.proc is not None and node.proc.poll() is None:
+            node.stop(timeout=60)
+
+
+# ---------------------------------------------------------------------------- driver
+def raise_nofile() -> int:
+    """Soft RLIMIT_NOFILE up to the hard one (inherited by every lab process); returns it.
+
+    Raising the hard limit needs CAP_SYS_RESOURCE, which this environment may lack.
+    """
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def machine() -> dict[str, str]:
+    def sh(*argv: str) -> str:
+        try:
+            return subprocess.run(argv, capture_output=True, text=True, timeout=5).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return "?"
+
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"nproc": sh("nproc"), "kernel": sh("uname", "-r"), "cpu": cpu,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "python": sys.version.split()[0],
+            "nginx": sh("nginx", "-v") or subprocess.run(
+                ["nginx", "-v"], capture_output=True, text=True).stderr.strip(),
+            "haproxy": sh("haproxy", "-v").splitlines()[0] if sh("haproxy", "-v") else "?",
+            "iperf3": sh("iperf3", "--version").splitlines()[0] if sh("iperf3", "--version")
+            else "?",
+            "dnsperf": "dnsperf " + (sh("dnsperf", "-h").split("version", 1)[-1].split()[0]
+                                     if "version" in sh("dnsperf", "-h") else "?")}
+
+
+def run(opts: Options) -> Results:
+    raise_nofile()
+    res = new_results()
+    with Lab.create(pods=2, name_hint="bench") as lab:
+        undo = install_signal_teardown(lab)
+        try:
+            backends = prepare_lab(lab)
+            data_tests = [t for t in opts.only if t != "scale"]
+            if data_tests:
+                for rnd in range(1, opts.rounds + 1):
+                    opts.log(f"round {rnd}/{opts.rounds}")
+                    for name in opts.peers:
+                        opts.log(f"  {name}")
+                        peer = make_peer(name, lab, backends)
+                        try:
+                            run_peer(lab, peer, opts, res, first_round=rnd == 1)
+                        except LabError as exc:
+                            res.errors.append(f"{name}: {exc}")
+                            opts.log(f"    FAILED: {str(exc)[:2000]}")
+            if "scale" in opts.only:
+                opts.log("scale (issue 6): uproxy native")
+                try:
+                    run_scale(lab, opts, res)
+                except (LabError, ValueError, KeyError) as exc:
+                    res.errors.append(f"scale: {exc}")
+                    opts.log(f"  scale: FAILED: {str(exc)[:2000]}")
+        finally:
+            undo()
+    return res
+

@@ -1,0 +1,214 @@
+"""The benchmark's pure parts: tool output parsing, statistics, tables, kube-proxy rule text.
+
+Tool outputs below are in the exact formats of the Debian wrk 4.1, iperf3 -J and
+dnsperf 2.10 the benchmark runs; a format change must fail here, not in a
+15-minute run.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import parse
+from bench.parse import Figure, ParseError
+from bench.peers import kube_proxy_rules
+
+WRK_LATENCY = """\
+Running 5s test @ http://10.0.0.10:80/
+  2 threads and 50 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     1.07ms  620.43us  18.12ms   88.10%
+    Req/Sec    24.01k     2.11k   28.40k    71.00%
+  Latency Distribution
+     50%    0.98ms
+     75%    1.22ms
+     90%    1.61ms
+     99%    3.18ms
+  238912 requests in 5.00s, 35.09MB read
+Requests/sec:  47722.91
+Transfer/sec:      7.01MB
+"""
+
+WRK_CLOSE = """\
+Running 5s test @ http://10.0.0.10:80/
+  2 threads and 32 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     2.61ms    1.01ms  21.40ms   79.00%
+    Req/Sec     2.90k   210.00     3.30k    68.00%
+  28845 requests in 5.00s, 4.18MB read
+  Socket errors: connect 3, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 4
+Requests/sec:   5768.80
+Transfer/sec:    856.21KB
+"""
+
+DNSPERF = """\
+DNS Performance Testing Tool
+Version 2.10.0
+
+[Status] Command line: dnsperf -s 10.0.0.10 -p 53 -d queries.txt -l 2 -c 1 -q 100 -t 2
+[Status] Sending queries (to 10.0.0.10:53)
+[Status] Testing complete (time limit)
+
+Statistics:
+
+  Queries sent:         113747
+  Queries completed:    113740 (99.99%)
+  Queries lost:         7 (0.01%)
+
+  Response codes:       NOERROR 113740 (100.00%)
+  Average packet size:  request 31, response 47
+  Run time (s):         2.000512
+  Queries per second:   56855.9
+
+  Average Latency (s):  0.001731 (min 0.000041, max 0.012002)
+"""
+
+
+def test_wrk_with_latency_distribution() -> None:
+    r = parse.parse_wrk(WRK_LATENCY)
+    assert r.requests_per_sec == pytest.approx(47722.91)
+    assert r.requests == 238912
+    assert r.p50 == pytest.approx(0.98e-3)
+    assert r.p99 == pytest.approx(3.18e-3)
+    assert (r.errors, r.non_2xx) == (0, 0)
+
+
+def test_wrk_errors_and_no_latency_block() -> None:
+    r = parse.parse_wrk(WRK_CLOSE)
+    assert r.requests_per_sec == pytest.approx(5768.8)
+    assert r.p50 is None and r.p99 is None
+    assert r.errors == 6 and r.non_2xx == 4
+
+
+def test_wrk_latency_units_us_and_s() -> None:
+    text = WRK_LATENCY.replace("0.98ms", "870.00us").replace("3.18ms", "1.20s")
+    r = parse.parse_wrk(text)
+    assert r.p50 == pytest.approx(870e-6)
+    assert r.p99 == pytest.approx(1.2)
+
+
+def test_wrk_failure_names_the_tool() -> None:
+    with pytest.raises(ParseError, match=r"^wrk: .*unable to connect"):
+        parse.parse_wrk("unable to connect to 10.0.0.10:80 Connection refused\n")
+
+
+def test_iperf3_reads_the_receivers_sum() -> None:
+    doc = {"start": {}, "end": {
+        "sum_sent": {"bytes": 9_000_000_000, "bits_per_second": 14.4e9, "seconds": 5.0},
+        "sum_received": {"bytes": 8_400_000_000, "bits_per_second": 13.45e9, "seconds": 5.0004}}}
+    r = parse.parse_iperf3(json.dumps(doc))
+    assert r.bits_per_second == pytest.approx(13.45e9)
+    assert r.bytes == 8_400_000_000
+
+
+def test_iperf3_error_and_garbage() -> None:
+    with pytest.raises(ParseError, match="iperf3: error - unable to connect"):
+        parse.parse_iperf3(json.dumps({"start": {}, "end": {},
+                                       "error": "error - unable to connect to server"}))
+    with pytest.raises(ParseError, match="not JSON"):
+        parse.parse_iperf3("iperf3: error\n")
+    with pytest.raises(ParseError, match="sum_received"):
+        parse.parse_iperf3(json.dumps({"end": {}}))
+
+
+def test_dnsperf_statistics() -> None:
+    r = parse.parse_dnsperf(DNSPERF)
+    assert r.qps == pytest.approx(56855.9)
+    assert (r.sent, r.completed, r.lost) == (113747, 113740, 7)
+    with pytest.raises(ParseError, match=r"^dnsperf"):
+        parse.parse_dnsperf("[Fatal] invalid server\n")
+
+
+def test_proc_stat_and_status() -> None:
+    # comm with spaces and a parenthesis, as /proc allows
+    stat = "4242 (py thon) x) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 3 0 1 2 3"
+    assert parse.parse_proc_stat_cpu(stat, ticks=100) == pytest.approx(3.25)
+    assert parse.parse_vmrss_kib("Name:\tx\nVmRSS:\t   44628 kB\nThreads:\t3\n") == 44628
+    with pytest.raises(ParseError):
+        parse.parse_vmrss_kib("Name:\tzombie\n")
+
+
+def test_histogram_quantile_is_the_bucket_bound() -> None:
+    text = (
+        'kubeproxy_sync_proxy_rules_duration_seconds_bucket{le="0.01"} 30.0\n'
+        'kubeproxy_sync_proxy_rules_duration_seconds_bucket{le="0.05"} 39.0\n'
+        'kubeproxy_sync_proxy_rules_duration_seconds_bucket{le="2.5"} 40.0\n'
+        'kubeproxy_sync_proxy_rules_duration_seconds_bucket{le="+Inf"} 40.0\n'
+        'kubeproxy_sync_proxy_rules_duration_seconds_count 40.0\n'
+    )
+    buckets = parse.parse_histogram(text, "kubeproxy_sync_proxy_rules_duration_seconds")
+    assert buckets[-1] == (float("inf"), 40.0)
+    assert parse.histogram_quantile(buckets, 0.5) == 0.01
+    assert parse.histogram_quantile(buckets, 0.9) == 0.05
+    assert parse.histogram_quantile(buckets, 0.99) == 2.5
+    assert parse.histogram_quantile([(float("inf"), 0.0)], 0.5) is None
+
+
+def test_median_percentile_ratio() -> None:
+    assert parse.median([3.0, 1.0, 2.0]) == 2.0
+    assert parse.median([]) is None
+    samples = [float(i) for i in range(1, 101)]
+    assert parse.percentile(samples, 0.5) == 50.0
+    assert parse.percentile(samples, 0.99) == 99.0
+    assert parse.percentile([7.0], 0.99) == 7.0
+    assert parse.ratio(5.0, 10.0) == 0.5
+    assert parse.ratio(5.0, None) is None and parse.ratio(5.0, 0.0) is None
+
+
+def test_table_has_median_and_ratios_to_both_baselines() -> None:
+    fig = Figure("conn", "new connections", "conn/s")
+    for peer, values in {"kernel": [100.0, 120.0, 110.0], "uproxy": [60.0, 50.0, 55.0],
+                         "nginx": [110.0]}.items():
+        for v in values:
+            fig.add(peer, v)
+    fig.add("uproxy", None)  # a failed round is not a sample
+    table = parse.render_table(fig, ["kernel", "uproxy", "nginx", "haproxy"],
+                               kernel="kernel", nginx="nginx")
+    rows = table.splitlines()
+    assert rows[0] == "| peer | median (conn/s) | rounds | vs kernel | vs nginx |"
+    assert rows[3] == "| uproxy | 55.0 | 60.0, 50.0, 55.0 | 0.50x | 0.50x |"
+    assert rows[2] == "| kernel | 110 | 100, 120, 110 | 1.00x | 1.00x |"
+    assert rows[5] == "| haproxy | n/a | - | n/a | n/a |"
+
+
+def test_summary_falls_back_to_nginx_when_the_kernel_has_no_value() -> None:
+    fig = Figure("idle_rss", "RSS per idle connection", "KiB", higher_is_better=False)
+    fig.add("uproxy", 1.75)
+    fig.add("nginx", 9.1)
+    text = parse.render_summary([fig], ["kernel", "uproxy", "nginx"], kernel="kernel",
+                                nginx="nginx")
+    assert "| RSS per idle connection (KiB) | n/a | 1.75 (0.19x nginx) | 9.10 (1.00x nginx) |" \
+        in text
+
+
+def test_targets_render_and_check() -> None:
+    assert parse.check(0.9, ">=", 0.85) is True
+    assert parse.check(0.8, ">=", 0.85) is False
+    assert parse.check(None, ">=", 0.85) is None
+    text = parse.render_targets([parse.Target("a", True, "x"), parse.Target("b", False, "y"),
+                                 parse.Target("c", None, "n/a")])
+    assert "| a | **met** | x |" in text
+    assert "| b | **not met** | y |" in text
+    assert "| c | not measured | n/a |" in text
+
+
+def test_kube_proxy_rules_match_the_seeds_shape() -> None:
+    text = kube_proxy_rules([("bench/web:http", "10.0.0.10", 80, "tcp",
+                              ("172.17.0.2", "172.17.0.3"))])
+    lines = text.splitlines()
+    assert lines[0] == "*nat" and lines[-1] == "COMMIT"
+    svc = [ln for ln in lines if ln.startswith("-A KUBE-SERVICES")]
+    assert len(svc) == 1
+    assert '-d 10.0.0.10/32 -p tcp -m comment --comment "bench/web:http cluster IP" ' \
+           "-m tcp --dport 80 -j KUBE-SVC-" in svc[0]
+    chain = svc[0].rsplit(" ", 1)[1]
+    assert f":{chain} - [0:0]" in lines
+    jumps = [ln for ln in lines if ln.startswith(f"-A {chain} ")]
+    assert "-m statistic --mode random --probability 0.50000000000 -j KUBE-SEP-" in jumps[0]
+    assert "statistic" not in jumps[1]
+    dnat = sorted(ln.rsplit(" ", 1)[1] for ln in lines if "-j DNAT" in ln)
+    assert dnat == ["172.17.0.2:80", "172.17.0.3:80"]
+    assert sum(1 for ln in lines if ln.endswith("-j KUBE-SERVICES")) == 2  # PREROUTING, OUTPUT
