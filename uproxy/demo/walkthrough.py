@@ -272,6 +272,10 @@ class Demo:
             shutil.copyfile(MANIFESTS_DIR / name, self.node.manifests / name)
         self.out(f"\n$ cat {MANIFESTS_DIR / 'multi-port.yaml'}")
         self.out((MANIFESTS_DIR / "multi-port.yaml").read_text().rstrip())
+        endpoints = (MANIFESTS_DIR / LAB_ENDPOINTS).read_text().splitlines()
+        first_doc = endpoints.index("---") if "---" in endpoints else len(endpoints)
+        self.out(f"\n$ head -n {first_doc} {MANIFESTS_DIR / LAB_ENDPOINTS}")
+        self.out("\n".join(endpoints[:first_doc]))
         self.out(f"\n$ ls {self.node.manifests}")
         self.out("  ".join(sorted(p.name for p in self.node.manifests.iterdir())))
         self.node.start(wait_for="default/sticky: cluster IP")
@@ -308,7 +312,7 @@ class Demo:
         self.explain(
             "Note the \"client\" the pod sees: 172.17.0.1, the node. uproxy opens a new "
             "connection to the pod (a proxy), where kube-proxy's DNAT keeps the client's "
-            "address. Counting 100 connections per port:")
+            "address (unless it has to masquerade). Counting 100 connections per port:")
         self.probe("10.0.0.180", 6789, count=100)
         self.probe("10.0.0.180", 9876, count=100)
 
@@ -388,8 +392,9 @@ class Demo:
         self.explain(
             "With sessionAffinity: ClientIP every connection from one client address goes to "
             "the same pod while the client keeps using it (3 h idle by default). kube-proxy "
-            "does it with `-m recent --rcheck --seconds 10800` in each KUBE-SEP chain; uproxy "
-            "keeps a table of client address -> pod. The rule is a plain REDIRECT again:")
+            "does it with `-m recent --rcheck --seconds 10800` rules in the KUBE-SVC chain "
+            "(and `-m recent --set` in each KUBE-SEP chain); uproxy keeps a table of client "
+            "address -> pod. The rule is a plain REDIRECT again:")
         self.show("node", "iptables-save | grep sticky")
         self.probe("10.0.0.176", 80, count=20)
         self.explain("Other client addresses (added to the client namespace) each stick to "
