@@ -1,11 +1,14 @@
-# The image of the docker-compose demo stack (docker-compose.yml): uproxy itself, and the
-# project's echo server and probe for the backends and the client.
-#   docker compose up --build
+# The one uproxy image: the DaemonSet in deploy/ runs it on every node, and the
+# docker-compose demo stack (docker-compose.yml) runs uproxy, the project's echo server
+# and its probe from it.
+#   docker build -t uproxy:0.1.0 .        # or: docker compose up --build
 #
 # Only the official Python image. Two stages because the native splice relay (cffi, C)
 # needs a compiler at build time and not at run time; the runtime stage adds iptables
 # (uproxy's REDIRECT rules) and conntrack (stale UDP flows) and installs the wheel.
-# Debian's iptables uses the nft backend, which is what current Docker hosts use too.
+# Debian's iptables uses the nft backend, which is what current Docker hosts use too. The
+# rules must land in the backend the node itself uses; on nodes still on legacy iptables,
+# switch in the image with: update-alternatives --set iptables /usr/sbin/iptables-legacy
 FROM python:3.11-slim AS build
 RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc libc6-dev \

@@ -161,7 +161,9 @@ def test_rbac_covers_exactly_what_the_watcher_requests() -> None:
 
 
 def test_dockerfile_builds_from_python_slim_with_iptables_and_conntrack() -> None:
-    text = (DEPLOY / "Dockerfile").read_text()
+    # One image for the DaemonSet and the compose stack: the top-level Dockerfile.
+    assert not (DEPLOY / "Dockerfile").exists()
+    text = (REPO / "Dockerfile").read_text()
     froms = re.findall(r"^FROM\s+(\S+)", text, re.M)
     assert froms and all(f == "python:3.11-slim" for f in froms)
     final = text.rsplit("\nFROM ", 1)[1]
