@@ -35,7 +35,7 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml setup.py uproxy/_native_build.py $(wildcard native/*.c native/*.h)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip setuptools wheel cffi
+	$(PY) -m pip install -q --upgrade pip "setuptools>=77" wheel cffi
 	$(PY) -m pip install -q --no-build-isolation -e '.[test]'
 	@touch $(STAMP)
 
