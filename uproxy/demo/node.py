@@ -60,7 +60,8 @@ class NodeProxy:
     def start(self, *, wait_for: str | None = None, timeout: float = 15.0) -> None:
         env = {} if self.native else {"UPROXY_NO_NATIVE": "1"}
         argv = [*self.prefix, sys.executable, "-m", "uproxy", "run",
-                "--manifests", str(self.manifests), "--loop", self.loop, "--hostname-override", "node",
+                "--manifests", str(self.manifests), "--loop", self.loop,
+                "--hostname-override", "node",
                 "--status-address", "127.0.0.1:10249", "--healthz-address", "127.0.0.1:10256",
                 *self.args]
         self._starts += 1
