@@ -381,3 +381,26 @@ def test_out_of_file_descriptors_pauses_accepting_and_recovers(lab: Lab) -> None
         assert "Traceback" not in log
     finally:
         assert node.stop() == 0
+
+
+def test_nodeport_addresses_limit_where_nodeports_listen(lab: Lab) -> None:
+    lab.start_echo(1, tcp_ports=(8080,))
+    node = NodeProxy(lab, args=["--nodeport-addresses", "10.99.0.0/24"])
+    node.write("np.yaml",
+               service("np", "10.0.0.187", [{"port": 80, "targetPort": 8080, "nodePort": 30187}],
+                       type="NodePort"),
+               endpoint_slice("np", [lab.pod_ip(1)], [{"name": "", "port": 8080,
+                                                       "protocol": "TCP"}]))
+    node.start(wait_for="default/np: cluster IP")
+    try:
+        # Served on the node's address in 10.99.0.0/24 ...
+        assert lab.probe("tcp", lab.node_ip, "30187", "--count", "3")["counts"] == {"pod1": 3}
+        # ... and nowhere else: not on the bridge address, not on loopback.
+        listening = lab.run("node", ["ss", "-ltnH", "sport = :30187"]).stdout.split()
+        assert f"{lab.node_ip}:30187" in listening, listening
+        assert not any(a.endswith(":30187") and a != f"{lab.node_ip}:30187" for a in listening)
+        refused = lab.probe("tcp", "127.0.0.1", "30187", "--count", "1", "--timeout", "1",
+                            ns="node")
+        assert refused["counts"] == {} and refused["errors"]["refused"] == 1, refused
+    finally:
+        assert node.stop() == 0
