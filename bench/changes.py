@@ -3,10 +3,12 @@
 ::
 
     python -m bench.changes MANIFEST VIP PORT --pods IP=NAME,IP=NAME [--count 40] [--gap 0.2]
+                            [--control SOCKET]
 
 Each round rewrites MANIFEST (atomically) so the service's single endpoint
 moves to the other pod, stamping ``endpoints.kubernetes.io/last-change-trigger-time``
-with the write time, then opens short HTTP connections to VIP:PORT until the
+with the write time (or, with ``--control``, applies the same objects to the fake
+API server of tests/k8s/apiserver.py), then opens short HTTP connections to VIP:PORT until the
 answer comes from the new pod. The time from the write to that answer is the
 latency a user sees (manifest poll + sync + the data path picking the new
 endpoint). Prints one JSON line ``{"latencies": [...], "timeouts": N}``.
@@ -22,8 +24,9 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -48,18 +51,23 @@ def ask(vip: str, port: int, timeout: float = 0.5) -> str:
 
 
 def write(path: Path, vip: str, port: int, ip: str, *, stamp: bool = True) -> None:
-    """The churn service with ``ip`` as its only endpoint (atomic replace of ``path``)."""
+    """Replace manifest ``path`` (atomically) with the churn objects."""
+    objs = churn_objects(vip, port, ip, stamp=stamp)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump_all(objs, sort_keys=False))
+    os.replace(tmp, path)
+
+
+def churn_objects(vip: str, port: int, ip: str, *, stamp: bool = True) -> list[dict[str, Any]]:
+    """The churn Service and its EndpointSlice with ``ip`` as the only endpoint."""
     slice_ = endpoint_slice("churn", [ip], [{"name": "http", "port": port, "protocol": "TCP"}],
                             namespace="bench")
     if stamp:
         now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         slice_["metadata"]["annotations"] = {
             "endpoints.kubernetes.io/last-change-trigger-time": now}
-    objs = [service("churn", vip, [{"name": "http", "port": port, "targetPort": port}],
+    return [service("churn", vip, [{"name": "http", "port": port, "targetPort": port}],
                     namespace="bench"), slice_]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump_all(objs, sort_keys=False))
-    os.replace(tmp, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -71,14 +79,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--count", type=int, default=40)
     p.add_argument("--gap", type=float, default=0.2)
     p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("--control", default=None,
+                   help="apply through the fake API server's control socket instead of MANIFEST")
     args = p.parse_args(argv)
+    change: Callable[[str], None]
+    if args.control:
+        from tests.k8s.apiserver import Control
+
+        control = Control(args.control, timeout=5.0)
+
+        def change(ip: str) -> None:
+            control.apply(*churn_objects(args.vip, args.port, ip))
+    else:
+        def change(ip: str) -> None:
+            write(args.manifest, args.vip, args.port, ip)
+
     pods = [tuple(item.split("=", 1)) for item in args.pods.split(",")]
     latencies: list[float] = []
     timeouts = 0
     for i in range(args.count):
         ip, name = pods[(i + 1) % len(pods)]
         t0 = time.monotonic()
-        write(args.manifest, args.vip, args.port, ip)
+        change(ip)
         while True:
             if ask(args.vip, args.port) == name:
                 latencies.append(time.monotonic() - t0)

@@ -71,22 +71,26 @@ def targets(res: Results) -> list[Target]:
     out.append(Target("DNS q/s >= 0.95x kernel DNAT, above nginx's UDP proxy, 0 lost", ok,
                       f"{fmt_ratio(r)} of kernel, {fmt_ratio(rn)} of nginx, lost per round: "
                       f"{lost if lost is not None else 'n/a'}"))
-    s = res.scale
-    ready = s.get("ready_s")
-    complete = s.get("rules") == s.get("services") and (s.get("listeners") or 0) >= (
-        s.get("services") or 0)
-    out.append(Target(f"{s.get('services', 10000):,} services ready <= 2 s",
-                      None if ready is None else (ready <= 2.0 and complete),
-                      "n/a" if ready is None else
-                      f"{ready:.2f} s to /readyz ({s.get('rules')} rules, "
-                      f"{s.get('listeners')} sockets)"))
-    p99 = s.get("change_p99_ms")
-    out.append(Target("endpoint-change-to-applied p99 <= 100 ms",
-                      None if p99 is None else (p99 <= 100 and not s.get("change_timeouts")),
-                      "n/a" if p99 is None else
-                      f"p99 {p99:.0f} ms, p50 {s.get('change_p50_ms', 0):.0f} ms "
-                      f"(client view, {s.get('change_count')} changes, "
-                      f"{s.get('change_timeouts')} timeouts)"))
+    for source, s in res.scale.items():
+        label = "manifest files" if source == "files" else "API server (watch)"
+        ready = s.get("ready_s")
+        complete = s.get("rules") == s.get("services") and (s.get("listeners") or 0) >= (
+            s.get("services") or 0)
+        out.append(Target(f"{s.get('services', 10000):,} services ready <= 2 s ({label})",
+                          None if ready is None else (ready <= 2.0 and complete),
+                          "n/a" if ready is None else
+                          f"{ready:.2f} s to /readyz ({s.get('rules')} rules, "
+                          f"{s.get('listeners')} sockets)"))
+        p99 = s.get("change_p99_ms")
+        out.append(Target(f"endpoint-change-to-applied p99 <= 100 ms ({label})",
+                          None if p99 is None else (p99 <= 100 and not s.get("change_timeouts")),
+                          "n/a" if p99 is None else
+                          f"p99 {p99:.0f} ms, p50 {s.get('change_p50_ms', 0):.0f} ms "
+                          f"(client view, {s.get('change_count')} changes, "
+                          f"{s.get('change_timeouts')} timeouts)"))
+    if not res.scale:
+        out.append(Target("10,000 services ready <= 2 s", None, "n/a"))
+        out.append(Target("endpoint-change-to-applied p99 <= 100 ms", None, "n/a"))
     return out
 
 
@@ -96,35 +100,45 @@ def main_table(res: Results, peers: Sequence[str]) -> str:
 
 
 def scale_table(res: Results) -> str:
-    s = res.scale
-    if not s:
+    if not res.scale:
         return "_not run_"
+    sources = list(res.scale)
 
-    def v(key: str, unit: str = "") -> str:
+    def v(s: dict[str, Any], key: str, unit: str = "") -> str:
         val = s.get(key)
         return "n/a" if val is None else f"{fmt_num(float(val))}{unit}"
 
-    rows = [
-        ("services (2 endpoints each, one JSON manifest)", f"{s.get('services', 0):,}"),
-        ("start -> /readyz (all rules and sockets in place)", v("ready_s", " s")),
+    def le(s: dict[str, Any], key: str) -> str:
+        return (f"<= {s.get(key + '_p50_le')} s / <= {s.get(key + '_p99_le')} s "
+                f"({fmt_num(s.get(key + '_count'))})")
+
+    rows: list[tuple[str, list[str]]] = [
+        ("services (2 endpoints each)", [f"{s.get('services', 0):,}" for s in res.scale.values()]),
+        ("start -> /readyz (all rules and sockets in place)",
+         [v(s, "ready_s", " s") for s in res.scale.values()]),
         ("uproxy REDIRECT rules / listening sockets after ready",
-         f"{s.get('rules')} / {s.get('listeners')}"),
-        ("daemon's own log of the first sync", f"`{s.get('first_sync_log', 'n/a')}`"),
-        ("RSS at rest", v("rss_mib", " MiB")),
-        (f"CPU at rest over {fmt_num(s.get('rest_seconds'))} s", v("cpu_rest_pct", " %")),
-        ("endpoint change -> applied, client view, p50", v("change_p50_ms", " ms")),
-        ("endpoint change -> applied, client view, p99", v("change_p99_ms", " ms")),
-        ("changes measured / timed out (5 s)",
-         f"{s.get('change_count')} / {s.get('change_timeouts')}"),
-        ("/metrics kubeproxy_sync_proxy_rules_duration_seconds p50 / p99 (bucket bound)",
-         f"<= {s.get('sync_p50_le')} s / <= {s.get('sync_p99_le')} s "
-         f"({fmt_num(s.get('sync_count'))} syncs)"),
-        ("/metrics kubeproxy_network_programming_duration_seconds p50 / p99 (bucket bound)",
-         f"<= {s.get('prog_p50_le')} s / <= {s.get('prog_p99_le')} s "
-         f"({fmt_num(s.get('prog_count'))} observations)"),
+         [f"{s.get('rules')} / {s.get('listeners')}" for s in res.scale.values()]),
+        ("daemon's log of its first sync",
+         [f"`{s.get('first_sync_log', 'n/a')}`" for s in res.scale.values()]),
+        ("RSS at rest", [v(s, "rss_mib", " MiB") for s in res.scale.values()]),
+        ("CPU at rest (% of one core)",
+         [f"{v(s, 'cpu_rest_pct', ' %')} over {fmt_num(s.get('rest_seconds'))} s"
+          for s in res.scale.values()]),
+        ("endpoint change -> applied, client view, p50",
+         [v(s, "change_p50_ms", " ms") for s in res.scale.values()]),
+        ("endpoint change -> applied, client view, p99",
+         [v(s, "change_p99_ms", " ms") for s in res.scale.values()]),
+        ("changes seen / timed out (5 s each)",
+         [f"{s.get('change_count')} / {s.get('change_timeouts')}" for s in res.scale.values()]),
+        ("/metrics sync_proxy_rules_duration p50 / p99 (bucket bound; count)",
+         [le(s, "sync") for s in res.scale.values()]),
+        ("/metrics network_programming_duration p50 / p99 (bucket bound; count)",
+         [le(s, "prog") for s in res.scale.values()]),
     ]
-    return "\n".join(["| scale figure (uproxy native) | value |", "|---|---|",
-                      *(f"| {a} | {b} |" for a, b in rows)])
+    names = {"files": "manifest files (one JSON List)", "api": "fake API server (list+watch)"}
+    head = "| scale figure (uproxy native) | " + " | ".join(names.get(x, x) for x in sources) + " |"
+    return "\n".join([head, "|---|" + "---|" * len(sources),
+                      *(f"| {a} | " + " | ".join(b) + " |" for a, b in rows)])
 
 
 def render_markdown(res: Results, opts: Options, mach: dict[str, str], *, chart_note: str,
@@ -133,7 +147,8 @@ def render_markdown(res: Results, opts: Options, mach: dict[str, str], *, chart_
     out: list[str] = []
     out.append("# uproxy side-by-side benchmark (`make bench` = `python -m bench`)\n")
     out.append(f"Run {mach['date']}: {opts.rounds} round(s), {opts.seconds:g} s per load test, "
-               f"{elapsed / 60:.1f} min in all. Machine: `nproc` = {mach['nproc']} "
+               f"{elapsed / 60:.1f} min in all, uproxy at commit `{mach['commit']}`. "
+               f"Machine: `nproc` = {mach['nproc']} "
                f"({mach['cpu']}), kernel {mach['kernel']}, Python {mach['python']}; "
                f"{mach['nginx']}, {mach['haproxy']}, {mach['iperf3']}, {mach['dnsperf']}.\n")
     out.append("**Numbers are noisy**: the machine has 2 cores shared with other engineers "
@@ -214,15 +229,23 @@ METHOD_DOC = """\
   {idle} TCP connections to 10.0.0.10:80 and holds them; the proxy's VmRSS and fd count
   (all its processes) before and 1.5 s after all connects finished, divided by the
   connections held. Includes the upstream connection to the pod the proxy opens for each.
-- **scale**: a separate uproxy (native) run with one JSON List manifest of N Services
-  (ClusterIPs in 10.1.0.0/16, port 80) with 2 endpoints each; time from spawning the
-  process to `/readyz` = 200 (first sync done, rules applied), then the rule count in
-  `iptables-save` and the process's listening sockets (`ss -ltnp`) are checked. RSS and
-  CPU at rest; then `python -m bench.changes` (client ns) rewrites a small second
-  manifest 1 service whose single endpoint flips pod1 <-> pod2, every 0.2 s after the
-  previous change was seen, and times write -> first HTTP answer from the new pod (new
+  The brief asked for 10,000: this environment's hard `RLIMIT_NOFILE` is 20,000 and the
+  run has no CAP_SYS_RESOURCE to raise it, so a proxy holding 2 fds per connection tops
+  out just under 10,000; the per-connection figures do not depend on the count.
+- **scale** (uproxy native, fresh process, once per source): N Services (ClusterIPs in
+  10.1.0.0/16, port 80) with one 2-endpoint EndpointSlice each, either as one JSON List
+  manifest (`--manifests DIR`) or loaded into the fake API server
+  (`python -m tests.k8s.apiserver --load`, uproxy `--kubeconfig`, list+watch). Time from
+  spawning the daemon to `/readyz` = 200 (first sync done, rules applied; includes Python
+  start-up and imports), then the rule count in `iptables-save` and the process's
+  listening sockets (`ss -ltnp`) are checked. RSS and CPU at rest. Then
+  `python -m bench.changes` (client ns) flips the single endpoint of one more service
+  (10.0.0.20:80) between pod1 and pod2 -- rewriting its small manifest file, or applying
+  the EndpointSlice through the API server's control socket -- every 0.2 s after the
+  previous change was seen, and times change -> first HTTP answer from the new pod (new
   connections through the ClusterIP, polled every ~1 ms). The daemon's /metrics
-  histograms are reported too (bucket upper bounds, not interpolated)."""
+  histograms are reported too (bucket upper bounds, not interpolated; the sync histogram
+  includes the first full sync)."""
 
 
 # ---------------------------------------------------------------------------- chart
@@ -257,8 +280,13 @@ def write_chart(res: Results, peers: Sequence[str], path: Path) -> str:
         return "skipped (nothing measured)."
     colors = {KERNEL: "#777777", NATIVE: "#1f77b4", PYTHON: "#9ecae1", NGINX: "#2ca02c",
               HAPROXY: "#ff7f0e"}
-    fig, axes = plt.subplots(1, len(figs), figsize=(3.0 * len(figs), 4.2), squeeze=False)
-    for ax, f in zip(axes[0], figs, strict=True):
+    cols = min(4, len(figs))
+    rows = (len(figs) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.9 * rows), squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[len(figs):]:
+        ax.axis("off")
+    for ax, f in zip(flat, figs, strict=False):
         base_name = KERNEL if f.median(KERNEL) is not None else NGINX
         base = f.median(base_name)
         names, vals = [], []

@@ -19,8 +19,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import resource
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -30,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from bench import parse
+from bench.changes import churn_objects
+from bench.changes import write as write_churn
 from bench.parse import Figure
 from bench.peers import (
     ALL_PEERS,
@@ -51,10 +55,10 @@ from bench.peers import (
     Uproxy,
 )
 from uproxy.demo.lab import Lab, LabError, install_signal_teardown
-from uproxy.demo.node import NodeProxy, endpoint_slice, service
+from uproxy.demo.node import endpoint_slice, service
 
 ROOT = Path(__file__).resolve().parent.parent
-TESTS = ("bulk", "conn", "keepalive", "dns", "idle", "scale")
+TESTS = ("bulk", "conn", "keepalive", "dns", "idle", "scale", "scale-api")
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -76,7 +80,7 @@ class Options:
 @dataclass(slots=True)
 class Results:
     figures: dict[str, Figure] = field(default_factory=dict)
-    scale: dict[str, Any] = field(default_factory=dict)
+    scale: dict[str, dict[str, Any]] = field(default_factory=dict)  # by source
     errors: list[str] = field(default_factory=list)
     extra: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
@@ -294,8 +298,8 @@ def run_peer(lab: Lab, peer: Peer, opts: Options, res: Results, *, first_round: 
 
 
 # ---------------------------------------------------------------------------- scale
-def scale_manifest(path: Path, n: int, endpoints: Sequence[str]) -> None:
-    """One JSON List with ``n`` Services (ClusterIPs in 10.1.0.0/16) and their slices."""
+def scale_objects(n: int, endpoints: Sequence[str]) -> list[dict[str, Any]]:
+    """``n`` Services (ClusterIPs in 10.1.0.0/16, port 80) with one 2-endpoint slice each."""
     items: list[dict[str, Any]] = []
     for i in range(n):
         ip = f"10.1.{i // 250}.{i % 250 + 1}"
@@ -305,6 +309,10 @@ def scale_manifest(path: Path, n: int, endpoints: Sequence[str]) -> None:
         items.append(endpoint_slice(name, endpoints,
                                     [{"name": "http", "port": 80, "protocol": "TCP"}],
                                     namespace="scale"))
+    return items
+
+
+def write_list(path: Path, items: list[dict[str, Any]]) -> None:
     path.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
 
 
@@ -314,31 +322,79 @@ def metrics_text(lab: Lab) -> str:
     return out.stdout
 
 
-def run_scale(lab: Lab, opts: Options, res: Results) -> None:
+DAEMON_FLAGS = ("--loop", "uvloop", "--hostname-override", "node",
+                "--status-address", "127.0.0.1:10249", "--healthz-address", "127.0.0.1:10256",
+                "--proxy-port-range", "20000-39999")
+CHURN_VIP = "10.0.0.20"
+
+
+def _wait_ready(lab: Lab, proc: subprocess.Popen[bytes], log_name: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while lab.run("node", ["curl", "-sf", "-m", "2", "http://127.0.0.1:10256/readyz"],
+                  check=False).returncode != 0:
+        if proc.poll() is not None:
+            raise LabError(f"uproxy exited with {proc.returncode}: {lab.log(log_name)[-1500:]}")
+        if time.monotonic() > deadline:
+            raise LabError(f"uproxy not ready after {timeout:g}s: {lab.log(log_name)[-1500:]}")
+        time.sleep(0.02)
+
+
+def _start_api_server(lab: Lab, objects_file: Path) -> tuple[Path, Path]:
+    """The fake API server (tests/k8s/apiserver.py) in the node ns, loaded with the objects."""
+    kubeconfig = lab.workdir / "scale-kubeconfig"
+    control = lab.workdir / "scale-control.sock"
+    proc = lab.spawn("node", [sys.executable, "-m", "tests.k8s.apiserver", "--kubeconfig",
+                              str(kubeconfig), "--load", str(objects_file), "--control",
+                              str(control), "--history-size", "100000"],
+                     "apiserver", env={"PYTHONPATH": str(ROOT)})
+    deadline = time.monotonic() + 180
+    while not kubeconfig.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise LabError(f"the fake API server did not come up: {lab.log('apiserver')[-1500:]}")
+        time.sleep(0.1)
+    return kubeconfig, control
+
+
+def run_scale(lab: Lab, opts: Options, res: Results, source: str) -> None:
+    """Issue 6 figures for one source (``files`` or ``api``) of a fresh uproxy (native)."""
     n = opts.scale_services
-    node = NodeProxy(lab, native=True, loop="uvloop", name="uproxy-scale",
-                     args=["--proxy-port-range", "20000-39999"])
-    scale_manifest(node.manifests / "scale.json", n, (lab.pod_ip(1), lab.pod_ip(2)))
-    churn = node.manifests / "churn.yaml"
-    from bench.changes import write as write_churn
-    churn_vip = "10.0.0.20"
-    write_churn(churn, churn_vip, HTTP_PORT, lab.pod_ip(1), stamp=False)
-    s = res.scale
-    s["services"] = n
+    s: dict[str, Any] = {"services": n}
+    res.scale[source] = s
+    pods = (lab.pod_ip(1), lab.pod_ip(2))
+    items = scale_objects(n, pods)
+    d = lab.workdir / f"scale-{source}"
+    d.mkdir()
+    log_name = f"uproxy-scale-{source}"
+    change_args: list[str]
+    if source == "files":
+        write_list(d / "scale.json", items)
+        churn = d / "churn.yaml"
+        write_churn(churn, CHURN_VIP, HTTP_PORT, lab.pod_ip(1), stamp=False)
+        src_flags = ["--manifests", str(d)]
+        change_args = [str(churn)]
+    else:
+        objects = lab.workdir / "scale-api-objects.json"
+        write_list(objects, items + churn_objects(CHURN_VIP, HTTP_PORT, lab.pod_ip(1),
+                                                  stamp=False))
+        kubeconfig, control = _start_api_server(lab, objects)
+        src_flags = ["--kubeconfig", str(kubeconfig)]
+        change_args = ["-", "--control", str(control)]
     t0 = time.monotonic()
-    node.start(timeout=120)
-    s["ready_s"] = time.monotonic() - t0
+    proc = lab.spawn("node", [sys.executable, "-m", "uproxy", "run", *src_flags, *DAEMON_FLAGS],
+                     log_name)
     try:
-        pid = node.proc.pid if node.proc else 0
-        rules = node.iptables_save()
+        _wait_ready(lab, proc, log_name, 180)
+        s["ready_s"] = time.monotonic() - t0
+        pid = proc.pid
+        rules = lab.run("node", ["iptables-save", "-t", "nat"], timeout=30).stdout
         s["rules"] = sum(1 for line in rules.splitlines() if '"scale/svc-' in line)
         ss = lab.run("node", ["ss", "-Hltnp"], timeout=30).stdout
         s["listeners"] = sum(1 for line in ss.splitlines() if f"pid={pid}," in line)
-        for line in node.log.splitlines():
+        for line in lab.log(log_name).splitlines():
             if "synced" in line and "service ports" in line:
                 s["first_sync_log"] = line.split("synced", 1)[1].strip()
                 break
-        opts.log(f"  scale: {n} services ready in {s['ready_s']:.2f} s "
+        opts.log(f"  scale ({source}): {n} services ready in {s['ready_s']:.2f} s "
                  f"({s['rules']} rules, {s['listeners']} listening sockets; "
                  f"daemon: {s.get('first_sync_log', '?')})")
         time.sleep(2.0)
@@ -347,10 +403,11 @@ def run_scale(lab: Lab, opts: Options, res: Results) -> None:
         time.sleep(opts.rest_seconds)
         s["cpu_rest_pct"] = (cpu_seconds([pid]) - c0) / opts.rest_seconds * 100
         s["rest_seconds"] = opts.rest_seconds
-        opts.log(f"  scale: RSS at rest {s['rss_mib']:.1f} MiB, CPU at rest "
+        opts.log(f"  scale ({source}): RSS at rest {s['rss_mib']:.1f} MiB, CPU at rest "
                  f"{s['cpu_rest_pct']:.1f}% over {opts.rest_seconds:g} s")
         out = lab.run("client", ["env", f"PYTHONPATH={ROOT}", sys.executable, "-m",
-                                 "bench.changes", str(churn), churn_vip, str(HTTP_PORT),
+                                 "bench.changes", *change_args[:1], CHURN_VIP, str(HTTP_PORT),
+                                 *change_args[1:],
                                  "--pods", f"{lab.pod_ip(1)}=pod1,{lab.pod_ip(2)}=pod2",
                                  "--count", str(opts.changes), "--gap", "0.2"],
                       timeout=opts.changes * 6 + 30, check=False)
@@ -370,14 +427,19 @@ def run_scale(lab: Lab, opts: Options, res: Results) -> None:
             s[f"{key}_p50_le"] = parse.histogram_quantile(buckets, 0.5)
             s[f"{key}_p99_le"] = parse.histogram_quantile(buckets, 0.99)
             s[f"{key}_count"] = buckets[-1][1] if buckets else 0
-        opts.log(f"  scale: endpoint change -> applied (client view) p50 "
+        opts.log(f"  scale ({source}): endpoint change -> applied (client view) p50 "
                  f"{parse.fmt_num(s['change_p50_ms'])} ms, p99 "
                  f"{parse.fmt_num(s['change_p99_ms'])} ms over {len(lat)} changes "
                  f"({s['change_timeouts']} timeouts); /metrics: sync p99 <= "
                  f"{s['sync_p99_le']} s, network programming p99 <= {s['prog_p99_le']} s")
     finally:
-        if node.proc is not None and node.proc.poll() is None:
-            node.stop(timeout=60)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
 
 
 # ---------------------------------------------------------------------------- driver
@@ -407,7 +469,9 @@ def machine() -> dict[str, str]:
                 break
     except OSError:
         pass
-    return {"nproc": sh("nproc"), "kernel": sh("uname", "-r"), "cpu": cpu,
+    commit = os.environ.get("BENCH_COMMIT") or sh("git", "-C", str(ROOT), "describe", "--always",
+                                                   "--dirty", "--abbrev=10")
+    return {"commit": commit or "?", "nproc": sh("nproc"), "kernel": sh("uname", "-r"), "cpu": cpu,
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
             "python": sys.version.split()[0],
             "nginx": sh("nginx", "-v") or subprocess.run(
@@ -415,8 +479,16 @@ def machine() -> dict[str, str]:
             "haproxy": sh("haproxy", "-v").splitlines()[0] if sh("haproxy", "-v") else "?",
             "iperf3": sh("iperf3", "--version").splitlines()[0] if sh("iperf3", "--version")
             else "?",
-            "dnsperf": "dnsperf " + (sh("dnsperf", "-h").split("version", 1)[-1].split()[0]
-                                     if "version" in sh("dnsperf", "-h") else "?")}
+            "dnsperf": "dnsperf " + dnsperf_version()}
+
+
+def dnsperf_version() -> str:
+    try:
+        out = subprocess.run(["dnsperf", "-h"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    m = re.search(r"Version ([0-9.]+)", out.stdout + out.stderr)
+    return m.group(1) if m else "?"
 
 
 def run(opts: Options) -> Results:
@@ -426,7 +498,7 @@ def run(opts: Options) -> Results:
         undo = install_signal_teardown(lab)
         try:
             backends = prepare_lab(lab)
-            data_tests = [t for t in opts.only if t != "scale"]
+            data_tests = [t for t in opts.only if not t.startswith("scale")]
             if data_tests:
                 for rnd in range(1, opts.rounds + 1):
                     opts.log(f"round {rnd}/{opts.rounds}")
@@ -438,13 +510,15 @@ def run(opts: Options) -> Results:
                         except LabError as exc:
                             res.errors.append(f"{name}: {exc}")
                             opts.log(f"    FAILED: {str(exc)[:2000]}")
-            if "scale" in opts.only:
-                opts.log("scale (issue 6): uproxy native")
+            for source in ("files", "api"):
+                if ("scale" if source == "files" else "scale-api") not in opts.only:
+                    continue
+                opts.log(f"scale (issue 6): uproxy native, {source} source")
                 try:
-                    run_scale(lab, opts, res)
+                    run_scale(lab, opts, res, source)
                 except (LabError, ValueError, KeyError) as exc:
-                    res.errors.append(f"scale: {exc}")
-                    opts.log(f"  scale: FAILED: {str(exc)[:2000]}")
+                    res.errors.append(f"scale ({source}): {exc}")
+                    opts.log(f"  scale ({source}): FAILED: {str(exc)[:2000]}")
         finally:
             undo()
     return res
