@@ -12,6 +12,16 @@ Test controls are plain methods: mutate objects, drop or stall streams, fail
 the next N requests (500, 429 with Retry-After), compact the history, and
 outages (503 for a while, or the port closed). Every request is recorded in
 :attr:`FakeApiServer.requests`. Runs in-process on the test's event loop.
+
+Run as a program (``python -m tests.k8s.apiserver``), e.g. inside a lab's node
+namespace where the real daemon can reach it, the same controls are offered on
+a separate HTTP app on a unix socket (``--control PATH``; :class:`Control` is
+its client). A pathname unix socket is reachable from every network namespace,
+so the test drives the server from the root namespace without sending a packet,
+and the API port itself stays protocol-true (no extra routes, no auth bypass).
+Controls arrive as a list of operations applied in order with no ``await``
+between them, so "cut the streams, delete, compact" is atomic for watchers, as
+it is when a test calls the methods in-process.
 """
 
 from __future__ import annotations
@@ -20,8 +30,10 @@ import asyncio
 import base64
 import contextlib
 import copy
+import http.client
 import itertools
 import json
+import socket
 import time
 import uuid
 from collections import deque
@@ -126,13 +138,15 @@ class FakeApiServer:
         self._held: dict[str, asyncio.Event] = {}
         self.compact_on_continue = 0  # compact before serving this many continue pages
         self._runner: web.AppRunner | None = None
+        self._control_runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self._reopen: asyncio.Task[None] | None = None
         self.port = 0
 
     # --- lifecycle --------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, *, control: Path | None = None) -> None:
+        """Listen on 127.0.0.1 (``port``, 0 = any); with ``control``, also serve the controls."""
         app = web.Application(middlewares=[self._middleware])
         for plural, (*_rest, path) in RESOURCES.items():
             app.router.add_get(path, self._make_handler(plural))
@@ -141,20 +155,32 @@ class FakeApiServer:
         )
         await self._runner.setup()
         await self._open_port()
+        if control is not None:
+            capp = web.Application(client_max_size=256 << 20)
+            capp.router.add_post("/ops", self._control_ops)
+            capp.router.add_get("/requests", self._control_requests)
+            capp.router.add_get("/state", self._control_state)
+            self._control_runner = web.AppRunner(capp, shutdown_timeout=0.5, access_log=None)
+            await self._control_runner.setup()
+            with contextlib.suppress(FileNotFoundError):
+                control.unlink()
+            await web.UnixSite(self._control_runner, str(control)).start()
 
     async def _open_port(self) -> None:
         assert self._runner is not None
         self._site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
         await self._site.start()
         if not self.port:
-            server = self._site._server
-            assert server is not None
-            self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            sockets = getattr(self._site._server, "sockets", None)  # asyncio's or uvloop's
+            assert sockets, "the site is not listening"
+            self.port = sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
         if self._reopen is not None:
             self._reopen.cancel()
         self.drop_streams()
+        if self._control_runner is not None:
+            await self._control_runner.cleanup()
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -294,6 +320,96 @@ class FakeApiServer:
 
     def release_lists(self, resource: str) -> None:
         self._held.pop(resource).set()
+
+    def watchers(self) -> dict[str, int]:
+        """Open watch streams per resource."""
+        out = dict.fromkeys(RESOURCES, 0)
+        for w in self._watchers:
+            out[w.plural] += 1
+        return out
+
+    def run_ops(self, ops: list[Obj]) -> list[Any]:
+        """Apply control operations in order, with no ``await`` between them.
+
+        Each is ``{"op": NAME, ...}``: ``apply``/``create``/``update`` (``objects``: a
+        list), ``delete`` (``kind``, ``namespace``, ``name``), ``get`` (same keys),
+        ``drop``, ``compact``, ``fail`` (``count``, ``status``, ``retryAfter``),
+        ``outage`` (``seconds``, ``refuse``), ``hold``/``release`` (``resource``),
+        ``stall`` (``on``). Returns one result per operation (``get``: the object or
+        None, object writes: their new resourceVersions, else None). Raises
+        ValueError naming the first bad operation; the ones before it stay applied.
+        """
+        results: list[Any] = []
+        for i, op in enumerate(ops):
+            name = op.get("op") if isinstance(op, dict) else None
+            try:
+                results.append(self._run_op(str(name), op))
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise ValueError(f"operation {i} ({name}): {type(exc).__name__}: {exc}") from None
+        return results
+
+    def _run_op(self, name: str, op: Obj) -> Any:
+        if name in ("apply", "create", "update"):
+            write = {"apply": self.apply, "create": self.create, "update": self.update}[name]
+            return [write(obj)["metadata"]["resourceVersion"] for obj in op["objects"]]
+        if name in ("delete", "get"):
+            what = (str(op["kind"]), op.get("namespace"), str(op["name"]))
+            return self.delete(*what) if name == "delete" else self.get(*what)
+        if name == "drop":
+            self.drop_streams()
+        elif name == "compact":
+            self.compact()
+        elif name == "fail":
+            retry_after = op.get("retryAfter")
+            self.fail_next(
+                int(op.get("count", 1)),
+                int(op.get("status", 500)),
+                retry_after=None if retry_after is None else float(retry_after),
+            )
+        elif name == "outage":
+            self.outage(float(op["seconds"]), refuse=bool(op.get("refuse", False)))
+        elif name == "hold":
+            self.hold_lists(str(op["resource"]))
+        elif name == "release":
+            self.release_lists(str(op["resource"]))
+        elif name == "stall":
+            self.stalled = bool(op.get("on", True))
+        else:
+            raise ValueError("unknown operation")
+        return None
+
+    async def _control_ops(self, request: web.Request) -> web.Response:
+        try:
+            ops = await request.json()
+            if isinstance(ops, dict):
+                ops = [ops]
+            if not isinstance(ops, list):
+                raise ValueError("the body must be a JSON list of operations")
+            results = self.run_ops(ops)
+        except ValueError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        return web.json_response({"results": results, "resourceVersion": self._rv})
+
+    async def _control_requests(self, request: web.Request) -> web.Response:
+        since = int(request.query.get("since") or 0)
+        return web.json_response(
+            [
+                {"path": r.path, "query": r.query, "at": r.at, "status": r.status,
+                 "watch": r.watch, "resource": r.resource}
+                for r in self.requests[since:]
+            ]
+        )  # fmt: skip
+
+    async def _control_state(self, _request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "resourceVersion": self._rv,
+                "watchers": self.watchers(),
+                "requests": len(self.requests),
+                "held": sorted(self._held),
+                "objects": {p: len(o) for p, o in self._objects.items()},
+            }
+        )
 
     def watch_requests(self, resource: str | None = None) -> list[Request]:
         return [r for r in self.requests if r.watch and resource in (None, r.resource)]
@@ -542,11 +658,81 @@ def node(name: str, *, zone: str | None = None, taints: list[Obj] | None = None)
     }
 
 
+# --- the control channel's client (for a server running as a program) ----------------
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._unix_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._unix_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class ControlError(RuntimeError):
+    """The control channel refused an operation (the message says which and why)."""
+
+
+class Control:
+    """Blocking client of ``--control PATH``: one connection per call, nothing to close."""
+
+    def __init__(self, path: Path | str, *, timeout: float = 30.0) -> None:
+        self.path = str(path)
+        self.timeout = timeout
+
+    def _call(self, method: str, url: str, body: Any = None) -> Any:
+        conn = _UnixConnection(self.path, self.timeout)
+        try:
+            data = None if body is None else json.dumps(body).encode()
+            headers = {"Content-Type": "application/json"} if data is not None else {}
+            conn.request(method, url, body=data, headers=headers)
+            resp = conn.getresponse()
+            payload = json.loads(resp.read() or b"null")
+        finally:
+            conn.close()
+        if resp.status != 200:
+            raise ControlError(f"{method} {url}: HTTP {resp.status}: {payload}")
+        return payload
+
+    def ops(self, *ops: Obj) -> list[Any]:
+        """Apply operations atomically (see :meth:`FakeApiServer.run_ops`)."""
+        results: list[Any] = self._call("POST", "/ops", list(ops))["results"]
+        return results
+
+    def apply(self, *objects: Obj) -> None:
+        self.ops({"op": "apply", "objects": list(objects)})
+
+    def delete(self, kind: str, namespace: str | None, name: str) -> None:
+        self.ops({"op": "delete", "kind": kind, "namespace": namespace, "name": name})
+
+    def get(self, kind: str, namespace: str | None, name: str) -> Obj | None:
+        found: Obj | None = self.ops(
+            {"op": "get", "kind": kind, "namespace": namespace, "name": name}
+        )[0]
+        return found
+
+    def state(self) -> Obj:
+        state: Obj = self._call("GET", "/state")
+        return state
+
+    def requests(self, since: int = 0) -> list[Obj]:
+        seen: list[Obj] = self._call("GET", f"/requests?since={since}")
+        return seen
+
+
 # --- as a program: a fake cluster for trying `uproxy run --kubeconfig` by hand -------
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m tests.k8s.apiserver --kubeconfig PATH [--load FILE.yaml]...``."""
+    """``python -m tests.k8s.apiserver --kubeconfig PATH [--load FILE.yaml]... [--control P]``."""
     import argparse
 
     import yaml
@@ -554,21 +740,43 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--kubeconfig", type=Path, required=True, help="written at start")
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--load", type=Path, action="append", default=[], help="YAML objects")
+    parser.add_argument(
+        "--load", type=Path, action="append", default=[],
+        help="objects: YAML documents, or (*.json) a List or an array",
+    )  # fmt: skip
     parser.add_argument("--bookmark-interval", type=float, default=60.0)
+    parser.add_argument("--history-size", type=int, default=1000)
+    parser.add_argument("--control", type=Path, help="serve the test controls on this unix socket")
+    parser.add_argument(
+        "--hold", action="append", default=[], metavar="RESOURCE",
+        help="hold lists of RESOURCE (e.g. endpointslices) until released over --control",
+    )  # fmt: skip
     args = parser.parse_args(argv)
 
     async def serve() -> None:
-        server = FakeApiServer(bookmark_interval=args.bookmark_interval)
+        server = FakeApiServer(
+            history_size=args.history_size, bookmark_interval=args.bookmark_interval
+        )
         server.port = args.port
         for path in args.load:
-            for doc in yaml.safe_load_all(path.read_text()):
-                items = doc.get("items", []) if doc and doc.get("kind") == "List" else [doc]
+            text = path.read_text()
+            docs = [json.loads(text)] if path.suffix == ".json" else yaml.safe_load_all(text)
+            for doc in docs:
+                if isinstance(doc, list):
+                    items = doc
+                elif doc and doc.get("kind") == "List":
+                    items = doc.get("items", [])
+                else:
+                    items = [doc]
                 for obj in items:
                     if obj and obj.get("kind") in PLURAL_OF_KIND:
                         server.apply(obj)
-        await server.start()
-        server.write_kubeconfig(args.kubeconfig)
+        for resource in args.hold:
+            server.hold_lists(resource)
+        await server.start(control=args.control)
+        tmp = args.kubeconfig.with_name(args.kubeconfig.name + ".tmp")
+        server.write_kubeconfig(tmp)
+        tmp.replace(args.kubeconfig)  # whoever waits for the file sees it whole
         print(f"fake API server on {server.url}; kubeconfig {args.kubeconfig}", flush=True)
         try:
             await asyncio.Event().wait()
