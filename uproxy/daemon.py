@@ -87,6 +87,7 @@ class Daemon:
         self._add_udp()
         self.served: dict[ServicePortName, Entry] = {}
         self.listeners: dict[ListenerKey, Listener] = {}
+        self._listener_keys: dict[ServicePortName, set[ListenerKey]] = {}  # listeners by name
         self.redirects: list[Redirect] = []
         self.started = time.time()
         self.source_synced = False
@@ -180,6 +181,7 @@ class Daemon:
         for listener in self.listeners.values():
             listener.close()
         self.listeners.clear()
+        self._listener_keys.clear()
         if self.iptables is not None and self.rules_applied:
             # Stop intercepting new connections, but keep NAT alive for open ones.
             try:
@@ -298,9 +300,10 @@ class Daemon:
         if port.node_port:
             for address in self._nodeport_addresses():
                 wanted.add(ListenerKey(port.name, "nodeport", address, port.node_port))
-        existing = {k for k in self.listeners if k.name == port.name}
+        existing = self._listener_keys.setdefault(port.name, set())
         for key in existing - wanted:
             self.listeners.pop(key).close()
+            existing.discard(key)
         for key in sorted(wanted - existing, key=lambda k: (k.scope, k.address)):
             try:
                 if key.scope == "nodeport":
@@ -317,9 +320,10 @@ class Daemon:
                 continue
             self._warned.discard(f"bind:{key}")
             self.listeners[key] = proxy.listen(sock, port.name, key.scope)
+            existing.add(key)
 
     def _close_listeners(self, name: ServicePortName) -> None:
-        for key in [k for k in self.listeners if k.name == name]:
+        for key in self._listener_keys.pop(name, set()):
             self.listeners.pop(key).close()
 
     def _nodeport_addresses(self) -> list[str]:
