@@ -107,4 +107,76 @@ void uproxy_engine_stats(struct uproxy_engine *e, struct uproxy_engine_stats *ou
 /* Stop (if needed), join the thread, close every fd, free everything. */
 void uproxy_engine_free(struct uproxy_engine *e);
 
+/* ---- UDP batching (native/udp.c) ------------------------------------------
+ *
+ * One batch holds up to UPROXY_UDP_BATCH received datagrams in preallocated
+ * buffers of UPROXY_UDP_BUFSIZE bytes (larger than the largest IPv4 UDP
+ * payload, 65,507 bytes: nothing is ever truncated). The event loop calls
+ * these on its own thread; no function blocks. IPv4 only: keys and reply
+ * addresses are IPv4 (callers use the socket module for IPv6 listeners). */
+#define UPROXY_UDP_BATCH 64
+#define UPROXY_UDP_BUFSIZE 65536
+/* UDP GSO (UDP_SEGMENT) for runs of equal-sized datagrams: segment size bound (fits
+ * every sane path MTU; a path that cannot segment turns it off), segments and bytes
+ * per message */
+#define UPROXY_UDP_GSO_MAX_SEGMENT 1232
+#define UPROXY_UDP_GSO_MAX_SEGMENTS 64
+#define UPROXY_UDP_GSO_MAX_BYTES 60000
+
+struct uproxy_udp_priv;
+
+struct uproxy_udp_batch {
+    int count;                                /* datagrams received */
+    int ngroups;                              /* distinct sources */
+    uint32_t len[UPROXY_UDP_BATCH];           /* payload length of datagram i */
+    uint64_t key[UPROXY_UDP_BATCH];           /* source: IPv4 address << 16 | port (host order) */
+    int64_t dst[UPROXY_UDP_BATCH];            /* IP_PKTINFO header destination (host order), -1 */
+    uint8_t order[UPROXY_UDP_BATCH];          /* datagram indexes grouped by source */
+    uint8_t group[UPROXY_UDP_BATCH + 1];      /* group g is order[group[g] .. group[g + 1]) */
+    int gso;                                  /* 1: send runs of equal-sized datagrams as one
+                                                 UDP_SEGMENT message (set by _new; cleared when
+                                                 the kernel refuses it) */
+    struct uproxy_udp_priv *priv;
+};
+
+struct uproxy_udp_sent {
+    int sent;       /* datagrams the kernel accepted */
+    int busy;       /* dropped: the socket buffer was full (EAGAIN) */
+    int failed;     /* dropped for another error (uproxy_udp_reply only) */
+    int err;        /* that error's errno, 0 if none */
+    int err_at;     /* position (index into order) of the first failed one, -1 if none */
+    uint64_t bytes; /* payload bytes of the datagrams sent */
+};
+
+/* NULL on ENOMEM. */
+struct uproxy_udp_batch *uproxy_udp_batch_new(void);
+void uproxy_udp_batch_free(struct uproxy_udp_batch *b);
+
+/* One recvmmsg of up to UPROXY_UDP_BATCH datagrams from `fd`. With
+ * `want_source` (a listener with IP_PKTINFO on): fills key/dst and groups by
+ * source (groups in order of first appearance, arrival order within each);
+ * else one group in arrival order. Returns the count, or -errno (-EAGAIN when
+ * nothing was waiting; a connected socket's ICMP error, e.g. -ECONNREFUSED). */
+int uproxy_udp_recv(int fd, struct uproxy_udp_batch *b, int want_source);
+
+/* Send the datagrams at order[from .. to) on the connected socket `fd` with
+ * sendmmsg. A datagram the socket refuses with EAGAIN is dropped (`busy`) and
+ * the next one tried; any other error stops: `err`, and `err_at` is the
+ * position of the datagram not sent (it and the rest are left to the caller).
+ * Returns out->sent. */
+int uproxy_udp_send(int fd, struct uproxy_udp_batch *b, int from, int to,
+                    struct uproxy_udp_sent *out);
+
+/* Send every datagram of the batch, in order, from the unconnected socket `fd`
+ * to ip:port (host order); with spec_dst >= 0, each leaves with IP_PKTINFO
+ * ipi_spec_dst = spec_dst (the source address the client sent to). A datagram
+ * that fails is dropped (`busy` or `failed`, last errno in `err`) and the rest
+ * still go. Returns out->sent. */
+int uproxy_udp_reply(int fd, struct uproxy_udp_batch *b, uint32_t ip, uint16_t port,
+                     int64_t spec_dst, struct uproxy_udp_sent *out);
+
+/* Copy up to `size` bytes of datagram `index` into dst (for tests and tools);
+ * returns the bytes copied, -1 for a bad index. */
+int uproxy_udp_copy(struct uproxy_udp_batch *b, int index, unsigned char *dst, int size);
+
 #endif

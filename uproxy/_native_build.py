@@ -66,6 +66,42 @@ void uproxy_engine_stop(struct uproxy_engine *e);
 int uproxy_engine_stopped(struct uproxy_engine *e);
 void uproxy_engine_stats(struct uproxy_engine *e, struct uproxy_engine_stats *out);
 void uproxy_engine_free(struct uproxy_engine *e);
+
+#define UPROXY_UDP_BATCH ...
+#define UPROXY_UDP_BUFSIZE ...
+#define UPROXY_UDP_GSO_MAX_SEGMENT ...
+#define UPROXY_UDP_GSO_MAX_SEGMENTS ...
+#define UPROXY_UDP_GSO_MAX_BYTES ...
+
+struct uproxy_udp_batch {
+    int count;
+    int ngroups;
+    uint32_t len[];
+    uint64_t key[];
+    int64_t dst[];
+    uint8_t order[];
+    uint8_t group[];
+    int gso;
+    ...;
+};
+
+struct uproxy_udp_sent {
+    int sent;
+    int busy;
+    int failed;
+    int err;
+    int err_at;
+    uint64_t bytes;
+};
+
+struct uproxy_udp_batch *uproxy_udp_batch_new(void);
+void uproxy_udp_batch_free(struct uproxy_udp_batch *b);
+int uproxy_udp_recv(int fd, struct uproxy_udp_batch *b, int want_source);
+int uproxy_udp_send(int fd, struct uproxy_udp_batch *b, int from, int to,
+                    struct uproxy_udp_sent *out);
+int uproxy_udp_reply(int fd, struct uproxy_udp_batch *b, uint32_t ip, uint16_t port,
+                     int64_t spec_dst, struct uproxy_udp_sent *out);
+int uproxy_udp_copy(struct uproxy_udp_batch *b, int index, unsigned char *dst, int size);
 """
 
 ffibuilder = FFI()
@@ -73,7 +109,7 @@ ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "uproxy._native",
     '#include "uproxy_native.h"',
-    sources=[str(NATIVE_DIR / "relay.c")],
+    sources=[str(NATIVE_DIR / "relay.c"), str(NATIVE_DIR / "udp.c")],
     depends=[str(NATIVE_DIR / "uproxy_native.h")],
     include_dirs=[str(NATIVE_DIR)],
     libraries=["pthread"],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import socket
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -19,12 +20,13 @@ from typing import Any, cast
 import pytest
 import uvloop
 
+from uproxy import native
 from uproxy.balance import Balancer
 from uproxy.connections import ConnTable
 from uproxy.conntrack import Conntrack, CtEntry, Stale, parse_entries, select
 from uproxy.metrics import Metrics
 from uproxy.model import Endpoint, ServicePort, ServicePortName
-from uproxy.proxy.udp import FlowLru, UdpProxy, max_flows_from_env
+from uproxy.proxy.udp import IP_PKTINFO, FlowLru, UdpProxy, max_flows_from_env
 from uproxy.settings import Settings
 from uproxy.state import Entry
 
@@ -199,11 +201,19 @@ class Backend(asyncio.DatagramProtocol):
         self.transport.sendto(str(self.port).encode() if data == b"whoami" else data, addr)
 
 
-LOOPS = ["asyncio", "uvloop"]
+# Every proxy test runs on both loops and both paths: the native batches (recvmmsg/sendmmsg,
+# native/udp.c) and the socket module's one call per datagram (UPROXY_NO_NATIVE=1).
+LOOPS = ["asyncio-native", "asyncio-python", "uvloop-native", "uvloop-python"]
+_path = {"native": native.ACTIVE == "native"}
 
 
 def run(loop_kind: str, body: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    factory = uvloop.new_event_loop if loop_kind == "uvloop" else asyncio.new_event_loop
+    """Run ``body`` on a fresh loop; ``loop_kind`` is ``loop[-native|-python]``."""
+    loop_name, _, impl = loop_kind.partition("-")
+    if impl == "native" and native.ACTIVE != "native":
+        pytest.skip(f"native path not active: {native.REASON}")
+    _path["native"] = impl == "native" if impl else native.ACTIVE == "native"
+    factory = uvloop.new_event_loop if loop_name == "uvloop" else asyncio.new_event_loop
     with asyncio.Runner(loop_factory=factory) as runner:
         runner.run(body())
 
@@ -219,7 +229,8 @@ class Setup:
 
 @contextlib.asynccontextmanager
 async def setup(backends: int = 2, *, timeout: float = 30.0, max_flows: int = 64,
-                evict_min_idle: float = 1.0, affinity: int | None = None) -> AsyncIterator[Setup]:
+                evict_min_idle: float = 1.0, affinity: int | None = None,
+                listen: str = "127.0.0.1") -> AsyncIterator[Setup]:
     loop = asyncio.get_running_loop()
     protos: list[Backend] = []
     transports: list[asyncio.BaseTransport] = []
@@ -234,12 +245,15 @@ async def setup(backends: int = 2, *, timeout: float = 30.0, max_flows: int = 64
         proxy = UdpProxy(loop=loop, balancer=Balancer(node_name="node"), conns=conns,
                          metrics=metrics, settings=Settings(udp_timeout=timeout),
                          max_flows=max_flows, evict_min_idle=evict_min_idle,
-                         conntrack=Conntrack(enabled=False))
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.bind(("127.0.0.1", 0))
+                         conntrack=Conntrack(enabled=False), native=_path["native"])
+        assert proxy.native is _path["native"]
+        family = socket.AF_INET6 if ":" in listen else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.bind((listen, 0))
         sock.setblocking(False)
         proxy.entries = {NAME: entry_for(*(p.port for p in protos), affinity=affinity)}
         listener = proxy.listen(sock, NAME, "cluster")
+        assert listener.batched is (_path["native"] and family == socket.AF_INET)
         yield Setup(proxy, listener.port, protos, conns, metrics)
     finally:
         if proxy is not None:
@@ -489,3 +503,166 @@ def test_entry_changes_queue_the_right_conntrack_deletions() -> None:
         await proxy.drain(0.1)
 
     run("asyncio", body)
+
+
+# --- batches: many datagrams per wake-up, replies from the arrival address --------------------
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_bursts_from_several_clients_arrive_whole_and_in_order(loop_kind: str) -> None:
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        async with setup(backends=2) as s:
+            socks = [client(s.port) for _ in range(4)]
+            try:
+                # Interleaved and sent before the proxy runs: one receive batch holds datagrams
+                # of every client, which must each reach that client's endpoint, in order.
+                sent: dict[int, list[bytes]] = {i: [] for i in range(4)}
+                for n in range(30):
+                    for i, sock in enumerate(socks):
+                        payload = f"c{i}-{n:03d}-".encode() + b"x" * (n * 37 % 500)
+                        sock.send(payload)
+                        sent[i].append(payload)
+                for i, sock in enumerate(socks):
+                    got: list[bytes] = []
+                    async with asyncio.timeout(3):
+                        while len(got) < 30:
+                            got.append(await loop.sock_recv(sock, 65536))
+                    assert got == sent[i]
+                assert len(s.proxy.flows) == 4
+                rows = sorted(s.conns, key=lambda c: c.client)
+                expected = sorted(sum(len(p) for p in sent[i]) for i in range(4))
+                assert sorted(c.bytes_up for c in rows) == expected
+                assert sorted(c.bytes_down for c in rows) == expected
+                assert sum(b.received for b in s.backends) == 120
+            finally:
+                for sock in socks:
+                    sock.close()
+
+    run(loop_kind, body)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_runs_of_equal_sized_datagrams_arrive_as_the_same_datagrams(loop_kind: str) -> None:
+    """The native path sends such runs as one UDP_SEGMENT message: the receivers must still
+    see every datagram on its own, with its own bytes, in order (a shorter one ends a run)."""
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        async with setup(backends=1, listen="0.0.0.0") as s:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                sock.setblocking(False)
+                sock.connect(("127.0.0.2", s.port))  # replies must come from 127.0.0.2
+                sizes = [64] * 40 + [20] + [1200] * 10 + [1232] * 5 + [1233] * 3 + [7]
+                sent = [bytes([i]) * size for i, size in enumerate(sizes)]
+                for payload in sent:
+                    sock.send(payload)
+                got: list[bytes] = []
+                async with asyncio.timeout(3):
+                    while len(got) < len(sent):
+                        got.append(await loop.sock_recv(sock, 65536))
+                assert got == sent
+                assert s.backends[0].received == len(sent)
+                flow = next(iter(s.proxy.flows))
+                assert flow.bytes_up == flow.bytes_down == sum(sizes)
+
+    run(loop_kind, body)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_replies_leave_from_the_address_the_client_sent_to(loop_kind: str) -> None:
+    async def body() -> None:
+        async with setup(backends=1, listen="0.0.0.0") as s:
+            # A connected client accepts replies only from the address it sent to: the
+            # listener, bound to the wildcard, must answer from 127.0.0.2 (IP_PKTINFO).
+            for address in ("127.0.0.2", "127.0.0.1", "127.0.0.3"):
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                    sock.setblocking(False)
+                    sock.connect((address, s.port))
+                    for size in (6, 9000):
+                        payload = b"whoami" if size == 6 else os.urandom(size)
+                        answer = await ask(s.port, payload, sock=sock)
+                        assert answer == (str(s.backends[0].port).encode()
+                                          if size == 6 else payload)
+            sources = sorted(socket.inet_ntoa(f.reply_src) for f in s.proxy.flows
+                             if f.reply_src is not None)
+            assert sources == ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+
+    run(loop_kind, body)
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback in this environment")
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_ipv6_listener_relays_on_either_path(loop_kind: str) -> None:
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        async with setup(backends=1, listen="::1") as s:  # the native batches are IPv4-only
+            with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+                sock.setblocking(False)
+                sock.connect(("::1", s.port))
+                for size in (6, 65507):
+                    payload = os.urandom(size)
+                    await loop.sock_sendall(sock, payload)
+                    async with asyncio.timeout(2):
+                        assert await loop.sock_recv(sock, 65536) == payload
+            assert len(s.proxy.flows) == 1
+
+    run(loop_kind, body)
+
+
+def test_native_batch_groups_datagrams_by_client() -> None:
+    if native.ACTIVE != "native":
+        pytest.skip(f"native path not active: {native.REASON}")
+    lib, ffi = native.lib(), native.ffi()
+    batch = ffi.gc(lib.uproxy_udp_batch_new(), lib.uproxy_udp_batch_free)
+    with contextlib.ExitStack() as stack:
+        listener = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+        listener.bind(("127.0.0.1", 0))
+        listener.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+        assert lib.uproxy_udp_recv(listener.fileno(), batch, 1) == -errno.EAGAIN
+        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+                 for _ in range(3)]
+        for sock in socks:
+            sock.connect(listener.getsockname())
+        payloads = [os.urandom(1 + i * 1000) for i in range(9)] + [os.urandom(65507)]
+        for i, payload in enumerate(payloads):
+            socks[i % 3].send(payload)
+        n = lib.uproxy_udp_recv(listener.fileno(), batch, 1)
+        assert n == 10 and batch.ngroups == 3
+        assert [batch.order[k] for k in range(n)] == [0, 3, 6, 9, 1, 4, 7, 2, 5, 8]
+        assert [batch.group[g] for g in range(4)] == [0, 4, 7, 10]
+        ports = [sock.getsockname()[1] for sock in socks]
+        assert [batch.key[i] for i in range(3)] == [(0x7F000001 << 16) | p for p in ports]
+        assert {batch.dst[i] for i in range(n)} == {0x7F000001}
+        buf = ffi.new("unsigned char[]", 65536)
+        for i, payload in enumerate(payloads):
+            assert batch.len[i] == len(payload)
+            assert lib.uproxy_udp_copy(batch, i, buf, 65536) == len(payload)
+            assert ffi.buffer(buf, len(payload))[:] == payload
+        # group 0 (the first client's four datagrams) to a connected socket, whole
+        backend = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+        backend.bind(("127.0.0.1", 0))
+        up = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+        up.connect(backend.getsockname())
+        out = ffi.new("struct uproxy_udp_sent *")
+        assert lib.uproxy_udp_send(up.fileno(), batch, 0, 4, out) == 4
+        assert (out.err, out.err_at, out.bytes) == (0, -1, sum(map(len, payloads[::3])))
+        assert [backend.recv(65536) for _ in range(4)] == payloads[::3]
+        # a run of equal-sized datagrams (one UDP_SEGMENT message) arrives as separate datagrams
+        assert batch.gso == 1
+        run = [bytes([i]) * 100 for i in range(20)] + [b"end"]
+        for payload in run:
+            socks[0].send(payload)
+        assert lib.uproxy_udp_recv(listener.fileno(), batch, 1) == 21
+        assert lib.uproxy_udp_send(up.fileno(), batch, 0, 21, out) == 21
+        assert (out.err, out.busy, out.bytes) == (0, 0, 2003)
+        assert [backend.recv(65536) for _ in range(21)] == run
+        assert batch.gso == 1  # loopback segments: still on
