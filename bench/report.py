@@ -178,6 +178,8 @@ def render_markdown(res: Results, opts: Options, mach: dict[str, str], *, chart_
     out.append(METHOD_DOC.format(seconds=opts.seconds, idle=opts.idle_count,
                                  conns=opts.wrk_conns, cconns=opts.conn_conns) + "\n")
     out.append(f"Chart: {chart_note}\n")
+    out.append("What limits the missed targets (py-spy profiles, written by hand): "
+               "[ANALYSIS.md](ANALYSIS.md).\n")
     if res.errors:
         out.append("## Errors during the run\n")
         out.extend(f"- {e[:600]}" for e in res.errors)

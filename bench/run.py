@@ -42,6 +42,7 @@ from bench.peers import (
     HAPROXY,
     HTTP_PORT,
     KERNEL,
+    LOCAL_PORTS,
     NATIVE,
     NGINX,
     PYTHON,
@@ -136,6 +137,11 @@ def prepare_lab(lab: Lab) -> Backends:
     for ns in ("client", "node"):
         lab.run(ns, ["sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65000"])
         lab.run(ns, ["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])
+    # The proxies' own outgoing connections (to the pods) take ephemeral ports in the node
+    # ns; keep them off the ports nginx/HAProxy listen on, or a peer started after a busy
+    # one fails to bind while the earlier one's closed connections linger.
+    reserved = ",".join(str(p) for p in sorted(LOCAL_PORTS.values()))
+    lab.run("node", ["sysctl", "-qw", f"net.ipv4.ip_local_reserved_ports={reserved}"])
     for i in (1, 2):
         lab.run(f"pod{i}", ["sysctl", "-qw", "net.core.somaxconn=8192"])
     # conntrack entries of closed connections would otherwise pile up over the run
