@@ -56,7 +56,7 @@ struct uproxy_udp_batch *uproxy_udp_batch_new(void)
         free(b);
         return NULL;
     }
-    b->gso = 1;
+    b->gso = UPROXY_UDP_GSO_MAX_SEGMENT;
     for (int i = 0; i < UPROXY_UDP_BATCH; i++) {
         b->priv->iov[i].iov_base = b->priv->bufs + (size_t)i * UPROXY_UDP_BUFSIZE;
         b->priv->iov[i].iov_len = UPROXY_UDP_BUFSIZE;
@@ -199,6 +199,7 @@ struct wire {
     struct iovec iov[UPROXY_UDP_BATCH];
     int first[UPROXY_UDP_BATCH]; /* first position of message m */
     int count[UPROXY_UDP_BATCH]; /* datagrams in message m */
+    int seg[UPROXY_UDP_BATCH];   /* its segment size (the first datagram's length) */
     union {
         char buf[CONTROL_SIZE + GSO_CONTROL_SIZE];
         struct cmsghdr align;
@@ -214,7 +215,7 @@ static int plan(struct uproxy_udp_batch *b, struct wire *w, int from, int to, vo
         int seg = (int)b->len[b->order[k]];
         int n = 1;
         size_t total = (size_t)seg;
-        if (b->gso && seg > 0 && seg <= UPROXY_UDP_GSO_MAX_SEGMENT) {
+        if (seg > 0 && seg <= b->gso) {
             while (k + n < to && n < UPROXY_UDP_GSO_MAX_SEGMENTS) {
                 int len = (int)b->len[b->order[k + n]];
                 if (len > seg || len == 0 || total + (size_t)len > UPROXY_UDP_GSO_MAX_BYTES)
@@ -261,6 +262,7 @@ static int plan(struct uproxy_udp_batch *b, struct wire *w, int from, int to, vo
         }
         w->first[m] = k;
         w->count[m] = n;
+        w->seg[m] = seg;
         m++;
         k += n;
     }
@@ -300,7 +302,9 @@ static void send_range(int fd, struct uproxy_udp_batch *b, int from, int to, voi
         }
         int err = -r;
         if (w.count[m] > 1 && gso_refused(err)) {
-            b->gso = 0; /* this path cannot segment: plain datagrams from now on */
+            /* Too large a segment for the path MTU: only smaller runs use GSO from now
+             * on. Anything else (no checksum offload, IPsec...): no GSO at all. */
+            b->gso = (err == EINVAL || err == EMSGSIZE) && w.seg[m] > 1 ? w.seg[m] - 1 : 0;
             struct uproxy_udp_sent more;
             send_range(fd, b, w.first[m], to, name, namelen, spec_dst, stop_on_error, &more);
             out->sent += more.sent;

@@ -133,9 +133,9 @@ struct uproxy_udp_batch {
     int64_t dst[UPROXY_UDP_BATCH];            /* IP_PKTINFO header destination (host order), -1 */
     uint8_t order[UPROXY_UDP_BATCH];          /* datagram indexes grouped by source */
     uint8_t group[UPROXY_UDP_BATCH + 1];      /* group g is order[group[g] .. group[g + 1]) */
-    int gso;                                  /* 1: send runs of equal-sized datagrams as one
-                                                 UDP_SEGMENT message (set by _new; cleared when
-                                                 the kernel refuses it) */
+    int gso; /* runs of equal-sized datagrams up to this size leave as one UDP_SEGMENT
+              * message; _new sets UPROXY_UDP_GSO_MAX_SEGMENT, a refusal lowers it (below
+              * the refused size for EINVAL/EMSGSIZE: path MTU; else to 0: off) */
     struct uproxy_udp_priv *priv;
 };
 

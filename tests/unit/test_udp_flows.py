@@ -657,7 +657,7 @@ def test_native_batch_groups_datagrams_by_client() -> None:
         assert (out.err, out.err_at, out.bytes) == (0, -1, sum(map(len, payloads[::3])))
         assert [backend.recv(65536) for _ in range(4)] == payloads[::3]
         # a run of equal-sized datagrams (one UDP_SEGMENT message) arrives as separate datagrams
-        assert batch.gso == 1
+        assert batch.gso == lib.UPROXY_UDP_GSO_MAX_SEGMENT
         run = [bytes([i]) * 100 for i in range(20)] + [b"end"]
         for payload in run:
             socks[0].send(payload)
@@ -665,4 +665,4 @@ def test_native_batch_groups_datagrams_by_client() -> None:
         assert lib.uproxy_udp_send(up.fileno(), batch, 0, 21, out) == 21
         assert (out.err, out.busy, out.bytes) == (0, 0, 2003)
         assert [backend.recv(65536) for _ in range(21)] == run
-        assert batch.gso == 1  # loopback segments: still on
+        assert batch.gso == lib.UPROXY_UDP_GSO_MAX_SEGMENT  # loopback segments: still on
