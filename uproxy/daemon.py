@@ -99,6 +99,7 @@ class Daemon:
         self._last_rules = ""
         self._observed_triggers: set[str] = set()
         self._warned: set[str] = set()
+        self._bind_failures: set[ServicePortName] = set()
         self._tasks: list[asyncio.Task[Any]] = []
 
     def _add_udp(self) -> None:
@@ -234,11 +235,14 @@ class Daemon:
         diff = diff_tables(self.served, table)
         for entry in diff.removed:
             self._close_listeners(entry.port.name)
-        for entry in [*diff.added, *(new for _, new in diff.changed)]:
+        touched = [*diff.added, *(new for _, new in diff.changed)]
+        for entry in touched:
             self._ensure_listeners(entry.port)
-        if full:  # retry NodePorts that were taken before
-            for entry in table.values():
-                self._ensure_listeners(entry.port)
+        if full:  # retry ports that were taken; follow node address changes for NodePorts
+            done = {e.port.name for e in touched}
+            for name, entry in table.items():
+                if name not in done and (entry.port.node_port or name in self._bind_failures):
+                    self._ensure_listeners(entry.port)
         self.served = dict(table)
         for proto, proxy in self.proxies.items():
             proxy.entries = {n: e for n, e in table.items() if e.port.protocol == proto}
@@ -321,8 +325,13 @@ class Daemon:
             self._warned.discard(f"bind:{key}")
             self.listeners[key] = proxy.listen(sock, port.name, key.scope)
             existing.add(key)
+        if wanted <= existing:
+            self._bind_failures.discard(port.name)
+        else:
+            self._bind_failures.add(port.name)
 
     def _close_listeners(self, name: ServicePortName) -> None:
+        self._bind_failures.discard(name)
         for key in self._listener_keys.pop(name, set()):
             self.listeners.pop(key).close()
 

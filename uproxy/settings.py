@@ -49,7 +49,7 @@ def parse_duration(text: str | float | int) -> float:
 
 def parse_hostport(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise ValueError(f"{text!r} is not HOST:PORT")
     return host.strip("[]") or "0.0.0.0", int(port)
 
@@ -60,7 +60,7 @@ def parse_port_range(text: str) -> tuple[int, int] | None:
     low, sep, high = text.partition("-")
     if not sep:
         high = low
-    if not (low.isdigit() and high.isdigit()):
+    if not (low.isascii() and low.isdigit() and high.isascii() and high.isdigit()):
         raise ValueError(f"{text!r} is not LOW-HIGH")
     lo, hi = int(low), int(high)
     if not 1 <= lo <= hi <= 65535:

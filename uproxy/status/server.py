@@ -73,7 +73,7 @@ def _limit(request: web.Request, default: int, maximum: int) -> int:
     text = request.query.get("limit", "")
     if not text:
         return default
-    if not text.isdigit() or int(text) < 1:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
         raise web.HTTPBadRequest(text=json.dumps({"error": f"limit={text!r}: not a positive "
                                                   "integer"}), content_type="application/json")
     return min(int(text), maximum)
