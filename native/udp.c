@@ -277,10 +277,26 @@ static uint64_t bytes_of(struct uproxy_udp_batch *b, int first, int count)
     return total;
 }
 
+static void merge(struct uproxy_udp_sent *out, const struct uproxy_udp_sent *more)
+{
+    out->sent += more->sent;
+    out->busy += more->busy;
+    out->failed += more->failed;
+    out->bytes += more->bytes;
+    if (more->err) {
+        out->err = more->err;
+        if (out->err_at < 0)
+            out->err_at = more->err_at;
+    }
+}
+
 /* Send positions [from, to); `stop_on_error`: stop at the first error other than EAGAIN
- * (else drop that message's datagrams and go on). */
+ * (else drop that message's datagrams and go on). `probe` (a connected socket whose
+ * endpoint has not answered yet): the first datagram alone, then SO_ERROR, then the rest,
+ * so that a local endpoint's ICMP refusal (delivered during that send) stops the batch
+ * right after the first datagram -- what one send per datagram would see. */
 static void send_range(int fd, struct uproxy_udp_batch *b, int from, int to, void *name,
-                       socklen_t namelen, int64_t spec_dst, bool stop_on_error,
+                       socklen_t namelen, int64_t spec_dst, bool stop_on_error, bool probe,
                        struct uproxy_udp_sent *out)
 {
     struct wire w;
@@ -288,32 +304,55 @@ static void send_range(int fd, struct uproxy_udp_batch *b, int from, int to, voi
     out->err_at = -1;
     if (from < 0 || to > b->count || from >= to)
         return;
+    if (probe && to - from > 1) {
+        send_range(fd, b, from, from + 1, name, namelen, spec_dst, stop_on_error, false, out);
+        if (out->err)
+            return;
+        int soerr = 0;
+        socklen_t len = sizeof(soerr);
+        if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &len) == 0 && soerr != 0) {
+            out->err = soerr;
+            out->err_at = from + 1;
+            return;
+        }
+        struct uproxy_udp_sent rest;
+        send_range(fd, b, from + 1, to, name, namelen, spec_dst, stop_on_error, false, &rest);
+        merge(out, &rest);
+        return;
+    }
     int nm = plan(b, &w, from, to, name, namelen, spec_dst);
     int m = 0;
+    bool after_partial = false;
     while (m < nm) {
-        int r = send_some(fd, &w.msgs[m], nm - m);
+        /* sendmmsg drops the error of a message that failed after others were sent. If
+         * that message then goes through on its own, the error was an asynchronous one
+         * (an ICMP error the kernel reports once, e.g. port unreachable, which loopback
+         * and veth deliver during the send itself): the endpoint refused. */
+        int r = send_some(fd, &w.msgs[m], after_partial ? 1 : nm - m);
         if (r > 0) {
             for (int j = m; j < m + r; j++) {
                 out->sent += w.count[j];
                 out->bytes += bytes_of(b, w.first[j], w.count[j]);
             }
             m += r;
+            if (after_partial && stop_on_error) {
+                out->err = ECONNREFUSED;
+                out->err_at = m < nm ? w.first[m] : to;
+                return;
+            }
+            after_partial = !after_partial && m < nm;
             continue;
         }
+        after_partial = false;
         int err = -r;
         if (w.count[m] > 1 && gso_refused(err)) {
             /* Too large a segment for the path MTU: only smaller runs use GSO from now
              * on. Anything else (no checksum offload, IPsec...): no GSO at all. */
             b->gso = (err == EINVAL || err == EMSGSIZE) && w.seg[m] > 1 ? w.seg[m] - 1 : 0;
             struct uproxy_udp_sent more;
-            send_range(fd, b, w.first[m], to, name, namelen, spec_dst, stop_on_error, &more);
-            out->sent += more.sent;
-            out->busy += more.busy;
-            out->failed += more.failed;
-            out->bytes += more.bytes;
-            out->err = more.err;
-            if (more.err_at >= 0 && out->err_at < 0)
-                out->err_at = more.err_at;
+            send_range(fd, b, w.first[m], to, name, namelen, spec_dst, stop_on_error, false,
+                       &more);
+            merge(out, &more);
             return;
         }
         if (err == EAGAIN || err == EWOULDBLOCK) {
@@ -332,10 +371,10 @@ static void send_range(int fd, struct uproxy_udp_batch *b, int from, int to, voi
     }
 }
 
-int uproxy_udp_send(int fd, struct uproxy_udp_batch *b, int from, int to,
+int uproxy_udp_send(int fd, struct uproxy_udp_batch *b, int from, int to, int probe,
                     struct uproxy_udp_sent *out)
 {
-    send_range(fd, b, from, to, NULL, 0, -1, true, out);
+    send_range(fd, b, from, to, NULL, 0, -1, true, probe != 0, out);
     return out->sent;
 }
 
@@ -347,7 +386,7 @@ int uproxy_udp_reply(int fd, struct uproxy_udp_batch *b, uint32_t ip, uint16_t p
     to.sin_family = AF_INET;
     to.sin_addr.s_addr = htonl(ip);
     to.sin_port = htons(port);
-    send_range(fd, b, 0, b->count, &to, sizeof(to), spec_dst, false, out);
+    send_range(fd, b, 0, b->count, &to, sizeof(to), spec_dst, false, false, out);
     return out->sent;
 }
 

@@ -162,9 +162,15 @@ int uproxy_udp_recv(int fd, struct uproxy_udp_batch *b, int want_source);
 /* Send the datagrams at order[from .. to) on the connected socket `fd` with
  * sendmmsg. A datagram the socket refuses with EAGAIN is dropped (`busy`) and
  * the next one tried; any other error stops: `err`, and `err_at` is the
- * position of the datagram not sent (it and the rest are left to the caller).
- * Returns out->sent. */
-int uproxy_udp_send(int fd, struct uproxy_udp_batch *b, int from, int to,
+ * position of the datagram not sent (it and the rest are left to the caller;
+ * `err_at` == `to` when only the error is left). An asynchronous error (ICMP)
+ * that sendmmsg reported between two datagrams and then dropped is reported
+ * as ECONNREFUSED after the datagram it stopped (sent on its own to learn
+ * that). With `probe` (the endpoint has not answered yet) the first datagram
+ * goes alone and SO_ERROR is read before the rest: a local endpoint's refusal
+ * then stops the batch after it (`err_at` = from + 1), as one send per
+ * datagram would. Returns out->sent. */
+int uproxy_udp_send(int fd, struct uproxy_udp_batch *b, int from, int to, int probe,
                     struct uproxy_udp_sent *out);
 
 /* Send every datagram of the batch, in order, from the unconnected socket `fd`

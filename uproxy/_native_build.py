@@ -97,7 +97,7 @@ struct uproxy_udp_sent {
 struct uproxy_udp_batch *uproxy_udp_batch_new(void);
 void uproxy_udp_batch_free(struct uproxy_udp_batch *b);
 int uproxy_udp_recv(int fd, struct uproxy_udp_batch *b, int want_source);
-int uproxy_udp_send(int fd, struct uproxy_udp_batch *b, int from, int to,
+int uproxy_udp_send(int fd, struct uproxy_udp_batch *b, int from, int to, int probe,
                     struct uproxy_udp_sent *out);
 int uproxy_udp_reply(int fd, struct uproxy_udp_batch *b, uint32_t ip, uint16_t port,
                      int64_t spec_dst, struct uproxy_udp_sent *out);

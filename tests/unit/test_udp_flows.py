@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import random
 import socket
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, replace
@@ -230,7 +231,8 @@ class Setup:
 @contextlib.asynccontextmanager
 async def setup(backends: int = 2, *, timeout: float = 30.0, max_flows: int = 64,
                 evict_min_idle: float = 1.0, affinity: int | None = None,
-                listen: str = "127.0.0.1") -> AsyncIterator[Setup]:
+                listen: str = "127.0.0.1",
+                rng: random.Random | None = None) -> AsyncIterator[Setup]:
     loop = asyncio.get_running_loop()
     protos: list[Backend] = []
     transports: list[asyncio.BaseTransport] = []
@@ -242,7 +244,7 @@ async def setup(backends: int = 2, *, timeout: float = 30.0, max_flows: int = 64
             protos.append(proto)
             transports.append(transport)
         metrics, conns = Metrics(), ConnTable()
-        proxy = UdpProxy(loop=loop, balancer=Balancer(node_name="node"), conns=conns,
+        proxy = UdpProxy(loop=loop, balancer=Balancer(node_name="node", rng=rng), conns=conns,
                          metrics=metrics, settings=Settings(udp_timeout=timeout),
                          max_flows=max_flows, evict_min_idle=evict_min_idle,
                          conntrack=Conntrack(enabled=False), native=_path["native"])
@@ -415,6 +417,82 @@ def test_refusing_endpoint_closes_the_flow_and_the_next_datagram_moves_on(loop_k
                 assert answers.count(b"lost") <= 1, answers
                 assert answers[-1] == str(live).encode()
                 assert all(f.endpoint.port == live for f in s.proxy.flows)
+
+    run(loop_kind, body)
+
+
+class FirstChoice(random.Random):
+    """Deterministic "random": always the first candidate (endpoints keep the entry's order)."""
+
+    def choice(self, seq: Any) -> Any:
+        return seq[0]
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_refusing_endpoint_in_the_middle_of_a_burst(loop_kind: str) -> None:
+    """Loopback reports the ICMP error during the send itself, so the refusal lands between
+    two datagrams of one batch: it must be noticed there, not after the whole burst."""
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        async with setup(backends=1, rng=FirstChoice()) as s:
+            dead = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            dead.bind(("127.0.0.1", 0))
+            dead_port = dead.getsockname()[1]
+            dead.close()
+            live = s.backends[0].port
+            s.proxy.entries = {NAME: entry_for(dead_port, live)}  # the first flow: the dead one
+            with client(s.port) as sock:
+                burst = [f"q{i:02d}".encode() for i in range(20)]
+                for payload in burst:  # all sent before the proxy reads any
+                    sock.send(payload)
+                got: list[bytes] = []
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1):
+                        while len(got) < len(burst):
+                            got.append(await loop.sock_recv(sock, 100))
+                # the first goes to the dead endpoint; the refusal is noticed at the second,
+                # which is sent again, to the live one
+                assert got == burst[1:]
+                assert [f.endpoint.port for f in s.proxy.flows] == [live]
+                assert s.proxy.balancer.choose(
+                    s.proxy.entries[NAME], "127.0.0.1", loop.time()) == Endpoint(
+                        "127.0.0.1", live)  # the dead one is avoided
+
+    run(loop_kind, body)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_endpoint_that_answered_then_went_away_in_a_burst(loop_kind: str) -> None:
+    """A flow whose endpoint answered sends whole batches (GSO runs, one sendmmsg): when the
+    endpoint then goes away, what was in flight may be lost (as on any real network, where
+    the ICMP error comes back after the datagrams), but the flow moves on at once."""
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        async with setup(backends=1, rng=FirstChoice()) as s:
+            doomed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            doomed.bind(("127.0.0.1", 0))
+            doomed.setblocking(False)
+            doomed_port = doomed.getsockname()[1]
+            live = s.backends[0].port
+            s.proxy.entries = {NAME: entry_for(doomed_port, live)}
+            with client(s.port) as sock:
+                sock.send(b"hello")
+                await asyncio.sleep(0.1)
+                data, peer = doomed.recvfrom(100)
+                doomed.sendto(data, peer)  # the endpoint answers once...
+                assert await loop.sock_recv(sock, 100) == b"hello"
+                doomed.close()  # ...and goes away
+                burst = [f"q{i:02d}".encode() for i in range(20)]
+                for payload in burst:
+                    sock.send(payload)
+                got: list[bytes] = []
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.5):
+                        while len(got) < len(burst):
+                            got.append(await loop.sock_recv(sock, 100))
+                assert got == burst[len(burst) - len(got):]  # a tail of the burst, in order
+                assert await ask(s.port, b"after", sock=sock) == b"after"
+                assert [f.endpoint.port for f in s.proxy.flows] == [live]
 
     run(loop_kind, body)
 
@@ -653,7 +731,7 @@ def test_native_batch_groups_datagrams_by_client() -> None:
         up = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
         up.connect(backend.getsockname())
         out = ffi.new("struct uproxy_udp_sent *")
-        assert lib.uproxy_udp_send(up.fileno(), batch, 0, 4, out) == 4
+        assert lib.uproxy_udp_send(up.fileno(), batch, 0, 4, 0, out) == 4
         assert (out.err, out.err_at, out.bytes) == (0, -1, sum(map(len, payloads[::3])))
         assert [backend.recv(65536) for _ in range(4)] == payloads[::3]
         # a run of equal-sized datagrams (one UDP_SEGMENT message) arrives as separate datagrams
@@ -662,7 +740,7 @@ def test_native_batch_groups_datagrams_by_client() -> None:
         for payload in run:
             socks[0].send(payload)
         assert lib.uproxy_udp_recv(listener.fileno(), batch, 1) == 21
-        assert lib.uproxy_udp_send(up.fileno(), batch, 0, 21, out) == 21
+        assert lib.uproxy_udp_send(up.fileno(), batch, 0, 21, 0, out) == 21
         assert (out.err, out.busy, out.bytes) == (0, 0, 2003)
         assert [backend.recv(65536) for _ in range(21)] == run
         assert batch.gso == lib.UPROXY_UDP_GSO_MAX_SEGMENT  # loopback segments: still on

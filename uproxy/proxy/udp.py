@@ -23,8 +23,13 @@ datagram, up to :data:`BATCH` datagrams per wake-up. Two twins move them:
   from the receive buffers (Python never touches a payload). Replies: one
   ``recvmmsg`` on the backend socket, one ``sendmmsg`` from the listener with
   the flow's ``IP_PKTINFO`` on every datagram. Per query that is a fraction
-  of a system call per direction instead of two, and no Python per datagram
-  (``native/bench_udp.py`` measures it against kernel DNAT);
+  of a system call per direction instead of two, and no Python per datagram.
+  A run of equal-sized datagrams (a DNS client repeating a query; at most
+  1,232 bytes each) leaves as one ``UDP_SEGMENT`` (GSO) message: the kernel
+  routes, filters and NATs it once and delivers the same datagrams; where the
+  path refuses a segment size (MTU) the C side lowers its bound and sends
+  them one by one. ``native/bench_udp.py`` measures it against kernel DNAT:
+  about 7.5 us of CPU per query instead of 17 (mostly the kernel's);
 * Python (``UPROXY_NO_NATIVE=1``, and IPv6 listeners, whose addresses the C
   side does not handle): a loop of ``recvmsg_into`` / ``recv_into`` into one
   preallocated 64 KiB buffer and one ``send``/``sendmsg`` per datagram.
@@ -552,7 +557,8 @@ class UdpProxy:
                     if flow is None:  # dropped (and counted), as each datagram would be
                         start += 1
                         continue
-                send(flow.fd, batch, start, end, out)
+                # until the endpoint answers, the first datagram goes alone (see udp.c)
+                send(flow.fd, batch, start, end, flow.bytes_down == 0, out)
                 flow.bytes_up += out.bytes
                 if out.busy:
                     self._drop(listener, "backend_busy", out.busy)
@@ -562,9 +568,11 @@ class UdpProxy:
                 # again once, on a new flow with another endpoint; the rest follow it.
                 at = out.err_at
                 self._backend_failed(flow, OSError(out.err, os.strerror(out.err)))
+                if at >= end:  # every datagram went; only the refusal was left
+                    break
                 flow = self._new_native_flow(listener, key, batch.dst[order[at]], now)
                 if flow is not None:
-                    send(flow.fd, batch, at, at + 1, out)
+                    send(flow.fd, batch, at, at + 1, 0, out)
                     if out.sent:
                         flow.bytes_up += out.bytes
                     else:
