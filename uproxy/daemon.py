@@ -38,7 +38,7 @@ from uproxy.proxy.tcp import TcpProxy
 from uproxy.rules import KIND_CLUSTER, KIND_EXTERNAL, KIND_LOADBALANCER, Redirect, render
 from uproxy.settings import Settings
 from uproxy.sources import Source
-from uproxy.state import Entry, Store, diff_tables
+from uproxy.state import Entry, Key, Store, TableDiff
 
 log = logging.getLogger("uproxy")
 
@@ -100,6 +100,8 @@ class Daemon:
         self._observed_triggers: set[str] = set()
         self._warned: set[str] = set()
         self._bind_failures: set[ServicePortName] = set()
+        self._served_by_service: dict[Key, set[ServicePortName]] = {}
+        self._redirects_by_name: dict[ServicePortName, list[Redirect]] = {}
         self._tasks: list[asyncio.Task[Any]] = []
 
     def _add_udp(self) -> None:
@@ -228,11 +230,17 @@ class Daemon:
                 last_full = time.monotonic()
 
     async def sync(self, *, full: bool = False) -> None:
+        """Apply what changed since the last sync; ``full`` also re-applies the rules.
+
+        Incremental: only the services the store recomputed are diffed, their
+        listeners and redirects updated, and the rules rendered again only when a
+        redirect changed (an endpoint change alone does not touch iptables).
+        """
         started = time.monotonic()
         queued = self.queued_since
         self.queued_since = None
-        table = self.store.table()
-        diff = diff_tables(self.served, table)
+        diff = self._diff(self.store.take_changed())
+        table = self.served
         for entry in diff.removed:
             self._close_listeners(entry.port.name)
         touched = [*diff.added, *(new for _, new in diff.changed)]
@@ -243,14 +251,29 @@ class Daemon:
             for name, entry in table.items():
                 if name not in done and (entry.port.node_port or name in self._bind_failures):
                     self._ensure_listeners(entry.port)
-        self.served = dict(table)
-        for proto, proxy in self.proxies.items():
-            proxy.entries = {n: e for n, e in table.items() if e.port.protocol == proto}
-        self.redirects = self._redirects(table)
+                    touched.append(entry)
+        protocols = {e.port.protocol for e in [*touched, *diff.removed]}
+        for proto in protocols & set(self.proxies):
+            self.proxies[proto].entries = {n: e for n, e in table.items()
+                                           if e.port.protocol == proto}
+        rules_changed = False
+        for entry in diff.removed:
+            rules_changed |= bool(self._redirects_by_name.pop(entry.port.name, None))
+        for entry in touched:
+            new_redirects = self._redirects_of(entry)
+            if new_redirects != self._redirects_by_name.get(entry.port.name, []):
+                rules_changed = True
+                if new_redirects:
+                    self._redirects_by_name[entry.port.name] = new_redirects
+                else:
+                    self._redirects_by_name.pop(entry.port.name, None)
+        if rules_changed:
+            self.redirects = [r for rs in self._redirects_by_name.values() for r in rs]
         if self.iptables is not None:
-            text = render(self.redirects)
             try:
-                if full or text != self._last_rules or not self.rules_applied:
+                if rules_changed or full or not self.rules_applied:
+                    text = render(self.redirects) if rules_changed or not self._last_rules \
+                        else self._last_rules
                     await self.iptables.restore(text)
                     self._last_rules = text
                 if full or not self.rules_applied:
@@ -261,6 +284,7 @@ class Daemon:
                 log.error("applying rules: %s", exc)
                 self.metrics.sync_errors.inc()
                 self.queued_since = queued or time.time()
+                self._last_rules = ""  # render and apply again next time
                 return
         self.rules_applied = True
         for proxy in self.proxies.values():
@@ -274,6 +298,26 @@ class Daemon:
         if diff:
             log.info("synced %d service ports (+%d -%d ~%d) in %.1f ms", len(table),
                      len(diff.added), len(diff.removed), len(diff.changed), elapsed * 1000)
+
+    def _diff(self, services: set[Key]) -> TableDiff:
+        """Bring :attr:`served` up to date for these services; what was added/removed/changed."""
+        table = self.store.table()
+        diff = TableDiff()
+        for key in services:
+            old_names = self._served_by_service.pop(key, set())
+            new_names = self.store.ports_of(key)
+            for name in old_names.difference(new_names):
+                diff.removed.append(self.served.pop(name))
+            for name in new_names:
+                new, old = table[name], self.served.get(name)
+                if old is None:
+                    diff.added.append(new)
+                elif old != new:
+                    diff.changed.append((old, new))
+                self.served[name] = new
+            if new_names:
+                self._served_by_service[key] = set(new_names)
+        return diff
 
     def _observe_programming_latency(self) -> None:
         now = time.time()
@@ -342,27 +386,26 @@ class Daemon:
         nets = [ipaddress.ip_network(c) for c in cidrs]
         return [a for a in node_addresses() if any(ipaddress.ip_address(a) in n for n in nets)]
 
-    def _redirects(self, table: dict[ServicePortName, Entry]) -> list[Redirect]:
+    def _redirects_of(self, entry: Entry) -> list[Redirect]:
+        """The rules of one service port: each of its addresses -> its listener's port."""
         out: list[Redirect] = []
-        for name, entry in table.items():
-            port = entry.port
-            for scope, addresses in (
-                ("cluster", [(a, KIND_CLUSTER) for a in port.cluster_ips]),
-                ("external", [(a, KIND_EXTERNAL) for a in port.external_ips]
-                 + [(a, KIND_LOADBALANCER) for a in port.load_balancer_ips]),
-            ):
-                listener = self.listeners.get(
-                    ListenerKey(name, scope, self.settings.bind_address, 0))
-                if listener is None:
+        name, port = entry.port.name, entry.port
+        for scope, addresses in (
+            ("cluster", [(a, KIND_CLUSTER) for a in port.cluster_ips]),
+            ("external", [(a, KIND_EXTERNAL) for a in port.external_ips]
+             + [(a, KIND_LOADBALANCER) for a in port.load_balancer_ips]),
+        ):
+            listener = self.listeners.get(ListenerKey(name, scope, self.settings.bind_address, 0))
+            if listener is None:
+                continue
+            for address, kind in addresses:
+                if ":" in address:
+                    self._warn_once(f"v6:{name}:{address}",
+                                    "%s: %s %s is IPv6; uproxy serves IPv4 only, skipped",
+                                    name, kind, address)
                     continue
-                for address, kind in addresses:
-                    if ":" in address:
-                        self._warn_once(f"v6:{name}:{address}",
-                                        "%s: %s %s is IPv6; uproxy serves IPv4 only, skipped",
-                                        name, kind, address)
-                        continue
-                    out.append(Redirect(name, kind, address, port.port, port.protocol,
-                                        listener.port))
+                out.append(Redirect(name, kind, address, port.port, port.protocol,
+                                    listener.port))
         return out
 
 

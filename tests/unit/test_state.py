@@ -112,17 +112,28 @@ def test_several_slices_are_merged() -> None:
     assert ips(store) == ["172.17.0.5:6789", "172.17.0.6:6789"]
 
 
-def test_table_is_cached_until_the_generation_changes() -> None:
+def test_table_is_updated_incrementally() -> None:
     store = Store()
     store.apply("Service", service())
+    store.apply("Service", service("other"))
     first = store.table()
-    assert store.table() is first
-    store.apply("Service", service())  # unchanged
-    assert store.table() is first
+    assert store.take_changed() == {("default", "multi-port"), ("default", "other")}
+    store.apply("Service", service())  # unchanged: nothing recomputed
+    assert store.take_changed() == set()
+    before = {n: e for n, e in first.items() if n.name == "other"}
     store.apply("EndpointSlice", endpoint_slice("mp-1", ["172.17.0.5"]))
-    second = store.table()
-    assert second is not first
+    # Only the service the slice belongs to is recomputed; the table is the same object.
+    assert store.take_changed() == {("default", "multi-port")}
+    assert store.table() is first
     assert ips(store) == ["172.17.0.5:6789"]
+    assert all(first[n] is e for n, e in before.items())
+    # A slice moving to another service touches both.
+    store.apply("EndpointSlice", endpoint_slice("mp-1", ["172.17.0.5"], service_name="other"))
+    assert store.take_changed() == {("default", "multi-port"), ("default", "other")}
+    assert ips(store) == []
+    store.remove("Service", "default", "other")
+    assert store.take_changed() == {("default", "other")}
+    assert {n.name for n in store.table()} == {"multi-port"}
 
 
 def test_replace_removes_what_the_snapshot_lacks() -> None:
