@@ -188,6 +188,8 @@ def test_dig_through_the_cluster_ip_and_whole_large_datagrams(lab: Lab,
             echo = lab.probe("udp", DNS_IP, "5353", "--size", size, "--count", "3")
             assert echo["counts"] == {"echo": 3}, echo
         assert f"event loop: {loop}" in node.log
+        rows = udp_rows(lab)
+        assert rows and all(r["native"] is native for r in rows), rows  # who moved the bytes
         assert f"dst={DNS_IP}" in conntrack_udp(lab)
     finally:
         assert node.stop() == 0

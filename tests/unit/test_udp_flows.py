@@ -612,6 +612,7 @@ def test_bursts_from_several_clients_arrive_whole_and_in_order(loop_kind: str) -
                 expected = sorted(sum(len(p) for p in sent[i]) for i in range(4))
                 assert sorted(c.bytes_up for c in rows) == expected
                 assert sorted(c.bytes_down for c in rows) == expected
+                assert all(c.native is _path["native"] for c in rows)
                 assert sum(b.received for b in s.backends) == 120
             finally:
                 for sock in socks:
@@ -692,6 +693,7 @@ def test_ipv6_listener_relays_on_either_path(loop_kind: str) -> None:
                     async with asyncio.timeout(2):
                         assert await loop.sock_recv(sock, 65536) == payload
             assert len(s.proxy.flows) == 1
+            assert not any(c.native for c in s.conns)  # IPv6: the socket module's path
 
     run(loop_kind, body)
 

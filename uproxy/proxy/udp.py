@@ -207,7 +207,10 @@ class Flow:
         "sock",
     )
 
-    native = False
+    @property
+    def native(self) -> bool:
+        """Moved by the native batches (shown in the connections table)."""
+        return self.listener.batched
 
     def __init__(self, listener: UdpListener, key: object, client: tuple[str, int],
                  endpoint: Endpoint, sock: socket.socket, conn: Conn,
