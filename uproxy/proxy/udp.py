@@ -204,6 +204,7 @@ class Flow:
         "listener",
         "reply_anc",
         "reply_src",
+        "reply_to",
         "sock",
     )
 
@@ -229,6 +230,8 @@ class Flow:
         self.reply_src = reply_src
         self.reply_anc: list[tuple[int, int, bytes]] = [] if reply_src is None else [
             (socket.IPPROTO_IP, IP_PKTINFO, _PKTINFO.pack(0, reply_src, b"\0\0\0\0"))]
+        # the native path's reply arguments: client address and port, source (-1: none)
+        self.reply_to = (0, 0, -1)
         self.closed = False
 
     def abort(self) -> None:
@@ -350,6 +353,8 @@ class UdpProxy:
         if native:
             lib, ffi = native_module.lib(), native_module.ffi()
             self._lib = lib
+            self._recv, self._send, self._reply = (
+                lib.uproxy_udp_recv, lib.uproxy_udp_send, lib.uproxy_udp_reply)
             self._up = self._new_batch(lib, ffi)
             self._down = self._new_batch(lib, ffi)
             self._sent = ffi.new("struct uproxy_udp_sent *")
@@ -537,58 +542,76 @@ class UdpProxy:
         """The native twin of :meth:`client_readable`: one ``recvmmsg`` of up to BATCH
         datagrams, grouped by client in C; per client one flow lookup and one ``sendmmsg``
         to its backend socket straight from the receive buffers."""
-        lib, batch, out = self._lib, self._up, self._sent
-        n = lib.uproxy_udp_recv(listener.fd, batch, 1)
+        batch = self._up
+        n = self._recv(listener.fd, batch, 1)
         if n <= 0:
             if n != -errno.EAGAIN and not listener.closed:
                 log.debug("%s: receive failed: %s", listener.name, os.strerror(-n))
             return
-        flows = listener.flows
-        touch = self.flows.touch
-        send = lib.uproxy_udp_send
         now = self.clock()
+        if batch.ngroups == 1:  # the usual case: one client (order[0] is datagram 0)
+            self._send_group(listener, batch, 0, n, batch.key[0], now)
+            return
         keys, order, group = batch.key, batch.order, batch.group
         for g in range(batch.ngroups):
-            start, end = group[g], group[g + 1]
-            key = keys[order[start]]
-            flow = flows.get(key)
-            if flow is not None:
-                touch(flow, now)
-            while start < end:
-                if flow is None:
-                    flow = self._new_native_flow(listener, key, batch.dst[order[start]], now)
-                    if flow is None:  # dropped (and counted), as each datagram would be
-                        start += 1
-                        continue
-                # until the endpoint answers, the first datagram goes alone (see udp.c)
+            start = group[g]
+            self._send_group(listener, batch, start, group[g + 1], keys[order[start]], now)
+
+    def _send_group(self, listener: UdpListener, batch: Any, start: int, end: int, key: int,
+                    now: float) -> None:
+        """The datagrams at positions [start, end) of the batch, all from client ``key``."""
+        out, send = self._sent, self._send
+        flow = listener.flows.get(key)
+        if flow is not None:
+            self.flows.touch(flow, now)
+            # until the endpoint answers, the first datagram goes alone (see udp.c)
+            sent = send(flow.fd, batch, start, end, flow.bytes_down == 0, out)
+            flow.bytes_up += out.bytes
+            if sent == end - start:
+                return
+        while start < end:
+            if flow is None:
+                flow = self._new_native_flow(listener, key, batch.dst[batch.order[start]], now)
+                if flow is None:  # dropped (and counted), as each datagram would be
+                    start += 1
+                    continue
                 send(flow.fd, batch, start, end, flow.bytes_down == 0, out)
                 flow.bytes_up += out.bytes
-                if out.busy:
-                    self._drop(listener, "backend_busy", out.busy)
-                if not out.err:
-                    break
-                # ECONNREFUSED: an earlier datagram met ICMP port unreachable. Try this one
-                # again once, on a new flow with another endpoint; the rest follow it.
-                at = out.err_at
-                self._backend_failed(flow, OSError(out.err, os.strerror(out.err)))
-                if at >= end:  # every datagram went; only the refusal was left
-                    break
-                flow = self._new_native_flow(listener, key, batch.dst[order[at]], now)
-                if flow is not None:
-                    send(flow.fd, batch, at, at + 1, 0, out)
-                    if out.sent:
-                        flow.bytes_up += out.bytes
-                    else:
-                        err = out.err or errno.EAGAIN
-                        self._backend_failed(flow, OSError(err, os.strerror(err)))
-                        flow = None
-                start = at + 1
+            if out.busy:
+                self._drop(listener, "backend_busy", out.busy)
+            if not out.err:
+                return
+            # ECONNREFUSED: an earlier datagram met ICMP port unreachable. Try this one
+            # again once, on a new flow with another endpoint; the rest follow it.
+            at = out.err_at
+            self._backend_failed(flow, OSError(out.err, os.strerror(out.err)))
+            flow = None
+            if at >= end:  # every datagram went; only the refusal was left
+                return
+            retry = self._new_native_flow(listener, key, batch.dst[batch.order[at]], now)
+            if retry is not None:
+                send(retry.fd, batch, at, at + 1, 0, out)
+                if out.sent:
+                    retry.bytes_up += out.bytes
+                else:
+                    err = out.err or errno.EAGAIN
+                    self._backend_failed(retry, OSError(err, os.strerror(err)))
+            start = at + 1
+            flow = listener.flows.get(key)  # the retry's flow, unless it failed too
+            if flow is not None and start < end:
+                send(flow.fd, batch, start, end, flow.bytes_down == 0, out)
+                flow.bytes_up += out.bytes
+            elif flow is not None:
+                return
 
     def _new_native_flow(self, listener: UdpListener, key: int, header_dst: int,
                          now: float) -> Flow | None:
         addr = (socket.inet_ntoa((key >> 16).to_bytes(4, "big")), key & 0xFFFF)
         dst = None if header_dst < 0 else header_dst.to_bytes(4, "big")
-        return self._new_flow(listener, key, addr, dst, now)
+        flow = self._new_flow(listener, key, addr, dst, now)
+        if flow is not None:
+            flow.reply_to = (key >> 16, key & 0xFFFF, header_dst)
+        return flow
 
     def _new_flow(self, listener: UdpListener, key: object, addr: tuple[str, int],
                   header_dst: bytes | None, now: float) -> Flow | None:
@@ -684,27 +707,26 @@ class UdpProxy:
     def backend_batch(self, flow: Flow) -> None:
         """The native twin of :meth:`backend_readable`: one ``recvmmsg``, one ``sendmmsg``
         to the client from the listener socket (each datagram with the flow's IP_PKTINFO)."""
-        lib, batch, out = self._lib, self._down, self._sent
-        n = lib.uproxy_udp_recv(flow.fd, batch, 0)
+        batch, out = self._down, self._sent
+        n = self._recv(flow.fd, batch, 0)
         if n <= 0:
             if n != -errno.EAGAIN:  # ECONNREFUSED: ICMP port unreachable from the endpoint
                 self._backend_failed(flow, OSError(-n, os.strerror(-n)))
             return
         listener = flow.listener
-        ip, port = flow.key >> 16, flow.key & 0xFFFF  # type: ignore[operator]
-        spec = -1 if flow.reply_src is None else int.from_bytes(flow.reply_src, "big")
+        ip, port, spec = flow.reply_to
         answered_before = flow.bytes_down > 0
-        lib.uproxy_udp_reply(listener.fd, batch, ip, port, spec, out)
+        sent = self._reply(listener.fd, batch, ip, port, spec, out)
         flow.bytes_down += out.bytes
-        if out.busy:
-            self._drop(listener, "client_busy", out.busy)
-        if out.failed:
-            log.debug("%s: reply to %s failed: %s", listener.name, flow.client,
-                      os.strerror(out.err))
-        if not flow.closed:
-            self.flows.touch(flow, self.clock())
-            if not answered_before:  # the endpoint answers: stop avoiding it
-                self.balancer.connect_succeeded(flow.endpoint)
+        if sent != n:
+            if out.busy:
+                self._drop(listener, "client_busy", out.busy)
+            if out.failed:
+                log.debug("%s: reply to %s failed: %s", listener.name, flow.client,
+                          os.strerror(out.err))
+        self.flows.touch(flow, self.clock())
+        if not answered_before:  # the endpoint answers: stop avoiding it
+            self.balancer.connect_succeeded(flow.endpoint)
 
     def _backend_failed(self, flow: Flow, exc: OSError) -> None:
         if flow.closed:
