@@ -28,18 +28,27 @@ datagram, up to :data:`BATCH` datagrams per wake-up. Two twins move them:
   1,232 bytes each) leaves as one ``UDP_SEGMENT`` (GSO) message: the kernel
   routes, filters and NATs it once and delivers the same datagrams; where the
   path refuses a segment size (MTU) the C side lowers its bound and sends
-  them one by one. ``native/bench_udp.py`` measures it against kernel DNAT:
-  about 7.5 us of CPU per query instead of 17 (mostly the kernel's);
+  them one by one. ``native/bench_udp.py`` measures it against kernel DNAT
+  (dnsperf, one client, 100 queries in flight, 2 shared cores): 7-9.5 us of
+  the daemon's CPU per query instead of 16-17, mostly the kernel's sends and
+  wake-ups; busy runs give bigger batches, so fewer microseconds per query;
 * Python (``UPROXY_NO_NATIVE=1``, and IPv6 listeners, whose addresses the C
   side does not handle): a loop of ``recvmsg_into`` / ``recv_into`` into one
   preallocated 64 KiB buffer and one ``send``/``sendmsg`` per datagram.
 
 Both behave the same (tests run on both): per-datagram drop accounting, the
 retry of a refused datagram on a new flow, replies from the arrival address.
-A datagram is never truncated: 65,507 bytes (the IPv4 maximum) pass whole
-both ways.
+One difference, by design: a flow whose endpoint has answered sends whole
+batches, so when that endpoint disappears the datagrams of the batch in flight
+are lost (as on any real network, where the ICMP error arrives after them);
+one send per datagram on a local network loses only the first. Until an
+endpoint answers, the native path sends a batch's first datagram alone and
+checks for the refusal, like the Python path. A datagram is never truncated:
+65,507 bytes (the IPv4 maximum) pass whole both ways; the native buffers are
+2 x 64 x 64 KiB of address space, resident only as far as datagrams fill them.
 
-Flow table: a dict per listener (client address -> flow) plus one LRU
+Flow table: a dict per listener (client address, on the native path packed
+into an int by the C side -> flow) plus one LRU
 (:class:`FlowLru`, an ``OrderedDict``) over all flows, touched on every
 datagram in either direction, so expiry and eviction are O(1) each:
 
