@@ -62,6 +62,13 @@ def targets(res: Results) -> list[Target]:
     cpu_n, cpu_p = m("cpu_gb", NATIVE), m("cpu_gb", PYTHON)
     out.append(Target("CPU per GB lower than the pure-Python path's", check(cpu_n, "<", cpu_p),
                       f"{fmt_num(cpu_n)} vs {fmt_num(cpu_p)} CPU s/GB"))
+    c_loss = _loss(m("conn_watch", NATIVE), m("conn", NATIVE))
+    k_loss = _loss(m("ka_watch", NATIVE), m("ka", NATIVE))
+    out.append(Target("status page open and streaming: data path loses < 3%",
+                      None if c_loss is None or k_loss is None else (c_loss < 3 and k_loss < 3),
+                      "n/a" if c_loss is None or k_loss is None else
+                      f"new conn/s {c_loss:+.1f}%, keep-alive req/s {k_loss:+.1f}% lost "
+                      f"(medians with vs without the stream; within this machine's noise)"))
     r = ratio(m("dns", NATIVE), m("dns", KERNEL))
     lost = f["dns_lost"].samples.get(NATIVE)
     ok: bool | None = None
@@ -92,6 +99,13 @@ def targets(res: Results) -> list[Target]:
         out.append(Target("10,000 services ready <= 2 s", None, "n/a"))
         out.append(Target("endpoint-change-to-applied p99 <= 100 ms", None, "n/a"))
     return out
+
+
+def _loss(with_stream: float | None, without: float | None) -> float | None:
+    """Percent of throughput lost with the status stream open (negative: gained)."""
+    if with_stream is None or not without:
+        return None
+    return (1 - with_stream / without) * 100
 
 
 def main_table(res: Results, peers: Sequence[str]) -> str:

@@ -59,7 +59,7 @@ from uproxy.demo.lab import Lab, LabError, install_signal_teardown
 from uproxy.demo.node import endpoint_slice, service
 
 ROOT = Path(__file__).resolve().parent.parent
-TESTS = ("bulk", "conn", "keepalive", "dns", "idle", "scale", "scale-api")
+TESTS = ("bulk", "conn", "keepalive", "status", "dns", "idle", "scale", "scale-api")
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -98,6 +98,8 @@ def new_results() -> Results:
         Figure("ka", "keep-alive HTTP", "req/s"),
         Figure("ka_p50", "keep-alive p50 latency", "ms", higher_is_better=False),
         Figure("ka_p99", "keep-alive p99 latency", "ms", higher_is_better=False),
+        Figure("conn_watch", "new connections, status stream open", "conn/s"),
+        Figure("ka_watch", "keep-alive HTTP, status stream open", "req/s"),
         Figure("dns", "DNS over UDP", "queries/s"),
         Figure("dns_lost", "DNS queries lost", "queries", higher_is_better=False),
         Figure("idle_rss", "RSS per idle connection", "KiB", higher_is_better=False),
@@ -224,6 +226,31 @@ def run_keepalive(lab: Lab, peer: Peer, opts: Options, res: Results) -> None:
              f"p99 {fmt_ms(r.p99)} ({r.errors} socket errors)")
 
 
+def run_status(lab: Lab, peer: Peer, opts: Options, res: Results) -> None:
+    """Issue 7: the data path with the status page's live stream open (uproxy only).
+
+    One ``curl -N`` on /api/v1/connections/watch is what an open page costs: the
+    page gets its rows, batched events and periodic snapshots over that stream.
+    """
+    if peer.name not in (NATIVE, PYTHON):
+        return
+    watch = lab.spawn("node", ["curl", "-sN", "-o", "/dev/null",
+                               "http://127.0.0.1:10249/api/v1/connections/watch"], "watch")
+    try:
+        time.sleep(0.3)
+        if watch.poll() is not None:
+            raise LabError("the status stream did not stay open")
+        c = _wrk(lab, opts, ["-c", str(opts.conn_conns), "-H", "Connection: close"])
+        k = _wrk(lab, opts, ["-c", str(opts.wrk_conns), "--latency"])
+    finally:
+        watch.terminate()
+        watch.wait(5)
+    res.fig("conn_watch").add(peer.name, c.requests_per_sec)
+    res.fig("ka_watch").add(peer.name, k.requests_per_sec)
+    opts.log(f"    with the status stream open: {c.requests_per_sec:,.0f} conn/s, "
+             f"{k.requests_per_sec:,.0f} keep-alive req/s")
+
+
 def fmt_ms(v: float | None) -> str:
     return "n/a" if v is None else f"{v * 1000:.2f} ms"
 
@@ -279,14 +306,15 @@ def run_idle(lab: Lab, peer: Peer, opts: Options, res: Results) -> None:
     time.sleep(1.0)  # closes propagate before the next test
 
 
-TEST_FUNCS = {"bulk": run_bulk, "conn": run_conn, "keepalive": run_keepalive, "dns": run_dns}
+TEST_FUNCS = {"bulk": run_bulk, "conn": run_conn, "keepalive": run_keepalive,
+              "status": run_status, "dns": run_dns}
 
 
 def run_peer(lab: Lab, peer: Peer, opts: Options, res: Results, *, first_round: bool) -> None:
     peer.start()
     try:
         check_path(lab, peer)
-        for test in ("bulk", "conn", "keepalive", "dns"):
+        for test in ("bulk", "conn", "keepalive", "status", "dns"):
             if test in opts.only:
                 try:
                     TEST_FUNCS[test](lab, peer, opts, res)
