@@ -486,14 +486,14 @@ class FakeApiServer:
             items = self._snapshots[snap_id][1]
         else:
             rv, offset, snap_id = self._rv, 0, uuid.uuid4().hex
+            # Stored objects are never changed in place (every write stores a new
+            # copy), so a snapshot needs only shallow copies: list items come
+            # without kind/apiVersion. (A deep copy of 20,000 objects cost 1.5 s.)
             items = [
-                copy.deepcopy(o)
+                {k: v for k, v in o.items() if k not in ("kind", "apiVersion")}
                 for _k, o in sorted(self._objects[plural].items())
                 if _matches(o, selector)
             ]
-            for o in items:  # list items come without kind/apiVersion
-                o.pop("kind", None)
-                o.pop("apiVersion", None)
             self._snapshots[snap_id] = (rv, items)
         end = offset + limit if limit > 0 else len(items)
         page = items[offset:end]
