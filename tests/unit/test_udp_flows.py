@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import os
 import random
@@ -520,6 +521,32 @@ def test_removed_endpoint_closes_its_flows(loop_kind: str) -> None:
                 with pytest.raises(BlockingIOError):
                     sock.recv(100)
                 assert s.proxy.dropped["no_service"] >= 1
+            finally:
+                for sock in socks:
+                    sock.close()
+
+    run(loop_kind, body)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_local_policy_change_closes_flows_to_other_nodes(loop_kind: str) -> None:
+    async def body() -> None:
+        async with setup(backends=2) as s:
+            socks = [client(s.port) for _ in range(20)]
+            try:
+                for sock in socks:
+                    await ask(s.port, sock=sock)
+                a, b = (be.port for be in s.backends)
+                assert {f.endpoint.port for f in s.proxy.flows} == {a, b}
+                # internalTrafficPolicy: Local, and only a's endpoint is on this node.
+                entry = entry_for(a, b)
+                port = dataclasses.replace(entry.port, internal_local=True)
+                eps = tuple(dataclasses.replace(e, node_name="node" if e.port == a else "other")
+                            for e in entry.endpoints)
+                s.proxy.entries = {NAME: Entry(port, eps)}
+                assert {f.endpoint.port for f in s.proxy.flows} == {a}
+                for sock in socks:  # every client answered again, by the local endpoint
+                    assert await ask(s.port, sock=sock) == str(a).encode()
             finally:
                 for sock in socks:
                     sock.close()

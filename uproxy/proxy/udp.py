@@ -400,7 +400,12 @@ class UdpProxy:
                 for flow in list(listener.flows.values()):
                     self.close_flow(flow, "service port removed")
                 continue
-            serving = {e.address for e in entry.endpoints if e.ready or e.serving}
+            # A Local traffic policy (internal for ClusterIP, external for the rest)
+            # makes endpoints on other nodes unusable for this listener's flows.
+            local = entry.port.external_local if listener.external else entry.port.internal_local
+            node = self.balancer.node_name
+            serving = {e.address for e in entry.endpoints
+                       if (e.ready or e.serving) and (not local or e.node_name == node)}
             for flow in list(listener.flows.values()):
                 if flow.endpoint.address not in serving:
                     self.close_flow(flow, "endpoint removed")
