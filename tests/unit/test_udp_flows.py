@@ -498,16 +498,22 @@ def test_endpoint_that_answered_then_went_away_in_a_burst(loop_kind: str) -> Non
     run(loop_kind, body)
 
 
+async def flows_on_both_endpoints(s: Setup) -> tuple[list[socket.socket], tuple[int, int]]:
+    """20 clients with a flow each, spread over both backends; returns them and the ports."""
+    socks = [client(s.port) for _ in range(20)]
+    for sock in socks:
+        await ask(s.port, sock=sock)
+    a, b = (be.port for be in s.backends)
+    assert {f.endpoint.port for f in s.proxy.flows} == {a, b}
+    return socks, (a, b)
+
+
 @pytest.mark.parametrize("loop_kind", LOOPS)
 def test_removed_endpoint_closes_its_flows(loop_kind: str) -> None:
     async def body() -> None:
         async with setup(backends=2) as s:
-            socks = [client(s.port) for _ in range(20)]
+            socks, (a, _b) = await flows_on_both_endpoints(s)
             try:
-                for sock in socks:
-                    await ask(s.port, sock=sock)
-                a, b = (be.port for be in s.backends)
-                assert {f.endpoint.port for f in s.proxy.flows} == {a, b}
                 s.proxy.entries = {NAME: entry_for(a)}
                 assert {f.endpoint.port for f in s.proxy.flows} == {a}
                 assert all(c.backend == ("127.0.0.1", a) for c in s.conns)
@@ -532,12 +538,8 @@ def test_removed_endpoint_closes_its_flows(loop_kind: str) -> None:
 def test_local_policy_change_closes_flows_to_other_nodes(loop_kind: str) -> None:
     async def body() -> None:
         async with setup(backends=2) as s:
-            socks = [client(s.port) for _ in range(20)]
+            socks, (a, b) = await flows_on_both_endpoints(s)
             try:
-                for sock in socks:
-                    await ask(s.port, sock=sock)
-                a, b = (be.port for be in s.backends)
-                assert {f.endpoint.port for f in s.proxy.flows} == {a, b}
                 # internalTrafficPolicy: Local, and only a's endpoint is on this node.
                 entry = entry_for(a, b)
                 port = dataclasses.replace(entry.port, internal_local=True)
