@@ -222,7 +222,8 @@ class Conntrack:
             self._warn(f"cannot run {self.binary}: {exc.strerror or exc}")
             return None
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+            async with asyncio.timeout(timeout):
+                out, err = await proc.communicate()
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()

@@ -211,7 +211,8 @@ class Daemon:
         while True:
             timeout = max(0.0, self.settings.sync_period - (time.monotonic() - last_full))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):  # not wait_for: see sources/kube.py
+                    await self._wake.wait()
             # Batch bursts: at most one sync per min-sync-period.
             wait = self.settings.min_sync_period - (time.monotonic() - last_run)
             if wait > 0:

@@ -553,7 +553,8 @@ class FakeApiServer:
                     break
                 wait = min(deadline, next_bookmark) - now
                 try:
-                    item = await asyncio.wait_for(watcher.queue.get(), max(wait, 0.001))
+                    async with asyncio.timeout(max(wait, 0.001)):
+                        item = await watcher.queue.get()
                 except TimeoutError:
                     if bookmarks and not self.stalled and time.monotonic() >= next_bookmark:
                         mark = {

@@ -86,6 +86,9 @@ async def running(
         assert not task.done(), task  # the source never ends by itself
     finally:
         task.cancel()
+        # Bounded: a source that swallowed its cancel must fail the test, not hang the run.
+        done, _ = await asyncio.wait([task], timeout=10)
+        assert done, "the source did not stop within 10 s of being cancelled"
         with contextlib.suppress(asyncio.CancelledError):
             await task
 

@@ -543,7 +543,8 @@ async def forward(listen_fd: int, host: str, port: int) -> None:
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            up_reader, up_writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
+            async with asyncio.timeout(5):
+                up_reader, up_writer = await asyncio.open_connection(host, port)
         except (OSError, TimeoutError):
             writer.close()
             return

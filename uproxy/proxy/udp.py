@@ -819,7 +819,8 @@ class UdpProxy:
         self._start_flush()
         if self._flush_task is not None and not self._flush_task.done():
             try:
-                await asyncio.wait_for(asyncio.shield(self._flush_task), grace)
+                async with asyncio.timeout(grace):
+                    await asyncio.shield(self._flush_task)
             except Exception:
                 self._flush_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):

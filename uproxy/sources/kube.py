@@ -336,7 +336,10 @@ class _Reflector:
         inactivity = self._settings.inactivity_timeout
         started = time.monotonic()
         events = 0
-        resp = await asyncio.wait_for(self._get(query, timeout), inactivity)
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancel that
+        # arrives as its inner call completes, and the source would then never stop.
+        async with asyncio.timeout(inactivity):
+            resp = await self._get(query, timeout)
         async with resp:
             if resp.status != 200:
                 body = await resp.read()
@@ -344,7 +347,8 @@ class _Reflector:
             self._problems.recovered(f"{self._what}: watching again")
             while True:
                 try:
-                    line = await asyncio.wait_for(resp.content.readline(), inactivity)
+                    async with asyncio.timeout(inactivity):
+                        line = await resp.content.readline()
                 except TimeoutError:
                     raise _Retry(
                         f"watch: nothing received for {inactivity:g}s; reconnecting"
