@@ -585,22 +585,32 @@ def test_native_pool_shrinks_after_a_burst(native_kind: Kind) -> None:
         loop = asyncio.get_running_loop()
         relay = NativeRelay(loop, keep_free_pipes=4)
         async with Rig(loop, relay) as rig:
-            # A roomy socket toward the backend lets reads go bulk (pipes) before
-            # the small buffer at the far end stalls them.
-            pairs = [rig.connect(backend_sndbuf=MiB, server_rcvbuf=64 * 1024)
-                     for _ in range(24)]
             blob = os.urandom(8 * MiB)
-            senders = [asyncio.ensure_future(loop.sock_sendall(p.client, blob)) for p in pairs]
-            await eventually(lambda: relay.pipes_in_use() + relay.buffers_in_use() == 24,
-                             "24 stalled connections hold their bytes")
-            peak = relay.stats()["pipes_total"]
-            got = await asyncio.gather(*(recv_exactly(loop, p.server, len(blob)) for p in pairs))
-            assert all(g == blob for g in got)
-            await asyncio.gather(*senders)
-            stats = relay.stats()
-            assert stats["pipes_in_use"] == stats["bufs_in_use"] == 0
-            assert peak > 4  # the burst did take more pipes than the pool keeps
-            assert stats["pipes_total"] == 4
+            peaks = []
+            # A direction goes bulk (pipes) only while its reads fill the 64 KiB buffer; on
+            # a loaded machine the sender can trickle and the stalls hold copy buffers
+            # instead. So burst again (at most 3 times) until one takes more than 4 pipes.
+            for _ in range(3):
+                # A roomy socket toward the backend lets reads go bulk (pipes) before
+                # the small buffer at the far end stalls them.
+                pairs = [rig.connect(backend_sndbuf=MiB, server_rcvbuf=64 * 1024)
+                         for _ in range(24)]
+                senders = [asyncio.ensure_future(loop.sock_sendall(p.client, blob))
+                           for p in pairs]
+                await eventually(lambda: relay.pipes_in_use() + relay.buffers_in_use() == 24,
+                                 "24 stalled connections hold their bytes")
+                peaks.append(relay.stats()["pipes_total"])
+                got = await asyncio.gather(
+                    *(recv_exactly(loop, p.server, len(blob)) for p in pairs))
+                assert all(g == blob for g in got)
+                await asyncio.gather(*senders)
+                stats = relay.stats()
+                assert stats["pipes_in_use"] == stats["bufs_in_use"] == 0
+                assert stats["pipes_total"] <= 4  # back to the pool's bound after each burst
+                if peaks[-1] > 4:
+                    break
+            assert peaks[-1] > 4, f"no burst took more pipes than the pool keeps: {peaks}"
+            assert relay.stats()["pipes_total"] == 4
 
     run(native_kind, body)
 
