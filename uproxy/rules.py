@@ -10,8 +10,9 @@ service port gets one ``REDIRECT`` rule to that port's proxy socket, commented
 The whole chain is written with one ``iptables-restore --noflush`` per sync:
 declaring the chain flushes it, so the table is replaced atomically and rules
 someone deleted come back at the next sync. Hooks in the built-in chains are
-not part of the restore text (``--noflush`` would append duplicates); the
-runner checks and inserts them separately (:data:`HOOKS`).
+part of the restore text only right after a cleanup removed them (``--noflush``
+would otherwise add duplicates); later the runner checks and inserts them
+separately (:data:`HOOKS`).
 """
 
 from __future__ import annotations
@@ -87,11 +88,13 @@ def render_rule(r: Redirect) -> str:
 
 
 def render(redirects: Iterable[Redirect], *, family: int = 4,
-           stale_chains: Iterable[str] = ()) -> str:
+           stale_chains: Iterable[str] = (), hooks: bool = False) -> str:
     """The complete ``nat`` restore text for one address family.
 
     ``stale_chains`` are uproxy chains found on the node that this version no
-    longer uses (a crashed older run); they are flushed and deleted.
+    longer uses (a crashed older run); they are flushed and deleted. ``hooks``
+    also inserts the jumps from the built-in chains: only for a node known to
+    have none (just cleaned up), since each restore would add them again.
     """
     lines = ["*nat", f":{CHAIN} - [0:0]"]
     stale = sorted(c for c in set(stale_chains) if c.startswith(CHAIN_PREFIX) and c != CHAIN)
@@ -99,8 +102,16 @@ def render(redirects: Iterable[Redirect], *, family: int = 4,
     lines.extend(render_rule(r) for r in sorted(redirects) if r.family == family)
     lines.append(KEEP_NAT_V6 if family == 6 else KEEP_NAT_V4)
     lines.extend(f"-X {c}" for c in stale)
+    if hooks:
+        lines.extend(render_hook(builtin, spec) for builtin, spec in HOOKS)
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
+
+
+def render_hook(builtin: str, spec: tuple[str, ...]) -> str:
+    """``-I`` restore line for one hook (first in its chain, as ``iptables -I`` puts it)."""
+    words = [f'"{w}"' if " " in w else w for w in spec]
+    return f"-I {builtin} 1 " + " ".join(words)
 
 
 def render_cleanup(chains: Iterable[str]) -> str:

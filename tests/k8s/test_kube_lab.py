@@ -27,6 +27,7 @@ import pytest
 
 from uproxy.demo.lab import Lab, LabError
 from uproxy.demo.node import NodeProxy
+from uproxy.rules import parse_rules
 from uproxy.sources.kube import TO_BE_DELETED_TAINT
 
 from .apiserver import Control, endpoint_slice, node, service
@@ -178,12 +179,14 @@ def test_ready_after_first_lists_then_create_update_delete(lab: Lab,
     proxies.append(daemon)
     daemon.start(wait=False)
 
-    # Services listed and watched, slices' list held: not ready, nothing in iptables.
+    # Services listed and watched, slices' list held: not ready, no service in iptables
+    # (the empty chain and its hooks are put in place at start-up: no service state).
     until(lambda: cluster.requests("services", watch=True), "watching services")
     until(lambda: cluster.requests("endpointslices", watch=False), "listing slices")
     time.sleep(0.5)  # would be plenty for a daemon that wrongly syncs a partial view
     assert daemon.http_status("/readyz") == 503
-    assert "UPROXY" not in daemon.iptables_save()
+    saved = daemon.iptables_save()
+    assert parse_rules(saved) == [] and "REDIRECT --to-ports 1\n" in saved, saved
     ctl.ops({"op": "release", "resource": "endpointslices"})
     daemon.wait_ready()
     daemon.wait_rules(lambda t: "default/web:http cluster IP" in t)

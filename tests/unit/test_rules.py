@@ -305,6 +305,43 @@ def test_restore_save_round_trip_in_a_namespace() -> None:
         subprocess.run(["ip", "netns", "delete", ns], check=False)
 
 
+@pytest.mark.lab
+def test_render_with_hooks_inserts_each_hook_once_and_first() -> None:
+    """Right after a cleanup the daemon writes chain and hooks in one restore; the hooks
+    must be the ones ``iptables -C`` (ensure_hooks) looks for, ahead of other rules."""
+    if os.geteuid() != 0 or shutil.which("iptables-restore") is None or not shutil.which("ip"):
+        pytest.fail("needs root, ip and iptables (a lab test)", pytrace=False)
+    ns = f"utest-h{os.getpid()}"
+
+    def run(*argv: str, stdin: str | None = None, check: bool = True) -> int:
+        done = subprocess.run(["ip", "netns", "exec", ns, *argv], input=stdin,
+                              capture_output=True, text=True, timeout=20)
+        assert done.returncode == 0 or not check, (argv, done.stderr)
+        return done.returncode
+
+    def save() -> list[str]:
+        done = subprocess.run(["ip", "netns", "exec", ns, "iptables-save", "-t", "nat"],
+                              capture_output=True, text=True, timeout=20, check=True)
+        return done.stdout.splitlines()
+
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        for builtin, _spec in HOOKS:  # someone else's rule already there
+            run("iptables", "-t", "nat", "-A", builtin, "-d", "192.0.2.1/32", "-j", "RETURN")
+        for builtin, spec in HOOKS:
+            assert run("iptables", "-t", "nat", "-C", builtin, *spec, check=False) != 0
+        run("iptables-restore", "--noflush", stdin=render(seed_redirects(), hooks=True))
+        lines = save()
+        assert len(hook_lines("\n".join(lines))) == 2
+        for builtin, spec in HOOKS:
+            assert run("iptables", "-t", "nat", "-C", builtin, *spec, check=False) == 0
+            first = next(line for line in lines if line.startswith(f"-A {builtin} "))
+            assert CHAIN in first and HOOK_COMMENT in first
+        assert len(parse_rules("\n".join(lines))) == sum(r.family == 4 for r in seed_redirects())
+    finally:
+        subprocess.run(["ip", "netns", "delete", ns], check=False)
+
+
 def _hook_args(line: str) -> list[str]:
     """The rule spec of a saved hook line (after ``-A CHAIN``), with the quoted comment whole."""
     before, quote, rest = line.partition('"')
