@@ -360,6 +360,55 @@ def test_active_flow_does_not_expire(loop_kind: str) -> None:
     run(loop_kind, body)
 
 
+class Talker(asyncio.DatagramProtocol):
+    """An endpoint that remembers who wrote to it (and then talks on its own)."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.DatagramTransport | None = None
+        self.peer: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
+        if not self.peer.done():
+            self.peer.set_result(cast(tuple[str, int], addr))
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_replies_alone_keep_a_flow_alive(loop_kind: str) -> None:
+    """An endpoint that keeps sending while the client is silent keeps the flow from
+    expiring: replies count as activity, as requests do."""
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        transport, talker = await loop.create_datagram_endpoint(
+            Talker, local_addr=("127.0.0.1", 0))
+        try:
+            async with setup(backends=0, timeout=0.4) as s:
+                s.proxy.entries = {NAME: entry_for(transport.get_extra_info("sockname")[1])}
+                with client(s.port) as sock:
+                    sock.send(b"subscribe")
+                    async with asyncio.timeout(2):
+                        peer = await talker.peer
+                    flow = next(iter(s.proxy.flows))
+                    for i in range(12):  # 1.2 s of replies every 0.1 s: three timeouts
+                        transport.sendto(f"tick{i}".encode(), peer)
+                        async with asyncio.timeout(2):
+                            assert await loop.sock_recv(sock, 100) == f"tick{i}".encode()
+                        await asyncio.sleep(0.1)
+                    assert not flow.closed and list(s.proxy.flows) == [flow]
+                    assert flow.bytes_down == sum(len(f"tick{i}") for i in range(12))
+                    for _ in range(30):  # quiet now: it expires
+                        if flow.closed:
+                            break
+                        await asyncio.sleep(0.1)
+                    assert flow.closed and not s.proxy.flows
+        finally:
+            transport.close()
+
+    run(loop_kind, body)
+
+
 @pytest.mark.parametrize("loop_kind", LOOPS)
 def test_flood_keeps_the_bound_and_the_active_flow(loop_kind: str) -> None:
     async def body() -> None:
