@@ -67,8 +67,9 @@ def targets(res: Results) -> list[Target]:
     out.append(Target("status page open and streaming: data path loses < 3%",
                       None if c_loss is None or k_loss is None else (c_loss < 3 and k_loss < 3),
                       "n/a" if c_loss is None or k_loss is None else
-                      f"new conn/s {c_loss:+.1f}%, keep-alive req/s {k_loss:+.1f}% lost "
-                      f"(medians with vs without the stream; within this machine's noise)"))
+                      f"new conn/s {_lost_or_gained(c_loss)}, keep-alive req/s "
+                      f"{_lost_or_gained(k_loss)} (medians with vs without the stream; "
+                      f"within this machine's noise)"))
     r = ratio(m("dns", NATIVE), m("dns", KERNEL))
     lost = f["dns_lost"].samples.get(NATIVE)
     ok: bool | None = None
@@ -106,6 +107,10 @@ def _loss(with_stream: float | None, without: float | None) -> float | None:
     if with_stream is None or not without:
         return None
     return (1 - with_stream / without) * 100
+
+
+def _lost_or_gained(loss: float) -> str:
+    return f"lost {loss:.1f}%" if loss >= 0 else f"gained {-loss:.1f}%"
 
 
 def main_table(res: Results, peers: Sequence[str]) -> str:
