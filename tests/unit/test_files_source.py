@@ -246,3 +246,92 @@ def test_broken_at_start_then_fixed(tmp_path: Path) -> None:
     write(f, SERVICE)
     assert source.load(store) is True
     assert PORT1 in store.table()
+
+
+def _svc(name: str, ip: str, port: int = 80) -> str:
+    return (f"apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\n"
+            f"spec: {{clusterIP: {ip}, ports: [{{port: {port}}}]}}\n")
+
+
+def test_incremental_load_matches_a_fresh_read_after_every_edit(tmp_path: Path) -> None:
+    """Only changed files are applied; the store must still equal a full fresh read:
+    objects moving between files, duplicates taking over, deletions, broken files."""
+    edits: list[tuple[str, str | None]] = [
+        ("a.yaml", _svc("x", "10.0.0.1") + "---\n" + _svc("y", "10.0.0.2")),
+        ("b.yaml", _svc("y", "10.0.0.3") + "---\n" + _svc("z", "10.0.0.4")),
+        ("c.json", json.dumps({"kind": "List", "items": [yaml.safe_load(SERVICE),
+                                                         yaml.safe_load(SLICE)]})),
+        ("a.yaml", _svc("x", "10.0.0.1", 81)),            # y moves to b's copy
+        ("b.yaml", "kind: Service\nmetadata: {name: [\n"),  # broken: b's last good kept
+        ("a.yaml", None),                                  # x gone
+        ("b.yaml", _svc("z", "10.0.0.5") + "---\n" + _svc("z", "10.0.0.6")),  # repeated
+        ("d.yaml", _svc("z", "10.0.0.7") + "---\n" + SLICE),  # later file: b's z wins
+        ("b.yaml", None),                                  # now d's z
+        ("c.json", None),                                  # the slice stays (d has it)
+        ("d.yaml", SERVICE),
+    ]
+    store = Store()
+    source = FilesSource((str(tmp_path),))
+    broken = False  # while b.yaml is broken a fresh reader lacks its last good content
+    for name, text in edits:
+        if text is None:
+            (tmp_path / name).unlink()
+        else:
+            write(tmp_path / name, text)
+        if name == "b.yaml":
+            broken = text is not None and "[\n" in text
+        source.load(store)
+        fresh = Store()
+        FilesSource((str(tmp_path),)).load(fresh)
+        if broken:
+            assert store.keys("Service") >= {("default", "y"), ("default", "z")}
+            continue
+        assert store.table() == fresh.table(), (name, text)
+        for kind in ("Service", "EndpointSlice"):
+            assert store.raw(kind) == fresh.raw(kind), (name, kind)
+
+
+async def test_a_write_wakes_the_source_before_the_next_poll(tmp_path: Path) -> None:
+    """inotify: with a 30 s poll, an edit is still seen at once."""
+    import asyncio
+    import contextlib
+
+    write(tmp_path / "svc.yaml", SERVICE)
+    store = Store()
+
+    class Hooks:
+        changes = 0
+
+        def changed(self) -> None:
+            self.changes += 1
+
+        def synced(self) -> None:
+            pass
+
+    hooks = Hooks()
+    source = FilesSource((str(tmp_path),), poll_interval=30.0)
+    task = asyncio.create_task(source.run(store, hooks))
+    try:
+        for _ in range(100):
+            if hooks.changes:
+                break
+            await asyncio.sleep(0.01)
+        assert hooks.changes == 1
+        (tmp_path / "slice.yaml.tmp").write_text(SLICE)
+        (tmp_path / "slice.yaml.tmp").rename(tmp_path / "slice.yaml")  # as editors save
+        for _ in range(200):
+            if hooks.changes == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert hooks.changes == 2, "the rename was not noticed within 2 s"
+        assert endpoints(store) == ["172.17.0.5:6789", "172.17.0.6:6789"]
+        write(tmp_path / "svc.yaml", SERVICE.replace("10.0.0.180", "10.0.0.181"))
+        for _ in range(200):
+            if hooks.changes == 3:
+                break
+            await asyncio.sleep(0.01)
+        assert store.table()[PORT1].port.cluster_ips == ("10.0.0.181",)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

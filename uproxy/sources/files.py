@@ -3,14 +3,22 @@
 Paths are files or directories (``*.yaml``, ``*.yml``, ``*.json``, not
 recursive), each file multi-document or a ``kind: List``. The files are
 polled for changes (size, mtime, inode) a few times a second — cheap, and it
-works on every filesystem and with editors that replace files. A file that no
-longer parses keeps its last good content, with one log line, so a typo while
-editing never tears services down.
+works on every filesystem and with editors that replace files. On Linux an
+inotify watch on the directories wakes the poll at once when a file is
+written or moved in, so an edit is applied in milliseconds, not at the next
+tick. A file that no longer parses keeps its last good content, with one log
+line, so a typo while editing never tears services down.
+
+Only the objects of changed files are applied to the store: with 10,000
+services in one file and a small file edited beside it, a change costs the
+small file's objects, not 20,000 comparisons.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -34,10 +42,30 @@ class ManifestError(Exception):
     """A path given at start-up cannot be used: one line for the user."""
 
 
+Ref = tuple[str, tuple[str, str]]  # (kind, (namespace, name))
+
+
 @dataclass(slots=True)
 class _FileState:
     stamp: tuple[int, int, int]
     objects: list[tuple[str, Mapping[str, Any]]] = field(default_factory=list)
+    named: dict[Ref, Mapping[str, Any]] = field(default_factory=dict)  # first of each name
+    repeated: list[Ref] = field(default_factory=list)  # names defined again in this file
+    unnamed: list[tuple[str, Mapping[str, Any]]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, stamp: tuple[int, int, int],
+           objects: list[tuple[str, Mapping[str, Any]]]) -> _FileState:
+        state = cls(stamp, objects)
+        for kind, obj in objects:
+            key = key_of(obj)
+            if key is None:
+                state.unnamed.append((kind, obj))
+            elif (kind, key) in state.named:
+                state.repeated.append((kind, key))
+            else:
+                state.named[(kind, key)] = obj
+        return state
 
 
 def check_paths(paths: tuple[str, ...]) -> None:
@@ -111,48 +139,70 @@ class FilesSource:
         self.paths = paths
         self.poll_interval = poll_interval
         self._files: dict[Path, _FileState] = {}
+        self._defined_in: dict[Ref, set[Path]] = {}  # which files name each object
 
     def load(self, store: Store) -> bool:
-        """Re-read changed files and push the whole set into the store; True if it changed."""
-        changed_files = False
+        """Re-read changed files and apply their objects to the store; True if it changed."""
         current = manifest_files(self.paths)
+        order = {path: i for i, path in enumerate(current)}  # the first definition wins
+        changed: dict[Path, _FileState | None] = {}  # path -> its state before
         for path in current:
             stamp = _stamp(path)
             state = self._files.get(path)
             if stamp is None or (state is not None and state.stamp == stamp):
                 continue
-            changed_files = True
             try:
                 objects = read_objects(path)
             except (ValueError, OSError, UnicodeDecodeError) as exc:
                 keeping = " (keeping its last good content)" if state and state.objects else ""
                 msg = exc.strerror if isinstance(exc, OSError) else str(exc)
                 log.error("%s: %s%s", path, msg, keeping)
-                self._files[path] = _FileState(stamp, state.objects if state else [])
+                if state is not None:
+                    state.stamp = stamp
+                else:
+                    self._files[path] = _FileState(stamp)
                 continue
-            self._files[path] = _FileState(stamp, objects)
-        for gone in [p for p in self._files if p not in current]:
-            del self._files[gone]
-            changed_files = True
-        if not changed_files:
+            self._files[path] = _FileState.of(stamp, objects)
+            changed[path] = state
+        for gone in [p for p in self._files if p not in order]:
+            changed[gone] = self._files.pop(gone)
+        if not changed:
             return False
         before = store.generation
-        by_kind: dict[str, list[tuple[Mapping[str, Any], str]]] = {k: [] for k in KINDS}
-        seen: dict[tuple[str, tuple[str, str]], Path] = {}
-        for path, state in self._files.items():
-            for kind, obj in state.objects:
-                key = key_of(obj)
-                if key is not None:
-                    first = seen.get((kind, key))
-                    if first is None:
-                        seen[(kind, key)] = path
-                    else:
-                        log.error("%s: %s %s/%s: metadata.name: already defined in %s; ignored",
-                                  path, kind, key[0], key[1], first)
-                        continue
-                by_kind[kind].append((obj, str(path)))
-        for kind, objs in by_kind.items():
-            for problem in store.replace(kind, objs):
+        touched: dict[Ref, None] = {}  # in file order, so problems are logged in that order
+        for path, old in changed.items():
+            for ref in old.named if old is not None else ():
+                owners = self._defined_in[ref]
+                owners.discard(path)
+                if not owners:
+                    del self._defined_in[ref]
+                touched[ref] = None
+            new = self._files.get(path)
+            if new is None:
+                continue
+            for ref in new.named:
+                self._defined_in.setdefault(ref, set()).add(path)
+                touched[ref] = None
+            for kind, key in new.repeated:
+                log.error("%s: %s %s/%s: metadata.name: already defined in %s; ignored",
+                          path, kind, key[0], key[1], path)
+            for kind, obj in new.unnamed:
+                for problem in store.apply(kind, obj, str(path)):
+                    log.error("%s", problem)
+        for ref in touched:
+            kind, key = ref
+            defined = self._defined_in.get(ref)
+            if not defined:
+                store.remove(kind, *key)
+                continue
+            if len(defined) == 1:
+                (first,), others = defined, []
+            else:
+                first, *others = sorted(defined, key=order.__getitem__)
+            for path in others:
+                log.error("%s: %s %s/%s: metadata.name: already defined in %s; ignored",
+                          path, kind, key[0], key[1], first)
+            for problem in store.apply(kind, self._files[first].named[ref], str(first)):
                 log.error("%s", problem)
         return store.generation != before
 
@@ -160,10 +210,74 @@ class FilesSource:
         self.load(store)
         hooks.changed()
         hooks.synced()
-        while True:
-            await asyncio.sleep(self.poll_interval)
-            try:
-                if self.load(store):
-                    hooks.changed()
-            except OSError as exc:  # a directory vanished, permissions changed...
-                log.error("reading manifests: %s", exc)
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        notify = _Inotify.open(self.paths)
+        if notify is not None:
+
+            def notified() -> None:
+                if notify.drain():
+                    wake.set()
+
+            loop.add_reader(notify.fd, notified)
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.poll_interval):
+                        await wake.wait()
+                wake.clear()
+                try:
+                    if self.load(store):
+                        hooks.changed()
+                except OSError as exc:  # a directory vanished, permissions changed...
+                    log.error("reading manifests: %s", exc)
+        finally:
+            if notify is not None:
+                loop.remove_reader(notify.fd)
+                notify.close()
+
+
+class _Inotify:
+    """Wake-ups for writes and renames in the manifest directories (Linux; else None).
+
+    Only a hint: the poll still decides what changed, so a missed or spurious
+    event costs nothing but a stat of each file. ``IN_CLOSE_WRITE``, not
+    ``IN_MODIFY``, so a file is read once its writer is done with it.
+    """
+
+    MASK = (0x8 | 0x40 | 0x80 | 0x200 | 0x400 | 0x800 | 0x4)
+    # IN_CLOSE_WRITE, IN_MOVED_FROM, IN_MOVED_TO, IN_DELETE, IN_DELETE_SELF, IN_MOVE_SELF,
+    # IN_ATTRIB (touch)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    @classmethod
+    def open(cls, paths: tuple[str, ...]) -> _Inotify | None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            init, add = libc.inotify_init1, libc.inotify_add_watch
+        except (OSError, AttributeError):
+            return None
+        fd = init(os.O_NONBLOCK | os.O_CLOEXEC)
+        if fd < 0:
+            log.debug("inotify unavailable (%s); polling only", os.strerror(ctypes.get_errno()))
+            return None
+        dirs = {str(Path(p) if Path(p).is_dir() else Path(p).parent) for p in paths}
+        watched = sum(add(fd, os.fsencode(d), cls.MASK) >= 0 for d in sorted(dirs))
+        if not watched:
+            os.close(fd)
+            return None
+        return cls(fd)
+
+    def drain(self) -> bool:
+        """Read every queued event (their content does not matter); True if there were any."""
+        got = False
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            while os.read(self.fd, 65536):
+                got = True
+        return got
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
