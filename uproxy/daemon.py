@@ -170,7 +170,7 @@ class Daemon:
             # list holds the loop; cleanup() has just removed every hook.
             await self.iptables.restore(render([], hooks=True))
             self._hooks_in_place = True
-        except IptablesError as exc:  # the first sync tries again and reports it
+        except (IptablesError, OSError) as exc:  # the first sync tries again and reports it
             log.debug("preparing iptables: %s", exc)
 
     async def _run_source(self) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -291,11 +294,15 @@ def test_incremental_load_matches_a_fresh_read_after_every_edit(tmp_path: Path) 
             assert store.raw(kind) == fresh.raw(kind), (name, kind)
 
 
+async def _until(check: Callable[[], bool], seconds: float = 2.0) -> None:
+    for _ in range(int(seconds / 0.01)):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+
+
 async def test_a_write_wakes_the_source_before_the_next_poll(tmp_path: Path) -> None:
     """inotify: with a 30 s poll, an edit is still seen at once."""
-    import asyncio
-    import contextlib
-
     write(tmp_path / "svc.yaml", SERVICE)
     store = Store()
 
@@ -312,24 +319,16 @@ async def test_a_write_wakes_the_source_before_the_next_poll(tmp_path: Path) -> 
     source = FilesSource((str(tmp_path),), poll_interval=30.0)
     task = asyncio.create_task(source.run(store, hooks))
     try:
-        for _ in range(100):
-            if hooks.changes:
-                break
-            await asyncio.sleep(0.01)
+        await _until(lambda: hooks.changes > 0)
         assert hooks.changes == 1
         (tmp_path / "slice.yaml.tmp").write_text(SLICE)
         (tmp_path / "slice.yaml.tmp").rename(tmp_path / "slice.yaml")  # as editors save
-        for _ in range(200):
-            if hooks.changes == 2:
-                break
-            await asyncio.sleep(0.01)
+        await _until(lambda: hooks.changes == 2)
         assert hooks.changes == 2, "the rename was not noticed within 2 s"
         assert endpoints(store) == ["172.17.0.5:6789", "172.17.0.6:6789"]
         write(tmp_path / "svc.yaml", SERVICE.replace("10.0.0.180", "10.0.0.181"))
-        for _ in range(200):
-            if hooks.changes == 3:
-                break
-            await asyncio.sleep(0.01)
+        await _until(lambda: hooks.changes == 3)
+        assert hooks.changes == 3
         assert store.table()[PORT1].port.cluster_ips == ("10.0.0.181",)
     finally:
         task.cancel()

@@ -48,7 +48,6 @@ Ref = tuple[str, tuple[str, str]]  # (kind, (namespace, name))
 @dataclass(slots=True)
 class _FileState:
     stamp: tuple[int, int, int]
-    objects: list[tuple[str, Mapping[str, Any]]] = field(default_factory=list)
     named: dict[Ref, Mapping[str, Any]] = field(default_factory=dict)  # first of each name
     repeated: list[Ref] = field(default_factory=list)  # names defined again in this file
     unnamed: list[tuple[str, Mapping[str, Any]]] = field(default_factory=list)
@@ -56,7 +55,7 @@ class _FileState:
     @classmethod
     def of(cls, stamp: tuple[int, int, int],
            objects: list[tuple[str, Mapping[str, Any]]]) -> _FileState:
-        state = cls(stamp, objects)
+        state = cls(stamp)
         for kind, obj in objects:
             key = key_of(obj)
             if key is None:
@@ -154,7 +153,8 @@ class FilesSource:
             try:
                 objects = read_objects(path)
             except (ValueError, OSError, UnicodeDecodeError) as exc:
-                keeping = " (keeping its last good content)" if state and state.objects else ""
+                kept = state is not None and bool(state.named or state.unnamed)
+                keeping = " (keeping its last good content)" if kept else ""
                 msg = exc.strerror if isinstance(exc, OSError) else str(exc)
                 log.error("%s: %s%s", path, msg, keeping)
                 if state is not None:
@@ -183,9 +183,8 @@ class FilesSource:
             for ref in new.named:
                 self._defined_in.setdefault(ref, set()).add(path)
                 touched[ref] = None
-            for kind, key in new.repeated:
-                log.error("%s: %s %s/%s: metadata.name: already defined in %s; ignored",
-                          path, kind, key[0], key[1], path)
+            for ref in new.repeated:
+                _log_duplicate(path, ref, path)
             for kind, obj in new.unnamed:
                 for problem in store.apply(kind, obj, str(path)):
                     log.error("%s", problem)
@@ -200,8 +199,7 @@ class FilesSource:
             else:
                 first, *others = sorted(defined, key=order.__getitem__)
             for path in others:
-                log.error("%s: %s %s/%s: metadata.name: already defined in %s; ignored",
-                          path, kind, key[0], key[1], first)
+                _log_duplicate(path, ref, first)
             for problem in store.apply(kind, self._files[first].named[ref], str(first)):
                 log.error("%s", problem)
         return store.generation != before
@@ -235,6 +233,12 @@ class FilesSource:
             if notify is not None:
                 loop.remove_reader(notify.fd)
                 notify.close()
+
+
+def _log_duplicate(path: Path, ref: Ref, first: Path) -> None:
+    kind, (namespace, name) = ref
+    log.error("%s: %s %s/%s: metadata.name: already defined in %s; ignored",
+              path, kind, namespace, name, first)
 
 
 class _Inotify:
