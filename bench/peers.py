@@ -12,7 +12,10 @@ Every peer is reached by the client at the same addresses (the ClusterIPs
 - nginx stream and HAProxy: listening on local ports in the node namespace,
   reached through ``REDIRECT`` rules for the ClusterIPs -- the same
   interception uproxy uses, so the comparison is of the proxies, not of how
-  packets reach them.
+  packets reach them;
+- the C UDP relay (DNS only): ``native/udp_reference.c``, the smallest relay of
+  uproxy's UDP design (the same batching code, no Python), built at run time:
+  how close any userspace relay of that shape gets to kernel DNAT here.
 
 A peer's :meth:`Peer.pids` are the processes whose CPU, RSS and fds we measure
 (all of nginx's or HAProxy's processes; none for the kernel).
@@ -42,9 +45,10 @@ HTTP_PORT, BULK_PORT, DNS_PORT, HOLD_PORT = 80, 5201, 53, 8080
 # where nginx/HAProxy listen in the node namespace (REDIRECT targets)
 LOCAL_PORTS = {HTTP_PORT: 18080, BULK_PORT: 15201, DNS_PORT: 10053}
 
-KERNEL, NATIVE, PYTHON, NGINX, HAPROXY = (
-    "kernel DNAT", "uproxy native", "uproxy python", "nginx stream", "HAProxy")
-ALL_PEERS = (KERNEL, NATIVE, PYTHON, NGINX, HAPROXY)
+KERNEL, NATIVE, PYTHON, NGINX, HAPROXY, C_UDP = (
+    "kernel DNAT", "uproxy native", "uproxy python", "nginx stream", "HAProxy", "C UDP relay")
+ALL_PEERS = (KERNEL, NATIVE, PYTHON, NGINX, HAPROXY, C_UDP)
+NATIVE_SRC = Path(__file__).resolve().parent.parent / "native"
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +61,7 @@ class Backends:
 class Peer(Protocol):
     name: str
     udp: bool  # proxies DNS
+    tcp: bool  # proxies HTTP and bulk (every peer but the C UDP relay)
 
     def start(self) -> None: ...
     def stop(self) -> None: ...
@@ -131,7 +136,7 @@ def flush_conntrack(lab: Lab) -> None:
 
 
 class KernelDnat:
-    udp = True
+    udp = tcp = True
 
     def __init__(self, lab: Lab, backends: Backends) -> None:
         self.name = KERNEL
@@ -158,7 +163,7 @@ class KernelDnat:
 
 
 class Uproxy:
-    udp = True
+    udp = tcp = True
 
     def __init__(self, lab: Lab, backends: Backends, *, native: bool,
                  args: tuple[str, ...] = ()) -> None:
@@ -209,6 +214,7 @@ class _Redirected:
 
     chain = "BENCH-REDIRECT"
     udp = False
+    tcp = True
     name = ""
 
     def __init__(self, lab: Lab) -> None:
@@ -221,7 +227,7 @@ class _Redirected:
         for port, local in LOCAL_PORTS.items():
             ip = VIP_BULK if port == BULK_PORT else VIP
             protos = ["udp"] if port == DNS_PORT else ["tcp"]
-            if port == DNS_PORT and not self.udp:
+            if (port == DNS_PORT and not self.udp) or (port != DNS_PORT and not self.tcp):
                 continue
             for proto in protos:
                 lines.append(f"-A {self.chain} -d {ip}/32 -p {proto} -m {proto} --dport {port} "
@@ -236,7 +242,7 @@ class _Redirected:
         d.mkdir(exist_ok=True)
         self.proc = self.lab.spawn("node", self._argv(d), d.name)
         try:
-            for port in (LOCAL_PORTS[HTTP_PORT], LOCAL_PORTS[BULK_PORT]):
+            for port in (LOCAL_PORTS[HTTP_PORT], LOCAL_PORTS[BULK_PORT]) if self.tcp else ():
                 self.lab.wait_port("node", "0.0.0.0", port, "tcp", proc=None)
             if self.udp:
                 self.lab.wait_port("node", "0.0.0.0", LOCAL_PORTS[DNS_PORT], "udp", proc=None)
@@ -328,3 +334,37 @@ class Haproxy(_Redirected):
         conf = d / "haproxy.cfg"
         conf.write_text(self.config())
         return ["haproxy", "-db", "-f", str(conf)]
+
+
+class CUdpRelay(_Redirected):
+    """``native/udp_reference.c``: uproxy's UDP design in plain C, DNS only (see the file)."""
+
+    udp = True
+    tcp = False
+
+    def __init__(self, lab: Lab, backends: Backends) -> None:
+        super().__init__(lab)
+        self.name = C_UDP
+        self.backends = backends
+
+    def _argv(self, d: Path) -> list[str]:
+        binary = build_udp_reference(d)
+        return [str(binary), str(LOCAL_PORTS[DNS_PORT]),
+                *(f"{ip}:{DNS_PORT}" for ip in self.backends.dns)]
+
+
+def build_udp_reference(d: Path) -> Path:
+    """Compile ``native/udp_reference.c`` (with ``native/udp.c``) into ``d``, once."""
+    out = d / "udp_reference"
+    if not out.exists():
+        argv = ["cc", "-O2", "-std=gnu11", "-Wall", "-Wextra", "-o", str(out),
+                str(NATIVE_SRC / "udp_reference.c"), str(NATIVE_SRC / "udp.c"),
+                f"-I{NATIVE_SRC}"]
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise LabError(f"building {NATIVE_SRC / 'udp_reference.c'}: {exc}") from None
+        if proc.returncode != 0:
+            raise LabError(f"building {NATIVE_SRC / 'udp_reference.c'} failed: "
+                           f"{proc.stderr.strip()[-800:]}")
+    return out

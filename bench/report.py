@@ -26,7 +26,7 @@ from bench.parse import (
     render_table,
     render_targets,
 )
-from bench.peers import HAPROXY, KERNEL, LOCAL_PORTS, NATIVE, NGINX, PYTHON
+from bench.peers import C_UDP, HAPROXY, KERNEL, LOCAL_PORTS, NATIVE, NGINX, PYTHON
 from bench.run import Options, Results
 
 SUMMARY_FIGS = ("bulk", "cpu_gb", "conn", "ka", "ka_p50", "ka_p99", "dns", "dns_lost",
@@ -76,9 +76,12 @@ def targets(res: Results) -> list[Target]:
     if r is not None and m("dns", NGINX) is not None and lost is not None:
         ok = r >= 0.95 and (m("dns", NATIVE) or 0) > (m("dns", NGINX) or 0) and sum(lost) == 0
     rn = ratio(m("dns", NATIVE), m("dns", NGINX))
+    rc = ratio(m("dns", C_UDP), m("dns", KERNEL))
+    ceiling = "" if rc is None else \
+        f"; the C UDP relay (same design, no Python) reached {fmt_ratio(rc)} of kernel"
     out.append(Target("DNS q/s >= 0.95x kernel DNAT, above nginx's UDP proxy, 0 lost", ok,
                       f"{fmt_ratio(r)} of kernel, {fmt_ratio(rn)} of nginx, lost per round: "
-                      f"{lost if lost is not None else 'n/a'}"))
+                      f"{lost if lost is not None else 'n/a'}{ceiling}"))
     for source, s in res.scale.items():
         label = "manifest files" if source == "files" else "API server (watch)"
         ready = s.get("ready_s")
@@ -230,10 +233,16 @@ at a time (started, measured, stopped, conntrack flushed).
 - **{haproxy}**: Debian HAProxy 2.6, `nbthread 1`, `mode tcp`, `option splice-auto`,
   `balance random`, `maxconn 40000`, frontends on :{http} and :{bulk}. HAProxy has no UDP
   proxy, so no DNS figures.
-- nginx and HAProxy listen in the node ns and are reached through `REDIRECT` rules for
-  the ClusterIPs (chain `BENCH-REDIRECT` from PREROUTING/OUTPUT) -- the same interception
-  path uproxy uses, so proxies are compared with proxies. CPU, RSS and fds sum all of
-  their processes (nginx master + worker)."""
+- **C UDP relay** (DNS only): `native/udp_reference.c`, compiled at run time with
+  `native/udp.c` -- uproxy's UDP design and batching code (recvmmsg, grouping by client,
+  one connected backend socket per client, sendmmsg with GSO, replies from the listener
+  with IP_PKTINFO) in a bare epoll loop: no Python, no expiry, no metrics. Not a proxy
+  anyone should run; it shows how close *any* relay of this shape gets to kernel DNAT
+  on this machine, so the DNS gap can be split into "the design" and "uproxy's code".
+- nginx, HAProxy and the C UDP relay listen in the node ns and are reached through
+  `REDIRECT` rules for the ClusterIPs (chain `BENCH-REDIRECT` from PREROUTING/OUTPUT) --
+  the same interception path uproxy uses, so proxies are compared with proxies. CPU, RSS
+  and fds sum all of their processes (nginx master + worker)."""
 
 METHOD_DOC = """\
 - **bulk**: `iperf3 -c 10.0.0.11 -t {seconds:g} -J` from the client ns, one stream;
@@ -300,7 +309,7 @@ def write_chart(res: Results, peers: Sequence[str], path: Path) -> str:
     if not figs:
         return "skipped (nothing measured)."
     colors = {KERNEL: "#777777", NATIVE: "#1f77b4", PYTHON: "#9ecae1", NGINX: "#2ca02c",
-              HAPROXY: "#ff7f0e"}
+              HAPROXY: "#ff7f0e", C_UDP: "#9467bd"}
     cols = min(4, len(figs))
     rows = (len(figs) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.9 * rows), squeeze=False)

@@ -38,6 +38,7 @@ from bench.parse import Figure
 from bench.peers import (
     ALL_PEERS,
     BULK_PORT,
+    C_UDP,
     DNS_PORT,
     HAPROXY,
     HTTP_PORT,
@@ -49,6 +50,7 @@ from bench.peers import (
     VIP,
     VIP_BULK,
     Backends,
+    CUdpRelay,
     Haproxy,
     KernelDnat,
     NginxStream,
@@ -170,6 +172,8 @@ def make_peer(name: str, lab: Lab, backends: Backends) -> Peer:
         return NginxStream(lab, backends)
     if name == HAPROXY:
         return Haproxy(lab, backends)
+    if name == C_UDP:
+        return CUdpRelay(lab, backends)
     raise ValueError(f"unknown peer {name!r}")
 
 
@@ -313,15 +317,16 @@ TEST_FUNCS = {"bulk": run_bulk, "conn": run_conn, "keepalive": run_keepalive,
 def run_peer(lab: Lab, peer: Peer, opts: Options, res: Results, *, first_round: bool) -> None:
     peer.start()
     try:
-        check_path(lab, peer)
+        if peer.tcp:
+            check_path(lab, peer)
         for test in ("bulk", "conn", "keepalive", "status", "dns"):
-            if test in opts.only:
+            if test in opts.only and (peer.tcp or test == "dns"):
                 try:
                     TEST_FUNCS[test](lab, peer, opts, res)
                 except (LabError, parse.ParseError) as exc:
                     res.errors.append(f"{peer.name} {test}: {exc}")
                     opts.log(f"    {test}: FAILED: {exc}")
-        if first_round and "idle" in opts.only:
+        if first_round and "idle" in opts.only and peer.tcp:
             try:
                 run_idle(lab, peer, opts, res)
             except (LabError, ValueError, KeyError) as exc:

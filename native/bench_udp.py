@@ -5,13 +5,15 @@
 
 Peers: ``kernel`` (iptables DNAT + statistic random, as kube-proxy writes it),
 ``native`` and ``python`` (the real daemon, ``uproxy run``, in the node namespace,
-uvloop; ``python`` sets UPROXY_NO_NATIVE=1). One lab for the whole run: client ->
-node -> two dnsmasq pods; dnsperf runs in the client namespace against the
-ClusterIP for S seconds per peer per round, peers interleaved per round (the
-box is shared: interleaving spreads its noise). Printed per run: queries/s,
-lost queries, and for uproxy its CPU microseconds per query (user + system of
-the daemon's process, from /proc). All traffic stays inside the lab; the lab
-is torn down on any exit.
+uvloop; ``python`` sets UPROXY_NO_NATIVE=1), ``reference`` (``udp_reference.c``: the
+same design and batching code in a bare C loop, behind a REDIRECT rule) and
+``reference-c`` (the same with a connected socket per client, ``-c``). One lab for the
+whole run: client -> node -> two dnsmasq pods; dnsperf runs in the client namespace
+against the ClusterIP for S seconds per peer per round, peers interleaved per round (the
+box is shared: interleaving spreads its noise). Printed per run: queries/s, lost
+queries, and for uproxy its CPU microseconds per query (user + system of the daemon's
+process, from /proc). All traffic stays inside the lab; the lab is torn down on any
+exit.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import parse  # noqa: E402
-from bench.peers import kube_proxy_rules  # noqa: E402
+from bench.peers import build_udp_reference, kube_proxy_rules  # noqa: E402
 from uproxy.demo.lab import Lab, install_signal_teardown  # noqa: E402
 from uproxy.demo.node import NodeProxy, endpoint_slice, service  # noqa: E402
 
@@ -87,6 +89,29 @@ def uproxy(lab: Lab, backends: list[str], seconds: float, clients: int, outstand
         lab.run("node", ["conntrack", "-F"], check=False)
 
 
+def reference(lab: Lab, backends: list[str], seconds: float, clients: int, outstanding: int,
+              *, connected: bool) -> tuple[parse.DnsperfResult, float | None]:
+    local = 10053
+    rule = ["-d", VIP, "-p", "udp", "--dport", str(PORT), "-j", "REDIRECT", "--to-ports",
+            str(local)]
+    binary = build_udp_reference(lab.workdir)
+    argv = [str(binary), *(["-c"] if connected else []), str(local),
+            *(f"{ip}:{PORT}" for ip in backends)]
+    proc = lab.spawn("node", argv, "udp-reference")
+    lab.wait_port("node", "0.0.0.0", local, "udp", proc=proc)
+    lab.run("node", ["iptables", "-t", "nat", "-A", "PREROUTING", *rule])
+    try:
+        cpu0 = cpu_seconds(proc.pid)
+        result = dnsperf(lab, seconds, clients, outstanding)
+        cpu1 = cpu_seconds(proc.pid)
+        return result, (cpu1 - cpu0) / result.completed * 1e6 if result.completed else None
+    finally:
+        lab.run("node", ["iptables", "-t", "nat", "-D", "PREROUTING", *rule], check=False)
+        proc.kill()
+        proc.wait(5)
+        lab.run("node", ["conntrack", "-F"], check=False)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=3)
@@ -111,6 +136,9 @@ def main() -> int:
                     if peer == "kernel":
                         r, cpu = kernel(lab, backends, args.seconds, args.clients,
                                         args.outstanding)
+                    elif peer.startswith("reference"):
+                        r, cpu = reference(lab, backends, args.seconds, args.clients,
+                                           args.outstanding, connected=peer == "reference-c")
                     else:
                         r, cpu = uproxy(lab, backends, args.seconds, args.clients,
                                         args.outstanding, native=peer == "native")
