@@ -267,7 +267,9 @@ METHOD_DOC = """\
   manifest (`--manifests DIR`) or loaded into the fake API server
   (`python -m tests.k8s.apiserver --load`, uproxy `--kubeconfig`, list+watch). Time from
   spawning the daemon to `/readyz` = 200 (first sync done, rules applied; includes Python
-  start-up and imports), then the rule count in `iptables-save` and the process's
+  start-up and imports), seen by one small poller started beforehand in the node ns (a
+  GET every 10 ms; until 2026-11-21 a `curl` process per poll, which took CPU from the
+  daemon it timed), then the rule count in `iptables-save` and the process's
   listening sockets (`ss -ltnp`) are checked. RSS and CPU at rest. Then
   `python -m bench.changes` (client ns) flips the single endpoint of one more service
   (10.0.0.20:80) between pod1 and pod2 -- rewriting its small manifest file, or applying

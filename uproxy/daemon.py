@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import gc
 import ipaddress
 import json
 import logging
@@ -66,6 +67,8 @@ class ListenerKey:
 
 
 SOCK_KIND = {"TCP": socket.SOCK_STREAM, "UDP": socket.SOCK_DGRAM}
+GC_PAUSE_MAX = 60.0
+"""Start-up runs without the cyclic garbage collector until ready, at most this long."""
 
 
 class Daemon:
@@ -105,6 +108,8 @@ class Daemon:
         self._served_by_service: dict[Key, set[ServicePortName]] = {}
         self._redirects_by_name: dict[ServicePortName, list[Redirect]] = {}
         self._tasks: list[asyncio.Task[Any]] = []
+        self._gc_paused = False
+        self._gc_timer: asyncio.TimerHandle | None = None
 
     def _add_udp(self) -> None:
         try:
@@ -148,6 +153,7 @@ class Daemon:
     async def start(self) -> None:
         log.info("%s", native.describe())
         log.info("event loop: %s", type(self.loop).__module__.split(".")[0])
+        self._pause_gc()
         if self.iptables is not None:
             removed = await self.iptables.cleanup()
             if removed:
@@ -156,6 +162,36 @@ class Daemon:
             self._tasks.append(self._prepare)
         self._tasks.append(self.loop.create_task(self._run_source(), name="source"))
         self._tasks.append(self.loop.create_task(self._sync_loop(), name="sync"))
+
+    def _pause_gc(self) -> None:
+        """No cyclic garbage collection while the first state is built.
+
+        Loading 10,000 services allocates hundreds of thousands of containers that all
+        stay alive (parsed manifests, the store, the table, listeners); every 700
+        allocations the collector walks the young ones, and the older generations'
+        passes walk all of them again: 0.55 s of a 1.95 s start (measured with the
+        bench's scale test). Nothing is lost by waiting: the load makes almost no
+        garbage cycles (reference counting frees the rest at once).
+        """
+        if gc.isenabled():
+            gc.disable()
+            self._gc_paused = True
+            self._gc_timer = self.loop.call_later(GC_PAUSE_MAX, self._resume_gc)
+
+    def _resume_gc(self) -> None:
+        """Ready (or GC_PAUSE_MAX passed, or shutting down): collect as usual again.
+
+        ``gc.freeze()`` first moves everything alive now -- the start-up state, which
+        lives as long as the daemon -- out of the collector's sight, so neither the
+        collection the re-enable would trigger nor any later full pass walks it again.
+        """
+        if self._gc_timer is not None:
+            self._gc_timer.cancel()
+            self._gc_timer = None
+        if self._gc_paused:
+            self._gc_paused = False
+            gc.freeze()
+            gc.enable()
 
     async def _prepare_iptables(self) -> None:
         """The empty chain and its hooks, while the source is still loading.
@@ -195,6 +231,7 @@ class Daemon:
             await self.shutdown()
 
     async def shutdown(self) -> None:
+        self._resume_gc()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -313,6 +350,8 @@ class Daemon:
                 self._last_rules = ""  # render and apply again next time
                 return
         self.rules_applied = True
+        if self.ready:
+            self._resume_gc()
         for proxy in self.proxies.values():
             proxy.rules_applied()
         self.last_sync = time.time()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import json
 import re
 import time
@@ -403,3 +404,26 @@ async def test_stopping_the_server_ends_open_streams(tmp_path: Path) -> None:
         finally:
             for runner in runners:
                 await runner.cleanup()
+
+
+async def test_garbage_collection_waits_for_ready_then_resumes(tmp_path: Path) -> None:
+    """Start-up builds its state without the cyclic collector (0.5 s of 2 s with 10,000
+    services); once ready, the start-up state is frozen out of the collector's sight and
+    collection resumes -- also when the daemon stops without ever being ready."""
+    assert gc.isenabled()
+    frozen = gc.get_freeze_count()
+    try:
+        async with running_stack(tmp_path, gated=True, wait_ready=False) as stack:
+            await wait_for(lambda: stack.daemon.store.table(), what="the manifests to load")
+            assert not gc.isenabled()
+            stack.daemon.source.release.set()  # type: ignore[attr-defined]
+            await wait_for(lambda: stack.daemon.ready, what="the daemon to apply")
+            assert gc.isenabled()
+            assert gc.get_freeze_count() > frozen
+        async with running_stack(tmp_path / "never", gated=True, wait_ready=False) as stack:
+            await wait_for(lambda: stack.daemon.store.table(), what="the manifests to load")
+            assert not gc.isenabled()
+        assert gc.isenabled()
+    finally:
+        gc.enable()
+        gc.unfreeze()

@@ -200,6 +200,15 @@ def _expected(rs: set[Redirect], family: int) -> list[tuple[str, str, int, str, 
 
 
 @settings(max_examples=150, deadline=None, database=None)
+@given(st.lists(REDIRECTS, max_size=25), st.sampled_from([4, 6]))
+def test_rules_are_rendered_in_the_redirects_own_order(rs: list[Redirect], family: int) -> None:
+    """render() sorts with a key function for speed; the order must stay Redirect's own."""
+    text = render(rs, family=family)
+    wanted = [render_rule(r) for r in sorted(rs) if r.family == family]
+    assert [ln for ln in text.split("\n") if ln.startswith("-A ")][:-1] == wanted
+
+
+@settings(max_examples=150, deadline=None, database=None)
 @given(st.sets(REDIRECTS, max_size=25), st.sampled_from([4, 6]))
 def test_render_then_parse_gives_back_the_rules(rs: set[Redirect], family: int) -> None:
     text = render(rs, family=family)
