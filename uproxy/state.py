@@ -22,6 +22,7 @@ from uproxy.model import (
     Problem,
     ServicePort,
     ServicePortName,
+    is_mapping,
     parse_endpoint_slice,
     parse_endpoints,
     parse_service,
@@ -60,8 +61,8 @@ class TableDiff:
 
 
 def key_of(obj: Obj) -> Key | None:
-    meta = obj.get("metadata") if isinstance(obj, Mapping) else None
-    if not isinstance(meta, Mapping) or not isinstance(meta.get("name"), str):
+    meta = obj.get("metadata") if is_mapping(obj) else None
+    if not is_mapping(meta) or not isinstance(meta.get("name"), str):
         return None
     return (str(meta.get("namespace") or "default"), str(meta["name"]))
 
@@ -108,10 +109,14 @@ class Store:
         self._dirty |= before | after
         self.generation += 1
 
-    def apply(self, kind: str, obj: Obj, origin: str = "") -> list[Problem]:
-        """Add or update one object; returns the problems parsing found (already skipped)."""
+    def apply(self, kind: str, obj: Obj, origin: str = "", *,
+              key: Key | None = None) -> list[Problem]:
+        """Add or update one object; returns the problems parsing found (already skipped).
+
+        ``key``: ``key_of(obj)`` when the caller has it already."""
         parser = _PARSERS.get(kind)
-        key = key_of(obj)
+        if key is None:
+            key = key_of(obj)
         if parser is None or key is None:
             ref = f"{kind} ?"
             return [Problem(origin, ref, "metadata.name", "missing")] if parser else []
@@ -145,7 +150,7 @@ class Store:
             key = key_of(obj)
             if key is not None:
                 seen.add(key)
-            problems.extend(self.apply(kind, obj, origin))
+            problems.extend(self.apply(kind, obj, origin, key=key))
         for key in [k for k in self._objects[kind] if k not in seen]:
             self.remove(kind, *key)
         return problems
