@@ -29,7 +29,7 @@ from bench.parse import (
 from bench.peers import C_UDP, HAPROXY, KERNEL, LOCAL_PORTS, NATIVE, NGINX, PYTHON
 from bench.run import Options, Results
 
-SUMMARY_FIGS = ("bulk", "cpu_gb", "conn", "ka", "ka_p50", "ka_p99", "dns", "dns_lost",
+SUMMARY_FIGS = ("bulk", "cpu_gb", "conn", "cpu_conn", "ka", "ka_p50", "ka_p99", "dns", "dns_lost",
                 "idle_rss", "idle_fds")
 
 
@@ -45,9 +45,12 @@ def targets(res: Results) -> list[Target]:
                       f"{fmt_ratio(r)} ({fmt_num(m('bulk', NATIVE))} vs "
                       f"{fmt_num(m('bulk', KERNEL))} Gbit/s)"))
     r = ratio(m("conn", NATIVE), m("conn", NGINX))
+    cpu = "" if m("cpu_conn", NATIVE) is None or m("cpu_conn", NGINX) is None else \
+        (f"; proxy CPU per connection {fmt_num(m('cpu_conn', NATIVE))} vs "
+         f"{fmt_num(m('cpu_conn', NGINX))} us")
     out.append(Target("new connections/s >= 1.0x nginx stream", check(r, ">=", 1.0),
                       f"{fmt_ratio(r)} ({fmt_num(m('conn', NATIVE))} vs "
-                      f"{fmt_num(m('conn', NGINX))}/s)"))
+                      f"{fmt_num(m('conn', NGINX))}/s{cpu})"))
     r = ratio(m("ka", NATIVE), m("ka", NGINX))
     r99 = ratio(m("ka_p99", NATIVE), m("ka_p99", NGINX))
     both = None if check(r, ">=", 1.0) is None or check(r99, "<=", 1.2) is None else \
@@ -249,7 +252,9 @@ METHOD_DOC = """\
   receiver's bits/s. **CPU per GB**: utime+stime of the proxy's processes
   (`/proc/PID/stat`) before/after the bulk test divided by the GB iperf3 moved.
 - **new connections/s**: `wrk -t2 -c{cconns} -d{seconds:g}s -H "Connection: close"` --
-  every request on a new connection through the proxy to the nginx pods.
+  every request on a new connection through the proxy to the nginx pods. **Proxy CPU
+  per new connection**: utime+stime of the proxy's processes over that test divided by
+  the requests wrk completed.
 - **keep-alive**: `wrk -t2 -c{conns} -d{seconds:g}s --latency` (fixed connections);
   req/s and wrk's p50/p99.
 - **DNS**: `dnsperf -c 1 -q 100 -t 2 -l {seconds:g}` (closed loop, at most 100 queries

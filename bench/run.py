@@ -96,6 +96,7 @@ def new_results() -> Results:
     for f in (
         Figure("bulk", "single-stream bulk", "Gbit/s"),
         Figure("cpu_gb", "proxy CPU per GB moved", "CPU s/GB", higher_is_better=False),
+        Figure("cpu_conn", "proxy CPU per new connection", "us", higher_is_better=False),
         Figure("conn", "new connections (1 HTTP request each)", "conn/s"),
         Figure("ka", "keep-alive HTTP", "req/s"),
         Figure("ka_p50", "keep-alive p50 latency", "ms", higher_is_better=False),
@@ -215,10 +216,17 @@ def _wrk(lab: Lab, opts: Options, args: list[str]) -> parse.WrkResult:
 
 
 def run_conn(lab: Lab, peer: Peer, opts: Options, res: Results) -> None:
+    pids = peer.pids()
+    cpu0 = cpu_seconds(pids)
     r = _wrk(lab, opts, ["-c", str(opts.conn_conns), "-H", "Connection: close"])
+    cpu1 = cpu_seconds(pids)
     res.fig("conn").add(peer.name, r.requests_per_sec)
     res.extra.setdefault("conn_errors", {}).setdefault(peer.name, []).append(r.errors)
-    opts.log(f"    conn: {r.requests_per_sec:,.0f}/s ({r.errors} socket errors)")
+    per_conn = ""
+    if pids and r.requests:
+        res.fig("cpu_conn").add(peer.name, (cpu1 - cpu0) / r.requests * 1e6)
+        per_conn = f", {(cpu1 - cpu0) / r.requests * 1e6:.0f} us proxy CPU each"
+    opts.log(f"    conn: {r.requests_per_sec:,.0f}/s ({r.errors} socket errors{per_conn})")
 
 
 def run_keepalive(lab: Lab, peer: Peer, opts: Options, res: Results) -> None:
@@ -413,7 +421,8 @@ def _wait_ready(lab: Lab, proc: subprocess.Popen[bytes], log_name: str,
     for line in lab.log(poller_log).splitlines():
         if line.startswith("ready "):
             return float(line.split()[1])
-    raise LabError(f"uproxy not ready after {timeout:g}s: {lab.log(log_name)[-1500:]}")
+    raise LabError(f"uproxy not ready after {timeout:g}s: {lab.log(log_name)[-1500:]}; the "
+                   f"readiness poller said: {lab.log(poller_log)[-800:]}")
 
 
 def _start_api_server(lab: Lab, objects_file: Path) -> tuple[Path, Path]:
