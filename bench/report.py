@@ -139,8 +139,10 @@ def scale_table(res: Results) -> str:
 
     rows: list[tuple[str, list[str]]] = [
         ("services (2 endpoints each)", [f"{s.get('services', 0):,}" for s in res.scale.values()]),
-        ("start -> /readyz (all rules and sockets in place)",
-         [v(s, "ready_s", " s") for s in res.scale.values()]),
+        ("start -> /readyz (all rules and sockets in place; median of the starts)",
+         [v(s, "ready_s", " s") + (" (" + ", ".join(f"{r:.2f}" for r in s["ready_all"]) + ")"
+                                   if s.get("ready_all") else "")
+          for s in res.scale.values()]),
         ("uproxy REDIRECT rules / listening sockets after ready",
          [f"{s.get('rules')} / {s.get('listeners')}" for s in res.scale.values()]),
         ("daemon's log of its first sync",
@@ -201,7 +203,8 @@ def render_markdown(res: Results, opts: Options, mach: dict[str, str], *, chart_
                                 dns=LOCAL_PORTS[53], haproxy=HAPROXY) + "\n")
     out.append("## How each figure was measured\n")
     out.append(METHOD_DOC.format(seconds=opts.seconds, idle=opts.idle_count,
-                                 conns=opts.wrk_conns, cconns=opts.conn_conns) + "\n")
+                                 conns=opts.wrk_conns, cconns=opts.conn_conns,
+                                 starts=opts.scale_starts) + "\n")
     out.append(f"Chart: {chart_note}\n")
     out.append("What limits the missed targets (py-spy profiles, written by hand): "
                "[ANALYSIS.md](ANALYSIS.md).\n")
@@ -272,7 +275,8 @@ METHOD_DOC = """\
   manifest (`--manifests DIR`) or loaded into the fake API server
   (`python -m tests.k8s.apiserver --load`, uproxy `--kubeconfig`, list+watch). Time from
   spawning the daemon to `/readyz` = 200 (first sync done, rules applied; includes Python
-  start-up and imports), seen by one small poller started beforehand in the node ns (a
+  start-up and imports; the daemon is started {starts} times and the median reported, the
+  last start stays up for the rest), seen by one small poller started beforehand in the node ns (a
   GET every 10 ms; until 2026-11-21 a `curl` process per poll, which took CPU from the
   daemon it timed), then the rule count in `iptables-save` and the process's
   listening sockets (`ss -ltnp`) are checked. RSS and CPU at rest. Then

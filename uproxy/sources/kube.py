@@ -456,10 +456,14 @@ class KubeSource:
                 obj.setdefault("kind", kind)
                 obj.setdefault("apiVersion", api_version)
             problems = store.replace(kind, [(obj, ORIGIN) for obj in items])
-            self._report(kind, {object_ref(o): key_of(o) for o in items}, problems)
-            present = {key_of(obj) for obj in items}
-            for stale in [k for k in self._logged if k[0] == kind and k[1] not in present]:
-                del self._logged[stale]
+            # (both maps cost a pass over every item: 10,000 services, ~50 ms)
+            if problems:
+                self._report(kind, {object_ref(o): key_of(o) for o in items}, problems)
+            logged = [k for k in self._logged if k[0] == kind]
+            if logged:
+                present = {key_of(obj) for obj in items}
+                for stale in [k for k in logged if k[1] not in present]:
+                    del self._logged[stale]
             self._listed.add(kind)
             if store.generation != before:
                 hooks.changed()
