@@ -22,7 +22,6 @@ import os
 import re
 import resource
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -57,7 +56,7 @@ from bench.peers import (
     Peer,
     Uproxy,
 )
-from uproxy.demo.lab import Lab, LabError, install_signal_teardown
+from uproxy.demo.lab import Lab, LabError, install_signal_teardown, terminate
 from uproxy.demo.node import endpoint_slice, service
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -462,13 +461,7 @@ def _start_daemon(lab: Lab, src_flags: list[str],
 
 
 def _stop_daemon(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+    terminate(proc, 60)
 
 
 def run_scale(lab: Lab, opts: Options, res: Results, source: str) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 
+from uproxy.demo.lab import terminate
 from uproxy.demo.walkthrough import REQUIRED_TOOLS, requirements_problem
 
 pytestmark = pytest.mark.lab
@@ -206,13 +207,7 @@ def start_demo(*args: str) -> tuple[subprocess.Popen[str], Reader]:
 
 
 def stop(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    terminate(proc, 30)
 
 
 def test_demo_keeps_running_with_the_status_page_on_loopback_until_ctrl_c() -> None:

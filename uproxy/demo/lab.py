@@ -537,6 +537,17 @@ class Lab:
         return f"<Lab {self.prefix} pods={self.pods}{' torn down' if self._torn_down else ''}>"
 
 
+def terminate(proc: subprocess.Popen[Any], grace: float) -> int:
+    """SIGTERM ``proc`` if it still runs, SIGKILL it after ``grace`` s; its exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait(10)
+
+
 def install_signal_teardown(lab: Lab) -> Callable[[], None]:
     """Make SIGTERM (and SIGHUP) tear ``lab`` down and exit 128+signum; returns an undo.
 
