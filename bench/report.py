@@ -270,7 +270,8 @@ METHOD_DOC = """\
   The brief asked for 10,000: this environment's hard `RLIMIT_NOFILE` is 20,000 and the
   run has no CAP_SYS_RESOURCE to raise it, so a proxy holding 2 fds per connection tops
   out just under 10,000; the per-connection figures do not depend on the count.
-- **scale** (uproxy native, fresh process, once per source): N Services (ClusterIPs in
+- **scale** (uproxy native, fresh process per start, run before the data tests on a quiet
+  node ns): N Services (ClusterIPs in
   10.1.0.0/16, port 80) with one 2-endpoint EndpointSlice each, either as one JSON List
   manifest (`--manifests DIR`) or loaded into the fake API server
   (`python -m tests.k8s.apiserver --load`, uproxy `--kubeconfig`, list+watch). Time from
