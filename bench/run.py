@@ -619,9 +619,10 @@ def run(opts: Options) -> Results:
         try:
             backends = prepare_lab(lab)
             # Scale first, on a quiet node: after the data tests the node ns holds tens
-            # of thousands of TIME_WAIT sockets across the proxy port range and a warm
-            # conntrack table, which made one full run's start 50% slower than the same
-            # code's start on a fresh lab.
+            # of thousands of TIME_WAIT sockets (many in the proxy port range) and the
+            # load's leftovers; in one full run the start took 2.16 s against 1.39 s for
+            # the same code on a fresh lab (the cause not pinned down; right after one
+            # round of conn tests it was 1.47 s).
             for source in ("files", "api"):
                 if ("scale" if source == "files" else "scale-api") not in opts.only:
                     continue
