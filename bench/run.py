@@ -457,12 +457,8 @@ def _start_daemon(lab: Lab, src_flags: list[str],
     try:
         return proc, _wait_ready(lab, proc, log_name, poller, f"{log_name}-ready", 180) - t0
     except BaseException:
-        _stop_daemon(proc)
+        terminate(proc, 60)
         raise
-
-
-def _stop_daemon(proc: subprocess.Popen[bytes]) -> None:
-    terminate(proc, 60)
 
 
 def run_scale(lab: Lab, opts: Options, res: Results, source: str) -> None:
@@ -503,7 +499,7 @@ def _scale_measure(lab: Lab, opts: Options, s: dict[str, Any], source: str,
     readies: list[float] = []
     for i in range(1, opts.scale_starts):  # earlier starts: timed, then stopped
         proc, ready = _start_daemon(lab, src_flags, f"{log_name}-{i}")
-        _stop_daemon(proc)
+        terminate(proc, 60)
         readies.append(ready)
     proc, ready = _start_daemon(lab, src_flags, log_name)
     readies.append(ready)
@@ -559,7 +555,7 @@ def _scale_measure(lab: Lab, opts: Options, s: dict[str, Any], source: str,
                  f"({s['change_timeouts']} timeouts); /metrics: sync p99 <= "
                  f"{s['sync_p99_le']} s, network programming p99 <= {s['prog_p99_le']} s")
     finally:
-        _stop_daemon(proc)
+        terminate(proc, 60)
 
 
 # ---------------------------------------------------------------------------- driver

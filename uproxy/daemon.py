@@ -108,8 +108,7 @@ class Daemon:
         self._served_by_service: dict[Key, set[ServicePortName]] = {}
         self._redirects_by_name: dict[ServicePortName, list[Redirect]] = {}
         self._tasks: list[asyncio.Task[Any]] = []
-        self._gc_paused = False
-        self._gc_timer: asyncio.TimerHandle | None = None
+        self._gc_timer: asyncio.TimerHandle | None = None  # set while GC is paused
 
     def _add_udp(self) -> None:
         try:
@@ -175,7 +174,6 @@ class Daemon:
         """
         if gc.isenabled():
             gc.disable()
-            self._gc_paused = True
             self._gc_timer = self.loop.call_later(GC_PAUSE_MAX, self._resume_gc)
 
     def _resume_gc(self) -> None:
@@ -188,8 +186,6 @@ class Daemon:
         if self._gc_timer is not None:
             self._gc_timer.cancel()
             self._gc_timer = None
-        if self._gc_paused:
-            self._gc_paused = False
             gc.freeze()
             gc.enable()
 

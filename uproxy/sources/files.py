@@ -200,7 +200,8 @@ class FilesSource:
                 first, *others = sorted(defined, key=order.__getitem__)
             for path in others:
                 _log_duplicate(path, ref, first)
-            for problem in store.apply(kind, self._files[first].named[ref], str(first)):
+            for problem in store.apply(kind, self._files[first].named[ref], str(first),
+                                       key=key):
                 log.error("%s", problem)
         return store.generation != before
 
