@@ -14,11 +14,19 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 from uproxy import __version__
-from uproxy.settings import Settings, SettingsError, load
+from uproxy.settings import (
+    HELP_COLUMN,
+    HELP_WIDTH,
+    Settings,
+    SettingsError,
+    add_arguments,
+    epilog,
+    load,
+)
 
 log = logging.getLogger("uproxy")
 
@@ -39,45 +47,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"uproxy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    run = sub.add_parser("run", help="proxy services on this node")
-    _source_flags(run)
-    S = argparse.SUPPRESS
-    run.add_argument("--hostname-override", metavar="NAME", default=S)
-    run.add_argument("--bind-address", metavar="IP", default=S)
-    run.add_argument("--nodeport-addresses", metavar="CIDR[,CIDR]", default=S)
-    run.add_argument("--proxy-port-range", metavar="LOW-HIGH", default=S)
-    run.add_argument("--udp-timeout", metavar="DURATION", default=S)
-    run.add_argument("--sync-period", metavar="DURATION", default=S)
-    run.add_argument("--min-sync-period", metavar="DURATION", default=S)
-    run.add_argument("--status-address", metavar="HOST:PORT", default=S)
-    run.add_argument("--healthz-address", metavar="HOST:PORT", default=S)
-    run.add_argument("--loop", choices=("uvloop", "asyncio"), default=S)
-    run.add_argument("--config", metavar="FILE")
-    run.add_argument("--log-format", choices=("text", "json"), default=S)
-    run.add_argument("-v", dest="verbosity", type=int, metavar="N", default=S)
+    run = sub.add_parser("run", help="proxy services on this node",
+                         description="Proxy services on this node.", epilog=epilog(),
+                         formatter_class=_HelpFormatter)
+    add_arguments(run)
+    run.add_argument("--config", metavar="FILE", help="YAML file of settings (keys as below)")
 
     sub.add_parser("cleanup", help="remove every chain and rule uproxy ever made, then exit")
 
     rules = sub.add_parser("rules", help="print the iptables-restore text it would apply")
-    rules.add_argument("--manifests", metavar="PATH", action="append", required=True)
-    rules.add_argument("--proxy-port-range", metavar="LOW-HIGH", default="40000-49999")
+    rules.add_argument("--manifests", metavar="PATH", action="append", required=True,
+                       help="file or directory of YAML/JSON manifests (repeatable)")
+    rules.add_argument("--proxy-port-range", metavar="LOW-HIGH", default="40000-49999",
+                       help="ports to number the proxy sockets from (default 40000-49999)")
 
     get = sub.add_parser("get", help="kubectl-style tables from a running uproxy")
     get.add_argument("what", choices=("services", "svc", "endpoints", "ep", "connections",
                                       "conn"))
-    get.add_argument("--status", metavar="URL", default="http://127.0.0.1:10249")
-    get.add_argument("-o", dest="output", choices=("wide", "json"), default=None)
+    get.add_argument("--status", metavar="URL", default="http://127.0.0.1:10249",
+                     help="the status server (default http://127.0.0.1:10249)")
+    get.add_argument("-o", dest="output", choices=("wide", "json"), default=None,
+                     help="more columns, or JSON")
 
     demo = sub.add_parser("demo", help="the network-namespace walkthrough")
     demo.add_argument("--once", action="store_true", help="exit after the walkthrough")
     return parser
 
 
-def _source_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--manifests", metavar="PATH", action="append", default=argparse.SUPPRESS,
-                   help="file or directory of YAML/JSON manifests (repeatable)")
-    p.add_argument("--kubeconfig", metavar="PATH", default=argparse.SUPPRESS)
-    p.add_argument("--master", metavar="URL", default=argparse.SUPPRESS)
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` at a fixed width, so each flag's help is one line whatever the terminal."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=HELP_COLUMN, width=HELP_WIDTH)
 
 
 def setup_logging(fmt: str, verbosity: int) -> None:
@@ -111,9 +112,18 @@ def run_loop(kind: str, main: Callable[[], Coroutine[Any, Any, int]]) -> int:
     return asyncio.run(main())
 
 
-def settings_from_args(args: argparse.Namespace) -> Settings:
+def settings_from_args(args: argparse.Namespace,
+                       env: Mapping[str, str] | None = None) -> Settings:
+    """The flags given, over the environment (this process's if ``env`` is None), over the
+    config file."""
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
-    return load(flags, config_file=getattr(args, "config", None))
+    return load(flags, config_file=getattr(args, "config", None),
+                env=os.environ if env is None else env)
+
+
+def kubeconfig_path(settings: Settings, env: Mapping[str, str]) -> str | None:
+    """``--kubeconfig`` (or ``UPROXY_KUBECONFIG``, or the config file), else ``$KUBECONFIG``."""
+    return settings.kubeconfig or env.get("KUBECONFIG") or None
 
 
 def preflight(settings: Settings) -> None:
@@ -138,7 +148,7 @@ def preflight(settings: Settings) -> None:
             raise UsageError(str(exc)) from None
 
 
-def make_source(settings: Settings) -> Any:
+def make_source(settings: Settings, env: Mapping[str, str]) -> Any:
     if settings.manifests:
         from uproxy.sources.files import FilesSource
 
@@ -148,11 +158,11 @@ def make_source(settings: Settings) -> Any:
     except ImportError:
         raise UsageError(
             "the Kubernetes API source is not built yet; use --manifests PATH") from None
-    return KubeSource(kubeconfig=settings.kubeconfig, master=settings.master,
-                      node_name=settings.hostname_override)
+    return KubeSource(kubeconfig=kubeconfig_path(settings, env), master=settings.master,
+                      node_name=settings.hostname_override, settings=settings.kube)
 
 
-async def _check_kube(settings: Settings) -> None:
+async def _check_kube(settings: Settings, env: Mapping[str, str]) -> None:
     if settings.manifests:
         return
     try:
@@ -160,13 +170,14 @@ async def _check_kube(settings: Settings) -> None:
     except ImportError:
         return
     try:
-        await check_config(settings.kubeconfig, settings.master)
+        await check_config(kubeconfig_path(settings, env), settings.master)
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    settings = settings_from_args(args)
+    env = dict(os.environ)  # read once, here; everything below is handed what it needs
+    settings = settings_from_args(args, env)
     setup_logging(settings.log_format, settings.verbosity)
     preflight(settings)
     _raise_fd_limit()
@@ -174,8 +185,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     async def main() -> int:
         from uproxy.daemon import Daemon
 
-        await _check_kube(settings)
-        daemon = Daemon(settings, make_source(settings))
+        await _check_kube(settings, env)
+        daemon = Daemon(settings, make_source(settings, env))
         status = await _start_status(daemon)
         try:
             await daemon.run()

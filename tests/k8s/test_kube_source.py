@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from uproxy.cli import kubeconfig_path
+from uproxy.settings import Settings
 from uproxy.sources.kube import ConfigError, KubeSettings, KubeSource, check_config
 from uproxy.state import Store
 
@@ -514,12 +516,12 @@ async def test_fake_server_runs_as_a_program(tmp_path: Path) -> None:
 async def test_config_from_the_environment(
     kubeconfig: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("KUBECONFIG", kubeconfig)
-    await check_config(None, None)
-    monkeypatch.delenv("KUBECONFIG")
+    # cli reads the environment once and hands the source the path ($KUBECONFIG last).
+    none = Settings()
+    await check_config(kubeconfig_path(none, {"KUBECONFIG": kubeconfig}), None)
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     with pytest.raises(ConfigError, match="not running in a pod"):
-        await check_config(None, None)
+        await check_config(kubeconfig_path(none, {}), None)
     with pytest.raises(ConfigError, match="must start with http"):
         await check_config(kubeconfig, "127.0.0.1:6443")
 
