@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
+from uproxy.cli import build_parser, settings_from_args
 from uproxy.settings import (
+    DECLARED,
+    KubeSettings,
     Settings,
     SettingsError,
     load,
@@ -200,3 +205,112 @@ def test_non_string_key_and_non_utf8_file(tmp_path: Path) -> None:
     with pytest.raises(SettingsError) as exc:
         load({}, config_file=str(cfg), env={})
     assert _one_line(exc).startswith(f"{cfg}: ")
+
+
+# --- the one declaration: readers, --help and the README come from it ----------------------
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_every_setting_is_declared_with_help_and_a_default_that_parses() -> None:
+    assert {d.attr for d in DECLARED if d.group is None} | {"kube"} == {
+        f.name for f in fields(Settings)}
+    assert {d.attr for d in DECLARED if d.group == "kube"} == {f.name for f in fields(KubeSettings)}
+    for d in DECLARED:
+        assert d.spec.help and "\n" not in d.help_line(), d.name
+        if d.default is not None and d.spec.default_text is None:  # shown as the user writes it
+            assert d.spec.parse(d.spec.show(d.default)) == d.default, d.name
+    flags = [d.flag for d in DECLARED if d.flag]
+    assert len({d.env for d in DECLARED}) == len(DECLARED) and len(set(flags)) == len(flags)
+
+
+def test_run_help_has_one_line_per_flag_and_lists_the_rest() -> None:
+    run = build_parser()._subparsers._group_actions[0].choices["run"]  # type: ignore[union-attr]
+    text = run.format_help()
+    lines = text.splitlines()
+    for d in DECLARED:
+        if d.flag:
+            [line] = [ln for ln in lines if ln.lstrip().startswith(d.flag + " ")]
+            assert line.endswith(d.help_line()), line  # whole, on the flag's own line
+        else:
+            [line] = [ln for ln in lines if ln.lstrip().startswith(d.env + " ")]
+            assert line.endswith(d.help_line()), line
+    assert max(len(ln) for ln in lines if not ln.startswith("usage")) <= 100
+
+
+def test_the_flags_make_the_settings() -> None:
+    args = build_parser().parse_args(
+        ["run", "--manifests", "a", "--manifests", "b", "--sync-period", "1s", "-v", "2",
+         "--loop", "asyncio", "--status-address", ":1"])
+    s = settings_from_args(args, env={})
+    assert s.manifests == ("a", "b") and s.sync_period == 1.0 and s.verbosity == 2
+    assert (s.loop, s.status_address) == ("asyncio", ("0.0.0.0", 1))
+
+
+def test_the_readme_flag_list_matches_the_declaration() -> None:
+    text = README.read_text()
+    start = text.index("`uproxy run` flags")
+    paragraph = text[start:text.index("\n\n", start)]
+    flag_list, _, prose = paragraph.partition("Settings come from")
+    quoted = re.findall(r"`([^`]+)`", flag_list)
+    flags = {q.split()[0]: q for q in quoted if q.startswith("-")}
+    declared = {d.flag: d for d in DECLARED if d.flag}
+    assert set(flags) == set(declared) | {"--config"}
+    for flag, shown in flags.items():
+        if flag == "--config":
+            continue
+        d = declared[flag]
+        meta = "|".join(d.spec.choices) if d.spec.choices else d.spec.metavar
+        assert shown == f"{flag} {meta}", shown
+    for flag, default in re.findall(r"`(--[a-z-]+)[^`]*` \(default\s+([^)]+)\)", flag_list):
+        assert default == declared[flag].spec.show(declared[flag].default), flag
+    variables = set(re.findall(r"`(UPROXY_[A-Z_]+)`", prose))
+    without_flag = {d.env for d in DECLARED if not d.flag and d.group is None}
+    assert without_flag <= variables <= {d.env for d in DECLARED}
+    assert "`UPROXY_KUBE_*`" in prose
+
+
+def test_the_kubernetes_group() -> None:
+    env = {"UPROXY_KUBE_PAGE_SIZE": "3", "UPROXY_KUBE_BACKOFF_INITIAL": "50ms"}
+    s = load({}, env=env)
+    assert s.kube == KubeSettings(page_size=3, backoff_initial=0.05)
+    assert load({}, env={}).kube == KubeSettings()
+    with pytest.raises(SettingsError) as exc:
+        load({}, env={"UPROXY_KUBE_PAGE_SIZE": "0"})
+    assert _one_line(exc).startswith("environment: UPROXY_KUBE_PAGE_SIZE: ")
+    with pytest.raises(SettingsError) as exc:
+        load({}, env={"UPROXY_KUBE_BACKOFF_MAX": "0s"})
+    assert "positive" in _one_line(exc)
+
+
+def test_kube_settings_from_the_config_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "uproxy.yaml"
+    cfg.write_text("kube_watch_timeout_seconds: 60\nkube-inactivity-timeout: 2m\n")
+    kube = load({}, config_file=str(cfg), env={}).kube
+    assert (kube.watch_timeout_seconds, kube.inactivity_timeout) == (60, 120.0)
+
+
+def test_udp_max_flows() -> None:
+    assert load({}, env={}).udp_max_flows is None  # the udp side computes it from the fd limit
+    assert load({}, env={"UPROXY_UDP_MAX_FLOWS": "32"}).udp_max_flows == 32
+    for bad in ("zero", "-3", "0"):
+        with pytest.raises(SettingsError) as exc:
+            load({}, env={"UPROXY_UDP_MAX_FLOWS": bad})
+        assert _one_line(exc).startswith("environment: UPROXY_UDP_MAX_FLOWS: ")
+
+
+@pytest.mark.parametrize(("value", "expected"),
+                         [("1", True), ("yes", True), ("false", True), ("0", False), ("", False)])
+def test_no_native_keeps_its_rule(value: str, expected: bool) -> None:
+    # As native.py read it: anything but empty or "0" chooses the Python twin.
+    assert load({}, env={"UPROXY_NO_NATIVE": value}).no_native is expected
+    assert load({}, env={}).no_native is False
+
+
+def test_nothing_below_cli_reads_the_environment() -> None:
+    package = Path(__file__).resolve().parents[2] / "uproxy"
+    readers = [str(p.relative_to(package)) for p in package.rglob("*.py")
+               if re.search(r"os\.environ|os\.getenv", p.read_text())]
+    # cli reads it once; the demo (wiring, beside cli) starts lab processes with it.
+    # native.py and proxy/udp.py are the tcp and udp helpers' to change.
+    assert set(readers) <= {"cli.py", "demo/lab.py", "native.py", "proxy/udp.py"}
