@@ -23,7 +23,7 @@ import datetime
 import logging
 import signal
 import time
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from uproxy import native
 from uproxy.balance import Balancer
@@ -41,6 +41,9 @@ from uproxy.rules import Redirect, render
 from uproxy.settings import Settings
 from uproxy.sources import Source
 from uproxy.state import Entry, Served, Store
+
+if TYPE_CHECKING:
+    from uproxy.status.view import DaemonView
 
 __all__ = ["Daemon", "ListenerKey"]  # ListenerKey: where callers found it before the split
 
@@ -359,3 +362,8 @@ class Daemon:
                             "%s: %s %s is IPv6; uproxy serves IPv4 only, skipped",
                             name, r.kind, r.address)
         return redirects.rules
+
+
+if TYPE_CHECKING:
+    def _status_view(daemon: Daemon) -> DaemonView:
+        return daemon  # mypy checks here that the daemon offers what the status server reads
