@@ -162,9 +162,10 @@ class Daemon:
     async def _prepare_iptables(self) -> None:
         """The empty chain and its hooks, while the source is still loading.
 
-        ``iptables -C``/``-I`` on iptables-nft read the whole nat table: with 10,000
-        rules each call takes ~70 ms, four calls on the first sync. Done here they
-        overlap the source's first list instead.
+        ``iptables -C``/``-I`` on iptables-nft read the whole nat table, so with many
+        rules each call is slow, and the first sync would make four of them. Done here
+        they overlap the source's first list instead (figures: ``bench/ANALYSIS.md``,
+        "uproxy/daemon.py").
         """
         assert self.iptables is not None
         try:
