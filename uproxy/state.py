@@ -216,7 +216,7 @@ class Store:
 
 
 def diff_ports(old: Mapping[ServicePortName, Entry], new: Mapping[ServicePortName, Entry],
-               old_names: Collection[ServicePortName], new_names: Iterable[ServicePortName],
+               old_names: Iterable[ServicePortName], new_names: Collection[ServicePortName],
                into: TableDiff | None = None) -> TableDiff:
     """The one table diff: which of these service ports ``new`` added, removed or changed.
 
@@ -225,10 +225,7 @@ def diff_ports(old: Mapping[ServicePortName, Entry], new: Mapping[ServicePortNam
     :meth:`Served.update`. ``into`` collects several calls in one diff.
     """
     out = TableDiff() if into is None else into
-    new_names = list(new_names)
-    if old_names:
-        kept = set(new_names)
-        out.removed.extend(old[name] for name in old_names if name not in kept)
+    out.removed.extend(old[name] for name in old_names if name not in new_names)
     for name in new_names:
         entry, prev = new[name], old.get(name)
         if prev is None:
@@ -264,8 +261,9 @@ class Served:
             old_names = self._by_service.pop(key, set())
             new_names = store.ports_of(key)
             diff_ports(self.table, table, old_names, new_names, into=diff)
-            for name in old_names.difference(new_names):
-                del self.table[name]
+            for name in old_names:
+                if name not in new_names:
+                    del self.table[name]
             for name in new_names:
                 self.table[name] = table[name]
             if new_names:
