@@ -42,6 +42,7 @@ $(STAMP): pyproject.toml setup.py uproxy/_native_build.py $(wildcard native/*.c 
 lint: venv
 	$(VENV)/bin/ruff check uproxy tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 test: deps lint
 	$(PY) -m pytest -ra

@@ -233,7 +233,7 @@ def cmd_cleanup(_: argparse.Namespace) -> int:
 
 
 def cmd_rules(args: argparse.Namespace) -> int:
-    from uproxy.daemon import proxy_ports_needed, redirects_for
+    from uproxy.redirects import placeholder_redirects, proxy_ports_needed
     from uproxy.rules import render
     from uproxy.settings import parse_port_range
     from uproxy.sources.files import FilesSource, ManifestError, check_paths
@@ -254,13 +254,13 @@ def cmd_rules(args: argparse.Namespace) -> int:
     if needed > available:
         raise UsageError(f"--proxy-port-range {args.proxy_port_range} holds {available} ports "
                          f"but the manifests need {needed}")
-    redirects = redirects_for(table, range(port_range[0], port_range[1] + 1))
+    redirects = placeholder_redirects(table, range(port_range[0], port_range[1] + 1))
     out = ["# uproxy rules for " + ", ".join(paths),
            "# proxy ports are numbered from the start of --proxy-port-range; "
            "a running uproxy uses the first free ones"]
     out.extend(f"# skipped: {r.name} {r.kind} {r.address} is IPv6; uproxy serves IPv4 only"
-               for r in redirects if r.family == 6)
-    sys.stdout.write("\n".join(out) + "\n" + render(redirects))
+               for r in redirects.skipped)
+    sys.stdout.write("\n".join(out) + "\n" + render(redirects.rules))
     return EXIT_OK
 
 

@@ -13,12 +13,22 @@ import itertools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from uproxy.model import ServicePortName
-from uproxy.proxy.relay import RelayHandle
 
 Subscriber = Callable[[str, "Conn"], None]
+
+
+class ByteCounts(Protocol):
+    """What a connection reads of its relay's handle (``uproxy.proxy.relay.RelayHandle``)."""
+
+    @property
+    def bytes_up(self) -> int: ...
+    @property
+    def bytes_down(self) -> int: ...
+    @property
+    def native(self) -> bool: ...
 
 
 @dataclass(slots=True, eq=False)
@@ -31,7 +41,7 @@ class Conn:
     started: float = field(default_factory=time.time)
     backend: tuple[str, int] | None = None
     state: str = "connecting"  # connecting | open | closed
-    handle: RelayHandle | None = None
+    handle: ByteCounts | None = None
     closed_up: int = 0
     closed_down: int = 0
     error: str | None = None
@@ -86,7 +96,7 @@ class ConnTable:
         self._notify("open", conn)
         return conn
 
-    def established(self, conn: Conn, backend: tuple[str, int], handle: RelayHandle | None) -> None:
+    def established(self, conn: Conn, backend: tuple[str, int], handle: ByteCounts | None) -> None:
         conn.backend = backend
         conn.handle = handle
         conn.state = "open"

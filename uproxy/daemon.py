@@ -8,6 +8,11 @@ opens and closes listening sockets, hands the new entries to the protocol
 proxies, renders the whole ``UPROXY-SERVICES`` chain and applies it with one
 ``iptables-restore``. Nothing is applied before the source's first complete
 view is in, so a partial rule set never replaces a good one.
+
+This module is the wiring only; each concept it wires lives in its own module:
+the listener set (:mod:`uproxy.proxy.listeners`), which address redirects to
+which proxy port (:mod:`uproxy.redirects`), the per-service diff
+(:class:`uproxy.state.Served`) and the start-up GC pause (:mod:`uproxy.gc_pause`).
 """
 
 from __future__ import annotations
@@ -15,60 +20,41 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import gc
-import ipaddress
-import json
 import logging
 import signal
-import socket
-import subprocess
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from uproxy import native
 from uproxy.balance import Balancer
 from uproxy.connections import ConnTable
+from uproxy.gc_pause import GcPause
 from uproxy.iptables import Iptables, IptablesError
 from uproxy.metrics import Metrics
 from uproxy.model import ServicePort, ServicePortName
-from uproxy.proxy.ports import PortAllocator, bind
+from uproxy.proxy.listeners import Listener, ListenerKey, ListenerSet, Listening
+from uproxy.proxy.ports import PortAllocator
 from uproxy.proxy.relay import make_relay
 from uproxy.proxy.tcp import TcpProxy
-from uproxy.rules import KIND_CLUSTER, KIND_EXTERNAL, KIND_LOADBALANCER, Redirect, render
+from uproxy.redirects import redirects_of
+from uproxy.rules import Redirect, render
 from uproxy.settings import Settings
 from uproxy.sources import Source
-from uproxy.state import Entry, Key, Store, TableDiff
+from uproxy.state import Entry, Served, Store
+
+if TYPE_CHECKING:
+    from uproxy.status.view import DaemonView
+
+__all__ = ["Daemon", "ListenerKey"]  # ListenerKey: where callers found it before the split
 
 log = logging.getLogger("uproxy")
 
 
-class Listener(Protocol):
-    @property
-    def port(self) -> int: ...
-    def close(self) -> None: ...
-
-
-class ProtocolProxy(Protocol):
+class ProtocolProxy(Listening, Protocol):
     entries: dict[ServicePortName, Entry]
 
-    def listen(self, sock: socket.socket, name: ServicePortName, scope: str) -> Listener: ...
     def rules_applied(self) -> None: ...
     async def drain(self, grace: float) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class ListenerKey:
-    name: ServicePortName
-    scope: str  # cluster | external | nodeport
-    address: str
-    port: int  # the requested port: 0 for proxy sockets, the nodePort for NodePorts
-
-
-SOCK_KIND = {"TCP": socket.SOCK_STREAM, "UDP": socket.SOCK_DGRAM}
-GC_PAUSE_MAX = 60.0
-"""Start-up runs without the cyclic garbage collector until ready, at most this long."""
 
 
 class Daemon:
@@ -88,9 +74,9 @@ class Daemon:
                             conns=self.conns, metrics=self.metrics),
         }
         self._add_udp()
-        self.served: dict[ServicePortName, Entry] = {}
-        self.listeners: dict[ListenerKey, Listener] = {}
-        self._listener_keys: dict[ServicePortName, set[ListenerKey]] = {}  # listeners by name
+        self._served = Served()
+        self.listener_set = ListenerSet(self.allocator, settings.bind_address,
+                                        settings.nodeport_addresses)
         self.redirects: list[Redirect] = []
         self.started = time.time()
         self.source_synced = False
@@ -104,11 +90,9 @@ class Daemon:
         self._last_rules = ""
         self._observed_triggers: set[str] = set()
         self._warned: set[str] = set()
-        self._bind_failures: set[ServicePortName] = set()
-        self._served_by_service: dict[Key, set[ServicePortName]] = {}
         self._redirects_by_name: dict[ServicePortName, list[Redirect]] = {}
         self._tasks: list[asyncio.Task[Any]] = []
-        self._gc_timer: asyncio.TimerHandle | None = None  # set while GC is paused
+        self._gc = GcPause(self.loop)
 
     def _add_udp(self) -> None:
         try:
@@ -117,6 +101,19 @@ class Daemon:
             return
         self.proxies["UDP"] = UdpProxy(loop=self.loop, balancer=self.balancer, conns=self.conns,
                                        metrics=self.metrics, settings=self.settings)
+
+    @property
+    def served(self) -> dict[ServicePortName, Entry]:
+        """The table as last synced."""
+        return self._served.table
+
+    @property
+    def listeners(self) -> dict[ListenerKey, Listener]:
+        return self.listener_set.listeners
+
+    def listener_ports(self) -> list[tuple[ListenerKey, int]]:
+        """Every open listener with its port (for the status server)."""
+        return [(key, listener.port) for key, listener in self.listener_set.listeners.items()]
 
     # SourceHooks -----------------------------------------------------------------------
     def changed(self) -> None:
@@ -152,7 +149,7 @@ class Daemon:
     async def start(self) -> None:
         log.info("%s", native.describe())
         log.info("event loop: %s", type(self.loop).__module__.split(".")[0])
-        self._pause_gc()
+        self._gc.pause()
         if self.iptables is not None:
             removed = await self.iptables.cleanup()
             if removed:
@@ -162,39 +159,13 @@ class Daemon:
         self._tasks.append(self.loop.create_task(self._run_source(), name="source"))
         self._tasks.append(self.loop.create_task(self._sync_loop(), name="sync"))
 
-    def _pause_gc(self) -> None:
-        """No cyclic garbage collection while the first state is built.
-
-        Loading 10,000 services allocates hundreds of thousands of containers that all
-        stay alive (parsed manifests, the store, the table, listeners); every 700
-        allocations the collector walks the young ones, and the older generations'
-        passes walk all of them again: 0.55 s of a 1.95 s start (measured with the
-        bench's scale test). Nothing is lost by waiting: the load makes almost no
-        garbage cycles (reference counting frees the rest at once).
-        """
-        if gc.isenabled():
-            gc.disable()
-            self._gc_timer = self.loop.call_later(GC_PAUSE_MAX, self._resume_gc)
-
-    def _resume_gc(self) -> None:
-        """Ready (or GC_PAUSE_MAX passed, or shutting down): collect as usual again.
-
-        ``gc.freeze()`` first moves everything alive now -- the start-up state, which
-        lives as long as the daemon -- out of the collector's sight, so neither the
-        collection the re-enable would trigger nor any later full pass walks it again.
-        """
-        if self._gc_timer is not None:
-            self._gc_timer.cancel()
-            self._gc_timer = None
-            gc.freeze()
-            gc.enable()
-
     async def _prepare_iptables(self) -> None:
         """The empty chain and its hooks, while the source is still loading.
 
-        ``iptables -C``/``-I`` on iptables-nft read the whole nat table: with 10,000
-        rules each call takes ~70 ms, four calls on the first sync. Done here they
-        overlap the source's first list instead.
+        ``iptables -C``/``-I`` on iptables-nft read the whole nat table, so with many
+        rules each call is slow, and the first sync would make four of them. Done here
+        they overlap the source's first list instead (figures: ``bench/ANALYSIS.md``,
+        "uproxy/daemon.py").
         """
         assert self.iptables is not None
         try:
@@ -227,17 +198,14 @@ class Daemon:
             await self.shutdown()
 
     async def shutdown(self) -> None:
-        self._resume_gc()
+        self._gc.resume()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
-        for listener in self.listeners.values():
-            listener.close()
-        self.listeners.clear()
-        self._listener_keys.clear()
+        self.listener_set.close_all()
         if self.iptables is not None and self.rules_applied:
             # Stop intercepting new connections, but keep NAT alive for open ones.
             try:
@@ -293,17 +261,18 @@ class Daemon:
         started = time.monotonic()
         queued = self.queued_since
         self.queued_since = None
-        diff = self._diff(self.store.take_changed())
+        diff = self._served.update(self.store, self.store.take_changed())
         table = self.served
         for entry in diff.removed:
-            self._close_listeners(entry.port.name)
+            self.listener_set.close(entry.port.name)
         touched = [*diff.added, *(new for _, new in diff.changed)]
         for entry in touched:
             self._ensure_listeners(entry.port)
         if full:  # retry ports that were taken; follow node address changes for NodePorts
             done = {e.port.name for e in touched}
             for name, entry in table.items():
-                if name not in done and (entry.port.node_port or name in self._bind_failures):
+                if name not in done and (entry.port.node_port
+                                         or name in self.listener_set.bind_failures):
                     self._ensure_listeners(entry.port)
                     touched.append(entry)
         protocols = {e.port.protocol for e in [*touched, *diff.removed]}
@@ -347,7 +316,7 @@ class Daemon:
                 return
         self.rules_applied = True
         if self.ready:
-            self._resume_gc()
+            self._gc.resume()
         for proxy in self.proxies.values():
             proxy.rules_applied()
         self.last_sync = time.time()
@@ -359,26 +328,6 @@ class Daemon:
         if diff:
             log.info("synced %d service ports (+%d -%d ~%d) in %.1f ms", len(table),
                      len(diff.added), len(diff.removed), len(diff.changed), elapsed * 1000)
-
-    def _diff(self, services: set[Key]) -> TableDiff:
-        """Bring :attr:`served` up to date for these services; what was added/removed/changed."""
-        table = self.store.table()
-        diff = TableDiff()
-        for key in services:
-            old_names = self._served_by_service.pop(key, set())
-            new_names = self.store.ports_of(key)
-            for name in old_names.difference(new_names):
-                diff.removed.append(self.served.pop(name))
-            for name in new_names:
-                new, old = table[name], self.served.get(name)
-                if old is None:
-                    diff.added.append(new)
-                elif old != new:
-                    diff.changed.append((old, new))
-                self.served[name] = new
-            if new_names:
-                self._served_by_service[key] = set(new_names)
-        return diff
 
     def _observe_programming_latency(self) -> None:
         now = time.time()
@@ -403,104 +352,19 @@ class Daemon:
             self._warn_once(f"proto:{port.name}", "%s: %s services are not proxied yet; skipped",
                             port.name, port.protocol)
             return
-        wanted = {ListenerKey(port.name, "cluster", self.settings.bind_address, 0)}
-        if port.external_addresses:
-            wanted.add(ListenerKey(port.name, "external", self.settings.bind_address, 0))
-        if port.node_port:
-            for address in self._nodeport_addresses():
-                wanted.add(ListenerKey(port.name, "nodeport", address, port.node_port))
-        existing = self._listener_keys.setdefault(port.name, set())
-        for key in existing - wanted:
-            self.listeners.pop(key).close()
-            existing.discard(key)
-        for key in sorted(wanted - existing, key=lambda k: (k.scope, k.address)):
-            try:
-                if key.scope == "nodeport":
-                    sock = bind(SOCK_KIND[port.protocol], key.address, key.port)
-                else:
-                    sock = self.allocator.open(SOCK_KIND[port.protocol], key.address)
-            except OSError as exc:
-                what = f"nodePort {key.port}" if key.scope == "nodeport" else "a proxy port"
-                reason = ("already in use by another process"
-                          if exc.errno == 98 else (exc.strerror or str(exc)))
-                self._warn_once(f"bind:{key}", "Service %s/%s: port %s: cannot listen on %s %s: %s",
-                                port.name.namespace, port.name.name, port.name.port or "(unnamed)",
-                                what, key.address, reason)
-                continue
-            self._warned.discard(f"bind:{key}")
-            self.listeners[key] = proxy.listen(sock, port.name, key.scope)
-            existing.add(key)
-        if wanted <= existing:
-            self._bind_failures.discard(port.name)
-        else:
-            self._bind_failures.add(port.name)
-
-    def _close_listeners(self, name: ServicePortName) -> None:
-        self._bind_failures.discard(name)
-        for key in self._listener_keys.pop(name, set()):
-            self.listeners.pop(key).close()
-
-    def _nodeport_addresses(self) -> list[str]:
-        cidrs = self.settings.nodeport_addresses
-        if not cidrs:
-            return ["0.0.0.0"]
-        nets = [ipaddress.ip_network(c) for c in cidrs]
-        return [a for a in node_addresses() if any(ipaddress.ip_address(a) in n for n in nets)]
+        self.listener_set.ensure(port, proxy)
 
     def _redirects_of(self, entry: Entry) -> list[Redirect]:
         """The rules of one service port: each of its addresses -> its listener's port."""
-        out: list[Redirect] = []
-        name, port = entry.port.name, entry.port
-        for scope, addresses in (
-            ("cluster", [(a, KIND_CLUSTER) for a in port.cluster_ips]),
-            ("external", [(a, KIND_EXTERNAL) for a in port.external_ips]
-             + [(a, KIND_LOADBALANCER) for a in port.load_balancer_ips]),
-        ):
-            listener = self.listeners.get(ListenerKey(name, scope, self.settings.bind_address, 0))
-            if listener is None:
-                continue
-            for address, kind in addresses:
-                if ":" in address:
-                    self._warn_once(f"v6:{name}:{address}",
-                                    "%s: %s %s is IPv6; uproxy serves IPv4 only, skipped",
-                                    name, kind, address)
-                    continue
-                out.append(Redirect(name, kind, address, port.port, port.protocol,
-                                    listener.port))
-        return out
+        name = entry.port.name
+        redirects = redirects_of(entry.port, self.listener_set.proxy_ports(name))
+        for r in redirects.skipped:
+            self._warn_once(f"v6:{name}:{r.address}",
+                            "%s: %s %s is IPv6; uproxy serves IPv4 only, skipped",
+                            name, r.kind, r.address)
+        return redirects.rules
 
 
-def node_addresses() -> list[str]:
-    """Every IPv4 address configured on this node (network namespace)."""
-    try:
-        out = subprocess.run(["ip", "-j", "-4", "addr", "show"], capture_output=True, text=True,
-                             timeout=5, check=True).stdout
-        data = json.loads(out)
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return []
-    return [a["local"] for link in data for a in link.get("addr_info", []) if "local" in a]
-
-
-def proxy_ports_needed(table: dict[ServicePortName, Entry]) -> int:
-    return sum(1 + bool(e.port.external_addresses) for e in table.values())
-
-
-def redirects_for(table: dict[ServicePortName, Entry], ports: Iterable[int]) -> list[Redirect]:
-    """Redirects with placeholder proxy ports, for ``uproxy rules`` (nothing is bound).
-
-    ``ports`` must hold at least :func:`proxy_ports_needed` numbers.
-    """
-    out: list[Redirect] = []
-    numbers = iter(ports)
-    for name, entry in table.items():
-        port = entry.port
-        cluster = next(numbers)
-        out.extend(Redirect(name, KIND_CLUSTER, a, port.port, port.protocol, cluster)
-                   for a in port.cluster_ips)
-        if port.external_addresses:
-            ext = next(numbers)
-            out.extend(Redirect(name, KIND_EXTERNAL, a, port.port, port.protocol, ext)
-                       for a in port.external_ips)
-            out.extend(Redirect(name, KIND_LOADBALANCER, a, port.port, port.protocol, ext)
-                       for a in port.load_balancer_ips)
-    return out
+if TYPE_CHECKING:
+    def _status_view(daemon: Daemon) -> DaemonView:
+        return daemon  # mypy checks here that the daemon offers what the status server reads

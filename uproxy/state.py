@@ -11,7 +11,7 @@ up to date incrementally). Nothing here does I/O.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from uproxy.model import (
@@ -215,15 +215,57 @@ class Store:
         return list(self._ports.get(key, ()))
 
 
-def diff_tables(
-    old: Mapping[ServicePortName, Entry], new: Mapping[ServicePortName, Entry]
-) -> TableDiff:
-    out = TableDiff()
-    for name, entry in new.items():
-        prev = old.get(name)
+def diff_ports(old: Mapping[ServicePortName, Entry], new: Mapping[ServicePortName, Entry],
+               old_names: Iterable[ServicePortName], new_names: Collection[ServicePortName],
+               into: TableDiff | None = None) -> TableDiff:
+    """The one table diff: which of these service ports ``new`` added, removed or changed.
+
+    ``old_names``/``new_names`` say which names to compare (keys of ``old`` and
+    ``new``): the whole tables for :func:`diff_tables`, one service's ports for
+    :meth:`Served.update`. ``into`` collects several calls in one diff.
+    """
+    out = TableDiff() if into is None else into
+    out.removed.extend(old[name] for name in old_names if name not in new_names)
+    for name in new_names:
+        entry, prev = new[name], old.get(name)
         if prev is None:
             out.added.append(entry)
         elif prev != entry:
             out.changed.append((prev, entry))
-    out.removed.extend(entry for name, entry in old.items() if name not in new)
     return out
+
+
+def diff_tables(
+    old: Mapping[ServicePortName, Entry], new: Mapping[ServicePortName, Entry]
+) -> TableDiff:
+    return diff_ports(old, new, old.keys(), new.keys())
+
+
+class Served:
+    """The table as last synced, kept up to date one service at a time.
+
+    The daemon calls :meth:`update` with the services the store recomputed
+    (:meth:`Store.take_changed`): only those are diffed, so an endpoint change
+    among 10,000 services costs one service's work.
+    """
+
+    def __init__(self) -> None:
+        self.table: Table = {}
+        self._by_service: dict[Key, set[ServicePortName]] = {}
+
+    def update(self, store: Store, services: Iterable[Key]) -> TableDiff:
+        """Bring :attr:`table` up to date for these services; what was added/removed/changed."""
+        table = store.table()
+        diff = TableDiff()
+        for key in services:
+            old_names = self._by_service.pop(key, set())
+            new_names = store.ports_of(key)
+            diff_ports(self.table, table, old_names, new_names, into=diff)
+            for name in old_names:
+                if name not in new_names:
+                    del self.table[name]
+            for name in new_names:
+                self.table[name] = table[name]
+            if new_names:
+                self._by_service[key] = set(new_names)
+        return diff

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from uproxy.model import ServicePortName
-from uproxy.state import Store, diff_tables
+from uproxy.state import Served, Store, diff_tables
 
 
 def service(name: str = "multi-port", cluster_ip: str = "10.0.0.180",
@@ -251,3 +251,59 @@ def test_replace_equals_a_fresh_store(before: list[tuple[str, dict[str, Any]]],
     for kind, objs in by_kind.items():
         old.replace(kind, [(o, "snap") for o in objs.values()])
     assert old.generation == g
+
+
+# --- Served: the daemon's per-service diff ---------------------------------------------------
+
+def test_served_diffs_only_the_services_that_changed() -> None:
+    store, served = Store(), Served()
+    store.apply("Service", service())
+    store.apply("Service", service("old", "10.0.0.3", [{"port": 80}]))
+    first = served.update(store, store.take_changed())
+    assert sorted(str(e.port.name) for e in first.added) == [
+        "default/multi-port:port1", "default/multi-port:port2", "default/old:"]
+    assert not first.removed and not first.changed
+    assert served.table == store.table()
+    assert not served.update(store, store.take_changed())  # nothing changed, nothing to do
+
+    store.remove("Service", "default", "old")
+    store.apply("Service", service("new", "10.0.0.4", [{"port": 81}]))
+    store.apply("EndpointSlice", endpoint_slice("mp-1", ["172.17.0.5"]))
+    diff = served.update(store, store.take_changed())
+    assert [str(e.port.name) for e in diff.added] == ["default/new:"]
+    assert [str(e.port.name) for e in diff.removed] == ["default/old:"]
+    assert sorted(str(new.port.name) for _, new in diff.changed) == [
+        "default/multi-port:port1", "default/multi-port:port2"]
+    assert served.table == store.table()
+
+
+def test_served_follows_a_port_renamed_within_a_service() -> None:
+    store, served = Store(), Served()
+    store.apply("Service", service())
+    served.update(store, store.take_changed())
+    store.apply("Service", service(ports=[{"name": "port1", "port": 6789},
+                                          {"name": "port3", "port": 9999}]))
+    diff = served.update(store, store.take_changed())
+    assert [e.port.name.port for e in diff.added] == ["port3"]
+    assert [e.port.name.port for e in diff.removed] == ["port2"]
+    assert diff.changed == []  # port1 is the same entry
+    assert set(served.table) == {PORT1, ServicePortName("default", "multi-port", "port3", "TCP")}
+
+
+@settings(max_examples=150, deadline=None, database=None)
+@given(st.lists(st.lists(objects(), max_size=4), max_size=5))
+def test_served_updates_equal_the_whole_table_diff(rounds: list[list[tuple[str, Any]]]) -> None:
+    """Diffing only the changed services gives the whole-table diff, and the same table."""
+    store, served = Store(), Served()
+    for objs in rounds:
+        before = dict(served.table)
+        for kind, obj in objs:
+            store.apply(kind, obj)
+        diff = served.update(store, store.take_changed())
+        whole = diff_tables(before, store.table())
+        assert served.table == store.table()
+        assert sorted(e.port.name for e in diff.added) == sorted(e.port.name for e in whole.added)
+        assert sorted(e.port.name for e in diff.removed) == sorted(
+            e.port.name for e in whole.removed)
+        assert {new.port.name: (old, new) for old, new in diff.changed} == {
+            new.port.name: (old, new) for old, new in whole.changed}

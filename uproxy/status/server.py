@@ -9,8 +9,9 @@ HEAD are routed, no CORS headers are sent, and every response carries
 (scripts and styles from the app's own static files only), and its script
 builds the DOM with ``textContent``, never markup from data.
 
-The JSON documents are built by :mod:`uproxy.status.views` (pure); live
-connections stream through :class:`uproxy.status.stream.ConnHub` as
+The apps read the daemon through :class:`uproxy.status.view.DaemonView` only
+(never importing it). The JSON documents are built by :mod:`uproxy.status.views`
+(pure); live connections stream through :class:`uproxy.status.stream.ConnHub` as
 server-sent events. Metrics are the daemon's registry plus a collector that
 reads live connections at scrape time (:mod:`uproxy.status.collect`).
 """
@@ -24,24 +25,23 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from uproxy import __version__, native
+from uproxy.model import ServicePortName
 from uproxy.status import views
 from uproxy.status.collect import register_live_collector
 from uproxy.status.stream import DEFAULT_LIMIT, MAX_LIMIT, ConnHub
-
-if TYPE_CHECKING:
-    from uproxy.daemon import Daemon
+from uproxy.status.view import DaemonView
 
 STATIC = Path(__file__).with_name("static")
 API_DEFAULT_LIMIT = 1000
 API_MAX_LIMIT = 100_000
 
-DAEMON: web.AppKey[Daemon] = web.AppKey("daemon", object)  # type: ignore[arg-type]
+DAEMON: web.AppKey[DaemonView] = web.AppKey("daemon", object)  # type: ignore[arg-type]
 HUB: web.AppKey[ConnHub] = web.AppKey("hub", ConnHub)
 SEEN: web.AppKey[views.FirstSeen] = web.AppKey("seen", views.FirstSeen)
 
@@ -79,12 +79,12 @@ def _limit(request: web.Request, default: int, maximum: int) -> int:
     return min(int(text), maximum)
 
 
-def _loop_name(daemon: Daemon) -> str:
+def _loop_name(daemon: DaemonView) -> str:
     return type(daemon.loop).__module__.split(".")[0]
 
 
 # --- status app ----------------------------------------------------------------------------
-def make_status_app(daemon: Daemon) -> web.Application:
+def make_status_app(daemon: DaemonView) -> web.Application:
     """The status app: ``/``, ``/api/v1/*``, ``/metrics`` (read-only)."""
     app = web.Application(middlewares=[_headers])
     app[DAEMON] = daemon
@@ -152,19 +152,18 @@ async def info(request: web.Request) -> web.Response:
         "node": daemon.settings.hostname_override,
         "ready": daemon.ready,
         "healthy": daemon.healthy(),
-        "nodeTerminating": _node_terminating(daemon),
+        "nodeTerminating": daemon.node_terminating,
         "started": views.format_timestamp(daemon.started),
         "lastSync": views.format_timestamp(daemon.last_sync) if daemon.last_sync else None,
         "servicePorts": len(daemon.served),
-        "listeners": len(daemon.listeners),
+        "listeners": len(list(daemon.listener_ports())),
         "connections": len(daemon.conns),
         "iptables": daemon.settings.manage_iptables,
     })
 
 
-def _proxy_ports(daemon: Daemon) -> dict[Any, int]:
-    return {key.name: listener.port for key, listener in daemon.listeners.items()
-            if key.scope == "cluster"}
+def _proxy_ports(daemon: DaemonView) -> dict[ServicePortName, int]:
+    return {key.name: port for key, port in daemon.listener_ports() if key.scope == "cluster"}
 
 
 async def services(request: web.Request) -> web.Response:
@@ -184,8 +183,7 @@ async def endpoints(request: web.Request) -> web.Response:
 
 async def rules(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
-    listeners = [(str(k.name), k.scope, k.address, listener.port)
-                 for k, listener in daemon.listeners.items()]
+    listeners = [(str(k.name), k.scope, k.address, port) for k, port in daemon.listener_ports()]
     data = views.rules(daemon.redirects, listeners)
     data["applied"] = daemon.settings.manage_iptables and daemon.rules_applied
     return _json(data)
@@ -243,20 +241,15 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 # --- health app ----------------------------------------------------------------------------
-def _node_terminating(daemon: Daemon) -> bool:
-    return bool(getattr(daemon.source, "node_terminating", False)
-                or getattr(daemon, "node_terminating", False))
-
-
-def _health_body(daemon: Daemon, now: float) -> dict[str, Any]:
+def _health_body(daemon: DaemonView, now: float) -> dict[str, Any]:
     return {
         "lastUpdated": views.format_timestamp(daemon.last_sync),
         "currentTime": views.format_timestamp(now),
-        "nodeEligible": not _node_terminating(daemon),
+        "nodeEligible": not daemon.node_terminating,
     }
 
 
-def make_health_app(daemon: Daemon) -> web.Application:
+def make_health_app(daemon: DaemonView) -> web.Application:
     """kube-proxy's health endpoints: ``/healthz``, ``/livez``, plus ``/readyz``."""
     app = web.Application(middlewares=[_headers])
     app[DAEMON] = daemon
@@ -269,7 +262,7 @@ def make_health_app(daemon: Daemon) -> web.Application:
 async def healthz(request: web.Request) -> web.Response:
     """503 when a queued update waited longer than twice the sync period, or the node goes."""
     daemon, now = request.app[DAEMON], time.time()
-    ok = daemon.healthy(now) and not _node_terminating(daemon)
+    ok = daemon.healthy(now) and not daemon.node_terminating
     return _json(_health_body(daemon, now), status=200 if ok else 503)
 
 
@@ -300,7 +293,7 @@ async def _serve(app: web.Application, address: tuple[str, int]) -> web.AppRunne
     return runner
 
 
-async def start_servers(daemon: Daemon) -> list[web.AppRunner]:
+async def start_servers(daemon: DaemonView) -> list[web.AppRunner]:
     """Start the status and health apps; a bind error raises OSError (nothing left running)."""
     runners = [await _serve(make_status_app(daemon), daemon.settings.status_address)]
     try:

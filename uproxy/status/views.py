@@ -21,7 +21,8 @@ from typing import Any
 
 from uproxy.model import ServicePortName
 from uproxy.rules import CHAIN, KEEP_NAT_V4, Redirect, render_rule
-from uproxy.state import KINDS, Entry, Key, Store
+from uproxy.state import KINDS, Entry, Key
+from uproxy.status.view import StoreView
 
 Json = dict[str, Any]
 
@@ -62,7 +63,7 @@ class FirstSeen:
         self._seen: dict[tuple[str, Key], float] = {}
         self._generation = -1
 
-    def observe(self, store: Store, now: float) -> None:
+    def observe(self, store: StoreView, now: float) -> None:
         if store.generation == self._generation:
             return
         self._generation = store.generation

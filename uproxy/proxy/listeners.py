@@ -1,0 +1,119 @@
+"""The listener set: which sockets each service port listens on, opened and closed by sync.
+
+Each service port has a proxy socket per scope (:func:`uproxy.redirects.proxy_scopes`:
+``cluster``, and ``external`` when it has externalIPs or LoadBalancer IPs) on
+``--bind-address`` at a port from the allocator, which the iptables redirects
+point at; and, for a NodePort, one socket on the nodePort itself per address
+in ``--nodeport-addresses``. :meth:`ListenerSet.ensure` makes the open sockets
+match that; the protocol proxy that serves a socket is passed in. A port that
+cannot be bound (taken by another process) is reported once and remembered in
+:attr:`ListenerSet.bind_failures`, so the next full sync tries it again.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass
+from typing import Protocol
+
+from uproxy.model import ServicePort, ServicePortName
+from uproxy.proxy.node_addresses import nodeport_addresses
+from uproxy.proxy.ports import PortAllocator, bind
+from uproxy.redirects import proxy_scopes
+
+log = logging.getLogger("uproxy")
+
+SOCK_KIND = {"TCP": socket.SOCK_STREAM, "UDP": socket.SOCK_DGRAM}
+SCOPE_NODEPORT = "nodeport"
+
+
+class Listener(Protocol):
+    @property
+    def port(self) -> int: ...
+    def close(self) -> None: ...
+
+
+class Listening(Protocol):
+    """What serves a socket: the TCP or UDP proxy."""
+
+    def listen(self, sock: socket.socket, name: ServicePortName, scope: str) -> Listener: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerKey:
+    name: ServicePortName
+    scope: str  # cluster | external | nodeport
+    address: str
+    port: int  # the requested port: 0 for proxy sockets, the nodePort for NodePorts
+
+
+class ListenerSet:
+    def __init__(self, allocator: PortAllocator, bind_address: str,
+                 nodeport_cidrs: tuple[str, ...]) -> None:
+        self.allocator = allocator
+        self.bind_address = bind_address
+        self.nodeport_cidrs = nodeport_cidrs
+        self.listeners: dict[ListenerKey, Listener] = {}
+        self.bind_failures: set[ServicePortName] = set()  # some wanted socket is not open
+        self._by_name: dict[ServicePortName, set[ListenerKey]] = {}
+        self._warned: set[ListenerKey] = set()
+
+    def ensure(self, port: ServicePort, proxy: Listening) -> None:
+        """Open the sockets ``port`` needs that are not open; close those it no longer needs."""
+        wanted = {ListenerKey(port.name, scope, self.bind_address, 0)
+                  for scope in proxy_scopes(port)}
+        if port.node_port:
+            for address in nodeport_addresses(self.nodeport_cidrs):
+                wanted.add(ListenerKey(port.name, SCOPE_NODEPORT, address, port.node_port))
+        existing = self._by_name.setdefault(port.name, set())
+        for key in existing - wanted:
+            self.listeners.pop(key).close()
+            existing.discard(key)
+        for key in sorted(wanted - existing, key=lambda k: (k.scope, k.address)):
+            try:
+                if key.scope == SCOPE_NODEPORT:
+                    sock = bind(SOCK_KIND[port.protocol], key.address, key.port)
+                else:
+                    sock = self.allocator.open(SOCK_KIND[port.protocol], key.address)
+            except OSError as exc:
+                self._bind_failed(key, exc)
+                continue
+            self._warned.discard(key)
+            self.listeners[key] = proxy.listen(sock, port.name, key.scope)
+            existing.add(key)
+        if wanted <= existing:
+            self.bind_failures.discard(port.name)
+        else:
+            self.bind_failures.add(port.name)
+
+    def _bind_failed(self, key: ListenerKey, exc: OSError) -> None:
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        name = key.name
+        what = f"nodePort {key.port}" if key.scope == SCOPE_NODEPORT else "a proxy port"
+        reason = "already in use by another process" if exc.errno == 98 else (
+            exc.strerror or str(exc))
+        log.warning("Service %s/%s: port %s: cannot listen on %s %s: %s", name.namespace,
+                    name.name, name.port or "(unnamed)", what, key.address, reason)
+
+    def close(self, name: ServicePortName) -> None:
+        """Close every socket of one service port (it is gone)."""
+        self.bind_failures.discard(name)
+        for key in self._by_name.pop(name, set()):
+            self.listeners.pop(key).close()
+
+    def close_all(self) -> None:
+        for listener in self.listeners.values():
+            listener.close()
+        self.listeners.clear()
+        self._by_name.clear()
+
+    def proxy_ports(self, name: ServicePortName) -> dict[str, int]:
+        """Scope -> port of the service port's open proxy sockets (what its redirects point at)."""
+        out: dict[str, int] = {}
+        for key in self._by_name.get(name, ()):
+            if key.scope != SCOPE_NODEPORT and key.address == self.bind_address:
+                out[key.scope] = self.listeners[key].port
+        return out
