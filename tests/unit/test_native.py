@@ -21,7 +21,9 @@ from pathlib import Path
 import pytest
 
 from uproxy import native
-from uproxy.proxy.relay import PyRelay, default_max_pipes, make_relay
+from uproxy.proxy.nativerelay import default_max_pipes
+from uproxy.proxy.pyrelay import PyRelay
+from uproxy.proxy.relay import make_relay
 
 needs_native = pytest.mark.skipif(not native.AVAILABLE, reason=native.REASON)
 
