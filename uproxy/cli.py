@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from uproxy import __version__
+from uproxy import __version__, native
 from uproxy.settings import Settings, SettingsError, load
 
 log = logging.getLogger("uproxy")
@@ -167,6 +167,7 @@ async def _check_kube(settings: Settings) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
+    native.select(no_native=os.environ.get("UPROXY_NO_NATIVE", "") not in ("", "0"))
     setup_logging(settings.log_format, settings.verbosity)
     preflight(settings)
     _raise_fd_limit()
