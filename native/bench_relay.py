@@ -1,4 +1,4 @@
-"""Loopback comparison behind the engine-thread decision in uproxy/proxy/relay.py.
+"""Loopback comparison behind the engine-thread decision in uproxy/proxy/nativerelay.py.
 
     .venv/bin/python native/bench_relay.py bulk     native|callbacks|python [SECONDS]
     .venv/bin/python native/bench_relay.py pingpong native|callbacks|python [SECONDS]
@@ -30,7 +30,9 @@ from typing import Any
 
 import uvloop
 
-from uproxy.proxy.relay import NativeRelay, PyRelay, RelayResult
+from uproxy.proxy.nativerelay import NativeRelay
+from uproxy.proxy.pyrelay import PyRelay
+from uproxy.proxy.relay import RelayResult
 
 F_SETPIPE_SZ = 1031
 SPLICE = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK

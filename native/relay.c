@@ -35,7 +35,6 @@
 #include "uproxy_native.h"
 
 #define SCRATCH_SIZE (64 * 1024)
-#define MIN_PIPE_SIZE (64 * 1024)
 #define MAX_EVENTS 256
 
 #define CMD_ADD 1u
@@ -158,7 +157,7 @@ static int probe_pipe_size(int want)
     if (pipe2(fds, O_CLOEXEC | O_NONBLOCK) < 0)
         return -1;
     int got = -1;
-    for (int size = want; size >= MIN_PIPE_SIZE; size /= 2) {
+    for (int size = want; size >= UPROXY_PIPE_SIZE_MIN; size /= 2) {
         int r = fcntl(fds[1], F_SETPIPE_SZ, size);
         if (r >= size) {
             got = r;
@@ -619,7 +618,8 @@ struct uproxy_engine *uproxy_engine_new(int max_pipes, int want_pipe_size, int k
     e->scratch = malloc(SCRATCH_SIZE);
     if (!e->scratch)
         goto fail;
-    e->pipe_size = probe_pipe_size(want_pipe_size < MIN_PIPE_SIZE ? MIN_PIPE_SIZE : want_pipe_size);
+    e->pipe_size = probe_pipe_size(want_pipe_size < UPROXY_PIPE_SIZE_MIN ? UPROXY_PIPE_SIZE_MIN
+                                                                         : want_pipe_size);
     if (e->pipe_size <= 0)
         e->max_pipes = 0;
     e->stats.pipes_max = (uint64_t)e->max_pipes;

@@ -77,7 +77,8 @@ static uint64_t source_key(const struct sockaddr_in *sa, socklen_t len)
 {
     if (len < sizeof(struct sockaddr_in) || sa->sin_family != AF_INET)
         return 0;
-    return ((uint64_t)ntohl(sa->sin_addr.s_addr) << 16) | ntohs(sa->sin_port);
+    return ((uint64_t)ntohl(sa->sin_addr.s_addr) << UPROXY_UDP_KEY_PORT_BITS)
+           | ntohs(sa->sin_port);
 }
 
 static int64_t header_dst(struct msghdr *mh)

@@ -1,6 +1,11 @@
 /* uproxy native relay: the C side of uproxy._native (cffi, API mode).
  *
- * Every declaration here is mirrored in uproxy/_native_build.py's cdef.
+ * The part between the "cdef begin" and "cdef end" markers is the cffi cdef:
+ * uproxy/_native_build.py reads it at build time (comments and preprocessor
+ * lines dropped, except `#define NAME value`, whose value cffi takes from the
+ * compiler; array lengths named by a macro become [...]). Keep it to plain
+ * declarations cffi can parse; Python reads every constant it needs from here
+ * (uproxy._native.lib.NAME) instead of repeating the number.
  *
  * The engine: Python accepts, picks a backend and connects, then hands both
  * fds to the engine (uproxy_engine_add), which owns them from then on. One
@@ -22,6 +27,8 @@
 #include <stdint.h>
 #include <sys/types.h>
 
+/* cdef begin */
+
 /* Move up to `len` bytes from socket `from_fd` to socket `to_fd` through the
  * pipe (pipe_r, pipe_w) with splice(2), so the payload never leaves the kernel.
  * Fills the pipe only when it is empty and drains it fully before returning
@@ -39,6 +46,10 @@ ssize_t uproxy_splice_move(int from_fd, int to_fd, int pipe_r, int pipe_w, size_
 
 #define UPROXY_SIDE_CLIENT 0
 #define UPROXY_SIDE_BACKEND 1
+
+/* The smallest pipe the engine settles for: it asks for want_pipe_size and
+ * halves it down to this when the kernel refuses. */
+#define UPROXY_PIPE_SIZE_MIN (64 * 1024)
 
 struct uproxy_engine;
 
@@ -116,6 +127,9 @@ void uproxy_engine_free(struct uproxy_engine *e);
  * addresses are IPv4 (callers use the socket module for IPv6 listeners). */
 #define UPROXY_UDP_BATCH 64
 #define UPROXY_UDP_BUFSIZE 65536
+/* A source key (uproxy_udp_batch.key): the IPv4 address (host order) shifted
+ * left by this many bits, or'ed with the port (host order). */
+#define UPROXY_UDP_KEY_PORT_BITS 16
 /* UDP GSO (UDP_SEGMENT) for runs of equal-sized datagrams: segment size bound (fits
  * every sane path MTU; a path that cannot segment turns it off), segments and bytes
  * per message */
@@ -129,7 +143,7 @@ struct uproxy_udp_batch {
     int count;                                /* datagrams received */
     int ngroups;                              /* distinct sources */
     uint32_t len[UPROXY_UDP_BATCH];           /* payload length of datagram i */
-    uint64_t key[UPROXY_UDP_BATCH];           /* source: IPv4 address << 16 | port (host order) */
+    uint64_t key[UPROXY_UDP_BATCH];           /* source: see UPROXY_UDP_KEY_PORT_BITS */
     int64_t dst[UPROXY_UDP_BATCH];            /* IP_PKTINFO header destination (host order), -1 */
     uint8_t order[UPROXY_UDP_BATCH];          /* datagram indexes grouped by source */
     uint8_t group[UPROXY_UDP_BATCH + 1];      /* group g is order[group[g] .. group[g + 1]) */
@@ -184,5 +198,7 @@ int uproxy_udp_reply(int fd, struct uproxy_udp_batch *b, uint32_t ip, uint16_t p
 /* Copy up to `size` bytes of datagram `index` into dst (for tests and tools);
  * returns the bytes copied, -1 for a bad index. */
 int uproxy_udp_copy(struct uproxy_udp_batch *b, int index, unsigned char *dst, int size);
+
+/* cdef end */
 
 #endif

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
-from uproxy import __version__
+from uproxy import __version__, native
 from uproxy.settings import (
     HELP_COLUMN,
     HELP_WIDTH,
@@ -178,6 +178,7 @@ async def _check_kube(settings: Settings, env: Mapping[str, str]) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     env = dict(os.environ)  # read once, here; everything below is handed what it needs
     settings = settings_from_args(args, env)
+    native.select(no_native=settings.no_native)
     setup_logging(settings.log_format, settings.verbosity)
     preflight(settings)
     _raise_fd_limit()

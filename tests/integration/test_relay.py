@@ -23,7 +23,9 @@ import pytest
 import uvloop
 
 from uproxy import native
-from uproxy.proxy.relay import NativeRelay, PyRelay, Relay, RelayHandle, RelayResult
+from uproxy.proxy.nativerelay import NativeRelay
+from uproxy.proxy.pyrelay import PyRelay
+from uproxy.proxy.relay import Relay, RelayHandle, RelayResult
 
 LOOPS = ("asyncio", "uvloop")
 IMPLS = ("native", "python")

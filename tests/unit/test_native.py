@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import re
 import select
 import shutil
 import socket
@@ -21,7 +22,9 @@ from pathlib import Path
 import pytest
 
 from uproxy import native
-from uproxy.proxy.relay import PyRelay, default_max_pipes, make_relay
+from uproxy.proxy.nativerelay import default_max_pipes
+from uproxy.proxy.pyrelay import PyRelay
+from uproxy.proxy.relay import make_relay
 
 needs_native = pytest.mark.skipif(not native.AVAILABLE, reason=native.REASON)
 
@@ -36,9 +39,13 @@ def test_native_module_is_built_and_active() -> None:
 
 @pytest.mark.parametrize("value", ["1", "yes"])
 def test_no_native_env_forces_python(value: str) -> None:
+    # The cli reads UPROXY_NO_NATIVE and tells uproxy.native before the daemon starts
+    # (cmd_run); `uproxy run` end to end is tests/integration/test_tcp.py's python flavours.
     code = (
-        "import asyncio, uproxy.native as n\n"
+        "import asyncio, os, sys, uproxy.native as n\n"
         "from uproxy.proxy.relay import make_relay\n"
+        "n.select(no_native=os.environ.get('UPROXY_NO_NATIVE', '') not in ('', '0'))\n"
+        "assert 'uproxy._native' not in sys.modules\n"  # never loaded, so never in the way
         "loop = asyncio.new_event_loop()\n"
         "print(n.ACTIVE, make_relay(loop).name, sep=',')\n"
         "print(n.REASON)\n"
@@ -51,6 +58,60 @@ def test_no_native_env_forces_python(value: str) -> None:
     assert proc.stdout.split("\n")[:2] == ["python,python", "UPROXY_NO_NATIVE is set"]
     assert proc.returncode == 1
     assert "RuntimeError: native relay not active: UPROXY_NO_NATIVE is set" in proc.stderr
+
+
+def test_importing_native_reads_no_environment() -> None:
+    # Nothing below the cli reads os.environ: without select(), the compiled module is used.
+    code = "import uproxy.native as n\nprint(n.describe())\n"
+    env = {**os.environ, "UPROXY_NO_NATIVE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"relay path: {'native' if native.AVAILABLE else 'python'} " \
+        f"({native.REASON})\n"
+
+
+@needs_native
+def test_select_switches_the_path_and_back() -> None:
+    try:
+        native.select(no_native=True, reason="asked for in a test")
+        assert (native.ACTIVE, native.AVAILABLE) == ("python", False)
+        assert native.describe() == "relay path: python (asked for in a test)"
+        with pytest.raises(RuntimeError, match="native relay not active: asked for in a test"):
+            native.ffi()
+    finally:
+        native.select(no_native=False)
+    assert native.describe() == "relay path: native (compiled module loaded)"
+
+
+HEADER = Path(__file__).resolve().parents[2] / "native" / "uproxy_native.h"
+
+
+def test_cdef_is_the_headers_marked_part() -> None:
+    # The build reads the header (uproxy/_native_build.py): no second copy to drift.
+    from uproxy._native_build import BEGIN, CDEF, END, cdef_from_header
+
+    text = HEADER.read_text()
+    assert cdef_from_header(text) == CDEF
+    marked = text.split(BEGIN)[1].split(END)[0]
+    functions = set(re.findall(r"\b(uproxy_\w+)\(", marked))
+    assert {"uproxy_engine_new", "uproxy_udp_send"} <= functions
+    assert functions == set(re.findall(r"\b(uproxy_\w+)\(", CDEF))
+    assert "/*" not in CDEF and "#include" not in CDEF and "[UPROXY_" not in CDEF
+    with pytest.raises(ValueError, match="cdef begin"):
+        cdef_from_header(text.replace(BEGIN, ""))
+
+
+@needs_native
+def test_the_module_exports_every_constant_and_function_of_the_header() -> None:
+    lib = native.lib()
+    marked = HEADER.read_text().split("/* cdef begin */")[1].split("/* cdef end */")[0]
+    defines = re.findall(r"^#define (UPROXY_\w+) ([^/\n]+)", marked, re.M)
+    assert len(defines) >= 10
+    for name, value in defines:
+        assert getattr(lib, name) == eval(value), name  # our own header
+    for name in re.findall(r"\b(uproxy_\w+)\(", marked):
+        assert callable(getattr(lib, name)), name
 
 
 @needs_native
@@ -138,7 +199,7 @@ def test_engine_lifecycle_probes_pipe_size_and_frees_its_fds() -> None:
     assert engine != ffi.NULL
     stats = ffi.new("struct uproxy_engine_stats *")
     lib.uproxy_engine_stats(engine, stats)
-    assert 64 * 1024 <= stats.pipe_size <= 256 * 1024
+    assert lib.UPROXY_PIPE_SIZE_MIN <= stats.pipe_size <= 256 * 1024
     assert (stats.pipes_max, stats.pipes_total, stats.pipes_in_use, stats.conns_live) \
         == (8, 0, 0, 0)
     efd = lib.uproxy_engine_eventfd(engine)

@@ -45,8 +45,7 @@ class PortAllocator:
     """Walks ``--proxy-port-range`` (default: the kernel's ephemeral range) binding explicitly.
 
     Not ``bind(port=0)``: the kernel's search for a free ephemeral port gets slower
-    with every port in use (10,000 proxy sockets: 8 s with port 0, 0.16 s walking
-    the range ourselves, measured on this machine kind).
+    with every port in use (figures in bench/ANALYSIS.md, uproxy/proxy/ports.py).
     """
 
     def __init__(self, port_range: tuple[int, int] | None) -> None:

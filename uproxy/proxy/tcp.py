@@ -3,12 +3,11 @@
 Accepting uses ``add_reader`` on our own listening sockets (never on an fd a
 transport owns) and takes a batch per wake-up. ``EMFILE``/``ENFILE`` pause
 accepting for a moment instead of spinning, logged once per episode.
-Connecting tries up to four endpoints with growing timeouts (250 ms, 500 ms,
-1 s, 2 s — kube-proxy's userspace mode), avoiding ones that just failed, with
-a non-blocking ``connect`` and loop callbacks (no task, coroutine or
-``wait_for`` per connection: they cost more than the rest together); when
-there is no usable endpoint, or every attempt fails, the client gets a RST at
-once, never a hang.
+Connecting follows :mod:`uproxy.connect` (up to four endpoints with growing
+timeouts, avoiding ones that just failed; a RST at once when nothing works):
+that machine decides, :class:`_Connect` here does the I/O with a non-blocking
+``connect`` and loop callbacks (no task, coroutine or ``wait_for`` per
+connection: they cost more than the rest together).
 """
 
 from __future__ import annotations
@@ -23,19 +22,40 @@ import time
 from collections.abc import Callable
 
 from uproxy.balance import Balancer
+from uproxy.connect import (
+    ABORT,
+    CANCELLED,
+    CONNECTED,
+    NO_ENDPOINTS,
+    NO_SOCKET,
+    TIMED_OUT,
+    WAIT_OVER,
+    Choose,
+    Chosen,
+    Connect,
+    ConnectFailed,
+    ConnectionSetup,
+    Event,
+    MarkFailed,
+    MarkSucceeded,
+    NoSocket,
+    Relay,
+    Reset,
+    Start,
+    WaitForFds,
+)
 from uproxy.connections import Conn, ConnTable
 from uproxy.metrics import Metrics
 from uproxy.model import Endpoint, ServicePortName
-from uproxy.proxy.relay import Relay, RelayResult, reset_close
+from uproxy.proxy.relay import Relay as RelayEngine
+from uproxy.proxy.relay import RelayResult, reset_close
 from uproxy.state import Entry
 
 log = logging.getLogger("uproxy.tcp")
 
-CONNECT_TIMEOUTS = (0.25, 0.5, 1.0, 2.0)
 ACCEPT_BATCH = 64
 EMFILE_PAUSE = 0.2
 EMFILE_QUIET = 2.0  # seconds without EMFILE that end an episode
-FD_WAIT = 2.0  # how long an accepted client may wait for a backend socket
 FD_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
@@ -70,7 +90,7 @@ class TcpListener:
                 return
             except OSError as exc:
                 if exc.errno in FD_ERRNOS:
-                    self.fds_exhausted(exc)
+                    self.fds_exhausted(exc.strerror or str(exc))
                     return
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue
@@ -80,12 +100,12 @@ class TcpListener:
                 self._fd_recovered()
             self.proxy.handle(client, addr, self)
 
-    def fds_exhausted(self, exc: OSError) -> None:
+    def fds_exhausted(self, reason: str) -> None:
         """Out of fds: stop accepting for a moment (the kernel keeps the backlog)."""
         now = time.monotonic()
         if self._fd_trouble_since is None:
             log.warning("%s: out of file descriptors (%s); pausing accepts until some close",
-                        self.name, exc.strerror)
+                        self.name, reason)
             self._fd_trouble_since = now
         self._fd_trouble_last = now
         if self._paused or self._closed:
@@ -119,7 +139,7 @@ class TcpListener:
 class TcpProxy:
     """Owns the TCP side: which entry each listener serves and every live connection."""
 
-    def __init__(self, *, loop: asyncio.AbstractEventLoop, relay: Relay, balancer: Balancer,
+    def __init__(self, *, loop: asyncio.AbstractEventLoop, relay: RelayEngine, balancer: Balancer,
                  conns: ConnTable, metrics: Metrics,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.loop = loop
@@ -142,14 +162,7 @@ class TcpProxy:
             self.metrics.connections_total.labels(str(listener.name), "TCP", "no_service").inc()
             return
         endpoint = self.balancer.choose(entry, addr[0], self.clock(), external=listener.external)
-        if endpoint is None:
-            # No usable endpoint: refuse at once (RST), as kube-proxy's REJECT does.
-            reset_close(client)
-            self.metrics.connections_total.labels(str(listener.name), "TCP", "no_endpoints").inc()
-            return
-        conn = self.conns.open(protocol="TCP", service=listener.name, client=addr[:2],
-                               scope=listener.scope)
-        _Connect(self, client, conn, entry, listener).attempt(endpoint)
+        _Connect(self, client, addr, entry, listener).feed(Start(endpoint))
 
     def _service_metrics(self, name: ServicePortName) -> _ServiceMetrics:
         m = self._metrics.get(name)
@@ -211,63 +224,78 @@ class _ServiceMetrics:
 
 
 class _Connect:
-    """Connecting one accepted client to an endpoint: callbacks, no task per connection.
+    """Drives one :class:`~uproxy.connect.ConnectionSetup`: the sockets, timer and callbacks.
 
-    A non-blocking ``connect`` plus a writer callback and a timer per attempt;
-    up to len(CONNECT_TIMEOUTS) attempts, each to another endpoint when there is one.
+    The machine decides; this does what its actions say (a non-blocking
+    ``connect`` plus a writer callback and a timer per attempt) and feeds it
+    what happened.
     """
 
-    __slots__ = ("attempts", "client", "conn", "endpoint", "entry", "fd_deadline", "listener",
-                 "proxy", "sock", "timer", "tried")
+    __slots__ = ("addr", "client", "client_ip", "conn", "entry", "listener", "now", "proxy",
+                 "setup", "sock", "timer")
 
-    def __init__(self, proxy: TcpProxy, client: socket.socket, conn: Conn, entry: Entry,
-                 listener: TcpListener) -> None:
+    def __init__(self, proxy: TcpProxy, client: socket.socket, addr: tuple[str, int],
+                 entry: Entry, listener: TcpListener) -> None:
         self.proxy = proxy
         self.client = client
-        self.conn = conn
+        self.addr = addr[:2]
+        self.client_ip = addr[0]
+        self.conn: Conn | None = None  # opened with the first attempt
         self.entry = entry
         self.listener = listener
-        self.tried: list[Endpoint] = []
-        self.attempts = 0
+        self.setup = ConnectionSetup()
         self.sock: socket.socket | None = None
-        self.endpoint: Endpoint | None = None
         self.timer: asyncio.TimerHandle | None = None
-        self.fd_deadline = 0.0
+        self.now = 0.0  # the clock reading of the last failure, for the choice that follows
         proxy._connecting.add(self)
 
-    def attempt(self, endpoint: Endpoint) -> None:
-        loop = self.proxy.loop
+    def feed(self, event: Event) -> None:
+        for action in self.setup.handle(event):
+            if isinstance(action, Connect):
+                self._connect(action.endpoint, action.timeout)
+            elif isinstance(action, MarkSucceeded):
+                self.proxy.balancer.connect_succeeded(action.endpoint)
+            elif isinstance(action, Relay):
+                self.proxy._connecting.discard(self)
+                sock, conn = self.sock, self.conn
+                assert sock is not None and conn is not None
+                self.proxy._relay(self.client, sock, conn, action.endpoint)
+            elif isinstance(action, MarkFailed):
+                self._mark_failed(action.endpoint, action.reason)
+            elif isinstance(action, Choose):
+                self.feed(Chosen(self.proxy.balancer.choose(
+                    self.entry, self.client_ip, self.now, external=self.listener.external,
+                    exclude=action.exclude)))
+            elif isinstance(action, WaitForFds):
+                # Out of fds: pause accepting and let this client wait a little.
+                self.listener.fds_exhausted(action.reason)
+                self.timer = self.proxy.loop.call_later(action.delay, self._wait_over)
+            else:
+                self._reset(action)
+
+    def _connect(self, endpoint: Endpoint, timeout: float) -> None:
+        proxy = self.proxy
+        if self.conn is None:
+            self.conn = proxy.conns.open(protocol="TCP", service=self.listener.name,
+                                         client=self.addr,
+                                         scope=self.listener.scope)
         family = socket.AF_INET6 if ":" in endpoint.ip else socket.AF_INET
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)
         except OSError as exc:
-            if exc.errno in FD_ERRNOS:
-                # Out of fds: pause accepting and let this client wait a little.
-                if not self.fd_deadline:
-                    self.fd_deadline = loop.time() + FD_WAIT
-                if loop.time() < self.fd_deadline:
-                    self.listener.fds_exhausted(exc)
-                    self.timer = loop.call_later(EMFILE_PAUSE / 4, self.attempt, endpoint)
-                    return
-            log.warning("%s: cannot open a socket to %s: %s", self.listener.name, endpoint,
-                        exc.strerror)
-            self._give_up()
+            self.feed(NoSocket(proxy.loop.time(), exc.errno in FD_ERRNOS, exc.strerror or str(exc)))
             return
-        self.fd_deadline = 0.0
         self.sock = sock
-        self.endpoint = endpoint
-        self.tried.append(endpoint)
-        timeout = CONNECT_TIMEOUTS[self.attempts]
-        self.attempts += 1
         sock.setblocking(False)
         err = sock.connect_ex(endpoint.address)
         if err == 0:
-            self._connected()
+            self.feed(CONNECTED)
         elif err == errno.EINPROGRESS:
-            loop.add_writer(sock.fileno(), self._writable)
-            self.timer = loop.call_later(timeout, self._timed_out)
+            proxy.loop.add_writer(sock.fileno(), self._writable)
+            self.timer = proxy.loop.call_later(timeout, self._timed_out)
         else:
-            self._failed(os.strerror(err))
+            self._close_sock()
+            self.feed(ConnectFailed(os.strerror(err)))
 
     def _writable(self) -> None:
         assert self.sock is not None
@@ -277,54 +305,56 @@ class _Connect:
             self.timer = None
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err == 0:
-            self._connected()
+            self.feed(CONNECTED)
         else:
-            self._failed(os.strerror(err))
+            self._close_sock()
+            self.feed(ConnectFailed(os.strerror(err)))
 
     def _timed_out(self) -> None:
         self.timer = None
         if self.sock is not None:
             self.proxy.loop.remove_writer(self.sock.fileno())
-        self._failed("timed out")
+        self._close_sock()
+        self.feed(TIMED_OUT)
 
-    def _connected(self) -> None:
-        proxy, sock, endpoint = self.proxy, self.sock, self.endpoint
-        assert sock is not None and endpoint is not None
-        proxy._connecting.discard(self)
-        proxy.balancer.connect_succeeded(endpoint)
-        proxy._relay(self.client, sock, self.conn, endpoint)
+    def _wait_over(self) -> None:
+        self.timer = None
+        self.feed(WAIT_OVER)
 
-    def _failed(self, reason: str) -> None:
-        proxy, endpoint = self.proxy, self.endpoint
-        assert endpoint is not None
+    def _close_sock(self) -> None:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
-        log.debug("connect to %s failed: %s", endpoint, reason)
-        proxy.metrics.endpoint_failures.labels(str(self.conn.service), str(endpoint)).inc()
-        now = proxy.clock()
-        client_ip = self.conn.client[0]
-        proxy.balancer.connect_failed(endpoint, now, self.entry, client_ip)
-        # The latest entry: endpoints may have changed while we waited.
-        self.entry = proxy.entries.get(self.conn.service, self.entry)
-        nxt = None
-        if self.attempts < len(CONNECT_TIMEOUTS):
-            nxt = proxy.balancer.choose(self.entry, client_ip, now,
-                                        external=self.listener.external, exclude=self.tried)
-        if nxt is None:
-            self._give_up()
-        else:
-            self.attempt(nxt)
 
-    def _give_up(self) -> None:
-        proxy = self.proxy
+    def _mark_failed(self, endpoint: Endpoint, reason: str) -> None:
+        proxy, conn = self.proxy, self.conn
+        assert conn is not None
+        log.debug("connect to %s failed: %s", endpoint, reason)
+        proxy.metrics.endpoint_failures.labels(str(conn.service), str(endpoint)).inc()
+        self.now = proxy.clock()
+        proxy.balancer.connect_failed(endpoint, self.now, self.entry, self.client_ip)
+        # The latest entry: endpoints may have changed while we waited.
+        self.entry = proxy.entries.get(conn.service, self.entry)
+
+    def _reset(self, action: Reset) -> None:
+        proxy, conn, name = self.proxy, self.conn, self.listener.name
         proxy._connecting.discard(self)
-        log.info("%s: no endpoint accepted the connection from %s (tried %s)", self.conn.service,
-                 self.conn.client[0], ", ".join(map(str, self.tried)) or "none")
         reset_close(self.client)
-        proxy.conns.close(self.conn, error="all endpoints failed")
-        proxy.metrics.connections_total.labels(str(self.conn.service), "TCP",
-                                               "connect_failed").inc()
+        if action.reason == NO_ENDPOINTS:
+            # No usable endpoint: refuse at once (RST), as kube-proxy's REJECT does.
+            proxy.metrics.connections_total.labels(str(name), "TCP", "no_endpoints").inc()
+            return
+        assert conn is not None
+        if action.reason == CANCELLED:
+            proxy.conns.close(conn, error="cancelled")
+            return
+        if action.reason == NO_SOCKET:
+            log.warning("%s: cannot open a socket to %s: %s", name, self.setup.endpoint,
+                        action.detail)
+        log.info("%s: no endpoint accepted the connection from %s (tried %s)", conn.service,
+                 self.client_ip, ", ".join(map(str, self.setup.tried)) or "none")
+        proxy.conns.close(conn, error="all endpoints failed")
+        proxy.metrics.connections_total.labels(str(conn.service), "TCP", "connect_failed").inc()
 
     def abort(self) -> None:
         """Shutdown: stop connecting, reset the client."""
@@ -334,8 +364,5 @@ class _Connect:
         if self.sock is not None:
             with contextlib.suppress(OSError, ValueError):
                 self.proxy.loop.remove_writer(self.sock.fileno())
-            self.sock.close()
-            self.sock = None
-        self.proxy._connecting.discard(self)
-        reset_close(self.client)
-        self.proxy.conns.close(self.conn, error="cancelled")
+        self._close_sock()
+        self.feed(ABORT)

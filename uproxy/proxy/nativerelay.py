@@ -1,0 +1,203 @@
+"""The native engine behind the relay contract (:mod:`uproxy.proxy.relay`).
+
+:class:`NativeRelay` hands the two fds to the C engine (``native/relay.c``):
+one engine thread per relay (one per process in the daemon) runs an
+edge-triggered epoll loop and moves both directions itself (small reads with
+recv/send, bulk with splice through pooled pipes); the event loop hears only
+of finished connections, through an eventfd it watches with ``add_reader``,
+and drains a completion queue. Counters live in C memory, read as plain
+64-bit loads. Why an engine thread rather than splice steps run from loop
+callbacks: the measurements are in ``bench/ANALYSIS.md`` (uproxy/proxy/nativerelay.py).
+
+Reason and side codes, and the smallest pipe the engine settles for, come
+from the compiled module (``native/uproxy_native.h``), never re-declared here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from typing import Any
+
+from uproxy import native
+from uproxy.proxy.relay import DoneCallback, RefusedHandle, RelayResult, refuse
+
+PIPE_SIZE = 256 * 1024
+"""Pipe size the native engine asks for (halved down to ``UPROXY_PIPE_SIZE_MIN`` when refused)."""
+MAX_PIPES_CAP = 1024
+KEEP_FREE_PIPES = 16
+"""Idle pipes the engine keeps open for reuse; the rest close when they empty."""
+_POLL_BATCH = 256
+
+
+
+def default_max_pipes(pipe_size: int = PIPE_SIZE) -> int:
+    """Pool bound: half the per-user pipe page budget (``pipe-user-pages-soft``), capped.
+
+    Root is not held to that limit, but other processes of the same user are,
+    so we leave them the other half.
+    """
+    try:
+        with open("/proc/sys/fs/pipe-user-pages-soft") as f:
+            pages = int(f.read())
+    except (OSError, ValueError):
+        pages = 16384  # the kernel default
+    if pages <= 0:  # 0 means unlimited
+        return MAX_PIPES_CAP
+    budget = pages * os.sysconf("SC_PAGE_SIZE") // 2
+    return max(0, min(MAX_PIPES_CAP, budget // max(pipe_size, 1)))
+
+
+def _native_error(lib: Any, reason: int, side: int, err: int) -> str | None:
+    who = {lib.UPROXY_SIDE_CLIENT: "client", lib.UPROXY_SIDE_BACKEND: "backend"}.get(side)
+    if reason == lib.UPROXY_DONE_CLOSED:
+        return None
+    if reason == lib.UPROXY_DONE_ABORTED:
+        return "aborted"
+    if reason == lib.UPROXY_DONE_RESET and who:
+        return f"reset by {who}"
+    text = os.strerror(err) if err else "unknown error"
+    return f"{who} error: {text}" if who else f"error: {text}"
+
+
+class NativeRelayHandle:
+    """A connection owned by the engine. Counters are read from C memory until
+    the completion arrives, then frozen (the engine frees that memory)."""
+
+    native = True
+    __slots__ = ("_conn", "_final", "_on_done", "_relay")
+
+    def __init__(self, relay: NativeRelay, conn: Any, on_done: DoneCallback) -> None:
+        self._relay = relay
+        self._conn: Any = conn
+        self._on_done = on_done
+        self._final = RelayResult(0, 0)
+
+    @property
+    def bytes_up(self) -> int:
+        conn = self._conn
+        return int(conn.bytes_up) if conn is not None else self._final.bytes_up
+
+    @property
+    def bytes_down(self) -> int:
+        conn = self._conn
+        return int(conn.bytes_down) if conn is not None else self._final.bytes_down
+
+    def abort(self) -> None:
+        if self._conn is not None:
+            self._relay._abort(self._conn)
+
+
+class NativeRelay:
+    """The C engine behind the :class:`Relay` contract (see the module docstring)."""
+
+    name = "native"
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, *, max_pipes: int | None = None,
+                 pipe_size: int = PIPE_SIZE, keep_free_pipes: int = KEEP_FREE_PIPES) -> None:
+        self.loop = loop
+        self._lib = native.lib()
+        ffi = self._ffi = native.ffi()
+        if max_pipes is None:
+            max_pipes = default_max_pipes(pipe_size)
+        engine = self._lib.uproxy_engine_new(max_pipes, pipe_size, keep_free_pipes)
+        if engine == ffi.NULL:
+            err = ffi.errno
+            raise OSError(err, f"native relay engine: {os.strerror(err)}")
+        # Freed by close(); the gc hook only covers a relay dropped without it.
+        self._engine: Any = ffi.gc(engine, self._lib.uproxy_engine_free)
+        self._raw = engine
+        self._efd: int = self._lib.uproxy_engine_eventfd(engine)
+        self._done_buf = ffi.new("struct uproxy_done[]", _POLL_BATCH)
+        self._stats = ffi.new("struct uproxy_engine_stats *")
+        self._live: dict[int, NativeRelayHandle] = {}
+        self._next_token = 1
+        self._stopped: asyncio.Future[None] | None = None
+        self._final_stats: dict[str, int] = {}
+        loop.add_reader(self._efd, self._on_completions)
+
+    def start(self, client: socket.socket, backend: socket.socket,
+              on_done: DoneCallback) -> NativeRelayHandle | RefusedHandle:
+        if self._stopped is not None:
+            return refuse(self.loop, client, backend, on_done, "relay closed", native=True)
+        token = self._next_token
+        self._next_token += 1
+        conn = self._lib.uproxy_engine_add(self._raw, client.fileno(), backend.fileno(), token)
+        if conn == self._ffi.NULL:  # ENOMEM: the sockets are still ours
+            error = f"error: {os.strerror(self._ffi.errno)}"
+            return refuse(self.loop, client, backend, on_done, error, native=True)
+        # The engine owns the fds now; the socket objects must forget them.
+        client.detach()
+        backend.detach()
+        handle = NativeRelayHandle(self, conn, on_done)
+        self._live[token] = handle
+        return handle
+
+    def _abort(self, conn: Any) -> None:
+        if self._stopped is None:
+            self._lib.uproxy_engine_abort(self._raw, conn)
+
+    def _on_completions(self) -> None:
+        lib, engine, buf = self._lib, self._raw, self._done_buf
+        stopped = bool(lib.uproxy_engine_stopped(engine))  # before polling: then all are queued
+        while True:
+            n = lib.uproxy_engine_poll(engine, buf, _POLL_BATCH)
+            for i in range(n):
+                done = buf[i]
+                handle = self._live.pop(int(done.token), None)
+                result = RelayResult(int(done.bytes_up), int(done.bytes_down),
+                                     _native_error(lib, done.reason, done.side, done.err))
+                if handle is not None:
+                    handle._conn = None
+                    handle._final = result
+                lib.uproxy_engine_release(engine, done.conn)
+                if handle is not None:
+                    try:
+                        handle._on_done(result)
+                    except Exception as exc:
+                        self.loop.call_exception_handler({
+                            "message": "relay on_done callback failed",
+                            "exception": exc,
+                        })
+            if n < _POLL_BATCH:
+                break
+        if stopped and self._stopped is not None and not self._stopped.done():
+            self._stopped.set_result(None)
+
+    def active(self) -> int:
+        return len(self._live)
+
+    def stats(self) -> dict[str, int]:
+        """Engine-wide figures: live connections, pool use, bytes per path."""
+        if self._engine is None:
+            return dict(self._final_stats)  # the last figures before the engine was freed
+        self._lib.uproxy_engine_stats(self._raw, self._stats)
+        s = self._stats
+        return {name: int(getattr(s, name)) for name in (
+            "conns_live", "pipes_in_use", "pipes_total", "pipes_max", "pipe_size",
+            "splice_bytes", "copy_bytes", "bufs_in_use")}
+
+    def pipes_in_use(self) -> int:
+        """Pipes holding a connection's bytes right now (idle connections hold none)."""
+        return self.stats()["pipes_in_use"]
+
+    def buffers_in_use(self) -> int:
+        """Copy buffers holding bytes a destination has not taken yet."""
+        return self.stats()["bufs_in_use"]
+
+    async def close(self) -> None:
+        """Abort live connections (both sides get RST), wait for the thread, free everything."""
+        if self._engine is None:
+            return
+        if self._stopped is None:
+            self._stopped = self.loop.create_future()
+            self._lib.uproxy_engine_stop(self._raw)
+        await asyncio.shield(self._stopped)
+        if self._engine is None:  # a concurrent close() finished first
+            return
+        self._on_completions()
+        self.loop.remove_reader(self._efd)
+        self._final_stats = self.stats()
+        engine, self._engine = self._engine, None
+        self._ffi.release(engine)  # uproxy_engine_free: joins the (finished) thread
