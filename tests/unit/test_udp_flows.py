@@ -28,7 +28,7 @@ from uproxy.connections import ConnTable
 from uproxy.conntrack import Conntrack, CtEntry, Stale, parse_entries, select
 from uproxy.metrics import Metrics
 from uproxy.model import Endpoint, ServicePort, ServicePortName
-from uproxy.proxy.udp import IP_PKTINFO, FlowLru, UdpProxy, max_flows_from_env
+from uproxy.proxy.udp import IP_PKTINFO, FlowLru, UdpProxy, default_max_flows
 from uproxy.settings import Settings
 from uproxy.state import Entry
 
@@ -81,12 +81,23 @@ def test_lru_rejects_a_zero_bound() -> None:
         FlowLru(0)
 
 
-def test_max_flows_from_env_and_the_fd_limit() -> None:
-    assert max_flows_from_env({}, nofile=1 << 20) == 65536
-    assert max_flows_from_env({}, nofile=20000) == 10000  # half the descriptors at most
-    assert max_flows_from_env({"UPROXY_UDP_MAX_FLOWS": "32"}, nofile=20000) == 32
-    assert max_flows_from_env({"UPROXY_UDP_MAX_FLOWS": "zero"}, nofile=1 << 20) == 65536
-    assert max_flows_from_env({"UPROXY_UDP_MAX_FLOWS": "-3"}, nofile=1024) == 512
+def test_max_flows_parameter_and_the_fd_limit() -> None:
+    assert default_max_flows(nofile=1 << 20) == 65536
+    assert default_max_flows(nofile=20000) == 10000  # half the descriptors at most
+    assert default_max_flows(nofile=1024) == 512
+
+    async def body() -> None:
+        def proxy(max_flows: int | None) -> UdpProxy:
+            return UdpProxy(loop=asyncio.get_running_loop(), balancer=Balancer(node_name="n"),
+                            conns=ConnTable(), metrics=Metrics(), settings=Settings(),
+                            max_flows=max_flows, conntrack=Conntrack(enabled=False),
+                            native=False)
+        assert proxy(32).flows.max_flows == 32  # the udp_max_flows setting, when given
+        assert proxy(None).flows.max_flows == default_max_flows()
+        with pytest.raises(ValueError):
+            proxy(0)
+
+    run("asyncio", body)
 
 
 # --- conntrack (pure parts) --------------------------------------------------------------------
