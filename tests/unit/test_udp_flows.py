@@ -617,6 +617,39 @@ def test_local_policy_change_closes_flows_to_other_nodes(loop_kind: str) -> None
 
 
 @pytest.mark.parametrize("loop_kind", LOOPS)
+def test_terminating_endpoint_keeps_flows_only_while_the_rule_would_choose_it(
+        loop_kind: str) -> None:
+    """Flows survive an endpoint change exactly when balance.usable_endpoints still lists
+    their endpoint: a serving-but-terminating endpoint is only the fallback when no ready
+    one is left (and conntrack clean-up treats its address the same way)."""
+    async def body() -> None:
+        async with setup(backends=2) as s:
+            socks, (a, b) = await flows_on_both_endpoints(s)
+            try:
+                entry = entry_for(a, b)
+                ready_a, ready_b = entry.endpoints
+                term_b = dataclasses.replace(ready_b, ready=False, terminating=True)
+                s.proxy.entries = {NAME: Entry(entry.port, (ready_a, term_b))}
+                assert {f.endpoint.port for f in s.proxy.flows} == {a}
+                assert Stale.endpoint("127.0.0.1", b) in s.proxy.pending_conntrack
+                for sock in socks:
+                    assert await ask(s.port, sock=sock) == str(a).encode()
+                gone_a = dataclasses.replace(ready_a, ready=False, serving=False,
+                                             terminating=True)
+                s.proxy.entries = {NAME: Entry(entry.port, (gone_a, term_b))}
+                assert not s.proxy.flows  # a stopped serving: b is the fallback now
+                for sock in socks:
+                    assert await ask(s.port, sock=sock) == str(b).encode()
+                s.proxy.entries = {NAME: Entry(entry.port, (ready_a, term_b))}
+                assert not s.proxy.flows  # a ready again: the fallback's flows go
+            finally:
+                for sock in socks:
+                    sock.close()
+
+    run(loop_kind, body)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
 def test_client_ip_affinity_pins_new_flows(loop_kind: str) -> None:
     async def body() -> None:
         async with setup(backends=3, affinity=10) as s:
