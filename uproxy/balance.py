@@ -12,7 +12,12 @@ tests can drive them:
   serving and terminating ones (graceful termination); when none of those,
   nothing. So a flow to an endpoint that starts terminating while a ready one
   exists is closed at once (the client's next datagram goes to a ready
-  endpoint), and kept while that endpoint is the only kind left;
+  endpoint), and kept while that endpoint is the only kind left. This is a
+  deliberate difference from kube-proxy, whose conntrack clean-up keeps
+  existing UDP flows to every *serving* endpoint whatever its terminating
+  status or traffic policy (``pkg/proxy/conntrack/cleanup.go``): one rule
+  means a flow never stays where a new one could not go, and a userspace flow
+  costs nothing to re-create;
 * a ``Local`` traffic policy keeps only endpoints on this node (internal policy
   for ClusterIP traffic, external policy for NodePort/externalIP/LB traffic);
 * the choice is uniform at random (what ``statistic --mode random`` rules do),
