@@ -3,8 +3,21 @@
 kube-proxy's rules in one place, with time and randomness passed in so the
 tests can drive them:
 
-* usable endpoints are the ready ones; when none is ready, the serving and
-  terminating ones (graceful termination); when none of those, nothing;
+* :func:`usable_endpoints` is THE rule "which endpoints may serve", for every
+  decision of every protocol: which endpoint a new TCP connection or UDP flow
+  may pick, which UDP flows survive an endpoint change (a flow is kept exactly
+  when its endpoint is still usable for its listener), and which endpoint
+  addresses no longer serve anything (:func:`serving_addresses`, for conntrack
+  clean-up). Usable endpoints are the ready ones; when none is ready, the
+  serving and terminating ones (graceful termination); when none of those,
+  nothing. So a flow to an endpoint that starts terminating while a ready one
+  exists is closed at once (the client's next datagram goes to a ready
+  endpoint), and kept while that endpoint is the only kind left. This is a
+  deliberate difference from kube-proxy, whose conntrack clean-up keeps
+  existing UDP flows to every *serving* endpoint whatever its terminating
+  status or traffic policy (``pkg/proxy/conntrack/cleanup.go``): one rule
+  means a flow never stays where a new one could not go, and a userspace flow
+  costs nothing to re-create;
 * a ``Local`` traffic policy keeps only endpoints on this node (internal policy
   for ClusterIP traffic, external policy for NodePort/externalIP/LB traffic);
 * the choice is uniform at random (what ``statistic --mode random`` rules do),
@@ -17,7 +30,7 @@ tests can drive them:
 from __future__ import annotations
 
 import random
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 
 from uproxy.model import Endpoint, ServicePortName
 from uproxy.state import Entry
@@ -26,6 +39,11 @@ FAILED_AVOID_SECONDS = 5.0
 
 
 def usable_endpoints(entry: Entry, *, external: bool, node_name: str) -> tuple[Endpoint, ...]:
+    """The endpoints traffic of ``entry`` may go to now, in the entry's order.
+
+    ``external``: the traffic came through a NodePort, externalIP or LoadBalancer IP
+    (the external traffic policy applies), else through the ClusterIP (internal policy).
+    """
     port = entry.port
     local = port.external_local if external else port.internal_local
     candidates = entry.endpoints
@@ -35,6 +53,24 @@ def usable_endpoints(entry: Entry, *, external: bool, node_name: str) -> tuple[E
     if ready:
         return ready
     return tuple(e for e in candidates if e.serving and e.terminating)
+
+
+def serving_addresses(entries: Iterable[Entry], *, node_name: str,
+                      protocol: str = "UDP") -> set[tuple[str, int]]:
+    """Endpoint addresses some traffic of these service ports (of ``protocol``) may go to
+    now: :func:`usable_endpoints` over every scope each port is reachable in (cluster
+    always; external when it has externalIPs, LoadBalancer IPs or a NodePort)."""
+    out: set[tuple[str, int]] = set()
+    for entry in entries:
+        port = entry.port
+        if port.protocol != protocol:
+            continue
+        out.update(e.address for e in usable_endpoints(entry, external=False,
+                                                       node_name=node_name))
+        if port.external_addresses or port.node_port:
+            out.update(e.address for e in usable_endpoints(entry, external=True,
+                                                           node_name=node_name))
+    return out
 
 
 class Balancer:

@@ -6,7 +6,9 @@ import random
 from collections import Counter
 from dataclasses import replace
 
-from uproxy.balance import FAILED_AVOID_SECONDS, Balancer, usable_endpoints
+import pytest
+
+from uproxy.balance import FAILED_AVOID_SECONDS, Balancer, serving_addresses, usable_endpoints
 from uproxy.model import Endpoint, ServicePort, ServicePortName
 from uproxy.state import Entry
 
@@ -73,6 +75,73 @@ def test_local_fallback_to_terminating_on_this_node() -> None:
     term_local = not_ready(A, serving=True, terminating=True)
     e = entry(term_local, B, internal_local=True)
     assert usable_endpoints(e, external=False, node_name="node-1") == (term_local,)
+
+
+# Every combination of conditions for one endpoint X, with and without a ready peer: X is
+# usable iff it is ready, or it is serving and terminating and no ready endpoint is left.
+# (ready, serving, terminating) -> usable beside a ready peer, usable alone
+CONDITIONS = [
+    ((True, True, False), True, True),  # ready
+    ((True, True, True), True, True),  # ready and terminating (not what k8s sends): ready wins
+    ((False, True, True), False, True),  # terminating but serving: only as the fallback
+    ((False, False, True), False, False),  # terminating, not serving
+    ((False, True, False), False, False),  # serving, not ready, not terminating: never
+    ((False, False, False), False, False),  # starting
+]
+
+
+@pytest.mark.parametrize(("conditions", "beside_ready", "alone"), CONDITIONS,
+                         ids=["ready", "ready-terminating", "serving-terminating",
+                              "terminating", "serving-only", "starting"])
+def test_conditions_table(conditions: tuple[bool, bool, bool], beside_ready: bool,
+                          alone: bool) -> None:
+    ready, serving, terminating = conditions
+    x = replace(C, ready=ready, serving=serving, terminating=terminating)
+    with_peer = usable_endpoints(entry(A, x), external=False, node_name="node-1")
+    assert (x in with_peer) is beside_ready and A in with_peer
+    assert (x in usable_endpoints(entry(x), external=False, node_name="node-1")) is alone
+    # the addresses conntrack clean-up keeps follow the same rule
+    udp = replace(entry(A, x), port=replace(entry().port, protocol="UDP"))
+    assert (x.address in serving_addresses([udp], node_name="node-1")) is beside_ready
+
+
+def test_local_policy_decides_which_ready_endpoints_count() -> None:
+    """A ready endpoint on another node does not count under a Local policy: a terminating
+    endpoint on this node is then the fallback for that scope only."""
+    term_here = not_ready(A, serving=True, terminating=True)  # node-1
+    e = entry(term_here, B, internal_local=True)  # B ready on node-2
+    assert usable_endpoints(e, external=False, node_name="node-1") == (term_here,)
+    assert usable_endpoints(e, external=True, node_name="node-1") == (B,)
+    e = entry(term_here, B, external_local=True)
+    assert usable_endpoints(e, external=False, node_name="node-1") == (B,)
+    assert usable_endpoints(e, external=True, node_name="node-1") == (term_here,)
+    both = entry(term_here, B, internal_local=True, external_local=True)
+    assert usable_endpoints(both, external=True, node_name="node-2") == (B,)
+    assert usable_endpoints(both, external=True, node_name="node-3") == ()
+
+
+def udp_entry(*endpoints: Endpoint, node_port: int | None = None,
+              internal_local: bool = False) -> Entry:
+    port = ServicePort(name=replace(NAME, protocol="UDP"), type="ClusterIP",
+                       cluster_ips=("10.0.0.10",), port=53, protocol="UDP", target_port=53,
+                       node_port=node_port, internal_local=internal_local)
+    return Entry(port, tuple(endpoints))
+
+
+def test_serving_addresses_over_every_scope_a_port_has() -> None:
+    # ClusterIP only, internal Local: only this node's endpoint may ever be sent to
+    assert serving_addresses([udp_entry(A, B, internal_local=True)],
+                             node_name="node-1") == {A.address}
+    # with a NodePort the external scope (no Local policy) reaches B too
+    assert serving_addresses([udp_entry(A, B, node_port=30053, internal_local=True)],
+                             node_name="node-1") == {A.address, B.address}
+    # one endpoint in two services: serving while either may use it
+    term_c = not_ready(C, serving=True, terminating=True)
+    assert serving_addresses([udp_entry(A, term_c), udp_entry(term_c)],
+                             node_name="node-1") == {A.address, C.address}
+    # other protocols are not looked at
+    assert serving_addresses([entry(A)], node_name="node-1") == set()
+    assert serving_addresses([entry(A)], node_name="node-1", protocol="TCP") == {A.address}
 
 
 # --- random spread ----------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from uproxy.connections import ConnTable
 from uproxy.conntrack import Conntrack, CtEntry, Stale, parse_entries, select
 from uproxy.metrics import Metrics
 from uproxy.model import Endpoint, ServicePort, ServicePortName
-from uproxy.proxy.udp import IP_PKTINFO, FlowLru, UdpProxy, max_flows_from_env
+from uproxy.proxy.udp import IP_PKTINFO, FlowLru, UdpProxy, default_max_flows
 from uproxy.settings import Settings
 from uproxy.state import Entry
 
@@ -81,12 +81,23 @@ def test_lru_rejects_a_zero_bound() -> None:
         FlowLru(0)
 
 
-def test_max_flows_from_env_and_the_fd_limit() -> None:
-    assert max_flows_from_env({}, nofile=1 << 20) == 65536
-    assert max_flows_from_env({}, nofile=20000) == 10000  # half the descriptors at most
-    assert max_flows_from_env({"UPROXY_UDP_MAX_FLOWS": "32"}, nofile=20000) == 32
-    assert max_flows_from_env({"UPROXY_UDP_MAX_FLOWS": "zero"}, nofile=1 << 20) == 65536
-    assert max_flows_from_env({"UPROXY_UDP_MAX_FLOWS": "-3"}, nofile=1024) == 512
+def test_max_flows_parameter_and_the_fd_limit() -> None:
+    assert default_max_flows(nofile=1 << 20) == 65536
+    assert default_max_flows(nofile=20000) == 10000  # half the descriptors at most
+    assert default_max_flows(nofile=1024) == 512
+
+    async def body() -> None:
+        def proxy(max_flows: int | None) -> UdpProxy:
+            return UdpProxy(loop=asyncio.get_running_loop(), balancer=Balancer(node_name="n"),
+                            conns=ConnTable(), metrics=Metrics(), settings=Settings(),
+                            max_flows=max_flows, conntrack=Conntrack(enabled=False),
+                            native=False)
+        assert proxy(32).flows.max_flows == 32  # the udp_max_flows setting, when given
+        assert proxy(None).flows.max_flows == default_max_flows()
+        with pytest.raises(ValueError):
+            proxy(0)
+
+    run("asyncio", body)
 
 
 # --- conntrack (pure parts) --------------------------------------------------------------------
@@ -598,6 +609,39 @@ def test_local_policy_change_closes_flows_to_other_nodes(loop_kind: str) -> None
                 assert {f.endpoint.port for f in s.proxy.flows} == {a}
                 for sock in socks:  # every client answered again, by the local endpoint
                     assert await ask(s.port, sock=sock) == str(a).encode()
+            finally:
+                for sock in socks:
+                    sock.close()
+
+    run(loop_kind, body)
+
+
+@pytest.mark.parametrize("loop_kind", LOOPS)
+def test_terminating_endpoint_keeps_flows_only_while_the_rule_would_choose_it(
+        loop_kind: str) -> None:
+    """Flows survive an endpoint change exactly when balance.usable_endpoints still lists
+    their endpoint: a serving-but-terminating endpoint is only the fallback when no ready
+    one is left (and conntrack clean-up treats its address the same way)."""
+    async def body() -> None:
+        async with setup(backends=2) as s:
+            socks, (a, b) = await flows_on_both_endpoints(s)
+            try:
+                entry = entry_for(a, b)
+                ready_a, ready_b = entry.endpoints
+                term_b = dataclasses.replace(ready_b, ready=False, terminating=True)
+                s.proxy.entries = {NAME: Entry(entry.port, (ready_a, term_b))}
+                assert {f.endpoint.port for f in s.proxy.flows} == {a}
+                assert Stale.endpoint("127.0.0.1", b) in s.proxy.pending_conntrack
+                for sock in socks:
+                    assert await ask(s.port, sock=sock) == str(a).encode()
+                gone_a = dataclasses.replace(ready_a, ready=False, serving=False,
+                                             terminating=True)
+                s.proxy.entries = {NAME: Entry(entry.port, (gone_a, term_b))}
+                assert not s.proxy.flows  # a stopped serving: b is the fallback now
+                for sock in socks:
+                    assert await ask(s.port, sock=sock) == str(b).encode()
+                s.proxy.entries = {NAME: Entry(entry.port, (ready_a, term_b))}
+                assert not s.proxy.flows  # a ready again: the fallback's flows go
             finally:
                 for sock in socks:
                     sock.close()

@@ -1,0 +1,75 @@
+"""A UDP listener: one bound socket serving one service port in one scope.
+
+It owns its socket and the flows of its clients (``flows``: client key -> flow;
+the key is the address tuple on the Python path, the C side's packed int on
+the native one). Which twin reads it is fixed at creation: the native batches
+for IPv4 when the native module is active, the Python path otherwise (the C
+side handles IPv4 addresses only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from typing import TYPE_CHECKING
+
+from uproxy.model import ServicePortName
+from uproxy.proxy.udp.flow import IP_PKTINFO, Flow
+
+if TYPE_CHECKING:
+    from uproxy.proxy.udp.proxy import UdpProxy
+
+LISTEN_RCVBUF = 4 << 20
+
+
+class UdpListener:
+    """One bound UDP socket serving one service port in one scope."""
+
+    def __init__(self, proxy: UdpProxy, sock: socket.socket, name: ServicePortName,
+                 scope: str) -> None:
+        self.proxy = proxy
+        self.sock = sock
+        self.name = name
+        self.scope = scope
+        self.external = scope != "cluster"
+        self.address: tuple[str, int] = sock.getsockname()[:2]
+        self.flows: dict[object, Flow] = {}
+        self._fd = sock.fileno()
+        self._closed = False
+        self.pktinfo = sock.family == socket.AF_INET
+        if self.pktinfo:
+            try:
+                sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+            except OSError:
+                self.pktinfo = False
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, LISTEN_RCVBUF)
+        # recvmmsg/sendmmsg batches (native/udp.c) for IPv4; IPv6 stays on the socket module
+        batches = proxy.native_path
+        self.batched = batches is not None and sock.family == socket.AF_INET
+        if batches is not None and self.batched:
+            proxy.loop.add_reader(self._fd, batches.client_batch, self)
+        else:
+            proxy.loop.add_reader(self._fd, proxy.python_path.client_readable, self)
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    @property
+    def port(self) -> int:
+        return self.address[1]
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.proxy.loop.remove_reader(self._fd)
+        for flow in list(self.flows.values()):
+            self.proxy.close_flow(flow, "service port removed")
+        self.proxy.listeners.discard(self)
+        self.sock.close()
