@@ -100,7 +100,8 @@ class Daemon:
         except ImportError:
             return
         self.proxies["UDP"] = UdpProxy(loop=self.loop, balancer=self.balancer, conns=self.conns,
-                                       metrics=self.metrics, settings=self.settings)
+                                       metrics=self.metrics, settings=self.settings,
+                                       max_flows=self.settings.udp_max_flows)
 
     @property
     def served(self) -> dict[ServicePortName, Entry]:

@@ -312,5 +312,4 @@ def test_nothing_below_cli_reads_the_environment() -> None:
     readers = [str(p.relative_to(package)) for p in package.rglob("*.py")
                if re.search(r"os\.environ|os\.getenv", p.read_text())]
     # cli reads it once; the demo (wiring, beside cli) starts lab processes with it.
-    # native.py and proxy/udp.py are the tcp and udp helpers' to change.
-    assert set(readers) <= {"cli.py", "demo/lab.py", "native.py", "proxy/udp.py"}
+    assert set(readers) <= {"cli.py", "demo/lab.py"}

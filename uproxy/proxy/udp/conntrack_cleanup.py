@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from uproxy.balance import serving_addresses
 from uproxy.conntrack import Conntrack, Stale
 from uproxy.model import ServicePortName
+from uproxy.redirects import frontends
 from uproxy.state import Entry
 
 log = logging.getLogger("uproxy.udp")
@@ -42,11 +43,8 @@ def udp_frontends(entries: Mapping[ServicePortName, Entry],
         port = entry.port
         if port.protocol != "UDP":
             continue
-        for scope, addresses in (("cluster", port.cluster_ips),
-                                 ("external", port.external_addresses)):
-            proxy_port = proxy_ports.get((name, scope), 0)
-            for address in addresses:
-                out[(address, port.port)] = proxy_port
+        for scope, _kind, address in frontends(port):
+            out[(address, port.port)] = proxy_ports.get((name, scope), 0)
     return out
 
 
