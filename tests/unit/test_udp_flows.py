@@ -2,7 +2,7 @@
 proxy itself over real sockets on loopback (no root, no namespace, no iptables).
 
 Conntrack is disabled here (these tests do not own the root namespace's table); the lab
-tests in tests/integration/test_udp.py exercise it for real.
+tests in tests/udp/test_udp.py exercise it for real.
 """
 
 from __future__ import annotations
