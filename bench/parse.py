@@ -1,6 +1,6 @@
 """The pure half of the benchmark: tool output -> numbers, numbers -> tables.
 
-Kept free of subprocesses and namespaces so that tests/unit/test_bench.py can
+Kept free of subprocesses and namespaces so that tests/tools/test_bench.py can
 check it against recorded tool output, and so a parse failure names the tool
 and shows what it printed instead of ending in a bare ``KeyError``.
 """

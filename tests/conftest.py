@@ -1,4 +1,8 @@
-"""Shared fixtures. Only the namespace lab lives here: tests that use it need root.
+"""Shared fixtures: the loop x relay-path matrix and the namespace lab.
+
+``flavor`` runs a test once per cell of (asyncio | uvloop) x (native | python), and
+``native_flavor`` once per loop on the native path; the matrix itself is defined in
+``support/matrix.py``, waits in ``support/waiting.py``.
 
 Lab tests fail (never skip) without root or iproute2: CI runs as root, and a skip
 would hide a broken setup. Such tests get the ``lab`` marker automatically, so
@@ -13,6 +17,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from tests.support.matrix import FLAVORS, NATIVE_FLAVORS, Flavor, select_path
 from uproxy.demo.lab import Lab
 
 LAB_FIXTURES = frozenset({"lab", "lab_factory"})
@@ -23,6 +28,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if LAB_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.lab)
+
+
+@pytest.fixture(params=FLAVORS, ids=str)
+def flavor(request: pytest.FixtureRequest) -> Flavor:
+    """Each (loop, relay path) in turn: the whole matrix."""
+    return select_path(request.param)
+
+
+@pytest.fixture(params=NATIVE_FLAVORS, ids=str)
+def native_flavor(request: pytest.FixtureRequest) -> Flavor:
+    """Each loop on the native path: for what only the native engine has."""
+    return select_path(request.param)
 
 
 def _require_lab_support() -> None:

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 from playwright.async_api import expect
-from status.support import Stack, running_stack, talk  # tests/ is the rootdir package base
 
+from tests.status.support import Stack, running_stack, talk
 from uproxy.status import server
 
 from .conftest import ARTIFACTS

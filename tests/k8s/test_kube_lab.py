@@ -19,12 +19,13 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.support.waiting import wait_until
 from uproxy.demo.lab import Lab, LabError
 from uproxy.demo.node import NodeProxy
 from uproxy.rules import parse_rules
@@ -53,13 +54,15 @@ class FakeCluster:
         for resource in hold:
             argv += ["--hold", resource]
         self.proc = lab.spawn("node", argv, "apiserver", env={"PYTHONPATH": str(REPO)})
-        deadline = time.monotonic() + 60
-        while not self.kubeconfig.exists():  # written (atomically) once both sockets listen
-            if self.proc.poll() is not None:
+        proc = self.proc
+
+        def listening() -> bool:  # the kubeconfig is written (atomically) once both listen
+            if proc.poll() is not None:
                 raise LabError(f"fake API server exited: {lab.log('apiserver')}")
-            if time.monotonic() > deadline:
-                raise LabError(f"fake API server not up: {lab.log('apiserver')}")
-            time.sleep(0.05)
+            return self.kubeconfig.exists()
+
+        wait_until(listening, timeout=60,
+                   message=lambda: f"fake API server not up: {lab.log('apiserver')}")
         self.control = Control(self.control_path)
         self.url = json.loads(self.kubeconfig.read_text())["clusters"][0]["cluster"]["server"]
 
@@ -121,18 +124,6 @@ def proxies() -> Iterator[list[KubeProxy]]:
             p.stop()
 
 
-def until(check: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
-    """Poll ``check`` until it returns something truthy; fail naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not {what} after {timeout:g}s")
-        time.sleep(0.1)
-
-
 def probe(lab: Lab, ip: str, port: int = PORT, *, timeout: float = 3.0) -> dict[str, Any]:
     """20 connections (``whoami``) from the client namespace."""
     return lab.probe("tcp", ip, str(port), "--count", "20", "--timeout", f"{timeout:g}",
@@ -151,7 +142,7 @@ def probe_until(lab: Lab, ip: str, counts: dict[str, int] | set[str], what: str,
         return got == counts and sum(last["counts"].values()) == 20
 
     try:
-        until(check, what, timeout)
+        wait_until(check, timeout=timeout, interval=0.1, message=what)
     except AssertionError as exc:
         raise AssertionError(f"{exc}: last probe {last}") from None
     return last
@@ -181,8 +172,10 @@ def test_ready_after_first_lists_then_create_update_delete(lab: Lab,
 
     # Services listed and watched, slices' list held: not ready, no service in iptables
     # (the empty chain and its hooks are put in place at start-up: no service state).
-    until(lambda: cluster.requests("services", watch=True), "watching services")
-    until(lambda: cluster.requests("endpointslices", watch=False), "listing slices")
+    wait_until(lambda: cluster.requests("services", watch=True),
+               timeout=15, interval=0.1, message="watching services")
+    wait_until(lambda: cluster.requests("endpointslices", watch=False),
+               timeout=15, interval=0.1, message="listing slices")
     time.sleep(0.5)  # would be plenty for a daemon that wrongly syncs a partial view
     assert daemon.http_status("/readyz") == 503
     saved = daemon.iptables_save()
@@ -206,8 +199,9 @@ def test_ready_after_first_lists_then_create_update_delete(lab: Lab,
     ctl.apply(*web("10.0.0.11", p2, name="api"))
     probe_until(lab, "10.0.0.11", {"pod2": 20}, "api on pod2")
     ctl.delete("EndpointSlice", "default", "api-abc")
-    refused = until(lambda: (r := probe(lab, "10.0.0.11"))["errors"]["refused"]
-                    + r["errors"]["reset"] == 20 and r, "api refusing")
+    refused = wait_until(lambda: (r := probe(lab, "10.0.0.11"))["errors"]["refused"]
+                         + r["errors"]["reset"] == 20 and r,
+                         timeout=15, interval=0.1, message="api refusing")
     assert not refused["counts"], refused
     ctl.delete("Service", "default", "web")
     ctl.delete("EndpointSlice", "default", "web-abc")
@@ -229,7 +223,7 @@ def test_deletion_missed_during_a_dropped_stream_is_applied_after_410(
     proxies.append(daemon)
     daemon.start(wait_for="default/gone:http cluster IP")
     probe_until(lab, "10.0.0.21", {"pod2": 20}, "gone on pod2")
-    until(cluster.watching, "watching everything")
+    wait_until(cluster.watching, timeout=15, interval=0.1, message="watching everything")
     lists_before = len(cluster.requests("services", watch=False))
 
     # One atomic batch: the streams are cut, the deletion happens while nobody
@@ -262,7 +256,7 @@ def test_outage_keeps_last_state_then_converges(lab: Lab, proxies: list[KubeProx
     proxies.append(daemon)
     daemon.start(wait_for="default/web:http cluster IP")
     probe_until(lab, "10.0.0.30", {"pod1": 20}, "web on pod1")
-    until(cluster.watching, "watching everything")
+    wait_until(cluster.watching, timeout=15, interval=0.1, message="watching everything")
 
     # The API server goes away (port closed) for 4 s; meanwhile the slice changes.
     ctl.ops({"op": "outage", "seconds": 4, "refuse": True},
@@ -280,7 +274,7 @@ def test_outage_keeps_last_state_then_converges(lab: Lab, proxies: list[KubeProx
     assert len(cluster.requests("endpointslices", watch=False)) == 1
 
     # 429 with Retry-After and 500s on the reconnect after a cut: still converges.
-    until(cluster.watching, "watching again")
+    wait_until(cluster.watching, timeout=15, interval=0.1, message="watching again")
     ctl.ops({"op": "fail", "count": 2, "status": 429, "retryAfter": 1},
             {"op": "fail", "count": 2, "status": 500}, {"op": "drop"},
             {"op": "apply", "objects": [endpoint_slice("web", [p3], port=TARGET)]})
@@ -300,18 +294,21 @@ def test_healthz_follows_the_node(lab: Lab, proxies: list[KubeProxy]) -> None:
 
     taint = {"key": TO_BE_DELETED_TAINT, "value": "1700000000", "effect": "NoSchedule"}
     ctl.apply(node(NODE, taints=[taint]))
-    until(lambda: daemon.http_status("/healthz") == 503, "healthz 503 when tainted")
+    wait_until(lambda: daemon.http_status("/healthz") == 503,
+               timeout=15, interval=0.1, message="healthz 503 when tainted")
     assert daemon.http_status("/livez") == 200  # going away, but alive
     assert daemon.http_status("/readyz") == 200
     probe_until(lab, "10.0.0.40", {"pod1": 20}, "still serving while draining")
 
     ctl.apply(node(NODE))
-    until(lambda: daemon.http_status("/healthz") == 200, "healthz 200 when untainted")
+    wait_until(lambda: daemon.http_status("/healthz") == 200,
+               timeout=15, interval=0.1, message="healthz 200 when untainted")
 
     deleting = node(NODE)
     deleting["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
     ctl.apply(deleting)
-    until(lambda: daemon.http_status("/healthz") == 503, "healthz 503 when being deleted")
+    wait_until(lambda: daemon.http_status("/healthz") == 503,
+               timeout=15, interval=0.1, message="healthz 503 when being deleted")
     assert "terminating=True" in daemon.log
 
 

@@ -11,12 +11,13 @@ import contextlib
 import dataclasses
 import logging
 import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
+from tests.support.matrix import run_on
+from tests.support.waiting import wait_until_async
 from uproxy.cli import kubeconfig_path
 from uproxy.settings import Settings
 from uproxy.sources.kube import ConfigError, KubeSettings, KubeSource, check_config
@@ -50,14 +51,6 @@ class Hooks:
         if self.services_at_sync is None:
             self.services_at_sync = self.store.keys("Service")
             self.slices_at_sync = self.store.keys("EndpointSlice")
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or check}")
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture
@@ -112,24 +105,32 @@ async def test_create_update_delete_reach_the_store(api: FakeApiServer, kubeconf
     api.create(service("web", cluster_ip="10.96.0.10"))
     api.create(endpoint_slice("web", ["10.244.1.5"]))
     async with running(kubeconfig) as (_source, store, hooks):
-        await eventually(lambda: hooks.synced_count == 1, what="synced")
+        await wait_until_async(lambda: hooks.synced_count == 1, timeout=10, message="synced")
         assert svc_keys(store) == {("default", "web")}
         assert endpoint_ips(store, "web") == ["10.244.1.5"]
 
         api.create(service("db", namespace="data", cluster_ip="10.96.0.11", port=5432))
-        await eventually(lambda: ("data", "db") in svc_keys(store), what="db added")
+        await wait_until_async(
+            lambda: ("data", "db") in svc_keys(store), timeout=10, message="db added"
+        )
 
         changes = hooks.changes
         api.update(endpoint_slice("web", ["10.244.1.5", "10.244.2.7"]))
-        await eventually(lambda: endpoint_ips(store, "web") == ["10.244.1.5", "10.244.2.7"])
+        await wait_until_async(
+            lambda: endpoint_ips(store, "web") == ["10.244.1.5", "10.244.2.7"], timeout=10
+        )
         assert hooks.changes > changes
 
         # Dual stack: an IPv6 slice of the same service is just another slice.
         api.create(endpoint_slice("web", ["fd00::5"], name="web-v6", address_type="IPv6"))
-        await eventually(lambda: ("default", "web-v6") in store.keys("EndpointSlice"))
+        await wait_until_async(
+            lambda: ("default", "web-v6") in store.keys("EndpointSlice"), timeout=10
+        )
 
         api.delete("Service", "default", "web")
-        await eventually(lambda: ("default", "web") not in svc_keys(store), what="web deleted")
+        await wait_until_async(
+            lambda: ("default", "web") not in svc_keys(store), timeout=10, message="web deleted"
+        )
         assert svc_keys(store) == {("data", "db")}
         assert hooks.synced_count == 1
 
@@ -140,7 +141,7 @@ async def test_lists_are_paged(api: FakeApiServer, kubeconfig: str) -> None:
         api.create(endpoint_slice(f"s{i:02}", [f"10.244.0.{i + 1}"]))
     settings = dataclasses.replace(FAST, page_size=7)
     async with running(kubeconfig, settings) as (_source, store, hooks):
-        await eventually(lambda: hooks.synced_count == 1, what="synced")
+        await wait_until_async(lambda: hooks.synced_count == 1, timeout=10, message="synced")
         assert len(svc_keys(store)) == 53
         assert len(store.keys("EndpointSlice")) == 53
         assert hooks.services_at_sync is not None and len(hooks.services_at_sync) == 53
@@ -158,7 +159,7 @@ async def test_expired_continue_token_restarts_the_list(
     api.compact_on_continue = 1  # etcd compacts between the first and the second page
     settings = KubeSettings(page_size=3, inactivity_timeout=5.0, backoff_initial=0.05)
     async with running(kubeconfig, settings) as (_source, store, hooks):
-        await eventually(lambda: hooks.synced_count == 1, what="synced")
+        await wait_until_async(lambda: hooks.synced_count == 1, timeout=10, message="synced")
         assert len(svc_keys(store)) == 10
         first_pages = [r for r in api.list_requests("services") if "continue" not in r.query]
         assert len(first_pages) == 2  # the list started over after the 410
@@ -171,20 +172,28 @@ async def test_deletion_missed_during_a_drop_is_applied_after_410(
     api.create(service("gone"))
     api.create(endpoint_slice("gone", ["10.244.3.3"]))
     async with running(kubeconfig) as (_source, store, hooks):
-        await eventually(lambda: hooks.synced_count == 1, what="synced")
-        await eventually(lambda: len(api.watch_requests("services")) == 1, what="watching")
+        await wait_until_async(lambda: hooks.synced_count == 1, timeout=10, message="synced")
+        await wait_until_async(
+            lambda: len(api.watch_requests("services")) == 1, timeout=10, message="watching"
+        )
         lists_before = len(api.list_requests("services"))
         # No await between these: the source cannot see the deletion on a stream.
         api.drop_streams()
         api.delete("Service", "default", "gone")
         api.delete("EndpointSlice", "default", "gone-abc")
         api.compact()
-        await eventually(lambda: svc_keys(store) == {("default", "keep")}, what="gone removed")
-        await eventually(lambda: not store.keys("EndpointSlice"), what="slice removed")
+        await wait_until_async(
+            lambda: svc_keys(store) == {("default", "keep")}, timeout=10, message="gone removed"
+        )
+        await wait_until_async(
+            lambda: not store.keys("EndpointSlice"), timeout=10, message="slice removed"
+        )
         assert len(api.list_requests("services")) == lists_before + 1  # one re-list
         # And it keeps watching from the new list's version.
         api.create(service("after"))
-        await eventually(lambda: ("default", "after") in svc_keys(store), what="after")
+        await wait_until_async(
+            lambda: ("default", "after") in svc_keys(store), timeout=10, message="after"
+        )
         assert hooks.synced_count == 1
 
 
@@ -192,15 +201,19 @@ async def test_500_is_retried_with_backoff(api: FakeApiServer, kubeconfig: str) 
     api.fail_next(4, 500)
     api.create(service("web"))
     async with running(kubeconfig) as (_source, store, hooks):
-        await eventually(lambda: hooks.synced_count == 1, what="synced despite 500s")
+        await wait_until_async(
+            lambda: hooks.synced_count == 1, timeout=10, message="synced despite 500s"
+        )
         assert svc_keys(store) == {("default", "web")}
 
 
 async def test_429_retry_after_is_honoured(api: FakeApiServer, kubeconfig: str) -> None:
     api.create(service("web"))
     async with running(kubeconfig) as (_source, store, hooks):
-        await eventually(lambda: hooks.synced_count == 1, what="synced")
-        await eventually(lambda: len(api.watch_requests("services")) == 1, what="watching")
+        await wait_until_async(lambda: hooks.synced_count == 1, timeout=10, message="synced")
+        await wait_until_async(
+            lambda: len(api.watch_requests("services")) == 1, timeout=10, message="watching"
+        )
         api.fail_next(1, 429, retry_after=1.5)
         api.drop_streams()
 
@@ -218,12 +231,14 @@ async def test_429_retry_after_is_honoured(api: FakeApiServer, kubeconfig: str) 
                 None,
             )
 
-        await eventually(lambda: retry() is not None, what="retry after 429")
+        await wait_until_async(lambda: retry() is not None, timeout=10, message="retry after 429")
         first, again = rejected(), retry()
         assert first is not None and again is not None
         assert again.at - first.at >= 1.4  # waited as the server asked
         api.create(service("later"))
-        await eventually(lambda: ("default", "later") in svc_keys(store), what="later")
+        await wait_until_async(
+            lambda: ("default", "later") in svc_keys(store), timeout=10, message="later"
+        )
 
 
 async def test_persistent_errors_never_busy_loop(
@@ -244,7 +259,9 @@ async def test_persistent_errors_never_busy_loop(
         ]
         assert hooks.synced_count == 0
         api._fail.clear()
-        await eventually(lambda: hooks.synced_count == 1, what="recovers when the server does")
+        await wait_until_async(
+            lambda: hooks.synced_count == 1, timeout=10, message="recovers when the server does"
+        )
 
 
 async def test_silent_stream_is_reconnected_after_the_inactivity_timeout(
@@ -253,18 +270,22 @@ async def test_silent_stream_is_reconnected_after_the_inactivity_timeout(
     api.bookmark_interval = 3600.0  # the server sends nothing at all
     settings = KubeSettings(inactivity_timeout=0.5, backoff_initial=0.05, backoff_max=0.5)
     async with running(kubeconfig, settings) as (_source, store, hooks):
-        await eventually(lambda: hooks.synced_count == 1, what="synced")
-        await eventually(lambda: len(api.watch_requests("services")) >= 3, what="reconnects")
+        await wait_until_async(lambda: hooks.synced_count == 1, timeout=10, message="synced")
+        await wait_until_async(
+            lambda: len(api.watch_requests("services")) >= 3, timeout=10, message="reconnects"
+        )
         # The store is still followed after the reconnects.
         api.create(service("late"))
-        await eventually(lambda: ("default", "late") in svc_keys(store), what="late")
+        await wait_until_async(
+            lambda: ("default", "late") in svc_keys(store), timeout=10, message="late"
+        )
 
 
 async def test_bookmarks_keep_a_quiet_stream_alive(api: FakeApiServer, kubeconfig: str) -> None:
     api.bookmark_interval = 0.2
     settings = KubeSettings(inactivity_timeout=1.5, backoff_initial=0.05, backoff_max=0.5)
     async with running(kubeconfig, settings) as (_source, _store, hooks):
-        await eventually(lambda: hooks.synced_count == 1, what="synced")
+        await wait_until_async(lambda: hooks.synced_count == 1, timeout=10, message="synced")
         await asyncio.sleep(2.5)
         assert len(api.watch_requests("services")) == 1
 
@@ -275,14 +296,18 @@ async def test_stalled_stream_with_held_events_reconnects(
     api.bookmark_interval = 3600.0
     settings = KubeSettings(inactivity_timeout=0.5, backoff_initial=0.05, backoff_max=0.5)
     async with running(kubeconfig, settings) as (_source, store, hooks):
-        await eventually(lambda: hooks.synced_count == 1, what="synced")
+        await wait_until_async(lambda: hooks.synced_count == 1, timeout=10, message="synced")
         api.stalled = True
         api.create(service("held"))
         watches = len(api.watch_requests("services"))
-        await eventually(lambda: len(api.watch_requests("services")) > watches, what="reconnect")
+        await wait_until_async(
+            lambda: len(api.watch_requests("services")) > watches, timeout=10, message="reconnect"
+        )
         assert ("default", "held") not in svc_keys(store)
         api.stalled = False
-        await eventually(lambda: ("default", "held") in svc_keys(store), what="held arrives")
+        await wait_until_async(
+            lambda: ("default", "held") in svc_keys(store), timeout=10, message="held arrives"
+        )
 
 
 async def test_synced_only_after_both_lists(api: FakeApiServer, kubeconfig: str) -> None:
@@ -290,16 +315,20 @@ async def test_synced_only_after_both_lists(api: FakeApiServer, kubeconfig: str)
     api.create(endpoint_slice("web", ["10.244.1.1"]))
     api.hold_lists("endpointslices")
     async with running(kubeconfig) as (_source, store, hooks):
-        await eventually(lambda: ("default", "web") in svc_keys(store), what="services listed")
+        await wait_until_async(
+            lambda: ("default", "web") in svc_keys(store), timeout=10, message="services listed"
+        )
         await asyncio.sleep(0.3)
         assert hooks.synced_count == 0
         api.release_lists("endpointslices")
-        await eventually(lambda: hooks.synced_count == 1, what="synced")
+        await wait_until_async(lambda: hooks.synced_count == 1, timeout=10, message="synced")
         assert hooks.slices_at_sync == {("default", "web-abc")}
         # A later re-list does not sync again.
         api.drop_streams()
         api.compact()
-        await eventually(lambda: len(api.list_requests("services")) == 2, what="re-list")
+        await wait_until_async(
+            lambda: len(api.list_requests("services")) == 2, timeout=10, message="re-list"
+        )
         await asyncio.sleep(0.2)
         assert hooks.synced_count == 1
 
@@ -311,16 +340,17 @@ async def test_outage_keeps_state_and_converges(
     api.create(service("old"))
     api.create(service("stays"))
     async with running(kubeconfig) as (_source, store, hooks):
-        await eventually(lambda: hooks.synced_count == 1, what="synced")
+        await wait_until_async(lambda: hooks.synced_count == 1, timeout=10, message="synced")
         api.outage(2.0, refuse=refuse)
         api.delete("Service", "default", "old")
         api.create(service("new"))
         api.compact()  # and the history went while the server was down
         await asyncio.sleep(1.0)
         assert svc_keys(store) == {("default", "old"), ("default", "stays")}
-        await eventually(
+        await wait_until_async(
             lambda: svc_keys(store) == {("default", "new"), ("default", "stays")},
-            what="converged",
+            timeout=10,
+            message="converged",
         )
 
 
@@ -333,16 +363,18 @@ async def test_bad_object_is_skipped_with_one_log_line(
     api.create(service("good"))
     caplog.set_level(logging.WARNING, logger="uproxy.kube")
     async with running(kubeconfig) as (_source, store, hooks):
-        await eventually(lambda: hooks.synced_count == 1, what="synced")
+        await wait_until_async(lambda: hooks.synced_count == 1, timeout=10, message="synced")
         api.create(service("good2"))
-        await eventually(lambda: ("default", "good2") in svc_keys(store))
+        await wait_until_async(lambda: ("default", "good2") in svc_keys(store), timeout=10)
         assert {e.port.name.name for e in store.table().values()} == {"good", "good2"}
         # A re-list brings the same bad object again: still one line.
         api.drop_streams()
         api.compact()
-        await eventually(lambda: len(api.list_requests("services")) == 2, what="re-list")
+        await wait_until_async(
+            lambda: len(api.list_requests("services")) == 2, timeout=10, message="re-list"
+        )
         api.create(service("good3"))
-        await eventually(lambda: ("default", "good3") in svc_keys(store))
+        await wait_until_async(lambda: ("default", "good3") in svc_keys(store), timeout=10)
     lines = [r.getMessage() for r in caplog.records if "broken" in r.getMessage()]
     assert len(lines) == 1, lines
     assert "spec.ports[0]" in lines[0] and "\n" not in lines[0]
@@ -352,7 +384,7 @@ async def test_node_zone_and_termination(api: FakeApiServer, kubeconfig: str) ->
     api.create(node(NODE, zone="zone-a"))
     api.create(node("other", zone="zone-b"))
     async with running(kubeconfig) as (source, _store, hooks):
-        await eventually(lambda: source.node_zone == "zone-a", what="zone")
+        await wait_until_async(lambda: source.node_zone == "zone-a", timeout=10, message="zone")
         assert source.node_terminating is False
         assert all(
             r.query.get("fieldSelector") == f"metadata.name={NODE}"
@@ -369,7 +401,7 @@ async def test_node_zone_and_termination(api: FakeApiServer, kubeconfig: str) ->
                 ],
             )
         )
-        await eventually(lambda: source.node_terminating, what="tainted")
+        await wait_until_async(lambda: source.node_terminating, timeout=10, message="tainted")
         assert hooks.changes > changes
         api.update(node("other", zone="zone-c"))
         await asyncio.sleep(0.2)
@@ -377,7 +409,7 @@ async def test_node_zone_and_termination(api: FakeApiServer, kubeconfig: str) ->
         marked = node(NODE, zone="zone-a")
         marked["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
         api.update(marked)
-        await eventually(lambda: source.node_terminating, what="being deleted")
+        await wait_until_async(lambda: source.node_terminating, timeout=10, message="being deleted")
 
 
 async def test_check_config(tmp_path: Path, kubeconfig: str) -> None:
@@ -403,16 +435,17 @@ async def test_watch_ended_by_the_server_resumes_from_the_last_version(
     api.create(service("web"))
     settings = dataclasses.replace(FAST, watch_timeout_seconds=1)
     async with running(kubeconfig, settings) as (_source, store, hooks):
-        await eventually(lambda: hooks.synced_count == 1, what="synced")
+        await wait_until_async(lambda: hooks.synced_count == 1, timeout=10, message="synced")
         # A write to another kind moves the global version; only bookmarks tell the
         # services watch about it.
         api.create(endpoint_slice("web", ["10.244.9.9"]))
         moved_to = api.resource_version
-        await eventually(
+        await wait_until_async(
             lambda: any(
                 int(r.query["resourceVersion"]) >= moved_to for r in api.watch_requests("services")
             ),
-            what="a watch resumed from a bookmark's version",
+            timeout=10,
+            message="a watch resumed from a bookmark's version",
         )
         watches = api.watch_requests("services")
         assert all(r.query["timeoutSeconds"] == "1" for r in watches)
@@ -421,23 +454,30 @@ async def test_watch_ended_by_the_server_resumes_from_the_last_version(
         assert versions == sorted(versions)
         assert len(api.list_requests("services")) == 1  # resumed, never re-listed
         api.update(service("web", cluster_ip="10.96.7.7"))
-        await eventually(
-            lambda: store.raw("Service")[("default", "web")]["spec"]["clusterIP"] == "10.96.7.7"
+        await wait_until_async(
+            lambda: store.raw("Service")[("default", "web")]["spec"]["clusterIP"] == "10.96.7.7",
+            timeout=10,
         )
 
 
 async def test_http_410_on_a_watch_request_relists(api: FakeApiServer, kubeconfig: str) -> None:
     api.create(service("web"))
     async with running(kubeconfig) as (_source, _store, hooks):
-        await eventually(lambda: hooks.synced_count == 1, what="synced")
-        await eventually(lambda: len(api.watch_requests()) == 3, what="three watches")
+        await wait_until_async(lambda: hooks.synced_count == 1, timeout=10, message="synced")
+        await wait_until_async(
+            lambda: len(api.watch_requests()) == 3, timeout=10, message="three watches"
+        )
         assert len(api.list_requests()) == 3
         api.fail_next(1, 410)
         api.drop_streams()
-        await eventually(lambda: any(r.status == 410 for r in api.requests), what="the 410")
+        await wait_until_async(
+            lambda: any(r.status == 410 for r in api.requests), timeout=10, message="the 410"
+        )
         gone = next(r for r in api.requests if r.status == 410)
-        await eventually(
-            lambda: len(api.list_requests(gone.resource)) == 2, what="re-list after 410"
+        await wait_until_async(
+            lambda: len(api.list_requests(gone.resource)) == 2,
+            timeout=10,
+            message="re-list after 410",
         )
         await asyncio.sleep(0.3)
         assert len(api.list_requests()) == 4  # only that resource listed again
@@ -457,7 +497,6 @@ def test_on_uvloop(
     tmp_path: Path, scenario: Callable[[FakeApiServer, str], Awaitable[None]]
 ) -> None:
     """The daemon runs on uvloop by default: the same scenarios on it."""
-    import uvloop
 
     async def main() -> None:
         server = FakeApiServer(bookmark_interval=0.3)
@@ -467,7 +506,7 @@ def test_on_uvloop(
         finally:
             await server.stop()
 
-    uvloop.run(main())
+    run_on("uvloop", main, timeout=None)
 
 
 async def test_bounded_history_expires_old_versions(tmp_path: Path) -> None:
@@ -477,13 +516,13 @@ async def test_bounded_history_expires_old_versions(tmp_path: Path) -> None:
         kubeconfig = str(server.write_kubeconfig(tmp_path / "kubeconfig"))
         server.create(service("first"))
         async with running(kubeconfig) as (_source, store, hooks):
-            await eventually(lambda: hooks.synced_count == 1, what="synced")
+            await wait_until_async(lambda: hooks.synced_count == 1, timeout=10, message="synced")
             server.outage(1.0)  # streams cut; meanwhile more changes than the history holds
             server.delete("Service", "default", "first")
             for i in range(10):
                 server.create(service(f"s{i}"))
             want = {("default", f"s{i}") for i in range(10)}
-            await eventually(lambda: svc_keys(store) == want, what="converged")
+            await wait_until_async(lambda: svc_keys(store) == want, timeout=10, message="converged")
             assert len(server.list_requests("services")) == 2  # 410, then one re-list
     finally:
         await server.stop()
@@ -506,7 +545,7 @@ async def test_fake_server_runs_as_a_program(tmp_path: Path) -> None:
         line = await asyncio.wait_for(proc.stdout.readline(), 20)
         assert b"fake API server on http://127.0.0.1:" in line
         async with running(str(kubeconfig)) as (_source, store, hooks):
-            await eventually(lambda: hooks.synced_count == 1, what="synced")
+            await wait_until_async(lambda: hooks.synced_count == 1, timeout=10, message="synced")
             assert svc_keys(store) == {("default", "web")}
     finally:
         proc.terminate()
@@ -530,9 +569,11 @@ async def test_error_event_too_large_version_relists(api: FakeApiServer, kubecon
     api.create(service("web"))
     api.create(service("old"))
     async with running(kubeconfig) as (_source, store, hooks):
-        await eventually(lambda: hooks.synced_count == 1, what="synced")
+        await wait_until_async(lambda: hooks.synced_count == 1, timeout=10, message="synced")
         api.restore_from_backup(api.resource_version - 5)
         api.drop_streams()
         api.delete("Service", "default", "old")
-        await eventually(lambda: svc_keys(store) == {("default", "web")}, what="re-listed")
+        await wait_until_async(
+            lambda: svc_keys(store) == {("default", "web")}, timeout=10, message="re-listed"
+        )
         assert len(api.list_requests("services")) == 2

@@ -13,12 +13,12 @@ import asyncio
 import contextlib
 import json
 import socket
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.support.waiting import wait_until_async
 from uproxy.daemon import Daemon, ListenerKey
 from uproxy.model import ServicePortName
 from uproxy.settings import Settings
@@ -154,28 +154,14 @@ async def running_stack(tmp_path: Path, *, gated: bool = False, wait_ready: bool
     try:
         await daemon.start()
         if wait_ready:
-            await wait_for(lambda: daemon.ready, what="the daemon to be ready")
+            await wait_until_async(lambda: daemon.ready,
+                                   timeout=10, message="the daemon to be ready")
         yield stack
     finally:
         await daemon.shutdown()
         for server in servers:
             server.close()
             await server.wait_closed()
-
-
-async def wait_for(check: Callable[[], Any] | Callable[[], Awaitable[Any]], *,
-                   what: str, timeout: float = 10.0, interval: float = 0.05) -> Any:
-    """Poll ``check`` (sync or async) until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(interval)
 
 
 async def talk(writer: asyncio.StreamWriter, reader: asyncio.StreamReader, data: bytes) -> None:

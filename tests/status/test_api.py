@@ -20,11 +20,12 @@ import pytest
 from aiohttp import ClientSession, test_utils, web
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.waiting import wait_until_async
 from uproxy.rules import KEEP_NAT_V4, render_rule
 from uproxy.status import server
 from uproxy.status.views import parse_timestamp
 
-from .support import CREATED, Stack, running_stack, talk, wait_for
+from .support import CREATED, Stack, running_stack, talk
 
 Client = test_utils.TestClient[web.Request, web.Application]
 
@@ -103,7 +104,7 @@ async def test_endpoints_follow_manifest_changes(client: Client, stack: Stack) -
         echo = next(i for i in data["items"] if i["name"] == "echo")
         return bool(echo["addresses"] == [f"127.0.0.1:{stack.backend_port}"] * 2)
 
-    await wait_for(one_left, what="the endpoint change to show")
+    await wait_until_async(one_left, timeout=10, message="the endpoint change to show")
 
 
 # ------------------------------------------------------------------ connections
@@ -120,14 +121,15 @@ async def test_connection_appears_grows_and_goes(client: Client, stack: Stack) -
                 return mine[0]
             return None
 
-        first = await wait_for(lambda: row(1000), what="the connection row")
+        first = await wait_until_async(lambda: row(1000), timeout=10, message="the connection row")
         assert first["service"] == "default/echo:tcp" and first["protocol"] == "TCP"
         assert first["state"] == "open" and first["scope"] == "cluster"
         assert first["backend"].endswith(f":{stack.backend_port}")
         assert first["native"] == (stack.daemon.relay.name == "native")
 
         await talk(writer, reader, b"y" * 50_000)
-        grown = await wait_for(lambda: row(51_000), what="the byte counts to grow")
+        grown = await wait_until_async(lambda: row(51_000),
+                                       timeout=10, message="the byte counts to grow")
         assert grown["id"] == first["id"] and grown["age"] >= first["age"]
 
         # Filters: by service port, by service, by another service; limit bounds the rows.
@@ -147,7 +149,7 @@ async def test_connection_appears_grows_and_goes(client: Client, stack: Stack) -
         data = await get_json(client, "/api/v1/connections")
         return not any(c["client"] == local for c in data["items"])
 
-    await wait_for(gone, what="the closed connection to leave the table")
+    await wait_until_async(gone, timeout=10, message="the closed connection to leave the table")
 
 
 async def read_events(response: Any) -> AsyncIterator[tuple[str, dict[str, Any]]]:
@@ -275,7 +277,7 @@ async def test_metrics_has_kube_proxy_names_and_live_counts(client: Client,
                 and samples(body, "uproxy_live_bytes", service=svc, direction="down")
                 == [10_000.0])
 
-    await wait_for(live_bytes_counted, what="live bytes in the metrics")
+    await wait_until_async(live_bytes_counted, timeout=10, message="live bytes in the metrics")
     writer.close()
     await writer.wait_closed()
 
@@ -285,7 +287,8 @@ async def test_metrics_has_kube_proxy_names_and_live_counts(client: Client,
                 and samples(body, "uproxy_live_bytes") == []
                 and samples(body, "uproxy_connections_active", service=svc) == [0.0])
 
-    await wait_for(closed_bytes_counted, what="bytes to move from live to closed totals")
+    await wait_until_async(closed_bytes_counted,
+                           timeout=10, message="bytes to move from live to closed totals")
 
 
 # ------------------------------------------------------------------ the page and its safety
@@ -348,7 +351,8 @@ async def test_health_while_an_update_waits_and_the_node_goes(tmp_path: Path) ->
             await get_json(health, "/livez", status=503)
 
             stack.daemon.source.release.set()  # type: ignore[attr-defined]
-            await wait_for(lambda: stack.daemon.ready, what="the daemon to apply")
+            await wait_until_async(lambda: stack.daemon.ready,
+                                   timeout=10, message="the daemon to apply")
             await get_json(health, "/healthz")
             await get_json(health, "/livez")
             await get_json(health, "/readyz")
@@ -414,14 +418,17 @@ async def test_garbage_collection_waits_for_ready_then_resumes(tmp_path: Path) -
     frozen = gc.get_freeze_count()
     try:
         async with running_stack(tmp_path, gated=True, wait_ready=False) as stack:
-            await wait_for(lambda: stack.daemon.store.table(), what="the manifests to load")
+            await wait_until_async(lambda: stack.daemon.store.table(),
+                                   timeout=10, message="the manifests to load")
             assert not gc.isenabled()
             stack.daemon.source.release.set()  # type: ignore[attr-defined]
-            await wait_for(lambda: stack.daemon.ready, what="the daemon to apply")
+            await wait_until_async(lambda: stack.daemon.ready,
+                                   timeout=10, message="the daemon to apply")
             assert gc.isenabled()
             assert gc.get_freeze_count() > frozen
         async with running_stack(tmp_path / "never", gated=True, wait_ready=False) as stack:
-            await wait_for(lambda: stack.daemon.store.table(), what="the manifests to load")
+            await wait_until_async(lambda: stack.daemon.store.table(),
+                                   timeout=10, message="the manifests to load")
             assert not gc.isenabled()
         assert gc.isenabled()
     finally:

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.waiting import wait_until_async
 from uproxy.status import server
 from uproxy.status.client import human_duration
 from uproxy.status.views import parse_timestamp
 
-from .support import CREATED, Stack, free_port, running_stack, talk, wait_for
+from .support import CREATED, Stack, free_port, running_stack, talk
 
 
 @dataclass
@@ -116,8 +117,9 @@ async def test_get_connections_table_and_json(running: Running) -> None:
     local = f"127.0.0.1:{writer.get_extra_info('sockname')[1]}"
     try:
         await talk(writer, reader, b"q" * 3000)
-        await wait_for(lambda: any(c.bytes_down >= 3000 for c in running.stack.daemon.conns),
-                       what="the echo to be counted")
+        await wait_until_async(
+            lambda: any(c.bytes_down >= 3000 for c in running.stack.daemon.conns),
+            timeout=10, message="the echo to be counted")
         code, out, err = await uproxy("get", "connections", "--status", running.url)
         assert (code, err) == (0, "")
         header, rows = parse_table(out)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from tests.support.waiting import wait_until
 from uproxy.demo.lab import CLIENT_IP, Lab
 from uproxy.demo.node import NodeProxy, endpoint_slice, service
 
@@ -38,10 +38,8 @@ def node(lab: Lab) -> Iterator[NodeProxy]:
                 endpoint_slice("multi-port", lab.pod_ips[:2], SLICE_PORTS))
     proxy.start(wait_for="default/multi-port:port2 cluster IP")
     # The rules show in iptables-save a moment before the sync that wrote them completes.
-    deadline = time.monotonic() + 10
-    while curl(lab, HEALTH + "/readyz")[0] != 200:
-        assert time.monotonic() < deadline, f"uproxy never became ready:\n{proxy.log}"
-        time.sleep(0.05)
+    wait_until(lambda: curl(lab, HEALTH + "/readyz")[0] == 200, timeout=10,
+               message=lambda: f"uproxy never became ready:\n{proxy.log}")
     yield proxy
     if proxy.proc is not None and proxy.proc.poll() is None:
         assert proxy.stop() == 0
@@ -85,13 +83,15 @@ def test_live_connections_from_the_client_namespace(lab: Lab, node: NodeProxy) -
                                  "9876", "--count", "4", "--concurrency", "4", "--hold", "4"],
                       "probe-hold")
     try:
-        deadline = time.monotonic() + 10
         data: dict[str, Any] = {}
-        while time.monotonic() < deadline:
+
+        def four_answered() -> bool:
+            nonlocal data
             data = json.loads(uproxy_get(lab, "conn", "-o", "json"))
-            if len(data["items"]) == 4 and all(c["bytes_down"] > 0 for c in data["items"]):
-                break
-            time.sleep(0.1)
+            return len(data["items"]) == 4 and all(c["bytes_down"] > 0 for c in data["items"])
+
+        wait_until(four_answered, timeout=10, interval=0.1,
+                   message=lambda: f"four answered connections: {data}")
         assert len(data["items"]) == 4, data
         for c in data["items"]:
             assert c["client"].startswith(CLIENT_IP + ":")
@@ -114,10 +114,8 @@ def test_live_connections_from_the_client_namespace(lab: Lab, node: NodeProxy) -
             raise
     assert json.loads(lab.log("probe-hold").strip().splitlines()[-1])["counts"].keys() <= {
         "pod1", "pod2"}
-    deadline = time.monotonic() + 10
-    while json.loads(uproxy_get(lab, "conn", "-o", "json"))["items"]:
-        assert time.monotonic() < deadline, "closed connections stayed in the table"
-        time.sleep(0.1)
+    wait_until(lambda: not json.loads(uproxy_get(lab, "conn", "-o", "json"))["items"],
+               timeout=10, interval=0.1, message="closed connections stayed in the table")
 
 
 def test_health_endpoints(lab: Lab, node: NodeProxy) -> None:

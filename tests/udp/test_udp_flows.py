@@ -2,7 +2,7 @@
 proxy itself over real sockets on loopback (no root, no namespace, no iptables).
 
 Conntrack is disabled here (these tests do not own the root namespace's table); the lab
-tests in tests/integration/test_udp.py exercise it for real.
+tests in tests/udp/test_udp.py exercise it for real.
 """
 
 from __future__ import annotations
@@ -14,14 +14,15 @@ import errno
 import os
 import random
 import socket
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
-import uvloop
 
+from tests.support.matrix import Flavor, run_on
+from tests.support.waiting import wait_until_async
 from uproxy import native
 from uproxy.balance import Balancer
 from uproxy.connections import ConnTable
@@ -97,7 +98,7 @@ def test_max_flows_parameter_and_the_fd_limit() -> None:
         with pytest.raises(ValueError):
             proxy(0)
 
-    run("asyncio", body)
+    run_on("asyncio", body)
 
 
 # --- conntrack (pure parts) --------------------------------------------------------------------
@@ -214,21 +215,8 @@ class Backend(asyncio.DatagramProtocol):
         self.transport.sendto(str(self.port).encode() if data == b"whoami" else data, addr)
 
 
-# Every proxy test runs on both loops and both paths: the native batches (recvmmsg/sendmmsg,
-# native/udp.c) and the socket module's one call per datagram (UPROXY_NO_NATIVE=1).
-LOOPS = ["asyncio-native", "asyncio-python", "uvloop-native", "uvloop-python"]
-_path = {"native": native.ACTIVE == "native"}
-
-
-def run(loop_kind: str, body: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """Run ``body`` on a fresh loop; ``loop_kind`` is ``loop[-native|-python]``."""
-    loop_name, _, impl = loop_kind.partition("-")
-    if impl == "native" and native.ACTIVE != "native":
-        pytest.skip(f"native path not active: {native.REASON}")
-    _path["native"] = impl == "native" if impl else native.ACTIVE == "native"
-    factory = uvloop.new_event_loop if loop_name == "uvloop" else asyncio.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(body())
+# Every proxy test runs on both loops and both paths (the ``flavor`` fixture): the native
+# batches (recvmmsg/sendmmsg, native/udp.c) and the socket module's one call per datagram.
 
 
 @dataclass
@@ -241,7 +229,7 @@ class Setup:
 
 
 @contextlib.asynccontextmanager
-async def setup(backends: int = 2, *, timeout: float = 30.0, max_flows: int = 64,
+async def setup(flavor: Flavor, backends: int = 2, *, timeout: float = 30.0, max_flows: int = 64,
                 evict_min_idle: float = 1.0, affinity: int | None = None,
                 listen: str = "127.0.0.1",
                 rng: random.Random | None = None) -> AsyncIterator[Setup]:
@@ -259,15 +247,15 @@ async def setup(backends: int = 2, *, timeout: float = 30.0, max_flows: int = 64
         proxy = UdpProxy(loop=loop, balancer=Balancer(node_name="node", rng=rng), conns=conns,
                          metrics=metrics, settings=Settings(udp_timeout=timeout),
                          max_flows=max_flows, evict_min_idle=evict_min_idle,
-                         conntrack=Conntrack(enabled=False), native=_path["native"])
-        assert proxy.native is _path["native"]
+                         conntrack=Conntrack(enabled=False), native=flavor.native)
+        assert proxy.native is flavor.native
         family = socket.AF_INET6 if ":" in listen else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
         sock.bind((listen, 0))
         sock.setblocking(False)
         proxy.entries = {NAME: entry_for(*(p.port for p in protos), affinity=affinity)}
         listener = proxy.listen(sock, NAME, "cluster")
-        assert listener.batched is (_path["native"] and family == socket.AF_INET)
+        assert listener.batched is (flavor.native and family == socket.AF_INET)
         yield Setup(proxy, listener.port, protos, conns, metrics)
     finally:
         if proxy is not None:
@@ -300,10 +288,9 @@ def client(port: int) -> socket.socket:
     return sock
 
 
-@pytest.mark.parametrize("loop_kind", LOOPS)
-def test_relays_whoami_spreads_and_registers_flows(loop_kind: str) -> None:
+def test_relays_whoami_spreads_and_registers_flows(flavor: Flavor) -> None:
     async def body() -> None:
-        async with setup(backends=3) as s:
+        async with setup(flavor, backends=3) as s:
             socks = [client(s.port) for _ in range(60)]  # held open: 60 distinct ports
             try:
                 answers = [await ask(s.port, sock=sock) for sock in socks]
@@ -318,34 +305,30 @@ def test_relays_whoami_spreads_and_registers_flows(loop_kind: str) -> None:
             assert sum(c.bytes_up for c in rows) == 60 * len(b"whoami")
             assert s.metrics.udp_flows_active.labels(str(NAME))._value.get() == 60
 
-    run(loop_kind, body)
+    run_on(flavor, body)
 
 
-@pytest.mark.parametrize("loop_kind", LOOPS)
-def test_largest_datagrams_pass_whole_both_ways(loop_kind: str) -> None:
+def test_largest_datagrams_pass_whole_both_ways(flavor: Flavor) -> None:
     async def body() -> None:
-        async with setup(backends=1) as s:
+        async with setup(flavor, backends=1) as s:
             with client(s.port) as sock:
                 for size in (1, 9000, 65507):
                     payload = os.urandom(size)
                     assert await ask(s.port, payload, sock=sock) == payload
             assert len(s.proxy.flows) == 1
 
-    run(loop_kind, body)
+    run_on(flavor, body)
 
 
-@pytest.mark.parametrize("loop_kind", LOOPS)
-def test_idle_flows_expire_and_close_their_rows(loop_kind: str) -> None:
+def test_idle_flows_expire_and_close_their_rows(flavor: Flavor) -> None:
     async def body() -> None:
-        async with setup(backends=1, timeout=0.3) as s:
+        async with setup(flavor, backends=1, timeout=0.3) as s:
             with client(s.port) as sock:
                 await ask(s.port, sock=sock)
                 assert len(s.proxy.flows) == 1 and len(s.conns) == 1
                 flow = next(iter(s.proxy.flows))
-                for _ in range(50):  # up to 5 s
-                    if not s.proxy.flows:
-                        break
-                    await asyncio.sleep(0.1)
+                await wait_until_async(lambda: not s.proxy.flows, timeout=5, interval=0.1,
+                                       message="the idle flow expired")
                 assert len(s.proxy.flows) == 0 and len(s.conns) == 0
                 assert flow.closed and flow.sock.fileno() == -1
                 assert s.metrics.udp_flows_active.labels(str(NAME))._value.get() == 0
@@ -353,13 +336,12 @@ def test_idle_flows_expire_and_close_their_rows(loop_kind: str) -> None:
                 await ask(s.port, sock=sock)
                 assert len(s.proxy.flows) == 1 and next(iter(s.proxy.flows)) is not flow
 
-    run(loop_kind, body)
+    run_on(flavor, body)
 
 
-@pytest.mark.parametrize("loop_kind", LOOPS)
-def test_active_flow_does_not_expire(loop_kind: str) -> None:
+def test_active_flow_does_not_expire(flavor: Flavor) -> None:
     async def body() -> None:
-        async with setup(backends=1, timeout=0.4) as s:
+        async with setup(flavor, backends=1, timeout=0.4) as s:
             with client(s.port) as sock:
                 await ask(s.port, sock=sock)
                 flow = next(iter(s.proxy.flows))
@@ -368,7 +350,7 @@ def test_active_flow_does_not_expire(loop_kind: str) -> None:
                     await ask(s.port, sock=sock)
                 assert not flow.closed and list(s.proxy.flows) == [flow]
 
-    run(loop_kind, body)
+    run_on(flavor, body)
 
 
 class Talker(asyncio.DatagramProtocol):
@@ -386,8 +368,7 @@ class Talker(asyncio.DatagramProtocol):
             self.peer.set_result(cast(tuple[str, int], addr))
 
 
-@pytest.mark.parametrize("loop_kind", LOOPS)
-def test_replies_alone_keep_a_flow_alive(loop_kind: str) -> None:
+def test_replies_alone_keep_a_flow_alive(flavor: Flavor) -> None:
     """An endpoint that keeps sending while the client is silent keeps the flow from
     expiring: replies count as activity, as requests do."""
     async def body() -> None:
@@ -395,7 +376,7 @@ def test_replies_alone_keep_a_flow_alive(loop_kind: str) -> None:
         transport, talker = await loop.create_datagram_endpoint(
             Talker, local_addr=("127.0.0.1", 0))
         try:
-            async with setup(backends=0, timeout=0.4) as s:
+            async with setup(flavor, backends=0, timeout=0.4) as s:
                 s.proxy.entries = {NAME: entry_for(transport.get_extra_info("sockname")[1])}
                 with client(s.port) as sock:
                     sock.send(b"subscribe")
@@ -409,21 +390,18 @@ def test_replies_alone_keep_a_flow_alive(loop_kind: str) -> None:
                         await asyncio.sleep(0.1)
                     assert not flow.closed and list(s.proxy.flows) == [flow]
                     assert flow.bytes_down == sum(len(f"tick{i}") for i in range(12))
-                    for _ in range(30):  # quiet now: it expires
-                        if flow.closed:
-                            break
-                        await asyncio.sleep(0.1)
+                    await wait_until_async(lambda: flow.closed, timeout=3, interval=0.1,
+                                           message="the quiet flow expired")  # quiet now
                     assert flow.closed and not s.proxy.flows
         finally:
             transport.close()
 
-    run(loop_kind, body)
+    run_on(flavor, body)
 
 
-@pytest.mark.parametrize("loop_kind", LOOPS)
-def test_flood_keeps_the_bound_and_the_active_flow(loop_kind: str) -> None:
+def test_flood_keeps_the_bound_and_the_active_flow(flavor: Flavor) -> None:
     async def body() -> None:
-        async with setup(backends=1, max_flows=8, evict_min_idle=0.2) as s:
+        async with setup(flavor, backends=1, max_flows=8, evict_min_idle=0.2) as s:
             with client(s.port) as steady:
                 await ask(s.port, sock=steady)
                 steady_flow = next(iter(s.proxy.flows))
@@ -454,13 +432,12 @@ def test_flood_keeps_the_bound_and_the_active_flow(loop_kind: str) -> None:
             assert s.proxy.dropped.get("table_full", 0) >= 40
             assert len(s.conns) == len(s.proxy.flows) <= 8
 
-    run(loop_kind, body)
+    run_on(flavor, body)
 
 
-@pytest.mark.parametrize("loop_kind", LOOPS)
-def test_refusing_endpoint_closes_the_flow_and_the_next_datagram_moves_on(loop_kind: str) -> None:
+def test_refusing_endpoint_closes_the_flow_and_the_next_datagram_moves_on(flavor: Flavor) -> None:
     async def body() -> None:
-        async with setup(backends=1) as s:
+        async with setup(flavor, backends=1) as s:
             dead = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             dead.bind(("127.0.0.1", 0))
             dead_port = dead.getsockname()[1]
@@ -479,7 +456,7 @@ def test_refusing_endpoint_closes_the_flow_and_the_next_datagram_moves_on(loop_k
                 assert answers[-1] == str(live).encode()
                 assert all(f.endpoint.port == live for f in s.proxy.flows)
 
-    run(loop_kind, body)
+    run_on(flavor, body)
 
 
 class FirstChoice(random.Random):
@@ -489,13 +466,12 @@ class FirstChoice(random.Random):
         return seq[0]
 
 
-@pytest.mark.parametrize("loop_kind", LOOPS)
-def test_refusing_endpoint_in_the_middle_of_a_burst(loop_kind: str) -> None:
+def test_refusing_endpoint_in_the_middle_of_a_burst(flavor: Flavor) -> None:
     """Loopback reports the ICMP error during the send itself, so the refusal lands between
     two datagrams of one batch: it must be noticed there, not after the whole burst."""
     async def body() -> None:
         loop = asyncio.get_running_loop()
-        async with setup(backends=1, rng=FirstChoice()) as s:
+        async with setup(flavor, backends=1, rng=FirstChoice()) as s:
             dead = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             dead.bind(("127.0.0.1", 0))
             dead_port = dead.getsockname()[1]
@@ -519,17 +495,16 @@ def test_refusing_endpoint_in_the_middle_of_a_burst(loop_kind: str) -> None:
                     s.proxy.entries[NAME], "127.0.0.1", loop.time()) == Endpoint(
                         "127.0.0.1", live)  # the dead one is avoided
 
-    run(loop_kind, body)
+    run_on(flavor, body)
 
 
-@pytest.mark.parametrize("loop_kind", LOOPS)
-def test_endpoint_that_answered_then_went_away_in_a_burst(loop_kind: str) -> None:
+def test_endpoint_that_answered_then_went_away_in_a_burst(flavor: Flavor) -> None:
     """A flow whose endpoint answered sends whole batches (GSO runs, one sendmmsg): when the
     endpoint then goes away, what was in flight may be lost (as on any real network, where
     the ICMP error comes back after the datagrams), but the flow moves on at once."""
     async def body() -> None:
         loop = asyncio.get_running_loop()
-        async with setup(backends=1, rng=FirstChoice()) as s:
+        async with setup(flavor, backends=1, rng=FirstChoice()) as s:
             doomed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             doomed.bind(("127.0.0.1", 0))
             doomed.setblocking(False)
@@ -555,7 +530,7 @@ def test_endpoint_that_answered_then_went_away_in_a_burst(loop_kind: str) -> Non
                 assert await ask(s.port, b"after", sock=sock) == b"after"
                 assert [f.endpoint.port for f in s.proxy.flows] == [live]
 
-    run(loop_kind, body)
+    run_on(flavor, body)
 
 
 async def flows_on_both_endpoints(s: Setup) -> tuple[list[socket.socket], tuple[int, int]]:
@@ -568,10 +543,9 @@ async def flows_on_both_endpoints(s: Setup) -> tuple[list[socket.socket], tuple[
     return socks, (a, b)
 
 
-@pytest.mark.parametrize("loop_kind", LOOPS)
-def test_removed_endpoint_closes_its_flows(loop_kind: str) -> None:
+def test_removed_endpoint_closes_its_flows(flavor: Flavor) -> None:
     async def body() -> None:
-        async with setup(backends=2) as s:
+        async with setup(flavor, backends=2) as s:
             socks, (a, _b) = await flows_on_both_endpoints(s)
             try:
                 s.proxy.entries = {NAME: entry_for(a)}
@@ -591,13 +565,12 @@ def test_removed_endpoint_closes_its_flows(loop_kind: str) -> None:
                 for sock in socks:
                     sock.close()
 
-    run(loop_kind, body)
+    run_on(flavor, body)
 
 
-@pytest.mark.parametrize("loop_kind", LOOPS)
-def test_local_policy_change_closes_flows_to_other_nodes(loop_kind: str) -> None:
+def test_local_policy_change_closes_flows_to_other_nodes(flavor: Flavor) -> None:
     async def body() -> None:
-        async with setup(backends=2) as s:
+        async with setup(flavor, backends=2) as s:
             socks, (a, b) = await flows_on_both_endpoints(s)
             try:
                 # internalTrafficPolicy: Local, and only a's endpoint is on this node.
@@ -613,17 +586,16 @@ def test_local_policy_change_closes_flows_to_other_nodes(loop_kind: str) -> None
                 for sock in socks:
                     sock.close()
 
-    run(loop_kind, body)
+    run_on(flavor, body)
 
 
-@pytest.mark.parametrize("loop_kind", LOOPS)
 def test_terminating_endpoint_keeps_flows_only_while_the_rule_would_choose_it(
-        loop_kind: str) -> None:
+        flavor: Flavor) -> None:
     """Flows survive an endpoint change exactly when balance.usable_endpoints still lists
     their endpoint: a serving-but-terminating endpoint is only the fallback when no ready
     one is left (and conntrack clean-up treats its address the same way)."""
     async def body() -> None:
-        async with setup(backends=2) as s:
+        async with setup(flavor, backends=2) as s:
             socks, (a, b) = await flows_on_both_endpoints(s)
             try:
                 entry = entry_for(a, b)
@@ -646,29 +618,27 @@ def test_terminating_endpoint_keeps_flows_only_while_the_rule_would_choose_it(
                 for sock in socks:
                     sock.close()
 
-    run(loop_kind, body)
+    run_on(flavor, body)
 
 
-@pytest.mark.parametrize("loop_kind", LOOPS)
-def test_client_ip_affinity_pins_new_flows(loop_kind: str) -> None:
+def test_client_ip_affinity_pins_new_flows(flavor: Flavor) -> None:
     async def body() -> None:
-        async with setup(backends=3, affinity=10) as s:
+        async with setup(flavor, backends=3, affinity=10) as s:
             answers = {await ask(s.port) for _ in range(30)}
             assert len(answers) == 1
 
-    run(loop_kind, body)
+    run_on(flavor, body)
 
 
-@pytest.mark.parametrize("loop_kind", LOOPS)
-def test_no_endpoints_drops_and_counts(loop_kind: str) -> None:
+def test_no_endpoints_drops_and_counts(flavor: Flavor) -> None:
     async def body() -> None:
-        async with setup(backends=1) as s:
+        async with setup(flavor, backends=1) as s:
             s.proxy.entries = {NAME: entry_for()}
             with pytest.raises(TimeoutError):
                 await ask(s.port, timeout=0.2)
             assert s.proxy.dropped["no_endpoints"] == 1 and len(s.proxy.flows) == 0
 
-    run(loop_kind, body)
+    run_on(flavor, body)
 
 
 def test_entry_changes_queue_the_right_conntrack_deletions() -> None:
@@ -702,17 +672,16 @@ def test_entry_changes_queue_the_right_conntrack_deletions() -> None:
         assert proxy.pending_conntrack == [] and ct.calls == 2
         await proxy.drain(0.1)
 
-    run("asyncio", body)
+    run_on("asyncio", body)
 
 
 # --- batches: many datagrams per wake-up, replies from the arrival address --------------------
 
 
-@pytest.mark.parametrize("loop_kind", LOOPS)
-def test_bursts_from_several_clients_arrive_whole_and_in_order(loop_kind: str) -> None:
+def test_bursts_from_several_clients_arrive_whole_and_in_order(flavor: Flavor) -> None:
     async def body() -> None:
         loop = asyncio.get_running_loop()
-        async with setup(backends=2) as s:
+        async with setup(flavor, backends=2) as s:
             socks = [client(s.port) for _ in range(4)]
             try:
                 # Interleaved and sent before the proxy runs: one receive batch holds datagrams
@@ -734,22 +703,21 @@ def test_bursts_from_several_clients_arrive_whole_and_in_order(loop_kind: str) -
                 expected = sorted(sum(len(p) for p in sent[i]) for i in range(4))
                 assert sorted(c.bytes_up for c in rows) == expected
                 assert sorted(c.bytes_down for c in rows) == expected
-                assert all(c.native is _path["native"] for c in rows)
+                assert all(c.native is flavor.native for c in rows)
                 assert sum(b.received for b in s.backends) == 120
             finally:
                 for sock in socks:
                     sock.close()
 
-    run(loop_kind, body)
+    run_on(flavor, body)
 
 
-@pytest.mark.parametrize("loop_kind", LOOPS)
-def test_runs_of_equal_sized_datagrams_arrive_as_the_same_datagrams(loop_kind: str) -> None:
+def test_runs_of_equal_sized_datagrams_arrive_as_the_same_datagrams(flavor: Flavor) -> None:
     """The native path sends such runs as one UDP_SEGMENT message: the receivers must still
     see every datagram on its own, with its own bytes, in order (a shorter one ends a run)."""
     async def body() -> None:
         loop = asyncio.get_running_loop()
-        async with setup(backends=1, listen="0.0.0.0") as s:
+        async with setup(flavor, backends=1, listen="0.0.0.0") as s:
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
                 sock.setblocking(False)
                 sock.connect(("127.0.0.2", s.port))  # replies must come from 127.0.0.2
@@ -766,13 +734,12 @@ def test_runs_of_equal_sized_datagrams_arrive_as_the_same_datagrams(loop_kind: s
                 flow = next(iter(s.proxy.flows))
                 assert flow.bytes_up == flow.bytes_down == sum(sizes)
 
-    run(loop_kind, body)
+    run_on(flavor, body)
 
 
-@pytest.mark.parametrize("loop_kind", LOOPS)
-def test_replies_leave_from_the_address_the_client_sent_to(loop_kind: str) -> None:
+def test_replies_leave_from_the_address_the_client_sent_to(flavor: Flavor) -> None:
     async def body() -> None:
-        async with setup(backends=1, listen="0.0.0.0") as s:
+        async with setup(flavor, backends=1, listen="0.0.0.0") as s:
             # A connected client accepts replies only from the address it sent to: the
             # listener, bound to the wildcard, must answer from 127.0.0.2 (IP_PKTINFO).
             for address in ("127.0.0.2", "127.0.0.1", "127.0.0.3"):
@@ -788,7 +755,7 @@ def test_replies_leave_from_the_address_the_client_sent_to(loop_kind: str) -> No
                              if f.reply_src is not None)
             assert sources == ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
 
-    run(loop_kind, body)
+    run_on(flavor, body)
 
 
 def _ipv6_loopback() -> bool:
@@ -801,11 +768,10 @@ def _ipv6_loopback() -> bool:
 
 
 @pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback in this environment")
-@pytest.mark.parametrize("loop_kind", LOOPS)
-def test_ipv6_listener_relays_on_either_path(loop_kind: str) -> None:
+def test_ipv6_listener_relays_on_either_path(flavor: Flavor) -> None:
     async def body() -> None:
         loop = asyncio.get_running_loop()
-        async with setup(backends=1, listen="::1") as s:  # the native batches are IPv4-only
+        async with setup(flavor, backends=1, listen="::1") as s:  # the native batches are IPv4-only
             with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
                 sock.setblocking(False)
                 sock.connect(("::1", s.port))
@@ -817,7 +783,7 @@ def test_ipv6_listener_relays_on_either_path(loop_kind: str) -> None:
             assert len(s.proxy.flows) == 1
             assert not any(c.native for c in s.conns)  # IPv6: the socket module's path
 
-    run(loop_kind, body)
+    run_on(flavor, body)
 
 
 def test_native_batch_groups_datagrams_by_client() -> None:

@@ -1,8 +1,8 @@
 """The relay contract, on real loopback TCP, for both implementations on both loops.
 
-Every test runs four times: (asyncio | uvloop) x (native | python). A test is
-a coroutine run on a fresh loop of its kind; ``Rig`` makes the two TCP pairs a
-proxy would hold (a "client" connected to one listener, a "backend" accepted
+Every test runs four times: (asyncio | uvloop) x (native | python), the ``flavor``
+fixture. A test is a coroutine run on a fresh loop of its kind; ``Rig`` makes the two
+TCP pairs a proxy would hold (a "client" connected to one listener, a "backend" accepted
 from another) and hands the proxy-side ends to the relay under test. Only
 127.0.0.1 is used. No root needed.
 """
@@ -16,53 +16,17 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import pytest
-import uvloop
 
-from uproxy import native
+from tests.support.matrix import Flavor, relay_for, run_on
+from tests.support.waiting import wait_until_async
 from uproxy.proxy.nativerelay import NativeRelay
-from uproxy.proxy.pyrelay import PyRelay
 from uproxy.proxy.relay import Relay, RelayHandle, RelayResult
 
-LOOPS = ("asyncio", "uvloop")
-IMPLS = ("native", "python")
 LINGER_RST = struct.pack("ii", 1, 0)
 MiB = 1024 * 1024
-
-
-@dataclass(frozen=True)
-class Kind:
-    loop: str
-    impl: str
-
-
-@pytest.fixture(params=[Kind(loop, impl) for loop in LOOPS for impl in IMPLS],
-                ids=lambda k: f"{k.loop}-{k.impl}")
-def kind(request: pytest.FixtureRequest) -> Kind:
-    k: Kind = request.param
-    if k.impl == "native" and native.ACTIVE != "native":
-        pytest.skip(f"native relay not active: {native.REASON}")
-    return k
-
-
-def make(kind: Kind, loop: asyncio.AbstractEventLoop, **native_opts: int) -> Relay:
-    if kind.impl == "native":
-        return NativeRelay(loop, **native_opts)
-    return PyRelay(loop)
-
-
-def run(kind: Kind, body: Callable[[], Awaitable[None]], *, timeout: float = 30.0) -> None:
-    factory = uvloop.new_event_loop if kind.loop == "uvloop" else asyncio.new_event_loop
-
-    async def bounded() -> None:
-        async with asyncio.timeout(timeout):
-            await body()
-
-    with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(bounded())
 
 
 def fd_count() -> int:
@@ -136,15 +100,6 @@ class Rig:
         self.back.close()
 
 
-async def eventually(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    """Wait for a state the relay reaches on its own time (another thread, for native)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"not reached within {timeout}s: {what}")
-        await asyncio.sleep(0.01)
-
-
 async def recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
     buf = bytearray()
     while len(buf) < n:
@@ -173,10 +128,10 @@ async def expect_reset(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> 
 # ---- tests -----------------------------------------------------------------
 
 
-def test_echo_both_ways_and_clean_close(kind: Kind) -> None:
+def test_echo_both_ways_and_clean_close(flavor: Flavor) -> None:
     async def body() -> None:
         loop = asyncio.get_running_loop()
-        async with Rig(loop, make(kind, loop)) as rig:
+        async with Rig(loop, relay_for(flavor, loop)) as rig:
             p = rig.connect()
             await loop.sock_sendall(p.client, b"hello backend")
             assert await recv_exactly(loop, p.server, 13) == b"hello backend"
@@ -185,9 +140,9 @@ def test_echo_both_ways_and_clean_close(kind: Kind) -> None:
             # The engine thread adds to the counters right after each send, so they may
             # trail what the peer already read for a moment.
             handle = p.handle
-            await eventually(lambda: (handle.bytes_up, handle.bytes_down) == (13, 13),
-                             "counters at 13/13")
-            assert p.handle.native is (kind.impl == "native")
+            await wait_until_async(lambda: (handle.bytes_up, handle.bytes_down) == (13, 13),
+                                   message="counters at 13/13")
+            assert p.handle.native is flavor.native
             p.client.shutdown(socket.SHUT_WR)
             assert await recv_to_eof(loop, p.server) == b""
             p.server.shutdown(socket.SHUT_WR)
@@ -196,10 +151,10 @@ def test_echo_both_ways_and_clean_close(kind: Kind) -> None:
             assert p.results == [RelayResult(13, 13, None)]
             assert rig.relay.active() == 0
 
-    run(kind, body)
+    run_on(flavor, body)
 
 
-def test_large_transfer_both_ways_concurrently(kind: Kind) -> None:
+def test_large_transfer_both_ways_concurrently(flavor: Flavor) -> None:
     size = 64 * MiB
     blocks = [os.urandom(MiB) for _ in range(16)]
 
@@ -210,7 +165,7 @@ def test_large_transfer_both_ways_concurrently(kind: Kind) -> None:
 
     async def body() -> None:
         loop = asyncio.get_running_loop()
-        async with Rig(loop, make(kind, loop)) as rig:
+        async with Rig(loop, relay_for(flavor, loop)) as rig:
             p = rig.connect()
 
             async def send(sock: socket.socket) -> None:
@@ -235,14 +190,14 @@ def test_large_transfer_both_ways_concurrently(kind: Kind) -> None:
             if isinstance(rig.relay, NativeRelay):  # bulk goes through pipes
                 assert rig.relay.stats()["splice_bytes"] > size
 
-    run(kind, body, timeout=50)
+    run_on(flavor, body, timeout=50)
 
 
 @pytest.mark.parametrize("first", ["client", "backend"])
-def test_half_close_keeps_the_other_direction(kind: Kind, first: str) -> None:
+def test_half_close_keeps_the_other_direction(flavor: Flavor, first: str) -> None:
     async def body() -> None:
         loop = asyncio.get_running_loop()
-        async with Rig(loop, make(kind, loop)) as rig:
+        async with Rig(loop, relay_for(flavor, loop)) as rig:
             p = rig.connect()
             closer, other = (p.client, p.server) if first == "client" else (p.server, p.client)
             # Data queued right before the EOF must all arrive before it.
@@ -262,14 +217,14 @@ def test_half_close_keeps_the_other_direction(kind: Kind, first: str) -> None:
             up, down = (len(request), 20) if first == "client" else (20, len(request))
             assert p.results == [RelayResult(up, down, None)]
 
-    run(kind, body)
+    run_on(flavor, body)
 
 
 @pytest.mark.parametrize("who", ["client", "backend"])
-def test_reset_propagates_as_reset(kind: Kind, who: str) -> None:
+def test_reset_propagates_as_reset(flavor: Flavor, who: str) -> None:
     async def body() -> None:
         loop = asyncio.get_running_loop()
-        async with Rig(loop, make(kind, loop)) as rig:
+        async with Rig(loop, relay_for(flavor, loop)) as rig:
             p = rig.connect()
             await loop.sock_sendall(p.client, b"ping")
             assert await recv_exactly(loop, p.server, 4) == b"ping"
@@ -280,15 +235,15 @@ def test_reset_propagates_as_reset(kind: Kind, who: str) -> None:
             await p.done.wait()
             assert p.results == [RelayResult(4, 0, f"reset by {who}")]
 
-    run(kind, body)
+    run_on(flavor, body)
 
 
-def test_reset_after_half_close_reaches_the_backend(kind: Kind) -> None:
+def test_reset_after_half_close_reaches_the_backend(flavor: Flavor) -> None:
     """The client sends EOF, then resets: the backend, still talking, gets reset too."""
 
     async def body() -> None:
         loop = asyncio.get_running_loop()
-        async with Rig(loop, make(kind, loop)) as rig:
+        async with Rig(loop, relay_for(flavor, loop)) as rig:
             p = rig.connect()
             p.client.shutdown(socket.SHUT_WR)
             assert await recv_to_eof(loop, p.server) == b""
@@ -302,13 +257,13 @@ def test_reset_after_half_close_reaches_the_backend(kind: Kind) -> None:
             assert len(p.results) == 1
             assert p.results[0].error == "reset by client"
 
-    run(kind, body)
+    run_on(flavor, body)
 
 
-def test_abort_resets_both_sides(kind: Kind) -> None:
+def test_abort_resets_both_sides(flavor: Flavor) -> None:
     async def body() -> None:
         loop = asyncio.get_running_loop()
-        async with Rig(loop, make(kind, loop)) as rig:
+        async with Rig(loop, relay_for(flavor, loop)) as rig:
             p = rig.connect()
             await loop.sock_sendall(p.server, b"x" * 1000)
             assert await recv_exactly(loop, p.client, 1000) == b"x" * 1000
@@ -320,13 +275,13 @@ def test_abort_resets_both_sides(kind: Kind) -> None:
             await asyncio.sleep(0.05)
             assert p.results == [RelayResult(0, 1000, "aborted")]
 
-    run(kind, body)
+    run_on(flavor, body)
 
 
-def test_idle_connection_stays_open_and_holds_no_pipe(kind: Kind) -> None:
+def test_idle_connection_stays_open_and_holds_no_pipe(flavor: Flavor) -> None:
     async def body() -> None:
         loop = asyncio.get_running_loop()
-        async with Rig(loop, make(kind, loop)) as rig:
+        async with Rig(loop, relay_for(flavor, loop)) as rig:
             p = rig.connect()
             await loop.sock_sendall(p.client, b"a" * 100_000)
             await recv_exactly(loop, p.server, 100_000)
@@ -338,15 +293,15 @@ def test_idle_connection_stays_open_and_holds_no_pipe(kind: Kind) -> None:
             assert await recv_exactly(loop, p.client, 10) == b"still here"
             assert rig.relay.pipes_in_use() == 0
 
-    run(kind, body)
+    run_on(flavor, body)
 
 
-def test_half_closed_idle_connection_does_not_spin(kind: Kind) -> None:
+def test_half_closed_idle_connection_does_not_spin(flavor: Flavor) -> None:
     """After an EOF the relay waits quietly: no busy loop on a readable-at-EOF socket."""
 
     async def body() -> None:
         loop = asyncio.get_running_loop()
-        async with Rig(loop, make(kind, loop)) as rig:
+        async with Rig(loop, relay_for(flavor, loop)) as rig:
             pairs = [rig.connect() for _ in range(10)]
             for p in pairs:
                 p.client.shutdown(socket.SHUT_WR)
@@ -362,23 +317,23 @@ def test_half_closed_idle_connection_does_not_spin(kind: Kind) -> None:
                 await loop.sock_sendall(p.server, b"bye")
                 assert await recv_exactly(loop, p.client, 3) == b"bye"
 
-    run(kind, body)
+    run_on(flavor, body)
 
 
-def test_stalled_reader_backpressure_then_drain(kind: Kind) -> None:
+def test_stalled_reader_backpressure_then_drain(flavor: Flavor) -> None:
     """A reader that stops reading stalls the sender (no unbounded buffering);
     the relay holds one pipe or buffer with the stuck bytes, and gives it back after."""
 
     async def body() -> None:
         loop = asyncio.get_running_loop()
-        async with Rig(loop, make(kind, loop)) as rig:
+        async with Rig(loop, relay_for(flavor, loop)) as rig:
             p = rig.connect()
             payload = os.urandom(32 * MiB)
             sender = asyncio.ensure_future(loop.sock_sendall(p.client, payload))
             relay = rig.relay
             # The stuck bytes sit in one place: a pipe or a copy buffer.
-            await eventually(lambda: relay.pipes_in_use() + relay.buffers_in_use() == 1,
-                             "stuck bytes held")
+            await wait_until_async(lambda: relay.pipes_in_use() + relay.buffers_in_use() == 1,
+                                   message="stuck bytes held")
             await asyncio.sleep(0.2)
             assert not sender.done()  # nobody reads on the backend side: it must stall
             stalled_at = p.handle.bytes_up
@@ -389,13 +344,13 @@ def test_stalled_reader_backpressure_then_drain(kind: Kind) -> None:
             assert p.handle.bytes_up == len(payload)
             assert rig.relay.pipes_in_use() == rig.relay.buffers_in_use() == 0
 
-    run(kind, body)
+    run_on(flavor, body)
 
 
-def test_counters_readable_mid_transfer(kind: Kind) -> None:
+def test_counters_readable_mid_transfer(flavor: Flavor) -> None:
     async def body() -> None:
         loop = asyncio.get_running_loop()
-        async with Rig(loop, make(kind, loop)) as rig:
+        async with Rig(loop, relay_for(flavor, loop)) as rig:
             p = rig.connect()
             total = 16 * MiB
             seen: list[int] = []
@@ -420,13 +375,13 @@ def test_counters_readable_mid_transfer(kind: Kind) -> None:
             assert (p.handle.bytes_up, p.handle.bytes_down) == (total, 0)
             assert p.results == [RelayResult(total, 0, None)]
 
-    run(kind, body)
+    run_on(flavor, body)
 
 
-def test_two_hundred_concurrent_connections(kind: Kind) -> None:
+def test_two_hundred_concurrent_connections(flavor: Flavor) -> None:
     async def body() -> None:
         loop = asyncio.get_running_loop()
-        async with Rig(loop, make(kind, loop)) as rig:
+        async with Rig(loop, relay_for(flavor, loop)) as rig:
             pairs = [rig.connect() for _ in range(200)]
             assert rig.relay.active() == 200
 
@@ -447,17 +402,17 @@ def test_two_hundred_concurrent_connections(kind: Kind) -> None:
             assert rig.relay.active() == 0
             assert rig.relay.pipes_in_use() == rig.relay.buffers_in_use() == 0
 
-    run(kind, body)
+    run_on(flavor, body)
 
 
-def test_sockets_the_loop_accepted_and_connected_hand_over_cleanly(kind: Kind) -> None:
+def test_sockets_the_loop_accepted_and_connected_hand_over_cleanly(flavor: Flavor) -> None:
     """As the TCP proxy does it: loop.sock_accept / loop.sock_connect, then start().
     Sequential connections reuse fd numbers, so a registration the loop kept on
     a handed-over fd would show up here."""
 
     async def body() -> None:
         loop = asyncio.get_running_loop()
-        async with Rig(loop, make(kind, loop)) as rig:
+        async with Rig(loop, relay_for(flavor, loop)) as rig:
             rig.front.setblocking(False)
             for i in range(50):
                 client = socket.socket()
@@ -479,7 +434,7 @@ def test_sockets_the_loop_accepted_and_connected_hand_over_cleanly(kind: Kind) -
                     done.set()
 
                 rig.relay.start(accepted, to_backend, on_done)
-                assert accepted.fileno() == -1 or kind.impl == "python"
+                assert accepted.fileno() == -1 or not flavor.native
                 msg = f"message {i}".encode()
                 await loop.sock_sendall(client, msg)
                 assert await recv_exactly(loop, server, len(msg)) == msg
@@ -490,14 +445,14 @@ def test_sockets_the_loop_accepted_and_connected_hand_over_cleanly(kind: Kind) -
                 await done.wait()
                 assert results == [RelayResult(len(msg), len(msg), None)]
 
-    run(kind, body)
+    run_on(flavor, body)
 
 
-def test_close_aborts_live_connections_and_leaves_no_fds(kind: Kind) -> None:
+def test_close_aborts_live_connections_and_leaves_no_fds(flavor: Flavor) -> None:
     async def body() -> None:
         loop = asyncio.get_running_loop()
         before = fd_count()
-        async with Rig(loop, make(kind, loop)) as rig:
+        async with Rig(loop, relay_for(flavor, loop)) as rig:
             pairs = [rig.connect() for _ in range(20)]
             # Half stay idle, half have data stuck in flight (nobody reads the server side).
             blob = b"q" * 32 * MiB
@@ -505,8 +460,8 @@ def test_close_aborts_live_connections_and_leaves_no_fds(kind: Kind) -> None:
                        for p in pairs[:10]]
             relay = rig.relay
             # (Native: pipes holding data are closed with the connection, never pooled.)
-            await eventually(lambda: relay.pipes_in_use() + relay.buffers_in_use() == 10,
-                             "10 connections hold stuck bytes")
+            await wait_until_async(lambda: relay.pipes_in_use() + relay.buffers_in_use() == 10,
+                                   message="10 connections hold stuck bytes")
             assert not any(s.done() for s in senders)
             await rig.relay.close()
             for p in pairs:
@@ -521,13 +476,13 @@ def test_close_aborts_live_connections_and_leaves_no_fds(kind: Kind) -> None:
             await rig.relay.close()  # idempotent
         assert fd_count() == before
 
-    run(kind, body)
+    run_on(flavor, body)
 
 
-def test_start_after_close_is_refused_with_resets(kind: Kind) -> None:
+def test_start_after_close_is_refused_with_resets(flavor: Flavor) -> None:
     async def body() -> None:
         loop = asyncio.get_running_loop()
-        async with Rig(loop, make(kind, loop)) as rig:
+        async with Rig(loop, relay_for(flavor, loop)) as rig:
             await rig.relay.close()
             p = rig.connect()
             await expect_reset(loop, p.client)
@@ -536,37 +491,29 @@ def test_start_after_close_is_refused_with_resets(kind: Kind) -> None:
             await asyncio.sleep(0.05)
             assert p.results == [RelayResult(0, 0, "relay closed")]
             assert (p.handle.bytes_up, p.handle.bytes_down, p.handle.native) \
-                == (0, 0, kind.impl == "native")
+                == (0, 0, flavor.native)
             p.handle.abort()  # harmless
             assert rig.relay.active() == 0
             assert rig.relay.stats()["conns_live"] == 0
 
-    run(kind, body)
+    run_on(flavor, body)
 
 
 # ---- native only: the pipe pool --------------------------------------------
 
 
-@pytest.fixture(params=[Kind(loop, "native") for loop in LOOPS], ids=lambda k: k.loop)
-def native_kind(request: pytest.FixtureRequest) -> Kind:
-    k: Kind = request.param
-    if native.ACTIVE != "native":
-        pytest.skip(f"native relay not active: {native.REASON}")
-    return k
-
-
-def test_native_reset_while_stalled_propagates_at_once(native_kind: Kind) -> None:
+def test_native_reset_while_stalled_propagates_at_once(native_flavor: Flavor) -> None:
     """A client reset while its bytes wait for a stalled backend resets the backend
     without waiting for it to read (the Python twin only notices at its next write)."""
 
     async def body() -> None:
         loop = asyncio.get_running_loop()
-        async with Rig(loop, make(native_kind, loop)) as rig:
+        async with Rig(loop, relay_for(native_flavor, loop)) as rig:
             p = rig.connect()
             relay = rig.relay
             sender = asyncio.ensure_future(loop.sock_sendall(p.client, b"s" * 32 * MiB))
-            await eventually(lambda: relay.pipes_in_use() + relay.buffers_in_use() == 1,
-                             "stuck bytes held")
+            await wait_until_async(lambda: relay.pipes_in_use() + relay.buffers_in_use() == 1,
+                                   message="stuck bytes held")
             sender.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sender
@@ -577,10 +524,10 @@ def test_native_reset_while_stalled_propagates_at_once(native_kind: Kind) -> Non
             assert relay.pipes_in_use() == relay.buffers_in_use() == 0
             await expect_reset(loop, p.server)
 
-    run(native_kind, body)
+    run_on(native_flavor, body)
 
 
-def test_native_pool_shrinks_after_a_burst(native_kind: Kind) -> None:
+def test_native_pool_shrinks_after_a_burst(native_flavor: Flavor) -> None:
     """Pipes go back to the pool empty, and only a few idle ones are kept open."""
 
     async def body() -> None:
@@ -599,8 +546,8 @@ def test_native_pool_shrinks_after_a_burst(native_kind: Kind) -> None:
                          for _ in range(24)]
                 senders = [asyncio.ensure_future(loop.sock_sendall(p.client, blob))
                            for p in pairs]
-                await eventually(lambda: relay.pipes_in_use() + relay.buffers_in_use() == 24,
-                                 "24 stalled connections hold their bytes")
+                await wait_until_async(lambda: relay.pipes_in_use() + relay.buffers_in_use() == 24,
+                                       message="24 stalled connections hold their bytes")
                 peaks.append(relay.stats()["pipes_total"])
                 got = await asyncio.gather(
                     *(recv_exactly(loop, p.server, len(blob)) for p in pairs))
@@ -614,14 +561,14 @@ def test_native_pool_shrinks_after_a_burst(native_kind: Kind) -> None:
             assert peaks[-1] > 4, f"no burst took more pipes than the pool keeps: {peaks}"
             assert relay.stats()["pipes_total"] == 4
 
-    run(native_kind, body)
+    run_on(native_flavor, body)
 
 
 @pytest.mark.parametrize("max_pipes", [0, 1])
-def test_native_pool_bound_and_copy_path(native_kind: Kind, max_pipes: int) -> None:
+def test_native_pool_bound_and_copy_path(native_flavor: Flavor, max_pipes: int) -> None:
     """The pool never grows past its bound; without a free pipe, bytes are copied
     instead with the same stream semantics (max_pipes=0: copy only)."""
-    kind = native_kind
+    flavor = native_flavor
 
     async def body() -> None:
         loop = asyncio.get_running_loop()
@@ -631,8 +578,8 @@ def test_native_pool_bound_and_copy_path(native_kind: Kind, max_pipes: int) -> N
             # The hog's reader is stalled: its stuck bytes hold a pipe or a buffer.
             hog_data = os.urandom(8 * MiB)
             hog_send = asyncio.ensure_future(loop.sock_sendall(hog.client, hog_data))
-            await eventually(lambda: relay.pipes_in_use() + relay.buffers_in_use() == 1,
-                             "the hog's stuck bytes held")
+            await wait_until_async(lambda: relay.pipes_in_use() + relay.buffers_in_use() == 1,
+                                   message="the hog's stuck bytes held")
 
             data = os.urandom(4 * MiB)
             await loop.sock_sendall(p.client, data)
@@ -654,4 +601,4 @@ def test_native_pool_bound_and_copy_path(native_kind: Kind, max_pipes: int) -> N
             if max_pipes == 0:
                 assert stats["splice_bytes"] == 0
 
-    run(kind, body)
+    run_on(flavor, body)

@@ -1,7 +1,7 @@
 """The compiled module: it imports, its functions work on real fds, and the fallback switch works.
 
 Real socketpairs, pipes and loopback TCP only. The relay contract itself
-(both implementations, both loops) is tested in tests/integration/test_relay.py;
+(both implementations, both loops) is tested in tests/relay/test_relay.py;
 here we check the C pieces directly, without an event loop where possible.
 """
 

@@ -13,19 +13,14 @@ import sys
 import textwrap
 import time
 from collections import Counter
-from collections.abc import Callable
 
 import pytest
 
+from tests.support.matrix import Flavor
+from tests.support.waiting import wait_until
 from uproxy.demo.lab import Lab
 from uproxy.demo.node import NodeProxy, endpoint_slice, service
 
-FLAVORS = [
-    pytest.param(("uvloop", True), id="uvloop-native"),
-    pytest.param(("uvloop", False), id="uvloop-python"),
-    pytest.param(("asyncio", True), id="asyncio-native"),
-    pytest.param(("asyncio", False), id="asyncio-python"),
-]
 DNS_IP = "10.0.0.10"
 STICKY_IP = "10.0.0.11"
 PORTS = [{"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 53},
@@ -155,23 +150,14 @@ def metric(lab: Lab, name: str, **labels: str) -> float:
     return total
 
 
-def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true after {timeout}s: {what}")
-        time.sleep(0.05)
-
-
 def pod_of(lab: Lab, peer: str) -> str:
     ip = peer.rsplit(":", 1)[0]
     return f"pod{lab.pod_ips.index(ip) + 1}"
 
 
-@pytest.mark.parametrize("flavor", FLAVORS)
 def test_dig_through_the_cluster_ip_and_whole_large_datagrams(lab: Lab,
-                                                              flavor: tuple[str, bool]) -> None:
-    loop, native = flavor
+                                                              flavor: Flavor) -> None:
+    loop, native = flavor.loop, flavor.native
     start_pods(lab)
     node = NodeProxy(lab, loop=loop, native=native)
     node.write("dns.yaml", *dns_objects(lab, [1, 2, 3]))
@@ -214,7 +200,7 @@ def test_idle_flows_expire_and_client_ip_affinity_holds(lab: Lab) -> None:
     assert [(r["client"], r["state"], r["service"]) for r in rows] == [
         (f"{lab.client_ip}:40053", "open", "default/dns:dns")], rows
     assert metric(lab, "uproxy_udp_flows_active", service="default/dns:dns") == 1
-    wait_until(lambda: not backend_flows(lab), "the idle flow expired", timeout=3)
+    wait_until(lambda: not backend_flows(lab), timeout=3, message="the idle flow expired")
     assert udp_rows(lab) == []
     assert metric(lab, "uproxy_udp_flows_active", service="default/dns:dns") == 0
     # After expiry the same source port is a new flow and may land elsewhere.
@@ -223,7 +209,7 @@ def test_idle_flows_expire_and_client_ip_affinity_holds(lab: Lab) -> None:
         seen.add(dig_one(lab, source=fixed))
         if len(seen) > 1:
             break
-        wait_until(lambda: not backend_flows(lab), "the idle flow expired", timeout=3)
+        wait_until(lambda: not backend_flows(lab), timeout=3, message="the idle flow expired")
     assert len(seen) > 1, seen
     # ClientIP affinity: 30 new flows from one client all go to one endpoint.
     sticky = dig_many(lab, 30, server=STICKY_IP)
@@ -243,7 +229,7 @@ def test_removed_endpoint_and_service_leave_no_stale_conntrack(lab: Lab) -> None
 
     node.write("dns.yaml", *dns_objects(lab, [1, 2]))  # pod3 leaves the service
     wait_until(lambda: f"src={pod3} " not in conntrack_udp(lab),
-               "no conntrack entry answered by pod3")
+               message="no conntrack entry answered by pod3")
     assert not any(p.startswith(pod3 + ":") for p in backend_flows(lab))
     assert f"dst={DNS_IP}" in conntrack_udp(lab)  # clients' mappings to the proxy are kept
     later = dig_many(lab, 30)
@@ -252,8 +238,8 @@ def test_removed_endpoint_and_service_leave_no_stale_conntrack(lab: Lab) -> None
     node.remove("dns.yaml")  # the whole service goes away
     node.wait_rules(lambda text: DNS_IP not in text)
     wait_until(lambda: f"dst={DNS_IP}" not in conntrack_udp(lab),
-               "no conntrack entry to the ClusterIP")
-    wait_until(lambda: not backend_flows(lab), "no flow left")
+               message="no conntrack entry to the ClusterIP")
+    wait_until(lambda: not backend_flows(lab), message="no flow left")
     assert node.stop() == 0
 
 
@@ -270,7 +256,7 @@ def test_client_sending_before_the_service_exists_is_answered_once_it_does(lab: 
     client = lab.spawn("client", [sys.executable, str(script), DNS_IP, "53", "40054", "15", "1"],
                        "steady-early")
     wait_until(lambda: "sport=40054 dport=53" in conntrack_udp(lab),
-               "the early client's conntrack entry exists")
+               message="the early client's conntrack entry exists")
     node = NodeProxy(lab, loop="uvloop")
     node.write("dns.yaml", *dns_objects(lab, [1]))
     node.start(wait_for="default/dns:dns cluster IP")
@@ -292,7 +278,7 @@ def test_flood_of_new_clients_keeps_the_bound_and_the_steady_client(
     script.write_text(STEADY_CLIENT)
     steady = lab.spawn("client", [sys.executable, str(script), DNS_IP, "53", "40055", "4", "0"],
                        "steady")
-    wait_until(lambda: len(backend_flows(lab)) == 1, "the steady client's flow")
+    wait_until(lambda: len(backend_flows(lab)) == 1, message="the steady client's flow")
     peak = 0
     flood = lab.spawn("client", [sys.executable, "-m", "uproxy.demo.probe", "udp", DNS_IP, "5353",
                                  "--count", "600", "--new-socket-each", "--concurrency", "40",
@@ -351,13 +337,12 @@ def test_nodeport_and_external_ip_from_client_and_node(lab: Lab) -> None:
     assert node.stop() == 0
 
 
-@pytest.mark.parametrize("flavor", FLAVORS)
 def test_bursts_pass_whole_and_in_order_also_where_the_path_mtu_is_small(
-        lab: Lab, flavor: tuple[str, bool]) -> None:
+        lab: Lab, flavor: Flavor) -> None:
     """Runs of equal-sized datagrams leave the native path as one UDP_SEGMENT message; where
     the path cannot carry the segment size (br0's MTU is 1000 here) the kernel refuses that
     and they must still arrive, sent one by one (fragmented, like any large datagram)."""
-    loop, native = flavor
+    loop, native = flavor.loop, flavor.native
     start_pods(lab, 1)
     lab.run("node", ["ip", "link", "set", "br0", "mtu", "1000"])
     node = NodeProxy(lab, loop=loop, native=native)

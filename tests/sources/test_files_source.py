@@ -7,12 +7,12 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.support.waiting import wait_until_async
 from uproxy.model import ServicePortName
 from uproxy.sources.files import FilesSource
 from uproxy.state import Store
@@ -294,13 +294,6 @@ def test_incremental_load_matches_a_fresh_read_after_every_edit(tmp_path: Path) 
             assert store.raw(kind) == fresh.raw(kind), (name, kind)
 
 
-async def _until(check: Callable[[], bool], seconds: float = 2.0) -> None:
-    for _ in range(int(seconds / 0.01)):
-        if check():
-            return
-        await asyncio.sleep(0.01)
-
-
 async def test_a_write_wakes_the_source_before_the_next_poll(tmp_path: Path) -> None:
     """inotify: with a 30 s poll, an edit is still seen at once."""
     write(tmp_path / "svc.yaml", SERVICE)
@@ -319,15 +312,18 @@ async def test_a_write_wakes_the_source_before_the_next_poll(tmp_path: Path) -> 
     source = FilesSource((str(tmp_path),), poll_interval=30.0)
     task = asyncio.create_task(source.run(store, hooks))
     try:
-        await _until(lambda: hooks.changes > 0)
+        await wait_until_async(lambda: hooks.changes > 0, timeout=2, interval=0.01,
+                               message="the first read")
         assert hooks.changes == 1
         (tmp_path / "slice.yaml.tmp").write_text(SLICE)
         (tmp_path / "slice.yaml.tmp").rename(tmp_path / "slice.yaml")  # as editors save
-        await _until(lambda: hooks.changes == 2)
+        await wait_until_async(lambda: hooks.changes == 2, timeout=2, interval=0.01,
+                               message="the rename noticed")
         assert hooks.changes == 2, "the rename was not noticed within 2 s"
         assert endpoints(store) == ["172.17.0.5:6789", "172.17.0.6:6789"]
         write(tmp_path / "svc.yaml", SERVICE.replace("10.0.0.180", "10.0.0.181"))
-        await _until(lambda: hooks.changes == 3)
+        await wait_until_async(lambda: hooks.changes == 3, timeout=2, interval=0.01,
+                               message="the edit noticed")
         assert hooks.changes == 3
         assert store.table()[PORT1].port.cluster_ips == ("10.0.0.181",)
     finally:

@@ -10,18 +10,15 @@ import signal
 import textwrap
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
+from tests.support.matrix import Flavor
+from tests.support.waiting import wait_until
 from uproxy.demo.lab import Lab
 from uproxy.demo.node import NodeProxy, endpoint_slice, service
 
-FLAVORS = [
-    pytest.param(("uvloop", True), id="uvloop-native"),
-    pytest.param(("uvloop", False), id="uvloop-python"),
-    pytest.param(("asyncio", True), id="asyncio-native"),
-    pytest.param(("asyncio", False), id="asyncio-python"),
-]
 MULTI_PORTS = [{"name": "port1", "port": 6789, "targetPort": 6789},
                {"name": "port2", "port": 9876, "targetPort": 9876}]
 SLICE_PORTS = [{"name": "port1", "port": 6789, "protocol": "TCP"},
@@ -44,10 +41,9 @@ def _multi_port(lab: Lab, node: NodeProxy, pods: int = 2) -> None:
                endpoint_slice("multi-port", lab.pod_ips[:pods], SLICE_PORTS))
 
 
-@pytest.mark.parametrize("flavor", FLAVORS)
 def test_multi_port_service_reaches_both_pods_on_both_ports(lab: Lab,
-                                                            flavor: tuple[str, bool]) -> None:
-    loop, native = flavor
+                                                            flavor: Flavor) -> None:
+    loop, native = flavor.loop, flavor.native
     node = NodeProxy(lab, loop=loop, native=native)
     _multi_port(lab, node)
     node.start(wait_for="default/multi-port:port2 cluster IP")
@@ -85,11 +81,14 @@ def test_scaling_adds_an_endpoint_without_restart(lab: Lab, node: NodeProxy) -> 
     node.write("sise.yaml", service("simpleservice", "10.0.0.155", ports, namespace="namingthings"),
                endpoint_slice("simpleservice", [lab.pod_ip(1), lab.pod_ip(2)], slice_ports,
                               namespace="namingthings"))
-    deadline = time.monotonic() + 5
-    while True:
+    later: dict[str, Any] = {}
+
+    def both_pods() -> bool:
+        nonlocal later
         later = lab.probe("tcp", "10.0.0.155", "80", "--count", "60")
-        if set(later["counts"]) == {"pod1", "pod2"} or time.monotonic() > deadline:
-            break
+        return set(later["counts"]) == {"pod1", "pod2"}
+
+    wait_until(both_pods, timeout=5, message=lambda: f"both pods answer: {later}")
     assert set(later["counts"]) == {"pod1", "pod2"}, later
     assert sum(later["counts"].values()) == 60
     assert node.proc is not None and node.proc.pid == pid and node.proc.poll() is None
@@ -211,18 +210,19 @@ def test_open_connection_survives_endpoint_and_service_removal(lab: Lab, node: N
     script.write_text(HOLD_CLIENT)
     flag = lab.workdir / "go"
     holder = lab.spawn("client", ["python3", str(script), "10.0.0.177", "80", str(flag)], "hold")
-    deadline = time.monotonic() + 10
-    while "first pod1" not in lab.log("hold"):
-        assert time.monotonic() < deadline, lab.log("hold")
-        time.sleep(0.05)
+    wait_until(lambda: "first pod1" in lab.log("hold"), timeout=10,
+               message=lambda: lab.log("hold"))
     # The endpoint goes away: new connections go to pod2 only.
     node.write("keep.yaml", service("keep", "10.0.0.177", ports),
                endpoint_slice("keep", [lab.pod_ip(2)], sp))
-    deadline = time.monotonic() + 5
-    while True:
+    r: dict[str, Any] = {}
+
+    def pod2_only() -> bool:
+        nonlocal r
         r = lab.probe("tcp", "10.0.0.177", "80", "--count", "20")
-        if r["counts"] == {"pod2": 20} or time.monotonic() > deadline:
-            break
+        return bool(r["counts"] == {"pod2": 20})
+
+    wait_until(pod2_only, timeout=5, message=lambda: f"pod2 alone answers: {r}")
     assert r["counts"] == {"pod2": 20}, r
     # Then the whole service goes away: its rule goes, the open connection stays.
     node.remove("keep.yaml")

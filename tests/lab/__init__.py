@@ -1,0 +1,1 @@
+"""The namespace lab itself and the demo walkthrough built on it."""
