@@ -3,7 +3,7 @@
  *   cc -O1 -g -fsanitize=address,undefined -Inative native/stress.c native/relay.c -lpthread
  *   cc -O1 -g -fsanitize=thread -Inative native/stress.c native/relay.c -lpthread
  *
- * tests/unit/test_native.py builds and runs it (ASan+UBSan, and TSan when the
+ * tests/relay/test_native.py builds and runs it (ASan+UBSan, and TSan when the
  * toolchain has it). Loopback TCP only. Each round opens a batch of relayed
  * connections and ends each one a different way (clean half-closes, a reset
  * from either side, an abort, or left open for stop), racing the engine
