@@ -3,21 +3,20 @@
 kube-proxy's rules in one place, with time and randomness passed in so the
 tests can drive them:
 
-* :func:`usable_endpoints` is THE rule "which endpoints may serve", for every
-  decision of every protocol: which endpoint a new TCP connection or UDP flow
-  may pick, which UDP flows survive an endpoint change (a flow is kept exactly
-  when its endpoint is still usable for its listener), and which endpoint
-  addresses no longer serve anything (:func:`serving_addresses`, for conntrack
-  clean-up). Usable endpoints are the ready ones; when none is ready, the
+* :func:`usable_endpoints` is THE rule "which endpoints may serve" new
+  traffic, for every protocol: which endpoint a new TCP connection or UDP flow
+  may pick. Usable endpoints are the ready ones; when none is ready, the
   serving and terminating ones (graceful termination); when none of those,
-  nothing. So a flow to an endpoint that starts terminating while a ready one
-  exists is closed at once (the client's next datagram goes to a ready
-  endpoint), and kept while that endpoint is the only kind left. This is a
-  deliberate difference from kube-proxy, whose conntrack clean-up keeps
-  existing UDP flows to every *serving* endpoint whatever its terminating
-  status or traffic policy (``pkg/proxy/conntrack/cleanup.go``): one rule
-  means a flow never stays where a new one could not go, and a userspace flow
-  costs nothing to re-create;
+  nothing;
+* :func:`flow_endpoints` is the rule for traffic already flowing (UDP flows,
+  and conntrack clean-up through :func:`serving_addresses`): a flow stays on
+  its endpoint while that endpoint still serves (ready, or serving while it
+  terminates) and the traffic policy still allows it, as kube-proxy keeps the
+  conntrack entries of every serving endpoint (``pkg/proxy/conntrack/
+  cleanup.go``): a client in the middle of a UDP exchange with a pod that
+  starts terminating keeps talking to it, and only new clients go elsewhere.
+  (kube-proxy ignores the traffic policy there too; uproxy closes flows that
+  a ``Local`` policy change excludes, so they move to a local endpoint.)
 * a ``Local`` traffic policy keeps only endpoints on this node (internal policy
   for ClusterIP traffic, external policy for NodePort/externalIP/LB traffic);
 * the choice is uniform at random (what ``statistic --mode random`` rules do),
@@ -55,21 +54,30 @@ def usable_endpoints(entry: Entry, *, external: bool, node_name: str) -> tuple[E
     return tuple(e for e in candidates if e.serving and e.terminating)
 
 
+def flow_endpoints(entry: Entry, *, external: bool, node_name: str) -> tuple[Endpoint, ...]:
+    """The endpoints an existing flow of ``entry`` may stay on: serving (ready, or serving
+    while terminating) and allowed by the traffic policy of its scope."""
+    port = entry.port
+    local = port.external_local if external else port.internal_local
+    return tuple(e for e in entry.endpoints
+                 if (e.ready or e.serving) and (not local or e.node_name == node_name))
+
+
 def serving_addresses(entries: Iterable[Entry], *, node_name: str,
                       protocol: str = "UDP") -> set[tuple[str, int]]:
-    """Endpoint addresses some traffic of these service ports (of ``protocol``) may go to
-    now: :func:`usable_endpoints` over every scope each port is reachable in (cluster
+    """Endpoint addresses some flow of these service ports (of ``protocol``) may still go
+    to: :func:`flow_endpoints` over every scope each port is reachable in (cluster
     always; external when it has externalIPs, LoadBalancer IPs or a NodePort)."""
     out: set[tuple[str, int]] = set()
     for entry in entries:
         port = entry.port
         if port.protocol != protocol:
             continue
-        out.update(e.address for e in usable_endpoints(entry, external=False,
-                                                       node_name=node_name))
+        out.update(e.address for e in flow_endpoints(entry, external=False,
+                                                     node_name=node_name))
         if port.external_addresses or port.node_port:
-            out.update(e.address for e in usable_endpoints(entry, external=True,
-                                                           node_name=node_name))
+            out.update(e.address for e in flow_endpoints(entry, external=True,
+                                                         node_name=node_name))
     return out
 
 

@@ -8,7 +8,13 @@ from dataclasses import replace
 
 import pytest
 
-from uproxy.balance import FAILED_AVOID_SECONDS, Balancer, serving_addresses, usable_endpoints
+from uproxy.balance import (
+    FAILED_AVOID_SECONDS,
+    Balancer,
+    flow_endpoints,
+    serving_addresses,
+    usable_endpoints,
+)
 from uproxy.model import Endpoint, ServicePort, ServicePortName
 from uproxy.state import Entry
 
@@ -100,9 +106,11 @@ def test_conditions_table(conditions: tuple[bool, bool, bool], beside_ready: boo
     with_peer = usable_endpoints(entry(A, x), external=False, node_name="node-1")
     assert (x in with_peer) is beside_ready and A in with_peer
     assert (x in usable_endpoints(entry(x), external=False, node_name="node-1")) is alone
-    # the addresses conntrack clean-up keeps follow the same rule
+    # existing flows (and the addresses conntrack clean-up keeps) stay while x serves
+    keeps = ready or serving
+    assert (x in flow_endpoints(entry(A, x), external=False, node_name="node-1")) is keeps
     udp = replace(entry(A, x), port=replace(entry().port, protocol="UDP"))
-    assert (x.address in serving_addresses([udp], node_name="node-1")) is beside_ready
+    assert (x.address in serving_addresses([udp], node_name="node-1")) is keeps
 
 
 def test_local_policy_decides_which_ready_endpoints_count() -> None:

@@ -589,11 +589,10 @@ def test_local_policy_change_closes_flows_to_other_nodes(flavor: Flavor) -> None
     run_on(flavor, body)
 
 
-def test_terminating_endpoint_keeps_flows_only_while_the_rule_would_choose_it(
-        flavor: Flavor) -> None:
-    """Flows survive an endpoint change exactly when balance.usable_endpoints still lists
-    their endpoint: a serving-but-terminating endpoint is only the fallback when no ready
-    one is left (and conntrack clean-up treats its address the same way)."""
+def test_a_terminating_endpoint_keeps_its_flows_while_it_serves(flavor: Flavor) -> None:
+    """As kube-proxy keeps the conntrack entries of serving endpoints: a flow stays on an
+    endpoint that terminates but still serves (while new clients get a ready one), and
+    moves only when the endpoint stops serving; conntrack clean-up agrees."""
     async def body() -> None:
         async with setup(flavor, backends=2) as s:
             socks, (a, b) = await flows_on_both_endpoints(s)
@@ -602,18 +601,17 @@ def test_terminating_endpoint_keeps_flows_only_while_the_rule_would_choose_it(
                 ready_a, ready_b = entry.endpoints
                 term_b = dataclasses.replace(ready_b, ready=False, terminating=True)
                 s.proxy.entries = {NAME: Entry(entry.port, (ready_a, term_b))}
+                assert {f.endpoint.port for f in s.proxy.flows} == {a, b}
+                assert Stale.endpoint("127.0.0.1", b) not in s.proxy.pending_conntrack
+                answers = {await ask(s.port, sock=sock) for sock in socks}
+                assert answers == {str(a).encode(), str(b).encode()}
+                assert await ask(s.port) == str(a).encode()  # a new client: the ready one
+                gone_b = dataclasses.replace(term_b, serving=False)
+                s.proxy.entries = {NAME: Entry(entry.port, (ready_a, gone_b))}
                 assert {f.endpoint.port for f in s.proxy.flows} == {a}
                 assert Stale.endpoint("127.0.0.1", b) in s.proxy.pending_conntrack
                 for sock in socks:
                     assert await ask(s.port, sock=sock) == str(a).encode()
-                gone_a = dataclasses.replace(ready_a, ready=False, serving=False,
-                                             terminating=True)
-                s.proxy.entries = {NAME: Entry(entry.port, (gone_a, term_b))}
-                assert not s.proxy.flows  # a stopped serving: b is the fallback now
-                for sock in socks:
-                    assert await ask(s.port, sock=sock) == str(b).encode()
-                s.proxy.entries = {NAME: Entry(entry.port, (ready_a, term_b))}
-                assert not s.proxy.flows  # a ready again: the fallback's flows go
             finally:
                 for sock in socks:
                     sock.close()

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 
 from uproxy import native as native_module
-from uproxy.balance import Balancer, usable_endpoints
+from uproxy.balance import Balancer, flow_endpoints
 from uproxy.connections import ConnTable
 from uproxy.conntrack import Conntrack, Stale
 from uproxy.flowsetup import (
@@ -130,11 +130,11 @@ class UdpProxy:
                 for flow in list(listener.flows.values()):
                     self.close_flow(flow, "service port removed")
                 continue
-            # The rule new flows are chosen by decides which flows may stay.
-            usable = {e.address for e in usable_endpoints(entry, external=listener.external,
-                                                          node_name=node)}
+            # A flow stays while its endpoint serves (balance.flow_endpoints).
+            kept = {e.address for e in flow_endpoints(entry, external=listener.external,
+                                                      node_name=node)}
             for flow in list(listener.flows.values()):
-                if flow.endpoint.address not in usable:
+                if flow.endpoint.address not in kept:
                     self.close_flow(flow, "endpoint removed")
         ports = {(lst.name, lst.scope): lst.port for lst in self.listeners}
         self.cleanup.entries_changed(new, ports, node)
