@@ -284,7 +284,10 @@ def test_flood_of_new_clients_keeps_the_bound_and_the_steady_client(
                                  "--count", "600", "--new-socket-each", "--concurrency", "40",
                                  "--timeout", "0.3", "--max-time", "3"], "flood")
     while flood.poll() is None:
-        peak = max(peak, len(backend_flows(lab)))
+        # ss dumps the socket table bucket by bucket, not atomically: while flows are
+        # evicted and opened, one dump can list a closed socket and its successor. A
+        # real overflow persists, so the smaller of two back-to-back dumps counts.
+        peak = max(peak, min(len(backend_flows(lab)), len(backend_flows(lab))))
         time.sleep(0.02)
     assert steady.wait(10) == 0
     result = json.loads(lab.log("flood").strip().splitlines()[-1])
