@@ -227,8 +227,12 @@ def cmd_cleanup(_: argparse.Namespace) -> int:
     if shutil.which("iptables-save") is None:
         raise UsageError("iptables-save not found: install iptables (apt-get install iptables)")
     from uproxy.iptables import Iptables
+    from uproxy.proxy.transparent import Transparent
 
-    removed = asyncio.run(Iptables().cleanup())
+    async def cleanup() -> int:
+        return await Iptables().cleanup() + await Transparent().cleanup()
+
+    removed = asyncio.run(cleanup())
     print(f"removed {removed} uproxy rules and chains")
     return EXIT_OK
 
