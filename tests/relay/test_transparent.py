@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support.matrix import Flavor
+from tests.support.waiting import wait_until
 from uproxy import transparent
 from uproxy.demo.lab import Lab
 from uproxy.demo.node import NodeProxy, endpoint_slice, service
@@ -174,8 +175,6 @@ def _present(lab: Lab) -> bool:
 
 
 def test_rules_are_repaired_and_removed_by_shutdown_and_cleanup(lab: Lab, web: None) -> None:
-    from tests.support.waiting import wait_until
-
     node = NodeProxy(lab, args=["--sync-period", "1s"])
     _write_services(lab, node)
     node.start(wait_for="default/web:http loadbalancer IP")
