@@ -70,7 +70,7 @@ class Daemon:
         self.allocator = PortAllocator(settings.proxy_port_range)
         self.loop = asyncio.get_running_loop()
         self.relay = make_relay(self.loop)
-        self.transparent = Transparent()  # off until _prepare_iptables turns it on
+        self.transparent = Transparent(settings.hostname_override)  # on: _prepare_iptables
         self.proxies: dict[str, ProtocolProxy] = {
             "TCP": TcpProxy(loop=self.loop, relay=self.relay, balancer=self.balancer,
                             conns=self.conns, metrics=self.metrics,

@@ -23,7 +23,8 @@ mask, so other marks on the packet are left alone.
 
 Who connects from the client's address (:func:`transparent_source`): only where
 kube-proxy keeps the client address, and only where the replies can come back
-through this node's IP stack. The feasibility spike (kept with the issue) found
+through this node's IP stack (the client's address must route to this node from
+the endpoint's node). The feasibility spike (kept with the issue) found
 where they cannot: hairpin (the endpoint drops a packet from itself), node-local
 clients (the address is the node's own), and a client on the same on-link subnet
 of the same node interface as the endpoint (the same bridge: the endpoint answers
@@ -141,6 +142,7 @@ class NodeLinks:
 
     local: frozenset[str] = frozenset()
     on_link: tuple[tuple[str, str], ...] = ()  # (prefix, interface)
+    default_devs: frozenset[str] = frozenset()  # interfaces of the default routes (uplinks)
     _nets: tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str], ...] = field(
         default=(), init=False, repr=False, compare=False)
 
@@ -174,7 +176,8 @@ def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 
 
 def transparent_source(client_ip: str, endpoint_ip: str, *, external: bool,
-                       external_local: bool, links: NodeLinks) -> str | None:
+                       external_local: bool, links: NodeLinks,
+                       endpoint_here: bool = True) -> str | None:
     """The address to connect to ``endpoint_ip`` from: the client's, or None for the node's.
 
     The client's address where kube-proxy keeps it -- ClusterIP traffic, and external
@@ -185,7 +188,14 @@ def transparent_source(client_ip: str, endpoint_ip: str, *, external: bool,
     * a client on the node itself (its own or a loopback address): the node's
       traffic is masqueraded by kube-proxy, and a loopback source cannot leave the node;
     * a client on the same on-link subnet of the same interface as the endpoint (the
-      same bridge): the endpoint would answer the client directly over L2.
+      same bridge): the endpoint would answer the client directly over L2;
+    * an endpoint on another node (``endpoint_here`` False, also when its node is not
+      known) and a client that is not a pod of this node: the other node sends the
+      reply where the client's address routes from there, which is this node only for
+      this node's pods. A pod of this node is told by its route here: on-link, on an
+      interface that is not an uplink (no default route on it). A client behind a
+      router, or a host on the node network, gets the node's address: kube-proxy
+      masquerades such off-cluster clients too (with its cluster CIDR set).
     """
     client = _address(client_ip)
     endpoint = _address(endpoint_ip)
@@ -201,6 +211,8 @@ def transparent_source(client_ip: str, endpoint_ip: str, *, external: bool,
     client_dev = links.interface_of(client)
     if client_dev is not None and client_dev == links.interface_of(endpoint):
         return None
+    if not endpoint_here and (client_dev is None or client_dev in links.default_devs):
+        return None
     return str(client)
 
 
@@ -209,7 +221,8 @@ def parse_links(addr_json: Iterable[dict[str, object]],
     """:class:`NodeLinks` from ``ip -j addr show`` and ``ip -j route show`` (both families).
 
     On-link routes are the unicast routes with a device and no gateway, other than
-    a default route (a ``default dev X`` route says nothing about who shares a link).
+    a default route (a ``default dev X`` route says nothing about who shares a link);
+    the devices of default routes are the node's uplinks.
     """
     local = set()
     for link in addr_json:
@@ -218,11 +231,15 @@ def parse_links(addr_json: Iterable[dict[str, object]],
             if isinstance(info, dict) and isinstance(info.get("local"), str):
                 local.add(str(_address(info["local"]) or info["local"]))
     on_link = []
+    uplinks = set()
     for route in routes_json:
         dst, dev = route.get("dst"), route.get("dev")
-        if not isinstance(dst, str) or not isinstance(dev, str) or dst == "default":
+        if not isinstance(dst, str) or not isinstance(dev, str):
+            continue
+        if dst == "default":
+            uplinks.add(dev)
             continue
         if "gateway" in route or route.get("type", "unicast") != "unicast":
             continue
         on_link.append((dst, dev))
-    return NodeLinks(frozenset(local), tuple(on_link))
+    return NodeLinks(frozenset(local), tuple(on_link), frozenset(uplinks))

@@ -36,14 +36,15 @@ from uproxy.transparent import (
 # The lab's node: the client ns on vc0 (10.99.0.0/24), the pods on br0 (172.17.0.0/24).
 LAB = NodeLinks(frozenset({"10.99.0.1", "172.17.0.1", "fd00:99::1", "fd00:17::1"}),
                 (("10.99.0.0/24", "vc0"), ("172.17.0.0/24", "br0"),
-                 ("fd00:99::/64", "vc0"), ("fd00:17::/64", "br0")))
+                 ("fd00:99::/64", "vc0"), ("fd00:17::/64", "br0"),
+                 ("192.168.1.0/24", "eth0")), frozenset({"eth0"}))
 CLIENT, POD1, POD2, REMOTE_POD = "10.99.0.2", "172.17.0.2", "172.17.0.3", "10.244.7.9"
 
 
 def src(client: str, endpoint: str, *, external: bool = False, local: bool = False,
-        links: NodeLinks = LAB) -> str | None:
+        links: NodeLinks = LAB, here: bool = True) -> str | None:
     return transparent_source(client, endpoint, external=external, external_local=local,
-                              links=links)
+                              links=links, endpoint_here=here)
 
 
 # --- the mangle rules --------------------------------------------------------------------
@@ -137,6 +138,18 @@ def test_cluster_ip_traffic_from_a_routed_client_keeps_its_address() -> None:
     assert src(POD1, REMOTE_POD) == POD1  # a pod here, the endpoint on another node
 
 
+def test_endpoints_on_other_nodes_keep_it_only_for_this_nodes_pods() -> None:
+    """The other node sends the reply where the client's address routes from there:
+    to this node for this node's pods, elsewhere for anyone else."""
+    assert src(POD1, REMOTE_POD, here=False) == POD1  # a pod on this node's bridge
+    assert src(CLIENT, REMOTE_POD, here=False) == CLIENT  # on-link on vc0, not an uplink
+    assert src("10.50.0.9", REMOTE_POD, here=False) is None  # behind a router
+    assert src("192.168.1.50", REMOTE_POD, here=False) is None  # on the node network
+    # the same clients to an endpoint on this node: its replies go through this node
+    assert src("10.50.0.9", POD1) == "10.50.0.9"
+    assert src("192.168.1.50", POD1) == "192.168.1.50"
+
+
 def test_external_traffic_keeps_it_only_under_local_policy() -> None:
     assert src(CLIENT, POD1, external=True, local=True) == CLIENT
     assert src(CLIENT, POD1, external=True, local=False) is None
@@ -188,6 +201,8 @@ def test_the_source_is_the_client_or_none(client: ipaddress.IPv4Address,
     assert got in (str(client), None)
     if got is not None:
         assert client != endpoint and not client.is_loopback and (local or not external)
+    assert src(str(client), str(endpoint), external=external, local=local,
+               here=False) in (got, None)  # a remote endpoint never adds a transparent case
 
 
 # --- reading the node's links ------------------------------------------------------------
@@ -208,6 +223,7 @@ def test_links_from_ip_json() -> None:
     links = parse_links(addrs, routes)
     assert links.local == {"127.0.0.1", "172.17.0.1", "fe80::1"}
     assert links.on_link == (("172.17.0.0/24", "br0"), ("fe80::/64", "br0"))
+    assert links.default_devs == {"svc0"}
 
 
 @pytest.mark.parametrize("bad", [[{"dst": 5, "dev": "x"}], [{"dst": "nonsense", "dev": "x"}]])

@@ -47,9 +47,10 @@ else:
 """
 
 
-def tcp_peer(lab: Lab, ns: str, host: str, port: int) -> str:
+def tcp_peer(lab: Lab, ns: str, host: str, port: int, source: str | None = None) -> str:
     """The address the backend saw for an HTTP request through ``host:port``."""
-    done = lab.run(ns, ["curl", "-sS", "-m", "5", f"http://{host}:{port}/"], check=False)
+    bind = ["--interface", source] if source else []
+    done = lab.run(ns, ["curl", "-sS", "-m", "5", *bind, f"http://{host}:{port}/"], check=False)
     assert done.returncode == 0, (ns, host, port, done.stderr)
     return str(json.loads(done.stdout)["client"]).rpartition(":")[0]
 
@@ -146,6 +147,27 @@ def test_masquerade_all_gives_the_node_address_everywhere(
     assert udp_peer(lab, "client", CLUSTER_IP, 53) == bridge
     assert udp_peer(lab, "client", LB_IP, 53) == bridge
     assert transparent.CHAIN not in lab.run("node", ["iptables-save", "-t", "mangle"]).stdout
+
+
+def test_endpoints_on_other_nodes_keep_it_only_for_clients_routed_to_this_node(
+        lab: Lab, flavor: Flavor, web: None, daemons: list[NodeProxy]) -> None:
+    """A remote endpoint's reply goes where the client's address routes from its node:
+    here for this node's pods (on-link, not an uplink), elsewhere for a client behind a
+    router, which therefore gets the node's address (endpoints on this node keep it)."""
+    routed = "10.98.0.2"  # the client namespace as a host behind a router
+    lab.run("client", ["ip", "addr", "add", f"{routed}/32", "dev", "eth0"])
+    lab.run("node", ["ip", "route", "add", f"{routed}/32", "via", lab.client_ip])
+    node = NodeProxy(lab, loop=flavor.loop, native=flavor.native)
+    daemons.append(node)
+    _write_services(lab, node)
+    node.write("far.yaml",
+               service("far", "10.0.0.70", PORTS[:1]),
+               endpoint_slice("far", [lab.pod_ip(1)], SLICE_PORTS[:1],
+                              node_names={lab.pod_ip(1): "other-node"}))
+    node.start(wait_for="default/far:http cluster IP")
+    assert tcp_peer(lab, "client", "10.0.0.70", 80, source=routed) == lab.bridge_ip
+    assert tcp_peer(lab, "client", "10.0.0.70", 80) == lab.client_ip  # pod-like: on-link
+    assert tcp_peer(lab, "client", CLUSTER_IP, 80, source=routed) == routed  # endpoint here
 
 
 # --- the rules: shown, repaired, removed ---------------------------------------------------

@@ -285,7 +285,7 @@ class _Connect:
         family = socket.AF_INET6 if ":" in endpoint.ip else socket.AF_INET
         tp = proxy.transparent
         source = None if tp is None else tp.source_for(
-            self.client_ip, endpoint.ip, external=self.listener.external,
+            self.client_ip, endpoint, external=self.listener.external,
             external_local=self.entry.port.external_local)
         try:
             sock = backend_socket(family, socket.SOCK_STREAM, source)

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from uproxy import rules, transparent
+from uproxy.model import Endpoint
 from uproxy.transparent import FAMILIES, NodeLinks
 
 log = logging.getLogger("uproxy.transparent")
@@ -70,22 +71,25 @@ class Transparent:
     """Whether backend connections go from the client's address, per family, and the
     rules that make their replies come back."""
 
-    def __init__(self) -> None:
+    def __init__(self, node_name: str = "") -> None:
+        self.node_name = node_name  # endpoints of this node: replies come back through it
         self.families: set[int] = set()  # families the mode is on for
         self.links = NodeLinks()
         self.refused: dict[int, str] = {}
-        self._cache: dict[tuple[str, str, bool, bool], str | None] = {}
+        self._cache: dict[tuple[str, str, bool, bool, bool], str | None] = {}
 
     @property
     def active(self) -> bool:
         return bool(self.families)
 
-    def source_for(self, client_ip: str, endpoint_ip: str, *, external: bool,
+    def source_for(self, client_ip: str, endpoint: Endpoint, *, external: bool,
                    external_local: bool) -> str | None:
-        """The client's address to connect from, or None (the node's)."""
+        """The client's address to connect to ``endpoint`` from, or None (the node's)."""
         if not self.families:
             return None
-        key = (client_ip, endpoint_ip, external, external_local)
+        endpoint_ip = endpoint.ip
+        here = bool(self.node_name) and endpoint.node_name == self.node_name
+        key = (client_ip, endpoint_ip, external, external_local, here)
         try:
             return self._cache[key]
         except KeyError:
@@ -95,7 +99,7 @@ class Transparent:
         if family in self.families:
             got = transparent.transparent_source(client_ip, endpoint_ip, external=external,
                                                  external_local=external_local,
-                                                 links=self.links)
+                                                 links=self.links, endpoint_here=here)
         if len(self._cache) >= _CACHE_MAX:
             self._cache.clear()
         self._cache[key] = got

@@ -233,7 +233,7 @@ class UdpProxy:
         tp = self.transparent
         if tp is None or entry is None:
             return None
-        return tp.source_for(client_ip, endpoint.ip, external=listener.external,
+        return tp.source_for(client_ip, endpoint, external=listener.external,
                              external_local=entry.port.external_local)
 
     @staticmethod
