@@ -170,6 +170,28 @@ def test_endpoints_on_other_nodes_keep_it_only_for_clients_routed_to_this_node(
     assert tcp_peer(lab, "client", CLUSTER_IP, 80, source=routed) == routed  # endpoint here
 
 
+PROBE_AS_NOBODY = """
+import asyncio, logging
+from uproxy.proxy.transparent import Transparent
+logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s %(message)s")
+t = Transparent("node")
+asyncio.run(t.start(wanted=True))
+print("families", sorted(t.families))
+"""
+
+
+def test_a_refused_probe_says_so_in_one_line_and_stays_off(lab: Lab) -> None:
+    """Without CAP_NET_ADMIN or CAP_NET_RAW the kernel refuses IP_TRANSPARENT: one line,
+    and the mode stays off (backends see the node's address, as before)."""
+    done = lab.run("node", ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                            sys.executable, "-c", PROBE_AS_NOBODY])
+    assert done.stdout.strip() == "families []", (done.stdout, done.stderr)
+    said = [ln for ln in done.stderr.splitlines() if ln.startswith(("INFO", "WARNING"))]
+    assert said == ["WARNING uproxy.transparent transparent backend connections refused "
+                    "(IP_TRANSPARENT: Operation not permitted): backends see the node's "
+                    "address"], done.stderr
+
+
 # --- the rules: shown, repaired, removed ---------------------------------------------------
 
 
