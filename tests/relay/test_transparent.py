@@ -4,8 +4,10 @@ The real daemon in the lab's node namespace, real iptables (nat and mangle), rea
 policy routing, backends in pod namespaces that report their peer (the echo's HTTP
 ``client`` field and its UDP ``peer`` datagram), clients in the client namespace and
 in a pod on the same bridge. Every data-path test runs on both relay paths and both
-loops (``flavor``). IPv4 only: the lab has no IPv6 on this branch (the dual-stack
-branch adds it; the IPv6 variants are pending).
+loops (``flavor``). Through the daemon IPv4 only: uproxy serves IPv4 and the lab has no
+IPv6 on this branch (the dual-stack branch adds both; those IPv6 variants are pending).
+The IPv6 half of the edge -- sockets, ip6tables mark, ``ip -6`` policy routing -- is
+exercised on its own with addresses this test adds to the lab.
 """
 
 from __future__ import annotations
@@ -168,6 +170,71 @@ def test_endpoints_on_other_nodes_keep_it_only_for_clients_routed_to_this_node(
     assert tcp_peer(lab, "client", "10.0.0.70", 80, source=routed) == lab.bridge_ip
     assert tcp_peer(lab, "client", "10.0.0.70", 80) == lab.client_ip  # pod-like: on-link
     assert tcp_peer(lab, "client", CLUSTER_IP, 80, source=routed) == routed  # endpoint here
+
+
+# --- IPv6: the edge alone (the daemon serves IPv4 only on this branch) ------------------
+
+PEER_SERVER_V6 = """
+import select, socket
+t = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+t.bind(("::", 8080)); t.listen(8)
+u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+u.bind(("::", 8080))
+while True:
+    for s in select.select([t, u], [], [])[0]:
+        if s is t:
+            c, peer = t.accept()
+            c.sendall(peer[0].encode()); c.close()
+        else:
+            _, peer = u.recvfrom(100)
+            u.sendto(peer[0].encode(), peer)
+"""
+
+EDGE_V6 = """
+import asyncio, socket, sys
+from uproxy.model import Endpoint
+from uproxy.proxy.transparent import Transparent, backend_socket
+client, pod = sys.argv[1], sys.argv[2]
+
+async def main():
+    t = Transparent("node")
+    await t.start(wanted=True)
+    print("families", sorted(t.families))
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        source = t.source_for(client, Endpoint(pod, 8080, node_name="node"), external=False,
+                              external_local=False)
+        s = backend_socket(socket.AF_INET6, kind, source)
+        s.setblocking(True)
+        s.settimeout(3)
+        s.connect((pod, 8080))
+        if kind == socket.SOCK_DGRAM:
+            s.send(b"peer")
+        print(kind.name, s.recv(100).decode())
+        s.close()
+    await t.cleanup()
+
+asyncio.run(main())
+"""
+
+
+def test_ipv6_backend_sockets_from_the_client_address_and_their_replies(lab: Lab) -> None:
+    """The IPv6 half of the edge, for real: ``IPV6_TRANSPARENT`` sockets bound to the
+    client's address, and the ip6tables mark plus ``ip -6`` policy routing bringing the
+    pod's replies back to them (TCP and UDP). Through the daemon: pending dual-stack."""
+    client, node_side, bridge, pod = "fd00:99::2", "fd00:99::1", "fd00:17::1", "fd00:17::2"
+    lab.run("node", ["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
+    for ns, addr, dev in (("client", client, "eth0"), ("node", node_side, "vc0"),
+                          ("node", bridge, "br0"), ("pod1", pod, "eth0")):
+        lab.run(ns, ["ip", "-6", "addr", "add", f"{addr}/64", "dev", dev, "nodad"])
+    lab.run("client", ["ip", "-6", "route", "add", "default", "via", node_side])
+    lab.run("pod1", ["ip", "-6", "route", "add", "default", "via", bridge])
+    server = lab.spawn("pod1", [sys.executable, "-c", PEER_SERVER_V6], "peer-server-v6")
+    lab.wait_port("pod1", "::", 8080, "tcp", proc=server)
+    done = lab.run("node", [sys.executable, "-c", EDGE_V6, client, pod], check=False)
+    assert done.stdout.splitlines() == [
+        "families [4, 6]", f"SOCK_STREAM {client}", f"SOCK_DGRAM {client}"], done.stderr
+    assert _leftovers(lab) == []
 
 
 PROBE_AS_NOBODY = """
