@@ -324,7 +324,7 @@ class Daemon:
                 self.queued_since = queued or time.time()
                 self._last_rules = ""  # render and apply again next time
                 return
-            if full and self.transparent.active:
+            if full and self.rules_applied and self.transparent.active:  # (just applied at start)
                 await self.transparent.repair()
         self.rules_applied = True
         if self.ready:
