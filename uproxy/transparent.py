@@ -187,6 +187,11 @@ def transparent_source(client_ip: str, endpoint_ip: str, *, external: bool,
     * hairpin (the client is the endpoint): kube-proxy masquerades it too;
     * a client on the node itself (its own or a loopback address): the node's
       traffic is masqueraded by kube-proxy, and a loopback source cannot leave the node;
+    * an endpoint on the node itself (a host-network pod): its replies leave through
+      ``OUTPUT`` towards the client and never pass ``PREROUTING``;
+    * an endpoint said to be on this node that the node has no on-link route to (the
+      links were read before its interface existed, e.g. the CNI's bridge): whether it
+      shares a link with the client is unknown until the links are read again;
     * a client on the same on-link subnet of the same interface as the endpoint (the
       same bridge): the endpoint would answer the client directly over L2;
     * an endpoint on another node (``endpoint_here`` False, also when its node is not
@@ -208,8 +213,13 @@ def transparent_source(client_ip: str, endpoint_ip: str, *, external: bool,
     if (client.is_loopback or client.is_unspecified or client.is_multicast
             or str(client) in links.local):
         return None
+    if endpoint.is_loopback or str(endpoint) in links.local:
+        return None
     client_dev = links.interface_of(client)
-    if client_dev is not None and client_dev == links.interface_of(endpoint):
+    endpoint_dev = links.interface_of(endpoint)
+    if endpoint_here and endpoint_dev is None:
+        return None
+    if client_dev is not None and client_dev == endpoint_dev:
         return None
     if not endpoint_here and (client_dev is None or client_dev in links.default_devs):
         return None

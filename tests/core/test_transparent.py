@@ -134,8 +134,8 @@ def test_route_is_found_in_its_table() -> None:
 def test_cluster_ip_traffic_from_a_routed_client_keeps_its_address() -> None:
     # the e2e case: "should preserve source pod IP for traffic thru service cluster IP"
     assert src(CLIENT, POD1) == CLIENT
-    assert src(REMOTE_POD, POD1) == REMOTE_POD  # a pod on another node
-    assert src(POD1, REMOTE_POD) == POD1  # a pod here, the endpoint on another node
+    assert src(REMOTE_POD, POD1) == REMOTE_POD  # a pod on another node, the endpoint here
+    assert src(POD1, REMOTE_POD, here=False) == POD1  # a pod here, the endpoint elsewhere
 
 
 def test_endpoints_on_other_nodes_keep_it_only_for_this_nodes_pods() -> None:
@@ -159,13 +159,21 @@ def test_external_traffic_keeps_it_only_under_local_policy() -> None:
 
 def test_hairpin_goes_from_the_node() -> None:
     assert src(POD1, POD1) is None
-    assert src("fd00:17::2", "fd00:17::2", links=NodeLinks()) is None
+    assert src("fd00:17::2", "fd00:17::2") is None
 
 
 def test_node_local_and_loopback_clients_go_from_the_node() -> None:
     for client in ("10.99.0.1", "172.17.0.1", "127.0.0.1", "127.3.4.5", "::1", "fd00:99::1",
                    "0.0.0.0", "::ffff:127.0.0.1"):
         assert src(client, POD1 if "." in client.split(":")[-1] else "fd00:17::2") is None, client
+
+
+def test_endpoints_on_the_node_itself_or_not_on_link_go_from_the_node() -> None:
+    assert src(CLIENT, "172.17.0.1") is None  # a host-network endpoint (the node's address)
+    assert src(CLIENT, "127.0.0.1") is None
+    # said to be on this node, but no on-link route to it (yet): unknown, so the node's
+    assert src(CLIENT, "10.244.9.9") is None
+    assert src(CLIENT, "10.244.9.9", here=False) == CLIENT  # remote: routed, as expected
 
 
 def test_same_bridge_pods_go_from_the_node() -> None:

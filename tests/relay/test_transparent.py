@@ -172,6 +172,25 @@ def test_endpoints_on_other_nodes_keep_it_only_for_clients_routed_to_this_node(
     assert tcp_peer(lab, "client", CLUSTER_IP, 80, source=routed) == routed  # endpoint here
 
 
+def test_an_endpoint_on_a_link_that_appeared_after_start_is_learnt_at_once(
+        lab: Lab, flavor: Flavor, daemons: list[NodeProxy]) -> None:
+    """A CNI creates its bridge with the first pod, after uproxy started: until the links
+    are read again uproxy cannot tell whether a client shares the endpoint's link, so it
+    connects from the node -- and reads them again at once, not at the next full sync."""
+    late = "172.18.0.2"
+    lab.start_echo(3, tcp_ports=(8080,))
+    node = NodeProxy(lab, loop=flavor.loop, native=flavor.native)  # --sync-period 30s
+    daemons.append(node)
+    node.write("late.yaml", service("late", "10.0.0.90", PORTS[:1]),
+               endpoint_slice("late", [late], SLICE_PORTS[:1], node_names={late: "node"}))
+    node.start(wait_for="default/late:http cluster IP")
+    lab.run("pod3", ["ip", "addr", "add", f"{late}/32", "dev", "eth0"])
+    lab.run("node", ["ip", "route", "add", f"{late}/32", "dev", "br0"])  # the new link
+    assert tcp_peer(lab, "client", "10.0.0.90", 80) == lab.bridge_ip
+    wait_until(lambda: tcp_peer(lab, "client", "10.0.0.90", 80) == lab.client_ip, timeout=5,
+               message="the new link was not learnt")
+
+
 # --- IPv6: the edge alone (the daemon serves IPv4 only on this branch) ------------------
 
 PEER_SERVER_V6 = """

@@ -19,10 +19,12 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import shutil
 import socket
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,6 +38,8 @@ IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
 IPV6_TRANSPARENT = 75  # Python 3.11 has no socket.IPV6_TRANSPARENT
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 _CACHE_MAX = 4096
+LINKS_REFRESH_MIN = 1.0  # seconds between on-demand re-reads of the node's links, doubling
+LINKS_REFRESH_MAX = 30.0  # while a read finds nothing new (an endpoint that is never on-link)
 
 
 def backend_socket(family: int, kind: int, source: str | None) -> socket.socket:
@@ -77,6 +81,9 @@ class Transparent:
         self.links = NodeLinks()
         self.refused: dict[int, str] = {}
         self._cache: dict[tuple[str, str, bool, bool, bool], str | None] = {}
+        self._links_read = 0.0  # monotonic time of the last read
+        self._links_wait = LINKS_REFRESH_MIN
+        self._links_task: asyncio.Task[None] | None = None
 
     @property
     def active(self) -> bool:
@@ -100,10 +107,26 @@ class Transparent:
             got = transparent.transparent_source(client_ip, endpoint_ip, external=external,
                                                  external_local=external_local,
                                                  links=self.links, endpoint_here=here)
+            if here and got is None and self._links_unknown(endpoint_ip):
+                return None  # not cached: asked again until the links are read
         if len(self._cache) >= _CACHE_MAX:
             self._cache.clear()
         self._cache[key] = got
         return got
+
+    def _links_unknown(self, endpoint_ip: str) -> bool:
+        """An endpoint of this node with no on-link route: the links were read before its
+        interface existed (a CNI creates its bridge with the first pod). Read them again
+        soon rather than at the next full sync; the connections meanwhile go from the node."""
+        try:
+            if self.links.interface_of(ipaddress.ip_address(endpoint_ip)) is not None:
+                return False
+        except ValueError:
+            return False
+        busy = self._links_task is not None and not self._links_task.done()
+        if not busy and time.monotonic() - self._links_read >= self._links_wait:
+            self._links_task = asyncio.get_running_loop().create_task(self._read_links())
+        return True
 
     # Lifecycle ------------------------------------------------------------------------------
     async def start(self, *, wanted: bool, why_not: str = "") -> None:
@@ -203,6 +226,8 @@ class Transparent:
         removed = 0
         for family in FAMILIES:
             removed += await self._remove(family)
+        if self._links_task is not None:
+            self._links_task.cancel()
         self.families.clear()
         self._cache.clear()
         return removed
@@ -241,6 +266,7 @@ class Transparent:
     async def _read_links(self) -> None:
         if not self.families:
             return
+        self._links_read = time.monotonic()
         data: list[list[dict[str, Any]]] = []
         for argv in (("ip", "-j", "addr", "show"), ("ip", "-j", "-4", "route", "show"),
                      ("ip", "-j", "-6", "route", "show")):
@@ -254,6 +280,9 @@ class Transparent:
         if links != self.links:
             self.links = links
             self._cache.clear()
+            self._links_wait = LINKS_REFRESH_MIN
+        else:
+            self._links_wait = min(self._links_wait * 2, LINKS_REFRESH_MAX)
 
 
 def backend_socket_probe(family: int) -> socket.socket:
