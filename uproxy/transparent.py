@@ -91,20 +91,21 @@ def render_mangle_cleanup(chains: Iterable[str]) -> str:
 
 
 def chain_intact(save_text: str) -> bool:
-    """``iptables-save -t mangle`` shows the chain with exactly its rule and the hook."""
+    """``iptables-save -t mangle`` shows the chain with exactly its rule and one hook."""
     lines = [line.strip() for line in save_text.splitlines()]
     own = [line for line in lines if line.startswith(f"-A {CHAIN} ")]
-    hooked = any(line.startswith("-A PREROUTING ") and line.endswith(f"-j {CHAIN}")
-                 and HOOK_COMMENT in line for line in lines)
-    return own == [MARK_RULE] and hooked
+    hooks = [line for line in lines if line.startswith("-A ") and line.endswith(f"-j {CHAIN}")]
+    return own == [MARK_RULE] and len(hooks) == 1 and hooks[0].startswith("-A PREROUTING ")
 
 
 # --- policy routing -------------------------------------------------------------------------
 
 
-def rule_spec() -> tuple[str, ...]:
-    """``ip rule add|del`` arguments of uproxy's rule (the same for ``-4`` and ``-6``)."""
-    return ("fwmark", MARK_TEXT, "lookup", str(TABLE), "pref", str(RULE_PREF))
+def rule_spec(*, pref: bool = True) -> tuple[str, ...]:
+    """``ip rule add`` arguments of uproxy's rule (the same for ``-4`` and ``-6``); without
+    ``pref``, for ``ip rule del``: deletes one such rule whatever its preference."""
+    spec = ("fwmark", MARK_TEXT, "lookup", str(TABLE))
+    return (*spec, "pref", str(RULE_PREF)) if pref else spec
 
 
 def route_spec(family: int) -> tuple[str, ...]:

@@ -98,6 +98,8 @@ def test_save_text_is_read_by_the_shared_helpers_and_checked_whole() -> None:
     assert not chain_intact(SAVED.replace(f"-A PREROUTING -m comment --comment "
                                           f'"{HOOK_COMMENT}" -j {CHAIN}\n', ""))  # unhooked
     assert not chain_intact(SAVED.replace(MARK_RULE, MARK_RULE + "\n" + MARK_RULE))
+    hook = f'-A PREROUTING -m comment --comment "{HOOK_COMMENT}" -j {CHAIN}'
+    assert not chain_intact(SAVED.replace(hook, hook + "\n" + hook))  # hooked twice
     assert HOOKS[0][0] == "PREROUTING"
 
 
@@ -106,6 +108,7 @@ def test_save_text_is_read_by_the_shared_helpers_and_checked_whole() -> None:
 
 def test_rule_and_route_specs() -> None:
     assert rule_spec() == ("fwmark", "0x1000/0x1000", "lookup", str(TABLE), "pref", "100")
+    assert rule_spec(pref=False) == rule_spec()[:4]
     assert route_spec(4) == ("local", "0.0.0.0/0", "dev", "lo", "table", str(TABLE))
     assert route_spec(6)[1] == "::/0"
 

@@ -298,10 +298,20 @@ def _leftovers(lab: Lab) -> list[str]:
 
 
 def _present(lab: Lab) -> bool:
-    return all(transparent.chain_intact(lab.run("node", [save, "-t", "mangle"]).stdout)
-               for save in ("iptables-save", "ip6tables-save")) and all(
-        transparent.count_rules(lab.run("node", ["ip", flag, "rule", "show"]).stdout) == 1
-        for flag in ("-4", "-6"))
+    """Everything in place, each exactly once, both families."""
+    for save in ("iptables-save", "ip6tables-save"):
+        text = lab.run("node", [save, "-t", "mangle"]).stdout
+        hooks = [ln for ln in text.splitlines() if ln.startswith("-A PREROUTING")
+                 and transparent.CHAIN in ln]
+        if not transparent.chain_intact(text) or len(hooks) != 1:
+            return False
+    for flag in ("-4", "-6"):
+        if transparent.count_rules(lab.run("node", ["ip", flag, "rule", "show"]).stdout) != 1:
+            return False
+        if not transparent.route_present(lab.run(
+                "node", ["ip", flag, "route", "show", "table", str(transparent.TABLE)]).stdout):
+            return False
+    return True
 
 
 def test_rules_are_repaired_and_removed_by_shutdown_and_cleanup(lab: Lab, web: None) -> None:
@@ -314,16 +324,24 @@ def test_rules_are_repaired_and_removed_by_shutdown_and_cleanup(lab: Lab, web: N
         lab.run("node", ["iptables", "-t", "mangle", "-F", transparent.CHAIN])
         lab.run("node", ["ip", "-4", "rule", "del", *transparent.rule_spec()])
         lab.run("node", ["ip", "-6", "route", "flush", "table", str(transparent.TABLE)])
-        wait_until(lambda: _present(lab) and bool(lab.run(
-            "node", ["ip", "-6", "route", "show", "table", str(transparent.TABLE)]).stdout),
-            timeout=10, message="transparent rules not repaired")
+        wait_until(lambda: _present(lab), timeout=10, message="transparent rules not repaired")
+        # ... or adds them twice:
+        lab.run("node", ["iptables", "-t", "mangle", "-I", "PREROUTING", "-m", "comment",
+                         "--comment", transparent.HOOK_COMMENT, "-j", transparent.CHAIN])
+        lab.run("node", ["ip", "-6", "rule", "add", *transparent.rule_spec(pref=False),
+                         "pref", "200"])
+        wait_until(lambda: _present(lab), timeout=10, message="duplicates not removed")
         assert tcp_peer(lab, "client", CLUSTER_IP, 80) == lab.client_ip
         # A clean shutdown removes everything.
         assert node.stop() == 0
         assert _leftovers(lab) == []
-        # A crash leaves it behind; `uproxy cleanup` removes it.
+        # A crash leaves it behind; the next start keeps it (once), `uproxy cleanup` removes it.
         node.start(wait_for="default/web:http loadbalancer IP")
         assert _present(lab)
+        node.stop(signal.SIGKILL)
+        node.start(wait_for="default/web:http loadbalancer IP")
+        assert _present(lab)
+        assert tcp_peer(lab, "client", CLUSTER_IP, 80) == lab.client_ip
         node.stop(signal.SIGKILL)
         assert _leftovers(lab) != []
         done = lab.run("node", [sys.executable, "-m", "uproxy", "cleanup"])

@@ -130,13 +130,15 @@ class Transparent:
 
     # Lifecycle ------------------------------------------------------------------------------
     async def start(self, *, wanted: bool, why_not: str = "") -> None:
-        """Remove what an earlier run left, then turn the mode on where the node allows it.
+        """Turn the mode on where the node allows it, or off (removing what an earlier
+        run left) when not ``wanted`` (``--masquerade-all``; ``why_not`` is logged).
 
-        ``wanted`` False (``--masquerade-all``, or uproxy does not manage iptables):
-        stays off, ``why_not`` is logged.
+        Rules an earlier run left are kept as they are, not removed and added again:
+        connections that run handed over, or whose replies are still on the way, keep
+        arriving in their sockets.
         """
-        await self.cleanup()
         if not wanted:
+            await self.cleanup()
             if why_not:
                 log.info("transparent backend connections off (%s): backends see the "
                          "node's address", why_not)
@@ -147,6 +149,7 @@ class Transparent:
                 self.families.add(family)
             else:
                 self.refused[family] = reason
+                await self._remove(family)
         await self._read_links()
         if self.families == set(FAMILIES):
             log.info("transparent backend connections on: backends see the client's address")
@@ -170,14 +173,26 @@ class Transparent:
         except OSError as exc:
             return f"IP_TRANSPARENT: {exc.strerror or exc}"
         probe.close()
-        rc, err = await _run(f"{cmd}-restore", "--noflush", "-w", "5",
-                             stdin=transparent.render_mangle(hooks=True))
+        _, error = await self._ensure_mangle(family)
+        return error or await self._ensure_routing(family)
+
+    async def _ensure_mangle(self, family: int) -> tuple[bool, str | None]:
+        """The chain with its rule and one hook, changed only where it differs.
+        Returns (changed, the reason it failed)."""
+        cmd = "ip6tables" if family == 6 else "iptables"
+        rc, saved = await _run(f"{cmd}-save", "-t", "mangle", output=True)
         if rc != 0:
-            return f"{cmd} mangle rule with -m socket refused: {err}"
-        reason = await self._ensure_routing(family)
-        if reason is not None:
-            await self._remove(family)
-        return reason
+            return False, f"{cmd}-save failed"
+        if transparent.chain_intact(saved):
+            return False, None
+        hooks = [line for line in rules.hook_lines(saved) if transparent.CHAIN in line]
+        for extra in hooks[1:]:
+            await _run(cmd, "-w", "5", "-t", "mangle", "-D", *_unquote(extra.split()[1:]))
+        rc, err = await _run(f"{cmd}-restore", "--noflush", "-w", "5",
+                             stdin=transparent.render_mangle(hooks=not hooks))
+        if rc != 0:
+            return True, f"{cmd} mangle rule with -m socket refused: {err}"
+        return True, None
 
     async def _ensure_routing(self, family: int) -> str | None:
         flag = f"-{family}"
@@ -187,7 +202,10 @@ class Transparent:
         rc, out = await _run("ip", flag, "rule", "show", output=True)
         if rc != 0:
             return f"ip rule: {out}"
-        if transparent.count_rules(out) == 0:
+        count = transparent.count_rules(out)
+        for _ in range(count - 1):  # duplicates (added by hand, or a race of two runs)
+            await _run("ip", flag, "rule", "del", *transparent.rule_spec(pref=False))
+        if count == 0:
             rc, err = await _run("ip", flag, "rule", "add", *transparent.rule_spec())
             if rc != 0:
                 return f"ip rule: {err}"
@@ -197,20 +215,15 @@ class Transparent:
         """Full sync: put back what someone removed; re-read the links. Returns repairs made."""
         repaired = 0
         for family in sorted(self.families):
-            cmd = "ip6tables" if family == 6 else "iptables"
-            rc, saved = await _run(f"{cmd}-save", "-t", "mangle", output=True)
-            if rc == 0 and not transparent.chain_intact(saved):
-                hooked = bool(rules.hook_lines(saved))
-                rc, err = await _run(f"{cmd}-restore", "--noflush", "-w", "5",
-                                     stdin=transparent.render_mangle(hooks=not hooked))
-                if rc != 0:
-                    log.error("transparent mode: restoring the %s mangle rule: %s", cmd, err)
-                repaired += 1
+            changed, error = await self._ensure_mangle(family)
+            if error is not None:
+                log.error("transparent mode: restoring the IPv%d mangle rule: %s", family, error)
+            repaired += changed
             flag = f"-{family}"
             _, route = await _run("ip", flag, "route", "show", "table", str(transparent.TABLE),
                                   output=True)
             _, shown = await _run("ip", flag, "rule", "show", output=True)
-            if not transparent.route_present(route) or transparent.count_rules(shown) == 0:
+            if not transparent.route_present(route) or transparent.count_rules(shown) != 1:
                 reason = await self._ensure_routing(family)
                 if reason is not None:
                     log.error("transparent mode: restoring IPv%d policy routing: %s", family,
@@ -254,7 +267,7 @@ class Transparent:
             flag = f"-{family}"
             _, shown = await _run("ip", flag, "rule", "show", output=True)
             for _ in range(transparent.count_rules(shown)):
-                rc, _err = await _run("ip", flag, "rule", "del", *transparent.rule_spec())
+                rc, _err = await _run("ip", flag, "rule", "del", *transparent.rule_spec(pref=False))
                 removed += rc == 0
             _, route = await _run("ip", flag, "route", "show", "table", str(transparent.TABLE),
                                   output=True)
