@@ -5,7 +5,8 @@
 #
 # Only the official Python image. Two stages because the native splice relay (cffi, C)
 # needs a compiler at build time and not at run time; the runtime stage adds iptables
-# (uproxy's REDIRECT rules) and conntrack (stale UDP flows) and installs the wheel.
+# (uproxy's REDIRECT rules), conntrack (stale UDP flows) and iproute2 (`ip`: transparent
+# mode's policy routing, the node's addresses) and installs the wheel.
 # Debian's iptables uses the nft backend, which is what current Docker hosts use too. The
 # rules must land in the backend the node itself uses; on nodes still on legacy iptables,
 # switch in the image with: update-alternatives --set iptables /usr/sbin/iptables-legacy
@@ -21,7 +22,7 @@ RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 FROM python:3.11-slim
 RUN apt-get update \
- && apt-get install -y --no-install-recommends iptables conntrack \
+ && apt-get install -y --no-install-recommends iptables conntrack iproute2 \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir --no-index --find-links /wheels uproxy \

@@ -8,7 +8,10 @@ Every peer is reached by the client at the same addresses (the ClusterIPs
   ``KUBE-SEP-*`` with ``-j DNAT --to-destination``);
 - uproxy (native splice engine, and its pure-Python twin): the real daemon via
   :class:`uproxy.demo.node.NodeProxy` and manifests for the same ClusterIPs;
-  it intercepts with ``REDIRECT`` into its own sockets;
+  it intercepts with ``REDIRECT`` into its own sockets. It connects to the
+  backends from the client's address (transparent mode, the default); the native
+  engine also runs with ``--masquerade-all`` (from the node's address, TCP rows
+  only) to show what transparent mode costs;
 - nginx stream and HAProxy: listening on local ports in the node namespace,
   reached through ``REDIRECT`` rules for the ClusterIPs -- the same
   interception uproxy uses, so the comparison is of the proxies, not of how
@@ -47,7 +50,9 @@ LOCAL_PORTS = {HTTP_PORT: 18080, BULK_PORT: 15201, DNS_PORT: 10053}
 
 KERNEL, NATIVE, PYTHON, NGINX, HAPROXY, C_UDP = (
     "kernel DNAT", "uproxy native", "uproxy python", "nginx stream", "HAProxy", "C UDP relay")
-ALL_PEERS = (KERNEL, NATIVE, PYTHON, NGINX, HAPROXY, C_UDP)
+NATIVE_MASQ = "uproxy native masquerade-all"
+ALL_PEERS = (KERNEL, NATIVE, NATIVE_MASQ, PYTHON, NGINX, HAPROXY, C_UDP)
+UPROXY_PEERS = (NATIVE, NATIVE_MASQ, PYTHON)
 NATIVE_SRC = Path(__file__).resolve().parent.parent / "native"
 
 
@@ -166,11 +171,14 @@ class Uproxy:
     udp = tcp = True
 
     def __init__(self, lab: Lab, backends: Backends, *, native: bool,
-                 args: tuple[str, ...] = ()) -> None:
-        self.name = NATIVE if native else PYTHON
+                 args: tuple[str, ...] = (), masquerade_all: bool = False) -> None:
+        self.name = NATIVE_MASQ if masquerade_all else NATIVE if native else PYTHON
+        self.udp = not masquerade_all  # its TCP rows are the comparison; DNS is the same
         self.lab = lab
+        if masquerade_all:
+            args = (*args, "--masquerade-all")
         self.node = NodeProxy(lab, native=native, loop="uvloop", args=args,
-                              name="uproxy-native" if native else "uproxy-python")
+                              name=self.name.replace(" ", "-"))
         self.node.write(
             "bench.yaml",
             service("web", VIP, [{"name": "http", "port": HTTP_PORT, "targetPort": HTTP_PORT},

@@ -231,7 +231,9 @@ at a time (started, measured, stopped, conntrack flushed).
 - **uproxy native** / **uproxy python**: the real daemon (`uproxy run --manifests DIR
   --loop uvloop`) via `uproxy.demo.node.NodeProxy`, one process; python = same daemon
   with `UPROXY_NO_NATIVE=1` (pure-Python relay twin). Interception: its own
-  `REDIRECT` rules into its sockets.
+  `REDIRECT` rules into its sockets. Both connect to the backends from the client's
+  address (transparent mode, the default); **uproxy native masquerade-all** is the native
+  daemon with `--masquerade-all` (from the node's address), TCP rows only.
 - **nginx stream**: Debian nginx with `load_module ngx_stream_module.so`,
   **`worker_processes 1`** (to match uproxy's single process), `worker_connections
   40000`, `upstream {{ random; server pod1; server pod2; }}`, `listen {http}` (HTTP),

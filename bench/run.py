@@ -44,8 +44,10 @@ from bench.peers import (
     KERNEL,
     LOCAL_PORTS,
     NATIVE,
+    NATIVE_MASQ,
     NGINX,
     PYTHON,
+    UPROXY_PEERS,
     VIP,
     VIP_BULK,
     Backends,
@@ -170,6 +172,8 @@ def make_peer(name: str, lab: Lab, backends: Backends) -> Peer:
         return KernelDnat(lab, backends)
     if name == NATIVE:
         return Uproxy(lab, backends, native=True)
+    if name == NATIVE_MASQ:
+        return Uproxy(lab, backends, native=True, masquerade_all=True)
     if name == PYTHON:
         return Uproxy(lab, backends, native=False)
     if name == NGINX:
@@ -247,7 +251,7 @@ def run_status(lab: Lab, peer: Peer, opts: Options, res: Results) -> None:
     One ``curl -N`` on /api/v1/connections/watch is what an open page costs: the
     page gets its rows, batched events and periodic snapshots over that stream.
     """
-    if peer.name not in (NATIVE, PYTHON):
+    if peer.name not in UPROXY_PEERS:
         return
     watch = lab.spawn("node", ["curl", "-sN", "-o", "/dev/null",
                                "http://127.0.0.1:10249/api/v1/connections/watch"], "watch")

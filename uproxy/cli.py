@@ -227,8 +227,12 @@ def cmd_cleanup(_: argparse.Namespace) -> int:
     if shutil.which("iptables-save") is None:
         raise UsageError("iptables-save not found: install iptables (apt-get install iptables)")
     from uproxy.iptables import Iptables
+    from uproxy.proxy.transparent import Transparent
 
-    removed = asyncio.run(Iptables().cleanup())
+    async def cleanup() -> int:
+        return await Iptables().cleanup() + await Transparent().cleanup()
+
+    removed = asyncio.run(cleanup())
     print(f"removed {removed} uproxy rules and chains")
     return EXIT_OK
 
@@ -261,8 +265,19 @@ def cmd_rules(args: argparse.Namespace) -> int:
            "a running uproxy uses the first free ones"]
     out.extend(f"# skipped: {r.name} {r.kind} {r.address} is IPv6; uproxy serves IPv4 only"
                for r in redirects.skipped)
-    sys.stdout.write("\n".join(out) + "\n" + render(redirects.rules))
+    sys.stdout.write("\n".join(out) + "\n" + render(redirects.rules) + _transparent_rules())
     return EXIT_OK
+
+
+def _transparent_rules() -> str:
+    """Transparent mode's part of ``uproxy rules``: the same for every manifest."""
+    from uproxy import transparent
+
+    lines = ["# transparent mode (off with --masquerade-all): iptables and ip6tables mangle,",
+             "# and policy routing for both families:"]
+    lines += [f"#   ip -{f} rule add {' '.join(transparent.rule_spec())}; "
+              f"ip -{f} route replace {' '.join(transparent.route_spec(f))}" for f in (4, 6)]
+    return "\n".join(lines) + "\n" + transparent.render_mangle(hooks=True)
 
 
 def cmd_get(args: argparse.Namespace) -> int:

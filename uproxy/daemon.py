@@ -36,6 +36,7 @@ from uproxy.proxy.listeners import Listener, ListenerKey, ListenerSet, Listening
 from uproxy.proxy.ports import PortAllocator
 from uproxy.proxy.relay import make_relay
 from uproxy.proxy.tcp import TcpProxy
+from uproxy.proxy.transparent import Transparent
 from uproxy.redirects import redirects_of
 from uproxy.rules import Redirect, render
 from uproxy.settings import Settings
@@ -69,9 +70,11 @@ class Daemon:
         self.allocator = PortAllocator(settings.proxy_port_range)
         self.loop = asyncio.get_running_loop()
         self.relay = make_relay(self.loop)
+        self.transparent = Transparent(settings.hostname_override)  # on: _prepare_iptables
         self.proxies: dict[str, ProtocolProxy] = {
             "TCP": TcpProxy(loop=self.loop, relay=self.relay, balancer=self.balancer,
-                            conns=self.conns, metrics=self.metrics),
+                            conns=self.conns, metrics=self.metrics,
+                            transparent=self.transparent),
         }
         self._add_udp()
         self._served = Served()
@@ -101,7 +104,8 @@ class Daemon:
             return
         self.proxies["UDP"] = UdpProxy(loop=self.loop, balancer=self.balancer, conns=self.conns,
                                        metrics=self.metrics, settings=self.settings,
-                                       max_flows=self.settings.udp_max_flows)
+                                       max_flows=self.settings.udp_max_flows,
+                                       transparent=self.transparent)
 
     @property
     def served(self) -> dict[ServicePortName, Entry]:
@@ -176,6 +180,10 @@ class Daemon:
             self._hooks_in_place = True
         except (IptablesError, OSError) as exc:  # the first sync tries again and reports it
             log.debug("preparing iptables: %s", exc)
+        # Before the first rules: the first connection already goes from the client.
+        masquerade_all = self.settings.masquerade_all
+        await self.transparent.start(wanted=not masquerade_all,
+                                     why_not="--masquerade-all" if masquerade_all else "")
 
     async def _run_source(self) -> None:
         try:
@@ -224,6 +232,7 @@ class Daemon:
                 await self.iptables.cleanup()
             except IptablesError as exc:
                 log.error("removing rules at shutdown: %s", exc)
+            await self.transparent.cleanup()  # after the drain: open connections need it
         log.info("stopped")
 
     # Sync -----------------------------------------------------------------------------------
@@ -315,6 +324,8 @@ class Daemon:
                 self.queued_since = queued or time.time()
                 self._last_rules = ""  # render and apply again next time
                 return
+            if full and self.rules_applied and self.transparent.active:  # (just applied at start)
+                await self.transparent.repair()
         self.rules_applied = True
         if self.ready:
             self._gc.resume()

@@ -192,6 +192,8 @@ class Setting:
     """Repeatable flag, ``os.pathsep``-separated variable, list in the config file."""
     show: Callable[[Any], str] = str
     """The default as the user would write it."""
+    bare: str | None = None
+    """The flag may be given without a value, meaning this one (kube-proxy's bool flags)."""
     default_text: str | None = None
     """Says what the default means where the value itself would not (e.g. ``None``)."""
 
@@ -270,6 +272,9 @@ class Settings:
     healthz_address: tuple[str, int] = setting(
         ("0.0.0.0", 10256), parse=_hostport, metavar="HOST:PORT", show=_show_hostport,
         help="/healthz, /livez and /readyz")
+    masquerade_all: bool = setting(
+        False, parse=_boolean, show=_show_bool, metavar="BOOL", bare="true",
+        help="backends always see the node's address")
     loop: str = setting(
         "uvloop", parse=_choice(("uvloop", "asyncio")), choices=("uvloop", "asyncio"),
         help="event loop")
@@ -355,6 +360,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             kwargs["metavar"] = d.spec.metavar
         if d.spec.repeat:
             kwargs["action"] = "append"
+        if d.spec.bare is not None:
+            kwargs.update(nargs="?", const=d.spec.bare)
         parser.add_argument(d.flag, **kwargs)
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from uproxy.rules import KEEP_NAT_V4
+from uproxy.transparent import MARK_RULE, render_mangle, rule_spec
 
 SERVICE = """\
 apiVersion: v1
@@ -89,7 +90,9 @@ def test_rules_prints_restore_text(manifests: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
     body = [ln for ln in done.stdout.splitlines() if not ln.startswith("#")]
-    assert body == ["*nat", ":UPROXY-SERVICES - [0:0]", *EXPECTED_RULES, KEEP_NAT_V4, "COMMIT"]
+    assert body == ["*nat", ":UPROXY-SERVICES - [0:0]", *EXPECTED_RULES, KEEP_NAT_V4, "COMMIT",
+                    *render_mangle(hooks=True).splitlines()]
+    assert f"#   ip -4 rule add {' '.join(rule_spec())}; " in done.stdout
 
 
 @pytest.mark.lab  # needs root to drop it
@@ -99,7 +102,7 @@ def test_rules_needs_no_root(manifests: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
     assert [ln.replace("5000", "4000") for ln in done.stdout.splitlines()
-            if ln.startswith("-A ")] == [*EXPECTED_RULES, KEEP_NAT_V4]
+            if ln.startswith("-A ")] == [*EXPECTED_RULES, KEEP_NAT_V4, MARK_RULE]
 
 
 def test_rules_with_a_missing_path(tmp_path: Path) -> None:
@@ -182,7 +185,7 @@ def test_rules_with_problems_external_and_hostile_names(manifests: Path) -> None
         '"default/we_ird__name:web external IP" -m tcp --dport 80 -j REDIRECT --to-ports 40001',
         '-A UPROXY-SERVICES -d 198.51.100.7/32 -p tcp -m comment --comment '
         '"default/we_ird__name:web loadbalancer IP" -m tcp --dport 80 -j REDIRECT --to-ports 40001',
-        KEEP_NAT_V4,
+        KEEP_NAT_V4, MARK_RULE,
     ]
 
 

@@ -313,3 +313,15 @@ def test_nothing_below_cli_reads_the_environment() -> None:
                if re.search(r"os\.environ|os\.getenv", p.read_text())]
     # cli reads it once; the demo (wiring, beside cli) starts lab processes with it.
     assert set(readers) <= {"cli.py", "demo/lab.py"}
+
+
+def test_masquerade_all_is_kube_proxys_bool_flag_given_alone_or_with_a_value() -> None:
+    def parsed(*argv: str, env: dict[str, str] | None = None) -> bool:
+        args = build_parser().parse_args(["run", *argv])
+        return settings_from_args(args, env=env or {}).masquerade_all
+
+    assert parsed() is False
+    assert parsed("--masquerade-all") is True
+    assert parsed("--masquerade-all=true") is True
+    assert parsed("--masquerade-all", "false") is False
+    assert parsed(env={"UPROXY_MASQUERADE_ALL": "yes"}) is True

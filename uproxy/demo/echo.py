@@ -13,9 +13,10 @@ first bytes:
 - anything else: echo every byte back; on EOF from the client, finish writing
   and close (so half-closed bulk transfers come back whole).
 
-UDP: the datagram ``whoami`` gets ``NAME PORT``; any other datagram is echoed
-back unchanged, from the socket it arrived on. Plain asyncio protocols with
-flow control (no dependencies, thousands of connections); SIGTERM/SIGINT stop
+UDP: the datagram ``whoami`` gets ``NAME PORT``, ``peer`` gets the sender's ``IP PORT``
+(who the backend sees as its client, like ``client`` in the HTTP reply); any other
+datagram is echoed back unchanged, from the socket it arrived on. Plain asyncio
+protocols with flow control (no dependencies, thousands of connections); SIGTERM/SIGINT stop
 it cleanly with exit code 0.
 """
 
@@ -150,7 +151,8 @@ class TcpEcho(asyncio.Protocol):
 
 
 class UdpEcho(asyncio.DatagramProtocol):
-    """``whoami`` -> ``NAME PORT``; any other datagram back unchanged."""
+    """``whoami`` -> ``NAME PORT``; ``peer`` -> the sender's ``IP PORT``; any other datagram
+    back unchanged."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -164,7 +166,13 @@ class UdpEcho(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
         assert self.transport is not None
-        reply = f"{self.name} {self.port}".encode() if data.strip() == b"whoami" else data
+        word = data.strip()
+        if word == b"whoami":
+            reply = f"{self.name} {self.port}".encode()
+        elif word == b"peer":
+            reply = f"{addr[0]} {addr[1]}".encode()
+        else:
+            reply = data
         self.transport.sendto(reply, addr)
 
     def error_received(self, exc: Exception) -> None:

@@ -49,6 +49,7 @@ from uproxy.metrics import Metrics
 from uproxy.model import Endpoint, ServicePortName
 from uproxy.proxy.relay import Relay as RelayEngine
 from uproxy.proxy.relay import RelayResult, reset_close
+from uproxy.proxy.transparent import Transparent, backend_socket
 from uproxy.state import Entry
 
 log = logging.getLogger("uproxy.tcp")
@@ -141,8 +142,10 @@ class TcpProxy:
 
     def __init__(self, *, loop: asyncio.AbstractEventLoop, relay: RelayEngine, balancer: Balancer,
                  conns: ConnTable, metrics: Metrics,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 transparent: Transparent | None = None) -> None:
         self.loop = loop
+        self.transparent = transparent  # None or off: backends see the node's address
         self.relay = relay
         self.balancer = balancer
         self.conns = conns
@@ -280,8 +283,12 @@ class _Connect:
                                          client=self.addr,
                                          scope=self.listener.scope)
         family = socket.AF_INET6 if ":" in endpoint.ip else socket.AF_INET
+        tp = proxy.transparent
+        source = None if tp is None else tp.source_for(
+            self.client_ip, endpoint, external=self.listener.external,
+            external_local=self.entry.port.external_local)
         try:
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock = backend_socket(family, socket.SOCK_STREAM, source)
         except OSError as exc:
             self.feed(NoSocket(proxy.loop.time(), exc.errno in FD_ERRNOS, exc.strerror or str(exc)))
             return

@@ -53,6 +53,7 @@ from uproxy.flowsetup import (
 from uproxy.flowtable import EVICT_MIN_IDLE, FlowLru
 from uproxy.metrics import Metrics
 from uproxy.model import Endpoint, ServicePortName
+from uproxy.proxy.transparent import Transparent, backend_socket
 from uproxy.proxy.udp.conntrack_cleanup import ConntrackCleanup
 from uproxy.proxy.udp.flow import Flow
 from uproxy.proxy.udp.listener import UdpListener
@@ -84,8 +85,9 @@ class UdpProxy:
                  metrics: Metrics, settings: Settings, max_flows: int | None = None,
                  evict_min_idle: float = EVICT_MIN_IDLE, conntrack: Conntrack | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 native: bool | None = None) -> None:
+                 native: bool | None = None, transparent: Transparent | None = None) -> None:
         self.loop = loop
+        self.transparent = transparent  # None or off: backends see the node's address
         self.balancer = balancer
         self.conns = conns
         self.metrics = metrics
@@ -190,7 +192,8 @@ class UdpProxy:
                             entry, addr[0], now, external=listener.external)))
                     case Open(endpoint):
                         try:
-                            sock = self._backend_socket(endpoint)
+                            sock = self._backend_socket(
+                                endpoint, self._source(listener, addr[0], endpoint, entry))
                         except OSError as exc:
                             actions = setup.handle(OpenFailed(
                                 endpoint, exc.errno or 0, exc.strerror or str(exc), len(table)))
@@ -224,12 +227,21 @@ class UdpProxy:
         self._arm_sweeper()
         return flow
 
+    def _source(self, listener: UdpListener, client_ip: str, endpoint: Endpoint,
+                entry: Entry | None) -> str | None:
+        """The client's address to send from (transparent mode), or None: the node's."""
+        tp = self.transparent
+        if tp is None or entry is None:
+            return None
+        return tp.source_for(client_ip, endpoint, external=listener.external,
+                             external_local=entry.port.external_local)
+
     @staticmethod
-    def _backend_socket(endpoint: Endpoint) -> socket.socket:
+    def _backend_socket(endpoint: Endpoint, source: str | None = None) -> socket.socket:
+        """``source``: the client's address to send from (transparent mode), else the node's."""
         family = socket.AF_INET6 if ":" in endpoint.ip else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock = backend_socket(family, socket.SOCK_DGRAM, source)
         try:
-            sock.setblocking(False)
             sock.connect(endpoint.address)  # no packet: fixes the peer, filters replies
         except BaseException:
             sock.close()
