@@ -5,19 +5,31 @@ when its relay is done. Byte counts are not copied here per chunk; each entry
 keeps a reference to its relay handle and reads the counters on demand.
 Subscribers (the status server's live stream) get ``("open"|"update"|"close",
 conn)`` callbacks.
+
+The table also keeps running totals per service port and per endpoint
+(:class:`Tally`): opened, open now, failed connects, bytes of closed
+connections, UDP flows. They change only at the events the data path already
+reports (open, established, close, a failed connect): a dict lookup and a few
+integer adds, no locks, nothing per byte. Bytes of connections still open are
+read live from their relay handles by :meth:`ConnTable.live_bytes`. Tallies of
+endpoints and service ports that are gone are dropped by :meth:`ConnTable.prune`
+once nothing of theirs is open.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from uproxy.model import ServicePortName
+from uproxy.state import Entry
 
 Subscriber = Callable[[str, "Conn"], None]
+Address = tuple[str, int]
+EndpointKey = tuple[ServicePortName, Address]
 
 
 class ByteCounts(Protocol):
@@ -78,6 +90,30 @@ class Conn:
         }
 
 
+@dataclass(slots=True)
+class Tally:
+    """Running totals of one service port or one (service port, endpoint).
+
+    ``opened`` counts TCP connections and UDP flows; ``open`` is TCP connections
+    open now, ``flows`` UDP flows held now (``flows_opened`` of them ever);
+    ``failed`` failed connects (TCP) or refused sends (UDP); bytes are those of
+    closed connections (up: client to backend).
+    """
+
+    opened: int = 0
+    open: int = 0
+    failed: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    flows: int = 0
+    flows_opened: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"opened": self.opened, "open": self.open, "failed": self.failed,
+                "bytesUp": self.bytes_up, "bytesDown": self.bytes_down,
+                "udpFlows": self.flows, "udpFlowsOpened": self.flows_opened}
+
+
 def _hostport(addr: tuple[str, int]) -> str:
     host, port = addr[0], addr[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -88,11 +124,22 @@ class ConnTable:
         self._conns: dict[int, Conn] = {}
         self._ids = itertools.count(1)
         self.subscribers: set[Subscriber] = set()
+        self.services: dict[ServicePortName, Tally] = {}
+        self.endpoints: dict[EndpointKey, Tally] = {}
 
     def open(self, *, protocol: str, service: ServicePortName, client: tuple[str, int],
              scope: str) -> Conn:
         conn = Conn(next(self._ids), protocol, service, client, scope)
         self._conns[conn.id] = conn
+        tally = self.services.get(service)
+        if tally is None:
+            tally = self.services[service] = Tally()
+        if protocol == "UDP":
+            tally.flows_opened += 1
+            tally.flows += 1
+        else:
+            tally.opened += 1
+            tally.open += 1
         self._notify("open", conn)
         return conn
 
@@ -100,7 +147,28 @@ class ConnTable:
         conn.backend = backend
         conn.handle = handle
         conn.state = "open"
+        key = (conn.service, backend)
+        tally = self.endpoints.get(key)
+        if tally is None:
+            tally = self.endpoints[key] = Tally()
+        if conn.protocol == "UDP":
+            tally.flows_opened += 1
+            tally.flows += 1
+        else:
+            tally.opened += 1
+            tally.open += 1
         self._notify("update", conn)
+
+    def connect_failed(self, service: ServicePortName, endpoint: tuple[str, int]) -> None:
+        """A connect to ``endpoint`` failed (TCP), or it refused a datagram (UDP)."""
+        key = (service, endpoint)
+        tally = self.endpoints.get(key)
+        if tally is None:
+            tally = self.endpoints[key] = Tally()
+        tally.failed += 1
+        service_tally = self.services.get(service)
+        if service_tally is not None:
+            service_tally.failed += 1
 
     def close(self, conn: Conn, *, bytes_up: int = 0, bytes_down: int = 0,
               error: str | None = None) -> None:
@@ -108,9 +176,48 @@ class ConnTable:
             return
         conn.closed_up, conn.closed_down = bytes_up, bytes_down
         conn.handle = None
+        udp = conn.protocol == "UDP"
+        for tally in (self.services.get(conn.service),
+                      self.endpoints.get((conn.service, conn.backend))
+                      if conn.state == "open" and conn.backend is not None else None):
+            if tally is not None:
+                if udp:
+                    tally.flows -= 1
+                else:
+                    tally.open -= 1
+                tally.bytes_up += bytes_up
+                tally.bytes_down += bytes_down
         conn.state = "closed"
         conn.error = error
         self._notify("close", conn)
+
+    def live_bytes(self) -> dict[EndpointKey, tuple[int, int]]:
+        """Bytes (up, down) moved so far by the connections open now, per endpoint.
+
+        O(open connections): read on demand (a page refresh, a series sample),
+        never on the data path.
+        """
+        out: dict[EndpointKey, tuple[int, int]] = {}
+        for conn in self._conns.values():
+            if conn.backend is None or conn.handle is None:
+                continue
+            key = (conn.service, conn.backend)
+            up, down = out.get(key, (0, 0))
+            out[key] = (up + conn.handle.bytes_up, down + conn.handle.bytes_down)
+        return out
+
+    def prune(self, served: Mapping[ServicePortName, Entry]) -> None:
+        """Forget the tallies of service ports and endpoints no longer served, once idle.
+
+        A tally with connections or flows still open is kept whatever ``served`` says.
+        """
+        for key in [k for k, t in self.endpoints.items() if not (t.open or t.flows) and (
+                (entry := served.get(k[0])) is None
+                or all(ep.address != k[1] for ep in entry.endpoints))]:
+            del self.endpoints[key]
+        for name in [n for n, t in self.services.items()
+                     if not (t.open or t.flows) and n not in served]:
+            del self.services[name]
 
     def _notify(self, event: str, conn: Conn) -> None:
         for sub in list(self.subscribers):

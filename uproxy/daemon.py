@@ -322,6 +322,8 @@ class Daemon:
             proxy.rules_applied()
         self.last_sync = time.time()
         self.balancer.prune(table, time.monotonic())
+        if full:
+            self.conns.prune(table)
         self._observe_programming_latency()
         elapsed = time.monotonic() - started
         self.metrics.sync_duration.observe(elapsed)

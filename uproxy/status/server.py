@@ -178,7 +178,8 @@ async def endpoints(request: web.Request) -> web.Response:
     seen.observe(daemon.store, now)
     store = daemon.store
     return _json(views.endpoints(daemon.served, store.raw("EndpointSlice"),
-                                 store.raw("Endpoints"), store.raw("Service"), seen, now))
+                                 store.raw("Endpoints"), store.raw("Service"), seen, now,
+                                 daemon.conns.endpoints, daemon.conns.live_bytes()))
 
 
 async def rules(request: web.Request) -> web.Response:

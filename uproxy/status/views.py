@@ -19,6 +19,7 @@ import datetime
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from uproxy.connections import EndpointKey, Tally
 from uproxy.model import ServicePortName
 from uproxy.rules import CHAIN, KEEP_NAT_V4, Redirect, render_rule
 from uproxy.state import KINDS, Entry, Key
@@ -150,17 +151,32 @@ def services(raw: Mapping[Key, Mapping[str, Any]], served: Mapping[ServicePortNa
     return {"kind": "ServiceList", "items": items}
 
 
+def traffic(tally: Tally | None, live: tuple[int, int] | None) -> dict[str, int]:
+    """One endpoint's counters: the tally plus the bytes of its open connections."""
+    out = (tally or Tally()).as_dict()
+    if live is not None:
+        out["bytesUp"] += live[0]
+        out["bytesDown"] += live[1]
+    return out
+
+
 def endpoints(served: Mapping[ServicePortName, Entry],
               raw_slices: Mapping[Key, Mapping[str, Any]],
               raw_endpoints: Mapping[Key, Mapping[str, Any]],
               raw_services: Mapping[Key, Mapping[str, Any]],
-              seen: FirstSeen, now: float) -> Json:
+              seen: FirstSeen, now: float,
+              tallies: Mapping[EndpointKey, Tally] | None = None,
+              live: Mapping[EndpointKey, tuple[int, int]] | None = None) -> Json:
     """The endpoints of every proxied service, like ``kubectl get endpoints``.
 
     ``addresses`` lists the ready endpoints in the order kubectl prints them
     (port by port, then address); ``endpoints`` has every endpoint with its
-    conditions. The age is the oldest endpoint object's (slice or Endpoints).
+    conditions and its ``traffic`` (:class:`uproxy.connections.Tally` counters,
+    bytes including those of connections still open). The age is the oldest
+    endpoint object's (slice or Endpoints).
     """
+    tallies = tallies or {}
+    live = live or {}
     created: dict[Key, float] = {}
     for kind, raw in (("EndpointSlice", raw_slices), ("Endpoints", raw_endpoints)):
         for key, obj in raw.items():
@@ -185,6 +201,9 @@ def endpoints(served: Mapping[ServicePortName, Entry],
                     "ip": ep.ip, "port": ep.port, "portName": entry.port.name.port,
                     "protocol": entry.port.protocol, "ready": ep.ready, "serving": ep.serving,
                     "terminating": ep.terminating, "nodeName": ep.node_name, "zone": ep.zone,
+                    "service": str(entry.port.name),
+                    "traffic": traffic(tallies.get((entry.port.name, ep.address)),
+                                       live.get((entry.port.name, ep.address))),
                 })
                 if ep.ready:
                     addresses.append(str(ep))

@@ -1,0 +1,81 @@
+"""Per-endpoint traffic in ``/api/v1/endpoints``: a real daemon on loopback, real connections
+through its proxy socket to echo backends on 127.0.0.1-3 (a third one stopped to fail)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import test_utils, web
+
+from tests.support.waiting import wait_until_async
+from uproxy.status import server
+
+from .support import Stack, running_stack, talk
+
+Client = test_utils.TestClient[web.Request, web.Application]
+
+
+@pytest.fixture
+async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
+    async with running_stack(tmp_path) as s:
+        yield s
+
+
+@pytest.fixture
+async def client(stack: Stack) -> AsyncIterator[Client]:
+    app = server.make_status_app(stack.daemon)
+    async with test_utils.TestClient(test_utils.TestServer(app)) as c:
+        yield c
+
+
+async def traffic(client: Client) -> dict[str, dict[str, Any]]:
+    """default/echo:tcp's endpoints by host: their ``traffic`` counters."""
+    response = await client.get("/api/v1/endpoints")
+    assert response.status == 200
+    data = await response.json()
+    echo = next(i for i in data["items"] if i["name"] == "echo")
+    return {e["ip"]: e["traffic"] for e in echo["endpoints"]
+            if e["service"] == "default/echo:tcp"}
+
+
+async def test_traffic_to_each_pod_shows_per_endpoint(client: Client, stack: Stack) -> None:
+    # One backend down: connects to it fail and are retried on the others.
+    stack.servers[2].close()
+    await stack.servers[2].wait_closed()
+    opened: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        for _ in range(12):
+            reader, writer = await asyncio.open_connection("127.0.0.1", stack.proxy_port())
+            await talk(writer, reader, b"z" * 1000)
+            opened.append((reader, writer))
+        counts = await traffic(client)
+        live = {h: t for h, t in counts.items() if h in ("127.0.0.1", "127.0.0.2")}
+        # Both live pods got connections, all 12 are open, and the bytes of the open
+        # connections are counted (read live from the relays) each way.
+        assert all(t["opened"] >= 1 for t in live.values()), counts
+        assert sum(t["opened"] for t in live.values()) == 12
+        assert sum(t["open"] for t in live.values()) == 12
+        assert sum(t["bytesUp"] for t in live.values()) == 12_000
+        assert sum(t["bytesDown"] for t in live.values()) == 12_000
+        assert counts["127.0.0.3"]["opened"] == 0 and counts["127.0.0.3"]["failed"] >= 1
+        assert counts["127.0.0.9"] == {"opened": 0, "open": 0, "failed": 0, "bytesUp": 0,
+                                       "bytesDown": 0, "udpFlows": 0, "udpFlowsOpened": 0}
+        for _, writer in opened[:5]:
+            writer.close()
+            await writer.wait_closed()
+
+        async def five_closed() -> dict[str, dict[str, Any]] | None:
+            now = await traffic(client)
+            return now if sum(t["open"] for t in now.values()) == 7 else None
+
+        after = await wait_until_async(five_closed, timeout=10, message="5 closes to count")
+        # Closed connections keep their bytes (added at close); opened does not go down.
+        assert sum(t["opened"] for t in after.values()) == 12
+        assert sum(t["bytesUp"] for t in after.values()) == 12_000
+    finally:
+        for _, writer in opened:
+            writer.close()
