@@ -79,3 +79,31 @@ async def test_traffic_to_each_pod_shows_per_endpoint(client: Client, stack: Sta
     finally:
         for _, writer in opened:
             writer.close()
+
+
+async def test_series_follow_the_traffic(client: Client, stack: Stack) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.proxy_port())
+    try:
+        await talk(writer, reader, b"s" * 4000)
+
+        async def sampled() -> dict[str, Any] | None:
+            response = await client.get("/api/v1/series?service=default/echo")
+            data = await response.json()
+            items = {i["service"]: i for i in data["items"]}
+            echo = items.get("default/echo:tcp")
+            if echo and sum(echo["connections"]) and sum(echo["bytesUp"]):
+                return dict(data, echo=echo)
+            return None
+
+        data = await wait_until_async(sampled, timeout=10, message="a sample with the traffic")
+        echo = data["echo"]
+        assert data["interval"] == 1 and data["capacity"] == 900
+        assert len(echo["connections"]) == len(data["times"]) >= 2
+        # The connection was new in one sample (a rate >= 1/s; the sample period is about
+        # a second) and is open in the last one; the bytes each way show as a rate too.
+        assert max(echo["connections"]) >= 0.5 and echo["open"][-1] == 1
+        assert sum(echo["bytesUp"]) > 0 and sum(echo["bytesDown"]) > 0
+        assert {i["service"] for i in data["items"]} <= {"default/echo:tcp", "default/echo:alt"}
+        assert data["total"]["open"][-1] == 1
+    finally:
+        writer.close()

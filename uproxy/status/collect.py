@@ -21,6 +21,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from uproxy.connections import Conn, ConnTable
+from uproxy.series import Counters
 
 _REGISTERED: weakref.WeakKeyDictionary[CollectorRegistry, LiveCollector] = (
     weakref.WeakKeyDictionary())
@@ -72,3 +73,23 @@ def register_live_collector(registry: CollectorRegistry, conns: ConnTable) -> No
     collector = LiveCollector(conns)
     registry.register(collector)
     _REGISTERED[registry] = collector
+
+
+def readings(conns: ConnTable) -> dict[str, Counters]:
+    """Every service port's counters now, for :meth:`uproxy.series.Series.sample`.
+
+    Bytes are those of closed connections plus what the open ones moved so far,
+    so the byte rates follow long-lived connections while they run.
+    """
+    live: dict[str, tuple[int, int]] = {}
+    for (service, _), (up, down) in conns.live_bytes().items():
+        name = str(service)
+        was = live.get(name, (0, 0))
+        live[name] = (was[0] + up, was[1] + down)
+    out = {}
+    for service, t in conns.services.items():
+        name = str(service)
+        up, down = live.get(name, (0, 0))
+        out[name] = Counters(t.opened + t.flows_opened, t.bytes_up + up, t.bytes_down + down,
+                             t.open, t.flows)
+    return out

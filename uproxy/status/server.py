@@ -32,8 +32,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from uproxy import __version__, native
 from uproxy.model import ServicePortName
+from uproxy.series import Series
 from uproxy.status import views
-from uproxy.status.collect import register_live_collector
+from uproxy.status.collect import readings, register_live_collector
 from uproxy.status.stream import DEFAULT_LIMIT, MAX_LIMIT, ConnHub
 from uproxy.status.view import DaemonView
 
@@ -44,6 +45,8 @@ API_MAX_LIMIT = 100_000
 DAEMON: web.AppKey[DaemonView] = web.AppKey("daemon", object)  # type: ignore[arg-type]
 HUB: web.AppKey[ConnHub] = web.AppKey("hub", ConnHub)
 SEEN: web.AppKey[views.FirstSeen] = web.AppKey("seen", views.FirstSeen)
+SERIES: web.AppKey[Series] = web.AppKey("series", Series)
+SAMPLE_INTERVAL = 1.0  # seconds between two samples of the traffic series
 
 PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
             "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
@@ -90,6 +93,7 @@ def make_status_app(daemon: DaemonView) -> web.Application:
     app[DAEMON] = daemon
     app[HUB] = ConnHub(daemon.conns)
     app[SEEN] = views.FirstSeen()
+    app[SERIES] = Series()
     register_live_collector(daemon.metrics.registry, daemon.conns)
     app.on_startup.append(_startup)
     app.on_shutdown.append(_shutdown)
@@ -102,6 +106,7 @@ def make_status_app(daemon: DaemonView) -> web.Application:
     r.add_get("/api/v1/rules", rules)
     r.add_get("/api/v1/connections", connections)
     r.add_get("/api/v1/connections/watch", watch)
+    r.add_get("/api/v1/series", series)
     r.add_get("/metrics", metrics)
     return app
 
@@ -111,9 +116,22 @@ async def _startup(app: web.Application) -> None:
     daemon = app[DAEMON]
     app[SEEN].observe(daemon.store, time.time())
     app[_SEEN_TASK] = asyncio.get_running_loop().create_task(_watch_store(app))
+    app[_SAMPLE_TASK] = asyncio.get_running_loop().create_task(_sample(app))
 
 
 _SEEN_TASK: web.AppKey[asyncio.Task[None]] = web.AppKey("seen-task", asyncio.Task)
+_SAMPLE_TASK: web.AppKey[asyncio.Task[None]] = web.AppKey("sample-task", asyncio.Task)
+
+
+async def _sample(app: web.Application) -> None:
+    """One sample of every service port's traffic a second (O(open connections))."""
+    loop = asyncio.get_running_loop()
+    conns, ring = app[DAEMON].conns, app[SERIES]
+    next_at = loop.time()
+    while True:
+        ring.sample(time.time(), readings(conns))
+        next_at = max(next_at + SAMPLE_INTERVAL, loop.time())  # no catching up after a stall
+        await asyncio.sleep(next_at - loop.time())
 
 
 async def _watch_store(app: web.Application) -> None:
@@ -124,11 +142,12 @@ async def _watch_store(app: web.Application) -> None:
 
 
 async def _shutdown(app: web.Application) -> None:
-    task = app.get(_SEEN_TASK)
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    for key in (_SEEN_TASK, _SAMPLE_TASK):
+        task = app.get(key)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
     await app[HUB].close()
 
 
@@ -234,6 +253,11 @@ async def watch(request: web.Request) -> web.StreamResponse:
     finally:
         hub.remove(watcher)
     return response
+
+
+async def series(request: web.Request) -> web.Response:
+    """Traffic over the last 15 minutes, one sample a second: ``service=`` filters."""
+    return _json(request.app[SERIES].as_dict(request.query.get("service", "")))
 
 
 async def metrics(request: web.Request) -> web.Response:
