@@ -4,6 +4,7 @@ through its proxy socket to echo backends on 127.0.0.1-3 (a third one stopped to
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -107,3 +108,33 @@ async def test_series_follow_the_traffic(client: Client, stack: Stack) -> None:
         assert data["total"]["open"][-1] == 1
     finally:
         writer.close()
+
+
+async def test_event_log_shows_what_changed(client: Client, stack: Stack) -> None:
+    response = await client.get("/api/v1/events")
+    first = await response.json()
+    kinds = {(e["kind"], e["object"]) for e in first["items"]}
+    # The first sync added both services' ports.
+    assert ("ServiceAdded", "Service default/echo:tcp") in kinds
+    assert ("ServiceAdded", "Service web/site:") in kinds
+    assert any(e["kind"] == "Synced" for e in first["items"])
+
+    path = stack.manifest_dir / "services.yaml"
+    docs = [json.loads(d) for d in path.read_text().split("\n---\n")]
+    docs[1]["endpoints"] = [e for e in docs[1]["endpoints"] if e["addresses"] != ["127.0.0.2"]]
+    path.write_text("\n---\n".join(json.dumps(d) for d in docs))
+
+    async def removal() -> list[dict[str, Any]] | None:
+        response = await client.get(f"/api/v1/events?since={first['lastSeq']}")
+        items: list[dict[str, Any]] = (await response.json())["items"]
+        return items if any(e["kind"] == "EndpointRemoved" for e in items) else None
+
+    new = await wait_until_async(removal, timeout=10, message="the removal in the event log")
+    removed = {e["object"] for e in new if e["kind"] == "EndpointRemoved"}
+    port = stack.backend_port
+    assert removed == {f"Endpoint 127.0.0.2:{port} of default/echo:tcp",
+                       f"Endpoint 127.0.0.2:{port} of default/echo:alt"}
+    assert all(e["seq"] > first["lastSeq"] and e["time"] >= e["firstTime"] for e in new)
+    assert (await client.get("/api/v1/events?since=-1")).status == 400
+    response = await client.get("/api/v1/events?limit=1")
+    assert len((await response.json())["items"]) == 1

@@ -107,6 +107,7 @@ def make_status_app(daemon: DaemonView) -> web.Application:
     r.add_get("/api/v1/connections", connections)
     r.add_get("/api/v1/connections/watch", watch)
     r.add_get("/api/v1/series", series)
+    r.add_get("/api/v1/events", events)
     r.add_get("/metrics", metrics)
     return app
 
@@ -258,6 +259,18 @@ async def watch(request: web.Request) -> web.StreamResponse:
 async def series(request: web.Request) -> web.Response:
     """Traffic over the last 15 minutes, one sample a second: ``service=`` filters."""
     return _json(request.app[SERIES].as_dict(request.query.get("service", "")))
+
+
+async def events(request: web.Request) -> web.Response:
+    """The event log, oldest first: ``since=`` (a seq) for what is new, ``limit=`` the newest n."""
+    log = request.app[DAEMON].events
+    text = request.query.get("since", "0")
+    if not (text.isascii() and text.isdigit()):
+        return _bad_request(f"since={text!r}: not a non-negative integer")
+    limit = _limit(request, API_DEFAULT_LIMIT, API_MAX_LIMIT)
+    items = log.items(since=int(text), limit=limit)
+    return _json({"kind": "EventList", "lastSeq": log.last_seq, "total": len(log),
+                  "items": [e.as_dict() for e in items]})
 
 
 async def metrics(request: web.Request) -> web.Response:
