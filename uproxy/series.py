@@ -167,23 +167,22 @@ class Series:
     def keys(self) -> list[str]:
         return sorted(self._tracks)
 
-    def as_dict(self, wanted: str | None = None) -> dict[str, Any]:
+    def as_dict(self, wanted: str | None = None, *, items: bool = True) -> dict[str, Any]:
         """The JSON document: times (seconds since the epoch) and one value list per field.
 
         ``wanted`` keeps the service ports whose name matches (``ns/name:port``,
-        ``ns/name`` or ``name``); ``total`` is always there.
+        ``ns/name`` or ``name``); ``total`` is always there, ``keys`` names every
+        tracked port; ``items=False`` leaves the per-port lists out.
         """
         def fields(track: _Track) -> dict[str, list[float]]:
             return {f: [round(v, 3) for v in track.rings[f]] for f in FIELDS}
 
-        items = []
-        for key in self.keys():
-            if wanted and not _matches(key, wanted):
-                continue
-            items.append({"service": key, **fields(self._tracks[key])})
+        keys = self.keys()
+        found = [{"service": key, **fields(self._tracks[key])} for key in keys
+                 if items and (not wanted or _matches(key, wanted))]
         return {"kind": "SeriesList", "interval": 1, "capacity": self.capacity,
                 "times": [round(t, 3) for t in self.times], "total": fields(self._total),
-                "items": items, "untracked": self.untracked}
+                "keys": keys, "items": found, "untracked": self.untracked}
 
 
 def _matches(key: str, wanted: str) -> bool:

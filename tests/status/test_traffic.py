@@ -138,3 +138,34 @@ async def test_event_log_shows_what_changed(client: Client, stack: Stack) -> Non
     assert (await client.get("/api/v1/events?since=-1")).status == 400
     response = await client.get("/api/v1/events?limit=1")
     assert len((await response.json())["items"]) == 1
+
+
+async def test_pages_of_services_and_endpoints_busiest_first(client: Client,
+                                                             stack: Stack) -> None:
+    async def get(path: str, status: int = 200) -> Any:
+        response = await client.get(path)
+        assert response.status == status, await response.text()
+        return await response.json()
+
+    everything = await get("/api/v1/services")
+    assert everything["total"] == 2 and len(everything["items"]) == 2
+    page = await get("/api/v1/services?offset=1&limit=1")
+    assert page["total"] == 2 and page["offset"] == 1
+    assert [i["name"] for i in page["items"]] == [everything["items"][1]["name"]]
+    assert (await get("/api/v1/services?offset=5"))["items"] == []
+    await get("/api/v1/endpoints?offset=-1", status=400)
+    await get("/api/v1/endpoints?sort=age", status=400)
+
+    # By name, default/echo comes first; by traffic, web/site once it has a connection.
+    assert [i["name"] for i in (await get("/api/v1/endpoints"))["items"]] == ["echo", "site"]
+    reader, writer = await asyncio.open_connection("127.0.0.1",
+                                                   stack.proxy_port("web", "site", ""))
+    try:
+        await talk(writer, reader, b"t")
+        busiest = await get("/api/v1/endpoints?sort=traffic&limit=1")
+        assert [i["name"] for i in busiest["items"]] == ["site"] and busiest["total"] == 2
+    finally:
+        writer.close()
+    series = await get("/api/v1/series?only=total")
+    assert series["items"] == [] and "total" in series
+    await get("/api/v1/series?only=all", status=400)

@@ -82,6 +82,20 @@ def _limit(request: web.Request, default: int, maximum: int) -> int:
     return min(int(text), maximum)
 
 
+def _paged(request: web.Request, data: dict[str, Any]) -> dict[str, Any]:
+    """``offset=`` and ``limit=`` cut ``items`` (the page shows 10,000 Services a page at a
+    time); ``total`` is the count before the cut. Without them every item is sent."""
+    items = data["items"]
+    text = request.query.get("offset", "0")
+    if not (text.isascii() and text.isdigit()):
+        raise web.HTTPBadRequest(text=json.dumps({"error": f"offset={text!r}: not a "
+                                                  "non-negative integer"}),
+                                 content_type="application/json")
+    offset = int(text)
+    limit = _limit(request, len(items) or 1, API_MAX_LIMIT)
+    return dict(data, items=items[offset:offset + limit], total=len(items), offset=offset)
+
+
 def _loop_name(daemon: DaemonView) -> str:
     return type(daemon.loop).__module__.split(".")[0]
 
@@ -189,17 +203,25 @@ def _proxy_ports(daemon: DaemonView) -> dict[ServicePortName, int]:
 async def services(request: web.Request) -> web.Response:
     daemon, seen, now = request.app[DAEMON], request.app[SEEN], time.time()
     seen.observe(daemon.store, now)
-    return _json(views.services(daemon.store.raw("Service"), daemon.served, _proxy_ports(daemon),
-                                seen, now))
+    data = views.services(daemon.store.raw("Service"), daemon.served, _proxy_ports(daemon),
+                          seen, now)
+    return _json(_paged(request, data))
 
 
 async def endpoints(request: web.Request) -> web.Response:
     daemon, seen, now = request.app[DAEMON], request.app[SEEN], time.time()
     seen.observe(daemon.store, now)
     store = daemon.store
-    return _json(views.endpoints(daemon.served, store.raw("EndpointSlice"),
-                                 store.raw("Endpoints"), store.raw("Service"), seen, now,
-                                 daemon.conns.endpoints, daemon.conns.live_bytes()))
+    data = views.endpoints(daemon.served, store.raw("EndpointSlice"), store.raw("Endpoints"),
+                           store.raw("Service"), seen, now, daemon.conns.endpoints,
+                           daemon.conns.live_bytes())
+    sort = request.query.get("sort", "")
+    if sort not in ("", "name", "traffic"):
+        return _bad_request(f"sort={sort!r}: name or traffic")
+    if sort == "traffic":  # the busiest first: connections and flows since start
+        data["items"].sort(key=lambda i: -sum(e["traffic"]["opened"] + e["traffic"]
+                                               ["udpFlowsOpened"] for e in i["endpoints"]))
+    return _json(_paged(request, data))
 
 
 async def rules(request: web.Request) -> web.Response:
@@ -257,8 +279,12 @@ async def watch(request: web.Request) -> web.StreamResponse:
 
 
 async def series(request: web.Request) -> web.Response:
-    """Traffic over the last 15 minutes, one sample a second: ``service=`` filters."""
-    return _json(request.app[SERIES].as_dict(request.query.get("service", "")))
+    """Traffic over the last 15 minutes, one sample a second: ``service=`` filters the service
+    ports, ``only=total`` sends the sum of all of them alone."""
+    only = request.query.get("only", "")
+    if only not in ("", "total"):
+        return _bad_request(f"only={only!r}: total (or leave it out)")
+    return _json(request.app[SERIES].as_dict(request.query.get("service", ""), items=not only))
 
 
 async def events(request: web.Request) -> web.Response:
