@@ -169,3 +169,26 @@ async def test_pages_of_services_and_endpoints_busiest_first(client: Client,
     series = await get("/api/v1/series?only=total")
     assert series["items"] == [] and "total" in series
     await get("/api/v1/series?only=all", status=400)
+
+
+async def test_metrics_per_endpoint_and_process(client: Client, stack: Stack) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.proxy_port())
+    try:
+        await talk(writer, reader, b"m" * 1234)
+        text = await (await client.get("/metrics")).text()
+    finally:
+        writer.close()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(text) for s in f.samples}
+    (backend,) = [c.backend for c in stack.daemon.conns]
+    assert backend is not None
+    labels = (("endpoint", f"{backend[0]}:{backend[1]}"), ("service", "default/echo:tcp"))
+    assert samples[("uproxy_endpoint_connections_total", labels)] == 1
+    assert samples[("uproxy_endpoint_connections_active", labels)] == 1
+    for direction in ("up", "down"):
+        key = ("uproxy_endpoint_bytes_total", tuple(sorted((*labels, ("direction", direction)))))
+        assert samples[key] == 1234  # read live from the open connection
+    assert samples[("process_resident_memory_bytes", ())] > 0
+    assert ("process_cpu_seconds_total", ()) in samples
