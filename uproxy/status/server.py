@@ -82,18 +82,17 @@ def _limit(request: web.Request, default: int, maximum: int) -> int:
     return min(int(text), maximum)
 
 
-def _paged(request: web.Request, data: dict[str, Any]) -> dict[str, Any]:
-    """``offset=`` and ``limit=`` cut ``items`` (the page shows 10,000 Services a page at a
-    time); ``total`` is the count before the cut. Without them every item is sent."""
-    items = data["items"]
+def _page(request: web.Request, keys: list[Any]) -> tuple[list[Any], dict[str, int]]:
+    """``offset=`` and ``limit=`` pick one page of ``keys`` (the page shows 10,000 Services a
+    page at a time; only that page's documents are built). Without them: every key."""
     text = request.query.get("offset", "0")
     if not (text.isascii() and text.isdigit()):
         raise web.HTTPBadRequest(text=json.dumps({"error": f"offset={text!r}: not a "
                                                   "non-negative integer"}),
                                  content_type="application/json")
     offset = int(text)
-    limit = _limit(request, len(items) or 1, API_MAX_LIMIT)
-    return dict(data, items=items[offset:offset + limit], total=len(items), offset=offset)
+    limit = _limit(request, len(keys) or 1, API_MAX_LIMIT)
+    return keys[offset:offset + limit], {"total": len(keys), "offset": offset}
 
 
 def _loop_name(daemon: DaemonView) -> str:
@@ -203,25 +202,33 @@ def _proxy_ports(daemon: DaemonView) -> dict[ServicePortName, int]:
 async def services(request: web.Request) -> web.Response:
     daemon, seen, now = request.app[DAEMON], request.app[SEEN], time.time()
     seen.observe(daemon.store, now)
-    data = views.services(daemon.store.raw("Service"), daemon.served, _proxy_ports(daemon),
-                          seen, now)
-    return _json(_paged(request, data))
+    raw = daemon.store.raw("Service")
+    keys, paging = _page(request, sorted(raw))
+    data = views.services(raw, daemon.served, _proxy_ports(daemon), seen, now, keys=keys)
+    return _json(dict(data, **paging))
 
 
 async def endpoints(request: web.Request) -> web.Response:
+    """Every proxied service's endpoints and their traffic: ``sort=traffic`` puts the busiest
+    first (connections and flows since start), ``offset=``/``limit=`` page."""
     daemon, seen, now = request.app[DAEMON], request.app[SEEN], time.time()
     seen.observe(daemon.store, now)
     store = daemon.store
-    data = views.endpoints(daemon.served, store.raw("EndpointSlice"), store.raw("Endpoints"),
-                           store.raw("Service"), seen, now, daemon.conns.endpoints,
-                           daemon.conns.live_bytes())
     sort = request.query.get("sort", "")
     if sort not in ("", "name", "traffic"):
         return _bad_request(f"sort={sort!r}: name or traffic")
-    if sort == "traffic":  # the busiest first: connections and flows since start
-        data["items"].sort(key=lambda i: -sum(e["traffic"]["opened"] + e["traffic"]
-                                               ["udpFlowsOpened"] for e in i["endpoints"]))
-    return _json(_paged(request, data))
+    tallies = daemon.conns.endpoints
+    keys = sorted({name.service for name in daemon.served})
+    if sort == "traffic":
+        busy: dict[tuple[str, str], int] = {}
+        for (name, _), tally in tallies.items():
+            busy[name.service] = busy.get(name.service, 0) + tally.opened + tally.flows_opened
+        keys.sort(key=lambda k: -busy.get(k, 0))
+    keys, paging = _page(request, keys)
+    data = views.endpoints(daemon.served, store.raw("EndpointSlice"), store.raw("Endpoints"),
+                           store.raw("Service"), seen, now, tallies, daemon.conns.live_bytes(),
+                           keys=keys)
+    return _json(dict(data, **paging))
 
 
 async def rules(request: web.Request) -> web.Response:

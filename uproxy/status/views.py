@@ -99,13 +99,18 @@ def _list(value: Any) -> list[Any]:
 
 
 def services(raw: Mapping[Key, Mapping[str, Any]], served: Mapping[ServicePortName, Entry],
-             proxy_ports: Mapping[ServicePortName, int], seen: FirstSeen, now: float) -> Json:
-    """Every Service in the store (also those uproxy does not proxy), like ``kubectl get svc``."""
+             proxy_ports: Mapping[ServicePortName, int], seen: FirstSeen, now: float,
+             keys: Iterable[Key] | None = None) -> Json:
+    """Every Service in the store (also those uproxy does not proxy), like ``kubectl get svc``;
+    ``keys``: only these (one page), in this order."""
+    wanted = list(sorted(raw) if keys is None else keys)
+    chosen = set(wanted)
     by_service: dict[Key, dict[tuple[str, str], Entry]] = {}
     for name, entry in served.items():
-        by_service.setdefault(name.service, {})[(name.port, name.protocol)] = entry
+        if name.service in chosen:
+            by_service.setdefault(name.service, {})[(name.port, name.protocol)] = entry
     items = []
-    for key in sorted(raw):
+    for key in wanted:
         obj = raw[key]
         spec = _mapping(obj.get("spec"))
         svc_type = str(spec.get("type") or "ClusterIP")
@@ -166,17 +171,24 @@ def endpoints(served: Mapping[ServicePortName, Entry],
               raw_services: Mapping[Key, Mapping[str, Any]],
               seen: FirstSeen, now: float,
               tallies: Mapping[EndpointKey, Tally] | None = None,
-              live: Mapping[EndpointKey, tuple[int, int]] | None = None) -> Json:
+              live: Mapping[EndpointKey, tuple[int, int]] | None = None,
+              keys: Iterable[Key] | None = None) -> Json:
     """The endpoints of every proxied service, like ``kubectl get endpoints``.
 
     ``addresses`` lists the ready endpoints in the order kubectl prints them
     (port by port, then address); ``endpoints`` has every endpoint with its
     conditions and its ``traffic`` (:class:`uproxy.connections.Tally` counters,
     bytes including those of connections still open). The age is the oldest
-    endpoint object's (slice or Endpoints).
+    endpoint object's (slice or Endpoints). ``keys``: only these services (one page),
+    in this order.
     """
     tallies = tallies or {}
     live = live or {}
+    grouped: dict[Key, list[Entry]] = {}
+    for name, entry in served.items():
+        grouped.setdefault(name.service, []).append(entry)
+    wanted = list(sorted(grouped) if keys is None else keys)
+    chosen = set(wanted)
     created: dict[Key, float] = {}
     for kind, raw in (("EndpointSlice", raw_slices), ("Endpoints", raw_endpoints)):
         for key, obj in raw.items():
@@ -185,14 +197,15 @@ def endpoints(served: Mapping[ServicePortName, Entry],
                 label = _mapping(_mapping(obj.get("metadata")).get("labels")).get(
                     SERVICE_NAME_LABEL)
                 service = (key[0], str(label or ""))
+            if service not in chosen:
+                continue
             when = _created(obj, kind, key, seen)
             if when is not None and (service not in created or when < created[service]):
                 created[service] = when
-    grouped: dict[Key, list[Entry]] = {}
-    for name, entry in served.items():
-        grouped.setdefault(name.service, []).append(entry)
     items = []
-    for key in sorted(grouped):
+    for key in wanted:
+        if key not in grouped:
+            continue
         addresses: list[str] = []
         eps: list[Json] = []
         for entry in grouped[key]:
