@@ -43,6 +43,37 @@ class ByteCounts(Protocol):
     def native(self) -> bool: ...
 
 
+@dataclass(slots=True)
+class Tally:
+    """Running totals of one service port or one (service port, endpoint).
+
+    ``opened`` counts TCP connections and UDP flows; ``open`` is TCP connections
+    open now, ``flows`` UDP flows held now (``flows_opened`` of them ever);
+    ``failed`` failed connects (TCP) or refused sends (UDP); bytes are those of
+    closed connections (up: client to backend).
+    """
+
+    opened: int = 0
+    open: int = 0
+    failed: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    flows: int = 0
+    flows_opened: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"opened": self.opened, "open": self.open, "failed": self.failed,
+                "bytesUp": self.bytes_up, "bytesDown": self.bytes_down,
+                "udpFlows": self.flows, "udpFlowsOpened": self.flows_opened}
+
+
+@dataclass(slots=True)
+class ServiceTally(Tally):
+    """A service port's totals, and its endpoints' (by address)."""
+
+    by_endpoint: dict[Address, Tally] = field(default_factory=dict)
+
+
 @dataclass(slots=True, eq=False)
 class Conn:
     id: int
@@ -57,6 +88,9 @@ class Conn:
     closed_up: int = 0
     closed_down: int = 0
     error: str | None = None
+    # Where close() adds this connection's end: no lookups (no hashing) on the way out.
+    tally: ServiceTally | None = field(default=None, repr=False)
+    endpoint_tally: Tally | None = field(default=None, repr=False)
 
     @property
     def bytes_up(self) -> int:
@@ -90,30 +124,6 @@ class Conn:
         }
 
 
-@dataclass(slots=True)
-class Tally:
-    """Running totals of one service port or one (service port, endpoint).
-
-    ``opened`` counts TCP connections and UDP flows; ``open`` is TCP connections
-    open now, ``flows`` UDP flows held now (``flows_opened`` of them ever);
-    ``failed`` failed connects (TCP) or refused sends (UDP); bytes are those of
-    closed connections (up: client to backend).
-    """
-
-    opened: int = 0
-    open: int = 0
-    failed: int = 0
-    bytes_up: int = 0
-    bytes_down: int = 0
-    flows: int = 0
-    flows_opened: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return {"opened": self.opened, "open": self.open, "failed": self.failed,
-                "bytesUp": self.bytes_up, "bytesDown": self.bytes_down,
-                "udpFlows": self.flows, "udpFlowsOpened": self.flows_opened}
-
-
 def _hostport(addr: tuple[str, int]) -> str:
     host, port = addr[0], addr[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -124,8 +134,13 @@ class ConnTable:
         self._conns: dict[int, Conn] = {}
         self._ids = itertools.count(1)
         self.subscribers: set[Subscriber] = set()
-        self.services: dict[ServicePortName, Tally] = {}
-        self.endpoints: dict[EndpointKey, Tally] = {}
+        self.services: dict[ServicePortName, ServiceTally] = {}
+
+    @property
+    def endpoints(self) -> dict[EndpointKey, Tally]:
+        """Every endpoint's tally, by (service port, address): built when asked."""
+        return {(name, address): tally for name, service in self.services.items()
+                for address, tally in service.by_endpoint.items()}
 
     def open(self, *, protocol: str, service: ServicePortName, client: tuple[str, int],
              scope: str) -> Conn:
@@ -133,13 +148,14 @@ class ConnTable:
         self._conns[conn.id] = conn
         tally = self.services.get(service)
         if tally is None:
-            tally = self.services[service] = Tally()
+            tally = self.services[service] = ServiceTally()
         if protocol == "UDP":
             tally.flows_opened += 1
             tally.flows += 1
         else:
             tally.opened += 1
             tally.open += 1
+        conn.tally = tally
         self._notify("open", conn)
         return conn
 
@@ -147,28 +163,29 @@ class ConnTable:
         conn.backend = backend
         conn.handle = handle
         conn.state = "open"
-        key = (conn.service, backend)
-        tally = self.endpoints.get(key)
-        if tally is None:
-            tally = self.endpoints[key] = Tally()
-        if conn.protocol == "UDP":
-            tally.flows_opened += 1
-            tally.flows += 1
-        else:
-            tally.opened += 1
-            tally.open += 1
+        if conn.tally is not None:
+            tally = conn.tally.by_endpoint.get(backend)
+            if tally is None:
+                tally = conn.tally.by_endpoint[backend] = Tally()
+            if conn.protocol == "UDP":
+                tally.flows_opened += 1
+                tally.flows += 1
+            else:
+                tally.opened += 1
+                tally.open += 1
+            conn.endpoint_tally = tally
         self._notify("update", conn)
 
     def connect_failed(self, service: ServicePortName, endpoint: tuple[str, int]) -> None:
         """A connect to ``endpoint`` failed (TCP), or it refused a datagram (UDP)."""
-        key = (service, endpoint)
-        tally = self.endpoints.get(key)
+        tally = self.services.get(service)
         if tally is None:
-            tally = self.endpoints[key] = Tally()
+            tally = self.services[service] = ServiceTally()
         tally.failed += 1
-        service_tally = self.services.get(service)
-        if service_tally is not None:
-            service_tally.failed += 1
+        at = tally.by_endpoint.get(endpoint)
+        if at is None:
+            at = tally.by_endpoint[endpoint] = Tally()
+        at.failed += 1
 
     def close(self, conn: Conn, *, bytes_up: int = 0, bytes_down: int = 0,
               error: str | None = None) -> None:
@@ -176,17 +193,21 @@ class ConnTable:
             return
         conn.closed_up, conn.closed_down = bytes_up, bytes_down
         conn.handle = None
-        udp = conn.protocol == "UDP"
-        for tally in (self.services.get(conn.service),
-                      self.endpoints.get((conn.service, conn.backend))
-                      if conn.state == "open" and conn.backend is not None else None):
-            if tally is not None:
-                if udp:
-                    tally.flows -= 1
-                else:
-                    tally.open -= 1
-                tally.bytes_up += bytes_up
-                tally.bytes_down += bytes_down
+        tally, at = conn.tally, conn.endpoint_tally  # (unrolled: this runs per connection)
+        if tally is not None:
+            if conn.protocol == "UDP":
+                tally.flows -= 1
+                if at is not None:
+                    at.flows -= 1
+            else:
+                tally.open -= 1
+                if at is not None:
+                    at.open -= 1
+            tally.bytes_up += bytes_up
+            tally.bytes_down += bytes_down
+            if at is not None:
+                at.bytes_up += bytes_up
+                at.bytes_down += bytes_down
         conn.state = "closed"
         conn.error = error
         self._notify("close", conn)
@@ -211,13 +232,14 @@ class ConnTable:
 
         A tally with connections or flows still open is kept whatever ``served`` says.
         """
-        for key in [k for k, t in self.endpoints.items() if not (t.open or t.flows) and (
-                (entry := served.get(k[0])) is None
-                or all(ep.address != k[1] for ep in entry.endpoints))]:
-            del self.endpoints[key]
-        for name in [n for n, t in self.services.items()
-                     if not (t.open or t.flows) and n not in served]:
-            del self.services[name]
+        for name, service in list(self.services.items()):
+            entry = served.get(name)
+            wanted = {ep.address for ep in entry.endpoints} if entry is not None else set()
+            for address in [a for a, t in service.by_endpoint.items()
+                            if not (t.open or t.flows) and a not in wanted]:
+                del service.by_endpoint[address]
+            if entry is None and not (service.open or service.flows):
+                del self.services[name]
 
     def _notify(self, event: str, conn: Conn) -> None:
         for sub in list(self.subscribers):
