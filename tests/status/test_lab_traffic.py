@@ -87,3 +87,48 @@ def test_traffic_to_two_pods_shows_per_endpoint(lab: Lab, node: NodeProxy) -> No
     for pod, ip in pods.items():
         assert shown[("tcp/TCP", ip)][6] == str(tcp["counts"][pod])  # CONNECTIONS
         assert shown[("udp/UDP", ip)][10] == str(udp["counts"].get(pod, 0))  # UDP-FLOWS
+
+
+def events(lab: Lab) -> list[dict[str, Any]]:
+    out = lab.run("node", ["curl", "-s", "-m", "5", f"{STATUS}/api/v1/events"]).stdout
+    items: list[dict[str, Any]] = json.loads(out)["items"]
+    return items
+
+
+def test_event_log_shows_a_port_in_use_and_a_rule_repair(lab: Lab) -> None:
+    lab.start_echo(1, tcp_ports=(9376,))
+    blocker = lab.spawn("node", ["python3", "-c",
+                                 "import socket,time; s=socket.socket(); s.bind(('0.0.0.0',30091));"
+                                 "s.listen(); time.sleep(60)"], "blocker")
+    lab.wait_port("node", "0.0.0.0", 30091, proc=blocker)
+    node = NodeProxy(lab, args=["--sync-period", "1s"])
+    sp = [{"name": "", "port": 9376, "protocol": "TCP"}]
+    node.write("taken.yaml", service("taken", "10.0.0.191",
+                                     [{"port": 80, "targetPort": 9376, "nodePort": 30091}],
+                                     type="NodePort"),
+               endpoint_slice("taken", [lab.pod_ip(1)], sp))
+    node.start(wait_for="default/taken: cluster IP")
+    try:
+        node.wait_log("nodePort 30091")
+        # Someone deletes uproxy's OUTPUT hook: the next full sync puts it back.
+        lab.run("node", ["iptables", "-t", "nat", "-D", "OUTPUT", "-m", "comment", "--comment",
+                         "uproxy service portals", "-j", "UPROXY-SERVICES"])
+        found: list[dict[str, Any]] = []
+
+        def logged() -> bool:
+            nonlocal found
+            found = events(lab)
+            kinds = {e["kind"] for e in found}
+            return {"RulesRepaired", "Warning", "ServiceAdded"} <= kinds
+
+        wait_until(logged, timeout=15, interval=0.2, message=lambda: f"events: {found}")
+        in_use = [e for e in found if e["kind"] == "Warning" and "30091" in e["message"]]
+        assert in_use and in_use[0]["object"] == "Service default/taken", found
+        assert in_use[0]["level"] == "warning" and "already in use" in in_use[0]["message"]
+        (repair,) = [e for e in found if e["kind"] == "RulesRepaired"]
+        assert repair["object"] == "iptables nat hooks" and "re-inserted 1" in repair["message"]
+        assert all(e["time"] > 0 for e in found)
+    finally:
+        node.stop()
+        blocker.kill()
+        blocker.wait(5)
