@@ -18,6 +18,9 @@ import pytest
 from playwright.async_api import expect
 
 from tests.status.support import Stack, running_stack, talk
+from tests.support.waiting import wait_until_async
+from uproxy.daemon import ListenerKey
+from uproxy.model import ServicePortName
 from uproxy.status import server
 
 from .conftest import ARTIFACTS
@@ -36,18 +39,38 @@ async def site(tmp_path: Path) -> AsyncIterator[tuple[Stack, str]]:
                 await runner.cleanup()
 
 
+def add_sticky_service(stack: Stack) -> None:
+    """``default/sticky``: ClientIP session affinity over the same three backends."""
+    objects = [
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "sticky"},
+         "spec": {"clusterIP": "10.96.0.30", "sessionAffinity": "ClientIP",
+                  "ports": [{"port": 80, "targetPort": stack.backend_port}]}},
+        {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+         "metadata": {"name": "sticky-a", "labels": {"kubernetes.io/service-name": "sticky"}},
+         "addressType": "IPv4", "ports": [{"name": "", "port": stack.backend_port}],
+         "endpoints": [{"addresses": [h]} for h in ("127.0.0.1", "127.0.0.2", "127.0.0.3")]}]
+    (stack.manifest_dir / "sticky.yaml").write_text("\n---\n".join(map(json.dumps, objects)))
+
+
+async def short(port: int) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    await talk(writer, reader, b"s" * 2000)
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
+
+
 async def traffic(stack: Stack, stop: asyncio.Event) -> None:
-    """Short connections (10 a second) and two long ones that keep moving bytes."""
+    """Short connections (10 a second) to echo and to sticky, and two long ones to echo that
+    keep moving bytes."""
     longs = [await asyncio.open_connection("127.0.0.1", stack.proxy_port()) for _ in range(2)]
+    sticky = stack.proxy_port("default", "sticky", "")
     try:
         while not stop.is_set():
             for reader, writer in longs:
                 await talk(writer, reader, b"L" * 20_000)
-            reader, writer = await asyncio.open_connection("127.0.0.1", stack.proxy_port())
-            await talk(writer, reader, b"s" * 2000)
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+            await short(stack.proxy_port())
+            await short(sticky)
             await asyncio.sleep(0.1)
     finally:
         for _, writer in longs:
@@ -61,6 +84,11 @@ async def number(locator: Any, attribute: str) -> float:
 async def test_bars_and_charts_move_under_traffic_and_removal_is_an_event(
         browser: Any, site: tuple[Stack, str]) -> None:
     stack, url = site
+    add_sticky_service(stack)
+    key = ListenerKey(ServicePortName("default", "sticky", "", "TCP"), "cluster",
+                      stack.daemon.settings.bind_address, 0)
+    await wait_until_async(lambda: key in stack.daemon.listeners, timeout=10,
+                           message="the sticky service to be served")
     page = await browser.new_page(viewport={"width": 1280, "height": 1000})
     problems: list[str] = []
     page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
@@ -93,6 +121,11 @@ async def test_bars_and_charts_move_under_traffic_and_removal_is_an_event(
         else:
             raise AssertionError(f"the bars did not spread over the pods: {counts}")
         opened_before = sum(await spread())
+        # Session affinity shows as one pinned bar: every connection on one endpoint.
+        pinned = page.locator('.svc-bars[data-service="default/sticky:"] .bar-row')
+        await expect(pinned).to_have_count(3, timeout=10_000)
+        sticky = [int(await r.get_attribute("data-opened") or 0) for r in await pinned.all()]
+        assert sorted(sticky)[:2] == [0, 0] and max(sticky) > 0, sticky
         # The not-ready endpoint gets none and is shown as such.
         await expect(block.locator(".bar-row.notready")).to_have_count(1)
         assert await block.locator(".bar-row.notready").get_attribute("data-opened") == "0"
