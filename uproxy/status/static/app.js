@@ -139,18 +139,25 @@ function renderRules(data) {
   fillTable("listeners", data.listeners.map((l) => [l.service, l.scope, l.address, [l.port, "num"]]));
 }
 
+// The filter offers the Services of the table's current page and the service ports with the
+// most open connections (the table is paged: 10,000 options would not help anyone).
 let knownServices = "";
+let pageNames = [];
+let busyNames = [];
 function updateFilterOptions(services) {
-  const names = [];
-  for (const s of services) {
-    names.push(s.namespace + "/" + s.name);
-    for (const p of s.ports) if (p.proxied && p.name) names.push(s.namespace + "/" + s.name + ":" + p.name);
+  if (services) {
+    pageNames = [];
+    for (const s of services) {
+      pageNames.push(s.namespace + "/" + s.name);
+      for (const p of s.ports) if (p.proxied && p.name) pageNames.push(s.namespace + "/" + s.name + ":" + p.name);
+    }
   }
+  const select = document.getElementById("service-filter");
+  const current = select.value;  // kept even when it left both lists: the stream still filters
+  const names = [...new Set([...pageNames, ...busyNames, ...(current ? [current] : [])])];
   const key = names.join("\n");
   if (key === knownServices) return;
   knownServices = key;
-  const select = document.getElementById("service-filter");
-  const current = select.value;
   const options = [el("option", "all services")];
   options[0].value = "";
   for (const name of names) {
@@ -397,6 +404,8 @@ function onSnapshot(data) {
   if (live) live.textContent = String(data.total);
   const busiest = Object.entries(data.counts).sort((a, b) => b[1] - a[1]).slice(0, COUNTS_SHOWN);
   fillTable("conn-counts", busiest.map(([name, n]) => [name, [n, "num"]]));
+  busyNames = busiest.map(([name]) => name).sort();
+  updateFilterOptions(null);
   updateEmpty();
 }
 
