@@ -153,10 +153,11 @@ class Series:
                     self.untracked += 1
                     continue
                 track = self._tracks[key] = _Track(self.capacity, filled)
-                # The first reading of a new port counts from zero if it appeared after
-                # the first sample (its connections are new), else it is the baseline.
+                # The baseline: the port's reading at the last sample (it was tracked before
+                # and gave its place up, or had none), zero if it had no reading then (its
+                # connections are new); at the very first sample, the reading itself.
                 if filled:
-                    track.last = Counters()
+                    track.last = previous.get(key, Counters())
             track.add(c, dt)
         for key, track in list(self._tracks.items()):
             if key not in readings:

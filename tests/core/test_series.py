@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from uproxy.series import FIELDS, Counters, Ring, Series, increase
 
@@ -109,3 +111,48 @@ def test_filter_by_service() -> None:
     assert [i["service"] for i in s.as_dict("ns/a")["items"]] == ["ns/a:http"]
     assert [i["service"] for i in s.as_dict("a")["items"]] == ["ns/a:http", "other/a:x"]
     assert [i["service"] for i in s.as_dict("ns/b:dns")["items"]] == ["ns/b:dns"]
+
+
+@given(steps=st.lists(st.tuples(st.integers(0, 1000), st.booleans(),
+                                st.floats(0.5, 2.0)), max_size=60),
+       capacity=st.integers(1, 20))
+def test_rates_add_up_to_the_counter_increases(steps: list[tuple[int, bool, float]],
+                                               capacity: int) -> None:
+    """Whatever the counters do (grow, reset to zero), the rates are never negative, the
+    rings never hold more than capacity, and rate x interval over the kept window adds up
+    to the counter's increase in that window (a reset counts from zero)."""
+    s = Series(capacity=capacity)
+    now, counter = 0.0, 0
+    s.sample(now, {"ns/a:p": Counters(opened=counter)})
+    increases = [0]
+    intervals = [1.0]
+    for add, reset, dt in steps:
+        # A reset shows only when the counter comes back lower; to the same or a higher
+        # value it reads as growth (as for Prometheus).
+        before, counter = counter, (add if reset else counter + add)
+        now += dt
+        s.sample(now, {"ns/a:p": Counters(opened=counter)})
+        increases.append(counter - before if counter >= before else counter)
+        intervals.append(dt)
+    items = s.as_dict()["items"]
+    if not items:  # idle for a whole window: the port gave its place up
+        assert not any(increases[-capacity:])
+        return
+    (a,) = items
+    kept = len(a["connections"])
+    assert kept == min(capacity, len(steps) + 1) == len(s.as_dict()["times"])
+    assert all(v >= 0 for v in a["connections"])
+    for rate, dt, inc in zip(a["connections"], intervals[-kept:], increases[-kept:],
+                             strict=True):
+        assert rate * dt == pytest.approx(inc, abs=0.01)
+
+
+def test_a_port_back_after_giving_its_place_up_does_not_spike() -> None:
+    s = Series(capacity=2)
+    s.sample(0.0, {"ns/a:p": Counters(opened=100)})
+    s.sample(1.0, {"ns/a:p": Counters(opened=100)})
+    s.sample(2.0, {"ns/a:p": Counters(opened=100)})
+    assert s.keys() == []  # idle for a whole window
+    s.sample(3.0, {"ns/a:p": Counters(opened=103)})
+    (a,) = s.as_dict()["items"]
+    assert a["connections"] == [0, 3]  # its increase, not its whole count
