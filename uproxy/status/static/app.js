@@ -310,7 +310,9 @@ function barBlock(service, eps) {
     row.dataset.endpoint = host + ":" + e.port;
     row.dataset.opened = String(count(t));
     row.dataset.open = String(live(t));
-    row.appendChild(el("span", host + ":" + e.port + (e.ready ? "" : " (not ready)")));
+    const notes = [e.ready ? "" : (e.terminating ? "terminating" : "not ready"), e.zone || ""]
+      .filter(Boolean);
+    row.appendChild(el("span", host + ":" + e.port + (notes.length ? " (" + notes.join(", ") + ")" : "")));
     const bar = el("div", null, "bar");
     const fill = el("div", null, "fill");
     fill.style.width = (100 * count(t) / scale).toFixed(1) + "%";
