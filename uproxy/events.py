@@ -27,6 +27,7 @@ from __future__ import annotations
 import itertools
 import logging
 import re
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -68,8 +69,14 @@ class EventLog:
         self._seq = itertools.count(1)
         self.clock = clock
         self.handler = LogHandler(self)
+        # A log record may come from another thread (an executor): adds and reads take turns.
+        self._lock = threading.Lock()
 
     def add(self, kind: str, obj: str, message: str, level: str = "info") -> Event:
+        with self._lock:
+            return self._add(kind, obj, message, level)
+
+    def _add(self, kind: str, obj: str, message: str, level: str) -> Event:
         now = self.clock()
         for recent in itertools.islice(reversed(self._events), COALESCE):
             if (recent.kind, recent.object, recent.message) == (kind, obj, message):
@@ -91,12 +98,15 @@ class EventLog:
               kinds: Iterable[str] = ()) -> list[Event]:
         """Oldest first; ``since`` keeps events after that seq, ``limit`` the newest n."""
         wanted = set(kinds)
-        out = [e for e in self._events if e.seq > since and (not wanted or e.kind in wanted)]
+        with self._lock:
+            out = [e for e in self._events
+                   if e.seq > since and (not wanted or e.kind in wanted)]
         return out[-limit:] if limit is not None else out
 
     @property
     def last_seq(self) -> int:
-        return self._events[-1].seq if self._events else 0
+        with self._lock:
+            return self._events[-1].seq if self._events else 0
 
     # Hooks (one line each in the daemon) --------------------------------------------------
     def table_changed(self, diff: TableDiff) -> None:
