@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 # Debian packages the lab, the tests, the demo and the benchmark use (binary -> package).
 TOOLS := ip:iproute2 iptables:iptables conntrack:conntrack nginx:nginx dnsmasq:dnsmasq-base \
          dig:dnsutils iperf3:iperf3 curl:curl socat:socat ss:iproute2 gcc:gcc \
-         chromium:chromium
+         chromium:chromium npm:npm
 NGINX_STREAM := /usr/lib/nginx/modules/ngx_stream_module.so
 
 .PHONY: all test demo bench deps apt venv lint unit clean
@@ -31,7 +31,14 @@ apt:
 	  apt-get update -qq && apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
-venv: $(STAMP)
+# The status page's charting library (uPlot), fetched at its pinned version and checked
+# against its pinned hash by scripts/fetch-uplot.sh; never committed.
+UPLOT := uproxy/status/static/vendor/uPlot.VERSION
+
+venv: $(STAMP) $(UPLOT)
+
+$(UPLOT): scripts/fetch-uplot.sh
+	sh scripts/fetch-uplot.sh
 
 $(STAMP): pyproject.toml setup.py uproxy/_native_build.py $(wildcard native/*.c native/*.h)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)

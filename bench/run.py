@@ -245,16 +245,28 @@ def run_keepalive(lab: Lab, peer: Peer, opts: Options, res: Results) -> None:
              f"p99 {fmt_ms(r.p99)} ({r.errors} socket errors)")
 
 
+# What an open status page polls besides the stream: the charts, bars and events every 2 s,
+# the tables every 5 s (uproxy/status/static/app.js).
+PAGE_POLLS = ("i=0; while :; do for p in 'series?only=total' 'endpoints?sort=traffic&limit=10' "
+              "'events?limit=200&since=0'; do curl -s -o /dev/null "
+              "\"http://127.0.0.1:10249/api/v1/$p\"; done; "
+              "if [ $((i % 5)) = 0 ]; then for p in info 'services?limit=50' "
+              "'endpoints?limit=50' rules; do curl -s -o /dev/null "
+              "\"http://127.0.0.1:10249/api/v1/$p\"; done; fi; i=$((i + 2)); sleep 2; done")
+
+
 def run_status(lab: Lab, peer: Peer, opts: Options, res: Results) -> None:
     """Issue 7: the data path with the status page's live stream open (uproxy only).
 
-    One ``curl -N`` on /api/v1/connections/watch is what an open page costs: the
-    page gets its rows, batched events and periodic snapshots over that stream.
+    One ``curl -N`` on /api/v1/connections/watch and the page's polls (:data:`PAGE_POLLS`)
+    are what an open page costs: it gets its rows, batched events and periodic snapshots
+    over that stream, and its charts, bars, event log and tables by polling.
     """
     if peer.name not in UPROXY_PEERS:
         return
     watch = lab.spawn("node", ["curl", "-sN", "-o", "/dev/null",
                                "http://127.0.0.1:10249/api/v1/connections/watch"], "watch")
+    poll = lab.spawn("node", ["sh", "-c", PAGE_POLLS], "page-polls")  # the page's charts etc.
     try:
         time.sleep(0.3)
         if watch.poll() is not None:
@@ -262,8 +274,9 @@ def run_status(lab: Lab, peer: Peer, opts: Options, res: Results) -> None:
         c = _wrk(lab, opts, ["-c", str(opts.conn_conns), "-H", "Connection: close"])
         k = _wrk(lab, opts, ["-c", str(opts.wrk_conns), "--latency"])
     finally:
-        watch.terminate()
-        watch.wait(5)
+        for proc in (watch, poll):
+            proc.terminate()
+            proc.wait(5)
     res.fig("conn_watch").add(peer.name, c.requests_per_sec)
     res.fig("ka_watch").add(peer.name, k.requests_per_sec)
     opts.log(f"    with the status stream open: {c.requests_per_sec:,.0f} conn/s, "

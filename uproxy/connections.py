@@ -5,19 +5,31 @@ when its relay is done. Byte counts are not copied here per chunk; each entry
 keeps a reference to its relay handle and reads the counters on demand.
 Subscribers (the status server's live stream) get ``("open"|"update"|"close",
 conn)`` callbacks.
+
+The table also keeps running totals per service port and per endpoint
+(:class:`Tally`): opened, open now, failed connects, bytes of closed
+connections, UDP flows. They change only at the events the data path already
+reports (open, established, close, a failed connect): a dict lookup and a few
+integer adds, no locks, nothing per byte. Bytes of connections still open are
+read live from their relay handles by :meth:`ConnTable.live_bytes`. Tallies of
+endpoints and service ports that are gone are dropped by :meth:`ConnTable.prune`
+once nothing of theirs is open.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from uproxy.model import ServicePortName
+from uproxy.state import Entry
 
 Subscriber = Callable[[str, "Conn"], None]
+Address = tuple[str, int]
+EndpointKey = tuple[ServicePortName, Address]
 
 
 class ByteCounts(Protocol):
@@ -29,6 +41,37 @@ class ByteCounts(Protocol):
     def bytes_down(self) -> int: ...
     @property
     def native(self) -> bool: ...
+
+
+@dataclass(slots=True)
+class Tally:
+    """Running totals of one service port or one (service port, endpoint).
+
+    ``opened`` counts TCP connections and UDP flows; ``open`` is TCP connections
+    open now, ``flows`` UDP flows held now (``flows_opened`` of them ever);
+    ``failed`` failed connects (TCP) or refused sends (UDP); bytes are those of
+    closed connections (up: client to backend).
+    """
+
+    opened: int = 0
+    open: int = 0
+    failed: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    flows: int = 0
+    flows_opened: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"opened": self.opened, "open": self.open, "failed": self.failed,
+                "bytesUp": self.bytes_up, "bytesDown": self.bytes_down,
+                "udpFlows": self.flows, "udpFlowsOpened": self.flows_opened}
+
+
+@dataclass(slots=True)
+class ServiceTally(Tally):
+    """A service port's totals, and its endpoints' (by address)."""
+
+    by_endpoint: dict[Address, Tally] = field(default_factory=dict)
 
 
 @dataclass(slots=True, eq=False)
@@ -45,6 +88,9 @@ class Conn:
     closed_up: int = 0
     closed_down: int = 0
     error: str | None = None
+    # Where close() adds this connection's end: no lookups (no hashing) on the way out.
+    tally: ServiceTally | None = field(default=None, repr=False)
+    endpoint_tally: Tally | None = field(default=None, repr=False)
 
     @property
     def bytes_up(self) -> int:
@@ -88,11 +134,28 @@ class ConnTable:
         self._conns: dict[int, Conn] = {}
         self._ids = itertools.count(1)
         self.subscribers: set[Subscriber] = set()
+        self.services: dict[ServicePortName, ServiceTally] = {}
+
+    @property
+    def endpoints(self) -> dict[EndpointKey, Tally]:
+        """Every endpoint's tally, by (service port, address): built when asked."""
+        return {(name, address): tally for name, service in self.services.items()
+                for address, tally in service.by_endpoint.items()}
 
     def open(self, *, protocol: str, service: ServicePortName, client: tuple[str, int],
              scope: str) -> Conn:
         conn = Conn(next(self._ids), protocol, service, client, scope)
         self._conns[conn.id] = conn
+        tally = self.services.get(service)
+        if tally is None:
+            tally = self.services[service] = ServiceTally()
+        if protocol == "UDP":
+            tally.flows_opened += 1
+            tally.flows += 1
+        else:
+            tally.opened += 1
+            tally.open += 1
+        conn.tally = tally
         self._notify("open", conn)
         return conn
 
@@ -100,7 +163,29 @@ class ConnTable:
         conn.backend = backend
         conn.handle = handle
         conn.state = "open"
+        if conn.tally is not None:
+            tally = conn.tally.by_endpoint.get(backend)
+            if tally is None:
+                tally = conn.tally.by_endpoint[backend] = Tally()
+            if conn.protocol == "UDP":
+                tally.flows_opened += 1
+                tally.flows += 1
+            else:
+                tally.opened += 1
+                tally.open += 1
+            conn.endpoint_tally = tally
         self._notify("update", conn)
+
+    def connect_failed(self, service: ServicePortName, endpoint: tuple[str, int]) -> None:
+        """A connect to ``endpoint`` failed (TCP), or it refused a datagram (UDP)."""
+        tally = self.services.get(service)
+        if tally is None:
+            tally = self.services[service] = ServiceTally()
+        tally.failed += 1
+        at = tally.by_endpoint.get(endpoint)
+        if at is None:
+            at = tally.by_endpoint[endpoint] = Tally()
+        at.failed += 1
 
     def close(self, conn: Conn, *, bytes_up: int = 0, bytes_down: int = 0,
               error: str | None = None) -> None:
@@ -108,9 +193,53 @@ class ConnTable:
             return
         conn.closed_up, conn.closed_down = bytes_up, bytes_down
         conn.handle = None
+        tally, at = conn.tally, conn.endpoint_tally  # (unrolled: this runs per connection)
+        if tally is not None:
+            if conn.protocol == "UDP":
+                tally.flows -= 1
+                if at is not None:
+                    at.flows -= 1
+            else:
+                tally.open -= 1
+                if at is not None:
+                    at.open -= 1
+            tally.bytes_up += bytes_up
+            tally.bytes_down += bytes_down
+            if at is not None:
+                at.bytes_up += bytes_up
+                at.bytes_down += bytes_down
         conn.state = "closed"
         conn.error = error
         self._notify("close", conn)
+
+    def live_bytes(self) -> dict[EndpointKey, tuple[int, int]]:
+        """Bytes (up, down) moved so far by the connections open now, per endpoint.
+
+        O(open connections): read on demand (a page refresh, a series sample),
+        never on the data path.
+        """
+        out: dict[EndpointKey, tuple[int, int]] = {}
+        for conn in self._conns.values():
+            if conn.backend is None or conn.handle is None:
+                continue
+            key = (conn.service, conn.backend)
+            up, down = out.get(key, (0, 0))
+            out[key] = (up + conn.handle.bytes_up, down + conn.handle.bytes_down)
+        return out
+
+    def prune(self, served: Mapping[ServicePortName, Entry]) -> None:
+        """Forget the tallies of service ports and endpoints no longer served, once idle.
+
+        A tally with connections or flows still open is kept whatever ``served`` says.
+        """
+        for name, service in list(self.services.items()):
+            entry = served.get(name)
+            wanted = {ep.address for ep in entry.endpoints} if entry is not None else set()
+            for address in [a for a, t in service.by_endpoint.items()
+                            if not (t.open or t.flows) and a not in wanted]:
+                del service.by_endpoint[address]
+            if entry is None and not (service.open or service.flows):
+                del self.services[name]
 
     def _notify(self, event: str, conn: Conn) -> None:
         for sub in list(self.subscribers):

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from uproxy import native
 from uproxy.balance import Balancer
 from uproxy.connections import ConnTable
+from uproxy.events import RULES_REPAIRED, EventLog
 from uproxy.gc_pause import GcPause
 from uproxy.iptables import Iptables, IptablesError
 from uproxy.metrics import Metrics
@@ -65,6 +66,7 @@ class Daemon:
         self.store = Store()
         self.metrics = Metrics()
         self.conns = ConnTable()
+        self.events = EventLog()
         self.balancer = Balancer(node_name=settings.hostname_override)
         self.iptables = Iptables() if settings.manage_iptables else None
         self.allocator = PortAllocator(settings.proxy_port_range)
@@ -154,6 +156,7 @@ class Daemon:
     async def start(self) -> None:
         log.info("%s", native.describe())
         log.info("event loop: %s", type(self.loop).__module__.split(".")[0])
+        log.addHandler(self.events.handler)
         self._gc.pause()
         if self.iptables is not None:
             removed = await self.iptables.cleanup()
@@ -234,6 +237,7 @@ class Daemon:
                 log.error("removing rules at shutdown: %s", exc)
             await self.transparent.cleanup()  # after the drain: open connections need it
         log.info("stopped")
+        log.removeHandler(self.events.handler)
 
     # Sync -----------------------------------------------------------------------------------
     async def _sync_loop(self) -> None:
@@ -272,6 +276,7 @@ class Daemon:
         queued = self.queued_since
         self.queued_since = None
         diff = self._served.update(self.store, self.store.take_changed())
+        self.events.table_changed(diff)
         table = self.served
         for entry in diff.removed:
             self.listener_set.close(entry.port.name)
@@ -316,7 +321,8 @@ class Daemon:
                 if not self._hooks_in_place or (full and self.rules_applied):
                     added = await self.iptables.ensure_hooks()
                     if added and self._hooks_in_place:
-                        log.warning("re-inserted %d uproxy hooks someone removed", added)
+                        log.warning("re-inserted %d uproxy hooks someone removed", added,
+                                    extra=RULES_REPAIRED)
                     self._hooks_in_place = True
             except IptablesError as exc:
                 log.error("applying rules: %s", exc)
@@ -333,9 +339,12 @@ class Daemon:
             proxy.rules_applied()
         self.last_sync = time.time()
         self.balancer.prune(table, time.monotonic())
+        if full:
+            self.conns.prune(table)
         self._observe_programming_latency()
         elapsed = time.monotonic() - started
         self.metrics.sync_duration.observe(elapsed)
+        self.events.synced(diff, elapsed, len(table))
         self.metrics.sync_last.set(self.last_sync)
         if diff:
             log.info("synced %d service ports (+%d -%d ~%d) in %.1f ms", len(table),

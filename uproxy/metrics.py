@@ -1,13 +1,14 @@
 """Prometheus metrics, on a registry of our own (never the global one).
 
-kube-proxy's names where they mean the same thing; ``uproxy_*`` for the rest.
+kube-proxy's names where they mean the same thing; ``uproxy_*`` for the rest; the
+standard ``process_*`` metrics (memory, CPU, open files) as every Go component has them.
 The data path only increments counters at connection open/close; byte totals
 of live connections are added at scrape time by the status server.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 _SYNC_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _PROG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
@@ -17,6 +18,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        ProcessCollector(registry=r)
         self.sync_duration = Histogram(
             "kubeproxy_sync_proxy_rules_duration_seconds",
             "Time a sync of proxy rules and sockets took", buckets=_SYNC_BUCKETS, registry=r)

@@ -306,6 +306,13 @@ async def test_page_and_static_files(client: Client) -> None:
         assert not re.search(r"\.(inner|outer)HTML|insertAdjacentHTML|document\.write|eval\(",
                              body), path
         assert "http://" not in body and "https://" not in body, path  # no CDN, no other origin
+    # The charting library: fetched at its pinned version by `make venv` (never committed),
+    # served from the same origin with its license.
+    assert '<script src="/static/vendor/uPlot.iife.min.js"' in html
+    for path in ("/static/vendor/uPlot.iife.min.js", "/static/vendor/uPlot.min.css",
+                 "/static/vendor/uPlot.LICENSE"):
+        assert (await client.get(path)).status == 200, path
+    assert "MIT" in await (await client.get("/static/vendor/uPlot.LICENSE")).text()
     assert (await client.get("/static/")).status in (403, 404)
     assert (await client.get("/static/../server.py")).status in (403, 404)
 

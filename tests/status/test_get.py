@@ -102,11 +102,26 @@ async def test_get_endpoints_table(running: Running) -> None:
         f"127.0.0.1:{port},127.0.0.2:{port},127.0.0.3:{port} + 3 more...")
     assert by_name["site"][2] == f"127.0.0.1:{port}"
 
-    code, out, _ = await uproxy("get", "endpoints", "--status", running.url, "-o", "wide")
-    header, rows = parse_table(out)
+    reader, writer = await asyncio.open_connection("127.0.0.1", running.stack.proxy_port())
+    try:
+        await talk(writer, reader, b"w" * 700)
+        code, out, _ = await uproxy("get", "endpoints", "--status", running.url, "-o", "wide")
+    finally:
+        writer.close()
+    kubectl, traffic = out.split("\n\n")
+    header, rows = parse_table(kubectl)
     echo = next(r for r in rows if r[1] == "echo")
     assert echo[2].split(",") == [f"127.0.0.{i}:{port}" for i in (1, 2, 3)] * 2
     assert header[-1] == "NOT-READY" and echo[-1] == f"127.0.0.9:{port}"
+    # -o wide: a second table, one row per endpoint of each service port, with its traffic.
+    header, rows = parse_table(traffic)
+    assert header == ["NAMESPACE", "NAME", "ENDPOINT", "PORT", "READY", "OPEN", "CONNECTIONS",
+                      "FAILED", "BYTES-IN", "BYTES-OUT", "UDP-FLOWS"]
+    tcp = [r for r in rows if r[1] == "echo" and r[3] == "tcp/TCP"]
+    assert len(tcp) == 4 and len([r for r in rows if r[1] == "echo"]) == 8
+    (busy,) = [r for r in tcp if r[5] == "1"]
+    assert busy[4:] == ["true", "1", "1", "0", "700", "700", "0"]
+    assert [r[4] for r in tcp if r[2] == f"127.0.0.9:{port}"] == ["false"]
 
 
 async def test_get_connections_table_and_json(running: Running) -> None:

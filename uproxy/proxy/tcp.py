@@ -338,6 +338,7 @@ class _Connect:
         assert conn is not None
         log.debug("connect to %s failed: %s", endpoint, reason)
         proxy.metrics.endpoint_failures.labels(str(conn.service), str(endpoint)).inc()
+        proxy.conns.connect_failed(conn.service, endpoint.address)
         self.now = proxy.clock()
         proxy.balancer.connect_failed(endpoint, self.now, self.entry, self.client_ip)
         # The latest entry: endpoints may have changed while we waited.

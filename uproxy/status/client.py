@@ -11,8 +11,11 @@ Columns: services ``NAME TYPE CLUSTER-IP EXTERNAL-IP PORT(S) AGE``; endpoints
 BYTES-IN BYTES-OUT STATE PATH`` where BYTES-IN is what the client sent and
 BYTES-OUT what it received. A NAMESPACE column is added (first) with ``-o
 wide`` or when objects from several namespaces are listed; ``-o wide`` adds
-SELECTOR and PROXY-PORT(S) to services, prints every endpoint, and adds ID
-and SCOPE to connections with exact byte counts.
+SELECTOR and PROXY-PORT(S) to services, prints every endpoint (and a second
+table of each endpoint's traffic: ``ENDPOINT SERVICE READY OPEN CONNECTIONS
+FAILED BYTES-IN BYTES-OUT UDP-FLOWS``, CONNECTIONS counting TCP connections
+since start and UDP-FLOWS the flows held now), and adds ID and SCOPE to
+connections with exact byte counts.
 """
 
 from __future__ import annotations
@@ -152,7 +155,26 @@ def endpoints_table(data: dict[str, Any], *, wide: bool = False) -> str:
                                 if not e.get("ready")})
             row.append(_or_none(not_ready))
         rows.append(([item.get("namespace", "")] if ns else []) + row)
-    return format_table((["NAMESPACE"] if ns else []) + header, rows)
+    table = format_table((["NAMESPACE"] if ns else []) + header, rows)
+    return table + "\n" + endpoint_traffic_table(items) if wide else table
+
+
+def endpoint_traffic_table(items: list[dict[str, Any]]) -> str:
+    """One row per endpoint of each service port, with its counters (``-o wide``)."""
+    header = ["NAMESPACE", "NAME", "ENDPOINT", "PORT", "READY", "OPEN", "CONNECTIONS",
+              "FAILED", "BYTES-IN", "BYTES-OUT", "UDP-FLOWS"]
+    rows = []
+    for item in items:
+        for e in item.get("endpoints", []):
+            t = e.get("traffic") or {}
+            host = f"[{e['ip']}]" if ":" in str(e["ip"]) else str(e["ip"])
+            rows.append([item.get("namespace", ""), item["name"], f"{host}:{e['port']}",
+                         f"{e.get('portName') or '<unset>'}/{e.get('protocol') or 'TCP'}",
+                         "true" if e.get("ready") else "false", str(t.get("open", 0)),
+                         str(t.get("opened", 0)), str(t.get("failed", 0)),
+                         str(t.get("bytesUp", 0)), str(t.get("bytesDown", 0)),
+                         str(t.get("udpFlows", 0))])
+    return format_table(header, rows)
 
 
 def connections_table(data: dict[str, Any], *, wide: bool = False) -> str:

@@ -17,11 +17,13 @@ from collections import Counter
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from uproxy.connections import Conn, ConnTable
+from uproxy.connections import Conn, ConnTable, EndpointKey, Tally
+from uproxy.series import Counters
 
+Family = GaugeMetricFamily | CounterMetricFamily
 _REGISTERED: weakref.WeakKeyDictionary[CollectorRegistry, LiveCollector] = (
     weakref.WeakKeyDictionary())
 
@@ -30,11 +32,41 @@ class LiveCollector(Collector):
     def __init__(self, conns: ConnTable) -> None:
         self.conns = conns
 
-    def describe(self) -> Iterator[GaugeMetricFamily]:
+    def describe(self) -> Iterator[Family]:
         yield from self._families()
+        yield from self._endpoint_families(live=False)
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Family]:
         yield from self._families(list(self.conns))
+        yield from self._endpoint_families(live=True)
+
+    def _endpoint_families(self, *, live: bool) -> Iterator[Family]:
+        """Per endpoint, from the table's tallies (nothing on the data path): how a Service
+        spreads its traffic, for Grafana's balance panels."""
+        opened = CounterMetricFamily(
+            "uproxy_endpoint_connections",
+            "TCP connections and UDP flows established to an endpoint since start",
+            labels=["service", "endpoint"])
+        active = GaugeMetricFamily(
+            "uproxy_endpoint_connections_active",
+            "TCP connections and UDP flows open to an endpoint now", labels=["service", "endpoint"])
+        moved = CounterMetricFamily(
+            "uproxy_endpoint_bytes",
+            "Bytes relayed to and from an endpoint, open connections included "
+            "(up: client to backend; down: backend to client)",
+            labels=["service", "endpoint", "direction"])
+        if live:
+            now = self.conns.live_bytes()
+            for key, tally in sorted(self.conns.endpoints.items(), key=_endpoint_order):
+                labels = [str(key[0]), _hostport(key[1])]
+                opened.add_metric(labels, tally.opened + tally.flows_opened)
+                active.add_metric(labels, tally.open + tally.flows)
+                up, down = now.get(key, (0, 0))
+                moved.add_metric([*labels, "up"], tally.bytes_up + up)
+                moved.add_metric([*labels, "down"], tally.bytes_down + down)
+        yield opened
+        yield active
+        yield moved
 
     def _families(self, table: list[Conn] | None = None) -> Iterator[GaugeMetricFamily]:
         tracked = GaugeMetricFamily(
@@ -64,6 +96,15 @@ class LiveCollector(Collector):
         yield live
 
 
+def _endpoint_order(item: tuple[EndpointKey, Tally]) -> tuple[str, str, int]:
+    key = item[0]
+    return (str(key[0]), key[1][0], key[1][1])
+
+
+def _hostport(addr: tuple[str, int]) -> str:
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+
+
 def register_live_collector(registry: CollectorRegistry, conns: ConnTable) -> None:
     existing = _REGISTERED.get(registry)
     if existing is not None:
@@ -72,3 +113,23 @@ def register_live_collector(registry: CollectorRegistry, conns: ConnTable) -> No
     collector = LiveCollector(conns)
     registry.register(collector)
     _REGISTERED[registry] = collector
+
+
+def readings(conns: ConnTable) -> dict[str, Counters]:
+    """Every service port's counters now, for :meth:`uproxy.series.Series.sample`.
+
+    Bytes are those of closed connections plus what the open ones moved so far,
+    so the byte rates follow long-lived connections while they run.
+    """
+    live: dict[str, tuple[int, int]] = {}
+    for (service, _), (up, down) in conns.live_bytes().items():
+        name = str(service)
+        was = live.get(name, (0, 0))
+        live[name] = (was[0] + up, was[1] + down)
+    out = {}
+    for service, t in conns.services.items():
+        name = str(service)
+        up, down = live.get(name, (0, 0))
+        out[name] = Counters(t.opened + t.flows_opened, t.bytes_up + up, t.bytes_down + down,
+                             t.open, t.flows)
+    return out

@@ -32,8 +32,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from uproxy import __version__, native
 from uproxy.model import ServicePortName
+from uproxy.series import Series
 from uproxy.status import views
-from uproxy.status.collect import register_live_collector
+from uproxy.status.collect import readings, register_live_collector
 from uproxy.status.stream import DEFAULT_LIMIT, MAX_LIMIT, ConnHub
 from uproxy.status.view import DaemonView
 
@@ -44,6 +45,8 @@ API_MAX_LIMIT = 100_000
 DAEMON: web.AppKey[DaemonView] = web.AppKey("daemon", object)  # type: ignore[arg-type]
 HUB: web.AppKey[ConnHub] = web.AppKey("hub", ConnHub)
 SEEN: web.AppKey[views.FirstSeen] = web.AppKey("seen", views.FirstSeen)
+SERIES: web.AppKey[Series] = web.AppKey("series", Series)
+SAMPLE_INTERVAL = 1.0  # seconds between two samples of the traffic series
 
 PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
             "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
@@ -79,6 +82,19 @@ def _limit(request: web.Request, default: int, maximum: int) -> int:
     return min(int(text), maximum)
 
 
+def _page(request: web.Request, keys: list[Any]) -> tuple[list[Any], dict[str, int]]:
+    """``offset=`` and ``limit=`` pick one page of ``keys`` (the page shows 10,000 Services a
+    page at a time; only that page's documents are built). Without them: every key."""
+    text = request.query.get("offset", "0")
+    if not (text.isascii() and text.isdigit()):
+        raise web.HTTPBadRequest(text=json.dumps({"error": f"offset={text!r}: not a "
+                                                  "non-negative integer"}),
+                                 content_type="application/json")
+    offset = int(text)
+    limit = _limit(request, len(keys) or 1, API_MAX_LIMIT)
+    return keys[offset:offset + limit], {"total": len(keys), "offset": offset}
+
+
 def _loop_name(daemon: DaemonView) -> str:
     return type(daemon.loop).__module__.split(".")[0]
 
@@ -90,6 +106,7 @@ def make_status_app(daemon: DaemonView) -> web.Application:
     app[DAEMON] = daemon
     app[HUB] = ConnHub(daemon.conns)
     app[SEEN] = views.FirstSeen()
+    app[SERIES] = Series()
     register_live_collector(daemon.metrics.registry, daemon.conns)
     app.on_startup.append(_startup)
     app.on_shutdown.append(_shutdown)
@@ -102,6 +119,8 @@ def make_status_app(daemon: DaemonView) -> web.Application:
     r.add_get("/api/v1/rules", rules)
     r.add_get("/api/v1/connections", connections)
     r.add_get("/api/v1/connections/watch", watch)
+    r.add_get("/api/v1/series", series)
+    r.add_get("/api/v1/events", events)
     r.add_get("/metrics", metrics)
     return app
 
@@ -111,9 +130,22 @@ async def _startup(app: web.Application) -> None:
     daemon = app[DAEMON]
     app[SEEN].observe(daemon.store, time.time())
     app[_SEEN_TASK] = asyncio.get_running_loop().create_task(_watch_store(app))
+    app[_SAMPLE_TASK] = asyncio.get_running_loop().create_task(_sample(app))
 
 
 _SEEN_TASK: web.AppKey[asyncio.Task[None]] = web.AppKey("seen-task", asyncio.Task)
+_SAMPLE_TASK: web.AppKey[asyncio.Task[None]] = web.AppKey("sample-task", asyncio.Task)
+
+
+async def _sample(app: web.Application) -> None:
+    """One sample of every service port's traffic a second (O(open connections))."""
+    loop = asyncio.get_running_loop()
+    conns, ring = app[DAEMON].conns, app[SERIES]
+    next_at = loop.time()
+    while True:
+        ring.sample(time.time(), readings(conns))
+        next_at = max(next_at + SAMPLE_INTERVAL, loop.time())  # no catching up after a stall
+        await asyncio.sleep(next_at - loop.time())
 
 
 async def _watch_store(app: web.Application) -> None:
@@ -124,11 +156,12 @@ async def _watch_store(app: web.Application) -> None:
 
 
 async def _shutdown(app: web.Application) -> None:
-    task = app.get(_SEEN_TASK)
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    for key in (_SEEN_TASK, _SAMPLE_TASK):
+        task = app.get(key)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
     await app[HUB].close()
 
 
@@ -169,16 +202,33 @@ def _proxy_ports(daemon: DaemonView) -> dict[ServicePortName, int]:
 async def services(request: web.Request) -> web.Response:
     daemon, seen, now = request.app[DAEMON], request.app[SEEN], time.time()
     seen.observe(daemon.store, now)
-    return _json(views.services(daemon.store.raw("Service"), daemon.served, _proxy_ports(daemon),
-                                seen, now))
+    raw = daemon.store.raw("Service")
+    keys, paging = _page(request, sorted(raw))
+    data = views.services(raw, daemon.served, _proxy_ports(daemon), seen, now, keys=keys)
+    return _json(dict(data, **paging))
 
 
 async def endpoints(request: web.Request) -> web.Response:
+    """Every proxied service's endpoints and their traffic: ``sort=traffic`` puts the busiest
+    first (connections and flows since start), ``offset=``/``limit=`` page."""
     daemon, seen, now = request.app[DAEMON], request.app[SEEN], time.time()
     seen.observe(daemon.store, now)
     store = daemon.store
-    return _json(views.endpoints(daemon.served, store.raw("EndpointSlice"),
-                                 store.raw("Endpoints"), store.raw("Service"), seen, now))
+    sort = request.query.get("sort", "")
+    if sort not in ("", "name", "traffic"):
+        return _bad_request(f"sort={sort!r}: name or traffic")
+    tallies = daemon.conns.endpoints
+    keys = sorted({name.service for name in daemon.served})
+    if sort == "traffic":
+        busy: dict[tuple[str, str], int] = {}
+        for (name, _), tally in tallies.items():
+            busy[name.service] = busy.get(name.service, 0) + tally.opened + tally.flows_opened
+        keys.sort(key=lambda k: -busy.get(k, 0))
+    keys, paging = _page(request, keys)
+    data = views.endpoints(daemon.served, store.raw("EndpointSlice"), store.raw("Endpoints"),
+                           store.raw("Service"), seen, now, tallies, daemon.conns.live_bytes(),
+                           keys=keys)
+    return _json(dict(data, **paging))
 
 
 async def rules(request: web.Request) -> web.Response:
@@ -233,6 +283,27 @@ async def watch(request: web.Request) -> web.StreamResponse:
     finally:
         hub.remove(watcher)
     return response
+
+
+async def series(request: web.Request) -> web.Response:
+    """Traffic over the last 15 minutes, one sample a second: ``service=`` filters the service
+    ports, ``only=total`` sends the sum of all of them alone."""
+    only = request.query.get("only", "")
+    if only not in ("", "total"):
+        return _bad_request(f"only={only!r}: total (or leave it out)")
+    return _json(request.app[SERIES].as_dict(request.query.get("service", ""), items=not only))
+
+
+async def events(request: web.Request) -> web.Response:
+    """The event log, oldest first: ``since=`` (a seq) for what is new, ``limit=`` the newest n."""
+    log = request.app[DAEMON].events
+    text = request.query.get("since", "0")
+    if not (text.isascii() and text.isdigit()):
+        return _bad_request(f"since={text!r}: not a non-negative integer")
+    limit = _limit(request, API_DEFAULT_LIMIT, API_MAX_LIMIT)
+    items = log.items(since=int(text), limit=limit)
+    return _json({"kind": "EventList", "lastSeq": log.last_seq, "total": len(log),
+                  "items": [e.as_dict() for e in items]})
 
 
 async def metrics(request: web.Request) -> web.Response:

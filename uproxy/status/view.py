@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from typing import Protocol
 
 from uproxy.connections import ConnTable
+from uproxy.events import EventLog
 from uproxy.metrics import Metrics
 from uproxy.model import Obj, ServicePortName
 from uproxy.rules import Redirect
@@ -64,6 +65,8 @@ class DaemonView(Protocol):
     def conns(self) -> ConnTable: ...
     @property
     def metrics(self) -> Metrics: ...
+    @property
+    def events(self) -> EventLog: ...
     @property
     def started(self) -> float: ...
     @property

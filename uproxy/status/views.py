@@ -19,6 +19,7 @@ import datetime
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from uproxy.connections import EndpointKey, Tally
 from uproxy.model import ServicePortName
 from uproxy.rules import CHAIN, KEEP_NAT_V4, Redirect, render_rule
 from uproxy.state import KINDS, Entry, Key
@@ -98,13 +99,18 @@ def _list(value: Any) -> list[Any]:
 
 
 def services(raw: Mapping[Key, Mapping[str, Any]], served: Mapping[ServicePortName, Entry],
-             proxy_ports: Mapping[ServicePortName, int], seen: FirstSeen, now: float) -> Json:
-    """Every Service in the store (also those uproxy does not proxy), like ``kubectl get svc``."""
+             proxy_ports: Mapping[ServicePortName, int], seen: FirstSeen, now: float,
+             keys: Iterable[Key] | None = None) -> Json:
+    """Every Service in the store (also those uproxy does not proxy), like ``kubectl get svc``;
+    ``keys``: only these (one page), in this order."""
+    wanted = list(sorted(raw) if keys is None else keys)
+    chosen = set(wanted)
     by_service: dict[Key, dict[tuple[str, str], Entry]] = {}
     for name, entry in served.items():
-        by_service.setdefault(name.service, {})[(name.port, name.protocol)] = entry
+        if name.service in chosen:
+            by_service.setdefault(name.service, {})[(name.port, name.protocol)] = entry
     items = []
-    for key in sorted(raw):
+    for key in wanted:
         obj = raw[key]
         spec = _mapping(obj.get("spec"))
         svc_type = str(spec.get("type") or "ClusterIP")
@@ -150,17 +156,39 @@ def services(raw: Mapping[Key, Mapping[str, Any]], served: Mapping[ServicePortNa
     return {"kind": "ServiceList", "items": items}
 
 
+def traffic(tally: Tally | None, live: tuple[int, int] | None) -> dict[str, int]:
+    """One endpoint's counters: the tally plus the bytes of its open connections."""
+    out = (tally or Tally()).as_dict()
+    if live is not None:
+        out["bytesUp"] += live[0]
+        out["bytesDown"] += live[1]
+    return out
+
+
 def endpoints(served: Mapping[ServicePortName, Entry],
               raw_slices: Mapping[Key, Mapping[str, Any]],
               raw_endpoints: Mapping[Key, Mapping[str, Any]],
               raw_services: Mapping[Key, Mapping[str, Any]],
-              seen: FirstSeen, now: float) -> Json:
+              seen: FirstSeen, now: float,
+              tallies: Mapping[EndpointKey, Tally] | None = None,
+              live: Mapping[EndpointKey, tuple[int, int]] | None = None,
+              keys: Iterable[Key] | None = None) -> Json:
     """The endpoints of every proxied service, like ``kubectl get endpoints``.
 
     ``addresses`` lists the ready endpoints in the order kubectl prints them
     (port by port, then address); ``endpoints`` has every endpoint with its
-    conditions. The age is the oldest endpoint object's (slice or Endpoints).
+    conditions and its ``traffic`` (:class:`uproxy.connections.Tally` counters,
+    bytes including those of connections still open). The age is the oldest
+    endpoint object's (slice or Endpoints). ``keys``: only these services (one page),
+    in this order.
     """
+    tallies = tallies or {}
+    live = live or {}
+    grouped: dict[Key, list[Entry]] = {}
+    for name, entry in served.items():
+        grouped.setdefault(name.service, []).append(entry)
+    wanted = list(sorted(grouped) if keys is None else keys)
+    chosen = set(wanted)
     created: dict[Key, float] = {}
     for kind, raw in (("EndpointSlice", raw_slices), ("Endpoints", raw_endpoints)):
         for key, obj in raw.items():
@@ -169,14 +197,15 @@ def endpoints(served: Mapping[ServicePortName, Entry],
                 label = _mapping(_mapping(obj.get("metadata")).get("labels")).get(
                     SERVICE_NAME_LABEL)
                 service = (key[0], str(label or ""))
+            if service not in chosen:
+                continue
             when = _created(obj, kind, key, seen)
             if when is not None and (service not in created or when < created[service]):
                 created[service] = when
-    grouped: dict[Key, list[Entry]] = {}
-    for name, entry in served.items():
-        grouped.setdefault(name.service, []).append(entry)
     items = []
-    for key in sorted(grouped):
+    for key in wanted:
+        if key not in grouped:
+            continue
         addresses: list[str] = []
         eps: list[Json] = []
         for entry in grouped[key]:
@@ -185,6 +214,9 @@ def endpoints(served: Mapping[ServicePortName, Entry],
                     "ip": ep.ip, "port": ep.port, "portName": entry.port.name.port,
                     "protocol": entry.port.protocol, "ready": ep.ready, "serving": ep.serving,
                     "terminating": ep.terminating, "nodeName": ep.node_name, "zone": ep.zone,
+                    "service": str(entry.port.name),
+                    "traffic": traffic(tallies.get((entry.port.name, ep.address)),
+                                       live.get((entry.port.name, ep.address))),
                 })
                 if ep.ready:
                     addresses.append(str(ep))

@@ -261,6 +261,7 @@ class UdpProxy:
                 case MarkFailed(endpoint, refused):
                     if refused:
                         self.metrics.endpoint_failures.labels(service, str(endpoint)).inc()
+                        self.conns.connect_failed(flow.listener.name, endpoint.address)
                     self.balancer.connect_failed(endpoint, self.clock(),
                                                  self._entries.get(flow.listener.name),
                                                  flow.client[0])
