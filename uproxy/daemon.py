@@ -49,6 +49,9 @@ __all__ = ["Daemon", "ListenerKey"]  # ListenerKey: where callers found it befor
 
 log = logging.getLogger("uproxy")
 
+#: The shortest wait between two passes of the sync loop when nothing woke it.
+SYNC_WAIT_FLOOR = 0.1
+
 
 class ProtocolProxy(Listening, Protocol):
     entries: dict[ServicePortName, Entry]
@@ -231,7 +234,13 @@ class Daemon:
         last_full = 0.0
         last_run = 0.0
         while True:
-            timeout = max(0.0, self.settings.sync_period - (time.monotonic() - last_full))
+            # Before the first complete state there is nothing to resync: wait for the
+            # source alone (no timeout that is already zero). After it, every wait has a
+            # floor, so a daemon with nothing to do never spins (issue 14).
+            timeout: float | None = None
+            if self.source_synced:
+                timeout = max(SYNC_WAIT_FLOOR,
+                              self.settings.sync_period - (time.monotonic() - last_full))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):  # not wait_for: see sources/kube.py
                     await self._wake.wait()
