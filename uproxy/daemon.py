@@ -64,7 +64,7 @@ class Daemon:
     def __init__(self, settings: Settings, source: Source) -> None:
         self.settings = settings
         self.source = source
-        self.store = Store()
+        self.store = Store(proxy_name=settings.service_proxy_name)
         self.metrics = Metrics()
         self.conns = ConnTable()
         self.balancer = Balancer(node_name=settings.hostname_override)

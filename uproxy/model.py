@@ -18,6 +18,10 @@ PROXIED_PROTOCOLS = ("TCP", "UDP")
 KNOWN_PROTOCOLS = ("TCP", "UDP", "SCTP")
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
+#: A Service carrying this label belongs to the proxy it names (kube-proxy ignores it).
+PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
+#: A Service carrying this label (any value) is not proxied, whatever its clusterIP.
+HEADLESS_LABEL = "service.kubernetes.io/headless"
 
 Obj = Mapping[str, Any]
 
@@ -123,6 +127,7 @@ class Parsed:
     endpoint_sets: list[EndpointSet] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # debug-level notes (headless, ...)
+    proxy_name: str | None = None  # a Service's service-proxy-name label (None: absent)
 
 
 def is_mapping(value: object) -> TypeGuard[Mapping[str, Any]]:
@@ -214,6 +219,13 @@ def parse_service(obj: Obj, origin: str = "") -> Parsed:
         spec = obj.get("spec")
         if not is_mapping(spec):
             raise _Bad("spec", "missing")
+        labels = obj["metadata"].get("labels") or {}
+        if is_mapping(labels):
+            if HEADLESS_LABEL in labels:
+                out.skipped.append(f"{object_ref(obj)}: labelled {HEADLESS_LABEL}; not proxied")
+                return out
+            proxy_name = labels.get(PROXY_NAME_LABEL)
+            out.proxy_name = None if proxy_name is None else str(proxy_name)
         svc_type = spec.get("type") or "ClusterIP"
         if svc_type not in SERVICE_TYPES:
             raise _Bad("spec.type", f"unknown type {svc_type!r} ({', '.join(SERVICE_TYPES)})")

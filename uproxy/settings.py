@@ -249,6 +249,12 @@ class Settings:
     hostname_override: str = setting(
         parse=str, default_factory=socket.gethostname, metavar="NAME",
         default_text="the hostname", help="this node's name, as in its Node object")
+    service_proxy_name: str | None = setting(
+        None, parse=str, metavar="NAME", default_text="",
+        help="serve only Services whose service-proxy-name label is NAME")
+    node_zone: str | None = setting(
+        None, parse=str, metavar="ZONE", default_text="its Node's label",
+        help="this node's zone, for topology hints")
     bind_address: str = setting(
         "0.0.0.0", parse=_ip, metavar="IP",
         help="address the proxy sockets bind to")

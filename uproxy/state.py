@@ -76,7 +76,10 @@ class Store:
     endpoint change costs one service's work, not 10,000's.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, proxy_name: str | None = None) -> None:
+        #: ``--service-proxy-name``: serve only Services whose service-proxy-name label
+        #: equals it; None: only Services without that label (kube-proxy's rule).
+        self.proxy_name = proxy_name or None
         self._objects: dict[str, dict[Key, Parsed]] = {k: {} for k in KINDS}
         self._raw: dict[str, dict[Key, Obj]] = {k: {} for k in KINDS}
         self.generation = 0
@@ -192,7 +195,7 @@ class Store:
             for name in self._ports.pop(key, ()):
                 self._table.pop(name, None)
             parsed = services.get(key)
-            if parsed is None or not parsed.ports:
+            if parsed is None or not parsed.ports or parsed.proxy_name != self.proxy_name:
                 continue
             sets = self._endpoint_sets(key)
             names = []
