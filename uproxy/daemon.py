@@ -64,7 +64,8 @@ class Daemon:
     def __init__(self, settings: Settings, source: Source) -> None:
         self.settings = settings
         self.source = source
-        self.store = Store(proxy_name=settings.service_proxy_name)
+        self.store = Store(proxy_name=settings.service_proxy_name,
+                           synthesize_hints=bool(settings.manifests))
         self.metrics = Metrics()
         self.conns = ConnTable()
         self.balancer = Balancer(node_name=settings.hostname_override)
@@ -145,6 +146,12 @@ class Daemon:
     def node_terminating(self) -> bool:
         """The source says this node is going away (deletionTimestamp or autoscaler taint)."""
         return bool(getattr(self.source, "node_terminating", False))
+
+    @property
+    def node_zone(self) -> str | None:
+        """This node's zone (topology): ``--node-zone``, else its Node object's label."""
+        return (self.settings.node_zone or getattr(self.source, "node_zone", None)
+                or self.store.node_zone(self.settings.hostname_override))
 
     # Lifecycle ----------------------------------------------------------------------------
     def stop(self) -> None:
@@ -269,6 +276,7 @@ class Daemon:
         redirect changed (an endpoint change alone does not touch iptables).
         """
         started = time.monotonic()
+        self.balancer.zone = self.node_zone
         queued = self.queued_since
         self.queued_since = None
         diff = self._served.update(self.store, self.store.take_changed())

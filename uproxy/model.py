@@ -73,6 +73,7 @@ class ServicePort:
     affinity_timeout: int | None = None  # seconds; None = no session affinity
     internal_local: bool = False  # internalTrafficPolicy: Local
     external_local: bool = False  # externalTrafficPolicy: Local
+    traffic_distribution: str | None = None  # spec.trafficDistribution (see uproxy.topology)
 
     @property
     def external_addresses(self) -> tuple[str, ...]:
@@ -90,6 +91,8 @@ class Endpoint:
     terminating: bool = False
     node_name: str | None = None
     zone: str | None = None
+    zone_hints: tuple[str, ...] = ()  # hints.forZones[].name
+    node_hints: tuple[str, ...] = ()  # hints.forNodes[].name
 
     @property
     def address(self) -> tuple[str, int]:
@@ -128,6 +131,7 @@ class Parsed:
     problems: list[Problem] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # debug-level notes (headless, ...)
     proxy_name: str | None = None  # a Service's service-proxy-name label (None: absent)
+    node_zone: str | None = None  # a Node's topology.kubernetes.io/zone label
 
 
 def is_mapping(value: object) -> TypeGuard[Mapping[str, Any]]:
@@ -242,6 +246,8 @@ def parse_service(obj: Obj, origin: str = "") -> Parsed:
         affinity = _affinity(spec)
         internal_local = spec.get("internalTrafficPolicy") == "Local"
         external_local = spec.get("externalTrafficPolicy") == "Local"
+        traffic_distribution = _optional_str(spec.get("trafficDistribution"),
+                                             "spec.trafficDistribution")
         ports = spec.get("ports")
         if not isinstance(ports, list) or not ports:
             raise _Bad("spec.ports", "missing or empty")
@@ -297,6 +303,7 @@ def parse_service(obj: Obj, origin: str = "") -> Parsed:
                     affinity_timeout=affinity,
                     internal_local=internal_local,
                     external_local=external_local,
+                    traffic_distribution=traffic_distribution,
                 )
             )
         except _Bad as bad:
@@ -428,7 +435,45 @@ def _slice_endpoint(ep: Any, where: str, addr_type: str) -> Iterator[Endpoint]:
     ip = _ip(addresses[0], f"{where}.addresses[0]")
     if (":" in ip) != (addr_type == "IPv6"):
         raise _Bad(f"{where}.addresses[0]", f"{ip} is not {addr_type}")
-    yield Endpoint(ip, 0, ready, serving, terminating, node, zone)
+    zone_hints, node_hints = _hints(ep.get("hints"), f"{where}.hints")
+    yield Endpoint(ip, 0, ready, serving, terminating, node, zone, zone_hints, node_hints)
+
+
+def _hints(raw: Any, where: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``hints.forZones[].name`` and ``hints.forNodes[].name``."""
+    if raw is None:
+        return (), ()
+    if not is_mapping(raw):
+        raise _Bad(where, "must be a mapping")
+    out: list[tuple[str, ...]] = []
+    for key in ("forZones", "forNodes"):
+        items = raw.get(key) or []
+        if not isinstance(items, list):
+            raise _Bad(f"{where}.{key}", "must be a list")
+        names = []
+        for i, item in enumerate(items):
+            name = item.get("name") if is_mapping(item) else None
+            if not isinstance(name, str) or not name:
+                raise _Bad(f"{where}.{key}[{i}].name", "missing")
+            names.append(name)
+        out.append(tuple(names))
+    return out[0], out[1]
+
+
+ZONE_LABEL = "topology.kubernetes.io/zone"
+
+
+def parse_node(obj: Obj, origin: str = "") -> Parsed:
+    """A v1 Node -> its zone label (topology); the rest of a Node is not used."""
+    out = Parsed()
+    try:
+        _meta(obj)
+        labels = obj["metadata"].get("labels") or {}
+        zone = labels.get(ZONE_LABEL) if is_mapping(labels) else None
+        out.node_zone = _optional_str(zone, f"metadata.labels[{ZONE_LABEL}]")
+    except _Bad as bad:
+        out.problems.append(Problem(origin, object_ref(obj), bad.field_path, bad.message))
+    return out
 
 
 def parse_endpoints(obj: Obj, origin: str = "") -> Parsed:
@@ -480,7 +525,8 @@ def resolve_endpoints(port: ServicePort, sets: Iterable[EndpointSet]) -> tuple[E
             if sp.name == port.name.port and sp.protocol == port.protocol:
                 for ep in s.endpoints:
                     resolved = Endpoint(
-                        ep.ip, sp.port, ep.ready, ep.serving, ep.terminating, ep.node_name, ep.zone
+                        ep.ip, sp.port, ep.ready, ep.serving, ep.terminating, ep.node_name, ep.zone,
+                        ep.zone_hints, ep.node_hints,
                     )
                     # Duplicates across slices: a ready copy wins.
                     prev = found.get(resolved.address)

@@ -132,7 +132,8 @@ class UdpProxy:
                 continue
             # The rule new flows are chosen by decides which flows may stay.
             usable = {e.address for e in usable_endpoints(entry, external=listener.external,
-                                                          node_name=node)}
+                                                          node_name=node,
+                                                          zone=self.balancer.zone)}
             for flow in list(listener.flows.values()):
                 if flow.endpoint.address not in usable:
                     self.close_flow(flow, "endpoint removed")
