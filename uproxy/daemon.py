@@ -277,6 +277,8 @@ class Daemon:
         """
         started = time.monotonic()
         self.balancer.zone = self.node_zone
+        self.listener_set.node_ips = (getattr(self.source, "node_ips", ())
+                                      or self.store.node_ips(self.settings.hostname_override))
         queued = self.queued_since
         self.queued_since = None
         diff = self._served.update(self.store, self.store.take_changed())

@@ -132,6 +132,7 @@ class Parsed:
     skipped: list[str] = field(default_factory=list)  # debug-level notes (headless, ...)
     proxy_name: str | None = None  # a Service's service-proxy-name label (None: absent)
     node_zone: str | None = None  # a Node's topology.kubernetes.io/zone label
+    node_ips: tuple[str, ...] = ()  # a Node's primary IPs, one per family (node_host_ips)
 
 
 def is_mapping(value: object) -> TypeGuard[Mapping[str, Any]]:
@@ -471,9 +472,29 @@ def parse_node(obj: Obj, origin: str = "") -> Parsed:
         labels = obj["metadata"].get("labels") or {}
         zone = labels.get(ZONE_LABEL) if is_mapping(labels) else None
         out.node_zone = _optional_str(zone, f"metadata.labels[{ZONE_LABEL}]")
+        out.node_ips = node_host_ips(obj)
     except _Bad as bad:
         out.problems.append(Problem(origin, object_ref(obj), bad.field_path, bad.message))
     return out
+
+
+def node_host_ips(node: Obj) -> tuple[str, ...]:
+    """A Node's primary IP of each family, primary family first (kube-proxy's
+    ``GetNodeHostIPs``): ``status.addresses``, InternalIP before ExternalIP."""
+    status = node.get("status")
+    addresses = status.get("addresses") if is_mapping(status) else None
+    if not isinstance(addresses, list):
+        return ()
+    out: dict[bool, str] = {}
+    for wanted in ("InternalIP", "ExternalIP"):
+        for a in addresses:
+            if is_mapping(a) and a.get("type") == wanted:
+                try:
+                    ip = _ip(a.get("address"), "status.addresses")
+                except _Bad:
+                    continue
+                out.setdefault(":" in ip, ip)
+    return tuple(out.values())
 
 
 def parse_endpoints(obj: Obj, origin: str = "") -> Parsed:

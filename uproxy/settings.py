@@ -153,6 +153,12 @@ def _cidr_list(value: Any) -> tuple[str, ...]:
     return parse_cidrs(",".join(value) if isinstance(value, list) else str(value))
 
 
+def _nodeport_addresses(value: Any) -> tuple[str, ...]:
+    if str(value).strip() == "primary":
+        return ("primary",)
+    return _cidr_list(value)
+
+
 def _ip(value: Any) -> str:
     return str(ipaddress.ip_address(value))
 
@@ -259,8 +265,8 @@ class Settings:
         "0.0.0.0", parse=_ip, metavar="IP",
         help="address the proxy sockets bind to")
     nodeport_addresses: tuple[str, ...] = setting(
-        (), parse=_cidr_list, metavar="CIDR[,CIDR]", default_text="every address",
-        help="where NodePorts listen")
+        (), parse=_nodeport_addresses, metavar="CIDR[,CIDR]",
+        default_text="all", help="where NodePorts listen (or primary)")
     proxy_port_range: tuple[int, int] | None = setting(
         None, parse=_port_range, metavar="LOW-HIGH", default_text="the kernel's choice",
         help="ports for the proxy sockets")

@@ -227,6 +227,11 @@ class Store:
         parsed = self._objects["Node"].get(("default", name))
         return parsed.node_zone if parsed is not None else None
 
+    def node_ips(self, name: str) -> tuple[str, ...]:
+        """The primary IPs of the ``kind: Node`` object called ``name`` (manifests)."""
+        parsed = self._objects["Node"].get(("default", name))
+        return parsed.node_ips if parsed is not None else ()
+
     def ports_of(self, key: Key) -> list[ServicePortName]:
         self.table()
         return list(self._ports.get(key, ()))
