@@ -33,6 +33,7 @@ from uproxy.iptables import Iptables, IptablesError
 from uproxy.metrics import Metrics
 from uproxy.model import ServicePort, ServicePortName
 from uproxy.proxy.listeners import Listener, ListenerKey, ListenerSet, Listening
+from uproxy.proxy.node_addresses import nodeport_addresses
 from uproxy.proxy.ports import PortAllocator
 from uproxy.proxy.relay import make_relay
 from uproxy.proxy.tcp import TcpProxy
@@ -41,6 +42,8 @@ from uproxy.rules import Redirect, render
 from uproxy.settings import Settings
 from uproxy.sources import Source
 from uproxy.state import Entry, Served, Store
+from uproxy.status.health import local_ready_count
+from uproxy.status.service_health import HealthCheckPorts
 
 if TYPE_CHECKING:
     from uproxy.status.view import DaemonView
@@ -97,6 +100,9 @@ class Daemon:
         self._redirects_by_name: dict[ServicePortName, list[Redirect]] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self._gc = GcPause(self.loop)
+        self.health_checks = HealthCheckPorts(local_endpoints=self._local_ready,
+                                              healthy=self.healthy)
+        self._hc_ports: dict[ServicePortName, int] = {}  # health-check node port per port
 
     def _add_udp(self) -> None:
         try:
@@ -217,6 +223,7 @@ class Daemon:
                 await task
         self._tasks.clear()
         self.listener_set.close_all()
+        await self.health_checks.close()
         if self.iptables is not None and self.rules_applied:
             # Stop intercepting new connections, but keep NAT alive for open ones.
             try:
@@ -341,6 +348,7 @@ class Daemon:
             proxy.rules_applied()
         self.last_sync = time.time()
         self.balancer.prune(table, time.monotonic())
+        await self._sync_health_checks(diff.removed, touched)
         self._observe_programming_latency()
         elapsed = time.monotonic() - started
         self.metrics.sync_duration.observe(elapsed)
@@ -360,6 +368,30 @@ class Daemon:
             if 0 <= now - when < 3600:
                 self.metrics.network_programming.observe(now - when)
         self._observed_triggers = current
+
+    async def _sync_health_checks(self, removed: list[Entry], touched: list[Entry]) -> None:
+        """Open, move and close health-check node ports as the Services say (kube-proxy
+        calls its SyncServices after every successful sync, too)."""
+        for entry in removed:
+            self._hc_ports.pop(entry.port.name, None)
+        for entry in touched:
+            if entry.port.health_check_node_port:
+                self._hc_ports[entry.port.name] = entry.port.health_check_node_port
+            else:
+                self._hc_ports.pop(entry.port.name, None)
+        wanted = {name.service: port for name, port in self._hc_ports.items()}
+        if not wanted and not self.health_checks.servers:
+            return
+        cidrs = self.settings.nodeport_addresses
+        addresses = (("0.0.0.0", "::") if not cidrs
+                     else tuple(nodeport_addresses(cidrs, self.listener_set.node_ips)))
+        await self.health_checks.sync(wanted, addresses)
+
+    def _local_ready(self, service: tuple[str, str]) -> int:
+        table = self.served
+        return local_ready_count((ep for name in self._hc_ports if name.service == service
+                                  if name in table for ep in table[name].endpoints),
+                                 self.settings.hostname_override)
 
     def _warn_once(self, key: str, message: str, *args: object) -> None:
         if key not in self._warned:

@@ -74,6 +74,8 @@ class ServicePort:
     internal_local: bool = False  # internalTrafficPolicy: Local
     external_local: bool = False  # externalTrafficPolicy: Local
     traffic_distribution: str | None = None  # spec.trafficDistribution (see uproxy.topology)
+    #: spec.healthCheckNodePort of a LoadBalancer with externalTrafficPolicy Local, else None
+    health_check_node_port: int | None = None
 
     @property
     def external_addresses(self) -> tuple[str, ...]:
@@ -249,6 +251,9 @@ def parse_service(obj: Obj, origin: str = "") -> Parsed:
         external_local = spec.get("externalTrafficPolicy") == "Local"
         traffic_distribution = _optional_str(spec.get("trafficDistribution"),
                                              "spec.trafficDistribution")
+        hc_port = None  # kube-proxy's NeedsHealthCheck: LoadBalancer + Local only
+        if svc_type == "LoadBalancer" and external_local and spec.get("healthCheckNodePort"):
+            hc_port = _port_number(spec["healthCheckNodePort"], "spec.healthCheckNodePort")
         ports = spec.get("ports")
         if not isinstance(ports, list) or not ports:
             raise _Bad("spec.ports", "missing or empty")
@@ -305,6 +310,7 @@ def parse_service(obj: Obj, origin: str = "") -> Parsed:
                     internal_local=internal_local,
                     external_local=external_local,
                     traffic_distribution=traffic_distribution,
+                    health_check_node_port=hc_port,
                 )
             )
         except _Bad as bad:

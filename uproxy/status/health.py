@@ -29,6 +29,8 @@ import datetime
 import json
 from collections.abc import Iterable
 
+from uproxy.model import Endpoint
+
 GO_ZERO_TIME = "0001-01-01T00:00:00Z"
 JSON_HEADERS = {"Content-Type": "application/json", "X-Content-Type-Options": "nosniff"}
 
@@ -78,3 +80,9 @@ def service_health(namespace: str, name: str, local_endpoints: int,
     headers = {**JSON_HEADERS, "X-Load-Balancing-Endpoint-Weight": str(local_endpoints)}
     status = 200 if local_endpoints and proxy_healthy else 503
     return status, headers, body.encode()
+
+
+def local_ready_count(endpoints: Iterable[Endpoint], node_name: str) -> int:
+    """kube-proxy's ``localEndpoints``: ready endpoints on this node, by IP across all the
+    service's ports (a pod serving two ports counts once; terminating ones never count)."""
+    return len({e.ip for e in endpoints if e.ready and e.node_name == node_name})
