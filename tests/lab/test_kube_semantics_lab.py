@@ -1,0 +1,179 @@
+"""What a node proxy must do on a current cluster (issue 14), end to end in the lab.
+
+The real daemon in the node namespace, echo servers in pod namespaces, clients in the
+client namespace. Each test is named after the Kubernetes e2e case it mirrors
+(``test/e2e/network/service.go``; one node, so "the other node" is played by endpoints
+whose ``nodeName`` is not this node's). IPv4 only: this branch's lab has no IPv6.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.support.matrix import Flavor
+from tests.support.waiting import wait_until
+from uproxy.demo.lab import Lab
+from uproxy.demo.node import NodeProxy, endpoint_slice, service
+
+PORT = 8080
+PORTS = [{"name": "http", "port": 80, "targetPort": PORT}]
+SLICE_PORTS = [{"name": "http", "port": PORT, "protocol": "TCP"}]
+NODE = "node"  # NodeProxy's --hostname-override
+HC_PORT = 32100
+NODE_PORT = 30180
+TERMINATING = {"ready": False, "serving": True, "terminating": True}
+
+
+@pytest.fixture
+def proxies() -> Iterator[list[NodeProxy]]:
+    started: list[NodeProxy] = []
+    yield started
+    for proxy in started:
+        if proxy.proc is not None and proxy.proc.poll() is None:
+            proxy.stop()
+
+
+def start(lab: Lab, proxies: list[NodeProxy], flavor: Flavor | None = None,
+          args: tuple[str, ...] = (), **objects: list[dict[str, Any]]) -> NodeProxy:
+    node = NodeProxy(lab, loop=flavor.loop if flavor else "asyncio",
+                     native=flavor.native if flavor else True, args=args)
+    for filename, objs in objects.items():
+        node.write(f"{filename}.yaml", *objs)
+    proxies.append(node)
+    node.start()
+    return node
+
+
+def curl(lab: Lab, url: str, ns: str = "client") -> tuple[int, dict[str, str], str]:
+    """HTTP status (0: no answer), headers and body, as curl from ``ns`` sees them."""
+    out = lab.run(ns, ["curl", "-s", "-i", "-m", "3", url], check=False).stdout
+    if not out:
+        return 0, {}, ""
+    head, _, body = out.replace("\r\n", "\n").partition("\n\n")
+    lines = head.splitlines()
+    headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+    return int(lines[0].split()[1]), headers, body
+
+
+def who(lab: Lab, ip: str, port: int, count: int = 20, timeout: float = 2.0) -> dict[str, Any]:
+    return lab.probe("tcp", ip, str(port), "--count", str(count), "--timeout", str(timeout))
+
+
+# --- which Services are ours ---------------------------------------------------------------
+
+def labelled(labels: dict[str, str]) -> dict[str, Any]:
+    svc = service("web", "10.0.0.50", PORTS)
+    svc["metadata"]["labels"] = labels
+    return svc
+
+
+@pytest.mark.parametrize("label", ["service.kubernetes.io/service-proxy-name",
+                                   "service.kubernetes.io/headless"])
+def test_should_implement_service_kubernetes_io_label(lab: Lab, proxies: list[NodeProxy],
+                                                      label: str) -> None:
+    """e2e "should implement service.kubernetes.io/service-proxy-name" and "... /headless":
+    a labelled Service is never up; adding the label takes a Service down, removing it
+    brings the Service back. (The e2e's hostNetwork client is the node itself here, too.)"""
+    lab.start_echo(1, tcp_ports=(PORT,))
+    slice_ = endpoint_slice("web", lab.pod_ips[:1], SLICE_PORTS)
+    down = service("down", "10.0.0.51", PORTS)
+    down["metadata"]["labels"] = {label: "foo-bar"}
+    node = start(lab, proxies, web=[labelled({}), slice_],
+                 down=[down, endpoint_slice("down", lab.pod_ips[:1], SLICE_PORTS)])
+    assert who(lab, "10.0.0.50", 80)["counts"] == {"pod1": 20}
+    for ns in ("client", "node"):
+        result = lab.probe("tcp", "10.0.0.51", "80", "--count", "3", "--timeout", "1", ns=ns)
+        assert result["counts"] == {}, result
+    assert "10.0.0.51" not in node.iptables_save()
+    node.write("web.yaml", labelled({label: "foo-bar"}), slice_)
+    node.wait_rules(lambda text: "10.0.0.50" not in text)
+    assert who(lab, "10.0.0.50", 80, count=3, timeout=1)["counts"] == {}
+    node.write("web.yaml", labelled({}), slice_)
+    node.wait_rules(lambda text: "10.0.0.50" in text)
+    assert who(lab, "10.0.0.50", 80)["counts"] == {"pod1": 20}
+
+
+def test_service_proxy_name_flag_serves_only_its_services(lab: Lab,
+                                                          proxies: list[NodeProxy]) -> None:
+    """``--service-proxy-name uproxy`` beside kube-proxy: only the labelled Service."""
+    lab.start_echo(1, tcp_ports=(PORT,))
+    ours = service("ours", "10.0.0.52", PORTS)
+    ours["metadata"]["labels"] = {"service.kubernetes.io/service-proxy-name": "uproxy"}
+    node = start(lab, proxies, args=("--service-proxy-name", "uproxy"),
+                 ours=[ours, endpoint_slice("ours", lab.pod_ips[:1], SLICE_PORTS)],
+                 web=[labelled({}), endpoint_slice("web", lab.pod_ips[:1], SLICE_PORTS)])
+    rules = node.iptables_save()
+    assert "10.0.0.52" in rules and "10.0.0.50" not in rules
+    assert who(lab, "10.0.0.52", 80)["counts"] == {"pod1": 20}
+
+
+# --- health-check node port and externalTrafficPolicy: Local -------------------------------
+
+def lb_local(**extra: Any) -> dict[str, Any]:
+    spec = {"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+            "healthCheckNodePort": HC_PORT, **extra}
+    return service("lb", "10.0.0.60", [{**PORTS[0], "nodePort": NODE_PORT}], **spec)
+
+
+def lb_slice(lab: Lab, local: dict[str, bool] | None = None) -> dict[str, Any]:
+    ips = lab.pod_ips[:2]
+    return endpoint_slice("lb", ips, SLICE_PORTS,
+                          node_names={ips[0]: NODE, ips[1]: "node-2"},
+                          conditions={ips[0]: local or {"ready": True}})
+
+
+def test_should_fail_health_check_node_port_if_there_are_only_terminating_endpoints(
+        lab: Lab, proxies: list[NodeProxy], flavor: Flavor) -> None:
+    """e2e: 200 from ``http://nodeIP:hcport/healthz`` while the local pod is ready, 503 once
+    it only terminates, while the NodePort still reaches it (local terminating fallback)."""
+    lab.start_echo(1, tcp_ports=(PORT,))
+    lab.start_echo(2, tcp_ports=(PORT,))
+    node = start(lab, proxies, flavor, lb=[lb_local(), lb_slice(lab)])
+    hc = f"http://{lab.node_ip}:{HC_PORT}/healthz"
+    status, headers, body = wait_until(lambda: (r := curl(lab, hc))[0] and r, timeout=10,
+                                       message="the health-check node port answers")
+    assert status == 200, body
+    assert headers["Content-Type"] == "application/json"
+    assert headers["X-Load-Balancing-Endpoint-Weight"] == "1"
+    assert json.loads(body) == {"service": {"namespace": "default", "name": "lb"},
+                                "localEndpoints": 1, "serviceProxyHealthy": True}
+    # NodePort and ClusterIP traffic: external goes local only, ClusterIP to both
+    assert who(lab, lab.node_ip, NODE_PORT)["counts"] == {"pod1": 20}
+    assert set(who(lab, "10.0.0.60", 80, count=40)["counts"]) == {"pod1", "pod2"}
+
+    node.write("lb.yaml", lb_local(), lb_slice(lab, TERMINATING))
+    wait_until(lambda: curl(lab, hc)[0] == 503, timeout=10, message="503 when terminating")
+    status, headers, body = curl(lab, hc)
+    assert headers["X-Load-Balancing-Endpoint-Weight"] == "0"
+    assert json.loads(body)["localEndpoints"] == 0
+    assert who(lab, lab.node_ip, NODE_PORT)["counts"] == {"pod1": 20}
+
+    # externalTrafficPolicy: Cluster closes the port
+    node.write("lb.yaml", lb_local(externalTrafficPolicy="Cluster"), lb_slice(lab))
+    wait_until(lambda: curl(lab, hc)[0] == 0, timeout=10, message="closed under Cluster")
+
+
+def test_should_fallback_to_local_terminating_endpoints_when_there_are_no_ready_endpoints_with_externalTrafficPolicy_Local(  # noqa: E501
+        lab: Lab, proxies: list[NodeProxy], flavor: Flavor) -> None:
+    """e2e: with only a terminating endpoint on this node, this node's NodePort reaches it;
+    with the node's endpoint gone (the only one is on the other node), this node's
+    NodePort fails (the e2e's "pod0 -> node1:NodePort fails"), ClusterIP still works."""
+    lab.start_echo(1, tcp_ports=(PORT,))
+    lab.start_echo(2, tcp_ports=(PORT,))
+    ips = lab.pod_ips[:2]
+    terminating = endpoint_slice("lb", ips, SLICE_PORTS,
+                                 node_names={ips[0]: NODE, ips[1]: "node-2"},
+                                 conditions={ips[0]: TERMINATING, ips[1]: TERMINATING})
+    node = start(lab, proxies, flavor, lb=[lb_local(), terminating])
+    assert who(lab, lab.node_ip, NODE_PORT)["counts"] == {"pod1": 20}
+    remote_only = endpoint_slice("lb", ips[1:], SLICE_PORTS, node_names={ips[1]: "node-2"})
+    node.write("lb.yaml", lb_local(), remote_only)
+    wait_until(lambda: curl(lab, f"http://{lab.node_ip}:{HC_PORT}/")[0] == 503, timeout=10,
+               message="no local endpoint")
+    result = who(lab, lab.node_ip, NODE_PORT, count=3, timeout=1)
+    assert result["counts"] == {}, result
+    assert who(lab, "10.0.0.60", 80)["counts"] == {"pod2": 20}
