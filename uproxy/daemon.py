@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from uproxy import native
 from uproxy.balance import Balancer
 from uproxy.connections import ConnTable
+from uproxy.filter_rules import filter_rules_of, render_filter
 from uproxy.gc_pause import GcPause
 from uproxy.iptables import Iptables, IptablesError
 from uproxy.metrics import Metrics
@@ -103,6 +104,9 @@ class Daemon:
         self.health_checks = HealthCheckPorts(local_endpoints=self._local_ready,
                                               healthy=self.healthy)
         self._hc_ports: dict[ServicePortName, int] = {}  # health-check node port per port
+        self._filter_by_name: dict[ServicePortName, list[str]] = {}  # UPROXY-FIREWALL lines
+        self._filter_text = ""  # as last applied
+        self._filter_hooks_in_place = False
 
     def _add_udp(self) -> None:
         try:
@@ -329,6 +333,7 @@ class Daemon:
                         else self._last_rules
                     await self.iptables.restore(text)
                     self._last_rules = text
+                await self._apply_filter(diff.removed, touched, full)
                 # (the first sync counts as full; its hooks were just put in place)
                 if not self._hooks_in_place or (full and self.rules_applied):
                     added = await self.iptables.ensure_hooks()
@@ -340,6 +345,7 @@ class Daemon:
                 self.metrics.sync_errors.inc()
                 self.queued_since = queued or time.time()
                 self._last_rules = ""  # render and apply again next time
+                self._filter_text = ""
                 return
         self.rules_applied = True
         if self.ready:
@@ -368,6 +374,30 @@ class Daemon:
             if 0 <= now - when < 3600:
                 self.metrics.network_programming.observe(now - when)
         self._observed_triggers = current
+
+    async def _apply_filter(self, removed: list[Entry], touched: list[Entry],
+                            full: bool) -> None:
+        """The filter table (:mod:`uproxy.filter_rules`): one restore when a line changed."""
+        assert self.iptables is not None
+        for entry in removed:
+            self._filter_by_name.pop(entry.port.name, None)
+        for entry in touched:
+            lines = filter_rules_of(entry, node_name=self.settings.hostname_override,
+                                    node_ips=self.listener_set.node_ips)
+            if lines:
+                self._filter_by_name[entry.port.name] = lines
+            else:
+                self._filter_by_name.pop(entry.port.name, None)
+        text = render_filter(line for name in sorted(self._filter_by_name)
+                             for line in self._filter_by_name[name])
+        if text != self._filter_text or full:
+            await self.iptables.restore(text)
+            self._filter_text = text
+        if full or not self._filter_hooks_in_place:
+            added = await self.iptables.ensure_filter_hooks()
+            if added and self._filter_hooks_in_place:
+                log.warning("re-inserted %d uproxy filter hooks someone removed", added)
+            self._filter_hooks_in_place = True
 
     async def _sync_health_checks(self, removed: list[Entry], touched: list[Entry]) -> None:
         """Open, move and close health-check node ports as the Services say (kube-proxy

@@ -8,6 +8,7 @@ no state, so both sources (files and the API) and the tests share it.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -76,6 +77,8 @@ class ServicePort:
     traffic_distribution: str | None = None  # spec.trafficDistribution (see uproxy.topology)
     #: spec.healthCheckNodePort of a LoadBalancer with externalTrafficPolicy Local, else None
     health_check_node_port: int | None = None
+    #: spec.loadBalancerSourceRanges, normalised; () = every source (also for 0.0.0.0/0)
+    source_ranges: tuple[str, ...] = ()
 
     @property
     def external_addresses(self) -> tuple[str, ...]:
@@ -251,6 +254,7 @@ def parse_service(obj: Obj, origin: str = "") -> Parsed:
         external_local = spec.get("externalTrafficPolicy") == "Local"
         traffic_distribution = _optional_str(spec.get("trafficDistribution"),
                                              "spec.trafficDistribution")
+        source_ranges = _source_ranges(spec.get("loadBalancerSourceRanges"))
         hc_port = None  # kube-proxy's NeedsHealthCheck: LoadBalancer + Local only
         if svc_type == "LoadBalancer" and external_local and spec.get("healthCheckNodePort"):
             hc_port = _port_number(spec["healthCheckNodePort"], "spec.healthCheckNodePort")
@@ -311,6 +315,7 @@ def parse_service(obj: Obj, origin: str = "") -> Parsed:
                     external_local=external_local,
                     traffic_distribution=traffic_distribution,
                     health_check_node_port=hc_port,
+                    source_ranges=source_ranges,
                 )
             )
         except _Bad as bad:
@@ -345,8 +350,28 @@ def _lb_ips(obj: Obj) -> tuple[str, ...]:
         raise _Bad("status.loadBalancer.ingress", "must be a list")
     out = []
     for i, entry in enumerate(ingress):
-        if is_mapping(entry) and entry.get("ip"):
+        # ipMode Proxy: the load balancer proxies to the NodePorts; the IP is not captured
+        if is_mapping(entry) and entry.get("ip") and entry.get("ipMode") != "Proxy":
             out.append(_ip(entry["ip"], f"status.loadBalancer.ingress[{i}].ip"))
+    return tuple(out)
+
+
+def _source_ranges(value: Any) -> tuple[str, ...]:
+    """``loadBalancerSourceRanges``: trimmed CIDRs; a zero CIDR among them allows all (())."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise _Bad("spec.loadBalancerSourceRanges", "must be a list")
+    out = []
+    for i, text in enumerate(value):
+        try:
+            net = ipaddress.ip_network(str(text).strip(), strict=False)
+        except ValueError:
+            raise _Bad(f"spec.loadBalancerSourceRanges[{i}]",
+                       f"{text!r} is not a CIDR") from None
+        if net.prefixlen == 0:
+            return ()
+        out.append(str(net))
     return tuple(out)
 
 

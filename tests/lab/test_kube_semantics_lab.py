@@ -9,6 +9,7 @@ whose ``nodeName`` is not this node's). IPv4 only: this branch's lab has no IPv6
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -177,3 +178,52 @@ def test_should_fallback_to_local_terminating_endpoints_when_there_are_no_ready_
     result = who(lab, lab.node_ip, NODE_PORT, count=3, timeout=1)
     assert result["counts"] == {}, result
     assert who(lab, "10.0.0.60", 80)["counts"] == {"pod2": 20}
+
+
+# --- refusal, source ranges, ipMode: the filter table --------------------------------------
+
+UDP_CLIENT = """\
+import socket, sys, time
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.connect((sys.argv[1], int(sys.argv[2])))
+sock.settimeout(2.0)
+start = time.monotonic()
+try:
+    sock.send(b"ping")
+    sock.recv(100)
+    print("answered")
+except ConnectionRefusedError:
+    print(f"refused {time.monotonic() - start:.2f}")
+except PermissionError:  # REJECT in OUTPUT: the node's own send() fails at once (EPERM)
+    print(f"refused {time.monotonic() - start:.2f} locally")
+except TimeoutError:
+    print("timeout")
+"""
+
+
+def udp_try(lab: Lab, ip: str, port: int, ns: str = "client") -> str:
+    return lab.run(ns, [sys.executable, "-c", UDP_CLIENT, ip, str(port)]).stdout.strip()
+
+
+def test_should_be_rejected_when_no_endpoints_exist_udp(lab: Lab, proxies: list[NodeProxy],
+                                                        flavor: Flavor) -> None:
+    """e2e "should be rejected when no endpoints exist", for UDP: ICMP port unreachable at
+    once (ECONNREFUSED), from the client and from the node; served again once an endpoint
+    appears."""
+    lab.start_echo(1, udp_ports=(PORT,))
+    ports = [{"name": "u", "port": 53, "protocol": "UDP", "targetPort": PORT,
+              "nodePort": 30153}]
+    slice_ports = [{"name": "u", "port": PORT, "protocol": "UDP"}]
+    svc = service("noep", "10.0.0.70", ports, type="NodePort")
+    node = start(lab, proxies, flavor, noep=[svc, endpoint_slice("noep", [], slice_ports)])
+    filter_text = lab.run("node", ["iptables-save", "-t", "filter"]).stdout
+    assert '"default/noep:u has no endpoints"' in filter_text, filter_text
+    for ip, port, ns in (("10.0.0.70", 53, "client"), ("10.0.0.70", 53, "node"),
+                         (lab.node_ip, 30153, "client")):
+        result = udp_try(lab, ip, port, ns)
+        assert result.startswith("refused"), (ip, port, ns, result)
+        assert float(result.split()[1]) < 1.0
+    node.write("noep.yaml", svc, endpoint_slice("noep", lab.pod_ips[:1], slice_ports))
+    wait_until(lambda: udp_try(lab, "10.0.0.70", 53) == "answered", timeout=10,
+               message="served once an endpoint exists")
+    assert udp_try(lab, lab.node_ip, 30153) == "answered"
