@@ -177,6 +177,7 @@ def test_should_fallback_to_local_terminating_endpoints_when_there_are_no_ready_
                message="no local endpoint")
     result = who(lab, lab.node_ip, NODE_PORT, count=3, timeout=1)
     assert result["counts"] == {}, result
+    assert result["errors"]["timeout"] == 3, result  # dropped, as kube-proxy does (not refused)
     assert who(lab, "10.0.0.60", 80)["counts"] == {"pod2": 20}
 
 
@@ -227,3 +228,54 @@ def test_should_be_rejected_when_no_endpoints_exist_udp(lab: Lab, proxies: list[
     wait_until(lambda: udp_try(lab, "10.0.0.70", 53) == "answered", timeout=10,
                message="served once an endpoint exists")
     assert udp_try(lab, lab.node_ip, 30153) == "answered"
+
+
+LB_IP = "198.51.100.10"
+PROXY_MODE_IP = "198.51.100.11"
+
+
+def ranged(ranges: list[str]) -> dict[str, Any]:
+    return service("ranged", "10.0.0.80", [{**PORTS[0], "nodePort": NODE_PORT}],
+                   type="LoadBalancer", loadBalancerSourceRanges=ranges,
+                   status={"loadBalancer": {"ingress": [
+                       {"ip": LB_IP}, {"ip": PROXY_MODE_IP, "ipMode": "Proxy"}]}})
+
+
+def test_load_balancer_source_ranges_and_ip_mode_proxy(lab: Lab, proxies: list[NodeProxy],
+                                                       flavor: Flavor) -> None:
+    """``loadBalancerSourceRanges``: only listed sources reach the LoadBalancer IP (the
+    rest is dropped in the kernel), updated live; NodePort and ClusterIP are not subject
+    to them. ``ipMode: Proxy``: that IP is not captured. On stop the filter chain goes."""
+    other = "10.99.0.3"
+    lab.add_client_ip(other)
+    lab.start_echo(1, tcp_ports=(PORT,))
+    slice_ = endpoint_slice("ranged", lab.pod_ips[:1], SLICE_PORTS)
+    node = start(lab, proxies, flavor, ranged=[ranged([f"{lab.client_ip}/32"]), slice_])
+    assert PROXY_MODE_IP not in node.iptables_save()
+    assert who(lab, LB_IP, 80)["counts"] == {"pod1": 20}
+
+    def from_other(ip: str, port: int) -> dict[str, Any]:
+        return lab.probe("tcp", ip, str(port), "--count", "3", "--timeout", "1",
+                         "--source-ip", other)
+
+    result = from_other(LB_IP, 80)
+    assert result["counts"] == {} and result["errors"]["timeout"] == 3, result
+    assert from_other(lab.node_ip, NODE_PORT)["counts"] == {"pod1": 3}
+    assert from_other("10.0.0.80", 80)["counts"] == {"pod1": 3}
+    result = who(lab, PROXY_MODE_IP, 80, count=3, timeout=1)  # not captured: nobody answers
+    assert result["counts"] == {}, result
+
+    node.write("ranged.yaml", ranged([f"{other}/32"]), slice_)
+    wait_until(lambda: from_other(LB_IP, 80)["counts"] == {"pod1": 3}, timeout=10,
+               message="the new range applies")
+    result = who(lab, LB_IP, 80, count=3, timeout=1)
+    assert result["counts"] == {} and result["errors"]["timeout"] == 3, result
+    node.write("ranged.yaml", ranged([]), slice_)
+    wait_until(lambda: who(lab, LB_IP, 80, count=3)["counts"] == {"pod1": 3}, timeout=10,
+               message="no ranges: everyone")
+
+    filter_text = lab.run("node", ["iptables-save", "-t", "filter"]).stdout
+    assert "UPROXY-FIREWALL" in filter_text
+    assert node.stop() == 0
+    filter_text = lab.run("node", ["iptables-save", "-t", "filter"]).stdout
+    assert "UPROXY" not in filter_text, filter_text
