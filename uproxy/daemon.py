@@ -192,8 +192,8 @@ class Daemon:
         try:
             # One restore, so it runs beside the source's first list even while that
             # list holds the loop; cleanup() has just removed every hook.
-            await self.iptables.restore(render([], hooks=True))
-            self._hooks_in_place = True
+            await self.iptables.restore(render([], hooks=True) + render_filter((), hooks=True))
+            self._hooks_in_place = self._filter_hooks_in_place = True
         except (IptablesError, OSError) as exc:  # the first sync tries again and reports it
             log.debug("preparing iptables: %s", exc)
 

@@ -279,3 +279,79 @@ def test_load_balancer_source_ranges_and_ip_mode_proxy(lab: Lab, proxies: list[N
     assert node.stop() == 0
     filter_text = lab.run("node", ["iptables-save", "-t", "filter"]).stdout
     assert "UPROXY" not in filter_text, filter_text
+
+
+# --- traffic distribution (test/e2e/network/traffic_distribution.go) -----------------------
+# One node: the e2e's clients in different zones are this node with its zone changed (its
+# kind: Node manifest). --manifests has no EndpointSlice controller, so uproxy writes the
+# hints it would write from trafficDistribution (uproxy.topology.synthesize_hints).
+
+def zoned(distribution: str, lab: Lab, pods: list[int], zones: dict[int, str],
+          nodes: dict[int, str]) -> list[dict[str, Any]]:
+    svc = service("td", "10.0.0.90", PORTS, trafficDistribution=distribution)
+    ips = [lab.pod_ip(i) for i in pods]
+    slice_ = endpoint_slice("td", ips, SLICE_PORTS,
+                            node_names={lab.pod_ip(i): nodes[i] for i in pods})
+    for ep, i in zip(slice_["endpoints"], pods, strict=True):
+        ep["zone"] = zones[i]
+    return [svc, slice_]
+
+
+def this_node(zone: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": NODE, "labels": {"topology.kubernetes.io/zone": zone}}}
+
+
+def reached(lab: Lab, count: int = 30) -> set[str]:
+    result = who(lab, "10.0.0.90", 80, count=count)
+    assert sum(result["counts"].values()) == count, result
+    return set(result["counts"])
+
+
+@pytest.mark.parametrize("distribution", ["PreferClose", "PreferSameZone"])
+def test_should_route_traffic_to_an_endpoint_in_the_same_zone(
+        lab: Lab, proxies: list[NodeProxy], distribution: str) -> None:
+    """e2e "should route traffic to an endpoint in the same zone when using PreferClose"
+    (and "... PreferSameZone"): servers in zones A and B; clients in A, B, C."""
+    for pod in (1, 2):
+        lab.start_echo(pod, tcp_ports=(PORT,))
+    objs = zoned(distribution, lab, [1, 2], {1: "zone-a", 2: "zone-b"},
+                 {1: "node-a", 2: "node-b"})
+    node = start(lab, proxies, td=objs, node=[this_node("zone-a")])
+    wait_until(lambda: reached(lab) == {"pod1"}, timeout=10, message="zone A: A only")
+    for zone, wanted in (("zone-b", {"pod2"}), ("zone-c", {"pod1", "pod2"})):
+        node.write("node.yaml", this_node(zone))
+        wait_until(lambda w=wanted: reached(lab) == w, timeout=10,
+                   message=f"{zone}: {sorted(wanted)}")
+
+
+def test_should_route_traffic_to_an_endpoint_on_the_same_node_when_using_PreferSameNode_and_fall_back_when_the_endpoint_becomes_unavailable(  # noqa: E501
+        lab: Lab, proxies: list[NodeProxy], flavor: Flavor) -> None:
+    """e2e (two nodes in one zone, played by this node and node-2): same node only; the
+    local server deleted -> the other node's; recreated -> same node again."""
+    for pod in (1, 2):
+        lab.start_echo(pod, tcp_ports=(PORT,))
+    zones = {1: "zone-a", 2: "zone-a"}
+    nodes = {1: NODE, 2: "node-2"}
+    node = start(lab, proxies, flavor, td=zoned("PreferSameNode", lab, [1, 2], zones, nodes),
+                 node=[this_node("zone-a")])
+    assert reached(lab) == {"pod1"}
+    node.write("td.yaml", *zoned("PreferSameNode", lab, [2], zones, nodes))
+    wait_until(lambda: reached(lab) == {"pod2"}, timeout=10, message="falls back")
+    node.write("td.yaml", *zoned("PreferSameNode", lab, [1, 2], zones, nodes))
+    wait_until(lambda: reached(lab) == {"pod1"}, timeout=10, message="same node again")
+
+
+def test_should_route_traffic_to_an_endpoint_on_the_same_node_or_fall_back_to_same_zone_when_using_PreferSameNode(  # noqa: E501
+        lab: Lab, proxies: list[NodeProxy]) -> None:
+    """e2e: no server on this node -> same zone; no server in this zone either -> all."""
+    for pod in (1, 2, 3):
+        lab.start_echo(pod, tcp_ports=(PORT,))
+    zones = {1: "zone-a", 2: "zone-a", 3: "zone-b"}
+    nodes = {1: "node-a1", 2: "node-a2", 3: "node-b1"}
+    node = start(lab, proxies, td=zoned("PreferSameNode", lab, [1, 2, 3], zones, nodes),
+                 node=[this_node("zone-b")])
+    assert reached(lab) == {"pod3"}
+    node.write("node.yaml", this_node("zone-c"))
+    wait_until(lambda: reached(lab, 60) == {"pod1", "pod2", "pod3"}, timeout=10,
+               message="zone C: all")
