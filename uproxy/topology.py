@@ -52,12 +52,15 @@ def topology_mode(endpoints: Sequence[Endpoint], node_name: str, zone: str | Non
 def ready_by_topology(endpoints: Sequence[Endpoint], node_name: str,
                       zone: str | None) -> tuple[Endpoint, ...]:
     """The ready endpoints this node may use, in their order (see the module's rule)."""
-    mode = topology_mode(endpoints, node_name, zone)
+    ready = tuple(e for e in endpoints if e.ready)
+    if not ready or not (ready[0].node_hints or ready[0].zone_hints):
+        return ready  # the common case (no hints), per connection: nothing more to look at
+    mode = topology_mode(ready, node_name, zone)
     if mode == PREFER_SAME_NODE:
-        return tuple(e for e in endpoints if e.ready and node_name in e.node_hints)
+        return tuple(e for e in ready if node_name in e.node_hints)
     if mode == PREFER_SAME_ZONE:
-        return tuple(e for e in endpoints if e.ready and zone in e.zone_hints)
-    return tuple(e for e in endpoints if e.ready)
+        return tuple(e for e in ready if zone in e.zone_hints)
+    return ready
 
 
 def synthesize_hints(endpoints: tuple[Endpoint, ...],
