@@ -355,3 +355,23 @@ def test_should_route_traffic_to_an_endpoint_on_the_same_node_or_fall_back_to_sa
     node.write("node.yaml", this_node("zone-c"))
     wait_until(lambda: reached(lab, 60) == {"pod1", "pod2", "pod3"}, timeout=10,
                message="zone C: all")
+
+
+def test_nodeport_addresses_primary(lab: Lab, proxies: list[NodeProxy]) -> None:
+    """``--nodeport-addresses primary``: NodePorts (and health-check node ports) listen on
+    the node's primary IP only, as its Node's status.addresses says."""
+    lab.start_echo(1, tcp_ports=(PORT,))
+    me = this_node("zone-a")
+    me["status"] = {"addresses": [{"type": "Hostname", "address": NODE},
+                                  {"type": "InternalIP", "address": lab.node_ip}]}
+    start(lab, proxies, args=("--nodeport-addresses", "primary"),
+          lb=[lb_local(), endpoint_slice("lb", lab.pod_ips[:1], SLICE_PORTS,
+                                         node_names={lab.pod_ips[0]: NODE})],
+          node=[me])
+    listening = lab.run("node", ["ss", "-Hltn"]).stdout
+    for port in (NODE_PORT, HC_PORT):
+        local = {line.split()[3] for line in listening.splitlines()
+                 if line.split()[3].endswith(f":{port}")}
+        assert local == {f"{lab.node_ip}:{port}"}, listening
+    assert who(lab, lab.node_ip, NODE_PORT)["counts"] == {"pod1": 20}
+    assert curl(lab, f"http://{lab.node_ip}:{HC_PORT}/healthz")[0] == 200
