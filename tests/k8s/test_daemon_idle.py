@@ -133,3 +133,8 @@ async def test_api_down_at_start_uses_no_cpu_then_serves(
 
         await wait_until_async(ready, timeout=10, interval=0.2,
                                message="ready once the API answers")
+        # and ready with nothing to do: no CPU either (watches open, no events)
+        before = cpu_seconds(proc.pid)
+        await asyncio.sleep(MEASURE)
+        used = cpu_seconds(proc.pid) - before
+        assert used < CPU_BUDGET, f"{used:.2f} CPU seconds in {MEASURE:g} s when idle"

@@ -375,3 +375,25 @@ def test_nodeport_addresses_primary(lab: Lab, proxies: list[NodeProxy]) -> None:
         assert local == {f"{lab.node_ip}:{port}"}, listening
     assert who(lab, lab.node_ip, NODE_PORT)["counts"] == {"pod1": 20}
     assert curl(lab, f"http://{lab.node_ip}:{HC_PORT}/healthz")[0] == 200
+
+
+@pytest.mark.parametrize("client", ["client", "node"])
+def test_should_respect_internalTrafficPolicy_Local_Pod_to_Pod(
+        lab: Lab, proxies: list[NodeProxy], client: str) -> None:
+    """e2e "should respect internalTrafficPolicy=Local Pod to Pod" (client ns) and
+    "... Pod (hostNetwork: true) to Pod" (the node itself): a same-node endpoint serves;
+    with the only endpoint on another node, ClusterIP traffic is dropped (times out)."""
+    lab.start_echo(1, tcp_ports=(PORT,))
+    lab.start_echo(2, tcp_ports=(PORT,))
+    ips = lab.pod_ips[:2]
+    svc = service("itp", "10.0.0.95", PORTS, internalTrafficPolicy="Local")
+    both = endpoint_slice("itp", ips, SLICE_PORTS, node_names={ips[0]: NODE, ips[1]: "node-2"})
+    node = start(lab, proxies, itp=[svc, both])
+    result = lab.probe("tcp", "10.0.0.95", "80", "--count", "20", ns=client)
+    assert result["counts"] == {"pod1": 20}, result
+    node.write("itp.yaml", svc, endpoint_slice("itp", ips[1:], SLICE_PORTS,
+                                               node_names={ips[1]: "node-2"}))
+    node.wait_rules(lambda _text: "has no local endpoints" in lab.run(
+        "node", ["iptables-save", "-t", "filter"]).stdout)
+    result = lab.probe("tcp", "10.0.0.95", "80", "--count", "3", "--timeout", "1", ns=client)
+    assert result["counts"] == {} and result["errors"]["timeout"] == 3, result
