@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -397,3 +398,52 @@ def test_should_respect_internalTrafficPolicy_Local_Pod_to_Pod(
         "node", ["iptables-save", "-t", "filter"]).stdout)
     result = lab.probe("tcp", "10.0.0.95", "80", "--count", "3", "--timeout", "1", ns=client)
     assert result["counts"] == {} and result["errors"]["timeout"] == 3, result
+
+
+STEADY_UDP = """\
+import socket, sys, time
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind(("0.0.0.0", 40123))
+sock.connect((sys.argv[1], int(sys.argv[2])))
+sock.settimeout(0.3)
+refused = 0
+deadline = time.monotonic() + 20
+while time.monotonic() < deadline:
+    try:
+        sock.send(b"ping")
+        sock.recv(100)
+        print(f"answered after {refused} refusals", flush=True)
+        break
+    except ConnectionRefusedError:
+        refused += 1
+        time.sleep(0.2)
+    except TimeoutError:
+        pass
+else:
+    print("never answered", flush=True)
+"""
+
+
+def test_should_be_able_to_preserve_UDP_traffic_when_initial_unready_endpoints_get_ready(
+        lab: Lab, proxies: list[NodeProxy], flavor: Flavor) -> None:
+    """Conntrack e2e: one UDP client (fixed source port) sends before the endpoint is
+    ready (rejected at once each time, no flow blackholed) and is answered once it is."""
+    lab.start_echo(1, udp_ports=(PORT,))
+    ports = [{"name": "u", "port": 53, "protocol": "UDP", "targetPort": PORT}]
+    slice_ports = [{"name": "u", "port": PORT, "protocol": "UDP"}]
+    svc = service("later", "10.0.0.75", ports)
+    unready = endpoint_slice("later", lab.pod_ips[:1], slice_ports,
+                             conditions={lab.pod_ips[0]: {"ready": False}})
+    node = start(lab, proxies, flavor, later=[svc, unready])
+    script = lab.workdir / "steady_udp.py"
+    script.write_text(STEADY_UDP)
+    lab.spawn("client", [sys.executable, str(script), "10.0.0.75", "53"], "steady-udp")
+    wait_until(lambda: lab.log("steady-udp") or lab.run(
+        "client", ["ss", "-Huan", "sport", "=", ":40123"]).stdout, timeout=10,
+        message="the client runs")
+    time.sleep(1.0)  # a few refusals first
+    assert lab.log("steady-udp") == ""  # still refused, not answered
+    node.write("later.yaml", svc, endpoint_slice("later", lab.pod_ips[:1], slice_ports))
+    out = wait_until(lambda: lab.log("steady-udp").strip(), timeout=10,
+                     message="the client is answered")
+    assert out.startswith("answered after") and int(out.split()[2]) >= 2, out
