@@ -354,7 +354,7 @@ class Daemon:
             proxy.rules_applied()
         self.last_sync = time.time()
         self.balancer.prune(table, time.monotonic())
-        await self._sync_health_checks(diff.removed, touched)
+        await self._sync_health_checks(diff.removed, touched, full)
         self._observe_programming_latency()
         elapsed = time.monotonic() - started
         self.metrics.sync_duration.observe(elapsed)
@@ -381,6 +381,8 @@ class Daemon:
         assert self.iptables is not None
         for entry in removed:
             self._filter_by_name.pop(entry.port.name, None)
+        if full:  # source ranges also depend on the node's IPs: follow them
+            touched = [*touched, *(e for e in self.served.values() if e.port.source_ranges)]
         for entry in touched:
             lines = filter_rules_of(entry, node_name=self.settings.hostname_override,
                                     node_ips=self.listener_set.node_ips)
@@ -399,7 +401,8 @@ class Daemon:
                 log.warning("re-inserted %d uproxy filter hooks someone removed", added)
             self._filter_hooks_in_place = True
 
-    async def _sync_health_checks(self, removed: list[Entry], touched: list[Entry]) -> None:
+    async def _sync_health_checks(self, removed: list[Entry], touched: list[Entry],
+                                  full: bool) -> None:
         """Open, move and close health-check node ports as the Services say (kube-proxy
         calls its SyncServices after every successful sync, too)."""
         for entry in removed:
@@ -410,8 +413,8 @@ class Daemon:
             else:
                 self._hc_ports.pop(entry.port.name, None)
         wanted = {name.service: port for name, port in self._hc_ports.items()}
-        if not wanted and not self.health_checks.servers:
-            return
+        if wanted == self.health_checks.ports() and not full:
+            return  # nothing to open or close (node addresses are followed at full syncs)
         cidrs = self.settings.nodeport_addresses
         addresses = (("0.0.0.0", "::") if not cidrs
                      else tuple(nodeport_addresses(cidrs, self.listener_set.node_ips)))
