@@ -19,6 +19,9 @@ tests can drive them:
   a ``Local`` policy change excludes, so they move to a local endpoint.)
 * a ``Local`` traffic policy keeps only endpoints on this node (internal policy
   for ClusterIP traffic, external policy for NodePort/externalIP/LB traffic);
+* otherwise topology hints narrow the ready endpoints to this node's or zone's, with
+  kube-proxy's fall-back to all of them (:mod:`uproxy.topology`); a ``Local`` policy
+  ignores topology, as kube-proxy's does;
 * the choice is uniform at random (what ``statistic --mode random`` rules do),
   except with ``sessionAffinity: ClientIP``, where a client keeps its endpoint
   until the timeout passes unused or the endpoint goes away;
@@ -33,22 +36,27 @@ from collections.abc import Collection, Iterable, Mapping
 
 from uproxy.model import Endpoint, ServicePortName
 from uproxy.state import Entry
+from uproxy.topology import ready_by_topology
 
 FAILED_AVOID_SECONDS = 5.0
 
 
-def usable_endpoints(entry: Entry, *, external: bool, node_name: str) -> tuple[Endpoint, ...]:
+def usable_endpoints(entry: Entry, *, external: bool, node_name: str,
+                     zone: str | None = None) -> tuple[Endpoint, ...]:
     """The endpoints traffic of ``entry`` may go to now, in the entry's order.
 
     ``external``: the traffic came through a NodePort, externalIP or LoadBalancer IP
     (the external traffic policy applies), else through the ClusterIP (internal policy).
+    ``zone``: this node's zone, for zone hints (None: none match).
     """
     port = entry.port
     local = port.external_local if external else port.internal_local
     candidates = entry.endpoints
     if local:
         candidates = tuple(e for e in candidates if e.node_name == node_name)
-    ready = tuple(e for e in candidates if e.ready)
+        ready = tuple(e for e in candidates if e.ready)
+    else:
+        ready = ready_by_topology(candidates, node_name, zone)
     if ready:
         return ready
     return tuple(e for e in candidates if e.serving and e.terminating)
@@ -84,8 +92,10 @@ def serving_addresses(entries: Iterable[Entry], *, node_name: str,
 class Balancer:
     """Chooses an endpoint per connection (TCP) or per flow (UDP)."""
 
-    def __init__(self, *, node_name: str, rng: random.Random | None = None) -> None:
+    def __init__(self, *, node_name: str, zone: str | None = None,
+                 rng: random.Random | None = None) -> None:
         self.node_name = node_name
+        self.zone = zone  # this node's zone (topology hints); the daemon keeps it current
         self._rng = rng or random.Random()
         self._affinity: dict[tuple[ServicePortName, str], tuple[Endpoint, float]] = {}
         self._failed: dict[tuple[str, int], float] = {}
@@ -99,7 +109,8 @@ class Balancer:
         external: bool = False,
         exclude: Collection[Endpoint] = (),
     ) -> Endpoint | None:
-        usable = usable_endpoints(entry, external=external, node_name=self.node_name)
+        usable = usable_endpoints(entry, external=external, node_name=self.node_name,
+                                  zone=self.zone)
         if exclude:
             usable = tuple(e for e in usable if e not in exclude)
         if not usable:

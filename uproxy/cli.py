@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="file or directory of YAML/JSON manifests (repeatable)")
     rules.add_argument("--proxy-port-range", metavar="LOW-HIGH", default="40000-49999",
                        help="ports to number the proxy sockets from (default 40000-49999)")
+    rules.add_argument("--hostname-override", metavar="NAME", default=None,
+                       help="this node's name, for Local traffic policies (default the hostname)")
 
     get = sub.add_parser("get", help="kubectl-style tables from a running uproxy")
     get.add_argument("what", choices=("services", "svc", "endpoints", "ep", "connections",
@@ -266,6 +268,7 @@ def cmd_rules(args: argparse.Namespace) -> int:
     out.extend(f"# skipped: {r.name} {r.kind} {r.address} is IPv6; uproxy serves IPv4 only"
                for r in redirects.skipped)
     sys.stdout.write("\n".join(out) + "\n" + render(redirects.rules) + _transparent_rules())
+    _print_filter_rules(store, table, args.hostname_override)
     return EXIT_OK
 
 
@@ -278,6 +281,20 @@ def _transparent_rules() -> str:
     lines += [f"#   ip -{f} rule add {' '.join(transparent.rule_spec())}; "
               f"ip -{f} route replace {' '.join(transparent.route_spec(f))}" for f in (4, 6)]
     return "\n".join(lines) + "\n" + transparent.render_mangle(hooks=True)
+
+
+def _print_filter_rules(store: Any, table: Any, node_name: str | None) -> None:
+    """The filter table's part of ``uproxy rules`` (:mod:`uproxy.filter_rules`), when any."""
+    import socket
+
+    from uproxy.filter_rules import filter_rules_of, render_filter
+
+    node = node_name or socket.gethostname()
+    lines = [line for name in sorted(table)
+             for line in filter_rules_of(table[name], node_name=node,
+                                         node_ips=store.node_ips(node))]
+    if lines:
+        sys.stdout.write(render_filter(lines))
 
 
 def cmd_get(args: argparse.Namespace) -> int:

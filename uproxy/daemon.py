@@ -29,11 +29,13 @@ from uproxy import native
 from uproxy.balance import Balancer
 from uproxy.connections import ConnTable
 from uproxy.events import RULES_REPAIRED, EventLog
+from uproxy.filter_rules import filter_rules_of, render_filter
 from uproxy.gc_pause import GcPause
 from uproxy.iptables import Iptables, IptablesError
 from uproxy.metrics import Metrics
 from uproxy.model import ServicePort, ServicePortName
 from uproxy.proxy.listeners import Listener, ListenerKey, ListenerSet, Listening
+from uproxy.proxy.node_addresses import nodeport_addresses
 from uproxy.proxy.ports import PortAllocator
 from uproxy.proxy.relay import make_relay
 from uproxy.proxy.tcp import TcpProxy
@@ -43,6 +45,8 @@ from uproxy.rules import Redirect, render
 from uproxy.settings import Settings
 from uproxy.sources import Source
 from uproxy.state import Entry, Served, Store
+from uproxy.status.health import local_ready_count
+from uproxy.status.service_health import HealthCheckPorts
 
 if TYPE_CHECKING:
     from uproxy.status.view import DaemonView
@@ -50,6 +54,9 @@ if TYPE_CHECKING:
 __all__ = ["Daemon", "ListenerKey"]  # ListenerKey: where callers found it before the split
 
 log = logging.getLogger("uproxy")
+
+#: The shortest wait between two passes of the sync loop when nothing woke it.
+SYNC_WAIT_FLOOR = 0.1
 
 
 class ProtocolProxy(Listening, Protocol):
@@ -63,7 +70,8 @@ class Daemon:
     def __init__(self, settings: Settings, source: Source) -> None:
         self.settings = settings
         self.source = source
-        self.store = Store()
+        self.store = Store(proxy_name=settings.service_proxy_name,
+                           synthesize_hints=bool(settings.manifests))
         self.metrics = Metrics()
         self.conns = ConnTable()
         self.events = EventLog()
@@ -98,6 +106,12 @@ class Daemon:
         self._redirects_by_name: dict[ServicePortName, list[Redirect]] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self._gc = GcPause(self.loop)
+        self.health_checks = HealthCheckPorts(local_endpoints=self._local_ready,
+                                              healthy=self.healthy)
+        self._hc_ports: dict[ServicePortName, int] = {}  # health-check node port per port
+        self._filter_by_name: dict[ServicePortName, list[str]] = {}  # UPROXY-FIREWALL lines
+        self._filter_text = ""  # as last applied
+        self._filter_hooks_in_place = False
 
     def _add_udp(self) -> None:
         try:
@@ -149,6 +163,12 @@ class Daemon:
         """The source says this node is going away (deletionTimestamp or autoscaler taint)."""
         return bool(getattr(self.source, "node_terminating", False))
 
+    @property
+    def node_zone(self) -> str | None:
+        """This node's zone (topology): ``--node-zone``, else its Node object's label."""
+        return (self.settings.node_zone or getattr(self.source, "node_zone", None)
+                or self.store.node_zone(self.settings.hostname_override))
+
     # Lifecycle ----------------------------------------------------------------------------
     def stop(self) -> None:
         self._stop.set()
@@ -179,8 +199,8 @@ class Daemon:
         try:
             # One restore, so it runs beside the source's first list even while that
             # list holds the loop; cleanup() has just removed every hook.
-            await self.iptables.restore(render([], hooks=True))
-            self._hooks_in_place = True
+            await self.iptables.restore(render([], hooks=True) + render_filter((), hooks=True))
+            self._hooks_in_place = self._filter_hooks_in_place = True
         except (IptablesError, OSError) as exc:  # the first sync tries again and reports it
             log.debug("preparing iptables: %s", exc)
         # Before the first rules: the first connection already goes from the client.
@@ -218,6 +238,7 @@ class Daemon:
                 await task
         self._tasks.clear()
         self.listener_set.close_all()
+        await self.health_checks.close()
         if self.iptables is not None and self.rules_applied:
             # Stop intercepting new connections, but keep NAT alive for open ones.
             try:
@@ -244,7 +265,13 @@ class Daemon:
         last_full = 0.0
         last_run = 0.0
         while True:
-            timeout = max(0.0, self.settings.sync_period - (time.monotonic() - last_full))
+            # Before the first complete state there is nothing to resync: wait for the
+            # source alone (no timeout that is already zero). After it, every wait has a
+            # floor, so a daemon with nothing to do never spins (issue 14).
+            timeout: float | None = None
+            if self.source_synced:
+                timeout = max(SYNC_WAIT_FLOOR,
+                              self.settings.sync_period - (time.monotonic() - last_full))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):  # not wait_for: see sources/kube.py
                     await self._wake.wait()
@@ -273,6 +300,9 @@ class Daemon:
         redirect changed (an endpoint change alone does not touch iptables).
         """
         started = time.monotonic()
+        self.balancer.zone = self.node_zone
+        self.listener_set.node_ips = (getattr(self.source, "node_ips", ())
+                                      or self.store.node_ips(self.settings.hostname_override))
         queued = self.queued_since
         self.queued_since = None
         diff = self._served.update(self.store, self.store.take_changed())
@@ -317,6 +347,7 @@ class Daemon:
                         else self._last_rules
                     await self.iptables.restore(text)
                     self._last_rules = text
+                await self._apply_filter(diff.removed, touched, full)
                 # (the first sync counts as full; its hooks were just put in place)
                 if not self._hooks_in_place or (full and self.rules_applied):
                     added = await self.iptables.ensure_hooks()
@@ -329,6 +360,7 @@ class Daemon:
                 self.metrics.sync_errors.inc()
                 self.queued_since = queued or time.time()
                 self._last_rules = ""  # render and apply again next time
+                self._filter_text = ""
                 return
             if full and self.rules_applied and self.transparent.active:  # (just applied at start)
                 await self.transparent.repair()
@@ -339,6 +371,7 @@ class Daemon:
             proxy.rules_applied()
         self.last_sync = time.time()
         self.balancer.prune(table, time.monotonic())
+        await self._sync_health_checks(diff.removed, touched, full)
         if full:
             self.conns.prune(table)
         self._observe_programming_latency()
@@ -361,6 +394,57 @@ class Daemon:
             if 0 <= now - when < 3600:
                 self.metrics.network_programming.observe(now - when)
         self._observed_triggers = current
+
+    async def _apply_filter(self, removed: list[Entry], touched: list[Entry],
+                            full: bool) -> None:
+        """The filter table (:mod:`uproxy.filter_rules`): one restore when a line changed."""
+        assert self.iptables is not None
+        for entry in removed:
+            self._filter_by_name.pop(entry.port.name, None)
+        if full:  # source ranges also depend on the node's IPs: follow them
+            touched = [*touched, *(e for e in self.served.values() if e.port.source_ranges)]
+        for entry in touched:
+            lines = filter_rules_of(entry, node_name=self.settings.hostname_override,
+                                    node_ips=self.listener_set.node_ips)
+            if lines:
+                self._filter_by_name[entry.port.name] = lines
+            else:
+                self._filter_by_name.pop(entry.port.name, None)
+        text = render_filter(line for name in sorted(self._filter_by_name)
+                             for line in self._filter_by_name[name])
+        if text != self._filter_text or full:
+            await self.iptables.restore(text)
+            self._filter_text = text
+        if full or not self._filter_hooks_in_place:
+            added = await self.iptables.ensure_filter_hooks()
+            if added and self._filter_hooks_in_place:
+                log.warning("re-inserted %d uproxy filter hooks someone removed", added)
+            self._filter_hooks_in_place = True
+
+    async def _sync_health_checks(self, removed: list[Entry], touched: list[Entry],
+                                  full: bool) -> None:
+        """Open, move and close health-check node ports as the Services say (kube-proxy
+        calls its SyncServices after every successful sync, too)."""
+        for entry in removed:
+            self._hc_ports.pop(entry.port.name, None)
+        for entry in touched:
+            if entry.port.health_check_node_port:
+                self._hc_ports[entry.port.name] = entry.port.health_check_node_port
+            else:
+                self._hc_ports.pop(entry.port.name, None)
+        wanted = {name.service: port for name, port in self._hc_ports.items()}
+        if wanted == self.health_checks.ports() and not full:
+            return  # nothing to open or close (node addresses are followed at full syncs)
+        cidrs = self.settings.nodeport_addresses
+        addresses = (("0.0.0.0", "::") if not cidrs
+                     else tuple(nodeport_addresses(cidrs, self.listener_set.node_ips)))
+        await self.health_checks.sync(wanted, addresses)
+
+    def _local_ready(self, service: tuple[str, str]) -> int:
+        table = self.served
+        return local_ready_count((ep for name in self._hc_ports if name.service == service
+                                  if name in table for ep in table[name].endpoints),
+                                 self.settings.hostname_override)
 
     def _warn_once(self, key: str, message: str, *args: object) -> None:
         if key not in self._warned:

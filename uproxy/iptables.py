@@ -10,7 +10,7 @@ import asyncio
 import logging
 import shutil
 
-from uproxy import rules
+from uproxy import filter_rules, rules
 
 log = logging.getLogger("uproxy.iptables")
 
@@ -48,8 +48,8 @@ class Iptables:
             raise IptablesError(f"{argv[0]} failed (exit {rc}): {first}")
         return rc, out.decode(errors="replace")
 
-    async def save(self) -> str:
-        _, out = await self._run(self.save_cmd, "-t", "nat")
+    async def save(self, table: str = "nat") -> str:
+        _, out = await self._run(self.save_cmd, "-t", table)
         return out
 
     async def restore(self, text: str) -> None:
@@ -77,6 +77,31 @@ class Iptables:
             await self._run(self.cmd, "-w", "5", "-t", "nat", *_unquote(argv), check=False)
         chains = rules.uproxy_chains(text)
         cleanup = rules.render_cleanup(chains)
+        if cleanup:
+            await self.restore(cleanup)
+        return len(hooks) + len(chains) + await self._cleanup_filter()
+
+    async def ensure_filter_hooks(self) -> int:
+        """Insert the jumps to ``UPROXY-FIREWALL`` when missing; returns how many were added."""
+        added = 0
+        for builtin, spec in filter_rules.FILTER_HOOKS:
+            rc, _ = await self._run(self.cmd, "-w", "5", "-t", "filter", "-C", builtin, *spec,
+                                    check=False)
+            if rc != 0:
+                await self._run(self.cmd, "-w", "5", "-t", "filter", "-I", builtin, "1", *spec)
+                added += 1
+        return added
+
+    async def _cleanup_filter(self) -> int:
+        """The filter table's part of :meth:`cleanup` (:mod:`uproxy.filter_rules`)."""
+        text = await self.save("filter")
+        hooks = rules.hook_lines(text)
+        for line in hooks:
+            argv = line.split()
+            argv[0] = "-D"
+            await self._run(self.cmd, "-w", "5", "-t", "filter", *_unquote(argv), check=False)
+        chains = rules.uproxy_chains(text)
+        cleanup = filter_rules.render_filter_cleanup(chains)
         if cleanup:
             await self.restore(cleanup)
         return len(hooks) + len(chains)

@@ -8,6 +8,7 @@ no state, so both sources (files and the API) and the tests share it.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -18,6 +19,10 @@ PROXIED_PROTOCOLS = ("TCP", "UDP")
 KNOWN_PROTOCOLS = ("TCP", "UDP", "SCTP")
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
+#: A Service carrying this label belongs to the proxy it names (kube-proxy ignores it).
+PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
+#: A Service carrying this label (any value) is not proxied, whatever its clusterIP.
+HEADLESS_LABEL = "service.kubernetes.io/headless"
 
 Obj = Mapping[str, Any]
 
@@ -69,6 +74,11 @@ class ServicePort:
     affinity_timeout: int | None = None  # seconds; None = no session affinity
     internal_local: bool = False  # internalTrafficPolicy: Local
     external_local: bool = False  # externalTrafficPolicy: Local
+    traffic_distribution: str | None = None  # spec.trafficDistribution (see uproxy.topology)
+    #: spec.healthCheckNodePort of a LoadBalancer with externalTrafficPolicy Local, else None
+    health_check_node_port: int | None = None
+    #: spec.loadBalancerSourceRanges, normalised; () = every source (also for 0.0.0.0/0)
+    source_ranges: tuple[str, ...] = ()
 
     @property
     def external_addresses(self) -> tuple[str, ...]:
@@ -86,6 +96,8 @@ class Endpoint:
     terminating: bool = False
     node_name: str | None = None
     zone: str | None = None
+    zone_hints: tuple[str, ...] = ()  # hints.forZones[].name
+    node_hints: tuple[str, ...] = ()  # hints.forNodes[].name
 
     @property
     def address(self) -> tuple[str, int]:
@@ -123,6 +135,9 @@ class Parsed:
     endpoint_sets: list[EndpointSet] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # debug-level notes (headless, ...)
+    proxy_name: str | None = None  # a Service's service-proxy-name label (None: absent)
+    node_zone: str | None = None  # a Node's topology.kubernetes.io/zone label
+    node_ips: tuple[str, ...] = ()  # a Node's primary IPs, one per family (node_host_ips)
 
 
 def is_mapping(value: object) -> TypeGuard[Mapping[str, Any]]:
@@ -214,6 +229,13 @@ def parse_service(obj: Obj, origin: str = "") -> Parsed:
         spec = obj.get("spec")
         if not is_mapping(spec):
             raise _Bad("spec", "missing")
+        labels = obj["metadata"].get("labels") or {}
+        if is_mapping(labels):
+            if HEADLESS_LABEL in labels:
+                out.skipped.append(f"{object_ref(obj)}: labelled {HEADLESS_LABEL}; not proxied")
+                return out
+            proxy_name = labels.get(PROXY_NAME_LABEL)
+            out.proxy_name = None if proxy_name is None else str(proxy_name)
         svc_type = spec.get("type") or "ClusterIP"
         if svc_type not in SERVICE_TYPES:
             raise _Bad("spec.type", f"unknown type {svc_type!r} ({', '.join(SERVICE_TYPES)})")
@@ -230,6 +252,12 @@ def parse_service(obj: Obj, origin: str = "") -> Parsed:
         affinity = _affinity(spec)
         internal_local = spec.get("internalTrafficPolicy") == "Local"
         external_local = spec.get("externalTrafficPolicy") == "Local"
+        traffic_distribution = _optional_str(spec.get("trafficDistribution"),
+                                             "spec.trafficDistribution")
+        source_ranges = _source_ranges(spec.get("loadBalancerSourceRanges"))
+        hc_port = None  # kube-proxy's NeedsHealthCheck: LoadBalancer + Local only
+        if svc_type == "LoadBalancer" and external_local and spec.get("healthCheckNodePort"):
+            hc_port = _port_number(spec["healthCheckNodePort"], "spec.healthCheckNodePort")
         ports = spec.get("ports")
         if not isinstance(ports, list) or not ports:
             raise _Bad("spec.ports", "missing or empty")
@@ -285,6 +313,9 @@ def parse_service(obj: Obj, origin: str = "") -> Parsed:
                     affinity_timeout=affinity,
                     internal_local=internal_local,
                     external_local=external_local,
+                    traffic_distribution=traffic_distribution,
+                    health_check_node_port=hc_port,
+                    source_ranges=source_ranges,
                 )
             )
         except _Bad as bad:
@@ -319,8 +350,28 @@ def _lb_ips(obj: Obj) -> tuple[str, ...]:
         raise _Bad("status.loadBalancer.ingress", "must be a list")
     out = []
     for i, entry in enumerate(ingress):
-        if is_mapping(entry) and entry.get("ip"):
+        # ipMode Proxy: the load balancer proxies to the NodePorts; the IP is not captured
+        if is_mapping(entry) and entry.get("ip") and entry.get("ipMode") != "Proxy":
             out.append(_ip(entry["ip"], f"status.loadBalancer.ingress[{i}].ip"))
+    return tuple(out)
+
+
+def _source_ranges(value: Any) -> tuple[str, ...]:
+    """``loadBalancerSourceRanges``: trimmed CIDRs; a zero CIDR among them allows all (())."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise _Bad("spec.loadBalancerSourceRanges", "must be a list")
+    out = []
+    for i, text in enumerate(value):
+        try:
+            net = ipaddress.ip_network(str(text).strip(), strict=False)
+        except ValueError:
+            raise _Bad(f"spec.loadBalancerSourceRanges[{i}]",
+                       f"{text!r} is not a CIDR") from None
+        if net.prefixlen == 0:
+            return ()
+        out.append(str(net))
     return tuple(out)
 
 
@@ -416,7 +467,65 @@ def _slice_endpoint(ep: Any, where: str, addr_type: str) -> Iterator[Endpoint]:
     ip = _ip(addresses[0], f"{where}.addresses[0]")
     if (":" in ip) != (addr_type == "IPv6"):
         raise _Bad(f"{where}.addresses[0]", f"{ip} is not {addr_type}")
-    yield Endpoint(ip, 0, ready, serving, terminating, node, zone)
+    zone_hints, node_hints = _hints(ep.get("hints"), f"{where}.hints")
+    yield Endpoint(ip, 0, ready, serving, terminating, node, zone, zone_hints, node_hints)
+
+
+def _hints(raw: Any, where: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``hints.forZones[].name`` and ``hints.forNodes[].name``."""
+    if raw is None:
+        return (), ()
+    if not is_mapping(raw):
+        raise _Bad(where, "must be a mapping")
+    out: list[tuple[str, ...]] = []
+    for key in ("forZones", "forNodes"):
+        items = raw.get(key) or []
+        if not isinstance(items, list):
+            raise _Bad(f"{where}.{key}", "must be a list")
+        names = []
+        for i, item in enumerate(items):
+            name = item.get("name") if is_mapping(item) else None
+            if not isinstance(name, str) or not name:
+                raise _Bad(f"{where}.{key}[{i}].name", "missing")
+            names.append(name)
+        out.append(tuple(names))
+    return out[0], out[1]
+
+
+ZONE_LABEL = "topology.kubernetes.io/zone"
+
+
+def parse_node(obj: Obj, origin: str = "") -> Parsed:
+    """A v1 Node -> its zone label (topology); the rest of a Node is not used."""
+    out = Parsed()
+    try:
+        _meta(obj)
+        labels = obj["metadata"].get("labels") or {}
+        zone = labels.get(ZONE_LABEL) if is_mapping(labels) else None
+        out.node_zone = _optional_str(zone, f"metadata.labels[{ZONE_LABEL}]")
+        out.node_ips = node_host_ips(obj)
+    except _Bad as bad:
+        out.problems.append(Problem(origin, object_ref(obj), bad.field_path, bad.message))
+    return out
+
+
+def node_host_ips(node: Obj) -> tuple[str, ...]:
+    """A Node's primary IP of each family, primary family first (kube-proxy's
+    ``GetNodeHostIPs``): ``status.addresses``, InternalIP before ExternalIP."""
+    status = node.get("status")
+    addresses = status.get("addresses") if is_mapping(status) else None
+    if not isinstance(addresses, list):
+        return ()
+    out: dict[bool, str] = {}
+    for wanted in ("InternalIP", "ExternalIP"):
+        for a in addresses:
+            if is_mapping(a) and a.get("type") == wanted:
+                try:
+                    ip = _ip(a.get("address"), "status.addresses")
+                except _Bad:
+                    continue
+                out.setdefault(":" in ip, ip)
+    return tuple(out.values())
 
 
 def parse_endpoints(obj: Obj, origin: str = "") -> Parsed:
@@ -468,7 +577,8 @@ def resolve_endpoints(port: ServicePort, sets: Iterable[EndpointSet]) -> tuple[E
             if sp.name == port.name.port and sp.protocol == port.protocol:
                 for ep in s.endpoints:
                     resolved = Endpoint(
-                        ep.ip, sp.port, ep.ready, ep.serving, ep.terminating, ep.node_name, ep.zone
+                        ep.ip, sp.port, ep.ready, ep.serving, ep.terminating, ep.node_name, ep.zone,
+                        ep.zone_hints, ep.node_hints,
                     )
                     # Duplicates across slices: a ready copy wins.
                     prev = found.get(resolved.address)

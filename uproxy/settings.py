@@ -153,6 +153,12 @@ def _cidr_list(value: Any) -> tuple[str, ...]:
     return parse_cidrs(",".join(value) if isinstance(value, list) else str(value))
 
 
+def _nodeport_addresses(value: Any) -> tuple[str, ...]:
+    if str(value).strip() == "primary":
+        return ("primary",)
+    return _cidr_list(value)
+
+
 def _ip(value: Any) -> str:
     return str(ipaddress.ip_address(value))
 
@@ -251,12 +257,18 @@ class Settings:
     hostname_override: str = setting(
         parse=str, default_factory=socket.gethostname, metavar="NAME",
         default_text="the hostname", help="this node's name, as in its Node object")
+    service_proxy_name: str | None = setting(
+        None, parse=str, metavar="NAME", default_text="",
+        help="serve only Services whose service-proxy-name label is NAME")
+    node_zone: str | None = setting(
+        None, parse=str, metavar="ZONE", default_text="its Node's label",
+        help="this node's zone, for topology hints")
     bind_address: str = setting(
         "0.0.0.0", parse=_ip, metavar="IP",
         help="address the proxy sockets bind to")
     nodeport_addresses: tuple[str, ...] = setting(
-        (), parse=_cidr_list, metavar="CIDR[,CIDR]", default_text="every address",
-        help="where NodePorts listen")
+        (), parse=_nodeport_addresses, metavar="CIDR[,CIDR]",
+        default_text="all", help="where NodePorts listen (or primary)")
     proxy_port_range: tuple[int, int] | None = setting(
         None, parse=_port_range, metavar="LOW-HIGH", default_text="the kernel's choice",
         help="ports for the proxy sockets")

@@ -25,15 +25,18 @@ from uproxy.model import (
     is_mapping,
     parse_endpoint_slice,
     parse_endpoints,
+    parse_node,
     parse_service,
     resolve_endpoints,
 )
+from uproxy.topology import synthesize_hints
 
-KINDS = ("Service", "EndpointSlice", "Endpoints")
+KINDS = ("Service", "EndpointSlice", "Endpoints", "Node")
 _PARSERS = {
     "Service": parse_service,
     "EndpointSlice": parse_endpoint_slice,
     "Endpoints": parse_endpoints,
+    "Node": parse_node,
 }
 
 Key = tuple[str, str]  # (namespace, name)
@@ -76,7 +79,13 @@ class Store:
     endpoint change costs one service's work, not 10,000's.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, proxy_name: str | None = None, synthesize_hints: bool = False) -> None:
+        #: ``--service-proxy-name``: serve only Services whose service-proxy-name label
+        #: equals it; None: only Services without that label (kube-proxy's rule).
+        self.proxy_name = proxy_name or None
+        #: Write topology hints from ``trafficDistribution`` where no slice carries any
+        #: (no EndpointSlice controller: the manifests source). See uproxy.topology.
+        self.synthesize_hints = synthesize_hints
         self._objects: dict[str, dict[Key, Parsed]] = {k: {} for k in KINDS}
         self._raw: dict[str, dict[Key, Obj]] = {k: {} for k in KINDS}
         self.generation = 0
@@ -192,12 +201,15 @@ class Store:
             for name in self._ports.pop(key, ()):
                 self._table.pop(name, None)
             parsed = services.get(key)
-            if parsed is None or not parsed.ports:
+            if parsed is None or not parsed.ports or parsed.proxy_name != self.proxy_name:
                 continue
             sets = self._endpoint_sets(key)
             names = []
             for port in parsed.ports:
-                self._table[port.name] = Entry(port, resolve_endpoints(port, sets))
+                endpoints = resolve_endpoints(port, sets)
+                if self.synthesize_hints:
+                    endpoints = synthesize_hints(endpoints, port.traffic_distribution)
+                self._table[port.name] = Entry(port, endpoints)
                 names.append(port.name)
             self._ports[key] = names
         self._changed |= self._dirty
@@ -209,6 +221,16 @@ class Store:
         self.table()
         changed, self._changed = self._changed, set()
         return changed
+
+    def node_zone(self, name: str) -> str | None:
+        """The zone label of the ``kind: Node`` object called ``name`` (manifests), if any."""
+        parsed = self._objects["Node"].get(("default", name))
+        return parsed.node_zone if parsed is not None else None
+
+    def node_ips(self, name: str) -> tuple[str, ...]:
+        """The primary IPs of the ``kind: Node`` object called ``name`` (manifests)."""
+        parsed = self._objects["Node"].get(("default", name))
+        return parsed.node_ips if parsed is not None else ()
 
     def ports_of(self, key: Key) -> list[ServicePortName]:
         self.table()

@@ -334,10 +334,15 @@ async def test_read_only_and_no_cors(client: Client, path: str) -> None:
 async def test_health_when_synced(health: Client, stack: Stack) -> None:
     for path in ("/healthz", "/livez"):
         data = await get_json(health, path)
-        assert set(data) == {"lastUpdated", "currentTime", "nodeEligible"}
-        assert data["nodeEligible"] is True
-        assert parse_timestamp(data["lastUpdated"]) == pytest.approx(stack.daemon.last_sync,
-                                                                     abs=0.01)
+        # kube-proxy's fields; /livez has no nodeEligible; a 200 shows lastUpdated = now
+        fields = ["lastUpdated", "currentTime", "nodeEligible", "healthy", "status"]
+        if path == "/livez":
+            fields.remove("nodeEligible")
+        assert list(data) == fields
+        assert data.get("nodeEligible", True) is True and data["healthy"] is True
+        assert data["lastUpdated"] == data["currentTime"]
+        assert parse_timestamp(data["status"]["IPv4"]["lastUpdated"]) == pytest.approx(
+            stack.daemon.last_sync, abs=0.01)
         assert parse_timestamp(data["currentTime"]) == pytest.approx(time.time(), abs=5)
     assert (await get_json(health, "/readyz"))["ready"] is True
     assert (await health.head("/healthz")).status == 200
@@ -366,8 +371,8 @@ async def test_health_while_an_update_waits_and_the_node_goes(tmp_path: Path) ->
 
             stack.daemon.source.node_terminating = True  # type: ignore[attr-defined]
             data = await get_json(health, "/healthz", status=503)
-            assert data["nodeEligible"] is False
-            assert (await get_json(health, "/livez"))["nodeEligible"] is False  # still alive
+            assert data["nodeEligible"] is False and data["healthy"] is True
+            assert "nodeEligible" not in await get_json(health, "/livez")  # still alive
 
 
 # ------------------------------------------------------------------ start_servers

@@ -54,6 +54,7 @@ class ListenerSet:
         self.allocator = allocator
         self.bind_address = bind_address
         self.nodeport_cidrs = nodeport_cidrs
+        self.node_ips: tuple[str, ...] = ()  # the Node's primary IPs (set by the daemon)
         self.listeners: dict[ListenerKey, Listener] = {}
         self.bind_failures: set[ServicePortName] = set()  # some wanted socket is not open
         self._by_name: dict[ServicePortName, set[ListenerKey]] = {}
@@ -64,7 +65,7 @@ class ListenerSet:
         wanted = {ListenerKey(port.name, scope, self.bind_address, 0)
                   for scope in proxy_scopes(port)}
         if port.node_port:
-            for address in nodeport_addresses(self.nodeport_cidrs):
+            for address in nodeport_addresses(self.nodeport_cidrs, self.node_ips):
                 wanted.add(ListenerKey(port.name, SCOPE_NODEPORT, address, port.node_port))
         existing = self._by_name.setdefault(port.name, set())
         for key in existing - wanted:

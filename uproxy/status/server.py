@@ -33,7 +33,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from uproxy import __version__, native
 from uproxy.model import ServicePortName
 from uproxy.series import Series
-from uproxy.status import views
+from uproxy.status import health, views
 from uproxy.status.collect import readings, register_live_collector
 from uproxy.status.stream import DEFAULT_LIMIT, MAX_LIMIT, ConnHub
 from uproxy.status.view import DaemonView
@@ -122,7 +122,13 @@ def make_status_app(daemon: DaemonView) -> web.Application:
     r.add_get("/api/v1/series", series)
     r.add_get("/api/v1/events", events)
     r.add_get("/metrics", metrics)
+    r.add_get("/proxyMode", proxy_mode)
     return app
+
+
+async def proxy_mode(request: web.Request) -> web.Response:
+    """kube-proxy's ``/proxyMode`` (its e2e framework reads it): the bare mode name."""
+    return web.Response(text="userspace", content_type="text/plain")
 
 
 async def _startup(app: web.Application) -> None:
@@ -312,12 +318,12 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 # --- health app ----------------------------------------------------------------------------
-def _health_body(daemon: DaemonView, now: float) -> dict[str, Any]:
-    return {
-        "lastUpdated": views.format_timestamp(daemon.last_sync),
-        "currentTime": views.format_timestamp(now),
-        "nodeEligible": not daemon.node_terminating,
-    }
+def _proxy_health(daemon: DaemonView, *, with_node: bool) -> web.Response:
+    now = time.time()
+    status, body = health.proxy_health(
+        healthy=daemon.healthy(now), last_sync=daemon.last_sync, now=now,
+        node_eligible=not daemon.node_terminating if with_node else None)
+    return web.Response(body=body, status=status, headers=health.JSON_HEADERS)
 
 
 def make_health_app(daemon: DaemonView) -> web.Application:
@@ -331,16 +337,14 @@ def make_health_app(daemon: DaemonView) -> web.Application:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """503 when a queued update waited longer than twice the sync period, or the node goes."""
-    daemon, now = request.app[DAEMON], time.time()
-    ok = daemon.healthy(now) and not daemon.node_terminating
-    return _json(_health_body(daemon, now), status=200 if ok else 503)
+    """503 when a queued update waited longer than twice the sync period, or the node goes
+    (kube-proxy's body: :func:`uproxy.status.health.proxy_health`)."""
+    return _proxy_health(request.app[DAEMON], with_node=True)
 
 
 async def livez(request: web.Request) -> web.Response:
     """Like ``/healthz`` without the node check: a node being deleted is still alive."""
-    daemon, now = request.app[DAEMON], time.time()
-    return _json(_health_body(daemon, now), status=200 if daemon.healthy(now) else 503)
+    return _proxy_health(request.app[DAEMON], with_node=False)
 
 
 async def readyz(request: web.Request) -> web.Response:

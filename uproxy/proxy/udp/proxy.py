@@ -10,11 +10,11 @@ socket, registering and closing flows, the expiry timer, and applying a new
 ``entries`` dict (the daemon assigns one on every sync).
 
 Endpoint and service changes close, at once, the flows whose service port is
-gone and the flows whose endpoint is no longer usable for their listener by
-:func:`uproxy.balance.usable_endpoints` -- the rule new flows are chosen by, so
-a flow survives exactly when a new flow could still pick its endpoint (a
-terminating endpoint keeps its flows only while no ready one is left). The
-client's next datagram then picks an endpoint anew.
+gone and the flows whose endpoint no longer serves their listener by
+:func:`uproxy.balance.flow_endpoints` (a terminating endpoint keeps its flows
+while it still serves, as kube-proxy keeps its conntrack entries; a ``Local``
+policy change moves them). The client's next datagram then picks an endpoint
+anew by :func:`uproxy.balance.usable_endpoints`.
 
 ``max_flows`` bounds the table (None: :func:`default_max_flows`); the daemon
 passes the ``udp_max_flows`` setting.

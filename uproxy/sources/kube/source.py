@@ -19,7 +19,7 @@ from typing import Any
 
 from kubernetes_asyncio import client as k8s_client
 
-from uproxy.model import Problem, object_ref
+from uproxy.model import Problem, node_host_ips, object_ref
 from uproxy.settings import KubeSettings
 from uproxy.sources import SourceHooks
 from uproxy.sources.kube.config import load_configuration
@@ -60,6 +60,7 @@ class KubeSource:
         self.settings = settings or KubeSettings()
         self.node_zone: str | None = None
         self.node_terminating = False
+        self.node_ips: tuple[str, ...] = ()  # primary IP per family (--nodeport-addresses primary)
         self.node_seen = False
         self._node_missing_logged = False
         self._listed: set[str] = set()
@@ -191,6 +192,10 @@ class KubeSource:
                 isinstance(t, dict) and t.get("key") == TO_BE_DELETED_TAINT for t in taints
             )
             terminating = bool(meta.get("deletionTimestamp")) or tainted
+            ips = node_host_ips(node)
+            if ips != self.node_ips:
+                self.node_ips = ips
+                hooks.changed()
         if (zone, terminating) != (self.node_zone, self.node_terminating):
             self.node_zone, self.node_terminating = zone, terminating
             log.info("node %s: zone=%s terminating=%s", self.node_name, zone, terminating)
