@@ -359,10 +359,11 @@ class Lab:
     def add_client_ip(self, ip: str) -> None:
         """Give the client one more address in 10.99.0.0/24 or fd00:99::/64 (e.g. for
         ClientIP affinity)."""
+        extra: tuple[str, ...] = ()
         if ":" in ip:
             base, plen, extra = CLIENT_IP6, CLIENT_PREFIXLEN6, ("nodad",)
         else:
-            base, plen, extra = CLIENT_IP, CLIENT_PREFIXLEN, ()
+            base, plen = CLIENT_IP, CLIENT_PREFIXLEN
         if ipaddress.ip_address(ip) not in ipaddress.ip_network(f"{base}/{plen}", strict=False):
             raise ValueError(f"{ip} is outside the client subnet of {base}/{plen}")
         self._ip("-n", self.client, "addr", "add", f"{ip}/{plen}", "dev", "eth0", *extra)
