@@ -38,15 +38,21 @@ from uproxy.state import Entry
 FAILED_AVOID_SECONDS = 5.0
 
 
-def usable_endpoints(entry: Entry, *, external: bool, node_name: str) -> tuple[Endpoint, ...]:
+def usable_endpoints(entry: Entry, *, external: bool, node_name: str,
+                     family: int | None = None) -> tuple[Endpoint, ...]:
     """The endpoints traffic of ``entry`` may go to now, in the entry's order.
 
     ``external``: the traffic came through a NodePort, externalIP or LoadBalancer IP
     (the external traffic policy applies), else through the ClusterIP (internal policy).
+    ``family`` (4 or 6): the traffic's address family; each family chooses among its
+    own endpoints only, as kube-proxy's per-family proxiers do (None: every family).
     """
     port = entry.port
     local = port.external_local if external else port.internal_local
     candidates = entry.endpoints
+    if family is not None:
+        v6 = family == 6
+        candidates = tuple(e for e in candidates if (":" in e.ip) == v6)
     if local:
         candidates = tuple(e for e in candidates if e.node_name == node_name)
     ready = tuple(e for e in candidates if e.ready)
@@ -65,11 +71,13 @@ def serving_addresses(entries: Iterable[Entry], *, node_name: str,
         port = entry.port
         if port.protocol != protocol:
             continue
-        out.update(e.address for e in usable_endpoints(entry, external=False,
-                                                       node_name=node_name))
-        if port.external_addresses or port.node_port:
-            out.update(e.address for e in usable_endpoints(entry, external=True,
-                                                           node_name=node_name))
+        families = {6 if ":" in e.ip else 4 for e in entry.endpoints}
+        for family in families:  # each family's choice is its own
+            out.update(e.address for e in usable_endpoints(entry, external=False,
+                                                           node_name=node_name, family=family))
+            if port.external_addresses or port.node_port:
+                out.update(e.address for e in usable_endpoints(
+                    entry, external=True, node_name=node_name, family=family))
     return out
 
 
@@ -90,8 +98,10 @@ class Balancer:
         *,
         external: bool = False,
         exclude: Collection[Endpoint] = (),
+        family: int | None = None,
     ) -> Endpoint | None:
-        usable = usable_endpoints(entry, external=external, node_name=self.node_name)
+        usable = usable_endpoints(entry, external=external, node_name=self.node_name,
+                                  family=family)
         if exclude:
             usable = tuple(e for e in usable if e not in exclude)
         if not usable:

@@ -191,10 +191,11 @@ async def test_conntrack_timeout_kills_the_tool(tmp_path: Path,
 NAME = ServicePortName("default", "dns", "dns", "UDP")
 
 
-def entry_for(*ports: int, affinity: int | None = None) -> Entry:
-    port = ServicePort(name=NAME, type="ClusterIP", cluster_ips=("10.0.0.10",), port=53,
-                       protocol="UDP", target_port=53, affinity_timeout=affinity)
-    return Entry(port, tuple(Endpoint("127.0.0.1", p) for p in ports))
+def entry_for(*ports: int, affinity: int | None = None, host: str = "127.0.0.1") -> Entry:
+    cluster_ips = ("fd00::10",) if ":" in host else ("10.0.0.10",)
+    port = ServicePort(name=NAME, type="ClusterIP", cluster_ips=cluster_ips,
+                       port=53, protocol="UDP", target_port=53, affinity_timeout=affinity)
+    return Entry(port, tuple(Endpoint(host, p) for p in ports))
 
 
 class Backend(asyncio.DatagramProtocol):
@@ -240,7 +241,7 @@ async def setup(flavor: Flavor, backends: int = 2, *, timeout: float = 30.0, max
     try:
         for _ in range(backends):
             transport, proto = await loop.create_datagram_endpoint(
-                Backend, local_addr=("127.0.0.1", 0))
+                Backend, local_addr=("::1" if ":" in listen else "127.0.0.1", 0))
             protos.append(proto)
             transports.append(transport)
         metrics, conns = Metrics(), ConnTable()
@@ -253,7 +254,8 @@ async def setup(flavor: Flavor, backends: int = 2, *, timeout: float = 30.0, max
         sock = socket.socket(family, socket.SOCK_DGRAM)
         sock.bind((listen, 0))
         sock.setblocking(False)
-        proxy.entries = {NAME: entry_for(*(p.port for p in protos), affinity=affinity)}
+        proxy.entries = {NAME: entry_for(*(p.port for p in protos), affinity=affinity,
+                                         host="::1" if ":" in listen else "127.0.0.1")}
         listener = proxy.listen(sock, NAME, "cluster")
         assert listener.batched is (flavor.native and family == socket.AF_INET)
         yield Setup(proxy, listener.port, protos, conns, metrics)
@@ -775,7 +777,7 @@ def test_ipv6_listener_relays_on_either_path(flavor: Flavor) -> None:
             with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
                 sock.setblocking(False)
                 sock.connect(("::1", s.port))
-                for size in (6, 65507):
+                for size in (6, 65507, 65527):  # 65,527: the IPv6 maximum (no jumbograms)
                     payload = os.urandom(size)
                     await loop.sock_sendall(sock, payload)
                     async with asyncio.timeout(2):

@@ -2,6 +2,8 @@
 
 An edge: it asks ``ip`` (iproute2) rather than parsing ``/proc``, because
 ``ip -j`` gives every address of every link, secondary ones included, as JSON.
+Link-local IPv6 addresses are left out (a socket on one needs its interface, and
+NodePorts are not reached that way).
 """
 
 from __future__ import annotations
@@ -9,25 +11,39 @@ from __future__ import annotations
 import ipaddress
 import json
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 ANY_ADDRESS = "0.0.0.0"
+ANY_ADDRESS6 = "::"
+ANY = {4: ANY_ADDRESS, 6: ANY_ADDRESS6}
 
 
-def node_addresses() -> list[str]:
-    """Every IPv4 address configured on this node (network namespace)."""
+def node_addresses(families: Collection[int] = (4,)) -> list[str]:
+    """Every address of the given families configured on this node (network namespace)."""
+    wanted = set(families)
+    flag = ["-4"] if wanted == {4} else ["-6"] if wanted == {6} else []
     try:
-        out = subprocess.run(["ip", "-j", "-4", "addr", "show"], capture_output=True, text=True,
-                             timeout=5, check=True).stdout
+        out = subprocess.run(["ip", "-j", *flag, "addr", "show"], capture_output=True,
+                             text=True, timeout=5, check=True).stdout
         data = json.loads(out)
     except (OSError, subprocess.SubprocessError, ValueError):
         return []
-    return [a["local"] for link in data for a in link.get("addr_info", []) if "local" in a]
+    found = []
+    for link in data:
+        for a in link.get("addr_info", []):
+            if "local" not in a or a.get("scope") == "link":
+                continue
+            family = 6 if a.get("family") == "inet6" else 4
+            if family in families:
+                found.append(a["local"])
+    return found
 
 
-def nodeport_addresses(cidrs: Sequence[str]) -> list[str]:
-    """Where NodePorts listen: every address (no CIDRs), or the node's addresses in ``cidrs``."""
+def nodeport_addresses(cidrs: Sequence[str], families: Collection[int] = (4,)) -> list[str]:
+    """Where NodePorts listen: every address of each family (no CIDRs), or the node's
+    addresses in ``cidrs``."""
     if not cidrs:
-        return [ANY_ADDRESS]
+        return [ANY[f] for f in sorted(set(families))]
     nets = [ipaddress.ip_network(c) for c in cidrs]
-    return [a for a in node_addresses() if any(ipaddress.ip_address(a) in n for n in nets)]
+    return [a for a in node_addresses(families)
+            if any(ipaddress.ip_address(a) in n for n in nets)]

@@ -163,7 +163,8 @@ async def info(request: web.Request) -> web.Response:
 
 
 def _proxy_ports(daemon: DaemonView) -> dict[ServicePortName, int]:
-    return {key.name: port for key, port in daemon.listener_ports() if key.scope == "cluster"}
+    return {key.name: port for key, port in sorted(  # IPv4's wins (sorted last)
+        daemon.listener_ports(), key=lambda kp: ":" not in kp[0].address) if key.scope == "cluster"}
 
 
 async def services(request: web.Request) -> web.Response:

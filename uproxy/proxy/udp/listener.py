@@ -3,8 +3,9 @@
 It owns its socket and the flows of its clients (``flows``: client key -> flow;
 the key is the address tuple on the Python path, the C side's packed int on
 the native one). Which twin reads it is fixed at creation: the native batches
-for IPv4 when the native module is active, the Python path otherwise (the C
-side handles IPv4 addresses only).
+for IPv4 when the native module is active, the Python path otherwise -- IPv6
+listeners always use the Python path, in native mode too (the C side,
+``native/udp.c``, packs client addresses into one integer: IPv4 only).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import socket
 from typing import TYPE_CHECKING
 
 from uproxy.model import ServicePortName
-from uproxy.proxy.udp.flow import IP_PKTINFO, Flow
+from uproxy.proxy.udp.flow import IP_PKTINFO, IPV6_RECVPKTINFO, Flow
 
 if TYPE_CHECKING:
     from uproxy.proxy.udp.proxy import UdpProxy
@@ -36,10 +37,15 @@ class UdpListener:
         self.flows: dict[object, Flow] = {}
         self._fd = sock.fileno()
         self._closed = False
-        self.pktinfo = sock.family == socket.AF_INET
+        self.family = 6 if sock.family == socket.AF_INET6 else 4  # chooses its own endpoints
+        # the header's destination of each datagram, so replies leave from it
+        self.pktinfo = sock.family in (socket.AF_INET, socket.AF_INET6)
         if self.pktinfo:
             try:
-                sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+                if self.family == 6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
+                else:
+                    sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
             except OSError:
                 self.pktinfo = False
         with contextlib.suppress(OSError):

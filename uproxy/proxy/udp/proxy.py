@@ -132,11 +132,12 @@ class UdpProxy:
                 continue
             # The rule new flows are chosen by decides which flows may stay.
             usable = {e.address for e in usable_endpoints(entry, external=listener.external,
-                                                          node_name=node)}
+                                                          node_name=node,
+                                                          family=listener.family)}
             for flow in list(listener.flows.values()):
                 if flow.endpoint.address not in usable:
                     self.close_flow(flow, "endpoint removed")
-        ports = {(lst.name, lst.scope): lst.port for lst in self.listeners}
+        ports = {(lst.name, lst.scope, lst.family): lst.port for lst in self.listeners}
         self.cleanup.entries_changed(new, ports, node)
 
     # Conntrack hygiene (see conntrack_cleanup) -------------------------------------------
@@ -187,7 +188,8 @@ class UdpProxy:
                     case Choose():
                         assert entry is not None
                         actions = setup.handle(Chosen(self.balancer.choose(
-                            entry, addr[0], now, external=listener.external)))
+                            entry, addr[0], now, external=listener.external,
+                            family=listener.family)))
                     case Open(endpoint):
                         try:
                             sock = self._backend_socket(endpoint)
