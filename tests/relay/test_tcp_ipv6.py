@@ -12,6 +12,7 @@ has different endpoints per family, and each family must reach only its own.
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -137,3 +138,35 @@ def test_single_stack_ipv6_service_and_client_ip_affinity(lab: Lab, flavor: Flav
     finally:
         assert node.stop() == 0
     assert node.uproxy_lines() == []
+
+
+@pytest.mark.parametrize("lack", ["ipv6-disabled", "no-ip6tables"])
+def test_a_family_the_node_lacks_is_skipped_with_one_log_line(lab: Lab, lack: str) -> None:
+    lab.start_echo(1, tcp_ports=(6789,))
+    env_args: list[str] = []
+    if lack == "ipv6-disabled":
+        lab.run("node", ["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
+                         "net.ipv6.conf.default.disable_ipv6=1"])
+        reason = "the node has no IPv6 address (IPv6 disabled)"
+    else:  # the same tools as usual, except the ip6tables ones
+        tools = lab.workdir / "bin"
+        tools.mkdir()
+        for tool in ("iptables", "iptables-save", "iptables-restore", "conntrack", "ip"):
+            found = shutil.which(tool)
+            assert found is not None, tool
+            (tools / tool).symlink_to(found)
+        env_args = ["env", f"PATH={tools}"]
+        reason = "ip6tables is not installed"
+    node = NodeProxy(lab, prefix=env_args)
+    node.write("dual.yaml", *dual_stack_objects(lab))
+    node.start(wait_for="default/dual:http cluster IP")
+    try:
+        assert set(who(lab, V4, 80)) == {"pod1"}
+        assert node.log.count("IPv6 is not served") == 1
+        assert f"IPv6 is not served: {reason}; IPv6 Service addresses are skipped" in node.log
+        assert " E " not in node.log and "Traceback" not in node.log
+        if lack == "no-ip6tables":
+            assert "UPROXY" not in node.iptables_save(6)
+    finally:
+        assert node.stop() == 0
+    assert [ln for ln in node.iptables_save().splitlines() if "UPROXY" in ln] == []
