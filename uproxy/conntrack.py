@@ -178,7 +178,10 @@ class Conntrack:
             listing = await self._run(["-L", *fam, "-p", protocol], timeout=self.timeout)
             if listing is None:
                 return deleted
-            found = select(parse_entries(listing, protocol), wanted)
+            listed = parse_entries(listing, protocol)
+            found = select(listed, wanted)
+            log.debug("IPv%d: %d stale sets, %d %s entries listed, %d to delete", family,
+                      len(wanted), len(listed), protocol, len(found))
             if not found:
                 continue
             batch = "".join(e.delete_line() + "\n" for e in found)

@@ -327,8 +327,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "count", 1) < 1 or getattr(args, "nbytes", 1) < 0:
         print("probe: --count must be >= 1 and --bytes >= 0", file=sys.stderr)
         return 2
-    if args.mode == "udp" and args.size is not None and not 1 <= args.size <= 65507:
-        print("probe: --size must be within 1..65507", file=sys.stderr)
+    largest = 65527 if ":" in getattr(args, "host", "") else 65507  # the IPv6 / IPv4 maximum
+    if args.mode == "udp" and args.size is not None and not 1 <= args.size <= largest:
+        print(f"probe: --size must be within 1..{largest}", file=sys.stderr)
         return 2
     _raise_nofile_limit()
     if args.mode == "tcp":
