@@ -167,11 +167,19 @@ def _proxy_ports(daemon: DaemonView) -> dict[ServicePortName, int]:
         daemon.listener_ports(), key=lambda kp: ":" not in kp[0].address) if key.scope == "cluster"}
 
 
+def _family_ports(daemon: DaemonView) -> dict[ServicePortName, dict[str, int]]:
+    out: dict[ServicePortName, dict[str, int]] = {}
+    for key, port in daemon.listener_ports():
+        if key.scope == "cluster":
+            out.setdefault(key.name, {})["IPv6" if ":" in key.address else "IPv4"] = port
+    return out
+
+
 async def services(request: web.Request) -> web.Response:
     daemon, seen, now = request.app[DAEMON], request.app[SEEN], time.time()
     seen.observe(daemon.store, now)
     return _json(views.services(daemon.store.raw("Service"), daemon.served, _proxy_ports(daemon),
-                                seen, now))
+                                seen, now, _family_ports(daemon)))
 
 
 async def endpoints(request: web.Request) -> web.Response:
