@@ -17,6 +17,7 @@ import shutil
 import pytest
 
 from tests.support.matrix import Flavor
+from tests.support.waiting import wait_until
 from uproxy.demo.lab import Lab
 from uproxy.demo.node import NodeProxy, endpoint_slice, service
 
@@ -135,6 +136,18 @@ def test_single_stack_ipv6_service_and_client_ip_affinity(lab: Lab, flavor: Flav
         refused4 = lab.probe("tcp", lab.node_ip, "30081", "--count", "1", "--timeout", "2")
         refused6 = lab.probe("tcp", lab.node_ip6, "30082", "--count", "1", "--timeout", "2")
         assert refused4["errors"]["refused"] == 1 and refused6["errors"]["refused"] == 1
+        # e2e "should function for endpoint-Service: http": an endpoint reaches its own
+        # Service over IPv6 (hairpin), sticking to one endpoint as well
+        assert len(who(lab, SINGLE6, 80, ns="pod1", count=10)) == 1
+        # e2e "should update endpoints: http": pod3 alone in the IPv6 slice
+        node.write("v6.yaml",
+                   service("sticky6", SINGLE6, [{"name": "http", "port": 80,
+                                                 "targetPort": 6789, "nodePort": 30081}],
+                           type="NodePort", ipFamilies=["IPv6"],
+                           ipFamilyPolicy="SingleStack", sessionAffinity="ClientIP"),
+                   endpoint_slice("sticky6", [lab.pod_ip6(3)], SLICE_PORTS))
+        wait_until(lambda: set(who(lab, SINGLE6, 80, count=5)) == {"pod3"},
+                   message="IPv6 traffic reaches only the remaining endpoint")
     finally:
         assert node.stop() == 0
     assert node.uproxy_lines() == []
