@@ -257,7 +257,7 @@ async def setup(flavor: Flavor, backends: int = 2, *, timeout: float = 30.0, max
         proxy.entries = {NAME: entry_for(*(p.port for p in protos), affinity=affinity,
                                          host="::1" if ":" in listen else "127.0.0.1")}
         listener = proxy.listen(sock, NAME, "cluster")
-        assert listener.batched is (flavor.native and family == socket.AF_INET)
+        assert listener.batched is flavor.native  # both families on both paths
         yield Setup(proxy, listener.port, protos, conns, metrics)
     finally:
         if proxy is not None:
@@ -773,7 +773,7 @@ def _ipv6_loopback() -> bool:
 def test_ipv6_listener_relays_on_either_path(flavor: Flavor) -> None:
     async def body() -> None:
         loop = asyncio.get_running_loop()
-        async with setup(flavor, backends=1, listen="::1") as s:  # the native batches are IPv4-only
+        async with setup(flavor, backends=1, listen="::1") as s:
             with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
                 sock.setblocking(False)
                 sock.connect(("::1", s.port))
@@ -782,10 +782,60 @@ def test_ipv6_listener_relays_on_either_path(flavor: Flavor) -> None:
                     await loop.sock_sendall(sock, payload)
                     async with asyncio.timeout(2):
                         assert await loop.sock_recv(sock, 65536) == payload
-            assert len(s.proxy.flows) == 1
-            assert not any(c.native for c in s.conns)  # IPv6: the socket module's path
+                # a burst (the native path's batches and GSO), back whole and in order
+                burst = [bytes([i]) * 1000 for i in range(40)]
+                for payload in burst:
+                    sock.send(payload)
+                got = []
+                async with asyncio.timeout(5):
+                    while len(got) < len(burst):
+                        got.append(await loop.sock_recv(sock, 65536))
+                assert got == burst
+            with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as other:  # a second flow
+                other.setblocking(False)
+                other.connect(("::1", s.port))
+                await loop.sock_sendall(other, b"hello")
+                async with asyncio.timeout(2):
+                    assert await loop.sock_recv(other, 65536) == b"hello"
+            assert len(s.proxy.flows) == 2
+            assert all(c.native is flavor.native for c in s.conns)  # who moved the bytes
 
     run_on(flavor, body)
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback in this environment")
+def test_native_batch_groups_ipv6_clients_by_address_and_port() -> None:
+    """IPv6 sources do not fit the packed key: the batch carries address and port (src6)
+    and the IPV6_PKTINFO destination (dst6); replies go with uproxy_udp_reply6."""
+    if native.ACTIVE != "native":
+        pytest.skip(f"native path not active: {native.REASON}")
+    lib, ffi = native.lib(), native.ffi()
+    batch = ffi.gc(lib.uproxy_udp_batch_new(), lib.uproxy_udp_batch_free)
+    with contextlib.ExitStack() as stack:
+        listener = stack.enter_context(socket.socket(socket.AF_INET6, socket.SOCK_DGRAM))
+        listener.bind(("::1", 0))
+        listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+        socks = [stack.enter_context(socket.socket(socket.AF_INET6, socket.SOCK_DGRAM))
+                 for _ in range(2)]
+        for sock in socks:
+            sock.connect(listener.getsockname()[:2])
+        for i in range(6):
+            socks[i % 2].send(bytes([i]) * (100 + i))
+        n = lib.uproxy_udp_recv(listener.fileno(), batch, 1)
+        assert n == 6 and batch.ngroups == 2
+        assert [batch.order[k] for k in range(n)] == [0, 2, 4, 1, 3, 5]
+        loopback = socket.inet_pton(socket.AF_INET6, "::1")
+        for i in range(n):
+            src = bytes(ffi.buffer(batch.src6[i]))
+            assert src == loopback + socks[i % 2].getsockname()[1].to_bytes(2, "big")
+            assert batch.dst[i] == 0 and bytes(ffi.buffer(batch.dst6[i])) == loopback
+        out = ffi.new("struct uproxy_udp_sent *")
+        port = socks[1].getsockname()[1]
+        assert lib.uproxy_udp_reply6(listener.fileno(), batch, loopback, port, loopback,
+                                     out) == 6
+        socks[1].settimeout(2)
+        # every datagram of the batch, in the batch's (grouped) order, from ::1
+        assert [len(socks[1].recv(65536)) for _ in range(6)] == [100, 102, 104, 101, 103, 105]
 
 
 def test_native_batch_groups_datagrams_by_client() -> None:

@@ -50,6 +50,7 @@ class Flow:
         "reply_anc",
         "reply_src",
         "reply_to",
+        "reply_to6",
         "sock",
     )
 
@@ -79,6 +80,8 @@ class Flow:
             (socket.IPPROTO_IP, IP_PKTINFO, PKTINFO.pack(0, reply_src, b"\0\0\0\0"))]
         # the native path's reply arguments: client address and port, source (-1: none)
         self.reply_to = (0, 0, -1)
+        # ... for an IPv6 client: address (16 bytes), port, source (16 bytes or None)
+        self.reply_to6: tuple[bytes, int, bytes | None] | None = None
         self.closed = False
 
     def abort(self) -> None:

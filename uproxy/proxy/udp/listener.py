@@ -1,11 +1,10 @@
 """A UDP listener: one bound socket serving one service port in one scope.
 
 It owns its socket and the flows of its clients (``flows``: client key -> flow;
-the key is the address tuple on the Python path, the C side's packed int on
-the native one). Which twin reads it is fixed at creation: the native batches
-for IPv4 when the native module is active, the Python path otherwise -- IPv6
-listeners always use the Python path, in native mode too (the C side,
-``native/udp.c``, packs client addresses into one integer: IPv4 only).
+the key is the address tuple on the Python path, on the native one the C
+side's packed int for IPv4 and the 18 bytes of address and port for IPv6).
+Which twin reads it is fixed at creation: the native batches when the native
+module is active, the Python path otherwise; both families on both.
 """
 
 from __future__ import annotations
@@ -50,9 +49,9 @@ class UdpListener:
                 self.pktinfo = False
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, LISTEN_RCVBUF)
-        # recvmmsg/sendmmsg batches (native/udp.c) for IPv4; IPv6 stays on the socket module
+        # recvmmsg/sendmmsg batches (native/udp.c), for both families
         batches = proxy.native_path
-        self.batched = batches is not None and sock.family == socket.AF_INET
+        self.batched = batches is not None and sock.family in (socket.AF_INET, socket.AF_INET6)
         if batches is not None and self.batched:
             proxy.loop.add_reader(self._fd, batches.client_batch, self)
         else:
