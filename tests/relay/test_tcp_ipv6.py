@@ -183,3 +183,26 @@ def test_a_family_the_node_lacks_is_skipped_with_one_log_line(lab: Lab, lack: st
     finally:
         assert node.stop() == 0
     assert [ln for ln in node.iptables_save().splitlines() if "UPROXY" in ln] == []
+
+
+def test_resync_repairs_deleted_ipv6_rules(lab: Lab) -> None:
+    """The periodic full sync covers ip6tables: a flushed chain and a deleted hook return."""
+    lab.start_echo(1, tcp_ports=(6789,))
+    node = NodeProxy(lab, args=["--sync-period", "1s"])
+    node.write("v6.yaml", service("fix6", SINGLE6, [{"name": "http", "port": 80,
+                                                     "targetPort": 6789}],
+                                  ipFamilies=["IPv6"], ipFamilyPolicy="SingleStack"),
+               endpoint_slice("fix6", [lab.pod_ip6(1)], SLICE_PORTS))
+    node.start(wait_for="default/fix6:http cluster IP")
+    try:
+        lab.run("node", ["ip6tables", "-t", "nat", "-F", "UPROXY-SERVICES"])
+        lab.run("node", ["ip6tables", "-t", "nat", "-D", "OUTPUT", "-m", "comment",
+                         "--comment", "uproxy service portals", "-j", "UPROXY-SERVICES"])
+        assert "default/fix6" not in node.iptables_save(6)
+        node.wait_rules(lambda t: "default/fix6:http cluster IP" in t and "-A OUTPUT" in t,
+                        timeout=5, family=6)
+        assert set(who(lab, SINGLE6, 80, ns="node", count=5)) == {"pod1"}
+        assert "re-inserted 1 uproxy hooks someone removed" in node.log
+    finally:
+        assert node.stop() == 0
+    assert node.uproxy_lines() == []
