@@ -174,7 +174,8 @@ class Conntrack:
         deleted = 0
         for family in sorted({s.family for s in stale}):
             wanted = [s for s in stale if s.family == family]
-            fam = ["-f", "ipv6"] if family == 6 else []
+            # (without -f the tool lists every family: name it, so each is listed once)
+            fam = ["-f", "ipv6"] if family == 6 else ["-f", "ipv4"]
             listing = await self._run(["-L", *fam, "-p", protocol], timeout=self.timeout)
             if listing is None:
                 return deleted

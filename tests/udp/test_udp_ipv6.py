@@ -120,7 +120,7 @@ def test_should_update_endpoints_udp_and_clean_stale_ipv6_conntrack(lab: Lab) ->
     assert f"src={pod3} " in conntrack6(lab)
 
     node.write("dns.yaml", *dns_objects(lab, [1], [1, 2]))  # pod3 leaves the IPv6 slice
-    wait_until(lambda: f"src={pod3} " not in conntrack6(lab),
+    wait_until(lambda: f"src={pod3} " not in conntrack6(lab), timeout=30,
                message="no conntrack entry answered by pod3 over IPv6")
     assert f"dst={DNS6}" in conntrack6(lab)  # clients' mappings to the proxy are kept
     later = dig_many(lab, 30, DNS6)
@@ -128,7 +128,9 @@ def test_should_update_endpoints_udp_and_clean_stale_ipv6_conntrack(lab: Lab) ->
 
     node.remove("dns.yaml")
     node.wait_rules(lambda text: DNS6 not in text, family=6)
-    wait_until(lambda: f"dst={DNS6}" not in conntrack6(lab),
+    # (one `conntrack -R` line per entry, each a table dump: ~100 entries take seconds on a
+    # busy machine)
+    wait_until(lambda: f"dst={DNS6}" not in conntrack6(lab), timeout=30,
                message=lambda: f"entries to the IPv6 ClusterIP are left:\n{conntrack6(lab)}"
                                f"\n{node.log}")
     assert node.stop() == 0
