@@ -67,10 +67,17 @@ def proxy_sockets(port: ServicePort,
 
 
 def frontends(port: ServicePort) -> list[tuple[str, str, str]]:
-    """``(scope, kind, address)`` for every address of the port that is redirected."""
+    """``(scope, kind, address)`` for every address of the port that is redirected.
+
+    externalIPs and LoadBalancer IPs count only in the service's own families: as
+    kube-proxy's per-family proxiers, an IPv6 externalIP of a single-stack IPv4
+    Service is not served (it has no IPv6 endpoints to go to)."""
+    families = service_families(port)
     out = [(SCOPE_CLUSTER, KIND_CLUSTER, a) for a in port.cluster_ips]
-    out.extend((SCOPE_EXTERNAL, KIND_EXTERNAL, a) for a in port.external_ips)
-    out.extend((SCOPE_EXTERNAL, KIND_LOADBALANCER, a) for a in port.load_balancer_ips)
+    out.extend((SCOPE_EXTERNAL, KIND_EXTERNAL, a) for a in port.external_ips
+               if family_of(a) in families)
+    out.extend((SCOPE_EXTERNAL, KIND_LOADBALANCER, a) for a in port.load_balancer_ips
+               if family_of(a) in families)
     return out
 
 

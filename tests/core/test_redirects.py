@@ -86,6 +86,14 @@ def test_a_family_the_node_does_not_serve_is_skipped_not_dropped_silently() -> N
         (KIND_CLUSTER, "fd00::53"), (KIND_LOADBALANCER, "2001:db8::1")]
 
 
+def test_external_addresses_of_another_family_are_not_served() -> None:
+    """kube-proxy's IPv6 proxier ignores a single-stack IPv4 Service (and so its IPv6
+    externalIPs); uproxy does not redirect them either."""
+    p = port(external=("192.0.2.1", "2001:db8::7"), lb=("2001:db8::8",))
+    assert [a for _, _, a in frontends(p)] == ["10.96.0.10", "192.0.2.1"]
+    assert proxy_sockets(p) == [C4, E4]
+
+
 def test_single_stack_ipv6_service_has_only_ipv6_sockets() -> None:
     p = port(cluster=("fd00:96::30",), external=("2001:db8::7",))
     assert proxy_sockets(p) == [C6, E6] and service_families(p) == (6,)
@@ -126,7 +134,9 @@ def test_every_address_is_redirected_or_skipped_exactly_once(
     sockets = proxy_sockets(p, families)
     ports = {key: 40000 + i for i, key in enumerate(sockets)}
     out = redirects_of(p, ports, families=families)
-    assert len(out.rules) + len(out.skipped) == len(cluster) + len(external) + len(lb)
+    own = service_families(p)  # an external address of another family is not served
+    expected = cluster + [a for a in external + lb if (6 if ":" in a else 4) in own]
+    assert sorted(r.address for r in out.rules + out.skipped) == sorted(expected)
     assert all(r.family in families for r in out.rules)
     assert all(r.family not in families for r in out.skipped)
     for r in out.rules:  # each to the socket of its own scope and family
