@@ -73,9 +73,9 @@ def conntrack6(lab: Lab) -> str:
 
 def test_should_function_for_pod_service_udp_secondary_ip_family(lab: Lab,
                                                                   flavor: Flavor) -> None:
-    """e2e "should function for pod-Service: udp", "... node-Service: udp" and "should be
-    able to handle large requests: udp" on the secondary family; each family reaches only
-    its own endpoints."""
+    """e2e "should function for pod-Service: udp", "... node-Service: udp", "... endpoint-
+    Service: udp" and "should be able to handle large requests: udp" on the secondary
+    family; each family reaches only its own endpoints."""
     start_pods(lab)
     node = NodeProxy(lab, loop=flavor.loop, native=flavor.native)
     node.write("dns.yaml", *dns_objects(lab, [1], [2, 3]))
@@ -91,6 +91,9 @@ def test_should_function_for_pod_service_udp_secondary_ip_family(lab: Lab,
         # node-Service: the node's own queries (ip6tables OUTPUT -> ::1, replies from ::1)
         node_counts = dig_many(lab, 10, DNS6, ns="node")
         assert sum(node_counts.values()) == 10 and set(node_counts) <= both, node_counts
+        # endpoint-Service: an endpoint pod asks its own Service (hairpin)
+        hairpin = dig_many(lab, 10, DNS6, ns="pod2")
+        assert sum(hairpin.values()) == 10 and set(hairpin) <= both, hairpin
         # the secondary nodeIP:NodePort
         np = dig_many(lab, 10, lab.node_ip6, port=NODE_PORT)
         assert sum(np.values()) == 10 and set(np) <= both, np
