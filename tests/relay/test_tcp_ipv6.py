@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import pytest
 
@@ -206,3 +207,28 @@ def test_resync_repairs_deleted_ipv6_rules(lab: Lab) -> None:
     finally:
         assert node.stop() == 0
     assert node.uproxy_lines() == []
+
+
+def test_should_function_for_service_endpoints_using_host_network_ipv6(lab: Lab,
+                                                                       flavor: Flavor) -> None:
+    """e2e "should function for service endpoints using hostNetwork" on the secondary
+    family: the endpoint is the node's own IPv6 address (a hostNetwork pod), reached from
+    a client and from the node itself, with a 2000-byte request."""
+    proc = lab.spawn("node", [sys.executable, "-m", "uproxy.demo.echo", "--name", "hostnet",
+                              "--bind", "::", "--tcp", "7777"], "echo-hostnet")
+    lab.wait_port("node", "::", 7777, "tcp", proc=proc, exact=True)
+    node = NodeProxy(lab, loop=flavor.loop, native=flavor.native)
+    node.write("host.yaml",
+               service("host6", SINGLE6, [{"name": "http", "port": 80, "targetPort": 7777}],
+                       ipFamilies=["IPv6"], ipFamilyPolicy="SingleStack"),
+               endpoint_slice("host6", [lab.bridge_ip6],
+                              [{"name": "http", "port": 7777, "protocol": "TCP"}]))
+    node.start(wait_for="default/host6:http cluster IP")
+    try:
+        assert who(lab, SINGLE6, 80) == {"hostnet": 30}
+        assert who(lab, SINGLE6, 80, ns="node", count=10) == {"hostnet": 10}
+        big = lab.run("client", ["curl", "-sS", "--max-time", "5", "--data-binary",
+                                 "x" * 2000, f"http://[{SINGLE6}]/big"]).stdout
+        assert json.loads(big)["pod"] == "hostnet"
+    finally:
+        assert node.stop() == 0
