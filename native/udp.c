@@ -26,14 +26,15 @@
 #include "uproxy_native.h"
 
 #define CONTROL_SIZE CMSG_SPACE(sizeof(struct in_pktinfo))
+#define CONTROL6_SIZE CMSG_SPACE(sizeof(struct in6_pktinfo))
 #define GSO_CONTROL_SIZE CMSG_SPACE(sizeof(uint16_t))
 
 struct uproxy_udp_priv {
     struct mmsghdr msgs[UPROXY_UDP_BATCH];
     struct iovec iov[UPROXY_UDP_BATCH];
-    struct sockaddr_in addr[UPROXY_UDP_BATCH];
+    struct sockaddr_in6 addr[UPROXY_UDP_BATCH]; /* room for either family */
     union {
-        char buf[CONTROL_SIZE];
+        char buf[CONTROL6_SIZE];
         struct cmsghdr align;
     } control[UPROXY_UDP_BATCH];
     unsigned char *bufs; /* UPROXY_UDP_BATCH buffers of UPROXY_UDP_BUFSIZE bytes */
@@ -73,15 +74,27 @@ void uproxy_udp_batch_free(struct uproxy_udp_batch *b)
     free(b);
 }
 
-static uint64_t source_key(const struct sockaddr_in *sa, socklen_t len)
+/* IPv4: the packed address and port. IPv6: src6 gets address and port, the key is
+ * their FNV-1a hash (grouping compares src6 too, so a collision cannot merge two). */
+static uint64_t source_key(const struct sockaddr_in6 *sa, socklen_t len, uint8_t *src6)
 {
-    if (len < sizeof(struct sockaddr_in) || sa->sin_family != AF_INET)
+    if (len >= sizeof(struct sockaddr_in6) && sa->sin6_family == AF_INET6) {
+        memcpy(src6, &sa->sin6_addr, 16);
+        memcpy(src6 + 16, &sa->sin6_port, 2);
+        uint64_t h = 1469598103934665603ULL;
+        for (int i = 0; i < 18; i++)
+            h = (h ^ src6[i]) * 1099511628211ULL;
+        return h;
+    }
+    const struct sockaddr_in *s4 = (const struct sockaddr_in *)(const void *)sa;
+    if (len < sizeof(struct sockaddr_in) || s4->sin_family != AF_INET)
         return 0;
-    return ((uint64_t)ntohl(sa->sin_addr.s_addr) << UPROXY_UDP_KEY_PORT_BITS)
-           | ntohs(sa->sin_port);
+    return ((uint64_t)ntohl(s4->sin_addr.s_addr) << UPROXY_UDP_KEY_PORT_BITS)
+           | ntohs(s4->sin_port);
 }
 
-static int64_t header_dst(struct msghdr *mh)
+/* IPv4: the header destination (host order); IPv6: 0 and the address in dst6; -1: none. */
+static int64_t header_dst(struct msghdr *mh, uint8_t *dst6)
 {
     for (struct cmsghdr *c = CMSG_FIRSTHDR(mh); c != NULL; c = CMSG_NXTHDR(mh, c)) {
         if (c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_PKTINFO
@@ -89,6 +102,13 @@ static int64_t header_dst(struct msghdr *mh)
             struct in_pktinfo pi;
             memcpy(&pi, CMSG_DATA(c), sizeof(pi));
             return (int64_t)ntohl(pi.ipi_addr.s_addr);
+        }
+        if (c->cmsg_level == IPPROTO_IPV6 && c->cmsg_type == IPV6_PKTINFO
+            && c->cmsg_len >= CMSG_LEN(sizeof(struct in6_pktinfo))) {
+            struct in6_pktinfo pi;
+            memcpy(&pi, CMSG_DATA(c), sizeof(pi));
+            memcpy(dst6, &pi.ipi6_addr, 16);
+            return 0;
         }
     }
     return -1;
@@ -109,7 +129,7 @@ int uproxy_udp_recv(int fd, struct uproxy_udp_batch *b, int want_source)
             mh->msg_name = &p->addr[i];
             mh->msg_namelen = sizeof(p->addr[i]);
             mh->msg_control = p->control[i].buf;
-            mh->msg_controllen = CONTROL_SIZE;
+            mh->msg_controllen = CONTROL6_SIZE;
         } else {
             mh->msg_name = NULL;
             mh->msg_namelen = 0;
@@ -142,18 +162,22 @@ int uproxy_udp_recv(int fd, struct uproxy_udp_batch *b, int want_source)
      * within a group (a counting sort over at most UPROXY_UDP_BATCH distinct keys). */
     uint8_t gid[UPROXY_UDP_BATCH];
     uint64_t gkey[UPROXY_UDP_BATCH];
+    int gfirst[UPROXY_UDP_BATCH];
     int gcount[UPROXY_UDP_BATCH];
     int ng = 0;
     for (int i = 0; i < n; i++) {
         struct msghdr *mh = &p->msgs[i].msg_hdr;
         b->len[i] = p->msgs[i].msg_len;
-        b->key[i] = source_key(&p->addr[i], mh->msg_namelen);
-        b->dst[i] = header_dst(mh);
+        b->key[i] = source_key(&p->addr[i], mh->msg_namelen, b->src6[i]);
+        b->dst[i] = header_dst(mh, b->dst6[i]);
+        bool v6 = p->addr[i].sin6_family == AF_INET6;
         int g = 0;
-        while (g < ng && gkey[g] != b->key[i])
+        while (g < ng && (gkey[g] != b->key[i]
+                          || (v6 && memcmp(b->src6[gfirst[g]], b->src6[i], 18) != 0)))
             g++;
         if (g == ng) {
             gkey[ng] = b->key[i];
+            gfirst[ng] = i;
             gcount[ng] = 0;
             ng++;
         }
@@ -202,14 +226,22 @@ struct wire {
     int count[UPROXY_UDP_BATCH]; /* datagrams in message m */
     int seg[UPROXY_UDP_BATCH];   /* its segment size (the first datagram's length) */
     union {
-        char buf[CONTROL_SIZE + GSO_CONTROL_SIZE];
+        char buf[CONTROL6_SIZE + GSO_CONTROL_SIZE];
         struct cmsghdr align;
     } control[UPROXY_UDP_BATCH];
 };
 
+/* Where a reply leaves from: IPv4 spec_dst >= 0, or IPv6 spec6 (16 bytes), or neither. */
+struct source {
+    int64_t spec_dst;
+    const unsigned char *spec6;
+};
+
 static int plan(struct uproxy_udp_batch *b, struct wire *w, int from, int to, void *name,
-                socklen_t namelen, int64_t spec_dst)
+                socklen_t namelen, struct source src)
 {
+    int64_t spec_dst = src.spec6 != NULL ? 0 : src.spec_dst;
+    size_t pktinfo = src.spec6 != NULL ? CONTROL6_SIZE : CONTROL_SIZE;
     struct uproxy_udp_priv *p = b->priv;
     int m = 0, k = from;
     while (k < to) {
@@ -241,10 +273,18 @@ static int plan(struct uproxy_udp_batch *b, struct wire *w, int from, int to, vo
         if (spec_dst >= 0 || n > 1) {
             memset(&w->control[m], 0, sizeof(w->control[m]));
             mh->msg_control = w->control[m].buf;
-            mh->msg_controllen = (spec_dst >= 0 ? CONTROL_SIZE : 0)
+            mh->msg_controllen = (spec_dst >= 0 ? pktinfo : 0)
                                + (n > 1 ? GSO_CONTROL_SIZE : 0);
             struct cmsghdr *c = CMSG_FIRSTHDR(mh);
-            if (spec_dst >= 0) {
+            if (src.spec6 != NULL) {
+                c->cmsg_level = IPPROTO_IPV6;
+                c->cmsg_type = IPV6_PKTINFO;
+                c->cmsg_len = CMSG_LEN(sizeof(struct in6_pktinfo));
+                struct in6_pktinfo pi = {.ipi6_ifindex = 0};
+                memcpy(&pi.ipi6_addr, src.spec6, 16);
+                memcpy(CMSG_DATA(c), &pi, sizeof(pi));
+                c = CMSG_NXTHDR(mh, c);
+            } else if (spec_dst >= 0) {
                 c->cmsg_level = IPPROTO_IP;
                 c->cmsg_type = IP_PKTINFO;
                 c->cmsg_len = CMSG_LEN(sizeof(struct in_pktinfo));
@@ -297,8 +337,8 @@ static void merge(struct uproxy_udp_sent *out, const struct uproxy_udp_sent *mor
  * so that a local endpoint's ICMP refusal (delivered during that send) stops the batch
  * right after the first datagram -- what one send per datagram would see. */
 static void send_range(int fd, struct uproxy_udp_batch *b, int from, int to, void *name,
-                       socklen_t namelen, int64_t spec_dst, bool stop_on_error, bool probe,
-                       struct uproxy_udp_sent *out)
+                       socklen_t namelen, struct source spec_dst, bool stop_on_error,
+                       bool probe, struct uproxy_udp_sent *out)
 {
     struct wire w;
     memset(out, 0, sizeof(*out));
@@ -375,7 +415,8 @@ static void send_range(int fd, struct uproxy_udp_batch *b, int from, int to, voi
 int uproxy_udp_send(int fd, struct uproxy_udp_batch *b, int from, int to, int probe,
                     struct uproxy_udp_sent *out)
 {
-    send_range(fd, b, from, to, NULL, 0, -1, true, probe != 0, out);
+    struct source none = {.spec_dst = -1, .spec6 = NULL};
+    send_range(fd, b, from, to, NULL, 0, none, true, probe != 0, out);
     return out->sent;
 }
 
@@ -387,7 +428,22 @@ int uproxy_udp_reply(int fd, struct uproxy_udp_batch *b, uint32_t ip, uint16_t p
     to.sin_family = AF_INET;
     to.sin_addr.s_addr = htonl(ip);
     to.sin_port = htons(port);
-    send_range(fd, b, 0, b->count, &to, sizeof(to), spec_dst, false, false, out);
+    struct source src = {.spec_dst = spec_dst, .spec6 = NULL};
+    send_range(fd, b, 0, b->count, &to, sizeof(to), src, false, false, out);
+    return out->sent;
+}
+
+int uproxy_udp_reply6(int fd, struct uproxy_udp_batch *b, const unsigned char *addr,
+                      uint16_t port, const unsigned char *spec_dst,
+                      struct uproxy_udp_sent *out)
+{
+    struct sockaddr_in6 to;
+    memset(&to, 0, sizeof(to));
+    to.sin6_family = AF_INET6;
+    memcpy(&to.sin6_addr, addr, 16);
+    to.sin6_port = htons(port);
+    struct source src = {.spec_dst = -1, .spec6 = spec_dst};
+    send_range(fd, b, 0, b->count, &to, sizeof(to), src, false, false, out);
     return out->sent;
 }
 

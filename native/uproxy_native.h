@@ -122,9 +122,11 @@ void uproxy_engine_free(struct uproxy_engine *e);
  *
  * One batch holds up to UPROXY_UDP_BATCH received datagrams in preallocated
  * buffers of UPROXY_UDP_BUFSIZE bytes (larger than the largest IPv4 UDP
- * payload, 65,507 bytes: nothing is ever truncated). The event loop calls
- * these on its own thread; no function blocks. IPv4 only: keys and reply
- * addresses are IPv4 (callers use the socket module for IPv6 listeners). */
+ * payload, 65,507 bytes, and the IPv6 one, 65,527: nothing is ever truncated).
+ * The event loop calls these on its own thread; no function blocks. Either
+ * family: an IPv4 source is packed into its key; an IPv6 source does not fit
+ * one integer, so its address and port are in src6 (the key is then only a
+ * hash for grouping) and replies go with uproxy_udp_reply6. */
 #define UPROXY_UDP_BATCH 64
 #define UPROXY_UDP_BUFSIZE 65536
 /* A source key (uproxy_udp_batch.key): the IPv4 address (host order) shifted
@@ -151,6 +153,11 @@ struct uproxy_udp_batch {
               * message; _new sets UPROXY_UDP_GSO_MAX_SEGMENT, a refusal lowers it (below
               * the refused size for EINVAL/EMSGSIZE: path MTU; else to 0: off) */
     struct uproxy_udp_priv *priv;
+    /* IPv6 sources (want_source on an AF_INET6 socket): address and port (network
+     * order) of datagram i, and its IPV6_PKTINFO header destination (dst[i] is 0 when
+     * there is one, -1 when not) */
+    uint8_t src6[UPROXY_UDP_BATCH][18];
+    uint8_t dst6[UPROXY_UDP_BATCH][16];
 };
 
 struct uproxy_udp_sent {
@@ -194,6 +201,12 @@ int uproxy_udp_send(int fd, struct uproxy_udp_batch *b, int from, int to, int pr
  * still go. Returns out->sent. */
 int uproxy_udp_reply(int fd, struct uproxy_udp_batch *b, uint32_t ip, uint16_t port,
                      int64_t spec_dst, struct uproxy_udp_sent *out);
+
+/* The same to an IPv6 client: `addr` 16 bytes, `port` host order; with spec_dst
+ * (16 bytes, or NULL) each datagram leaves with IPV6_PKTINFO ipi6_addr = spec_dst. */
+int uproxy_udp_reply6(int fd, struct uproxy_udp_batch *b, const unsigned char *addr,
+                      uint16_t port, const unsigned char *spec_dst,
+                      struct uproxy_udp_sent *out);
 
 /* Copy up to `size` bytes of datagram `index` into dst (for tests and tools);
  * returns the bytes copied, -1 for a bad index. */

@@ -42,16 +42,21 @@ FAILED_AVOID_SECONDS = 5.0
 
 
 def usable_endpoints(entry: Entry, *, external: bool, node_name: str,
-                     zone: str | None = None) -> tuple[Endpoint, ...]:
+                     zone: str | None = None, family: int | None = None) -> tuple[Endpoint, ...]:
     """The endpoints traffic of ``entry`` may go to now, in the entry's order.
 
     ``external``: the traffic came through a NodePort, externalIP or LoadBalancer IP
     (the external traffic policy applies), else through the ClusterIP (internal policy).
     ``zone``: this node's zone, for zone hints (None: none match).
+    ``family`` (4 or 6): the traffic's address family; each family chooses among its
+    own endpoints only, as kube-proxy's per-family proxiers do (None: every family).
     """
     port = entry.port
     local = port.external_local if external else port.internal_local
     candidates = entry.endpoints
+    if family is not None:
+        v6 = family == 6
+        candidates = tuple(e for e in candidates if (":" in e.ip) == v6)
     if local:
         candidates = tuple(e for e in candidates if e.node_name == node_name)
         ready = tuple(e for e in candidates if e.ready)
@@ -108,9 +113,10 @@ class Balancer:
         *,
         external: bool = False,
         exclude: Collection[Endpoint] = (),
+        family: int | None = None,
     ) -> Endpoint | None:
         usable = usable_endpoints(entry, external=external, node_name=self.node_name,
-                                  zone=self.zone)
+                                  zone=self.zone, family=family)
         if exclude:
             usable = tuple(e for e in usable if e not in exclude)
         if not usable:

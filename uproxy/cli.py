@@ -231,8 +231,12 @@ def cmd_cleanup(_: argparse.Namespace) -> int:
     from uproxy.iptables import Iptables
     from uproxy.proxy.transparent import Transparent
 
-    async def cleanup() -> int:
-        return await Iptables().cleanup() + await Transparent().cleanup()
+    async def cleanup() -> int:  # IPv6 only where ip6tables works
+        removed = await Iptables().cleanup()
+        v6 = Iptables(family=6)
+        if await v6.unusable() is None:
+            removed += await v6.cleanup()
+        return removed + await Transparent().cleanup()
 
     removed = asyncio.run(cleanup())
     print(f"removed {removed} uproxy rules and chains")
@@ -265,9 +269,10 @@ def cmd_rules(args: argparse.Namespace) -> int:
     out = ["# uproxy rules for " + ", ".join(paths),
            "# proxy ports are numbered from the start of --proxy-port-range; "
            "a running uproxy uses the first free ones"]
-    out.extend(f"# skipped: {r.name} {r.kind} {r.address} is IPv6; uproxy serves IPv4 only"
-               for r in redirects.skipped)
-    sys.stdout.write("\n".join(out) + "\n" + render(redirects.rules) + _transparent_rules())
+    text = "\n".join(out) + "\n# iptables-restore --noflush (IPv4)\n" + render(redirects.rules)
+    if any(r.family == 6 for r in redirects.rules):
+        text += "# ip6tables-restore --noflush (IPv6)\n" + render(redirects.rules, family=6)
+    sys.stdout.write(text + _transparent_rules())
     _print_filter_rules(store, table, args.hostname_override)
     return EXIT_OK
 

@@ -174,11 +174,15 @@ class Conntrack:
         deleted = 0
         for family in sorted({s.family for s in stale}):
             wanted = [s for s in stale if s.family == family]
-            fam = ["-f", "ipv6"] if family == 6 else []
+            # (without -f the tool lists every family: name it, so each is listed once)
+            fam = ["-f", "ipv6"] if family == 6 else ["-f", "ipv4"]
             listing = await self._run(["-L", *fam, "-p", protocol], timeout=self.timeout)
             if listing is None:
                 return deleted
-            found = select(parse_entries(listing, protocol), wanted)
+            listed = parse_entries(listing, protocol)
+            found = select(listed, wanted)
+            log.debug("IPv%d: %d stale sets, %d %s entries listed, %d to delete", family,
+                      len(wanted), len(listed), protocol, len(found))
             if not found:
                 continue
             batch = "".join(e.delete_line() + "\n" for e in found)

@@ -6,8 +6,10 @@ repeated every ``--sync-period`` (which also re-inserts hooks and rules that
 someone deleted). A sync diffs the desired table against what is served,
 opens and closes listening sockets, hands the new entries to the protocol
 proxies, renders the whole ``UPROXY-SERVICES`` chain and applies it with one
-``iptables-restore``. Nothing is applied before the source's first complete
-view is in, so a partial rule set never replaces a good one.
+``iptables-restore`` per address family (``ip6tables-restore`` for IPv6; a
+family the node lacks is skipped with one log line at start). Nothing is
+applied before the source's first complete view is in, so a partial rule set
+never replaces a good one.
 
 This module is the wiring only; each concept it wires lives in its own module:
 the listener set (:mod:`uproxy.proxy.listeners`), which address redirects to
@@ -34,6 +36,7 @@ from uproxy.gc_pause import GcPause
 from uproxy.iptables import Iptables, IptablesError
 from uproxy.metrics import Metrics
 from uproxy.model import ServicePort, ServicePortName
+from uproxy.proxy.families import ipv6_missing
 from uproxy.proxy.listeners import Listener, ListenerKey, ListenerSet, Listening
 from uproxy.proxy.node_addresses import nodeport_addresses
 from uproxy.proxy.ports import PortAllocator
@@ -77,6 +80,9 @@ class Daemon:
         self.events = EventLog()
         self.balancer = Balancer(node_name=settings.hostname_override)
         self.iptables = Iptables() if settings.manage_iptables else None
+        # IPv6 nat (None: not managed, or the node lacks IPv6 / ip6tables; see start())
+        self.ip6tables = Iptables(family=6) if settings.manage_iptables else None
+        self._no_ipv6 = ipv6_missing()
         self.allocator = PortAllocator(settings.proxy_port_range)
         self.loop = asyncio.get_running_loop()
         self.relay = make_relay(self.loop)
@@ -88,8 +94,7 @@ class Daemon:
         }
         self._add_udp()
         self._served = Served()
-        self.listener_set = ListenerSet(self.allocator, settings.bind_address,
-                                        settings.nodeport_addresses)
+        self.listener_set = self._listener_set(self._no_ipv6 is None)
         self.redirects: list[Redirect] = []
         self.started = time.time()
         self.source_synced = False
@@ -100,7 +105,7 @@ class Daemon:
         self.queued_since: float | None = None  # wall clock of the oldest unapplied change
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
-        self._last_rules = ""
+        self._last_rules: dict[int, str] = {}  # family -> restore text last applied
         self._observed_triggers: set[str] = set()
         self._warned: set[str] = set()
         self._redirects_by_name: dict[ServicePortName, list[Redirect]] = {}
@@ -112,6 +117,31 @@ class Daemon:
         self._filter_by_name: dict[ServicePortName, list[str]] = {}  # UPROXY-FIREWALL lines
         self._filter_text = ""  # as last applied
         self._filter_hooks_in_place = False
+
+    def _listener_set(self, ipv6: bool) -> ListenerSet:
+        return ListenerSet(self.allocator, self.settings.bind_address,
+                           self.settings.nodeport_addresses, (4, 6) if ipv6 else (4,))
+
+    @property
+    def families(self) -> tuple[int, ...]:
+        """The address families served (4, and 6 unless the node lacks it)."""
+        return self.listener_set.families
+
+    def _nat_tables(self) -> list[tuple[int, Iptables]]:
+        """(family, runner) of every nat table uproxy manages."""
+        return [(f, t) for f, t in ((4, self.iptables), (6, self.ip6tables)) if t is not None]
+
+    async def _check_ipv6(self) -> None:
+        """One log line when IPv6 is not served, and why; never an error."""
+        reason = self._no_ipv6
+        if reason is None and self.ip6tables is not None:
+            reason = await self.ip6tables.unusable()
+        if reason is None:
+            return
+        self.ip6tables = None
+        if 6 in self.listener_set.families:
+            self.listener_set = self._listener_set(False)
+        log.info("IPv6 is not served: %s; IPv6 Service addresses are skipped", reason)
 
     def _add_udp(self) -> None:
         try:
@@ -178,8 +208,11 @@ class Daemon:
         log.info("event loop: %s", type(self.loop).__module__.split(".")[0])
         log.addHandler(self.events.handler)
         self._gc.pause()
+        await self._check_ipv6()
         if self.iptables is not None:
-            removed = await self.iptables.cleanup()
+            removed = 0
+            for _, table in self._nat_tables():
+                removed += await table.cleanup()
             if removed:
                 log.info("replaced %d uproxy rules and chains left by an earlier run", removed)
             self._prepare = self.loop.create_task(self._prepare_iptables(), name="iptables")
@@ -197,9 +230,14 @@ class Daemon:
         """
         assert self.iptables is not None
         try:
-            # One restore, so it runs beside the source's first list even while that
-            # list holds the loop; cleanup() has just removed every hook.
-            await self.iptables.restore(render([], hooks=True) + render_filter((), hooks=True))
+            # One restore per family, so it runs beside the source's first list even while
+            # that list holds the loop; cleanup() has just removed every hook. (The filter
+            # chain is IPv4's for now: see filter_rules.)
+            for family, table in self._nat_tables():
+                text = render([], family=family, hooks=True)
+                if family == 4:
+                    text += render_filter((), hooks=True)
+                await table.restore(text)
             self._hooks_in_place = self._filter_hooks_in_place = True
         except (IptablesError, OSError) as exc:  # the first sync tries again and reports it
             log.debug("preparing iptables: %s", exc)
@@ -241,21 +279,23 @@ class Daemon:
         await self.health_checks.close()
         if self.iptables is not None and self.rules_applied:
             # Stop intercepting new connections, but keep NAT alive for open ones.
-            try:
-                await self.iptables.restore(render([]))
-            except IptablesError as exc:
-                log.error("removing rules at shutdown: %s", exc)
+            for family, table in self._nat_tables():
+                try:
+                    await table.restore(render([], family=family))
+                except IptablesError as exc:
+                    log.error("removing rules at shutdown: %s", exc)
         open_conns = len(self.conns)
         if open_conns:
             log.info("letting %d open connections finish (up to %.1fs)", open_conns,
                      self.settings.shutdown_grace)
         for proxy in self.proxies.values():
             await proxy.drain(self.settings.shutdown_grace)
-        if self.iptables is not None:
+        for _, table in self._nat_tables():
             try:
-                await self.iptables.cleanup()
+                await table.cleanup()
             except IptablesError as exc:
                 log.error("removing rules at shutdown: %s", exc)
+        if self.iptables is not None:
             await self.transparent.cleanup()  # after the drain: open connections need it
         log.info("stopped")
         log.removeHandler(self.events.handler)
@@ -343,14 +383,21 @@ class Daemon:
         if self.iptables is not None:
             try:
                 if rules_changed or full or not self.rules_applied:
-                    text = render(self.redirects) if rules_changed or not self._last_rules \
-                        else self._last_rules
-                    await self.iptables.restore(text)
-                    self._last_rules = text
+                    if rules_changed or not self._last_rules:
+                        self._last_rules = {}  # (an error below leaves it empty: redo all)
+                        texts = {f: render(self.redirects, family=f)
+                                 for f, _ in self._nat_tables()}
+                    else:
+                        texts = self._last_rules
+                    for family, ipt in self._nat_tables():  # one restore per family
+                        await ipt.restore(texts[family])
+                    self._last_rules = texts
                 await self._apply_filter(diff.removed, touched, full)
                 # (the first sync counts as full; its hooks were just put in place)
                 if not self._hooks_in_place or (full and self.rules_applied):
-                    added = await self.iptables.ensure_hooks()
+                    added = 0
+                    for _, ipt in self._nat_tables():
+                        added += await ipt.ensure_hooks()
                     if added and self._hooks_in_place:
                         log.warning("re-inserted %d uproxy hooks someone removed", added,
                                     extra=RULES_REPAIRED)
@@ -359,7 +406,7 @@ class Daemon:
                 log.error("applying rules: %s", exc)
                 self.metrics.sync_errors.inc()
                 self.queued_since = queued or time.time()
-                self._last_rules = ""  # render and apply again next time
+                self._last_rules = {}  # render and apply again next time
                 self._filter_text = ""
                 return
             if full and self.rules_applied and self.transparent.active:  # (just applied at start)
@@ -462,11 +509,11 @@ class Daemon:
     def _redirects_of(self, entry: Entry) -> list[Redirect]:
         """The rules of one service port: each of its addresses -> its listener's port."""
         name = entry.port.name
-        redirects = redirects_of(entry.port, self.listener_set.proxy_ports(name))
-        for r in redirects.skipped:
-            self._warn_once(f"v6:{name}:{r.address}",
-                            "%s: %s %s is IPv6; uproxy serves IPv4 only, skipped",
-                            name, r.kind, r.address)
+        redirects = redirects_of(entry.port, self.listener_set.proxy_ports(name),
+                                 families=self.listener_set.families)
+        for r in redirects.skipped:  # start() said once why the family is not served
+            log.debug("%s: %s %s skipped: IPv%d is not served", name, r.kind, r.address,
+                      r.family)
         return redirects.rules
 
 

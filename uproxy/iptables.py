@@ -2,6 +2,8 @@
 
 All rule text comes from :mod:`uproxy.rules`; this module only runs
 ``iptables-save``/``iptables-restore --noflush -w`` and the two hook checks.
+One :class:`Iptables` per address family: ``Iptables(family=6)`` runs the
+``ip6tables`` tools with the same chain, layout and comments.
 """
 
 from __future__ import annotations
@@ -31,6 +33,18 @@ class Iptables:
         for tool in (self.cmd, self.save_cmd, self.restore_cmd):
             if shutil.which(tool) is None:
                 return tool
+        return None
+
+    async def unusable(self) -> str | None:
+        """Why this family's nat table cannot be used here (tool missing, no nat table in
+        the kernel), or None when it can."""
+        missing = self.missing_tool()
+        if missing is not None:
+            return f"{missing} is not installed"
+        try:
+            await self.save()
+        except (IptablesError, OSError) as exc:
+            return str(exc)
         return None
 
     async def _run(self, *argv: str, stdin: str | None = None,

@@ -566,12 +566,13 @@ def resolve_endpoints(port: ServicePort, sets: Iterable[EndpointSet]) -> tuple[E
     """The endpoints of one service port: slice ports matched by name and protocol.
 
     The target port comes from the slice (per endpoint set), not from the Service.
-    Only sets of the service's first ClusterIP family are used.
+    Only sets of the service's families (those of its ClusterIPs) are used; each
+    family's traffic then chooses among its own (:func:`uproxy.balance.usable_endpoints`).
     """
-    family = "IPv6" if port.cluster_ips and ":" in port.cluster_ips[0] else "IPv4"
+    families = {"IPv6" if ":" in ip else "IPv4" for ip in port.cluster_ips} or {"IPv4"}
     found: dict[tuple[str, int], Endpoint] = {}
     for s in sets:
-        if s.address_type != family:
+        if s.address_type not in families:
             continue
         for sp in s.ports:
             if sp.name == port.name.port and sp.protocol == port.protocol:

@@ -214,10 +214,15 @@ def test_demo_manifests_load_and_name_the_right_lab_pods(
     assert {str(n) for n in table} == set(expected)
     for name, entry in table.items():
         kind, count = expected[str(name)]
-        ips = {e.ip for e in entry.endpoints}
+        ips = {e.ip for e in entry.endpoints if ":" not in e.ip}
         assert len(ips) == count and ips <= runs[kind], (name, ips)
-        for ip in entry.port.cluster_ips:  # inside the lab's service range
-            assert ipaddress.ip_address(ip) in ipaddress.ip_network("10.0.0.0/24")
+        ips6 = {e.ip for e in entry.endpoints if ":" in e.ip}  # dual-stack kube-dns
+        same_pods6 = {str(ipaddress.IPv6Address("fd00:17::") + int(ip.rsplit(".", 1)[1]))
+                      for ip in ips}  # pod i: 172.17.0.{i+1} and fd00:17::{i+1:x}
+        assert not ips6 or ips6 == same_pods6, (name, ips6)
+        for ip in entry.port.cluster_ips:  # inside the lab's service ranges
+            assert any(ipaddress.ip_address(ip) in ipaddress.ip_network(net)
+                       for net in ("10.0.0.0/24", "fd00:96::/112"))
     nodeport = next(e for n, e in table.items() if n.name == "k8s-nginx-node")
     assert nodeport.port.node_port == 32293
     sticky = next(e for n, e in table.items() if n.name == "sticky")

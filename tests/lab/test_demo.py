@@ -136,6 +136,12 @@ def test_demo_once_walks_through_every_step_for_real() -> None:
     assert block_after(out, "client$ dig +tcp @10.0.0.10").splitlines()[1] == "10.0.0.180"
     dns = uniq_counts(block_after(out, "client$ for i in $(seq 30); do dig @10.0.0.10"))
     assert set(dns) == {"pod5", "pod6", "pod7"} and sum(dns.values()) == 30, dns
+    # ... and over IPv6, through kube-dns's second ClusterIP (ip6tables, IPv6 endpoints).
+    assert any('--comment "kube-system/kube-dns:dns cluster IP"' in r and
+               "-d fd00:96::10/128 -p udp" in r for r in redirects)
+    dns6 = uniq_counts(block_after(out, "client$ for i in $(seq 30); do dig @fd00:96::10"))
+    assert set(dns6) == {"pod5", "pod6", "pod7"} and sum(dns6.values()) == 30, dns6
+    assert block_after(out, "client$ dig +tcp @fd00:96::10").splitlines()[1] == "10.0.0.180"
 
     # Scaling: one endpoint, then two, with the rule unchanged.
     sise = [r for c, r in results if "10.0.0.155 80 " in c]

@@ -17,7 +17,17 @@ from pathlib import Path
 
 import pytest
 
-from uproxy.demo.lab import BRIDGE_IP, CLIENT_IP, NODE_IP, Lab, LabError, remove_stale_labs
+from uproxy.demo.lab import (
+    BRIDGE_IP,
+    BRIDGE_IP6,
+    CLIENT_IP,
+    CLIENT_IP6,
+    NODE_IP,
+    NODE_IP6,
+    Lab,
+    LabError,
+    remove_stale_labs,
+)
 
 pytestmark = pytest.mark.lab
 
@@ -68,6 +78,32 @@ def test_client_reaches_each_pod_over_tcp_and_udp(lab: Lab) -> None:
     doc = json.loads(body)
     assert doc["pod"] == "pod2" and doc["port"] == 6789
     assert doc["client"].split(":")[0] == CLIENT_IP
+
+
+def test_every_link_is_dual_stack_client_reaches_each_pod_over_ipv6(lab: Lab) -> None:
+    for i in (1, 2, 3):
+        lab.start_echo(i, tcp_ports=(6789,), udp_ports=(5353,))
+    for i in (1, 2, 3):
+        tcp = lab.probe("tcp", lab.pod_ip6(i), "6789", "--count", "20", "--concurrency", "5")
+        assert tcp["counts"] == {f"pod{i}": 20}, tcp
+        udp = lab.probe("udp", lab.pod_ip6(i), "5353", "--count", "10")
+        assert udp["counts"] == {f"pod{i}": 10}, udp
+    body = lab.run("client", ["curl", "-sS", "--max-time", "5",
+                              f"http://[{lab.pod_ip6(2)}]:6789/anything"]).stdout
+    doc = json.loads(body)
+    assert doc["pod"] == "pod2" and doc["client"].rsplit(":", 1)[0] == CLIENT_IP6
+    # no duplicate address detection: nothing is left tentative
+    for ns in ("client", "node", "pod1"):
+        assert "tentative" not in lab.run(ns, ["ip", "-6", "addr"]).stdout
+    # nginx and dnsmasq answer over IPv6 too
+    lab.start_nginx(1, port=8080)
+    lab.start_dnsmasq(3)
+    out = lab.run("client", ["curl", "-sS", "--max-time", "5",
+                             f"http://[{lab.pod_ip6(1)}]:8080/"]).stdout
+    assert out == "pod1\n"
+    txt = lab.run("client", ["dig", "+short", "+time=2", "+tries=1", f"@{lab.pod_ip6(3)}",
+                             "whoami.uproxy.test", "TXT"]).stdout
+    assert txt.split() == ['"pod3"']
 
 
 def test_probe_reports_refused_and_timeout(lab: Lab) -> None:
@@ -165,6 +201,19 @@ def test_namespaces_have_no_route_out(lab: Lab) -> None:
     assert names == {"lo", "br0", "vp1", "vp2", "vp3", "vc0", "svc0"}
     forwarding = lab.run("node", ["sysctl", "-n", "net.ipv4.ip_forward"]).stdout.strip()
     assert forwarding == "1"
+    # the same over IPv6
+    assert f"via {NODE_IP6} dev eth0" in lab.run(
+        "client", ["ip", "-6", "route", "get", "2001:db8::1"]).stdout
+    assert f"via {BRIDGE_IP6} dev eth0" in lab.run(
+        "pod2", ["ip", "-6", "route", "get", "2001:db8::1"]).stdout
+    node6 = lab.run("node", ["ip", "-6", "route", "get", "2001:db8::1"]).stdout
+    assert "dev svc0" in node6 and " via " not in node6
+    routes6 = [r.split() for r in lab.run("node", ["ip", "-6", "route", "show"]).stdout
+               .splitlines() if not r.startswith(("fe80", "multicast", "local"))]
+    assert sorted(f"{r[0]} {r[2]}" for r in routes6) == [
+        "default svc0", "fd00:17::/64 br0", "fd00:99::/64 vc0"]
+    assert lab.run("node", ["sysctl", "-n", "net.ipv6.conf.all.forwarding"]).stdout.strip() \
+        == "1"
     assert lab.run("client", ["sysctl", "-n", "net.ipv4.ip_forward"]).stdout.strip() == "0"
 
 

@@ -293,8 +293,10 @@ def test_shutdown_cleanup_and_crash_recovery(lab: Lab, node: NodeProxy) -> None:
     assert node.uproxy_lines()
     # ...which a new run replaces (no duplicate hooks) and serves.
     node.start(wait_for="default/one: cluster IP")
-    hooks = [line for line in node.uproxy_lines() if line.startswith("-A PREROUTING")]
-    assert len(hooks) == 1, node.uproxy_lines()
+    for family in (4, 6):  # ip6tables too
+        hooks = [line for line in node.iptables_save(family).splitlines()
+                 if line.startswith("-A PREROUTING") and "UPROXY" in line]
+        assert len(hooks) == 1, node.uproxy_lines()
     assert lab.probe("tcp", "10.0.0.181", "80", "--count", "5")["counts"] == {"pod1": 5}
     # Crash again; `uproxy cleanup` removes everything.
     node.stop(signal.SIGKILL)

@@ -85,10 +85,10 @@ async def test_get_services_table(running: Running) -> None:
 
     code, out, _ = await uproxy("get", "services", "--status", running.url, "-o", "wide")
     header, rows = parse_table(out)
-    assert header[-2:] == ["SELECTOR", "PROXY-PORT(S)"]
+    assert header[-3:] == ["SELECTOR", "PROXY-PORT(S)", "CLUSTER-IPS"]
     echo = next(r for r in rows if r[1] == "echo")
     tcp, alt = (running.stack.proxy_port(port=p) for p in ("tcp", "alt"))
-    assert echo[-2:] == ["app=echo", f"80->{tcp}/TCP,8080->{alt}/TCP"]
+    assert echo[-3:] == ["app=echo", f"80->{tcp}/TCP,8080->{alt}/TCP", "10.96.0.10"]
 
 
 async def test_get_endpoints_table(running: Running) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from uproxy.rules import KEEP_NAT_V4
+from uproxy.rules import KEEP_NAT_V4, KEEP_NAT_V6
 from uproxy.transparent import MARK_RULE, render_mangle, rule_spec
 
 SERVICE = """\
@@ -219,10 +219,16 @@ def test_rules_with_a_port_range_too_small(manifests: Path) -> None:
     assert_one_line_error(done, "40000-40000")
 
 
-def test_rules_says_ipv6_services_are_skipped(manifests: Path) -> None:
-    # uproxy serves IPv4 only (as `run` logs); `rules` must not print what `run` would not apply.
+def test_rules_prints_both_families(manifests: Path) -> None:
     (manifests / "v6.yaml").write_text(V6)
-    done = uproxy("rules", "--manifests", str(manifests / "v6.yaml"))
+    done = uproxy("rules", "--manifests", str(manifests))
     assert done.returncode == 0, done.stderr
-    assert "# skipped: default/v6: cluster IP fd00::10 is IPv6" in done.stdout
-    assert "-d fd00::10/128" not in done.stdout
+    v4, _, v6 = done.stdout.partition("# ip6tables-restore --noflush (IPv6)\n")
+    assert "-d fd00::10/128" not in v4 and "-d 10." in v4
+    body6 = v6.splitlines()
+    assert body6[:2] == ["*nat", ":UPROXY-SERVICES - [0:0]"] and body6[-1] == "COMMIT"
+    [rule] = [ln.rsplit(" ", 1) for ln in body6 if "fd00::10" in ln]
+    assert rule[0] == ('-A UPROXY-SERVICES -d fd00::10/128 -p tcp -m comment --comment '
+                       '"default/v6: cluster IP" -m tcp --dport 80 -j REDIRECT --to-ports')
+    assert 40000 <= int(rule[1]) < 50000
+    assert KEEP_NAT_V6 in body6 and "-d 10." not in v6

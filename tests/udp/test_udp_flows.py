@@ -191,10 +191,11 @@ async def test_conntrack_timeout_kills_the_tool(tmp_path: Path,
 NAME = ServicePortName("default", "dns", "dns", "UDP")
 
 
-def entry_for(*ports: int, affinity: int | None = None) -> Entry:
-    port = ServicePort(name=NAME, type="ClusterIP", cluster_ips=("10.0.0.10",), port=53,
-                       protocol="UDP", target_port=53, affinity_timeout=affinity)
-    return Entry(port, tuple(Endpoint("127.0.0.1", p) for p in ports))
+def entry_for(*ports: int, affinity: int | None = None, host: str = "127.0.0.1") -> Entry:
+    cluster_ips = ("fd00::10",) if ":" in host else ("10.0.0.10",)
+    port = ServicePort(name=NAME, type="ClusterIP", cluster_ips=cluster_ips,
+                       port=53, protocol="UDP", target_port=53, affinity_timeout=affinity)
+    return Entry(port, tuple(Endpoint(host, p) for p in ports))
 
 
 class Backend(asyncio.DatagramProtocol):
@@ -240,7 +241,7 @@ async def setup(flavor: Flavor, backends: int = 2, *, timeout: float = 30.0, max
     try:
         for _ in range(backends):
             transport, proto = await loop.create_datagram_endpoint(
-                Backend, local_addr=("127.0.0.1", 0))
+                Backend, local_addr=("::1" if ":" in listen else "127.0.0.1", 0))
             protos.append(proto)
             transports.append(transport)
         metrics, conns = Metrics(), ConnTable()
@@ -253,9 +254,10 @@ async def setup(flavor: Flavor, backends: int = 2, *, timeout: float = 30.0, max
         sock = socket.socket(family, socket.SOCK_DGRAM)
         sock.bind((listen, 0))
         sock.setblocking(False)
-        proxy.entries = {NAME: entry_for(*(p.port for p in protos), affinity=affinity)}
+        proxy.entries = {NAME: entry_for(*(p.port for p in protos), affinity=affinity,
+                                         host="::1" if ":" in listen else "127.0.0.1")}
         listener = proxy.listen(sock, NAME, "cluster")
-        assert listener.batched is (flavor.native and family == socket.AF_INET)
+        assert listener.batched is flavor.native  # both families on both paths
         yield Setup(proxy, listener.port, protos, conns, metrics)
     finally:
         if proxy is not None:
@@ -769,19 +771,69 @@ def _ipv6_loopback() -> bool:
 def test_ipv6_listener_relays_on_either_path(flavor: Flavor) -> None:
     async def body() -> None:
         loop = asyncio.get_running_loop()
-        async with setup(flavor, backends=1, listen="::1") as s:  # the native batches are IPv4-only
+        async with setup(flavor, backends=1, listen="::1") as s:
             with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
                 sock.setblocking(False)
                 sock.connect(("::1", s.port))
-                for size in (6, 65507):
+                for size in (6, 65507, 65527):  # 65,527: the IPv6 maximum (no jumbograms)
                     payload = os.urandom(size)
                     await loop.sock_sendall(sock, payload)
                     async with asyncio.timeout(2):
                         assert await loop.sock_recv(sock, 65536) == payload
-            assert len(s.proxy.flows) == 1
-            assert not any(c.native for c in s.conns)  # IPv6: the socket module's path
+                # a burst (the native path's batches and GSO), back whole and in order
+                burst = [bytes([i]) * 1000 for i in range(40)]
+                for payload in burst:
+                    sock.send(payload)
+                got = []
+                async with asyncio.timeout(5):
+                    while len(got) < len(burst):
+                        got.append(await loop.sock_recv(sock, 65536))
+                assert got == burst
+            with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as other:  # a second flow
+                other.setblocking(False)
+                other.connect(("::1", s.port))
+                await loop.sock_sendall(other, b"hello")
+                async with asyncio.timeout(2):
+                    assert await loop.sock_recv(other, 65536) == b"hello"
+            assert len(s.proxy.flows) == 2
+            assert all(c.native is flavor.native for c in s.conns)  # who moved the bytes
 
     run_on(flavor, body)
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback in this environment")
+def test_native_batch_groups_ipv6_clients_by_address_and_port() -> None:
+    """IPv6 sources do not fit the packed key: the batch carries address and port (src6)
+    and the IPV6_PKTINFO destination (dst6); replies go with uproxy_udp_reply6."""
+    if native.ACTIVE != "native":
+        pytest.skip(f"native path not active: {native.REASON}")
+    lib, ffi = native.lib(), native.ffi()
+    batch = ffi.gc(lib.uproxy_udp_batch_new(), lib.uproxy_udp_batch_free)
+    with contextlib.ExitStack() as stack:
+        listener = stack.enter_context(socket.socket(socket.AF_INET6, socket.SOCK_DGRAM))
+        listener.bind(("::1", 0))
+        listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+        socks = [stack.enter_context(socket.socket(socket.AF_INET6, socket.SOCK_DGRAM))
+                 for _ in range(2)]
+        for sock in socks:
+            sock.connect(listener.getsockname()[:2])
+        for i in range(6):
+            socks[i % 2].send(bytes([i]) * (100 + i))
+        n = lib.uproxy_udp_recv(listener.fileno(), batch, 1)
+        assert n == 6 and batch.ngroups == 2
+        assert [batch.order[k] for k in range(n)] == [0, 2, 4, 1, 3, 5]
+        loopback = socket.inet_pton(socket.AF_INET6, "::1")
+        for i in range(n):
+            src = bytes(ffi.buffer(batch.src6[i]))
+            assert src == loopback + socks[i % 2].getsockname()[1].to_bytes(2, "big")
+            assert batch.dst[i] == 0 and bytes(ffi.buffer(batch.dst6[i])) == loopback
+        out = ffi.new("struct uproxy_udp_sent *")
+        port = socks[1].getsockname()[1]
+        assert lib.uproxy_udp_reply6(listener.fileno(), batch, loopback, port, loopback,
+                                     out) == 6
+        socks[1].settimeout(2)
+        # every datagram of the batch, in the batch's (grouped) order, from ::1
+        assert [len(socks[1].recv(65536)) for _ in range(6)] == [100, 102, 104, 101, 103, 105]
 
 
 def test_native_batch_groups_datagrams_by_client() -> None:

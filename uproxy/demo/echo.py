@@ -1,6 +1,9 @@
 """A small multi-port TCP/UDP backend that says who it is: the lab's stand-in for a pod's app.
 
-``python -m uproxy.demo.echo --name pod1 --tcp 6789 --tcp 9876 --udp 53 [--bind IP]``
+``python -m uproxy.demo.echo --name pod1 --tcp 6789 --tcp 9876 --udp 53 [--bind IP ...]``
+
+``--bind`` may repeat (e.g. ``--bind 0.0.0.0 --bind ::`` for both families; an
+IPv6 socket is IPv6-only, so the two never collide).
 
 Why it is shaped this way: tests and the demo need one backend that can answer
 "which pod and which port did I reach?" over any protocol a client speaks, and
@@ -186,9 +189,27 @@ def _raise_nofile_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-async def serve(name: str, bind: str, tcp_ports: Sequence[int], udp_ports: Sequence[int],
-                *, stop: asyncio.Event | None = None) -> None:
+def _bound(bind: str, kind: socket.SocketKind, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    sock = socket.socket(family, kind)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((bind, port))
+        if kind == socket.SOCK_STREAM:
+            sock.listen(4096)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def serve(name: str, bind: str | Sequence[str], tcp_ports: Sequence[int],
+                udp_ports: Sequence[int], *, stop: asyncio.Event | None = None) -> None:
     """Serve until ``stop`` is set (or SIGTERM/SIGINT when ``stop`` is None)."""
+    binds = [bind] if isinstance(bind, str) else list(bind)
     loop = asyncio.get_running_loop()
     if stop is None:
         stop = asyncio.Event()
@@ -197,16 +218,17 @@ async def serve(name: str, bind: str, tcp_ports: Sequence[int], udp_ports: Seque
     servers: list[asyncio.Server] = []
     transports: list[asyncio.BaseTransport] = []
     try:
-        for port in tcp_ports:
-            servers.append(await loop.create_server(
-                lambda: TcpEcho(name), bind, port, reuse_address=True, backlog=4096,
-                family=socket.AF_INET))
-        for port in udp_ports:
-            udp_transport, _ = await loop.create_datagram_endpoint(
-                lambda: UdpEcho(name), local_addr=(bind, port), family=socket.AF_INET)
-            transports.append(udp_transport)
-        print(f"echo {name}: listening on {bind} tcp {list(tcp_ports)} udp {list(udp_ports)}",
-              file=sys.stderr, flush=True)
+        for address in binds:
+            for port in tcp_ports:
+                servers.append(await loop.create_server(
+                    lambda: TcpEcho(name), sock=_bound(address, socket.SOCK_STREAM, port),
+                    backlog=4096))
+            for port in udp_ports:
+                udp_transport, _ = await loop.create_datagram_endpoint(
+                    lambda: UdpEcho(name), sock=_bound(address, socket.SOCK_DGRAM, port))
+                transports.append(udp_transport)
+        print(f"echo {name}: listening on {' '.join(binds)} tcp {list(tcp_ports)} "
+              f"udp {list(udp_ports)}", file=sys.stderr, flush=True)
         await stop.wait()
     finally:
         for server in servers:
@@ -223,7 +245,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True, help="what whoami and HTTP answer with")
     p.add_argument("--tcp", type=int, action="append", default=[], metavar="PORT")
     p.add_argument("--udp", type=int, action="append", default=[], metavar="PORT")
-    p.add_argument("--bind", default="0.0.0.0", metavar="IP")
+    p.add_argument("--bind", action="append", default=[], metavar="IP",
+                   help="address to listen on (repeatable; default 0.0.0.0)")
     return p
 
 
@@ -233,10 +256,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("echo: give at least one --tcp or --udp port", file=sys.stderr)
         return 2
     _raise_nofile_limit()
+    binds = args.bind or ["0.0.0.0"]
     try:
-        asyncio.run(serve(args.name, args.bind, args.tcp, args.udp))
+        asyncio.run(serve(args.name, binds, args.tcp, args.udp))
     except OSError as exc:
-        print(f"echo {args.name}: cannot listen on {args.bind}: {exc.strerror or exc}",
+        print(f"echo {args.name}: cannot listen on {' '.join(binds)}: {exc.strerror or exc}",
               file=sys.stderr)
         return 1
     return 0

@@ -5,6 +5,11 @@ Topology (all names unique per run, interface names generic inside each namespac
     client ns (eth0 10.99.0.2) --veth-- node ns (vc0 10.99.0.1, br0 172.17.0.1, svc0)
                                             +--bridge br0-- pod ns i (eth0 172.17.0.{i+1})
 
+Every link is dual-stack: the same shape over IPv6 unique local addresses
+(client ``fd00:99::2``, node ``fd00:99::1`` and ``fd00:17::1``, pod i
+``fd00:17::{i+1:x}``; IPv6 ClusterIPs come from ``fd00:96::/112``), with
+duplicate address detection off so every address is usable at once.
+
 Why it is shaped this way:
 
 - Plain ``ip`` commands through :mod:`subprocess`, synchronous, so pytest fixtures,
@@ -14,7 +19,8 @@ Why it is shaped this way:
 - Veth pairs are created directly inside the namespaces (``ip -n NODE link add vp1
   type veth peer name eth0 netns POD``), so the root namespace never holds a lab
   interface, and deleting the namespaces deletes the whole lab.
-- The node has no route to the real network: only a ``default`` route on ``svc0``,
+- The node has no route to the real network: only a ``default`` route (one per
+  family) on ``svc0``,
   a dummy interface (an ``ifb`` one where the kernel lacks ``dummy``) that drops
   what it is given. It exists so that connections from the node itself to a
   ClusterIP find a route and reach the ``OUTPUT`` nat hook, where uproxy redirects
@@ -57,6 +63,13 @@ NODE_IP = "10.99.0.1"
 """The node's address facing the client (NodePorts are reached here)."""
 CLIENT_IP = "10.99.0.2"
 CLIENT_PREFIXLEN = 24
+SERVICE_CIDR6 = "fd00:96::/112"
+"""Virtual IPv6 ClusterIP range."""
+BRIDGE_IP6 = "fd00:17::1"
+POD_PREFIXLEN6 = 64
+NODE_IP6 = "fd00:99::1"
+CLIENT_IP6 = "fd00:99::2"
+CLIENT_PREFIXLEN6 = 64
 NAME_PREFIX = "upl"
 """Every lab namespace name starts with ``upl<pid>x``."""
 MAX_PODS = 200
@@ -74,6 +87,13 @@ def pod_ip(index: int) -> str:
     if not 1 <= index <= MAX_PODS:
         raise ValueError(f"pod index {index} out of range 1..{MAX_PODS}")
     return str(ipaddress.IPv4Address(BRIDGE_IP) + index)
+
+
+def pod_ip6(index: int) -> str:
+    """IPv6 address of pod ``index`` (1-based): fd00:17::{index+1:x}."""
+    if not 1 <= index <= MAX_PODS:
+        raise ValueError(f"pod index {index} out of range 1..{MAX_PODS}")
+    return str(ipaddress.IPv6Address(BRIDGE_IP6) + index)
 
 
 def _run_root(argv: Sequence[str], *, timeout: float = 10.0, check: bool = True,
@@ -165,6 +185,10 @@ def remove_stale_labs() -> list[str]:
 
 
 _svc_dev_kind: str | None = None
+_IPV6_SYSCTLS = (
+    "net.ipv6.conf.all.disable_ipv6=0", "net.ipv6.conf.default.disable_ipv6=0",
+    "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0",
+)
 
 
 class Lab:
@@ -218,10 +242,15 @@ class Lab:
         for name in (self.node, self.client, *self.pod_namespaces):
             self._ip("netns", "add", name)
             self._created.append(name)
+            # IPv6 on, and no duplicate address detection: links created after this
+            # inherit "default", so every address is usable the moment it is added.
+            self.run(name, ["sysctl", "-qw", *_IPV6_SYSCTLS])
             self._ip("-n", name, "link", "set", "lo", "up")
         node = self.node
         self._ip("-n", node, "link", "add", "br0", "type", "bridge")
         self._ip("-n", node, "addr", "add", f"{BRIDGE_IP}/{POD_PREFIXLEN}", "dev", "br0")
+        self._ip("-n", node, "-6", "addr", "add", f"{BRIDGE_IP6}/{POD_PREFIXLEN6}", "dev",
+                 "br0", "nodad")
         self._ip("-n", node, "link", "set", "br0", "up")
         for i, pod in enumerate(self.pod_namespaces, start=1):
             vp = f"vp{i}"
@@ -229,20 +258,30 @@ class Lab:
                      "netns", pod)
             self._ip("-n", node, "link", "set", vp, "master", "br0", "up")
             self._ip("-n", pod, "addr", "add", f"{pod_ip(i)}/{POD_PREFIXLEN}", "dev", "eth0")
+            self._ip("-n", pod, "-6", "addr", "add", f"{pod_ip6(i)}/{POD_PREFIXLEN6}", "dev",
+                     "eth0", "nodad")
             self._ip("-n", pod, "link", "set", "eth0", "up")
             self._ip("-n", pod, "route", "add", "default", "via", BRIDGE_IP)
+            self._ip("-n", pod, "-6", "route", "add", "default", "via", BRIDGE_IP6)
         self._ip("-n", node, "link", "add", "vc0", "type", "veth", "peer", "name", "eth0",
                  "netns", self.client)
         self._ip("-n", node, "addr", "add", f"{NODE_IP}/{CLIENT_PREFIXLEN}", "dev", "vc0")
+        self._ip("-n", node, "-6", "addr", "add", f"{NODE_IP6}/{CLIENT_PREFIXLEN6}", "dev",
+                 "vc0", "nodad")
         self._ip("-n", node, "link", "set", "vc0", "up")
         self._ip("-n", self.client, "addr", "add", f"{CLIENT_IP}/{CLIENT_PREFIXLEN}",
                  "dev", "eth0")
+        self._ip("-n", self.client, "-6", "addr", "add", f"{CLIENT_IP6}/{CLIENT_PREFIXLEN6}",
+                 "dev", "eth0", "nodad")
         self._ip("-n", self.client, "link", "set", "eth0", "up")
         self._ip("-n", self.client, "route", "add", "default", "via", NODE_IP)
+        self._ip("-n", self.client, "-6", "route", "add", "default", "via", NODE_IP6)
         self._add_svc_dev()
         self._ip("-n", node, "link", "set", "svc0", "up")
         self._ip("-n", node, "route", "add", "default", "dev", "svc0")
-        self.run(node, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        self._ip("-n", node, "-6", "route", "add", "default", "dev", "svc0")
+        self.run(node, ["sysctl", "-qw", "net.ipv4.ip_forward=1",
+                        "net.ipv6.conf.all.forwarding=1"])
 
     def _add_svc_dev(self) -> None:
         """A sink interface: ``dummy`` if the kernel has it, else ``ifb`` (drops all it sends)."""
@@ -276,6 +315,32 @@ class Lab:
     def service_cidr(self) -> str:
         return SERVICE_CIDR
 
+    @property
+    def node_ip6(self) -> str:
+        return NODE_IP6
+
+    @property
+    def client_ip6(self) -> str:
+        return CLIENT_IP6
+
+    @property
+    def bridge_ip6(self) -> str:
+        return BRIDGE_IP6
+
+    @property
+    def service_cidr6(self) -> str:
+        return SERVICE_CIDR6
+
+    def pod_ip6(self, index: int) -> str:
+        """IPv6 address of pod ``index`` (1-based)."""
+        self._check_pod(index)
+        return pod_ip6(index)
+
+    @property
+    def pod_ips6(self) -> list[str]:
+        """IPv6 addresses of all pods, in order."""
+        return [pod_ip6(i) for i in range(1, self.pods + 1)]
+
     def pod_ip(self, index: int) -> str:
         """Address of pod ``index`` (1-based)."""
         self._check_pod(index)
@@ -292,11 +357,16 @@ class Lab:
         return [pod_ip(i) for i in range(1, self.pods + 1)]
 
     def add_client_ip(self, ip: str) -> None:
-        """Give the client one more address in 10.99.0.0/24 (e.g. for ClientIP affinity)."""
-        if ipaddress.IPv4Address(ip) not in ipaddress.IPv4Network(f"{CLIENT_IP}/{CLIENT_PREFIXLEN}",
-                                                                   strict=False):
-            raise ValueError(f"{ip} is outside the client subnet of {CLIENT_IP}/{CLIENT_PREFIXLEN}")
-        self._ip("-n", self.client, "addr", "add", f"{ip}/{CLIENT_PREFIXLEN}", "dev", "eth0")
+        """Give the client one more address in 10.99.0.0/24 or fd00:99::/64 (e.g. for
+        ClientIP affinity)."""
+        extra: tuple[str, ...] = ()
+        if ":" in ip:
+            base, plen, extra = CLIENT_IP6, CLIENT_PREFIXLEN6, ("nodad",)
+        else:
+            base, plen = CLIENT_IP, CLIENT_PREFIXLEN
+        if ipaddress.ip_address(ip) not in ipaddress.ip_network(f"{base}/{plen}", strict=False):
+            raise ValueError(f"{ip} is outside the client subnet of {base}/{plen}")
+        self._ip("-n", self.client, "addr", "add", f"{ip}/{plen}", "dev", "eth0", *extra)
 
     @property
     def pod_names(self) -> list[str]:
@@ -364,17 +434,18 @@ class Lab:
         return "\n".join(parts)
 
     def wait_port(self, ns: str, ip: str, port: int, proto: str = "tcp", timeout: float = 5,
-                  *, proc: subprocess.Popen[bytes] | None = None) -> None:
+                  *, proc: subprocess.Popen[bytes] | None = None, exact: bool = False) -> None:
         """Poll ``ss`` in ``ns`` until a socket listens on ``ip:port`` (or a wildcard).
 
         Never connects. With ``proc``, the listening socket must belong to that
         process (so an older listener on the port does not count), and if the
-        process exits first this fails at once with its log.
+        process exits first this fails at once with its log. With ``exact``, only a
+        socket on ``ip`` itself counts (``::`` then means the IPv6 wildcard only).
         """
         if proto not in ("tcp", "udp"):
             raise ValueError(f"proto must be tcp or udp, got {proto!r}")
         flag = ("-Hltn" if proto == "tcp" else "-Hlun") + ("p" if proc is not None else "")
-        wanted = {ip, "0.0.0.0", "*", "[::]", "::"}
+        wanted = {ip, f"[{ip}]"} if exact else {ip, f"[{ip}]", "0.0.0.0", "*", "[::]", "::"}
         owner = f"pid={proc.pid}," if proc is not None else ""
         deadline = time.monotonic() + timeout
         while True:
@@ -398,13 +469,15 @@ class Lab:
     # --------------------------------------------------------------- backends
     def start_echo(self, pod: int, tcp_ports: Iterable[int] = (), udp_ports: Iterable[int] = (),
                    name: str | None = None) -> subprocess.Popen[bytes]:
-        """Start :mod:`uproxy.demo.echo` in pod ``pod`` (1-based); returns once listening."""
+        """Start :mod:`uproxy.demo.echo` in pod ``pod`` (1-based) on both families; returns
+        once listening."""
         tcp, udp = list(tcp_ports), list(udp_ports)
         if not tcp and not udp:
             raise ValueError("start_echo needs at least one TCP or UDP port")
         ns, ip = self.pod_ns(pod), self.pod_ip(pod)
         name = name or f"pod{pod}"
-        argv = [sys.executable, "-m", "uproxy.demo.echo", "--name", name, "--bind", "0.0.0.0"]
+        argv = [sys.executable, "-m", "uproxy.demo.echo", "--name", name, "--bind", "0.0.0.0",
+                "--bind", "::"]
         for p in tcp:
             argv += ["--tcp", str(p)]
         for p in udp:
@@ -412,8 +485,10 @@ class Lab:
         proc = self.spawn(ns, argv, f"echo-pod{pod}-{secrets.token_hex(2)}")
         for p in tcp:
             self.wait_port(ns, ip, p, "tcp", proc=proc)
+            self.wait_port(ns, "::", p, "tcp", proc=proc, exact=True)
         for p in udp:
             self.wait_port(ns, ip, p, "udp", proc=proc)
+            self.wait_port(ns, "::", p, "udp", proc=proc, exact=True)
         return proc
 
     def start_nginx(self, pod: int, port: int = 80, *,
@@ -441,6 +516,7 @@ class Lab:
             "  keepalive_requests 1000000;\n"
             "  server {\n"
             f"    listen {ip}:{port} backlog=4096;\n"
+            f"    listen [{pod_ip6(pod)}]:{port} backlog=4096;\n"
             "    location / {\n"
             "      default_type text/plain;\n"
             f'      return 200 "{name}\\n";\n'
@@ -460,7 +536,8 @@ class Lab:
 
     def start_dnsmasq(self, pod: int, records: Mapping[str, str] | None = None,
                       port: int = 53) -> subprocess.Popen[bytes]:
-        """Start dnsmasq in pod ``pod`` serving ``records`` (name -> IPv4) and TXT whoami.
+        """Start dnsmasq in pod ``pod`` (both families) serving ``records`` (name -> IPv4)
+        and TXT whoami.
 
         ``whoami.uproxy.test`` answers a TXT record with the pod's short name.
         """
@@ -470,6 +547,7 @@ class Lab:
         argv = [
             "dnsmasq", "--no-daemon", "--keep-in-foreground", "--conf-file=/dev/null",
             "--no-resolv", "--no-hosts", "--bind-interfaces", f"--listen-address={ip}",
+            f"--listen-address={pod_ip6(pod)}",
             f"--port={port}", "--user=root", "--group=root", f"--pid-file={pidfile}",
             f"--txt-record=whoami.uproxy.test,{name}",
         ]

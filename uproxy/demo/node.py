@@ -68,7 +68,7 @@ class NodeProxy:
         self.proc = self.lab.spawn("node", argv, f"{self.name}-{self._starts}", env=env)
         self.wait_ready(timeout=timeout)
         if wait_for is not None:
-            self.wait_rules(lambda text: wait_for in text, timeout=timeout)
+            self.wait_rules(lambda text: wait_for in text, timeout=timeout, family=None)
 
     def ready(self) -> bool:
         """``/readyz`` of the running daemon answers 200 (first sync done, rules applied)."""
@@ -89,16 +89,23 @@ class NodeProxy:
     def log(self) -> str:
         return self.lab.log(f"{self.name}-{self._starts}")
 
-    def iptables_save(self) -> str:
-        return self.lab.run("node", ["iptables-save", "-t", "nat"]).stdout
+    def iptables_save(self, family: int | None = 4) -> str:
+        """The node's nat table: IPv4 (``iptables-save``), IPv6 (``ip6tables-save``) or,
+        with ``family=None``, both one after the other."""
+        families = (4, 6) if family is None else (family,)
+        return "".join(
+            self.lab.run("node", ["ip6tables-save" if f == 6 else "iptables-save",
+                                  "-t", "nat"]).stdout for f in families)
 
     def uproxy_lines(self) -> list[str]:
-        return [line for line in self.iptables_save().splitlines() if "UPROXY" in line]
+        """uproxy's rules and chains in either family's nat table."""
+        return [line for line in self.iptables_save(None).splitlines() if "UPROXY" in line]
 
-    def wait_rules(self, predicate: Callable[[str], bool], *, timeout: float = 10.0) -> str:
+    def wait_rules(self, predicate: Callable[[str], bool], *, timeout: float = 10.0,
+                   family: int | None = 4) -> str:
         deadline = time.monotonic() + timeout
         while True:
-            text = self.iptables_save()
+            text = self.iptables_save(family)
             if predicate(text):
                 return text
             if self.proc is not None and self.proc.poll() is not None:
@@ -143,6 +150,8 @@ def endpoint_slice(service_name: str, addresses: Iterable[str], ports: list[dict
                    conditions: Mapping[str, Mapping[str, bool]] | None = None,
                    node_names: Mapping[str, str] | None = None) -> dict[str, Any]:
     endpoints = []
+    addresses = list(addresses)
+    address_type = "IPv6" if addresses and ":" in addresses[0] else "IPv4"
     for ip in addresses:
         ep: dict[str, Any] = {"addresses": [ip],
                               "conditions": dict((conditions or {}).get(ip, {"ready": True}))}
@@ -153,5 +162,5 @@ def endpoint_slice(service_name: str, addresses: Iterable[str], ports: list[dict
         "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
         "metadata": {"name": name or f"{service_name}-slice", "namespace": namespace,
                      "labels": {"kubernetes.io/service-name": service_name}},
-        "addressType": "IPv4", "ports": ports, "endpoints": endpoints,
+        "addressType": address_type, "ports": ports, "endpoints": endpoints,
     }

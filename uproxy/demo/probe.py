@@ -84,8 +84,10 @@ class Tally:
         }
 
 
-def _socket(kind: socket.SocketKind, source_ip: str | None) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, kind)
+def _socket(kind: socket.SocketKind, source_ip: str | None,
+            host: str | None = None) -> socket.socket:
+    v6 = ":" in (host or source_ip or "")
+    sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, kind)
     try:
         sock.setblocking(False)
         if source_ip:
@@ -126,7 +128,7 @@ async def tcp_whoami(host: str, port: int, *, count: int, concurrency: int, time
     next_index = 0
 
     async def one() -> None:
-        sock = _socket(socket.SOCK_STREAM, source_ip)
+        sock = _socket(socket.SOCK_STREAM, source_ip, host)
         try:
             async with asyncio.timeout(timeout):
                 await loop.sock_connect(sock, (host, port))
@@ -204,12 +206,12 @@ async def udp_whoami(host: str, port: int, *, count: int, timeout: float,
             tally.attempted += 1
             try:
                 if new_socket_each:
-                    with _socket(socket.SOCK_DGRAM, source_ip) as sock:
+                    with _socket(socket.SOCK_DGRAM, source_ip, host) as sock:
                         sock.connect((host, port))  # UDP connect: no packet, sets the peer
                         await exchange(sock)
                     continue
                 if shared is None:
-                    shared = _socket(socket.SOCK_DGRAM, source_ip)
+                    shared = _socket(socket.SOCK_DGRAM, source_ip, host)
                     shared.connect((host, port))
                 _drain(shared)
                 await exchange(shared)
@@ -256,7 +258,7 @@ async def tcp_echo(host: str, port: int, *, nbytes: int, timeout: float,
             recv_hash.update(chunk)
             received += len(chunk)
 
-    sock = _socket(socket.SOCK_STREAM, source_ip)
+    sock = _socket(socket.SOCK_STREAM, source_ip, host)
     try:
         async with asyncio.timeout(timeout):
             await loop.sock_connect(sock, (host, port))
@@ -325,8 +327,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "count", 1) < 1 or getattr(args, "nbytes", 1) < 0:
         print("probe: --count must be >= 1 and --bytes >= 0", file=sys.stderr)
         return 2
-    if args.mode == "udp" and args.size is not None and not 1 <= args.size <= 65507:
-        print("probe: --size must be within 1..65507", file=sys.stderr)
+    largest = 65527 if ":" in getattr(args, "host", "") else 65507  # the IPv6 / IPv4 maximum
+    if args.mode == "udp" and args.size is not None and not 1 <= args.size <= largest:
+        print(f"probe: --size must be within 1..{largest}", file=sys.stderr)
         return 2
     _raise_nofile_limit()
     if args.mode == "tcp":

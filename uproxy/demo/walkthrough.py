@@ -386,6 +386,18 @@ class Demo:
                             "| sort | uniq -c")
         self.show("client", "dig +tcp @10.0.0.10 +short +time=2 +tries=1 "
                             "multi-port.default.svc.cluster.local")
+        self.explain(
+            "kube-dns is dual-stack (ipFamilyPolicy: PreferDualStack): its second ClusterIP "
+            "fd00:96::10 is served over IPv6 with the same kind of rule, by ip6tables, and "
+            "chooses among the pods' IPv6 endpoints. dig accepts only replies from the "
+            "address it asked, so these answers also show that replies leave from "
+            "fd00:96::10 (IPV6_PKTINFO):")
+        self.show("node", "ip6tables-save | grep kube-dns")
+        self.show("client", "for i in $(seq 30); do "
+                            "dig @fd00:96::10 +short +time=2 +tries=1 whoami.uproxy.test TXT; "
+                            "done | sort | uniq -c")
+        self.show("client", "dig +tcp @fd00:96::10 +short +time=2 +tries=1 "
+                            "multi-port.default.svc.cluster.local")
 
     def step_affinity(self) -> None:
         self.heading("Session affinity: ClientIP (default/sticky)")

@@ -1,10 +1,13 @@
 """The listener set: which sockets each service port listens on, opened and closed by sync.
 
-Each service port has a proxy socket per scope (:func:`uproxy.redirects.proxy_scopes`:
-``cluster``, and ``external`` when it has externalIPs or LoadBalancer IPs) on
-``--bind-address`` at a port from the allocator, which the iptables redirects
-point at; and, for a NodePort, one socket on the nodePort itself per address
-in ``--nodeport-addresses``. :meth:`ListenerSet.ensure` makes the open sockets
+Each service port has a proxy socket per scope and address family
+(:func:`uproxy.redirects.proxy_sockets`: ``cluster``, and ``external`` when it
+has externalIPs or LoadBalancer IPs; a family when the scope has an address of
+it) on ``--bind-address`` (``0.0.0.0`` means ``::`` too for IPv6) at a port from
+the allocator, which the iptables redirects point at; and, for a NodePort, one
+socket on the nodePort itself per address in ``--nodeport-addresses`` of the
+service's families (a single-stack IPv4 Service's NodePort is not served on the
+node's IPv6 addresses, as kube-proxy does it). :meth:`ListenerSet.ensure` makes the open sockets
 match that; the protocol proxy that serves a socket is passed in. A port that
 cannot be bound (taken by another process) is reported once and remembered in
 :attr:`ListenerSet.bind_failures`, so the next full sync tries it again.
@@ -20,7 +23,7 @@ from typing import Protocol
 from uproxy.model import ServicePort, ServicePortName
 from uproxy.proxy.node_addresses import nodeport_addresses
 from uproxy.proxy.ports import PortAllocator, bind
-from uproxy.redirects import proxy_scopes
+from uproxy.redirects import FAMILIES, family_of, proxy_sockets, service_families
 
 log = logging.getLogger("uproxy")
 
@@ -46,13 +49,25 @@ class ListenerKey:
     scope: str  # cluster | external | nodeport
     address: str
     port: int  # the requested port: 0 for proxy sockets, the nodePort for NodePorts
+    family: int = 4
+
+
+def bind_addresses(bind_address: str, families: tuple[int, ...]) -> dict[int, str]:
+    """Family -> the address proxy sockets bind to: the unspecified address means both
+    families; a specific one only its own."""
+    if bind_address in ("0.0.0.0", "::"):
+        return {f: ("::" if f == 6 else "0.0.0.0") for f in families}
+    family = family_of(bind_address)
+    return {family: bind_address} if family in families else {}
 
 
 class ListenerSet:
     def __init__(self, allocator: PortAllocator, bind_address: str,
-                 nodeport_cidrs: tuple[str, ...]) -> None:
+                 nodeport_cidrs: tuple[str, ...], families: tuple[int, ...] = FAMILIES) -> None:
         self.allocator = allocator
         self.bind_address = bind_address
+        self.bind_addresses = bind_addresses(bind_address, families)
+        self.families = tuple(self.bind_addresses)  # the families proxy sockets are opened for
         self.nodeport_cidrs = nodeport_cidrs
         self.node_ips: tuple[str, ...] = ()  # the Node's primary IPs (set by the daemon)
         self.listeners: dict[ListenerKey, Listener] = {}
@@ -62,16 +77,18 @@ class ListenerSet:
 
     def ensure(self, port: ServicePort, proxy: Listening) -> None:
         """Open the sockets ``port`` needs that are not open; close those it no longer needs."""
-        wanted = {ListenerKey(port.name, scope, self.bind_address, 0)
-                  for scope in proxy_scopes(port)}
+        wanted = {ListenerKey(port.name, scope, self.bind_addresses[family], 0, family)
+                  for scope, family in proxy_sockets(port, self.families)}
         if port.node_port:
-            for address in nodeport_addresses(self.nodeport_cidrs, self.node_ips):
-                wanted.add(ListenerKey(port.name, SCOPE_NODEPORT, address, port.node_port))
+            families = [f for f in service_families(port) if f in self.families]
+            for address in nodeport_addresses(self.nodeport_cidrs, self.node_ips, families):
+                wanted.add(ListenerKey(port.name, SCOPE_NODEPORT, address, port.node_port,
+                                       family_of(address)))
         existing = self._by_name.setdefault(port.name, set())
         for key in existing - wanted:
             self.listeners.pop(key).close()
             existing.discard(key)
-        for key in sorted(wanted - existing, key=lambda k: (k.scope, k.address)):
+        for key in sorted(wanted - existing, key=lambda k: (k.scope, k.family, k.address)):
             try:
                 if key.scope == SCOPE_NODEPORT:
                     sock = bind(SOCK_KIND[port.protocol], key.address, key.port)
@@ -111,10 +128,11 @@ class ListenerSet:
         self.listeners.clear()
         self._by_name.clear()
 
-    def proxy_ports(self, name: ServicePortName) -> dict[str, int]:
-        """Scope -> port of the service port's open proxy sockets (what its redirects point at)."""
-        out: dict[str, int] = {}
+    def proxy_ports(self, name: ServicePortName) -> dict[tuple[str, int], int]:
+        """(scope, family) -> port of the service port's open proxy sockets (what its
+        redirects point at)."""
+        out: dict[tuple[str, int], int] = {}
         for key in self._by_name.get(name, ()):
-            if key.scope != SCOPE_NODEPORT and key.address == self.bind_address:
-                out[key.scope] = self.listeners[key].port
+            if key.scope != SCOPE_NODEPORT and key.address == self.bind_addresses.get(key.family):
+                out[(key.scope, key.family)] = self.listeners[key].port
         return out

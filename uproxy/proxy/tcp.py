@@ -70,6 +70,7 @@ class TcpListener:
         self.name = name
         self.scope = scope
         self.external = scope != "cluster"
+        self.family = 6 if sock.family == socket.AF_INET6 else 4  # chooses its own endpoints
         self.address: tuple[str, int] = sock.getsockname()[:2]
         self._fd = sock.fileno()
         self._fd_trouble_since: float | None = None  # first EMFILE of the current episode
@@ -164,7 +165,8 @@ class TcpProxy:
             reset_close(client)
             self.metrics.connections_total.labels(str(listener.name), "TCP", "no_service").inc()
             return
-        endpoint = self.balancer.choose(entry, addr[0], self.clock(), external=listener.external)
+        endpoint = self.balancer.choose(entry, addr[0], self.clock(), external=listener.external,
+                                        family=listener.family)
         _Connect(self, client, addr, entry, listener).feed(Start(endpoint))
 
     def _service_metrics(self, name: ServicePortName) -> _ServiceMetrics:
@@ -268,7 +270,7 @@ class _Connect:
             elif isinstance(action, Choose):
                 self.feed(Chosen(self.proxy.balancer.choose(
                     self.entry, self.client_ip, self.now, external=self.listener.external,
-                    exclude=action.exclude)))
+                    exclude=action.exclude, family=self.listener.family)))
             elif isinstance(action, WaitForFds):
                 # Out of fds: pause accepting and let this client wait a little.
                 self.listener.fds_exhausted(action.reason)

@@ -120,21 +120,28 @@ def _with_namespace(items: list[dict[str, Any]], wide: bool) -> bool:
     return wide or len({i.get("namespace") for i in items}) > 1
 
 
+def _proxy_ports(port: dict[str, Any]) -> str:
+    """``40001``, or one port per family (``40001,40002``) for a dual-stack service port."""
+    per_family = port.get("proxyPorts") or {}
+    return ",".join(str(per_family[f]) for f in ("IPv4", "IPv6") if f in per_family) \
+        or str(port["proxyPort"])
+
+
 def services_table(data: dict[str, Any], *, wide: bool = False) -> str:
     items = data.get("items", [])
     ns = _with_namespace(items, wide)
     header = ["NAME", "TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORT(S)", "AGE"]
     if wide:
-        header += ["SELECTOR", "PROXY-PORT(S)"]
+        header += ["SELECTOR", "PROXY-PORT(S)", "CLUSTER-IPS"]
     rows = []
     for item in items:
         row = [item["name"], item.get("type") or "ClusterIP",
                item.get("clusterIP") or "<none>", _external_ip(item),
                _ports_column(item.get("ports", [])), human_duration(item.get("age"))]
         if wide:
-            proxied = [f"{p['port']}->{p['proxyPort']}/{p.get('protocol') or 'TCP'}"
+            proxied = [f"{p['port']}->{_proxy_ports(p)}/{p.get('protocol') or 'TCP'}"
                        for p in item.get("ports", []) if p.get("proxyPort")]
-            row += [_selector(item), _or_none(proxied)]
+            row += [_selector(item), _or_none(proxied), _or_none(item.get("clusterIPs") or [])]
         rows.append(([item.get("namespace", "")] if ns else []) + row)
     return format_table((["NAMESPACE"] if ns else []) + header, rows)
 

@@ -202,7 +202,16 @@ async def info(request: web.Request) -> web.Response:
 
 
 def _proxy_ports(daemon: DaemonView) -> dict[ServicePortName, int]:
-    return {key.name: port for key, port in daemon.listener_ports() if key.scope == "cluster"}
+    return {key.name: port for key, port in sorted(  # IPv4's wins (sorted last)
+        daemon.listener_ports(), key=lambda kp: ":" not in kp[0].address) if key.scope == "cluster"}
+
+
+def _family_ports(daemon: DaemonView) -> dict[ServicePortName, dict[str, int]]:
+    out: dict[ServicePortName, dict[str, int]] = {}
+    for key, port in daemon.listener_ports():
+        if key.scope == "cluster":
+            out.setdefault(key.name, {})["IPv6" if ":" in key.address else "IPv4"] = port
+    return out
 
 
 async def services(request: web.Request) -> web.Response:
@@ -210,7 +219,8 @@ async def services(request: web.Request) -> web.Response:
     seen.observe(daemon.store, now)
     raw = daemon.store.raw("Service")
     keys, paging = _page(request, sorted(raw))
-    data = views.services(raw, daemon.served, _proxy_ports(daemon), seen, now, keys=keys)
+    data = views.services(raw, daemon.served, _proxy_ports(daemon), seen, now, keys=keys,
+                          family_ports=_family_ports(daemon))
     return _json(dict(data, **paging))
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from uproxy.connections import EndpointKey, Tally
 from uproxy.model import ServicePortName
-from uproxy.rules import CHAIN, KEEP_NAT_V4, Redirect, render_rule
+from uproxy.rules import CHAIN, KEEP_NAT_V4, KEEP_NAT_V6, Redirect, render_rule
 from uproxy.state import KINDS, Entry, Key
 from uproxy.status.view import StoreView
 
@@ -100,9 +100,13 @@ def _list(value: Any) -> list[Any]:
 
 def services(raw: Mapping[Key, Mapping[str, Any]], served: Mapping[ServicePortName, Entry],
              proxy_ports: Mapping[ServicePortName, int], seen: FirstSeen, now: float,
-             keys: Iterable[Key] | None = None) -> Json:
+             keys: Iterable[Key] | None = None,
+             family_ports: Mapping[ServicePortName, Mapping[str, int]] | None = None) -> Json:
     """Every Service in the store (also those uproxy does not proxy), like ``kubectl get svc``;
-    ``keys``: only these (one page), in this order."""
+    ``keys``: only these (one page), in this order.
+
+    ``family_ports``: the ClusterIP proxy socket of each family (``IPv4``/``IPv6``) per
+    service port, shown as ``proxyPorts`` (``proxyPort`` is the first family's)."""
     wanted = list(sorted(raw) if keys is None else keys)
     chosen = set(wanted)
     by_service: dict[Key, dict[tuple[str, str], Entry]] = {}
@@ -130,6 +134,7 @@ def services(raw: Mapping[Key, Mapping[str, Any]], served: Mapping[ServicePortNa
                 "nodePort": p.get("nodePort") if svc_type in ("NodePort", "LoadBalancer") else None,
                 "proxied": found is not None,
                 "proxyPort": proxy_ports.get(spn) if spn else None,
+                "proxyPorts": dict((family_ports or {}).get(spn, {})) if spn else {},
                 "endpoints": len(found.endpoints) if found else 0,
             })
         ingress = _list(_mapping(_mapping(obj.get("status")).get("loadBalancer")).get("ingress"))
@@ -142,6 +147,8 @@ def services(raw: Mapping[Key, Mapping[str, Any]], served: Mapping[ServicePortNa
             "clusterIP": spec.get("clusterIP") or (_list(spec.get("clusterIPs")) or [None])[0],
             "clusterIPs": [str(ip) for ip in _list(spec.get("clusterIPs"))]
             or ([str(spec["clusterIP"])] if spec.get("clusterIP") else []),
+            "ipFamilies": [str(f) for f in _list(spec.get("ipFamilies"))],
+            "ipFamilyPolicy": spec.get("ipFamilyPolicy"),
             "externalIPs": [str(ip) for ip in _list(spec.get("externalIPs"))],
             "loadBalancerIPs": [str(_mapping(i).get("ip") or _mapping(i).get("hostname") or "")
                                 for i in ingress if _mapping(i)],
@@ -255,6 +262,8 @@ def rules(redirects: Iterable[Redirect], listeners: Iterable[tuple[str, str, str
         # Exactly what iptables-save shows, including the never-matching rule that keeps
         # NAT of open connections alive (see uproxy.rules).
         "lines": [*(render_rule(r) for r in ordered if r.family == 4), KEEP_NAT_V4],
+        # the same for IPv6, as ``ip6tables-save`` shows it
+        "lines6": [*(render_rule(r) for r in ordered if r.family == 6), KEEP_NAT_V6],
         "redirects": [{
             "service": str(r.name), "kind": r.kind, "address": r.address, "port": r.port,
             "protocol": r.protocol, "toPort": r.to_port,

@@ -13,7 +13,7 @@ arrived on. One concept per module:
   bytes (the socket module, one call per datagram; ``recvmmsg``/``sendmmsg``
   batches in C). Both behave the same and the tests run on both: per-datagram
   drop accounting, the retry of a refused datagram on a new flow, replies from
-  the arrival address;
+  the arrival address (``IP_PKTINFO`` / ``IPV6_PKTINFO``), in both families;
 * :mod:`.conntrack_cleanup` -- when stale conntrack entries are deleted;
 
 and, in the pure core, :mod:`uproxy.flowtable` (the LRU: expiry and eviction),

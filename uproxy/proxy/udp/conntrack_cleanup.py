@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from uproxy.balance import serving_addresses
 from uproxy.conntrack import Conntrack, Stale
 from uproxy.model import ServicePortName
-from uproxy.redirects import frontends
+from uproxy.redirects import family_of, frontends
 from uproxy.state import Entry
 
 log = logging.getLogger("uproxy.udp")
@@ -35,16 +35,18 @@ Frontend = tuple[str, int]
 
 
 def udp_frontends(entries: Mapping[ServicePortName, Entry],
-                  proxy_ports: Mapping[tuple[ServicePortName, str], int]) -> dict[Frontend, int]:
+                  proxy_ports: Mapping[tuple[ServicePortName, str, int], int]
+                  ) -> dict[Frontend, int]:
     """(address, port) -> proxy port (0: none bound), for every UDP ClusterIP, externalIP
-    and LB IP redirected; ``proxy_ports``: the bound listeners' ports by (name, scope)."""
+    and LB IP redirected; ``proxy_ports``: the bound listeners' ports by (name, scope,
+    family)."""
     out: dict[Frontend, int] = {}
     for name, entry in entries.items():
         port = entry.port
         if port.protocol != "UDP":
             continue
         for scope, _kind, address in frontends(port):
-            out[(address, port.port)] = proxy_ports.get((name, scope), 0)
+            out[(address, port.port)] = proxy_ports.get((name, scope, family_of(address)), 0)
     return out
 
 
@@ -76,7 +78,7 @@ class ConntrackCleanup:
         self._hooked = False
 
     def entries_changed(self, entries: Mapping[ServicePortName, Entry],
-                        proxy_ports: Mapping[tuple[ServicePortName, str], int],
+                        proxy_ports: Mapping[tuple[ServicePortName, str, int], int],
                         node_name: str) -> None:
         frontends = udp_frontends(entries, proxy_ports)
         endpoints = serving_addresses(entries.values(), node_name=node_name)

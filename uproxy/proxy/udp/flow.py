@@ -5,9 +5,10 @@ the endpoint: no packet is sent by ``connect``, but the kernel then fixes the
 peer, filters replies to it, and reports ICMP port unreachable from it as
 ``ECONNREFUSED`` on the next call -- which is how a refusing endpoint is
 noticed. The flow also remembers the address the client sent to (from
-``IP_PKTINFO``), so every reply leaves from it: after ``REDIRECT`` that is
-the incoming interface's address, or ``127.0.0.1`` for the node's own
-traffic, and conntrack finds the reverse mapping and rewrites the source back
+``IP_PKTINFO``, over IPv6 ``IPV6_RECVPKTINFO``), so every reply leaves from it
+(``IP_PKTINFO`` / ``IPV6_PKTINFO`` on the send): after ``REDIRECT`` that is
+the incoming interface's address, or ``127.0.0.1`` / ``::1`` for the node's
+own traffic, and conntrack finds the reverse mapping and rewrites the source back
 to ``ClusterIP:port`` (resolvers such as ``dig`` drop replies from any other
 source).
 """
@@ -25,8 +26,11 @@ if TYPE_CHECKING:
     from uproxy.proxy.udp.listener import UdpListener
 
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
+IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
 PKTINFO = struct.Struct("=I4s4s")  # struct in_pktinfo: ifindex, spec_dst, addr
-ANC_SIZE = socket.CMSG_SPACE(PKTINFO.size)
+PKTINFO6 = struct.Struct("=16sI")  # struct in6_pktinfo: addr, ifindex
+ANC_SIZE = max(socket.CMSG_SPACE(PKTINFO.size), socket.CMSG_SPACE(PKTINFO6.size))
 
 
 class Flow:
@@ -46,6 +50,7 @@ class Flow:
         "reply_anc",
         "reply_src",
         "reply_to",
+        "reply_to6",
         "sock",
     )
 
@@ -67,12 +72,16 @@ class Flow:
         self.last = 0.0
         self.bytes_up = 0
         self.bytes_down = 0
-        # IP_PKTINFO: replies leave from the address the client sent to (header dst)
+        # IP(V6)_PKTINFO: replies leave from the address the client sent to (header dst)
         self.reply_src = reply_src
         self.reply_anc: list[tuple[int, int, bytes]] = [] if reply_src is None else [
+            (socket.IPPROTO_IPV6, IPV6_PKTINFO, PKTINFO6.pack(reply_src, 0))
+            if len(reply_src) == 16 else
             (socket.IPPROTO_IP, IP_PKTINFO, PKTINFO.pack(0, reply_src, b"\0\0\0\0"))]
         # the native path's reply arguments: client address and port, source (-1: none)
         self.reply_to = (0, 0, -1)
+        # ... for an IPv6 client: address (16 bytes), port, source (16 bytes or None)
+        self.reply_to6: tuple[bytes, int, bytes | None] | None = None
         self.closed = False
 
     def abort(self) -> None:
@@ -80,8 +89,11 @@ class Flow:
 
 
 def header_dst(anc: list[tuple[int, int, bytes]]) -> bytes | None:
-    """The destination address of the datagram's IP header, from its IP_PKTINFO."""
+    """The destination address of the datagram's IP header, from its IP_PKTINFO (4 bytes)
+    or IPV6_PKTINFO (16 bytes)."""
     for level, kind, data in anc:
         if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= PKTINFO.size:
             return bytes(PKTINFO.unpack_from(data)[2])
+        if level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO and len(data) >= PKTINFO6.size:
+            return bytes(PKTINFO6.unpack_from(data)[0])
     return None

@@ -1,10 +1,10 @@
 """A UDP listener: one bound socket serving one service port in one scope.
 
 It owns its socket and the flows of its clients (``flows``: client key -> flow;
-the key is the address tuple on the Python path, the C side's packed int on
-the native one). Which twin reads it is fixed at creation: the native batches
-for IPv4 when the native module is active, the Python path otherwise (the C
-side handles IPv4 addresses only).
+the key is the address tuple on the Python path, on the native one the C
+side's packed int for IPv4 and the 18 bytes of address and port for IPv6).
+Which twin reads it is fixed at creation: the native batches when the native
+module is active, the Python path otherwise; both families on both.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import socket
 from typing import TYPE_CHECKING
 
 from uproxy.model import ServicePortName
-from uproxy.proxy.udp.flow import IP_PKTINFO, Flow
+from uproxy.proxy.udp.flow import IP_PKTINFO, IPV6_RECVPKTINFO, Flow
 
 if TYPE_CHECKING:
     from uproxy.proxy.udp.proxy import UdpProxy
@@ -36,17 +36,22 @@ class UdpListener:
         self.flows: dict[object, Flow] = {}
         self._fd = sock.fileno()
         self._closed = False
-        self.pktinfo = sock.family == socket.AF_INET
+        self.family = 6 if sock.family == socket.AF_INET6 else 4  # chooses its own endpoints
+        # the header's destination of each datagram, so replies leave from it
+        self.pktinfo = sock.family in (socket.AF_INET, socket.AF_INET6)
         if self.pktinfo:
             try:
-                sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+                if self.family == 6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
+                else:
+                    sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
             except OSError:
                 self.pktinfo = False
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, LISTEN_RCVBUF)
-        # recvmmsg/sendmmsg batches (native/udp.c) for IPv4; IPv6 stays on the socket module
+        # recvmmsg/sendmmsg batches (native/udp.c), for both families
         batches = proxy.native_path
-        self.batched = batches is not None and sock.family == socket.AF_INET
+        self.batched = batches is not None and sock.family in (socket.AF_INET, socket.AF_INET6)
         if batches is not None and self.batched:
             proxy.loop.add_reader(self._fd, batches.client_batch, self)
         else:

@@ -1,12 +1,15 @@
 """The native data path: ``recvmmsg``/``sendmmsg`` batches in C, Python once per client.
 
-Used for IPv4 listeners when the native module is active. One ``recvmmsg``
-per wake-up fills preallocated C buffers (``native/udp.c``), which also
+Used for every listener, IPv4 and IPv6, when the native module is active. One
+``recvmmsg`` per wake-up fills preallocated C buffers (``native/udp.c``), which also
 groups the datagrams by client; Python looks each *client* up once per batch
 and hands the group to one ``sendmmsg`` on the flow's backend socket, straight
 from the receive buffers (Python never touches a payload). Replies: one
 ``recvmmsg`` on the backend socket, one ``sendmmsg`` from the listener with
-the flow's ``IP_PKTINFO`` on every datagram. Per datagram that is a fraction
+the flow's ``IP_PKTINFO`` (``IPV6_PKTINFO``) on every datagram. A client's key
+in ``listener.flows`` is the int the C side packs an IPv4 address and port
+into; an IPv6 one does not fit an int, so its key is the 18 bytes of address
+and port the batch carries in ``src6``. Per datagram that is a fraction
 of a system call per direction instead of two, and no Python at all. A run of
 equal-sized datagrams leaves as one ``UDP_SEGMENT`` (GSO) message; where the
 path refuses a segment size the C side lowers its bound and sends them one by
@@ -54,8 +57,10 @@ class NativePath:
         self.proxy = proxy
         lib, ffi = native_module.lib(), native_module.ffi()
         self._lib = lib
-        self._recv, self._send, self._reply = (
-            lib.uproxy_udp_recv, lib.uproxy_udp_send, lib.uproxy_udp_reply)
+        self._recv, self._send, self._reply, self._reply6 = (
+            lib.uproxy_udp_recv, lib.uproxy_udp_send, lib.uproxy_udp_reply,
+            lib.uproxy_udp_reply6)
+        self._ffi = ffi
         self._up = _new_batch(lib, ffi)  # datagrams from clients
         self._down = _new_batch(lib, ffi)  # replies
         self._sent = ffi.new("struct uproxy_udp_sent *")
@@ -70,6 +75,13 @@ class NativePath:
                 log.debug("%s: receive failed: %s", listener.name, os.strerror(-n))
             return
         now = self.proxy.clock()
+        if listener.family == 6:  # the key: address and port, 18 bytes
+            buffer, src6, order, group = self._ffi.buffer, batch.src6, batch.order, batch.group
+            for g in range(batch.ngroups):
+                start = group[g]
+                self._send_group(listener, batch, start, group[g + 1],
+                                 bytes(buffer(src6[order[start]])), now)
+            return
         if batch.ngroups == 1:  # the usual case: one client (order[0] is datagram 0)
             self._send_group(listener, batch, 0, n, batch.key[0], now)
             return
@@ -78,8 +90,8 @@ class NativePath:
             start = group[g]
             self._send_group(listener, batch, start, group[g + 1], keys[order[start]], now)
 
-    def _send_group(self, listener: UdpListener, batch: Any, start: int, end: int, key: int,
-                    now: float) -> None:
+    def _send_group(self, listener: UdpListener, batch: Any, start: int, end: int,
+                    key: int | bytes, now: float) -> None:
         """The datagrams at positions [start, end) of the batch, all from client ``key``."""
         proxy = self.proxy
         out, send = self._sent, self._send
@@ -93,7 +105,7 @@ class NativePath:
                 return
         while start < end:
             if flow is None:
-                flow = self._new_flow(listener, key, batch.dst[batch.order[start]], now)
+                flow = self._new_flow(listener, key, batch, batch.order[start], now)
                 if flow is None:  # dropped (and counted), as each datagram would be
                     start += 1
                     continue
@@ -111,7 +123,7 @@ class NativePath:
             flow = None
             if not retry:  # every datagram went; only the refusal was left
                 return
-            again = self._new_flow(listener, key, batch.dst[batch.order[at]], now)
+            again = self._new_flow(listener, key, batch, batch.order[at], now)
             if again is not None:
                 send(again.fd, batch, at, at + 1, 0, out)
                 if out.sent:
@@ -128,9 +140,19 @@ class NativePath:
             elif flow is not None:
                 return
 
-    def _new_flow(self, listener: UdpListener, key: int, dst: int, now: float) -> Flow | None:
-        """A flow for the client packed in ``key`` (address << 16 | port); ``dst``: the
-        datagram's header destination (-1: unknown)."""
+    def _new_flow(self, listener: UdpListener, key: int | bytes, batch: Any, index: int,
+                  now: float) -> Flow | None:
+        """A flow for the client in ``key`` (IPv4: address << 16 | port; IPv6: address and
+        port bytes) whose datagram ``index`` of ``batch`` is the first."""
+        dst: int = batch.dst[index]
+        if isinstance(key, bytes):
+            addr6 = (socket.inet_ntop(socket.AF_INET6, key[:16]),
+                     int.from_bytes(key[16:18], "big"))
+            spec6 = None if dst < 0 else bytes(self._ffi.buffer(batch.dst6[index]))
+            flow = self.proxy.new_flow(listener, key, addr6, spec6, now)
+            if flow is not None:
+                flow.reply_to6 = (key[:16], addr6[1], spec6)
+            return flow
         addr = (socket.inet_ntoa((key >> 16).to_bytes(4, "big")), key & 0xFFFF)
         flow = self.proxy.new_flow(listener, key, addr,
                                    None if dst < 0 else dst.to_bytes(4, "big"), now)
@@ -149,9 +171,14 @@ class NativePath:
                 proxy.backend_failed(flow, OSError(-n, os.strerror(-n)))
             return
         listener = flow.listener
-        ip, port, spec = flow.reply_to
         answered_before = flow.bytes_down > 0
-        sent = self._reply(listener.fd, batch, ip, port, spec, out)
+        if flow.reply_to6 is not None:
+            addr6, port6, spec6 = flow.reply_to6
+            sent = self._reply6(listener.fd, batch, addr6, port6,
+                                self._ffi.NULL if spec6 is None else spec6, out)
+        else:
+            ip, port, spec = flow.reply_to
+            sent = self._reply(listener.fd, batch, ip, port, spec, out)
         flow.bytes_down += out.bytes
         if sent != n:
             if out.busy:

@@ -138,7 +138,7 @@ class UdpProxy:
             for flow in list(listener.flows.values()):
                 if flow.endpoint.address not in kept:
                     self.close_flow(flow, "endpoint removed")
-        ports = {(lst.name, lst.scope): lst.port for lst in self.listeners}
+        ports = {(lst.name, lst.scope, lst.family): lst.port for lst in self.listeners}
         self.cleanup.entries_changed(new, ports, node)
 
     # Conntrack hygiene (see conntrack_cleanup) -------------------------------------------
@@ -189,7 +189,8 @@ class UdpProxy:
                     case Choose():
                         assert entry is not None
                         actions = setup.handle(Chosen(self.balancer.choose(
-                            entry, addr[0], now, external=listener.external)))
+                            entry, addr[0], now, external=listener.external,
+                            family=listener.family)))
                     case Open(endpoint):
                         try:
                             sock = self._backend_socket(

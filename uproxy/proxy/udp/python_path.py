@@ -1,11 +1,11 @@
 """The Python data path: one system call per datagram, no Python object per datagram.
 
-Used with ``UPROXY_NO_NATIVE=1`` and for IPv6 listeners (the C side handles
-IPv4 addresses only). Shape, for speed: ``add_reader`` on the raw sockets
-(ours, never a transport's), no task or coroutine per datagram, up to
-:data:`BATCH` datagrams per wake-up, each received with ``recvmsg_into`` /
-``recv_into`` into one preallocated 64 KiB buffer (a datagram is never
-truncated: 65,507 bytes, the IPv4 maximum, pass whole) and sent with one
+Used with ``UPROXY_NO_NATIVE=1`` (both families). Shape, for speed:
+``add_reader`` on the raw sockets (ours, never a transport's), no task or
+coroutine per datagram, up to :data:`BATCH` datagrams per wake-up, each
+received with ``recvmsg_into`` / ``recv_into`` into one preallocated 64 KiB
+buffer (a datagram is never truncated: 65,507 bytes, the IPv4 maximum, and
+65,527, the IPv6 one without jumbograms, pass whole) and sent with one
 ``send`` / ``sendmsg``. Each datagram goes alone, so when an endpoint goes
 away only the datagram that meets its ICMP error is refused, and that one is
 sent again on a new flow (see :mod:`uproxy.flowsetup`).
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("uproxy.udp")
 
 BATCH = 64
-BUFFER_SIZE = 65536  # > 65,507 (largest IPv4 UDP payload): never truncates
+BUFFER_SIZE = 65536  # > 65,527 (largest IPv6 UDP payload, IPv4's is 65,507): never truncates
 
 
 class PythonPath:

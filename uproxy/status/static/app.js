@@ -116,7 +116,8 @@ function renderServices(data) {
     let external = orNone([...(s.loadBalancerIPs || []), ...(s.externalIPs || [])]);
     if (s.type === "LoadBalancer" && !(s.loadBalancerIPs || []).length) external = "<pending>";
     if (s.type === "ExternalName") external = s.externalName || "<none>";
-    return [s.namespace, s.name, s.type, s.clusterIP || "<none>", external, orNone(ports),
+    const clusterIPs = (s.clusterIPs && s.clusterIPs.length) ? s.clusterIPs.join(",") : s.clusterIP;
+    return [s.namespace, s.name, s.type, clusterIPs || "<none>", external, orNone(ports),
             age(s.age), orNone(proxied)];
   }));
   updateFilterOptions(data.items);
@@ -134,8 +135,12 @@ function renderEndpoints(data) {
 function renderRules(data) {
   const lines = data.lines.length ? data.lines : ["# no uproxy rules"];
   const header = data.applied ? "" : "# not applied: this uproxy does not manage iptables\n";
+  const lines6 = data.lines6 || [];
+  const v6 = lines6.length > 1  // more than the rule that keeps NAT alive
+    ? "\n# ip6tables-save -t nat\n*nat\n:" + data.chain + " - [0:0]\n" + lines6.join("\n") + "\nCOMMIT"
+    : "";
   document.getElementById("rules").textContent = header + "*nat\n:" + data.chain + " - [0:0]\n" +
-    lines.join("\n") + "\nCOMMIT";
+    lines.join("\n") + "\nCOMMIT" + v6;
   fillTable("listeners", data.listeners.map((l) => [l.service, l.scope, l.address, [l.port, "num"]]));
 }
 
