@@ -36,7 +36,7 @@ def test_services_show_both_families_and_a_proxy_port_per_family() -> None:
     store = dual_store()
     data: dict[str, Any] = views.services(
         store.raw("Service"), store.table(), {NAME: 40001}, views.FirstSeen(), 0.0,
-        {NAME: {"IPv4": 40001, "IPv6": 40002}})
+        family_ports={NAME: {"IPv4": 40001, "IPv6": 40002}})
     [svc] = data["items"]
     assert svc["clusterIP"] == "10.96.1.30"
     assert svc["clusterIPs"] == ["10.96.1.30", "fd00:96::30"]
