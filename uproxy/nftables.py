@@ -39,15 +39,19 @@ def _probe_text() -> str:
 
 
 class Nftables:
-    def __init__(self, *, cmd: str = "nft", timeout: float = 30.0) -> None:
+    """Runs ``cmd`` (``nft``) here, or inside network namespace ``netns`` (the lab, tests)."""
+
+    def __init__(self, *, cmd: str = "nft", netns: str | None = None,
+                 timeout: float = 30.0) -> None:
         self.cmd = cmd
+        self.prefix = ("ip", "netns", "exec", netns) if netns else ()
         self.timeout = timeout
 
     async def _run(self, *args: str, stdin: str | None = None,
                    check: bool = True) -> tuple[int, str]:
         try:
             proc = await asyncio.create_subprocess_exec(
-                self.cmd, *args,
+                *self.prefix, self.cmd, *args,
                 stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
