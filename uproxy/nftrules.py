@@ -149,8 +149,9 @@ def render_changes(old: Iterable[Redirect], new: Iterable[Redirect], *, family: 
     """``nft -f`` text that turns the map holding ``old`` into one holding ``new`` ("" if same).
 
     ``old`` must be what the map holds now (the last render): nft refuses to
-    delete a missing element or to add a key that is present, and then applies
-    nothing of the file. Changed elements (new proxy port or comment) are
+    delete a missing element or to add a key that is present with another
+    port, and then applies nothing of the file (re-adding an identical element
+    is accepted). Changed elements (new proxy port or comment) are
     deleted and added again in the same transaction.
     """
     fam = family_keyword(family)
