@@ -8,6 +8,7 @@ binary is present, the rendered text is also checked by ``nft --check``
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import random
 import shutil
@@ -196,24 +197,30 @@ def test_render_changes_adds_deletes_and_moves() -> None:
     assert render_changes(old, list(reversed(old)), family=4) == ""
 
 
-def test_render_changes_then_parse_equals_full_render() -> None:
-    """Applying the delta to the parsed old elements gives the new table's elements."""
-    old = seed_redirects()
-    new = [Redirect(r.name, r.kind, r.address, r.port, r.protocol, r.to_port + 1) for r in old[:3]]
-    delta = render_changes(old, new, family=4)
-    current = {(a, p, proto): (c, to) for c, a, p, proto, to in
-               parse_elements(render(old, family=4))}
+def apply_delta(table_text: str, delta: str) -> list[tuple[str, str, int, str, int]]:
+    """What the map holds after ``delta`` (as nft applies it: deletes must exist, adds must not
+    conflict), read back as :func:`parse_elements` tuples."""
+    current = {(a, p, proto): (c, to) for c, a, p, proto, to in parse_elements(table_text)}
     for line in delta.splitlines():
         body = line[line.index("{") + 1:line.rindex("}")]
         if line.startswith("delete"):
             for part in body.split(","):
                 a, proto, p = (x.strip() for x in part.split(" . "))
-                del current[(a, int(p), proto.upper())]
+                del current[(a, int(p), proto.upper())]  # KeyError: nft would refuse it
         else:
             for c, a, port, proto, to in parse_elements("elements = {" + body + "}"):
+                assert (a, port, proto) not in current, "nft would refuse: File exists"
                 current[(a, port, proto)] = (c, to)
-    assert sorted((c, a, p, proto, to) for (a, p, proto), (c, to) in current.items()) == sorted(
-        parse_elements(render(new, family=4)))
+    return sorted((c, a, p, proto, to) for (a, p, proto), (c, to) in current.items())
+
+
+def test_render_changes_then_parse_equals_full_render() -> None:
+    old = seed_redirects()
+    new = [Redirect(r.name, r.kind, r.address, r.port, r.protocol, r.to_port + 1) for r in old[:3]]
+    for family in (4, 6):
+        delta = render_changes(old, new, family=family)
+        assert apply_delta(render(old, family=family), delta) == sorted(
+            parse_elements(render(new, family=family)))
 
 
 def test_render_cleanup_deletes_only_uproxy_tables() -> None:
@@ -279,3 +286,25 @@ def test_render_parse_round_trip(redirects: list[Redirect]) -> None:
                 for r in elements(redirects, family=family)]
         assert parsed == want
         assert len({(a, p, proto) for _, a, p, proto, _ in parsed}) == len(parsed)
+
+
+def _with_moves(pool: list[Redirect]) -> list[Redirect]:
+    """The pool plus, per redirect, the same key on another proxy port and under another kind."""
+    return [*pool, *(dataclasses.replace(r, to_port=r.to_port % 65535 + 1) for r in pool),
+            *(dataclasses.replace(r, kind=KIND_EXTERNAL if r.kind != KIND_EXTERNAL
+                                  else KIND_CLUSTER) for r in pool)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_redirect, min_size=1, max_size=12).map(_with_moves).flatmap(
+    lambda pool: st.tuples(st.lists(st.sampled_from(pool), max_size=12),
+                           st.lists(st.sampled_from(pool), max_size=12))))
+def test_render_changes_applied_to_old_gives_new(old_new: tuple[list[Redirect],
+                                                                 list[Redirect]]) -> None:
+    """Any two tables (drawn from one pool, so keys overlap and move): the delta is accepted
+    as nft would (no missing delete, no conflicting add) and leaves exactly the new table."""
+    old, new = old_new
+    for family in (4, 6):
+        delta = render_changes(old, new, family=family)
+        assert apply_delta(render(old, family=family), delta) == sorted(
+            parse_elements(render(new, family=family)))

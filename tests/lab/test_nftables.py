@@ -301,3 +301,20 @@ async def test_nft_restore_error_is_one_line_and_changes_nothing(lab: Lab) -> No
     assert "File exists" in str(info.value)
     assert sorted(nftrules.parse_elements(await nft.list())) == sorted(
         nftrules.parse_elements(nftrules.render(real(PROXY_TCP, 4), family=4)))
+
+
+async def test_nft_table_goes_before_iptables_nat_and_misses_fall_through(lab: Lab) -> None:
+    """Priority ``dstnat - 1``: uproxy's map wins over an iptables(-nft) REDIRECT for the same
+    Service; without uproxy's table (or for an address not in the map) the iptables rule acts."""
+    require_nft()
+    start_server(lab)
+    nft = Nftables(netns=lab.node)
+    for port in (80, 8080):
+        lab.run("node", ["iptables", "-w", "5", "-t", "nat", "-A", "PREROUTING", "-d", SVC4,
+                         "-p", "tcp", "--dport", str(port), "-j", "REDIRECT", "--to-ports",
+                         str(PROXY_TCP_MOVED)])
+    await apply_all(nft, real(PROXY_TCP, 4))
+    assert ask(lab, "client", "tcp", SVC4, 80)["port"] == PROXY_TCP
+    assert ask(lab, "client", "tcp", SVC4, 8080)["port"] == PROXY_TCP_MOVED
+    assert await nft.cleanup() == 2  # ip and ip6 (empty map)
+    assert ask(lab, "client", "tcp", SVC4, 80)["port"] == PROXY_TCP_MOVED
