@@ -27,7 +27,7 @@ RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 FROM python:3.11-slim
 RUN apt-get update \
- && apt-get install -y --no-install-recommends iptables conntrack iproute2 \
+ && apt-get install -y --no-install-recommends iptables conntrack iproute2 nftables \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir --no-index --find-links /wheels uproxy \

@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 # Debian packages the lab, the tests, the demo and the benchmark use (binary -> package).
 TOOLS := ip:iproute2 iptables:iptables conntrack:conntrack nginx:nginx dnsmasq:dnsmasq-base \
          dig:dnsutils iperf3:iperf3 curl:curl socat:socat ss:iproute2 gcc:gcc \
-         chromium:chromium npm:npm
+         chromium:chromium npm:npm nft:nftables
 NGINX_STREAM := /usr/lib/nginx/modules/ngx_stream_module.so
 
 .PHONY: all test demo bench deps apt venv lint unit clean

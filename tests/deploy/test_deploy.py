@@ -189,7 +189,7 @@ def test_dockerfile_builds_from_python_slim_with_iptables_and_conntrack() -> Non
     final = text.rsplit("\nFROM ", 1)[1]
     install = re.search(r"apt-get install[^\n]*\n?[^\n]*", final)
     assert install is not None
-    assert {"iptables", "conntrack", "iproute2"} <= set(install.group(0).split())
+    assert {"iptables", "conntrack", "iproute2", "nftables"} <= set(install.group(0).split())
     assert "pip install" in final and "uproxy" in final
     # everything the build stage copies from the repository exists
     for line in re.findall(r"^COPY\s+(?!--)(.+)$", text, re.M):
