@@ -114,8 +114,9 @@ class Daemon:
         self.health_checks = HealthCheckPorts(local_endpoints=self._local_ready,
                                               healthy=self.healthy)
         self._hc_ports: dict[ServicePortName, int] = {}  # health-check node port per port
-        self._filter_by_name: dict[ServicePortName, list[str]] = {}  # UPROXY-FIREWALL lines
-        self._filter_text = ""  # as last applied
+        # UPROXY-FIREWALL lines per service port and family, and the text last applied
+        self._filter_by_name: dict[tuple[ServicePortName, int], list[str]] = {}
+        self._filter_text: dict[int, str] = {}
         self._filter_hooks_in_place = False
 
     def _listener_set(self, ipv6: bool) -> ListenerSet:
@@ -231,13 +232,10 @@ class Daemon:
         assert self.iptables is not None
         try:
             # One restore per family, so it runs beside the source's first list even while
-            # that list holds the loop; cleanup() has just removed every hook. (The filter
-            # chain is IPv4's for now: see filter_rules.)
+            # that list holds the loop; cleanup() has just removed every hook.
             for family, table in self._nat_tables():
-                text = render([], family=family, hooks=True)
-                if family == 4:
-                    text += render_filter((), hooks=True)
-                await table.restore(text)
+                await table.restore(render([], family=family, hooks=True)
+                                    + render_filter((), hooks=True))
             self._hooks_in_place = self._filter_hooks_in_place = True
         except (IptablesError, OSError) as exc:  # the first sync tries again and reports it
             log.debug("preparing iptables: %s", exc)
@@ -407,7 +405,7 @@ class Daemon:
                 self.metrics.sync_errors.inc()
                 self.queued_since = queued or time.time()
                 self._last_rules = {}  # render and apply again next time
-                self._filter_text = ""
+                self._filter_text = {}
                 return
             if full and self.rules_applied and self.transparent.active:  # (just applied at start)
                 await self.transparent.repair()
@@ -445,25 +443,30 @@ class Daemon:
     async def _apply_filter(self, removed: list[Entry], touched: list[Entry],
                             full: bool) -> None:
         """The filter table (:mod:`uproxy.filter_rules`): one restore when a line changed."""
-        assert self.iptables is not None
+        families = self._nat_tables()
         for entry in removed:
-            self._filter_by_name.pop(entry.port.name, None)
+            for family, _ in families:
+                self._filter_by_name.pop((entry.port.name, family), None)
         if full:  # source ranges also depend on the node's IPs: follow them
             touched = [*touched, *(e for e in self.served.values() if e.port.source_ranges)]
         for entry in touched:
-            lines = filter_rules_of(entry, node_name=self.settings.hostname_override,
-                                    node_ips=self.listener_set.node_ips)
-            if lines:
-                self._filter_by_name[entry.port.name] = lines
-            else:
-                self._filter_by_name.pop(entry.port.name, None)
-        text = render_filter(line for name in sorted(self._filter_by_name)
-                             for line in self._filter_by_name[name])
-        if text != self._filter_text or full:
-            await self.iptables.restore(text)
-            self._filter_text = text
+            for family, _ in families:
+                lines = filter_rules_of(entry, node_name=self.settings.hostname_override,
+                                        node_ips=self.listener_set.node_ips, family=family)
+                if lines:
+                    self._filter_by_name[(entry.port.name, family)] = lines
+                else:
+                    self._filter_by_name.pop((entry.port.name, family), None)
+        for family, table in families:  # one restore per family, when a line changed
+            text = render_filter(line for key in sorted(self._filter_by_name) if key[1] == family
+                                 for line in self._filter_by_name[key])
+            if text != self._filter_text.get(family) or full:
+                await table.restore(text)
+                self._filter_text[family] = text
         if full or not self._filter_hooks_in_place:
-            added = await self.iptables.ensure_filter_hooks()
+            added = 0
+            for _, table in families:
+                added += await table.ensure_filter_hooks()
             if added and self._filter_hooks_in_place:
                 log.warning("re-inserted %d uproxy filter hooks someone removed", added)
             self._filter_hooks_in_place = True

@@ -31,6 +31,7 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 
 from uproxy.balance import usable_endpoints
+from uproxy.redirects import service_families
 from uproxy.rules import CHAIN_PREFIX, safe_comment
 from uproxy.state import Entry
 
@@ -68,7 +69,10 @@ def filter_rules_of(entry: Entry, *, node_name: str, node_ips: Sequence[str] = (
     if port.protocol != "UDP" and not (port.internal_local or port.external_local
                                        or port.source_ranges):
         return []  # the common case, first: 10,000 services cost ~2 ms, not ~200
-    has_any = any(e.ready or (e.serving and e.terminating) for e in entry.endpoints)
+    if family not in service_families(port):
+        return []  # a family the Service does not have: nothing of it is served
+    mine = [e for e in entry.endpoints if _family(e.ip) == family]  # each family on its own
+    has_any = any(e.ready or (e.serving and e.terminating) for e in mine)
     if has_any and not (port.internal_local or port.external_local or port.source_ranges):
         return []
     proto = port.protocol.lower()
@@ -86,10 +90,11 @@ def filter_rules_of(entry: Entry, *, node_name: str, node_ips: Sequence[str] = (
                 out.append(_line(_node_port(port.node_port, proto), comment, "REJECT"))
         return out
     comment = f"{name} has no local endpoints"
-    if port.internal_local and not usable_endpoints(entry, external=False, node_name=node_name):
+    if port.internal_local and not usable_endpoints(entry, external=False, node_name=node_name,
+                                                    family=family):
         out.extend(_line(_to(a, port.port, proto), comment, "DROP") for a in cluster)
     external_local_empty = port.external_local and not usable_endpoints(
-        entry, external=True, node_name=node_name)
+        entry, external=True, node_name=node_name, family=family)
     if external_local_empty:
         out.extend(_line(_to(a, port.port, proto), comment, "DROP")
                    for a in (*external, *balancers))

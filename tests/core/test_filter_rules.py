@@ -48,6 +48,17 @@ def test_udp_without_endpoints_is_rejected_everywhere() -> None:
         f"-A {FIREWALL} -p udp -m addrtype --dst-type LOCAL -m udp --dport 30053 {c}"]
 
 
+def test_each_family_is_refused_on_its_own() -> None:
+    """A dual-stack Service whose IPv6 slice is empty refuses IPv6 only (kube-proxy runs one
+    proxier per family); a single-stack Service gets no rules in the other family."""
+    dual = entry(LOCAL, cluster_ips=("10.0.0.10", "fd00::10"))
+    c = '-m comment --comment "default/svc:p has no endpoints" -j REJECT'
+    assert rules(dual) == []
+    assert rules(dual, family=6) == [
+        f"-A {FIREWALL} -p udp -m conntrack --ctorigdst fd00::10/128 --ctorigdstport 53 {c}"]
+    assert rules(entry(node_port=30053), family=6) == []
+
+
 def test_tcp_without_endpoints_gets_the_proxys_rst_instead() -> None:
     assert rules(entry(protocol="TCP", node_port=30053)) == []
 

@@ -332,7 +332,8 @@ def _proxy_health(daemon: DaemonView, *, with_node: bool) -> web.Response:
     now = time.time()
     status, body = health.proxy_health(
         healthy=daemon.healthy(now), last_sync=daemon.last_sync, now=now,
-        node_eligible=not daemon.node_terminating if with_node else None)
+        node_eligible=not daemon.node_terminating if with_node else None,
+        families=[f"IPv{f}" for f in daemon.families])
     return web.Response(body=body, status=status, headers=health.JSON_HEADERS)
 
 
