@@ -452,8 +452,8 @@ def _start_daemon(lab: Lab, src_flags: list[str],
     """A fresh uproxy (native) in the node ns; returns it and its seconds to /readyz."""
     poller = _start_ready_poller(lab, f"{log_name}-ready", 180)
     t0 = time.monotonic()
-    proc = lab.spawn("node", [sys.executable, "-m", "uproxy", "run", *src_flags, *DAEMON_FLAGS],
-                     log_name)
+    proc = lab.spawn("node", [sys.executable, "-m", "uproxy", "run", *src_flags, *DAEMON_FLAGS,
+                              "--state-dir", str(lab.workdir / "uproxy-state")], log_name)
     try:
         return proc, _wait_ready(lab, proc, log_name, poller, f"{log_name}-ready", 180) - t0
     except BaseException:

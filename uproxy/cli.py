@@ -185,13 +185,27 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         from uproxy.daemon import Daemon
+        from uproxy.proxy.handover import HandoverServer, TakeoverExit, take_over
 
         await _check_kube(settings, env)
-        daemon = Daemon(settings, make_source(settings, env))
-        status = await _start_status(daemon)
+        try:  # a uproxy running with this state dir hands us every socket it has
+            adopted = take_over(settings.state_dir)
+        except TakeoverExit as exc:
+            print(exc.line, file=sys.stderr)
+            return exc.code
+        daemon = Daemon(settings, make_source(settings, env), adopted)
+        status = await _start_status(daemon, _adopted_servers(settings, adopted))
+        daemon.server_sockets = _server_sockets(status)
+        handover = HandoverServer(asyncio.get_running_loop(), settings.state_dir, daemon)
+        try:
+            handover.start()
+        except OSError as exc:
+            log.warning("no takeover socket in %s (%s): an upgrade will start from scratch",
+                        settings.state_dir, exc.strerror or exc)
         try:
             await daemon.run()
         finally:
+            handover.close()
             for runner in status:
                 await runner.cleanup()
         return EXIT_OK
@@ -199,13 +213,37 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run_loop(settings.loop, main)
 
 
-async def _start_status(daemon: Any) -> list[Any]:
+def _adopted_servers(settings: Settings, adopted: Any) -> dict[str, Any]:
+    """The status/health sockets that came over, if they listen where we are told to."""
+    out: dict[str, Any] = {}
+    if adopted is None:
+        return out
+    wanted = {"status": settings.status_address, "health": settings.healthz_address}
+    for item, (sock, *_) in adopted.of_kind("server"):
+        which = item.meta.get("which")
+        if which in wanted and sock.getsockname()[:2] == wanted[which]:
+            out[which] = sock
+        else:
+            sock.close()
+    return out
+
+
+def _server_sockets(runners: list[Any]) -> dict[str, Any]:
+    """Copies of the status/health listening sockets, to hand to the next uproxy."""
+    if not runners:
+        return {}
+    from uproxy.status.server import listening_socket
+
+    return dict(zip(("status", "health"), map(listening_socket, runners), strict=False))
+
+
+async def _start_status(daemon: Any, sockets: Mapping[str, Any] | None = None) -> list[Any]:
     try:
         from uproxy.status.server import start_servers
     except ImportError:
         return []
     try:
-        runners: list[Any] = await start_servers(daemon)
+        runners: list[Any] = await start_servers(daemon, sockets)
     except OSError as exc:
         raise UsageError(f"cannot start the status/health servers: {exc.strerror or exc}") from None
     return runners

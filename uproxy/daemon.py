@@ -22,6 +22,7 @@ import contextlib
 import datetime
 import logging
 import signal
+import socket
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -32,6 +33,7 @@ from uproxy.gc_pause import GcPause
 from uproxy.iptables import Iptables, IptablesError
 from uproxy.metrics import Metrics
 from uproxy.model import ServicePort, ServicePortName
+from uproxy.proxy.handover import Received
 from uproxy.proxy.listeners import Listener, ListenerKey, ListenerSet, Listening
 from uproxy.proxy.ports import PortAllocator
 from uproxy.proxy.relay import make_relay
@@ -41,6 +43,7 @@ from uproxy.rules import Redirect, render
 from uproxy.settings import Settings
 from uproxy.sources import Source
 from uproxy.state import Entry, Served, Store
+from uproxy.takeover import Item
 
 if TYPE_CHECKING:
     from uproxy.status.view import DaemonView
@@ -58,7 +61,8 @@ class ProtocolProxy(Listening, Protocol):
 
 
 class Daemon:
-    def __init__(self, settings: Settings, source: Source) -> None:
+    def __init__(self, settings: Settings, source: Source,
+                 adopted: Received | None = None) -> None:
         self.settings = settings
         self.source = source
         self.store = Store()
@@ -93,6 +97,12 @@ class Daemon:
         self._redirects_by_name: dict[ServicePortName, list[Redirect]] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self._gc = GcPause(self.loop)
+        # Takeover: what came from the previous uproxy, and what we hand to the next one.
+        self.adopted = adopted
+        self.handed_over = False
+        self.server_sockets: dict[str, socket.socket] = {}  # status/health, set by the cli
+        if adopted is not None:
+            self._adopt_listeners(adopted)
 
     def _add_udp(self) -> None:
         try:
@@ -151,7 +161,12 @@ class Daemon:
         log.info("%s", native.describe())
         log.info("event loop: %s", type(self.loop).__module__.split(".")[0])
         self._gc.pause()
-        if self.iptables is not None:
+        if self.adopted is not None:
+            # The rules point at the proxy ports that came over: leave them until the first
+            # sync renders the same ones (no cleanup, no empty chain in between).
+            log.info("took over %d listening sockets; keeping the rules in place",
+                     len(self.listener_set.adopted))
+        elif self.iptables is not None:
             removed = await self.iptables.cleanup()
             if removed:
                 log.info("replaced %d uproxy rules and chains left by an earlier run", removed)
@@ -207,6 +222,11 @@ class Daemon:
                 await task
         self._tasks.clear()
         self.listener_set.close_all()
+        if self.handed_over:  # the new uproxy serves the rules, sockets and connections now
+            for proxy in self.proxies.values():
+                await proxy.drain(self.settings.shutdown_grace)
+            log.info("stopped after handing over")
+            return
         if self.iptables is not None and self.rules_applied:
             # Stop intercepting new connections, but keep NAT alive for open ones.
             try:
@@ -269,6 +289,9 @@ class Daemon:
         touched = [*diff.added, *(new for _, new in diff.changed)]
         for entry in touched:
             self._ensure_listeners(entry.port)
+        if self.listener_set.adopted:  # the first sync claimed what it wanted; no one wants these
+            closed = self.listener_set.close_unclaimed()
+            log.info("closed %d taken-over sockets no service wants any more", closed)
         if full:  # retry ports that were taken; follow node address changes for NodePorts
             done = {e.port.name for e in touched}
             for name, entry in table.items():
@@ -354,6 +377,43 @@ class Daemon:
                             port.name, port.protocol)
             return
         self.listener_set.ensure(port, proxy)
+
+    # Takeover ------------------------------------------------------------------------------
+    def _adopt_listeners(self, adopted: Received) -> None:
+        for item, (sock, *_) in adopted.of_kind("listener"):
+            m = item.meta
+            name = ServicePortName(m["namespace"], m["name"], m["port_name"], m["protocol"])
+            self.listener_set.adopt(ListenerKey(name, m["scope"], m["address"], m["port"]), sock)
+
+    def pause(self) -> None:
+        """A new uproxy takes over: stop accepting (the backlogs wait for it)."""
+        for listener in self.listener_set.listeners.values():
+            listener.pause()
+
+    def inventory(self) -> list[tuple[Item, list[socket.socket]]]:
+        items: list[tuple[Item, list[socket.socket]]] = []
+        for key, listener in self.listener_set.listeners.items():
+            meta = {"protocol": key.name.protocol, "namespace": key.name.namespace,
+                    "name": key.name.name, "port_name": key.name.port, "scope": key.scope,
+                    "address": key.address, "port": key.port, "bound": listener.port}
+            items.append((Item("listener", meta), [listener.sock]))
+        for which, sock in self.server_sockets.items():
+            items.append((Item("server", {"which": which}), [sock]))
+        return items
+
+    def resume(self, reason: str) -> None:
+        for listener in self.listener_set.listeners.values():
+            listener.resume()
+
+    def release(self) -> None:
+        """The new uproxy owns every socket: close our copies quietly and stop (exit 0)."""
+        self.handed_over = True
+        for listener in self.listener_set.listeners.values():
+            listener.release()
+        self.listener_set.listeners.clear()
+        for sock in self.server_sockets.values():
+            sock.close()
+        self.stop()
 
     def _redirects_of(self, entry: Entry) -> list[Redirect]:
         """The rules of one service port: each of its addresses -> its listener's port."""

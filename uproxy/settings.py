@@ -270,6 +270,9 @@ class Settings:
     healthz_address: tuple[str, int] = setting(
         ("0.0.0.0", 10256), parse=_hostport, metavar="HOST:PORT", show=_show_hostport,
         help="/healthz, /livez and /readyz")
+    state_dir: str = setting(
+        "/run/uproxy", parse=str, metavar="DIR",
+        help="takeover socket for upgrades")
     loop: str = setting(
         "uvloop", parse=_choice(("uvloop", "asyncio")), choices=("uvloop", "asyncio"),
         help="event loop")

@@ -135,6 +135,18 @@ class TcpListener:
         self.proxy.loop.remove_reader(self._fd)
         self.sock.close()
 
+    # Takeover: stop accepting (the kernel keeps the backlog), then go on or let go.
+    def pause(self) -> None:
+        self.proxy.loop.remove_reader(self._fd)
+
+    def resume(self) -> None:
+        if not self._closed and not self._paused:
+            self.proxy.loop.add_reader(self._fd, self._accept)
+
+    def release(self) -> None:
+        """The socket lives on in the new process: close our fd only."""
+        self.close()
+
 
 class TcpProxy:
     """Owns the TCP side: which entry each listener serves and every live connection."""

@@ -1,0 +1,96 @@
+"""Upgrades in the lab: a new ``uproxy run`` takes over the running one's sockets.
+
+The real daemon in the node namespace, real iptables, a client in the client
+namespace opening new connections through a ClusterIP the whole time while
+uproxy is replaced; nothing may be refused or reset, and each old process
+exits 0 leaving the rules in place.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.matrix import Flavor
+from uproxy.demo.lab import Lab
+from uproxy.demo.node import NodeProxy, endpoint_slice, service
+
+VIP = "10.0.0.190"
+PORTS = [{"port": 80, "targetPort": 9376}]
+SLICE_PORTS = [{"name": "", "port": 9376, "protocol": "TCP"}]
+
+
+@pytest.fixture
+def node(lab: Lab, flavor: Flavor) -> Iterator[NodeProxy]:
+    proxy = NodeProxy(lab, loop=flavor.loop, native=flavor.native)
+    lab.start_echo(1, tcp_ports=(9376,))
+    lab.start_echo(2, tcp_ports=(9376,))
+    proxy.write("svc.yaml", service("upgraded", VIP, PORTS),
+                endpoint_slice("upgraded", lab.pod_ips[:2], SLICE_PORTS))
+    proxy.start(wait_for="default/upgraded: cluster IP")
+    yield proxy
+    if proxy.proc is not None and proxy.proc.poll() is None:
+        proxy.stop()
+
+
+def _rules(node: NodeProxy) -> list[str]:
+    return sorted(line for line in node.uproxy_lines() if VIP in line)
+
+
+def _background_probe(lab: Lab, seconds: float, name: str) -> tuple[object, str]:
+    argv = [sys.executable, "-m", "uproxy.demo.probe", "tcp", VIP, "80", "--count", "1000000",
+            "--concurrency", "4", "--timeout", "5", "--max-time", str(seconds)]
+    return lab.spawn("client", argv, name), name
+
+
+def _probe_result(lab: Lab, proc: object, name: str, seconds: float) -> dict[str, object]:
+    assert hasattr(proc, "wait")
+    proc.wait(seconds + 30)
+    lines = [line for line in lab.log(name).splitlines() if line.startswith("{")]
+    assert lines, lab.log(name)
+    result: dict[str, object] = json.loads(lines[-1])
+    return result
+
+
+def test_new_connections_are_never_refused_while_uproxy_is_replaced_twice(
+        lab: Lab, node: NodeProxy) -> None:
+    rules = _rules(node)
+    assert len(rules) == 1 and "REDIRECT" in rules[0]
+    seconds = 8.0
+    proc, name = _background_probe(lab, seconds, "probe-upgrades")
+    time.sleep(1.0)
+    pids = []
+    for _ in range(2):
+        assert node.proc is not None
+        pids.append(node.proc.pid)
+        assert node.upgrade() == 0  # the old process hands over and exits 0
+        assert _rules(node) == rules  # same proxy port: the rules were never rewritten
+        time.sleep(1.0)
+    result = _probe_result(lab, proc, name, seconds)
+    errors = result["errors"]
+    assert isinstance(errors, dict) and result["counts"], result
+    assert sum(errors.values()) == 0, result
+    assert sum(result["counts"].values()) > 100, result  # type: ignore[union-attr]
+    log = node.log
+    assert "took over" in log and "keeping the rules in place" in log, log
+    # SIGTERM after the takeovers still drains and removes every rule.
+    assert node.stop() == 0
+    assert node.uproxy_lines() == []
+
+
+def test_a_crashed_uproxy_leaves_a_stale_socket_and_the_next_one_starts_fresh(
+        lab: Lab, node: NodeProxy) -> None:
+    import signal
+
+    assert node.proc is not None
+    node.proc.send_signal(signal.SIGKILL)
+    node.proc.wait(10)
+    assert (node.state_dir / "takeover.sock").exists()
+    node.start(wait_for="default/upgraded: cluster IP")
+    assert "crashed?" in node.log and "took over" not in node.log
+    result = lab.probe("tcp", VIP, "80", "--count", "20")
+    assert sum(result["counts"].values()) == 20, result
