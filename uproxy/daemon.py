@@ -38,6 +38,7 @@ from uproxy.proxy.listeners import Listener, ListenerKey, ListenerSet, Listening
 from uproxy.proxy.ports import PortAllocator
 from uproxy.proxy.relay import make_relay
 from uproxy.proxy.tcp import TcpProxy
+from uproxy.proxy.tcp_takeover import TcpMover
 from uproxy.redirects import redirects_of
 from uproxy.rules import Redirect, render
 from uproxy.settings import Settings
@@ -73,10 +74,10 @@ class Daemon:
         self.allocator = PortAllocator(settings.proxy_port_range)
         self.loop = asyncio.get_running_loop()
         self.relay = make_relay(self.loop)
-        self.proxies: dict[str, ProtocolProxy] = {
-            "TCP": TcpProxy(loop=self.loop, relay=self.relay, balancer=self.balancer,
-                            conns=self.conns, metrics=self.metrics),
-        }
+        tcp = TcpProxy(loop=self.loop, relay=self.relay, balancer=self.balancer,
+                       conns=self.conns, metrics=self.metrics)
+        self.proxies: dict[str, ProtocolProxy] = {"TCP": tcp}
+        self._tcp_mover = TcpMover(tcp)
         self._add_udp()
         self._served = Served()
         self.listener_set = ListenerSet(self.allocator, settings.bind_address,
@@ -103,6 +104,8 @@ class Daemon:
         self.server_sockets: dict[str, socket.socket] = {}  # status/health, set by the cli
         if adopted is not None:
             self._adopt_listeners(adopted)
+            for item, (client, backend) in adopted.of_kind("tcp"):
+                self._tcp_mover.adopt(item.meta, client, backend)
 
     def _add_udp(self) -> None:
         try:
@@ -164,8 +167,8 @@ class Daemon:
         if self.adopted is not None:
             # The rules point at the proxy ports that came over: leave them until the first
             # sync renders the same ones (no cleanup, no empty chain in between).
-            log.info("took over %d listening sockets; keeping the rules in place",
-                     len(self.listener_set.adopted))
+            log.info("took over %d listening sockets and %d connections; keeping the rules "
+                     "in place", len(self.listener_set.adopted), len(self.conns))
         elif self.iptables is not None:
             removed = await self.iptables.cleanup()
             if removed:
@@ -389,6 +392,7 @@ class Daemon:
         """A new uproxy takes over: stop accepting (the backlogs wait for it)."""
         for listener in self.listener_set.listeners.values():
             listener.pause()
+        self._tcp_mover.pause()
 
     def inventory(self) -> list[tuple[Item, list[socket.socket]]]:
         items: list[tuple[Item, list[socket.socket]]] = []
@@ -399,15 +403,18 @@ class Daemon:
             items.append((Item("listener", meta), [listener.sock]))
         for which, sock in self.server_sockets.items():
             items.append((Item("server", {"which": which}), [sock]))
-        return items
+        return items + self._tcp_mover.inventory()
 
     def resume(self, reason: str) -> None:
+        self._tcp_mover.resume()
         for listener in self.listener_set.listeners.values():
             listener.resume()
 
     def release(self) -> None:
         """The new uproxy owns every socket: close our copies quietly and stop (exit 0)."""
         self.handed_over = True
+        moved = self._tcp_mover.release()
+        log.info("handed over %d connections", moved)
         for listener in self.listener_set.listeners.values():
             listener.release()
         self.listener_set.listeners.clear()

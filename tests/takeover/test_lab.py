@@ -9,13 +9,14 @@ exits 0 leaving the rules in place.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from tests.support.matrix import Flavor
+from tests.support.matrix import FLAVORS, Flavor
 from uproxy.demo.lab import Lab
 from uproxy.demo.node import NodeProxy, endpoint_slice, service
 
@@ -94,3 +95,46 @@ def test_a_crashed_uproxy_leaves_a_stale_socket_and_the_next_one_starts_fresh(
     assert "crashed?" in node.log and "took over" not in node.log
     result = lab.probe("tcp", VIP, "80", "--count", "20")
     assert sum(result["counts"].values()) == 20, result
+
+
+PYTHON_FLAVORS = [f for f in FLAVORS if not f.native]
+
+
+@pytest.mark.parametrize("flavor", PYTHON_FLAVORS, ids=str, indirect=True)
+def test_established_connections_survive_three_upgrades_byte_for_byte(
+        lab: Lab, node: NodeProxy) -> None:
+    """Python twin only: the native engine cannot hand back a connection yet (see
+    uproxy/proxy/tcp_takeover.py); its connections stay with the old process."""
+    seconds = 16.0
+    argv = [sys.executable, "-m", "tests.takeover.streams", VIP, "80", "--conns", "12",
+            "--halfclosed", "3", "--seconds", str(seconds)]
+    streams = lab.spawn("client", argv, "streams")
+    probe, name = _background_probe(lab, seconds, "probe-during-streams")
+    time.sleep(1.0)
+    moved = []
+    for _ in range(3):
+        assert node.upgrade() == 0
+        line = re.search(r"took over 1 listening sockets and (\d+) connections", node.log)
+        assert line, node.log
+        moved.append(int(line.group(1)))
+        upgraded_at = time.time()
+        time.sleep(1.0)
+    # The connections that came over show their first accept's age and every byte so far.
+    listing = json.loads(lab.run("node", ["curl", "-sf", "-m", "5",
+                                          "http://127.0.0.1:10249/api/v1/connections"]).stdout)
+    older = [c for c in listing["items"]
+             if c["state"] == "open" and c["age"] > time.time() - upgraded_at + 2]
+    assert len(older) >= 12, listing
+    assert all(c["bytes_up"] > 0 and c["bytes_down"] > 0 for c in older), older
+    streams.wait(seconds + 60)
+    lines = [line for line in lab.log("streams").splitlines() if line.startswith("{")]
+    assert lines, lab.log("streams")
+    result = json.loads(lines[-1])
+    assert result["broken"] == 0 and result["ok"] == 15, result
+    assert result["rounds"] > 50, result
+    # Every takeover moved at least the 12 chatty connections (the half-closed ones may be done).
+    assert all(count >= 12 for count in moved), moved
+    probed = _probe_result(lab, probe, name, seconds)
+    assert sum(probed["errors"].values()) == 0, probed  # type: ignore[union-attr]
+    assert node.stop() == 0
+    assert node.uproxy_lines() == []

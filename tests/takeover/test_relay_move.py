@@ -1,0 +1,116 @@
+"""Moving a live connection between two Python-twin relays (what a takeover does to it).
+
+Real TCP sockets on loopback. The "other process" is a second relay on the same
+loop that gets duplicates of the fds, as the receiving process gets them over
+``SCM_RIGHTS``; the first relay then releases its own (close only: no FIN, no RST).
+Both loops; the Python twin only (the native engine cannot hand a connection back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+
+import pytest
+
+from tests.support.matrix import LOOPS, run_on
+from uproxy.proxy.pyrelay import PyRelay
+from uproxy.proxy.relay import HANDED_OVER, RelayResult, RelayState
+
+
+def _pair() -> tuple[socket.socket, socket.socket]:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    near = socket.create_connection(listener.getsockname())
+    far, _ = listener.accept()
+    listener.close()
+    for sock in (near, far):
+        sock.setblocking(False)
+    return near, far
+
+
+def _dup(sock: socket.socket) -> socket.socket:
+    return socket.socket(fileno=socket.dup(sock.fileno()))
+
+
+async def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    out = bytearray()
+    while len(out) < n:
+        chunk = await loop.sock_recv(sock, min(1 << 16, n - len(out)))
+        assert chunk, f"EOF after {len(out)} of {n}"
+        out += chunk
+    return bytes(out)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_a_connection_moves_mid_transfer_with_its_bytes_counters_and_half_close(
+        loop_name: str) -> None:
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        client, client_side = _pair()  # client <-> relay's client socket
+        backend_side, backend = _pair()  # relay's backend socket <-> backend
+        results: list[RelayResult] = []
+        old, new = PyRelay(loop), PyRelay(loop)
+        handle = old.start(client_side, backend_side, results.append)
+        data = bytes(range(256)) * (64 << 10)  # 16 MiB up, read by nobody yet: backpressure
+        sending = loop.create_task(loop.sock_sendall(client, data))
+        await loop.sock_sendall(backend, b"hello down")
+        assert await _recv_exactly(client, 10) == b"hello down"
+        for _ in range(200):  # until the relay holds bytes the backend would not take
+            if old.buffers_in_use():
+                break
+            await asyncio.sleep(0.01)
+        assert old.buffers_in_use() == 1
+
+        handle.pause()
+        state = handle.state()
+        assert state.pending_up and state.down == 10 and not state.eof_up
+        copies = [_dup(s) for s in handle.sockets]  # the new process's fds
+        handle.release()
+        assert results == [RelayResult(state.up, 10, HANDED_OVER)]
+        assert old.active() == 0
+
+        moved: list[RelayResult] = []
+        new.adopt(copies[0], copies[1], state, moved.append)
+        received = await _recv_exactly(backend, len(data))
+        assert hashlib.sha256(received).digest() == hashlib.sha256(data).digest()
+        await sending
+        client.shutdown(socket.SHUT_WR)  # half-close after the move ...
+        assert await loop.sock_recv(backend, 1) == b""
+        await loop.sock_sendall(backend, b"bye")  # ... the other way still flows
+        assert await _recv_exactly(client, 3) == b"bye"
+        backend.close()
+        assert await loop.sock_recv(client, 1) == b""
+        for _ in range(200):
+            if moved:
+                break
+            await asyncio.sleep(0.01)
+        assert moved == [RelayResult(len(data), 13, None)]  # counted from the first byte
+        client.close()
+
+    run_on(loop_name, body)
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+def test_a_paused_connection_resumes_where_it_stopped(loop_name: str) -> None:
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        client, client_side = _pair()
+        backend_side, backend = _pair()
+        relay = PyRelay(loop)
+        results: list[RelayResult] = []
+        handle = relay.start(client_side, backend_side, results.append)
+        handle.pause()
+        await loop.sock_sendall(client, b"while paused")
+        await asyncio.sleep(0.05)
+        assert handle.state() == RelayState(0, 0)  # nothing moved while paused
+        handle.resume()  # the takeover failed
+        assert await _recv_exactly(backend, 12) == b"while paused"
+        client.close()
+        backend.close()
+        await relay.close()
+
+    run_on(loop_name, body)
