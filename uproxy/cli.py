@@ -208,9 +208,24 @@ def cmd_run(args: argparse.Namespace) -> int:
             handover.close()
             for runner in status:
                 await runner.cleanup()
+        if daemon.handed_over and settings.after_handover == "wait":
+            await _idle_until_terminated()
         return EXIT_OK
 
     return run_loop(settings.loop, main)
+
+
+async def _idle_until_terminated() -> None:
+    """Hold nothing and wait for SIGTERM/SIGINT: a DaemonSet's old pod, which would be
+    restarted (and take everything back) if it exited before the controller deletes it."""
+    import signal
+
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, done.set)
+    log.info("handed over; waiting for SIGTERM (UPROXY_AFTER_HANDOVER=wait)")
+    await done.wait()
 
 
 def _adopted_servers(settings: Settings, adopted: Any) -> dict[str, Any]:

@@ -261,6 +261,7 @@ class HandoverServer:
         self.on_released = on_released
         self.giver = Giver(netns_id())
         self.sock: socket.socket | None = None
+        self.released = False  # handed over: the socket file is the new uproxy's now
         self._inode = 0
 
     def start(self) -> None:
@@ -288,6 +289,8 @@ class HandoverServer:
         self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
         self.sock = None
+        if self.released:  # (an inode number can be reused, so that check alone is not enough)
+            return
         with contextlib.suppress(OSError):
             if os.stat(self.path).st_ino == self._inode:
                 os.unlink(self.path)
@@ -330,6 +333,7 @@ class HandoverServer:
                     self.daemon.resume(action.reason)
                     return
                 if isinstance(action, Release):
+                    self.released = True
                     self.daemon.release()
                     with contextlib.suppress(OSError):
                         channel.send({"type": "released"})
