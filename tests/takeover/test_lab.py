@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.matrix import FLAVORS, Flavor
+from tests.support.matrix import Flavor
 from uproxy.demo.lab import Lab
 from uproxy.demo.node import NodeProxy, endpoint_slice, service
 
@@ -97,14 +97,10 @@ def test_a_crashed_uproxy_leaves_a_stale_socket_and_the_next_one_starts_fresh(
     assert sum(result["counts"].values()) == 20, result
 
 
-PYTHON_FLAVORS = [f for f in FLAVORS if not f.native]
-
-
-@pytest.mark.parametrize("flavor", PYTHON_FLAVORS, ids=str, indirect=True)
 def test_established_connections_survive_three_upgrades_byte_for_byte(
         lab: Lab, node: NodeProxy) -> None:
-    """Python twin only: the native engine cannot hand back a connection yet (see
-    uproxy/proxy/tcp_takeover.py); its connections stay with the old process."""
+    """Both relay paths: the native engine hands each connection back with what its
+    pipes held; the new process relays what came over on its Python twin."""
     seconds = 16.0
     argv = [sys.executable, "-m", "tests.takeover.streams", VIP, "80", "--conns", "12",
             "--halfclosed", "3", "--seconds", str(seconds)]

@@ -138,13 +138,16 @@ class PyRelayHandle:
         self._finish(reset=True, error="aborted")
 
     # Takeover: stop, describe, then go on (it failed) or let go (the new process has it).
-    def pause(self) -> None:
-        """Stop every callback; the state stays as it is until ``resume`` or ``release``."""
+    def pause(self) -> bool:
+        """Stop every callback; the state stays as it is until ``resume`` or ``release``.
+
+        False when the connection has ended (nothing to move)."""
         if self._closed:
-            return
+            return False
         for sock in (self._client, self._backend):
             self._loop.remove_reader(sock.fileno())
             self._loop.remove_writer(sock.fileno())
+        return True
 
     def resume(self) -> None:
         """Wait on what each direction waits for: its destination (bytes pending) or its source."""
@@ -161,7 +164,6 @@ class PyRelayHandle:
         up, down = self._up, self._down
         return RelayState(up.moved, down.moved, up.pending, down.pending, up.eof, down.eof)
 
-    @property
     def sockets(self) -> tuple[socket.socket, socket.socket]:
         return self._client, self._backend
 

@@ -7,12 +7,13 @@ so the new process carries on where the old one stopped: no byte lost or
 repeated, half-closed connections stay half-closed, and the status page shows
 the connection's original age and byte counts.
 
-Only handles that can be paused move (:class:`~uproxy.proxy.relay.MovableHandle`,
-the Python twin's). The native engine cannot hand back a connection yet (its
-pipes would have to be drained from its thread), so its connections stay in
-the old process, which lets them finish (up to the shutdown grace) before it
-exits. Adopted connections run on a Python twin relay in the new process,
-whichever path it uses for new connections.
+Both relay paths' handles can be paused (:class:`~uproxy.proxy.relay.MovableHandle`):
+the Python twin just stops its callbacks; the native engine, asked on its own
+thread, stops watching the connection and hands back its fds and the bytes its
+copy buffer or pipe held (``uproxy_engine_detach``). Adopted connections run
+on a Python twin relay in the new process, whichever path it uses for new
+connections (the engine takes no connection with bytes already read), and so
+does a native connection in the old process when the takeover fails.
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ class TcpMover:
     # The old process --------------------------------------------------------------------
     def pause(self) -> None:
         self._paused = []
-        for conn, handle in self.proxy.live.values():
-            if isinstance(handle, MovableHandle):
-                handle.pause()
+        # (a list: pausing a native connection runs completions, which remove ended ones)
+        for conn, handle in list(self.proxy.live.values()):
+            if isinstance(handle, MovableHandle) and handle.pause():
                 self._paused.append((conn, handle))
 
     def inventory(self) -> list[tuple[Item, list[socket.socket]]]:
@@ -54,7 +55,7 @@ class TcpMover:
                     "pending_up": pack_bytes(state.pending_up),
                     "pending_down": pack_bytes(state.pending_down),
                     "eof_up": state.eof_up, "eof_down": state.eof_down}
-            out.append((Item("tcp", meta, fds=2), list(handle.sockets)))
+            out.append((Item("tcp", meta, fds=2), list(handle.sockets())))
         return out
 
     def resume(self) -> None:
