@@ -47,6 +47,7 @@ from uproxy.state import Entry, Served, Store
 from uproxy.takeover import Item
 
 if TYPE_CHECKING:
+    from uproxy.proxy.udp.takeover import UdpMover
     from uproxy.status.view import DaemonView
 
 __all__ = ["Daemon", "ListenerKey"]  # ListenerKey: where callers found it before the split
@@ -102,19 +103,28 @@ class Daemon:
         self.adopted = adopted
         self.handed_over = False
         self.server_sockets: dict[str, socket.socket] = {}  # status/health, set by the cli
+        self._adopted_flows = [] if adopted is None else adopted.of_kind("udp")
         if adopted is not None:
             self._adopt_listeners(adopted)
             for item, (client, backend) in adopted.of_kind("tcp"):
                 self._tcp_mover.adopt(item.meta, client, backend)
+            for item, _ in adopted.of_kind("affinity"):
+                self.balancer.import_affinity(
+                    ((ServicePortName(*pin[:4]), pin[4], (pin[5], pin[6]), pin[7])
+                     for pin in item.meta["pins"]), time.monotonic())
 
     def _add_udp(self) -> None:
+        self._udp_mover: UdpMover | None = None
         try:
             from uproxy.proxy.udp import UdpProxy
         except ImportError:
             return
-        self.proxies["UDP"] = UdpProxy(loop=self.loop, balancer=self.balancer, conns=self.conns,
-                                       metrics=self.metrics, settings=self.settings,
-                                       max_flows=self.settings.udp_max_flows)
+        self.proxies["UDP"] = udp = UdpProxy(
+            loop=self.loop, balancer=self.balancer, conns=self.conns, metrics=self.metrics,
+            settings=self.settings, max_flows=self.settings.udp_max_flows)
+        from uproxy.proxy.udp.takeover import UdpMover
+
+        self._udp_mover = UdpMover(udp)
 
     @property
     def served(self) -> dict[ServicePortName, Entry]:
@@ -226,8 +236,9 @@ class Daemon:
         self._tasks.clear()
         self.listener_set.close_all()
         if self.handed_over:  # the new uproxy serves the rules, sockets and connections now
-            for proxy in self.proxies.values():
-                await proxy.drain(self.settings.shutdown_grace)
+            # (TCP: attempts that were still connecting; not UDP: its drain would delete
+            # conntrack entries that the new uproxy's flows use)
+            await self.proxies["TCP"].drain(self.settings.shutdown_grace)
             log.info("stopped after handing over")
             return
         if self.iptables is not None and self.rules_applied:
@@ -306,6 +317,8 @@ class Daemon:
         for proto in protocols & set(self.proxies):
             self.proxies[proto].entries = {n: e for n, e in table.items()
                                            if e.port.protocol == proto}
+        if self._adopted_flows:  # the first sync opened the listeners the flows belong to
+            self._adopt_flows()
         rules_changed = False
         for entry in diff.removed:
             rules_changed |= bool(self._redirects_by_name.pop(entry.port.name, None))
@@ -388,11 +401,23 @@ class Daemon:
             name = ServicePortName(m["namespace"], m["name"], m["port_name"], m["protocol"])
             self.listener_set.adopt(ListenerKey(name, m["scope"], m["address"], m["port"]), sock)
 
+    def _adopt_flows(self) -> None:
+        flows, self._adopted_flows = self._adopted_flows, []
+        now, kept = time.monotonic(), 0
+        for item, (sock, *_) in flows:
+            if self._udp_mover is not None:
+                kept += self._udp_mover.adopt(item.meta, sock, now)
+            else:
+                sock.close()
+        log.info("took over %d of %d UDP flows", kept, len(flows))
+
     def pause(self) -> None:
         """A new uproxy takes over: stop accepting (the backlogs wait for it)."""
         for listener in self.listener_set.listeners.values():
             listener.pause()
         self._tcp_mover.pause()
+        if self._udp_mover is not None:
+            self._udp_mover.pause()
 
     def inventory(self) -> list[tuple[Item, list[socket.socket]]]:
         items: list[tuple[Item, list[socket.socket]]] = []
@@ -403,10 +428,17 @@ class Daemon:
             items.append((Item("listener", meta), [listener.sock]))
         for which, sock in self.server_sockets.items():
             items.append((Item("server", {"which": which}), [sock]))
+        pins = [[n.namespace, n.name, n.port, n.protocol, client, ip, port, idle]
+                for n, client, (ip, port), idle in self.balancer.export_affinity(time.monotonic())]
+        items.append((Item("affinity", {"pins": pins}, fds=0), []))
+        if self._udp_mover is not None:
+            items += self._udp_mover.inventory(time.monotonic())
         return items + self._tcp_mover.inventory()
 
     def resume(self, reason: str) -> None:
         self._tcp_mover.resume()
+        if self._udp_mover is not None:
+            self._udp_mover.resume()
         for listener in self.listener_set.listeners.values():
             listener.resume()
 
@@ -414,7 +446,8 @@ class Daemon:
         """The new uproxy owns every socket: close our copies quietly and stop (exit 0)."""
         self.handed_over = True
         moved = self._tcp_mover.release()
-        log.info("handed over %d connections", moved)
+        flows = self._udp_mover.release() if self._udp_mover is not None else 0
+        log.info("handed over %d connections and %d UDP flows", moved, flows)
         for listener in self.listener_set.listeners.values():
             listener.release()
         self.listener_set.listeners.clear()

@@ -134,3 +134,43 @@ def test_established_connections_survive_three_upgrades_byte_for_byte(
     assert sum(probed["errors"].values()) == 0, probed  # type: ignore[union-attr]
     assert node.stop() == 0
     assert node.uproxy_lines() == []
+
+
+def test_a_udp_flow_and_an_affine_client_keep_their_endpoints_through_upgrades(
+        lab: Lab, flavor: Flavor) -> None:
+    node = NodeProxy(lab, loop=flavor.loop, native=flavor.native)
+    for pod in (1, 2, 3):
+        lab.start_echo(pod, tcp_ports=(9376,), udp_ports=(9377,))
+    node.write("sticky.yaml",
+               service("sticky", "10.0.0.191", PORTS, sessionAffinity="ClientIP"),
+               endpoint_slice("sticky", lab.pod_ips[:3], SLICE_PORTS),
+               service("asking", "10.0.0.192",
+                       [{"port": 53, "targetPort": 9377, "protocol": "UDP"}]),
+               endpoint_slice("asking", lab.pod_ips[:3],
+                              [{"name": "", "port": 9377, "protocol": "UDP"}]))
+    node.start(wait_for="default/asking: cluster IP")
+    try:
+        seconds = 9.0
+        udp = lab.spawn("client", [sys.executable, "-m", "uproxy.demo.probe", "udp",
+                                   "10.0.0.192", "53", "--count", "1000000", "--timeout", "5",
+                                   "--max-time", str(seconds)], "probe-udp")
+        tcp = lab.spawn("client", [sys.executable, "-m", "uproxy.demo.probe", "tcp",
+                                   "10.0.0.191", "80", "--count", "1000000", "--concurrency",
+                                   "2", "--timeout", "5", "--max-time", str(seconds)],
+                        "probe-sticky")
+        time.sleep(1.0)
+        for _ in range(3):
+            assert node.upgrade() == 0
+            time.sleep(0.5)
+        asked = _probe_result(lab, udp, "probe-udp", seconds)
+        sticky = _probe_result(lab, tcp, "probe-sticky", seconds)
+        # One socket, one flow: every reply from the same pod, none lost.
+        assert sum(asked["errors"].values()) == 0, asked  # type: ignore[union-attr]
+        assert len(asked["counts"]) == 1, asked  # type: ignore[arg-type]
+        assert sum(asked["counts"].values()) > 100, asked  # type: ignore[union-attr]
+        # One client IP with ClientIP affinity: one pod, before and after each upgrade.
+        assert sum(sticky["errors"].values()) == 0, sticky  # type: ignore[union-attr]
+        assert len(sticky["counts"]) == 1, sticky  # type: ignore[arg-type]
+        assert "took over 1 of 1 UDP flows" in node.log, node.log
+    finally:
+        assert node.stop() == 0
