@@ -174,3 +174,29 @@ def test_a_udp_flow_and_an_affine_client_keep_their_endpoints_through_upgrades(
         assert "took over 1 of 1 UDP flows" in node.log, node.log
     finally:
         assert node.stop() == 0
+
+
+def test_a_takeover_that_fails_half_way_leaves_the_old_one_serving_everything(
+        lab: Lab, node: NodeProxy) -> None:
+    seconds = 8.0
+    streams = lab.spawn("client", [sys.executable, "-m", "tests.takeover.streams", VIP, "80",
+                                   "--conns", "8", "--halfclosed", "2", "--seconds",
+                                   str(seconds)], "streams")
+    probe, name = _background_probe(lab, seconds, "probe-during-failure")
+    time.sleep(1.5)
+    for _ in range(2):  # the paused connections resume; then it can fail again
+        seen = json.loads(lab.run("node", [sys.executable, "-m", "tests.takeover.halfway",
+                                           str(node.state_dir)]).stdout.splitlines()[-1])
+        assert seen["offered"] >= 1 + 2 * 10 and seen["received"] >= 1, seen
+        assert {"listener", "tcp"} <= set(seen["kinds"]), seen
+        node.wait_log("takeover failed, serving everything again")
+        time.sleep(1.0)
+    assert node.proc is not None and node.proc.poll() is None
+    streams.wait(seconds + 60)
+    result = json.loads([line for line in lab.log("streams").splitlines()
+                         if line.startswith("{")][-1])
+    assert result["broken"] == 0 and result["ok"] == 10, result
+    probed = _probe_result(lab, probe, name, seconds)
+    assert sum(probed["errors"].values()) == 0, probed  # type: ignore[union-attr]
+    assert node.upgrade() == 0  # and a real takeover still works afterwards
+    assert node.stop() == 0

@@ -138,13 +138,19 @@ def test_a_native_connection_whose_takeover_fails_goes_on_in_this_process(
         assert await _recv_exactly(backend, 14) == b"while detached"
         await loop.sock_sendall(backend, b"back")
         assert await _recv_exactly(client, 4) == b"back"
+        assert handle.bytes_up == 20 and handle.bytes_down == 4  # counted on, on the twin
+        assert handle.pause()  # a later takeover can move it again
+        assert handle.state() == RelayState(20, 4)
+        handle.resume()
+        await loop.sock_sendall(client, b"!")
+        assert await _recv_exactly(backend, 1) == b"!"
         client.close()
         backend.close()
         for _ in range(200):
             if results:
                 break
             await asyncio.sleep(0.01)
-        assert results and results[0].bytes_up == 20 and results[0].bytes_down == 4
+        assert results and results[0].bytes_up == 21 and results[0].bytes_down == 4
         await relay.close()
 
     run_on(native_flavor, body)

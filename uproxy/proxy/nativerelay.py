@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 from uproxy import native
-from uproxy.proxy.pyrelay import PyRelay
+from uproxy.proxy.pyrelay import PyRelay, PyRelayHandle
 from uproxy.proxy.relay import (
     HANDED_OVER,
     DoneCallback,
@@ -77,7 +77,8 @@ class NativeRelayHandle:
     the completion arrives, then frozen (the engine frees that memory)."""
 
     native = True
-    __slots__ = ("_conn", "_detached", "_final", "_on_done", "_relay", "_socks", "_want_detach")
+    __slots__ = ("_conn", "_detached", "_final", "_on_done", "_relay", "_socks", "_twin",
+                 "_want_detach")
 
     def __init__(self, relay: NativeRelay, conn: Any, on_done: DoneCallback) -> None:
         self._relay = relay
@@ -87,24 +88,33 @@ class NativeRelayHandle:
         self._want_detach = False
         self._detached: RelayState | None = None  # taken back from the engine (a takeover)
         self._socks: tuple[socket.socket, socket.socket] | None = None
+        self._twin: PyRelayHandle | RefusedHandle | None = None  # where it went on after resume
 
     @property
     def bytes_up(self) -> int:
         conn = self._conn
-        return int(conn.bytes_up) if conn is not None else self._final.bytes_up
+        if conn is not None:
+            return int(conn.bytes_up)
+        return self._twin.bytes_up if self._twin is not None else self._final.bytes_up
 
     @property
     def bytes_down(self) -> int:
         conn = self._conn
-        return int(conn.bytes_down) if conn is not None else self._final.bytes_down
+        if conn is not None:
+            return int(conn.bytes_down)
+        return self._twin.bytes_down if self._twin is not None else self._final.bytes_down
 
     def abort(self) -> None:
         if self._conn is not None:
             self._relay._abort(self._conn)
+        elif self._twin is not None:
+            self._twin.abort()
 
     # Takeover: the engine hands the connection back, with the bytes its pipes held.
     def pause(self) -> bool:
         """Take the connection back from the engine (waits for it); False if it ended."""
+        if isinstance(self._twin, PyRelayHandle):  # resumed on the twin after a failed takeover
+            return self._twin.pause()
         if self._conn is None or self._relay._stopped is not None:
             return self._detached is not None
         self._want_detach = True
@@ -118,24 +128,34 @@ class NativeRelayHandle:
         return self._detached is not None
 
     def state(self) -> RelayState:
+        if isinstance(self._twin, PyRelayHandle):
+            return self._twin.state()
         assert self._detached is not None
         return self._detached
 
     def sockets(self) -> tuple[socket.socket, socket.socket]:
+        if isinstance(self._twin, PyRelayHandle):
+            return self._twin.sockets()
         assert self._socks is not None
         return self._socks
 
     def resume(self) -> None:
         """The takeover failed: relay on in this process, on the Python twin (the engine
         takes no connection with bytes already read)."""
+        if isinstance(self._twin, PyRelayHandle):
+            self._twin.resume()
+            return
         if self._detached is None or self._socks is None:
             return
         state, (client, backend) = self._detached, self._socks
         self._detached = self._socks = None
-        self._relay._twin().adopt(client, backend, state, self._on_done)
+        self._twin = self._relay._resume_relay().adopt(client, backend, state, self._on_done)
 
     def release(self) -> None:
         """The new process owns the connection: close our fds only (no shutdown, no RST)."""
+        if isinstance(self._twin, PyRelayHandle):
+            self._twin.release()
+            return
         if self._detached is None or self._socks is None:
             return
         state = self._detached
@@ -174,7 +194,7 @@ class NativeRelay:
         self._resumed: PyRelay | None = None  # connections taken back whose takeover failed
         loop.add_reader(self._efd, self._on_completions)
 
-    def _twin(self) -> PyRelay:
+    def _resume_relay(self) -> PyRelay:
         if self._resumed is None:
             self._resumed = PyRelay(self.loop)
         return self._resumed
