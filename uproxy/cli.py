@@ -185,29 +185,47 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         from uproxy.daemon import Daemon
-        from uproxy.proxy.handover import HandoverServer, TakeoverExit, take_over
+        from uproxy.proxy.handover import HandoverServer, Received, TakeoverExit, connect
 
         await _check_kube(settings, env)
-        try:  # a uproxy running with this state dir hands us every socket it has
-            adopted = take_over(settings.state_dir)
+        try:  # a uproxy running with this state dir will hand us every socket it has
+            session = connect(settings.state_dir)
         except TakeoverExit as exc:
             print(exc.line, file=sys.stderr)
             return exc.code
-        daemon = Daemon(settings, make_source(settings, env), adopted)
-        status = await _start_status(daemon, _adopted_servers(settings, adopted))
-        daemon.server_sockets = _server_sockets(status)
+        daemon = Daemon(settings, make_source(settings, env), session)
         handover = HandoverServer(asyncio.get_running_loop(), settings.state_dir, daemon)
-        try:
-            handover.start()
-        except OSError as exc:
-            log.warning("no takeover socket in %s (%s): an upgrade will start from scratch",
-                        settings.state_dir, exc.strerror or exc)
+        status: list[Any] = []
+
+        async def serve(adopted: Received | None) -> None:
+            """The status/health servers (on the sockets that came over, if any) and the
+            takeover socket for the next upgrade."""
+            try:
+                status[:] = await _start_status(daemon, _adopted_servers(settings, adopted))
+            except UsageError as exc:
+                if adopted is None:
+                    raise
+                log.error("%s; serving without them", exc)  # we own every socket now
+            daemon.server_sockets = _server_sockets(status)
+            try:
+                handover.start()
+            except OSError as exc:
+                log.warning("no takeover socket in %s (%s): an upgrade will start from scratch",
+                            settings.state_dir, exc.strerror or exc)
+
+        if session is None:
+            await serve(None)
+        else:  # once the source is loaded and the sockets came over
+            daemon.after_takeover = serve
         try:
             await daemon.run()
         finally:
             handover.close()
             for runner in status:
                 await runner.cleanup()
+        if daemon.takeover_error is not None:
+            print(daemon.takeover_error.line, file=sys.stderr)
+            return daemon.takeover_error.code
         if daemon.handed_over and settings.after_handover == "wait":
             await _idle_until_terminated()
         return EXIT_OK

@@ -24,6 +24,7 @@ import logging
 import signal
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from uproxy import native
@@ -33,7 +34,7 @@ from uproxy.gc_pause import GcPause
 from uproxy.iptables import Iptables, IptablesError
 from uproxy.metrics import Metrics
 from uproxy.model import ServicePort, ServicePortName
-from uproxy.proxy.handover import Received
+from uproxy.proxy.handover import Received, Session, TakeoverExit
 from uproxy.proxy.listeners import Listener, ListenerKey, ListenerSet, Listening
 from uproxy.proxy.ports import PortAllocator
 from uproxy.proxy.relay import make_relay
@@ -64,7 +65,7 @@ class ProtocolProxy(Listening, Protocol):
 
 class Daemon:
     def __init__(self, settings: Settings, source: Source,
-                 adopted: Received | None = None) -> None:
+                 takeover: Session | None = None) -> None:
         self.settings = settings
         self.source = source
         self.store = Store()
@@ -99,19 +100,42 @@ class Daemon:
         self._redirects_by_name: dict[ServicePortName, list[Redirect]] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self._gc = GcPause(self.loop)
-        # Takeover: what came from the previous uproxy, and what we hand to the next one.
-        self.adopted = adopted
+        # Takeover: the running uproxy we take over from once our source is loaded (its
+        # rules stay meanwhile), and what we hand to the next one.
+        self.takeover = takeover
+        self.takeover_error: TakeoverExit | None = None
+        self.after_takeover: Callable[[Received], Awaitable[None]] | None = None  # the cli's
         self.handed_over = False
         self.server_sockets: dict[str, socket.socket] = {}  # status/health, set by the cli
-        self._adopted_flows = [] if adopted is None else adopted.of_kind("udp")
-        if adopted is not None:
-            self._adopt_listeners(adopted)
-            for item, (client, backend) in adopted.of_kind("tcp"):
-                self._tcp_mover.adopt(item.meta, client, backend)
-            for item, _ in adopted.of_kind("affinity"):
-                self.balancer.import_affinity(
-                    ((ServicePortName(*pin[:4]), pin[4], (pin[5], pin[6]), pin[7])
-                     for pin in item.meta["pins"]), time.monotonic())
+        self._adopted_flows: list[tuple[Item, list[socket.socket]]] = []
+
+    def _adopt(self, adopted: Received) -> None:
+        """Serve what came over: listeners (claimed by the next sync), connections at once."""
+        self._adopted_flows = adopted.of_kind("udp")
+        self._adopt_listeners(adopted)
+        for item, (client, backend) in adopted.of_kind("tcp"):
+            self._tcp_mover.adopt(item.meta, client, backend)
+        for item, _ in adopted.of_kind("affinity"):
+            self.balancer.import_affinity(
+                ((ServicePortName(*pin[:4]), pin[4], (pin[5], pin[6]), pin[7])
+                 for pin in item.meta["pins"]), time.monotonic())
+        log.info("took over %d listening sockets and %d connections; keeping the rules in place",
+                 len(self.listener_set.adopted), len(self.conns))
+
+    async def _take_over(self) -> bool:
+        """Our source is loaded: take everything from the running uproxy now (False: failed)."""
+        session, self.takeover = self.takeover, None
+        assert session is not None
+        try:
+            adopted = session.take()
+        except TakeoverExit as exc:
+            self.takeover_error = exc
+            self.stop()
+            return False
+        self._adopt(adopted)
+        if self.after_takeover is not None:
+            await self.after_takeover(adopted)
+        return True
 
     def _add_udp(self) -> None:
         self._udp_mover: UdpMover | None = None
@@ -174,11 +198,11 @@ class Daemon:
         log.info("%s", native.describe())
         log.info("event loop: %s", type(self.loop).__module__.split(".")[0])
         self._gc.pause()
-        if self.adopted is not None:
-            # The rules point at the proxy ports that came over: leave them until the first
-            # sync renders the same ones (no cleanup, no empty chain in between).
-            log.info("took over %d listening sockets and %d connections; keeping the rules "
-                     "in place", len(self.listener_set.adopted), len(self.conns))
+        if self.takeover is not None:
+            # The rules point at the running uproxy's proxy ports, which come over with their
+            # sockets: leave them until our first sync renders the same ones.
+            log.info("a uproxy runs with --state-dir %s: taking it over once the %s source "
+                     "is loaded", self.settings.state_dir, self.source.name)
         elif self.iptables is not None:
             removed = await self.iptables.cleanup()
             if removed:
@@ -235,6 +259,12 @@ class Daemon:
                 await task
         self._tasks.clear()
         self.listener_set.close_all()
+        if self.takeover is not None or self.takeover_error is not None:
+            # Never took over: the running uproxy keeps serving with its rules.
+            if self.takeover is not None:
+                self.takeover.close()
+            log.info("stopped without taking over")
+            return
         if self.handed_over:  # the new uproxy serves the rules, sockets and connections now
             # (TCP: attempts that were still connecting; not UDP: its drain would delete
             # conntrack entries that the new uproxy's flows use)
@@ -276,6 +306,8 @@ class Daemon:
             self._wake.clear()
             if not self.source_synced:
                 continue
+            if self.takeover is not None and not await self._take_over():
+                return
             full = time.monotonic() - last_full >= self.settings.sync_period
             last_run = time.monotonic()
             try:

@@ -1,7 +1,8 @@
 """Takeover: a new uproxy receives every socket of the running one (pure: format and steps).
 
 The exchange, over the Unix socket in ``--state-dir`` (the edge doing the I/O is
-:mod:`uproxy.proxy.handover`)::
+:mod:`uproxy.proxy.handover`); the new process connects at its start and says
+hello once its own source is loaded, so the old one serves until then::
 
     new -> old   hello    {version, netns}
     old -> new   refuse   {reason}                       (version or namespace differ: old

@@ -52,14 +52,23 @@ def _serving(tmp_path: Path, index: int) -> bool:
     return "synced" in _log(tmp_path, index) or "took over" in _log(tmp_path, index)
 
 
+def _created(path: Path) -> int:
+    try:
+        return path.stat().st_ctime_ns
+    except FileNotFoundError:
+        return 0
+
+
 def test_the_old_one_exits_0_after_handing_over(procs: list[subprocess.Popen[str]],
                                                 tmp_path: Path) -> None:
+    sock = tmp_path / "state" / "takeover.sock"
     old = _start(procs, tmp_path)
-    wait_until(lambda: (tmp_path / "state" / "takeover.sock").exists(), timeout=15)
+    wait_until(lambda: _created(sock), timeout=15)
+    first = _created(sock)
     new = _start(procs, tmp_path)
     assert old.wait(20) == 0
     assert "stopped after handing over" in _log(tmp_path, 0)
-    wait_until(lambda: "took over" in _log(tmp_path, 1), timeout=15)
+    wait_until(lambda: _created(sock) not in (0, first), timeout=15)  # the new one's now
     assert new.poll() is None
     new.send_signal(signal.SIGTERM)
     assert new.wait(20) == 0

@@ -1,16 +1,18 @@
 """Takeover I/O: the Unix socket in ``--state-dir`` and the fds passed over it.
 
 The steps and the format are :mod:`uproxy.takeover` (pure); this module does
-what its machines say. :func:`take_over` is the starting process's side, run
-once before anything else is opened; :class:`HandoverServer` is the running
-process's side: it listens on ``<state-dir>/takeover.sock`` and, when a new
-uproxy says hello, asks the daemon (a :class:`Handing`) to pause, collect what
-it hands over, and then either release or resume it.
+what its machines say. The starting process's side is :func:`connect` at start
+(is anyone running? its rules must then stay) and :meth:`Session.take` once its
+own source is loaded, so the running one serves on while the new one loads;
+:class:`HandoverServer` is the running process's side: it listens on
+``<state-dir>/takeover.sock``, waits on the loop for the hello, then asks the
+daemon (a :class:`Handing`) to pause, collect what it hands over, and then
+either release or resume it.
 
-The running side does its exchange with blocking calls and a deadline: while
-it runs, everything it hands over is paused anyway (the native engine's own
-thread keeps relaying what it owns), and a peer that stalls costs at most the
-deadline before everything resumes.
+From the hello on, the running side does its exchange with blocking calls and
+a deadline: everything it hands over is paused then anyway (the native
+engine's own thread keeps relaying what it has not been asked for yet), and a
+peer that stalls costs at most the deadline before everything resumes.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ from uproxy.takeover import (
 log = logging.getLogger("uproxy.takeover")
 
 STEP_TIMEOUT = 10.0  # the whole exchange, either side
+HELLO_WAIT = 600.0  # a new uproxy's time to load its source before it says hello
 _RECV = 1 << 16
 
 
@@ -157,56 +160,83 @@ class _Channel:
 
 
 # The new process ----------------------------------------------------------------------------
-def take_over(state_dir: str, *, timeout: float = STEP_TIMEOUT) -> Received | None:
-    """Take every socket of the uproxy running with this state dir; None when none runs.
+class Session:
+    """A connection to the running uproxy, made at start; :meth:`take` when ready to serve.
 
-    Raises :class:`TakeoverExit` when one runs but cannot hand over.
+    The running one keeps serving until the hello, so the new one can load its
+    source first and take over only when it can sync at once.
     """
+
+    def __init__(self, sock: socket.socket, path: str, timeout: float) -> None:
+        self.sock = sock
+        self.path = path
+        self.timeout = timeout
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def take(self) -> Received:
+        """Every socket of the running uproxy; raises :class:`TakeoverExit` when it cannot."""
+        taker = Taker(netns_id())
+        channel = _Channel(self.sock, time.monotonic() + self.timeout)
+        event: TakerEvent = Connected()
+        items: tuple[Item, ...] = ()
+        try:
+            while True:
+                for action in taker.handle(event):
+                    if isinstance(action, SendHello):
+                        try:
+                            channel.send({"type": "hello", "version": action.version,
+                                          "netns": action.netns, "pid": os.getpid()})
+                        except OSError as exc:
+                            raise TakeoverExit(1, f"uproxy: takeover failed: {exc}; "
+                                                  f"the running uproxy keeps serving") from None
+                    elif isinstance(action, ConfirmOwned):
+                        channel.send({"type": "owned", "fds": action.fds})
+                    elif isinstance(action, Adopt):
+                        received = Received([(item, [socket.socket(fileno=fd) for fd in fds])
+                                             for item, fds in assign(items, channel.fds)])
+                        channel.fds = []
+                        return received
+                    elif isinstance(action, Exit):
+                        raise TakeoverExit(action.code, f"uproxy: {action.line}")
+                event, items = _next_event(channel, items)
+        finally:
+            for fd in channel.fds:  # not adopted: plain close, the old process still serves them
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self.sock.close()
+
+
+def connect(state_dir: str, *, timeout: float = STEP_TIMEOUT) -> Session | None:
+    """A session with the uproxy running with this state dir; None when none runs (a socket
+    file nobody answers on, left by a crashed one, is removed)."""
     path = socket_path(state_dir)
-    taker = Taker(netns_id())
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
-    channel = _Channel(sock, time.monotonic() + timeout)
-    event: TakerEvent
+    taker = Taker(netns_id())
     try:
         sock.connect(path)
-        event = Connected()
-    except (FileNotFoundError, NotADirectoryError):
-        event = NoPeer(stale=False)
-    except ConnectionRefusedError:
-        event = NoPeer(stale=True)
+    except (FileNotFoundError, NotADirectoryError, ConnectionRefusedError) as exc:
+        sock.close()
+        [action] = taker.handle(NoPeer(stale=isinstance(exc, ConnectionRefusedError)))
+        assert isinstance(action, StartFresh)
+        if action.remove_stale:
+            log.info("no uproxy answers at %s (it crashed?); starting fresh", path)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        return None
     except OSError as exc:
         sock.close()
         raise TakeoverExit(2, f"uproxy: cannot reach the running uproxy at {path}: "
                               f"{exc.strerror or exc}") from None
-    items: tuple[Item, ...] = ()
-    try:
-        while True:
-            for action in taker.handle(event):
-                if isinstance(action, StartFresh):
-                    if action.remove_stale:
-                        log.info("no uproxy answers at %s (it crashed?); starting fresh", path)
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(path)
-                    return None
-                if isinstance(action, SendHello):
-                    channel.send({"type": "hello", "version": action.version,
-                                  "netns": action.netns, "pid": os.getpid()})
-                elif isinstance(action, ConfirmOwned):
-                    channel.send({"type": "owned", "fds": action.fds})
-                elif isinstance(action, Adopt):
-                    received = Received([(item, [socket.socket(fileno=fd) for fd in fds])
-                                         for item, fds in assign(items, channel.fds)])
-                    channel.fds = []
-                    return received
-                elif isinstance(action, Exit):
-                    raise TakeoverExit(action.code, f"uproxy: {action.line}")
-            event, items = _next_event(channel, items)
-    finally:
-        for fd in channel.fds:  # not adopted: plain close, the old process still serves them
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        sock.close()
+    return Session(sock, path, timeout)
+
+
+def take_over(state_dir: str, *, timeout: float = STEP_TIMEOUT) -> Received | None:
+    """:func:`connect` and :meth:`Session.take` at once; None when no uproxy runs."""
+    session = connect(state_dir, timeout=timeout)
+    return None if session is None else session.take()
 
 
 def _next_event(channel: _Channel, items: tuple[Item, ...]) -> tuple[TakerEvent, tuple[Item, ...]]:
@@ -301,6 +331,20 @@ class HandoverServer:
             peer, _ = self.sock.accept()
         except OSError:
             return
+        # A new uproxy connects at its start and says hello once its source is loaded:
+        # wait on the loop (serving on), up to HELLO_WAIT.
+        peer.setblocking(False)
+        timer = self.loop.call_later(HELLO_WAIT, self._hello_late, peer)
+        self.loop.add_reader(peer.fileno(), self._hello_ready, peer, timer)
+
+    def _hello_late(self, peer: socket.socket) -> None:
+        log.warning("takeover: a new uproxy connected but said nothing for %.0fs", HELLO_WAIT)
+        self.loop.remove_reader(peer.fileno())
+        peer.close()
+
+    def _hello_ready(self, peer: socket.socket, timer: asyncio.TimerHandle) -> None:
+        timer.cancel()
+        self.loop.remove_reader(peer.fileno())
         try:
             self._serve(peer)
         finally:
