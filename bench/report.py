@@ -172,7 +172,7 @@ def scale_table(res: Results) -> str:
         ("takeover: exchange (old process's timing) / connections moved / old exit code",
          [f"{v(s, 'takeover_exchange_ms', ' ms')} / {s.get('takeover_moved', 'n/a')} / "
           f"{s.get('takeover_old_exit', 'n/a')}" for s in res.scale.values()]),
-        ("takeover: new process start -> first sync (new connections wait in the backlog)",
+        ("takeover: new process start -> first sync (loads its source while the old serves)",
          [v(s, "takeover_to_sync_s", " s") for s in res.scale.values()]),
         ("takeover: longest client gap, keep-alive / new connections (errors)",
          [_stall(s.get("takeover_stall")) for s in res.scale.values()]),

@@ -111,14 +111,20 @@ class NativeRelayHandle:
             self._twin.abort()
 
     # Takeover: the engine hands the connection back, with the bytes its pipes held.
+    def request_pause(self) -> None:
+        """Ask the engine to hand the connection back, without waiting (see ``pause``):
+        asking for every connection first, then waiting, costs one round trip, not one each."""
+        if self._conn is not None and not self._want_detach and self._relay._stopped is None:
+            self._want_detach = True
+            self._relay._lib.uproxy_engine_detach(self._relay._raw, self._conn)
+
     def pause(self) -> bool:
         """Take the connection back from the engine (waits for it); False if it ended."""
         if isinstance(self._twin, PyRelayHandle):  # resumed on the twin after a failed takeover
             return self._twin.pause()
         if self._conn is None or self._relay._stopped is not None:
             return self._detached is not None
-        self._want_detach = True
-        self._relay._lib.uproxy_engine_detach(self._relay._raw, self._conn)
+        self.request_pause()
         deadline = time.monotonic() + DETACH_TIMEOUT
         while self._conn is not None and time.monotonic() < deadline:
             select.select([self._relay._efd], [], [], max(0.0, deadline - time.monotonic()))

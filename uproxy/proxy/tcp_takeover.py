@@ -40,7 +40,12 @@ class TcpMover:
     def pause(self) -> None:
         self._paused = []
         # (a list: pausing a native connection runs completions, which remove ended ones)
-        for conn, handle in list(self.proxy.live.values()):
+        live = list(self.proxy.live.values())
+        for _, handle in live:
+            request = getattr(handle, "request_pause", None)  # the engine's: ask all at once
+            if request is not None:
+                request()
+        for conn, handle in live:
             if isinstance(handle, MovableHandle) and handle.pause():
                 self._paused.append((conn, handle))
 
