@@ -57,7 +57,7 @@ def _probe_result(lab: Lab, proc: object, name: str, seconds: float) -> dict[str
     return result
 
 
-def test_new_connections_are_never_refused_while_uproxy_is_replaced_twice(
+def test_should_work_after_restarting_kube_proxy_no_connection_refused_in_two_upgrades(
         lab: Lab, node: NodeProxy) -> None:
     rules = _rules(node)
     assert len(rules) == 1 and "REDIRECT" in rules[0]
@@ -83,7 +83,7 @@ def test_new_connections_are_never_refused_while_uproxy_is_replaced_twice(
     assert node.uproxy_lines() == []
 
 
-def test_a_crashed_uproxy_leaves_a_stale_socket_and_the_next_one_starts_fresh(
+def test_should_work_after_restarting_kube_proxy_killed_uproxy_leaves_a_stale_socket(
         lab: Lab, node: NodeProxy) -> None:
     import signal
 
@@ -200,3 +200,23 @@ def test_a_takeover_that_fails_half_way_leaves_the_old_one_serving_everything(
     assert sum(probed["errors"].values()) == 0, probed  # type: ignore[union-attr]
     assert node.upgrade() == 0  # and a real takeover still works afterwards
     assert node.stop() == 0
+
+
+def test_a_refused_takeover_exits_2_in_one_line_and_leaves_the_old_one_and_its_rules(
+        lab: Lab, node: NodeProxy) -> None:
+    """Refused because it runs in another network namespace (a state dir shared by
+    mistake): the refusal path a different handover format takes too."""
+    rules = node.uproxy_lines()
+    argv = [sys.executable, "-m", "uproxy", "run", "--manifests", str(node.manifests),
+            "--hostname-override", "node", "--state-dir", str(node.state_dir),
+            "--status-address", "127.0.0.1:10249", "--healthz-address", "127.0.0.1:10256"]
+    done = lab.run("client", argv, timeout=60, check=False)
+    assert done.returncode == 2, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("uproxy: takeover refused") and "network namespace" in last, last
+    assert "Traceback" not in done.stderr
+    assert node.proc is not None and node.proc.poll() is None
+    assert node.uproxy_lines() == rules
+    result = lab.probe("tcp", VIP, "80", "--count", "20")
+    assert sum(result["counts"].values()) == 20, result
+    assert "takeover refused" in node.log
