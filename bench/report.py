@@ -124,6 +124,14 @@ def main_table(res: Results, peers: Sequence[str]) -> str:
     return render_summary(figs, peers, kernel=KERNEL, nginx=NGINX)
 
 
+def _stall(doc: dict[str, Any] | None) -> str:
+    if not doc:
+        return "n/a"
+    ka, new = doc.get("keepalive", {}), doc.get("new", {})
+    return (f"{ka.get('longest_gap_ms')} ms / {new.get('longest_gap_ms')} ms "
+            f"({ka.get('errors')} / {new.get('errors')})")
+
+
 def scale_table(res: Results) -> str:
     if not res.scale:
         return "_not run_"
@@ -161,6 +169,13 @@ def scale_table(res: Results) -> str:
          [le(s, "sync") for s in res.scale.values()]),
         ("/metrics network_programming_duration p50 / p99 (bucket bound; count)",
          [le(s, "prog") for s in res.scale.values()]),
+        ("takeover: exchange (old process's timing) / connections moved / old exit code",
+         [f"{v(s, 'takeover_exchange_ms', ' ms')} / {s.get('takeover_moved', 'n/a')} / "
+          f"{s.get('takeover_old_exit', 'n/a')}" for s in res.scale.values()]),
+        ("takeover: new process start -> first sync (loads its source while the old serves)",
+         [v(s, "takeover_to_sync_s", " s") for s in res.scale.values()]),
+        ("takeover: longest client gap, keep-alive / new connections (errors)",
+         [_stall(s.get("takeover_stall")) for s in res.scale.values()]),
     ]
     names = {"files": "manifest files (one JSON List)", "api": "fake API server (list+watch)"}
     head = "| scale figure (uproxy native) | " + " | ".join(names.get(x, x) for x in sources) + " |"

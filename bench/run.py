@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import parse
+from bench import parse, takeover
 from bench.changes import churn_objects
 from bench.changes import write as write_churn
 from bench.parse import Figure
@@ -464,13 +464,17 @@ def _start_api_server(lab: Lab,
     return kubeconfig, control, proc
 
 
+def _daemon_argv(lab: Lab, src_flags: list[str]) -> list[str]:
+    return [sys.executable, "-m", "uproxy", "run", *src_flags, *DAEMON_FLAGS,
+            "--state-dir", str(lab.workdir / "uproxy-state")]
+
+
 def _start_daemon(lab: Lab, src_flags: list[str],
                   log_name: str) -> tuple[subprocess.Popen[bytes], float]:
     """A fresh uproxy (native) in the node ns; returns it and its seconds to /readyz."""
     poller = _start_ready_poller(lab, f"{log_name}-ready", 180)
     t0 = time.monotonic()
-    proc = lab.spawn("node", [sys.executable, "-m", "uproxy", "run", *src_flags, *DAEMON_FLAGS],
-                     log_name)
+    proc = lab.spawn("node", _daemon_argv(lab, src_flags), log_name)
     try:
         return proc, _wait_ready(lab, proc, log_name, poller, f"{log_name}-ready", 180) - t0
     except BaseException:
@@ -571,6 +575,10 @@ def _scale_measure(lab: Lab, opts: Options, s: dict[str, Any], source: str,
                  f"{parse.fmt_num(s['change_p99_ms'])} ms over {len(lat)} changes "
                  f"({s['change_timeouts']} timeouts); /metrics: sync p99 <= "
                  f"{s['sync_p99_le']} s, network programming p99 <= {s['prog_p99_le']} s")
+        if source == "files":  # issue 15: an upgrade of this daemon, under load
+            proc = takeover.measure(lab, s, root=ROOT, vip=CHURN_VIP, port=HTTP_PORT, count=n,
+                                    argv=_daemon_argv(lab, src_flags), old=proc,
+                                    old_log=log_name, log=opts.log)
     finally:
         terminate(proc, 60)
 

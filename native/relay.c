@@ -40,6 +40,7 @@
 #define CMD_ADD 1u
 #define CMD_ABORT 2u
 #define CMD_RELEASE 4u
+#define CMD_DETACH 8u
 
 ssize_t uproxy_splice_move(int from_fd, int to_fd, int pipe_r, int pipe_w, size_t len)
 {
@@ -99,6 +100,7 @@ struct conn {
     struct endpoint ep[2];
     struct direction dir[2]; /* 0: client -> backend, 1: backend -> client */
     bool live, closed, released;
+    char *held[2]; /* after a detach: the bytes each direction held (freed with the conn) */
     struct conn *prev, *next; /* all conns the engine thread knows */
     /* guarded by e->lock */
     unsigned cmds;
@@ -276,6 +278,108 @@ static void conn_finish(struct uproxy_engine *e, struct conn *c, int reason, int
         .side = side,
         .err = err,
     };
+    pthread_mutex_lock(&e->lock);
+    c->done_next = NULL;
+    if (e->done_tail)
+        e->done_tail->done_next = c;
+    else
+        e->done_head = c;
+    e->done_tail = c;
+    pthread_mutex_unlock(&e->lock);
+    wake(e->donefd);
+}
+
+/* The bytes direction `d` holds (copy buffer or pipe), moved into a malloc'd block.
+ * False when they cannot be (no memory, a pipe read failing): then nothing moved. */
+static bool dir_take(struct uproxy_engine *e, struct direction *d, char **out, size_t *len)
+{
+    *out = NULL;
+    *len = 0;
+    if (d->buf) {
+        *len = d->buf_len - d->buf_off;
+        *out = malloc(*len ? *len : 1);
+        if (!*out)
+            return false;
+        memcpy(*out, d->buf + d->buf_off, *len);
+        free(d->buf);
+        d->buf = NULL;
+        stat_set(&e->stats.bufs_in_use, stat_get(&e->stats.bufs_in_use) - 1);
+        return true;
+    }
+    if (d->pipe) {
+        char *block = malloc(d->in_pipe);
+        if (!block)
+            return false;
+        size_t got = 0;
+        while (got < d->in_pipe) {
+            ssize_t n = read(d->pipe->r, block + got, d->in_pipe - got);
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n <= 0) { /* cannot happen: the pipe holds exactly in_pipe bytes */
+                free(block);
+                return false;
+            }
+            got += (size_t)n;
+        }
+        pool_put(e, d->pipe); /* empty now */
+        d->pipe = NULL;
+        d->in_pipe = 0;
+        *out = block;
+        *len = got;
+    }
+    return true;
+}
+
+/* Hand the connection back (CMD_DETACH): stop watching both fds, take out what
+ * each direction holds, queue the completion; the fds stay open. An EOF whose
+ * direction is empty gets its SHUT_WR now, as the next pump would have sent it,
+ * so the receiver only ever has to send SHUT_WR after pending bytes. */
+static void conn_detach(struct uproxy_engine *e, struct conn *c)
+{
+    if (c->closed)
+        return;
+    for (int di = 0; di < 2; di++) {
+        struct direction *d = &c->dir[di];
+        if (d->eof && !d->shut && !d->buf && !d->pipe) {
+            shutdown(c->fd[1 - di], SHUT_WR);
+            d->shut = true;
+        }
+    }
+    if (c->dir[0].shut && c->dir[1].shut) {
+        conn_finish(e, c, UPROXY_DONE_CLOSED, -1, 0);
+        return;
+    }
+    size_t len[2] = {0, 0};
+    for (int di = 0; di < 2; di++) {
+        if (!dir_take(e, &c->dir[di], &c->held[di], &len[di])) {
+            conn_finish(e, c, UPROXY_DONE_ERROR, -1, ENOMEM); /* nothing lost silently */
+            return;
+        }
+    }
+    c->closed = true;
+    for (int s = 0; s < 2; s++)
+        epoll_ctl(e->epfd, EPOLL_CTL_DEL, c->fd[s], NULL);
+    if (c->live) {
+        c->live = false;
+        stat_set(&e->stats.conns_live, stat_get(&e->stats.conns_live) - 1);
+    }
+    c->done = (struct uproxy_done){
+        .conn = &c->pub,
+        .token = c->pub.token,
+        .bytes_up = stat_get(&c->pub.bytes_up),
+        .bytes_down = stat_get(&c->pub.bytes_down),
+        .reason = UPROXY_DONE_DETACHED,
+        .side = -1,
+        .client_fd = c->fd[0],
+        .backend_fd = c->fd[1],
+        .pending_up = c->held[0],
+        .pending_up_len = len[0],
+        .pending_down = c->held[1],
+        .pending_down_len = len[1],
+        .eof_up = c->dir[0].eof,
+        .eof_down = c->dir[1].eof,
+    };
+    c->fd[0] = c->fd[1] = -1; /* the caller's now */
     pthread_mutex_lock(&e->lock);
     c->done_next = NULL;
     if (e->done_tail)
@@ -518,6 +622,8 @@ static void conn_free(struct uproxy_engine *e, struct conn *c)
         e->all = c->next;
     if (c->next)
         c->next->prev = c->prev;
+    free(c->held[0]);
+    free(c->held[1]);
     free(c);
 }
 
@@ -544,6 +650,8 @@ static bool run_commands(struct uproxy_engine *e)
             conn_start(e, c);
         if (cmds & CMD_ABORT)
             conn_finish(e, c, UPROXY_DONE_ABORTED, -1, 0);
+        if (cmds & CMD_DETACH)
+            conn_detach(e, c);
         if (cmds & CMD_RELEASE) {
             c->released = true;
             if (c->closed)
@@ -700,6 +808,18 @@ void uproxy_engine_abort(struct uproxy_engine *e, struct uproxy_conn *pc)
     bool queued = !e->stopping;
     if (queued)
         enqueue(e, c, CMD_ABORT);
+    pthread_mutex_unlock(&e->lock);
+    if (queued)
+        wake(e->wakefd);
+}
+
+void uproxy_engine_detach(struct uproxy_engine *e, struct uproxy_conn *pc)
+{
+    struct conn *c = (struct conn *)pc;
+    pthread_mutex_lock(&e->lock);
+    bool queued = !e->stopping;
+    if (queued)
+        enqueue(e, c, CMD_DETACH);
     pthread_mutex_unlock(&e->lock);
     if (queued)
         wake(e->wakefd);

@@ -78,7 +78,7 @@ static void rst_close(int fd)
 struct slot {
     struct uproxy_conn *conn;
     int client, backend; /* the far ends, held by the test */
-    int how;             /* 0 clean, 1 client RST, 2 backend RST, 3 abort, 4 left for stop */
+    int how; /* 0 clean, 1 client RST, 2 backend RST, 3 abort, 4 left for stop, 5 detach */
     int completions;
     int reason;
 };
@@ -94,6 +94,19 @@ static int drain(struct uproxy_engine *e, struct slot *slots, int stopping)
                 FAIL("token %lu: conn pointer mismatch", (unsigned long)done[i].token);
             s->completions++;
             s->reason = done[i].reason;
+            if (done[i].reason == UPROXY_DONE_DETACHED) {
+                /* The held bytes are readable until release; the fds are ours to close. */
+                volatile unsigned sum = 0;
+                for (size_t k = 0; k < done[i].pending_up_len; k++)
+                    sum += (unsigned char)done[i].pending_up[k];
+                for (size_t k = 0; k < done[i].pending_down_len; k++)
+                    sum += (unsigned char)done[i].pending_down[k];
+                (void)sum;
+                if (done[i].client_fd < 0 || done[i].backend_fd < 0)
+                    FAIL("token %lu: detached without fds", (unsigned long)done[i].token);
+                close(done[i].client_fd);
+                close(done[i].backend_fd);
+            }
             if (!stopping)
                 uproxy_engine_release(e, done[i].conn);
         }
@@ -122,7 +135,7 @@ int main(void)
             int cn, bn;
             tcp_pair(lc, &cn, &s->client);
             tcp_pair(lb, &bn, &s->backend);
-            s->how = (base + i) % 5;
+            s->how = (base + i) % 6;
             s->conn = uproxy_engine_add(e, cn, bn, (uint64_t)(base + i));
             if (!s->conn)
                 FAIL("add: %s", strerror(errno));
@@ -149,6 +162,10 @@ int main(void)
             case 3:
                 uproxy_engine_abort(e, s->conn);
                 uproxy_engine_abort(e, s->conn); /* twice: still one completion */
+                break;
+            case 5:
+                uproxy_engine_detach(e, s->conn);
+                uproxy_engine_detach(e, s->conn); /* twice: still one completion */
                 break;
             default:
                 pending_stop++;
@@ -195,8 +212,9 @@ int main(void)
     }
     drain(e, slots, 1);
 
-    static const int expect[5] = {UPROXY_DONE_CLOSED, UPROXY_DONE_RESET, UPROXY_DONE_RESET,
-                                  UPROXY_DONE_ABORTED, UPROXY_DONE_ABORTED};
+    static const int expect[6] = {UPROXY_DONE_CLOSED, UPROXY_DONE_RESET, UPROXY_DONE_RESET,
+                                  UPROXY_DONE_ABORTED, UPROXY_DONE_ABORTED,
+                                  UPROXY_DONE_DETACHED};
     for (int i = 0; i < ROUNDS * BATCH; i++) {
         struct slot *s = &slots[i];
         if (s->completions != 1)

@@ -43,6 +43,7 @@ ssize_t uproxy_splice_move(int from_fd, int to_fd, int pipe_r, int pipe_w, size_
 #define UPROXY_DONE_RESET 1   /* `side` reset (ECONNRESET/EPIPE); the other side got RST */
 #define UPROXY_DONE_ERROR 2   /* `side` failed with errno `err`; both sides got RST */
 #define UPROXY_DONE_ABORTED 3 /* uproxy_engine_abort or uproxy_engine_stop; both got RST */
+#define UPROXY_DONE_DETACHED 4 /* uproxy_engine_detach: both fds are the caller's again */
 
 #define UPROXY_SIDE_CLIENT 0
 #define UPROXY_SIDE_BACKEND 1
@@ -71,6 +72,17 @@ struct uproxy_done {
     int reason;
     int side; /* -1 when no side is to blame */
     int err;  /* errno for UPROXY_DONE_RESET / UPROXY_DONE_ERROR, else 0 */
+    /* UPROXY_DONE_DETACHED only: the fds, the bytes read but not yet written each
+     * way (valid until release), and which side's EOF was read (its peer already
+     * got SHUT_WR when no bytes are pending that way). */
+    int client_fd;
+    int backend_fd;
+    const char *pending_up;
+    size_t pending_up_len;
+    const char *pending_down;
+    size_t pending_down_len;
+    int eof_up;
+    int eof_down;
 };
 
 struct uproxy_engine_stats {
@@ -101,6 +113,12 @@ struct uproxy_conn *uproxy_engine_add(struct uproxy_engine *e, int client_fd, in
 
 /* Reset both sides of `c` (no-op when it already ended). Only before release. */
 void uproxy_engine_abort(struct uproxy_engine *e, struct uproxy_conn *c);
+
+/* Stop relaying `c` without closing anything (a takeover moves it to another
+ * process): its completion, reason UPROXY_DONE_DETACHED, hands back both fds
+ * and the bytes the engine held (its pipes are read out). A connection that
+ * ends first completes as usual. Only before release. */
+void uproxy_engine_detach(struct uproxy_engine *e, struct uproxy_conn *c);
 
 /* The caller is done with `c` (after its completion): the engine frees it. */
 void uproxy_engine_release(struct uproxy_engine *e, struct uproxy_conn *c);

@@ -104,6 +104,9 @@ class Balancer:
         self._rng = rng or random.Random()
         self._affinity: dict[tuple[ServicePortName, str], tuple[Endpoint, float]] = {}
         self._failed: dict[tuple[str, int], float] = {}
+        # Pins another uproxy handed over (a takeover): endpoint address and last use,
+        # taken up at the key's next choice if that endpoint is still usable.
+        self._imported: dict[tuple[ServicePortName, str], tuple[tuple[str, int], float]] = {}
 
     def choose(
         self,
@@ -125,6 +128,8 @@ class Balancer:
         key = (entry.port.name, client_ip)
         if timeout is not None:
             pinned = self._affinity.get(key)
+            if pinned is None and self._imported:
+                pinned = self._take_imported(key, usable)
             if pinned is not None:
                 endpoint, last = pinned
                 if now - last <= timeout and endpoint in usable:
@@ -136,6 +141,33 @@ class Balancer:
         if timeout is not None:
             self._affinity[key] = (endpoint, now)
         return endpoint
+
+    def _take_imported(self, key: tuple[ServicePortName, str],
+                       usable: tuple[Endpoint, ...]) -> tuple[Endpoint, float] | None:
+        imported = self._imported.pop(key, None)
+        if imported is None:
+            return None
+        address, last = imported
+        for endpoint in usable:
+            if endpoint.address == address:
+                self._affinity[key] = (endpoint, last)
+                return endpoint, last
+        return None
+
+    def export_affinity(self, now: float) -> list[tuple[ServicePortName, str, tuple[str, int],
+                                                        float]]:
+        """Every ClientIP pin as (service port, client IP, endpoint address, seconds idle)."""
+        pins = [(name, client, endpoint.address, now - last)
+                for (name, client), (endpoint, last) in self._affinity.items()]
+        pins += [(name, client, address, now - last)
+                 for (name, client), (address, last) in self._imported.items()]
+        return pins
+
+    def import_affinity(self, pins: Iterable[tuple[ServicePortName, str, tuple[str, int], float]],
+                        now: float) -> None:
+        """Pins exported by the uproxy this one took over from (clocks differ: idle times)."""
+        for name, client, address, idle in pins:
+            self._imported[(name, client)] = (address, now - idle)
 
     def connect_failed(self, endpoint: Endpoint, now: float, entry: Entry | None = None,
                        client_ip: str | None = None) -> None:
@@ -158,9 +190,14 @@ class Balancer:
                 endpoint not in entry.endpoints
             ):
                 del self._affinity[key]
+        for key, (_, last) in list(self._imported.items()):
+            entry = table.get(key[0])
+            timeout = entry.port.affinity_timeout if entry else None
+            if timeout is None or now - last > timeout:
+                del self._imported[key]
         for address, until in list(self._failed.items()):
             if until <= now:
                 del self._failed[address]
 
     def affinity_count(self) -> int:
-        return len(self._affinity)
+        return len(self._affinity) + len(self._imported)

@@ -187,27 +187,98 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         from uproxy.daemon import Daemon
+        from uproxy.proxy.handover import HandoverServer, Received, TakeoverExit, connect
 
         await _check_kube(settings, env)
-        daemon = Daemon(settings, make_source(settings, env))
-        status = await _start_status(daemon)
+        try:  # a uproxy running with this state dir will hand us every socket it has
+            session = connect(settings.state_dir)
+        except TakeoverExit as exc:
+            print(exc.line, file=sys.stderr)
+            return exc.code
+        daemon = Daemon(settings, make_source(settings, env), session)
+        handover = HandoverServer(asyncio.get_running_loop(), settings.state_dir, daemon)
+        status: list[Any] = []
+
+        async def serve(adopted: Received | None) -> None:
+            """The status/health servers (on the sockets that came over, if any) and the
+            takeover socket for the next upgrade."""
+            try:
+                status[:] = await _start_status(daemon, _adopted_servers(settings, adopted))
+            except UsageError as exc:
+                if adopted is None:
+                    raise
+                log.error("%s; serving without them", exc)  # we own every socket now
+            daemon.server_sockets = _server_sockets(status)
+            try:
+                handover.start()
+            except OSError as exc:
+                log.warning("no takeover socket in %s (%s): an upgrade will start from scratch",
+                            settings.state_dir, exc.strerror or exc)
+
+        if session is None:
+            await serve(None)
+        else:  # once the source is loaded and the sockets came over
+            daemon.after_takeover = serve
         try:
             await daemon.run()
         finally:
+            handover.close()
             for runner in status:
                 await runner.cleanup()
+        if daemon.takeover_error is not None:
+            print(daemon.takeover_error.line, file=sys.stderr)
+            return daemon.takeover_error.code
+        if daemon.handed_over and settings.after_handover == "wait":
+            await _idle_until_terminated()
         return EXIT_OK
 
     return run_loop(settings.loop, main)
 
 
-async def _start_status(daemon: Any) -> list[Any]:
+async def _idle_until_terminated() -> None:
+    """Hold nothing and wait for SIGTERM/SIGINT: a DaemonSet's old pod, which would be
+    restarted (and take everything back) if it exited before the controller deletes it."""
+    import signal
+
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, done.set)
+    log.info("handed over; waiting for SIGTERM (UPROXY_AFTER_HANDOVER=wait)")
+    await done.wait()
+
+
+def _adopted_servers(settings: Settings, adopted: Any) -> dict[str, Any]:
+    """The status/health sockets that came over, if they listen where we are told to."""
+    out: dict[str, Any] = {}
+    if adopted is None:
+        return out
+    wanted = {"status": settings.status_address, "health": settings.healthz_address}
+    for item, (sock, *_) in adopted.of_kind("server"):
+        which = item.meta.get("which")
+        if which in wanted and sock.getsockname()[:2] == wanted[which]:
+            out[which] = sock
+        else:
+            sock.close()
+    return out
+
+
+def _server_sockets(runners: list[Any]) -> dict[str, Any]:
+    """Copies of the status/health listening sockets, to hand to the next uproxy."""
+    if not runners:
+        return {}
+    from uproxy.status.server import listening_socket
+
+    return dict(zip(("status", "health"), map(listening_socket, runners), strict=False))
+
+
+async def _start_status(daemon: Any, sockets: Mapping[str, Any] | None = None) -> list[Any]:
     try:
         from uproxy.status.server import start_servers
     except ImportError:
         return []
     try:
-        runners: list[Any] = await start_servers(daemon)
+        runners: list[Any] = await start_servers(daemon, sockets)
     except OSError as exc:
         raise UsageError(f"cannot start the status/health servers: {exc.strerror or exc}") from None
     return runners

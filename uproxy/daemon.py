@@ -24,7 +24,9 @@ import contextlib
 import datetime
 import logging
 import signal
+import socket
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from uproxy import native
@@ -37,11 +39,13 @@ from uproxy.iptables import Iptables, IptablesError
 from uproxy.metrics import Metrics
 from uproxy.model import ServicePort, ServicePortName
 from uproxy.proxy.families import ipv6_missing
+from uproxy.proxy.handover import Received, Session, TakeoverExit
 from uproxy.proxy.listeners import Listener, ListenerKey, ListenerSet, Listening
 from uproxy.proxy.node_addresses import nodeport_addresses
 from uproxy.proxy.ports import PortAllocator
 from uproxy.proxy.relay import make_relay
 from uproxy.proxy.tcp import TcpProxy
+from uproxy.proxy.tcp_takeover import TcpMover
 from uproxy.proxy.transparent import Transparent
 from uproxy.redirects import redirects_of
 from uproxy.rules import Redirect, render
@@ -50,8 +54,10 @@ from uproxy.sources import Source
 from uproxy.state import Entry, Served, Store
 from uproxy.status.health import local_ready_count
 from uproxy.status.service_health import HealthCheckPorts
+from uproxy.takeover import Item
 
 if TYPE_CHECKING:
+    from uproxy.proxy.udp.takeover import UdpMover
     from uproxy.status.view import DaemonView
 
 __all__ = ["Daemon", "ListenerKey"]  # ListenerKey: where callers found it before the split
@@ -70,7 +76,8 @@ class ProtocolProxy(Listening, Protocol):
 
 
 class Daemon:
-    def __init__(self, settings: Settings, source: Source) -> None:
+    def __init__(self, settings: Settings, source: Source,
+                 takeover: Session | None = None) -> None:
         self.settings = settings
         self.source = source
         self.store = Store(proxy_name=settings.service_proxy_name,
@@ -87,11 +94,10 @@ class Daemon:
         self.loop = asyncio.get_running_loop()
         self.relay = make_relay(self.loop)
         self.transparent = Transparent(settings.hostname_override)  # on: _prepare_iptables
-        self.proxies: dict[str, ProtocolProxy] = {
-            "TCP": TcpProxy(loop=self.loop, relay=self.relay, balancer=self.balancer,
-                            conns=self.conns, metrics=self.metrics,
-                            transparent=self.transparent),
-        }
+        tcp = TcpProxy(loop=self.loop, relay=self.relay, balancer=self.balancer,
+                       conns=self.conns, metrics=self.metrics, transparent=self.transparent)
+        self.proxies: dict[str, ProtocolProxy] = {"TCP": tcp}
+        self._tcp_mover = TcpMover(tcp)
         self._add_udp()
         self._served = Served()
         self.listener_set = self._listener_set(self._no_ipv6 is None)
@@ -111,6 +117,14 @@ class Daemon:
         self._redirects_by_name: dict[ServicePortName, list[Redirect]] = {}
         self._tasks: list[asyncio.Task[Any]] = []
         self._gc = GcPause(self.loop)
+        # Takeover: the running uproxy we take over from once our source is loaded (its
+        # rules stay meanwhile), and what we hand to the next one.
+        self.takeover = takeover
+        self.takeover_error: TakeoverExit | None = None
+        self.after_takeover: Callable[[Received], Awaitable[None]] | None = None  # the cli's
+        self.handed_over = False
+        self.server_sockets: dict[str, socket.socket] = {}  # status/health, set by the cli
+        self._adopted_flows: list[tuple[Item, list[socket.socket]]] = []
         self.health_checks = HealthCheckPorts(local_endpoints=self._local_ready,
                                               healthy=self.healthy)
         self._hc_ports: dict[ServicePortName, int] = {}  # health-check node port per port
@@ -119,6 +133,36 @@ class Daemon:
         self._filter_text: dict[int, str] = {}
         self._filter_hooks_in_place = False
 
+    def _adopt(self, adopted: Received) -> None:
+        """Serve what came over: listeners (claimed by the next sync), connections at once."""
+        self._adopted_flows = adopted.of_kind("udp")
+        self._adopt_listeners(adopted)
+        for item, (client, backend) in adopted.of_kind("tcp"):
+            self._tcp_mover.adopt(item.meta, client, backend)
+        for item, _ in adopted.of_kind("affinity"):
+            self.balancer.import_affinity(
+                ((ServicePortName(*pin[:4]), pin[4], (pin[5], pin[6]), pin[7])
+                 for pin in item.meta["pins"]), time.monotonic())
+        log.info("took over %d listening sockets and %d connections; keeping the rules in place",
+                 len(self.listener_set.adopted), len(self.conns))
+        self.events.takeover(self.settings.state_dir,
+                             f"took over {len(self.listener_set.adopted)} listening sockets "
+                             f"and {len(self.conns)} connections")
+
+    async def _take_over(self) -> bool:
+        """Our source is loaded: take everything from the running uproxy now (False: failed)."""
+        session, self.takeover = self.takeover, None
+        assert session is not None
+        try:
+            adopted = session.take()
+        except TakeoverExit as exc:
+            self.takeover_error = exc
+            self.stop()
+            return False
+        self._adopt(adopted)
+        if self.after_takeover is not None:
+            await self.after_takeover(adopted)
+        return True
     def _listener_set(self, ipv6: bool) -> ListenerSet:
         return ListenerSet(self.allocator, self.settings.bind_address,
                            self.settings.nodeport_addresses, (4, 6) if ipv6 else (4,))
@@ -145,14 +189,18 @@ class Daemon:
         log.info("IPv6 is not served: %s; IPv6 Service addresses are skipped", reason)
 
     def _add_udp(self) -> None:
+        self._udp_mover: UdpMover | None = None
         try:
             from uproxy.proxy.udp import UdpProxy
         except ImportError:
             return
-        self.proxies["UDP"] = UdpProxy(loop=self.loop, balancer=self.balancer, conns=self.conns,
-                                       metrics=self.metrics, settings=self.settings,
-                                       max_flows=self.settings.udp_max_flows,
-                                       transparent=self.transparent)
+        self.proxies["UDP"] = udp = UdpProxy(
+            loop=self.loop, balancer=self.balancer, conns=self.conns, metrics=self.metrics,
+            settings=self.settings, max_flows=self.settings.udp_max_flows,
+            transparent=self.transparent)
+        from uproxy.proxy.udp.takeover import UdpMover
+
+        self._udp_mover = UdpMover(udp)
 
     @property
     def served(self) -> dict[ServicePortName, Entry]:
@@ -210,7 +258,16 @@ class Daemon:
         log.addHandler(self.events.handler)
         self._gc.pause()
         await self._check_ipv6()
-        if self.iptables is not None:
+        if self.takeover is not None:
+            # The rules point at the running uproxy's proxy ports, which come over with their
+            # sockets: leave them until our first sync renders the same ones.
+            log.info("a uproxy runs with --state-dir %s: taking it over once the %s source "
+                     "is loaded", self.settings.state_dir, self.source.name)
+            if self.iptables is not None:  # its mangle rules and routing stay; ours too
+                self._prepare = self.loop.create_task(self._start_transparent(),
+                                                      name="transparent")
+                self._tasks.append(self._prepare)
+        elif self.iptables is not None:
             removed = 0
             for _, table in self._nat_tables():
                 removed += await table.cleanup()
@@ -239,7 +296,10 @@ class Daemon:
             self._hooks_in_place = self._filter_hooks_in_place = True
         except (IptablesError, OSError) as exc:  # the first sync tries again and reports it
             log.debug("preparing iptables: %s", exc)
-        # Before the first rules: the first connection already goes from the client.
+        await self._start_transparent()
+
+    async def _start_transparent(self) -> None:
+        """Before the first rules: the first connection already goes from the client."""
         masquerade_all = self.settings.masquerade_all
         await self.transparent.start(wanted=not masquerade_all,
                                      why_not="--masquerade-all" if masquerade_all else "")
@@ -275,6 +335,18 @@ class Daemon:
         self._tasks.clear()
         self.listener_set.close_all()
         await self.health_checks.close()
+        if self.takeover is not None or self.takeover_error is not None:
+            # Never took over: the running uproxy keeps serving with its rules.
+            if self.takeover is not None:
+                self.takeover.close()
+            log.info("stopped without taking over")
+            return
+        if self.handed_over:  # the new uproxy serves the rules, sockets and connections now
+            # (TCP: attempts that were still connecting; not UDP: its drain would delete
+            # conntrack entries that the new uproxy's flows use)
+            await self.proxies["TCP"].drain(self.settings.shutdown_grace)
+            log.info("stopped after handing over")
+            return
         if self.iptables is not None and self.rules_applied:
             # Stop intercepting new connections, but keep NAT alive for open ones.
             for family, table in self._nat_tables():
@@ -320,6 +392,8 @@ class Daemon:
             self._wake.clear()
             if not self.source_synced:
                 continue
+            if self.takeover is not None and not await self._take_over():
+                return
             full = time.monotonic() - last_full >= self.settings.sync_period
             last_run = time.monotonic()
             try:
@@ -351,6 +425,9 @@ class Daemon:
         touched = [*diff.added, *(new for _, new in diff.changed)]
         for entry in touched:
             self._ensure_listeners(entry.port)
+        if self.listener_set.adopted:  # the first sync claimed what it wanted; no one wants these
+            closed = self.listener_set.close_unclaimed()
+            log.info("closed %d taken-over sockets no service wants any more", closed)
         if full:  # retry ports that were taken; follow node address changes for NodePorts
             done = {e.port.name for e in touched}
             for name, entry in table.items():
@@ -362,6 +439,8 @@ class Daemon:
         for proto in protocols & set(self.proxies):
             self.proxies[proto].entries = {n: e for n, e in table.items()
                                            if e.port.protocol == proto}
+        if self._adopted_flows:  # the first sync opened the listeners the flows belong to
+            self._adopt_flows()
         rules_changed = False
         for entry in diff.removed:
             rules_changed |= bool(self._redirects_by_name.pop(entry.port.name, None))
@@ -508,6 +587,69 @@ class Daemon:
                             port.name, port.protocol)
             return
         self.listener_set.ensure(port, proxy)
+
+    # Takeover ------------------------------------------------------------------------------
+    def _adopt_listeners(self, adopted: Received) -> None:
+        for item, (sock, *_) in adopted.of_kind("listener"):
+            m = item.meta
+            name = ServicePortName(m["namespace"], m["name"], m["port_name"], m["protocol"])
+            key = ListenerKey(name, m["scope"], m["address"], m["port"], int(m.get("family", 4)))
+            self.listener_set.adopt(key, sock)
+
+    def _adopt_flows(self) -> None:
+        flows, self._adopted_flows = self._adopted_flows, []
+        now, kept = time.monotonic(), 0
+        for item, (sock, *_) in flows:
+            if self._udp_mover is not None:
+                kept += self._udp_mover.adopt(item.meta, sock, now)
+            else:
+                sock.close()
+        log.info("took over %d of %d UDP flows", kept, len(flows))
+
+    def pause(self) -> None:
+        """A new uproxy takes over: stop accepting (the backlogs wait for it)."""
+        for listener in self.listener_set.listeners.values():
+            listener.pause()
+        self._tcp_mover.pause()
+        if self._udp_mover is not None:
+            self._udp_mover.pause()
+
+    def inventory(self) -> list[tuple[Item, list[socket.socket]]]:
+        items: list[tuple[Item, list[socket.socket]]] = []
+        for key, listener in self.listener_set.listeners.items():
+            meta = {"protocol": key.name.protocol, "namespace": key.name.namespace,
+                    "name": key.name.name, "port_name": key.name.port, "scope": key.scope,
+                    "address": key.address, "port": key.port, "bound": listener.port,
+                    "family": key.family}
+            items.append((Item("listener", meta), [listener.sock]))
+        for which, sock in self.server_sockets.items():
+            items.append((Item("server", {"which": which}), [sock]))
+        pins = [[n.namespace, n.name, n.port, n.protocol, client, ip, port, idle]
+                for n, client, (ip, port), idle in self.balancer.export_affinity(time.monotonic())]
+        items.append((Item("affinity", {"pins": pins}, fds=0), []))
+        if self._udp_mover is not None:
+            items += self._udp_mover.inventory(time.monotonic())
+        return items + self._tcp_mover.inventory()
+
+    def resume(self, reason: str) -> None:
+        self._tcp_mover.resume()
+        if self._udp_mover is not None:
+            self._udp_mover.resume()
+        for listener in self.listener_set.listeners.values():
+            listener.resume()
+
+    def release(self) -> None:
+        """The new uproxy owns every socket: close our copies quietly and stop (exit 0)."""
+        self.handed_over = True
+        moved = self._tcp_mover.release()
+        flows = self._udp_mover.release() if self._udp_mover is not None else 0
+        log.info("handed over %d connections and %d UDP flows", moved, flows)
+        for listener in self.listener_set.listeners.values():
+            listener.release()
+        self.listener_set.listeners.clear()
+        for sock in self.server_sockets.values():
+            sock.close()
+        self.stop()
 
     def _redirects_of(self, entry: Entry) -> list[Redirect]:
         """The rules of one service port: each of its addresses -> its listener's port."""

@@ -287,6 +287,12 @@ class Settings:
     masquerade_all: bool = setting(
         False, parse=_boolean, show=_show_bool, metavar="BOOL", bare="true",
         help="backends always see the node's address")
+    state_dir: str = setting(
+        "/run/uproxy", parse=str, metavar="DIR",
+        help="takeover socket for upgrades")
+    after_handover: str = setting(
+        "exit", parse=_choice(("exit", "wait")), choices=("exit", "wait"), flag=None,
+        help="after a takeover: exit 0, or idle until SIGTERM")
     loop: str = setting(
         "uvloop", parse=_choice(("uvloop", "asyncio")), choices=("uvloop", "asyncio"),
         help="event loop")

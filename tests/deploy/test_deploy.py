@@ -118,7 +118,7 @@ def test_health_ports_match() -> None:
     c = _container()
     assert c["livenessProbe"]["httpGet"] == {"path": "/livez", "port": HEALTHZ_PORT}
     assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": HEALTHZ_PORT}
-    assert [p["containerPort"] for p in c["ports"]] == [HEALTHZ_PORT]
+    assert "ports" not in c  # with hostNetwork a port is a hostPort: no surge pod could start
     healthz = _flags(c["args"]).get("--healthz-address")
     assert healthz is not None and healthz.rsplit(":", 1)[1] == str(HEALTHZ_PORT)
 
@@ -195,3 +195,20 @@ def test_dockerfile_builds_from_python_slim_with_iptables_and_conntrack() -> Non
     for line in re.findall(r"^COPY\s+(?!--)(.+)$", text, re.M):
         for copied in line.split()[:-1]:
             assert (REPO / copied).exists(), f"Dockerfile copies missing {copied}"
+
+
+def test_a_rollout_is_a_takeover_on_every_node() -> None:
+    """maxSurge 1 / maxUnavailable 0 starts the new pod beside the old one; both see the
+    same state directory on the host, and the old one idles after handing over."""
+    ds = _one("DaemonSet")
+    rolling = ds["spec"]["updateStrategy"]["rollingUpdate"]
+    assert (rolling["maxSurge"], rolling["maxUnavailable"]) == (1, 0)
+    c = _container()
+    state_dir = _flags(c["args"])["--state-dir"]
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in ds["spec"]["template"]["spec"]["volumes"]}
+    assert volumes[mounts[state_dir]]["hostPath"] == {"path": state_dir,
+                                                      "type": "DirectoryOrCreate"}
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert _run_settings(["run", *c["args"][1:]]).state_dir == state_dir
+    assert env["UPROXY_AFTER_HANDOVER"] == "wait"

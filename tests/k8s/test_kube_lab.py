@@ -88,7 +88,7 @@ class KubeProxy(NodeProxy):
         argv = [sys.executable, "-m", "uproxy", "run", "--kubeconfig", str(self.kubeconfig),
                 "--loop", self.loop, "--hostname-override", NODE,
                 "--status-address", "127.0.0.1:10249", "--healthz-address", "127.0.0.1:10256",
-                *self.args]
+                "--state-dir", str(self.state_dir), *self.args]
         self._starts += 1
         self.started_at = time.monotonic()
         self.proc = self.lab.spawn("node", argv, f"{self.name}-{self._starts}")

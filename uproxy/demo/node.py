@@ -34,6 +34,8 @@ class NodeProxy:
         self.name = name
         self.manifests = lab.workdir / f"{name}-manifests"
         self.manifests.mkdir(exist_ok=True)
+        # Its own takeover socket: never another lab's uproxy (they share the filesystem).
+        self.state_dir = lab.workdir / f"{name}-state"
         self.proc: subprocess.Popen[bytes] | None = None
         self._starts = 0
 
@@ -63,12 +65,28 @@ class NodeProxy:
                 "--manifests", str(self.manifests), "--loop", self.loop,
                 "--hostname-override", "node",
                 "--status-address", "127.0.0.1:10249", "--healthz-address", "127.0.0.1:10256",
-                *self.args]
+                "--state-dir", str(self.state_dir), *self.args]
         self._starts += 1
         self.proc = self.lab.spawn("node", argv, f"{self.name}-{self._starts}", env=env)
         self.wait_ready(timeout=timeout)
         if wait_for is not None:
             self.wait_rules(lambda text: wait_for in text, timeout=timeout, family=None)
+
+    def upgrade(self, *, timeout: float = 15.0) -> int:
+        """Start a new uproxy beside the running one, which hands it every socket and exits.
+
+        Returns the old process's exit code once the new one answers ``/readyz``.
+        """
+        old = self.proc
+        assert old is not None and old.poll() is None, "nothing running to upgrade"
+        self.start(timeout=timeout)
+        try:
+            code = old.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise LabError(f"the old uproxy did not exit after the takeover:\n"
+                           f"{self.lab.log(f'{self.name}-{self._starts - 1}')}") from None
+        self.wait_ready(timeout=timeout)  # the new one's answer now, the old one's socket is gone
+        return code
 
     def ready(self) -> bool:
         """``/readyz`` of the running daemon answers 200 (first sync done, rules applied)."""

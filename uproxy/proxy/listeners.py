@@ -32,9 +32,14 @@ SCOPE_NODEPORT = "nodeport"
 
 
 class Listener(Protocol):
+    sock: socket.socket
+
     @property
     def port(self) -> int: ...
     def close(self) -> None: ...
+    def pause(self) -> None: ...
+    def resume(self) -> None: ...
+    def release(self) -> None: ...
 
 
 class Listening(Protocol):
@@ -74,6 +79,7 @@ class ListenerSet:
         self.bind_failures: set[ServicePortName] = set()  # some wanted socket is not open
         self._by_name: dict[ServicePortName, set[ListenerKey]] = {}
         self._warned: set[ListenerKey] = set()
+        self.adopted: dict[ListenerKey, socket.socket] = {}  # from a takeover, not claimed yet
 
     def ensure(self, port: ServicePort, proxy: Listening) -> None:
         """Open the sockets ``port`` needs that are not open; close those it no longer needs."""
@@ -90,7 +96,9 @@ class ListenerSet:
             existing.discard(key)
         for key in sorted(wanted - existing, key=lambda k: (k.scope, k.family, k.address)):
             try:
-                if key.scope == SCOPE_NODEPORT:
+                if key in self.adopted:  # a takeover brought it (the rules point at its port)
+                    sock = self.adopted.pop(key)
+                elif key.scope == SCOPE_NODEPORT:
                     sock = bind(SOCK_KIND[port.protocol], key.address, key.port)
                 else:
                     sock = self.allocator.open(SOCK_KIND[port.protocol], key.address)
@@ -115,6 +123,21 @@ class ListenerSet:
             exc.strerror or str(exc))
         log.warning("Service %s/%s: port %s: cannot listen on %s %s: %s", name.namespace,
                     name.name, name.port or "(unnamed)", what, key.address, reason)
+
+    def adopt(self, key: ListenerKey, sock: socket.socket) -> None:
+        """A socket that came over in a takeover: the next ``ensure`` of its key uses it."""
+        self.adopted[key] = sock
+        if key.scope != SCOPE_NODEPORT:
+            self.allocator.avoid.add(sock.getsockname()[1])
+
+    def close_unclaimed(self) -> int:
+        """Close the adopted sockets no service wanted (after the first sync)."""
+        count = len(self.adopted)
+        for sock in self.adopted.values():
+            self.allocator.avoid.discard(sock.getsockname()[1])
+            sock.close()
+        self.adopted.clear()
+        return count
 
     def close(self, name: ServicePortName) -> None:
         """Close every socket of one service port (it is gone)."""

@@ -17,11 +17,21 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import socket
+import time
 from typing import Any
 
 from uproxy import native
-from uproxy.proxy.relay import DoneCallback, RefusedHandle, RelayResult, refuse
+from uproxy.proxy.pyrelay import PyRelay, PyRelayHandle
+from uproxy.proxy.relay import (
+    HANDED_OVER,
+    DoneCallback,
+    RefusedHandle,
+    RelayResult,
+    RelayState,
+    refuse,
+)
 
 PIPE_SIZE = 256 * 1024
 """Pipe size the native engine asks for (halved down to ``UPROXY_PIPE_SIZE_MIN`` when refused)."""
@@ -29,6 +39,7 @@ MAX_PIPES_CAP = 1024
 KEEP_FREE_PIPES = 16
 """Idle pipes the engine keeps open for reuse; the rest close when they empty."""
 _POLL_BATCH = 256
+DETACH_TIMEOUT = 5.0  # the engine thread answers in microseconds; this only bounds a bug
 
 
 
@@ -66,27 +77,98 @@ class NativeRelayHandle:
     the completion arrives, then frozen (the engine frees that memory)."""
 
     native = True
-    __slots__ = ("_conn", "_final", "_on_done", "_relay")
+    __slots__ = ("_conn", "_detached", "_final", "_on_done", "_relay", "_socks", "_twin",
+                 "_want_detach")
 
     def __init__(self, relay: NativeRelay, conn: Any, on_done: DoneCallback) -> None:
         self._relay = relay
         self._conn: Any = conn
         self._on_done = on_done
         self._final = RelayResult(0, 0)
+        self._want_detach = False
+        self._detached: RelayState | None = None  # taken back from the engine (a takeover)
+        self._socks: tuple[socket.socket, socket.socket] | None = None
+        self._twin: PyRelayHandle | RefusedHandle | None = None  # where it went on after resume
 
     @property
     def bytes_up(self) -> int:
         conn = self._conn
-        return int(conn.bytes_up) if conn is not None else self._final.bytes_up
+        if conn is not None:
+            return int(conn.bytes_up)
+        return self._twin.bytes_up if self._twin is not None else self._final.bytes_up
 
     @property
     def bytes_down(self) -> int:
         conn = self._conn
-        return int(conn.bytes_down) if conn is not None else self._final.bytes_down
+        if conn is not None:
+            return int(conn.bytes_down)
+        return self._twin.bytes_down if self._twin is not None else self._final.bytes_down
 
     def abort(self) -> None:
         if self._conn is not None:
             self._relay._abort(self._conn)
+        elif self._twin is not None:
+            self._twin.abort()
+
+    # Takeover: the engine hands the connection back, with the bytes its pipes held.
+    def request_pause(self) -> None:
+        """Ask the engine to hand the connection back, without waiting (see ``pause``):
+        asking for every connection first, then waiting, costs one round trip, not one each."""
+        if self._conn is not None and not self._want_detach and self._relay._stopped is None:
+            self._want_detach = True
+            self._relay._lib.uproxy_engine_detach(self._relay._raw, self._conn)
+
+    def pause(self) -> bool:
+        """Take the connection back from the engine (waits for it); False if it ended."""
+        if isinstance(self._twin, PyRelayHandle):  # resumed on the twin after a failed takeover
+            return self._twin.pause()
+        if self._conn is None or self._relay._stopped is not None:
+            return self._detached is not None
+        self.request_pause()
+        deadline = time.monotonic() + DETACH_TIMEOUT
+        while self._conn is not None and time.monotonic() < deadline:
+            select.select([self._relay._efd], [], [], max(0.0, deadline - time.monotonic()))
+            self._relay._on_completions()
+        if self._detached is None:
+            self._want_detach = False  # a late answer resumes it on the twin
+        return self._detached is not None
+
+    def state(self) -> RelayState:
+        if isinstance(self._twin, PyRelayHandle):
+            return self._twin.state()
+        assert self._detached is not None
+        return self._detached
+
+    def sockets(self) -> tuple[socket.socket, socket.socket]:
+        if isinstance(self._twin, PyRelayHandle):
+            return self._twin.sockets()
+        assert self._socks is not None
+        return self._socks
+
+    def resume(self) -> None:
+        """The takeover failed: relay on in this process, on the Python twin (the engine
+        takes no connection with bytes already read)."""
+        if isinstance(self._twin, PyRelayHandle):
+            self._twin.resume()
+            return
+        if self._detached is None or self._socks is None:
+            return
+        state, (client, backend) = self._detached, self._socks
+        self._detached = self._socks = None
+        self._twin = self._relay._resume_relay().adopt(client, backend, state, self._on_done)
+
+    def release(self) -> None:
+        """The new process owns the connection: close our fds only (no shutdown, no RST)."""
+        if isinstance(self._twin, PyRelayHandle):
+            self._twin.release()
+            return
+        if self._detached is None or self._socks is None:
+            return
+        state = self._detached
+        for sock in self._socks:
+            sock.close()
+        self._detached = self._socks = None
+        self._on_done(RelayResult(state.up, state.down, HANDED_OVER))
 
 
 class NativeRelay:
@@ -115,7 +197,13 @@ class NativeRelay:
         self._next_token = 1
         self._stopped: asyncio.Future[None] | None = None
         self._final_stats: dict[str, int] = {}
+        self._resumed: PyRelay | None = None  # connections taken back whose takeover failed
         loop.add_reader(self._efd, self._on_completions)
+
+    def _resume_relay(self) -> PyRelay:
+        if self._resumed is None:
+            self._resumed = PyRelay(self.loop)
+        return self._resumed
 
     def start(self, client: socket.socket, backend: socket.socket,
               on_done: DoneCallback) -> NativeRelayHandle | RefusedHandle:
@@ -146,6 +234,10 @@ class NativeRelay:
             for i in range(n):
                 done = buf[i]
                 handle = self._live.pop(int(done.token), None)
+                if done.reason == lib.UPROXY_DONE_DETACHED:
+                    self._detached(done, handle)
+                    lib.uproxy_engine_release(engine, done.conn)
+                    continue
                 result = RelayResult(int(done.bytes_up), int(done.bytes_down),
                                      _native_error(lib, done.reason, done.side, done.err))
                 if handle is not None:
@@ -165,8 +257,29 @@ class NativeRelay:
         if stopped and self._stopped is not None and not self._stopped.done():
             self._stopped.set_result(None)
 
+    def _detached(self, done: Any, handle: NativeRelayHandle | None) -> None:
+        """A connection the engine handed back: its fds and held bytes are ours again."""
+        ffi = self._ffi
+        state = RelayState(
+            int(done.bytes_up), int(done.bytes_down),
+            ffi.buffer(done.pending_up, done.pending_up_len)[:] if done.pending_up_len else b"",
+            ffi.buffer(done.pending_down, done.pending_down_len)[:]
+            if done.pending_down_len else b"",
+            bool(done.eof_up), bool(done.eof_down))
+        socks = (socket.socket(fileno=int(done.client_fd)),
+                 socket.socket(fileno=int(done.backend_fd)))
+        if handle is None:  # cannot happen (detach is asked through a live handle)
+            for sock in socks:
+                sock.close()
+            return
+        handle._conn = None
+        handle._final = RelayResult(state.up, state.down)
+        handle._detached, handle._socks = state, socks
+        if not handle._want_detach:
+            handle.resume()
+
     def active(self) -> int:
-        return len(self._live)
+        return len(self._live) + (self._resumed.active() if self._resumed is not None else 0)
 
     def stats(self) -> dict[str, int]:
         """Engine-wide figures: live connections, pool use, bytes per path."""
@@ -190,6 +303,8 @@ class NativeRelay:
         """Abort live connections (both sides get RST), wait for the thread, free everything."""
         if self._engine is None:
             return
+        if self._resumed is not None:
+            await self._resumed.close()
         if self._stopped is None:
             self._stopped = self.loop.create_future()
             self._lib.uproxy_engine_stop(self._raw)

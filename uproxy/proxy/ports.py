@@ -53,6 +53,7 @@ class PortAllocator:
         self.port_range = port_range or ephemeral_range()
         low, high = self.port_range
         self._cursor = low if self.explicit else random.randint(low, high)
+        self.avoid: set[int] = set()  # held by sockets a takeover brought, not yet claimed
 
     def open(self, kind: int, address: str) -> socket.socket:
         """Bind a proxy socket; raises OSError(EADDRINUSE) when the range is exhausted."""
@@ -61,6 +62,8 @@ class PortAllocator:
         for _ in range(size):
             port = self._cursor
             self._cursor = low if port >= high else port + 1
+            if port in self.avoid:
+                continue
             try:
                 return bind(kind, address, port)
             except OSError as exc:

@@ -16,7 +16,15 @@ import contextlib
 import errno
 import socket
 
-from uproxy.proxy.relay import DoneCallback, RefusedHandle, RelayResult, refuse, reset_close
+from uproxy.proxy.relay import (
+    HANDED_OVER,
+    DoneCallback,
+    RefusedHandle,
+    RelayResult,
+    RelayState,
+    refuse,
+    reset_close,
+)
 
 CHUNK = 256 * 1024
 
@@ -49,7 +57,7 @@ class PyRelayHandle:
     native = False
 
     def __init__(self, relay: PyRelay, client: socket.socket, backend: socket.socket,
-                 on_done: DoneCallback) -> None:
+                 on_done: DoneCallback, *, paused: bool = False) -> None:
         self._relay = relay
         self._loop = relay.loop
         self._client = client
@@ -60,8 +68,9 @@ class PyRelayHandle:
         self._closed = False
         client.setblocking(False)
         backend.setblocking(False)
-        self._loop.add_reader(client.fileno(), self._readable, self._up)
-        self._loop.add_reader(backend.fileno(), self._readable, self._down)
+        if not paused:
+            self._loop.add_reader(client.fileno(), self._readable, self._up)
+            self._loop.add_reader(backend.fileno(), self._readable, self._down)
 
     @property
     def bytes_up(self) -> int:
@@ -128,6 +137,47 @@ class PyRelayHandle:
     def abort(self) -> None:
         self._finish(reset=True, error="aborted")
 
+    # Takeover: stop, describe, then go on (it failed) or let go (the new process has it).
+    def pause(self) -> bool:
+        """Stop every callback; the state stays as it is until ``resume`` or ``release``.
+
+        False when the connection has ended (nothing to move)."""
+        if self._closed:
+            return False
+        for sock in (self._client, self._backend):
+            self._loop.remove_reader(sock.fileno())
+            self._loop.remove_writer(sock.fileno())
+        return True
+
+    def resume(self) -> None:
+        """Wait on what each direction waits for: its destination (bytes pending) or its source."""
+        if self._closed:
+            return
+        for d in (self._up, self._down):
+            if d.pending:
+                self._loop.add_writer(d.dst.fileno(), self._writable, d)
+            elif not d.eof:
+                self._loop.add_reader(d.src.fileno(), self._readable, d)
+
+    def state(self) -> RelayState:
+        """What travels with the connection: counters, unwritten bytes, EOFs seen."""
+        up, down = self._up, self._down
+        return RelayState(up.moved, down.moved, up.pending, down.pending, up.eof, down.eof)
+
+    def sockets(self) -> tuple[socket.socket, socket.socket]:
+        return self._client, self._backend
+
+    def release(self) -> None:
+        """The connection lives on in another process: close our fds only (no shutdown, no RST)."""
+        if self._closed:
+            return
+        self.pause()
+        self._closed = True
+        self._client.close()
+        self._backend.close()
+        self._relay._done(self)
+        self._on_done(RelayResult(self._up.moved, self._down.moved, HANDED_OVER))
+
     def _finish(self, *, reset: bool, error: str | None) -> None:
         if self._closed:
             return
@@ -163,6 +213,20 @@ class PyRelay:
             return refuse(self.loop, client, backend, on_done, "relay closed", native=False)
         handle = PyRelayHandle(self, client, backend, on_done)
         self._live.add(handle)
+        return handle
+
+    def adopt(self, client: socket.socket, backend: socket.socket, state: RelayState,
+              on_done: DoneCallback) -> PyRelayHandle | RefusedHandle:
+        """A connection another process relayed until now, with its counters and bytes."""
+        if self._closed:
+            return refuse(self.loop, client, backend, on_done, "relay closed", native=False)
+        handle = PyRelayHandle(self, client, backend, on_done, paused=True)
+        for d, moved, pending, eof in ((handle._up, state.up, state.pending_up, state.eof_up),
+                                       (handle._down, state.down, state.pending_down,
+                                        state.eof_down)):
+            d.moved, d.pending, d.eof = moved, pending, eof
+        self._live.add(handle)
+        handle.resume()
         return handle
 
     def _done(self, handle: PyRelayHandle) -> None:

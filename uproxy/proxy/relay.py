@@ -34,7 +34,7 @@ import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from uproxy import native
 
@@ -50,6 +50,20 @@ class RelayResult:
 
 DoneCallback = Callable[[RelayResult], None]
 
+HANDED_OVER = "handed over"  # the error of a connection a takeover moved to the new process
+
+
+@dataclass(frozen=True, slots=True)
+class RelayState:
+    """A paused connection's relay state, as it travels in a takeover."""
+
+    up: int  # bytes written client -> backend so far
+    down: int
+    pending_up: bytes = b""  # read from the client, not yet written to the backend
+    pending_down: bytes = b""
+    eof_up: bool = False  # the client's EOF was read (the backend got SHUT_WR once pending_up left)
+    eof_down: bool = False
+
 
 class RelayHandle(Protocol):
     @property
@@ -59,6 +73,17 @@ class RelayHandle(Protocol):
     @property
     def native(self) -> bool: ...
     def abort(self) -> None: ...
+
+
+@runtime_checkable
+class MovableHandle(Protocol):
+    """A handle a takeover can move to another process (the Python twin's; not the engine's)."""
+
+    def sockets(self) -> tuple[socket.socket, socket.socket]: ...
+    def pause(self) -> bool: ...
+    def resume(self) -> None: ...
+    def state(self) -> RelayState: ...
+    def release(self) -> None: ...
 
 
 class Relay(Protocol):

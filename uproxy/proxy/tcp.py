@@ -48,7 +48,7 @@ from uproxy.connections import Conn, ConnTable
 from uproxy.metrics import Metrics
 from uproxy.model import Endpoint, ServicePortName
 from uproxy.proxy.relay import Relay as RelayEngine
-from uproxy.proxy.relay import RelayResult, reset_close
+from uproxy.proxy.relay import RelayHandle, RelayResult, reset_close
 from uproxy.proxy.transparent import Transparent, backend_socket
 from uproxy.state import Entry
 
@@ -137,6 +137,18 @@ class TcpListener:
         self.proxy.loop.remove_reader(self._fd)
         self.sock.close()
 
+    # Takeover: stop accepting (the kernel keeps the backlog), then go on or let go.
+    def pause(self) -> None:
+        self.proxy.loop.remove_reader(self._fd)
+
+    def resume(self) -> None:
+        if not self._closed and not self._paused:
+            self.proxy.loop.add_reader(self._fd, self._accept)
+
+    def release(self) -> None:
+        """The socket lives on in the new process: close our fd only."""
+        self.close()
+
 
 class TcpProxy:
     """Owns the TCP side: which entry each listener serves and every live connection."""
@@ -155,6 +167,8 @@ class TcpProxy:
         self.entries: dict[ServicePortName, Entry] = {}
         self._connecting: set[_Connect] = set()
         self._metrics: dict[ServicePortName, _ServiceMetrics] = {}
+        self.live: dict[int, tuple[Conn, RelayHandle]] = {}  # conn id -> relayed connection
+        self.adopted_relay: RelayEngine | None = None  # runs what a takeover brought
 
     def listen(self, sock: socket.socket, name: ServicePortName, scope: str) -> TcpListener:
         return TcpListener(self, sock, name, scope)
@@ -185,12 +199,14 @@ class TcpProxy:
 
         def done(result: RelayResult) -> None:
             m.closed(result)
+            self.live.pop(conn.id, None)
             self.conns.close(conn, bytes_up=result.bytes_up, bytes_down=result.bytes_down,
                              error=result.error)
 
         handle = self.relay.start(client, backend, done)
         if conn.state != "closed":
             self.conns.established(conn, endpoint.address, handle)
+            self.live[conn.id] = (conn, handle)
 
     def rules_applied(self) -> None:
         """Nothing to do for TCP once rules are in (UDP cleans conntrack here)."""
@@ -198,11 +214,14 @@ class TcpProxy:
     async def drain(self, grace: float) -> None:
         """Wait up to ``grace`` seconds for open connections to finish, then abort the rest."""
         deadline = self.loop.time() + grace
-        while (self.relay.active() or self._connecting) and self.loop.time() < deadline:
+        relays = [r for r in (self.relay, self.adopted_relay) if r is not None]
+        while (any(r.active() for r in relays) or self._connecting) \
+                and self.loop.time() < deadline:
             await asyncio.sleep(0.05)
         for attempt in list(self._connecting):
             attempt.abort()
-        await self.relay.close()
+        for relay in relays:
+            await relay.close()
 
 
 class _ServiceMetrics:

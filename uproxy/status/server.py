@@ -21,9 +21,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import socket
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -367,11 +369,16 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 # --- start ---------------------------------------------------------------------------------
-async def _serve(app: web.Application, address: tuple[str, int]) -> web.AppRunner:
+async def _serve(app: web.Application, address: tuple[str, int],
+                 sock: socket.socket | None = None) -> web.AppRunner:
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, address[0], address[1], reuse_address=True)
+        site: web.BaseSite
+        if sock is not None:  # a listening socket that came over in a takeover
+            site = web.SockSite(runner, sock)
+        else:
+            site = web.TCPSite(runner, address[0], address[1], reuse_address=True)
         await site.start()
     except BaseException:
         await runner.cleanup()
@@ -379,11 +386,18 @@ async def _serve(app: web.Application, address: tuple[str, int]) -> web.AppRunne
     return runner
 
 
-async def start_servers(daemon: DaemonView) -> list[web.AppRunner]:
-    """Start the status and health apps; a bind error raises OSError (nothing left running)."""
-    runners = [await _serve(make_status_app(daemon), daemon.settings.status_address)]
+async def start_servers(daemon: DaemonView,
+                        sockets: Mapping[str, socket.socket] | None = None) -> list[web.AppRunner]:
+    """Start the status and health apps; a bind error raises OSError (nothing left running).
+
+    ``sockets`` (``status``, ``health``): listening sockets a takeover brought.
+    """
+    sockets = sockets or {}
+    runners = [await _serve(make_status_app(daemon), daemon.settings.status_address,
+                            sockets.get("status"))]
     try:
-        runners.append(await _serve(make_health_app(daemon), daemon.settings.healthz_address))
+        runners.append(await _serve(make_health_app(daemon), daemon.settings.healthz_address,
+                                    sockets.get("health")))
     except BaseException:
         await runners[0].cleanup()
         raise
@@ -396,4 +410,13 @@ def bound_port(runner: web.AppRunner) -> int:
         if isinstance(address, tuple):
             port: int = address[1]
             return port
+    raise RuntimeError("the runner has no listening socket")
+
+
+def listening_socket(runner: web.AppRunner) -> socket.socket:
+    """A copy (dup) of a started runner's listening socket, to hand over in a takeover."""
+    for site in runner.sites:
+        server = getattr(site, "_server", None)  # aiohttp keeps the asyncio server private
+        for sock in getattr(server, "sockets", None) or ():
+            return socket.socket(fileno=os.dup(sock.fileno()))
     raise RuntimeError("the runner has no listening socket")

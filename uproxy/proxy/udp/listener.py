@@ -52,10 +52,22 @@ class UdpListener:
         # recvmmsg/sendmmsg batches (native/udp.c), for both families
         batches = proxy.native_path
         self.batched = batches is not None and sock.family in (socket.AF_INET, socket.AF_INET6)
+        self.resume()
+
+    def resume(self) -> None:
+        """Read the socket (at start, and again after a takeover that failed)."""
+        batches = self.proxy.native_path
         if batches is not None and self.batched:
-            proxy.loop.add_reader(self._fd, batches.client_batch, self)
+            self.proxy.loop.add_reader(self._fd, batches.client_batch, self)
         else:
-            proxy.loop.add_reader(self._fd, proxy.python_path.client_readable, self)
+            self.proxy.loop.add_reader(self._fd, self.proxy.python_path.client_readable, self)
+
+    def pause(self) -> None:
+        self.proxy.loop.remove_reader(self._fd)
+
+    def release(self) -> None:
+        """The socket lives on in the new process: close our fd only (and our flows)."""
+        self.close()
 
     @property
     def fd(self) -> int:

@@ -291,6 +291,10 @@ class UdpProxy:
                          error=None if reason in (None, "idle") else reason)
 
     # Expiry ---------------------------------------------------------------------------------
+    def arm_sweeper(self) -> None:
+        """Make sure a sweep is scheduled (after flows were added from outside: a takeover)."""
+        self._arm_sweeper()
+
     def _arm_sweeper(self) -> None:
         if self._sweeper is not None:
             return

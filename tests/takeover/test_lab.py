@@ -1,0 +1,222 @@
+"""Upgrades in the lab: a new ``uproxy run`` takes over the running one's sockets.
+
+The real daemon in the node namespace, real iptables, a client in the client
+namespace opening new connections through a ClusterIP the whole time while
+uproxy is replaced; nothing may be refused or reset, and each old process
+exits 0 leaving the rules in place.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.matrix import Flavor
+from uproxy.demo.lab import Lab
+from uproxy.demo.node import NodeProxy, endpoint_slice, service
+
+VIP = "10.0.0.190"
+PORTS = [{"port": 80, "targetPort": 9376}]
+SLICE_PORTS = [{"name": "", "port": 9376, "protocol": "TCP"}]
+
+
+@pytest.fixture
+def node(lab: Lab, flavor: Flavor) -> Iterator[NodeProxy]:
+    proxy = NodeProxy(lab, loop=flavor.loop, native=flavor.native)
+    lab.start_echo(1, tcp_ports=(9376,))
+    lab.start_echo(2, tcp_ports=(9376,))
+    proxy.write("svc.yaml", service("upgraded", VIP, PORTS),
+                endpoint_slice("upgraded", lab.pod_ips[:2], SLICE_PORTS))
+    proxy.start(wait_for="default/upgraded: cluster IP")
+    yield proxy
+    if proxy.proc is not None and proxy.proc.poll() is None:
+        proxy.stop()
+
+
+def _rules(node: NodeProxy) -> list[str]:
+    return sorted(line for line in node.uproxy_lines() if VIP in line)
+
+
+def _background_probe(lab: Lab, seconds: float, name: str) -> tuple[object, str]:
+    argv = [sys.executable, "-m", "uproxy.demo.probe", "tcp", VIP, "80", "--count", "1000000",
+            "--concurrency", "4", "--timeout", "5", "--max-time", str(seconds)]
+    return lab.spawn("client", argv, name), name
+
+
+def _probe_result(lab: Lab, proc: object, name: str, seconds: float) -> dict[str, object]:
+    assert hasattr(proc, "wait")
+    proc.wait(seconds + 30)
+    lines = [line for line in lab.log(name).splitlines() if line.startswith("{")]
+    assert lines, lab.log(name)
+    result: dict[str, object] = json.loads(lines[-1])
+    return result
+
+
+def test_should_work_after_restarting_kube_proxy_no_connection_refused_in_two_upgrades(
+        lab: Lab, node: NodeProxy) -> None:
+    rules = _rules(node)
+    assert len(rules) == 1 and "REDIRECT" in rules[0]
+    seconds = 8.0
+    proc, name = _background_probe(lab, seconds, "probe-upgrades")
+    time.sleep(1.0)
+    pids = []
+    for _ in range(2):
+        assert node.proc is not None
+        pids.append(node.proc.pid)
+        assert node.upgrade() == 0  # the old process hands over and exits 0
+        assert _rules(node) == rules  # same proxy port: the rules were never rewritten
+        time.sleep(1.0)
+    result = _probe_result(lab, proc, name, seconds)
+    errors = result["errors"]
+    assert isinstance(errors, dict) and result["counts"], result
+    assert sum(errors.values()) == 0, result
+    assert sum(result["counts"].values()) > 100, result  # type: ignore[union-attr]
+    log = node.log
+    assert "took over" in log and "keeping the rules in place" in log, log
+    # SIGTERM after the takeovers still drains and removes every rule.
+    assert node.stop() == 0
+    assert node.uproxy_lines() == []
+
+
+def test_should_work_after_restarting_kube_proxy_killed_uproxy_leaves_a_stale_socket(
+        lab: Lab, node: NodeProxy) -> None:
+    import signal
+
+    assert node.proc is not None
+    node.proc.send_signal(signal.SIGKILL)
+    node.proc.wait(10)
+    assert (node.state_dir / "takeover.sock").exists()
+    node.start(wait_for="default/upgraded: cluster IP")
+    assert "crashed?" in node.log and "took over" not in node.log
+    result = lab.probe("tcp", VIP, "80", "--count", "20")
+    assert sum(result["counts"].values()) == 20, result
+
+
+def test_established_connections_survive_three_upgrades_byte_for_byte(
+        lab: Lab, node: NodeProxy) -> None:
+    """Both relay paths: the native engine hands each connection back with what its
+    pipes held; the new process relays what came over on its Python twin."""
+    seconds = 16.0
+    argv = [sys.executable, "-m", "tests.takeover.streams", VIP, "80", "--conns", "12",
+            "--halfclosed", "3", "--seconds", str(seconds)]
+    streams = lab.spawn("client", argv, "streams")
+    probe, name = _background_probe(lab, seconds, "probe-during-streams")
+    time.sleep(1.0)
+    moved = []
+    for _ in range(3):
+        assert node.upgrade() == 0
+        line = re.search(r"took over 1 listening sockets and (\d+) connections", node.log)
+        assert line, node.log
+        moved.append(int(line.group(1)))
+        upgraded_at = time.time()
+        time.sleep(1.0)
+    # The connections that came over show their first accept's age and every byte so far.
+    listing = json.loads(lab.run("node", ["curl", "-sf", "-m", "5",
+                                          "http://127.0.0.1:10249/api/v1/connections"]).stdout)
+    older = [c for c in listing["items"]
+             if c["state"] == "open" and c["age"] > time.time() - upgraded_at + 2]
+    assert len(older) >= 12, listing
+    assert all(c["bytes_up"] > 0 and c["bytes_down"] > 0 for c in older), older
+    streams.wait(seconds + 60)
+    lines = [line for line in lab.log("streams").splitlines() if line.startswith("{")]
+    assert lines, lab.log("streams")
+    result = json.loads(lines[-1])
+    assert result["broken"] == 0 and result["ok"] == 15, result
+    assert result["rounds"] > 50, result
+    # Every takeover moved at least the 12 chatty connections (the half-closed ones may be done).
+    assert all(count >= 12 for count in moved), moved
+    probed = _probe_result(lab, probe, name, seconds)
+    assert sum(probed["errors"].values()) == 0, probed  # type: ignore[union-attr]
+    assert node.stop() == 0
+    assert node.uproxy_lines() == []
+
+
+def test_a_udp_flow_and_an_affine_client_keep_their_endpoints_through_upgrades(
+        lab: Lab, flavor: Flavor) -> None:
+    node = NodeProxy(lab, loop=flavor.loop, native=flavor.native)
+    for pod in (1, 2, 3):
+        lab.start_echo(pod, tcp_ports=(9376,), udp_ports=(9377,))
+    node.write("sticky.yaml",
+               service("sticky", "10.0.0.191", PORTS, sessionAffinity="ClientIP"),
+               endpoint_slice("sticky", lab.pod_ips[:3], SLICE_PORTS),
+               service("asking", "10.0.0.192",
+                       [{"port": 53, "targetPort": 9377, "protocol": "UDP"}]),
+               endpoint_slice("asking", lab.pod_ips[:3],
+                              [{"name": "", "port": 9377, "protocol": "UDP"}]))
+    node.start(wait_for="default/asking: cluster IP")
+    try:
+        seconds = 9.0
+        udp = lab.spawn("client", [sys.executable, "-m", "uproxy.demo.probe", "udp",
+                                   "10.0.0.192", "53", "--count", "1000000", "--timeout", "5",
+                                   "--max-time", str(seconds)], "probe-udp")
+        tcp = lab.spawn("client", [sys.executable, "-m", "uproxy.demo.probe", "tcp",
+                                   "10.0.0.191", "80", "--count", "1000000", "--concurrency",
+                                   "2", "--timeout", "5", "--max-time", str(seconds)],
+                        "probe-sticky")
+        time.sleep(1.0)
+        for _ in range(3):
+            assert node.upgrade() == 0
+            time.sleep(0.5)
+        asked = _probe_result(lab, udp, "probe-udp", seconds)
+        sticky = _probe_result(lab, tcp, "probe-sticky", seconds)
+        # One socket, one flow: every reply from the same pod, none lost.
+        assert sum(asked["errors"].values()) == 0, asked  # type: ignore[union-attr]
+        assert len(asked["counts"]) == 1, asked  # type: ignore[arg-type]
+        assert sum(asked["counts"].values()) > 100, asked  # type: ignore[union-attr]
+        # One client IP with ClientIP affinity: one pod, before and after each upgrade.
+        assert sum(sticky["errors"].values()) == 0, sticky  # type: ignore[union-attr]
+        assert len(sticky["counts"]) == 1, sticky  # type: ignore[arg-type]
+        assert "took over 1 of 1 UDP flows" in node.log, node.log
+    finally:
+        assert node.stop() == 0
+
+
+def test_a_takeover_that_fails_half_way_leaves_the_old_one_serving_everything(
+        lab: Lab, node: NodeProxy) -> None:
+    seconds = 8.0
+    streams = lab.spawn("client", [sys.executable, "-m", "tests.takeover.streams", VIP, "80",
+                                   "--conns", "8", "--halfclosed", "2", "--seconds",
+                                   str(seconds)], "streams")
+    probe, name = _background_probe(lab, seconds, "probe-during-failure")
+    time.sleep(1.5)
+    for _ in range(2):  # the paused connections resume; then it can fail again
+        seen = json.loads(lab.run("node", [sys.executable, "-m", "tests.takeover.halfway",
+                                           str(node.state_dir)]).stdout.splitlines()[-1])
+        assert seen["offered"] >= 1 + 2 * 10 and seen["received"] >= 1, seen
+        assert {"listener", "tcp"} <= set(seen["kinds"]), seen
+        node.wait_log("takeover failed, serving everything again")
+        time.sleep(1.0)
+    assert node.proc is not None and node.proc.poll() is None
+    streams.wait(seconds + 60)
+    result = json.loads([line for line in lab.log("streams").splitlines()
+                         if line.startswith("{")][-1])
+    assert result["broken"] == 0 and result["ok"] == 10, result
+    probed = _probe_result(lab, probe, name, seconds)
+    assert sum(probed["errors"].values()) == 0, probed  # type: ignore[union-attr]
+    assert node.upgrade() == 0  # and a real takeover still works afterwards
+    assert node.stop() == 0
+
+
+def test_a_refused_takeover_exits_2_in_one_line_and_leaves_the_old_one_and_its_rules(
+        lab: Lab, node: NodeProxy) -> None:
+    """Refused because it runs in another network namespace (a state dir shared by
+    mistake): the refusal path a different handover format takes too."""
+    rules = node.uproxy_lines()
+    argv = [sys.executable, "-m", "uproxy", "run", "--manifests", str(node.manifests),
+            "--hostname-override", "node", "--state-dir", str(node.state_dir),
+            "--status-address", "127.0.0.1:10249", "--healthz-address", "127.0.0.1:10256"]
+    done = lab.run("client", argv, timeout=60, check=False)
+    assert done.returncode == 2, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("uproxy: takeover refused") and "network namespace" in last, last
+    assert "Traceback" not in done.stderr
+    assert node.proc is not None and node.proc.poll() is None
+    assert node.uproxy_lines() == rules
+    result = lab.probe("tcp", VIP, "80", "--count", "20")
+    assert sum(result["counts"].values()) == 20, result
+    assert "takeover refused" in node.log
