@@ -186,7 +186,7 @@ def test_podmonitor_finds_the_pods_and_their_metrics_port() -> None:
     daemonset = yaml.safe_load((REPO / "deploy" / "daemonset.yaml").read_text())
     patched = _apply_json_patch(daemonset, yaml.safe_load(patch["patch"]))
     container = patched["spec"]["template"]["spec"]["containers"][0]
-    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert "ports" not in container  # hostNetwork: a declared port would be a hostPort
 
     monitor = yaml.safe_load((MONITORING / "podmonitor.yaml").read_text())
     assert monitor["kind"] == "PodMonitor"
@@ -201,7 +201,10 @@ def test_podmonitor_finds_the_pods_and_their_metrics_port() -> None:
     args = settings_from_args(build_parser().parse_args(
         [a.replace("$(NODE_NAME)", "node-1").replace("$(POD_IP)", "192.0.2.7")
          for a in container["args"]]))
-    assert args.status_address == ("192.0.2.7", ports[endpoint["port"]])
+    address = next(r for r in endpoint["relabelings"] if r["targetLabel"] == "__address__")
+    assert address["sourceLabels"] == ["__meta_kubernetes_pod_ip"]
+    host, port = address["replacement"].replace("$1", "192.0.2.7").rsplit(":", 1)
+    assert args.status_address == (host, int(port))
     assert any(e["name"] == "POD_IP" and e["valueFrom"]["fieldRef"]["fieldPath"] ==
                "status.podIP" for e in container["env"])
     # The job label kubernetes-mixin selects kube-proxy by.
