@@ -1,4 +1,4 @@
-"""``python -m bench [--quick] [--only bulk,conn,keepalive,dns,idle,scale] [--rounds N]``.
+"""``python -m bench [--quick] [--only bulk,conn,keepalive,dns,conn6,...] [--rounds N]``.
 
 Installs the load tools when missing (as root, ``apt-get``), runs the
 side-by-side benchmark in a namespace lab (:mod:`bench.run`), prints the main

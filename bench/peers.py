@@ -1,14 +1,17 @@
 """The five data paths compared, each started and stopped in the lab's node namespace.
 
 Every peer is reached by the client at the same addresses (the ClusterIPs
-:data:`VIP` and :data:`VIP_BULK`), so the load tools run unchanged:
+:data:`VIP` and :data:`VIP_BULK`, and for the IPv6 rows (issue 13) the web/DNS
+Service's second ClusterIP :data:`VIP6`), so the load tools run unchanged:
 
 - kernel DNAT: kube-proxy's iptables mode, written the way kube-proxy writes it
   (``KUBE-SERVICES`` -> ``KUBE-SVC-*`` with ``-m statistic --mode random`` ->
-  ``KUBE-SEP-*`` with ``-j DNAT --to-destination``);
+  ``KUBE-SEP-*`` with ``-j DNAT --to-destination``), in ``iptables`` and, for
+  the IPv6 ClusterIP and the pods' IPv6 addresses, ``ip6tables``;
 - uproxy (native splice engine, and its pure-Python twin): the real daemon via
   :class:`uproxy.demo.node.NodeProxy` and manifests for the same ClusterIPs;
-  it intercepts with ``REDIRECT`` into its own sockets. It connects to the
+  it intercepts with ``REDIRECT`` (``ip6tables`` too: the web/DNS Service is
+  PreferDualStack with IPv6 EndpointSlices) into its own sockets. It connects to the
   backends from the client's address (transparent mode, the default); the native
   engine also runs with ``--masquerade-all`` (from the node's address, TCP rows
   only) to show what transparent mode costs;
@@ -41,6 +44,9 @@ from uproxy.demo.node import NodeProxy, endpoint_slice, service
 
 VIP = "10.0.0.10"
 """ClusterIP of the balanced services: HTTP :80 (2 nginx pods) and DNS :53/udp (2 dnsmasq pods)."""
+VIP6 = "fd00:96::a"
+"""The balanced service's IPv6 ClusterIP (in the lab's SERVICE_CIDR6): the same
+HTTP :80 and DNS :53/udp, to the pods' IPv6 addresses (issue 13's rows)."""
 VIP_BULK = "10.0.0.11"
 """ClusterIP of the bulk service :5201, one endpoint (iperf3's control and data
 connections must reach the same server)."""
@@ -53,6 +59,8 @@ KERNEL, NATIVE, PYTHON, NGINX, HAPROXY, C_UDP = (
 NATIVE_MASQ = "uproxy native masquerade-all"
 ALL_PEERS = (KERNEL, NATIVE, NATIVE_MASQ, PYTHON, NGINX, HAPROXY, C_UDP)
 UPROXY_PEERS = (NATIVE, NATIVE_MASQ, PYTHON)
+IPV6_PEERS = (KERNEL, NATIVE)
+"""The peers with IPv6 rows (issue 13: uproxy native against kernel DNAT over IPv6)."""
 NATIVE_SRC = Path(__file__).resolve().parent.parent / "native"
 
 
@@ -61,12 +69,15 @@ class Backends:
     http: tuple[str, ...]   # pod IPs serving HTTP on :80
     bulk: tuple[str, ...]   # pod IPs running iperf3 -s on :5201
     dns: tuple[str, ...]    # pod IPs running dnsmasq on :53
+    http6: tuple[str, ...] = ()  # the pods' IPv6 addresses, HTTP on :80
+    dns6: tuple[str, ...] = ()   # the pods' IPv6 addresses, dnsmasq on :53
 
 
 class Peer(Protocol):
     name: str
     udp: bool  # proxies DNS
     tcp: bool  # proxies HTTP and bulk (every peer but the C UDP relay)
+    ipv6: bool  # proxies HTTP and DNS on the IPv6 ClusterIP VIP6 too
 
     def start(self) -> None: ...
     def stop(self) -> None: ...
@@ -98,14 +109,17 @@ def kube_proxy_rules(services: list[tuple[str, str, int, str, tuple[str, ...]]])
     """iptables-restore text as kube-proxy's iptables mode writes it (nat table part).
 
     ``services``: (name "ns/svc:port", cluster IP, port, protocol, endpoint IPs),
-    endpoints serve the same port number.
+    endpoints serve the same port number. IPv6 services (for ``ip6tables-restore``;
+    a table holds one family) get ``/128`` and ``--to-destination [addr]:port``.
     """
     chains = ["KUBE-SERVICES"]
     rules = []
     for name, ip, port, proto, eps in services:
         svc = _chain("KUBE-SVC-", name)
         chains.append(svc)
-        rules.append(f'-A KUBE-SERVICES -d {ip}/32 -p {proto} -m comment --comment '
+        six = ":" in ip
+        plen = 128 if six else 32
+        rules.append(f'-A KUBE-SERVICES -d {ip}/{plen} -p {proto} -m comment --comment '
                      f'"{name} cluster IP" -m {proto} --dport {port} -j {svc}')
         seps = [_chain("KUBE-SEP-", f"{name}/{ep}") for ep in eps]
         chains += seps
@@ -115,33 +129,35 @@ def kube_proxy_rules(services: list[tuple[str, str, int, str, tuple[str, ...]]])
                 f"-m statistic --mode random --probability {1 / (n - i):.11f} "
             rules.append(f'-A {svc} -m comment --comment "{name}" {stat}-j {sep}')
             rules.append(f'-A {sep} -p {proto} -m comment --comment "{name}" -m {proto} '
-                         f'-j DNAT --to-destination {ep}:{port}')
+                         f'-j DNAT --to-destination {f"[{ep}]" if six else ep}:{port}')
     head = ["*nat", *(f":{c} - [0:0]" for c in chains)]
     hooks = [f'-A {h} -m comment --comment "kubernetes service portals" -j KUBE-SERVICES'
              for h in ("PREROUTING", "OUTPUT")]
     return "\n".join([*head, *hooks, *rules, "COMMIT", ""])
 
 
-def _restore(lab: Lab, text: str) -> None:
-    lab.run("node", ["iptables-restore", "--noflush"], input=text, timeout=30)
+def _restore(lab: Lab, text: str, tool: str = "iptables") -> None:
+    lab.run("node", [f"{tool}-restore", "--noflush"], input=text, timeout=30)
 
 
-def _remove_chains(lab: Lab, chains: list[str], hooks: list[list[str]]) -> None:
+def _remove_chains(lab: Lab, chains: list[str], hooks: list[list[str]],
+                   tool: str = "iptables") -> None:
     for hook in hooks:
-        while lab.run("node", ["iptables", "-t", "nat", "-D", *hook], check=False).returncode == 0:
+        while lab.run("node", [tool, "-t", "nat", "-D", *hook], check=False).returncode == 0:
             pass
     for chain in chains:
-        lab.run("node", ["iptables", "-t", "nat", "-F", chain], check=False)
+        lab.run("node", [tool, "-t", "nat", "-F", chain], check=False)
     for chain in chains:
-        lab.run("node", ["iptables", "-t", "nat", "-X", chain], check=False)
+        lab.run("node", [tool, "-t", "nat", "-X", chain], check=False)
 
 
 def flush_conntrack(lab: Lab) -> None:
     lab.run("node", ["conntrack", "-F"], check=False)
+    lab.run("node", ["conntrack", "-F", "-f", "ipv6"], check=False)
 
 
 class KernelDnat:
-    udp = tcp = True
+    udp = tcp = ipv6 = True
 
     def __init__(self, lab: Lab, backends: Backends) -> None:
         self.name = KERNEL
@@ -152,15 +168,22 @@ class KernelDnat:
             ("bench/bulk:iperf", VIP_BULK, BULK_PORT, "tcp", backends.bulk),
         ]
         self.text = kube_proxy_rules(self.services)
+        self.services6 = [
+            ("bench/web:http", VIP6, HTTP_PORT, "tcp", backends.http6),
+            ("bench/web:dns", VIP6, DNS_PORT, "udp", backends.dns6),
+        ]
+        self.text6 = kube_proxy_rules([s for s in self.services6 if s[4]])
 
     def start(self) -> None:
         _restore(self.lab, self.text)
+        _restore(self.lab, self.text6, "ip6tables")
 
     def stop(self) -> None:
-        chains = [line[1:].split()[0] for line in self.text.splitlines() if line.startswith(":")]
         hooks = [[h, "-m", "comment", "--comment", "kubernetes service portals", "-j",
                   "KUBE-SERVICES"] for h in ("PREROUTING", "OUTPUT")]
-        _remove_chains(self.lab, chains, hooks)
+        for text, tool in ((self.text, "iptables"), (self.text6, "ip6tables")):
+            chains = [line[1:].split()[0] for line in text.splitlines() if line.startswith(":")]
+            _remove_chains(self.lab, chains, hooks, tool)
         flush_conntrack(self.lab)
 
     def pids(self) -> list[int]:
@@ -174,6 +197,7 @@ class Uproxy:
                  args: tuple[str, ...] = (), masquerade_all: bool = False) -> None:
         self.name = NATIVE_MASQ if masquerade_all else NATIVE if native else PYTHON
         self.udp = not masquerade_all  # its TCP rows are the comparison; DNS is the same
+        self.ipv6 = self.name in IPV6_PEERS and bool(backends.http6)
         self.lab = lab
         if masquerade_all:
             args = (*args, "--masquerade-all")
@@ -183,13 +207,21 @@ class Uproxy:
             "bench.yaml",
             service("web", VIP, [{"name": "http", "port": HTTP_PORT, "targetPort": HTTP_PORT},
                                  {"name": "dns", "port": DNS_PORT, "targetPort": DNS_PORT,
-                                  "protocol": "UDP"}], namespace="bench"),
+                                  "protocol": "UDP"}], namespace="bench",
+                    **(dict(clusterIPs=[VIP, VIP6], ipFamilyPolicy="PreferDualStack",
+                            ipFamilies=["IPv4", "IPv6"]) if self.ipv6 else {})),
             endpoint_slice("web", backends.http,
                            [{"name": "http", "port": HTTP_PORT, "protocol": "TCP"}],
                            namespace="bench", name="web-http"),
             endpoint_slice("web", backends.dns,
                            [{"name": "dns", "port": DNS_PORT, "protocol": "UDP"}],
                            namespace="bench", name="web-dns"),
+            *((endpoint_slice("web", backends.http6,
+                              [{"name": "http", "port": HTTP_PORT, "protocol": "TCP"}],
+                              namespace="bench", name="web-http6"),
+               endpoint_slice("web", backends.dns6,
+                              [{"name": "dns", "port": DNS_PORT, "protocol": "UDP"}],
+                              namespace="bench", name="web-dns6")) if self.ipv6 else ()),
             service("bulk", VIP_BULK, [{"name": "iperf", "port": BULK_PORT,
                                         "targetPort": BULK_PORT}], namespace="bench"),
             endpoint_slice("bulk", backends.bulk,
@@ -201,6 +233,8 @@ class Uproxy:
         self.node.start(wait_for="bench/bulk:iperf cluster IP", timeout=30)
         self.node.wait_rules(lambda t: "bench/web:dns cluster IP" in t
                              and "bench/web:http cluster IP" in t, timeout=10)
+        if self.ipv6:
+            self.node.wait_rules(lambda t: t.count(f"{VIP6}/128") >= 2, timeout=10, family=6)
 
     def stop(self) -> None:
         if self.node.proc is not None and self.node.proc.poll() is None:
@@ -223,6 +257,7 @@ class _Redirected:
     chain = "BENCH-REDIRECT"
     udp = False
     tcp = True
+    ipv6 = False  # issue 13's IPv6 rows compare uproxy with kernel DNAT only
     name = ""
 
     def __init__(self, lab: Lab) -> None:

@@ -30,7 +30,9 @@ from bench.peers import C_UDP, HAPROXY, KERNEL, LOCAL_PORTS, NATIVE, NGINX, PYTH
 from bench.run import Options, Results
 
 SUMMARY_FIGS = ("bulk", "cpu_gb", "conn", "cpu_conn", "ka", "ka_p50", "ka_p99", "dns", "dns_lost",
-                "idle_rss", "idle_fds")
+                "conn6", "ka6", "ka6_p50", "ka6_p99", "dns6", "dns6_lost", "idle_rss", "idle_fds")
+IPV6_PAIRS = (("conn", "new conn/s"), ("ka", "keep-alive req/s"), ("dns", "DNS q/s"))
+"""Issue 13: each IPv6 figure (key + "6") against its IPv4 twin, as ratios to kernel DNAT."""
 
 
 def targets(res: Results) -> list[Target]:
@@ -85,6 +87,10 @@ def targets(res: Results) -> list[Target]:
     out.append(Target("DNS q/s >= 0.95x kernel DNAT, above nginx's UDP proxy, 0 lost", ok,
                       f"{fmt_ratio(r)} of kernel, {fmt_ratio(rn)} of nginx, lost per round: "
                       f"{lost if lost is not None else 'n/a'}{ceiling}"))
+    out.append(ipv6_target(res))
+    out.append(Target("IPv4 (issue 13): no regression from dual-stack", None,
+                      "one run cannot check it: compare the IPv4 rows with the previous "
+                      "RESULTS.md's (uproxy native's IPv4 rows come from the dual-stack daemon)"))
     for source, s in res.scale.items():
         label = "manifest files" if source == "files" else "API server (watch)"
         ready = s.get("ready_s")
@@ -106,6 +112,32 @@ def targets(res: Results) -> list[Target]:
         out.append(Target("10,000 services ready <= 2 s", None, "n/a"))
         out.append(Target("endpoint-change-to-applied p99 <= 100 ms", None, "n/a"))
     return out
+
+
+def ipv6_target(res: Results) -> Target:
+    """Issue 13: uproxy's ratio to kernel DNAT over IPv6 within 10% of its IPv4 ratio.
+
+    Each figure's IPv6 ratio (uproxy native / kernel DNAT, both over IPv6) must be at
+    least 0.9 times the IPv4 ratio measured in the same run; a figure measured in only
+    one family makes the target "not measured". Whether IPv4 regressed is a comparison
+    with an earlier run's RESULTS.md (the IPv4 rows), not something one run can check.
+    """
+    f = res.figures
+    parts, oks = [], []
+    for key, label in IPV6_PAIRS:
+        r4 = ratio(f[key].median(NATIVE), f[key].median(KERNEL))
+        r6 = ratio(f[key + "6"].median(NATIVE), f[key + "6"].median(KERNEL))
+        rel = ratio(r6, r4)
+        oks.append(check(rel, ">=", 0.9))
+        parts.append(f"{label} {fmt_ratio(r6)} of kernel over IPv6 vs {fmt_ratio(r4)} over "
+                     f"IPv4 ({fmt_ratio(rel)})")
+    p99_4 = ratio(f["ka_p99"].median(NATIVE), f["ka_p99"].median(KERNEL))
+    p99_6 = ratio(f["ka6_p99"].median(NATIVE), f["ka6_p99"].median(KERNEL))
+    parts.append(f"keep-alive p99 {fmt_ratio(p99_6)} of kernel's over IPv6 vs "
+                 f"{fmt_ratio(p99_4)} over IPv4")
+    met = None if any(ok is None for ok in oks) else all(oks)
+    return Target("IPv6 (issue 13): uproxy's ratio to kernel DNAT over IPv6 within 10% of "
+                  "its IPv4 ratio (conn/s, keep-alive req/s, DNS q/s)", met, "; ".join(parts))
 
 
 def _loss(with_stream: float | None, without: float | None) -> float | None:
@@ -262,6 +294,14 @@ at a time (started, measured, stopped, conntrack flushed).
   with IP_PKTINFO) in a bare epoll loop: no Python, no expiry, no metrics. Not a proxy
   anyone should run; it shows how close *any* relay of this shape gets to kernel DNAT
   on this machine, so the DNS gap can be split into "the design" and "uproxy's code".
+- **IPv6 rows** (issue 13; kernel DNAT and uproxy native only): the web/DNS Service also
+  has the IPv6 ClusterIP fd00:96::a (`ipFamilyPolicy: PreferDualStack`, `ipFamilies:
+  [IPv4, IPv6]`) with IPv6 EndpointSlices for the pods' fd00:17::2 and fd00:17::3 (the same
+  nginx and dnsmasq, listening on both families); the client reaches it from fd00:99::2.
+  kernel DNAT writes the same kube-proxy chains with `ip6tables-restore` (`-d
+  fd00:96::a/128`, `-j DNAT --to-destination [fd00:17::2]:80`); uproxy serves it from the
+  same daemon, intercepting with `ip6tables` `REDIRECT`. uproxy native's IPv4 rows come
+  from that same dual-stack daemon.
 - nginx, HAProxy and the C UDP relay listen in the node ns and are reached through
   `REDIRECT` rules for the ClusterIPs (chain `BENCH-REDIRECT` from PREROUTING/OUTPUT) --
   the same interception path uproxy uses, so proxies are compared with proxies. CPU, RSS
@@ -280,6 +320,9 @@ METHOD_DOC = """\
 - **DNS**: `dnsperf -c 1 -q 100 -t 2 -l {seconds:g}` (closed loop, at most 100 queries
   outstanding, a query counts as lost after 2 s) against the dnsmasq pods through the
   peer's UDP path.
+- **IPv6 rows** (`conn6`, `keepalive6`, `dns6`): the same wrk and dnsperf commands
+  against `http://[fd00:96::a]:80/` and `fd00:96::a` port 53, right after the IPv4 tests
+  of the same peer in the same round.
 - **idle connections** (first round only): `python -m bench.hold` in the client ns opens
   {idle} TCP connections to 10.0.0.10:80 and holds them; the proxy's VmRSS and fd count
   (all its processes) before and 1.5 s after all connects finished, divided by the
@@ -324,7 +367,8 @@ def ensure_matplotlib() -> Any | None:
         return None
 
 
-CHART_FIGS = ("bulk", "conn", "ka", "ka_p99", "dns", "cpu_gb", "idle_rss")
+CHART_FIGS = ("bulk", "conn", "ka", "ka_p99", "dns", "conn6", "ka6", "dns6", "cpu_gb",
+              "idle_rss")
 
 
 def write_chart(res: Results, peers: Sequence[str], path: Path) -> str:

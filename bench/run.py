@@ -8,7 +8,10 @@ peers never see each other's rules. Rounds interleave peers to spread the noise
 of a shared machine over all of them. The idle-connections figure runs in the
 first round only (memory is not noisy; 10,000 connections per peer per round
 would double the run time). The scale figures (issue 6) come first, uproxy runs
-of their own on a node the load tests have not touched yet.
+of their own on a node the load tests have not touched yet. The IPv6 rows
+(``conn6``, ``keepalive6``, ``dns6``; issue 13) repeat the conn, keep-alive and
+DNS tests on the web/DNS Service's IPv6 ClusterIP for the peers that serve it
+(:data:`bench.peers.IPV6_PEERS`).
 
 Every external command has a timeout; the lab is torn down on any exit (the
 ``with`` block, plus SIGTERM via :func:`install_signal_teardown`).
@@ -49,6 +52,7 @@ from bench.peers import (
     PYTHON,
     UPROXY_PEERS,
     VIP,
+    VIP6,
     VIP_BULK,
     Backends,
     CUdpRelay,
@@ -62,7 +66,9 @@ from uproxy.demo.lab import Lab, LabError, install_signal_teardown, terminate
 from uproxy.demo.node import endpoint_slice, service
 
 ROOT = Path(__file__).resolve().parent.parent
-TESTS = ("bulk", "conn", "keepalive", "status", "dns", "idle", "scale", "scale-api")
+TESTS = ("bulk", "conn", "keepalive", "status", "dns", "conn6", "keepalive6", "dns6", "idle",
+         "scale", "scale-api")
+IPV6_TESTS = ("conn6", "keepalive6", "dns6")
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -107,6 +113,12 @@ def new_results() -> Results:
         Figure("ka_watch", "keep-alive HTTP, status stream open", "req/s"),
         Figure("dns", "DNS over UDP", "queries/s"),
         Figure("dns_lost", "DNS queries lost", "queries", higher_is_better=False),
+        Figure("conn6", "IPv6: new connections (1 HTTP request each)", "conn/s"),
+        Figure("ka6", "IPv6: keep-alive HTTP", "req/s"),
+        Figure("ka6_p50", "IPv6: keep-alive p50 latency", "ms", higher_is_better=False),
+        Figure("ka6_p99", "IPv6: keep-alive p99 latency", "ms", higher_is_better=False),
+        Figure("dns6", "IPv6: DNS over UDP", "queries/s"),
+        Figure("dns6_lost", "IPv6: DNS queries lost", "queries", higher_is_better=False),
         Figure("idle_rss", "RSS per idle connection", "KiB", higher_is_better=False),
         Figure("idle_fds", "fds per idle connection", "fds", higher_is_better=False),
     ):
@@ -163,8 +175,11 @@ def prepare_lab(lab: Lab) -> Backends:
     iperf = lab.spawn("pod1", ["iperf3", "-s", "-p", str(BULK_PORT)], "iperf3-pod1")
     lab.wait_port("pod1", lab.pod_ip(1), BULK_PORT, "tcp", proc=iperf)
     (lab.workdir / "queries.txt").write_text("bench.example A\n" * 200)
+    for i in (1, 2):  # nginx and dnsmasq listen on both families; fail early if not
+        lab.wait_port(f"pod{i}", lab.pod_ip6(i), HTTP_PORT, "tcp", proc=None)
+    pods6 = (lab.pod_ip6(1), lab.pod_ip6(2))
     return Backends(http=(lab.pod_ip(1), lab.pod_ip(2)), bulk=(lab.pod_ip(1),),
-                    dns=(lab.pod_ip(1), lab.pod_ip(2)))
+                    dns=(lab.pod_ip(1), lab.pod_ip(2)), http6=pods6, dns6=pods6)
 
 
 def make_peer(name: str, lab: Lab, backends: Backends) -> Peer:
@@ -185,14 +200,17 @@ def make_peer(name: str, lab: Lab, backends: Backends) -> Peer:
     raise ValueError(f"unknown peer {name!r}")
 
 
-def check_path(lab: Lab, peer: Peer) -> None:
+def url(vip: str) -> str:
+    return f"http://[{vip}]:{HTTP_PORT}/" if ":" in vip else f"http://{vip}:{HTTP_PORT}/"
+
+
+def check_path(lab: Lab, peer: Peer, vip: str = VIP) -> None:
     """One request through the peer before measuring it: fail with a clear line if broken."""
     seen = set()
     for _ in range(6):
-        out = lab.run("client", ["curl", "-sS", "-m", "3", f"http://{VIP}:{HTTP_PORT}/"],
-                      check=False)
+        out = lab.run("client", ["curl", "-gsS", "-m", "3", url(vip)], check=False)
         if out.returncode != 0:
-            raise LabError(f"{peer.name}: HTTP through {VIP}:{HTTP_PORT} failed: "
+            raise LabError(f"{peer.name}: HTTP through {url(vip)} failed: "
                            f"{out.stderr.strip()}")
         seen.add(out.stdout.strip())
     if not seen <= {"pod1", "pod2"}:
@@ -215,33 +233,37 @@ def run_bulk(lab: Lab, peer: Peer, opts: Options, res: Results) -> None:
              + (f", {(cpu1 - cpu0) / (result.bytes / 1e9):.3f} CPU s/GB" if pids else ""))
 
 
-def _wrk(lab: Lab, opts: Options, args: list[str]) -> parse.WrkResult:
+def _wrk(lab: Lab, opts: Options, args: list[str], vip: str = VIP) -> parse.WrkResult:
     out = lab.run("client", ["wrk", "-t", "2", "-d", f"{opts.seconds:g}s", "--timeout", "2s",
-                             *args, f"http://{VIP}:{HTTP_PORT}/"],
+                             *args, url(vip)],
                   timeout=opts.seconds + 20, check=False)
     return parse.parse_wrk(out.stdout)
 
 
-def run_conn(lab: Lab, peer: Peer, opts: Options, res: Results) -> None:
+def run_conn(lab: Lab, peer: Peer, opts: Options, res: Results, six: bool = False) -> None:
     pids = peer.pids()
     cpu0 = cpu_seconds(pids)
-    r = _wrk(lab, opts, ["-c", str(opts.conn_conns), "-H", "Connection: close"])
+    r = _wrk(lab, opts, ["-c", str(opts.conn_conns), "-H", "Connection: close"],
+             VIP6 if six else VIP)
     cpu1 = cpu_seconds(pids)
-    res.fig("conn").add(peer.name, r.requests_per_sec)
-    res.extra.setdefault("conn_errors", {}).setdefault(peer.name, []).append(r.errors)
+    key = "conn6" if six else "conn"
+    res.fig(key).add(peer.name, r.requests_per_sec)
+    res.extra.setdefault(f"{key}_errors", {}).setdefault(peer.name, []).append(r.errors)
     per_conn = ""
-    if pids and r.requests:
+    if pids and r.requests and not six:
         res.fig("cpu_conn").add(peer.name, (cpu1 - cpu0) / r.requests * 1e6)
         per_conn = f", {(cpu1 - cpu0) / r.requests * 1e6:.0f} us proxy CPU each"
-    opts.log(f"    conn: {r.requests_per_sec:,.0f}/s ({r.errors} socket errors{per_conn})")
+    opts.log(f"    {key}: {r.requests_per_sec:,.0f}/s ({r.errors} socket errors{per_conn})")
 
 
-def run_keepalive(lab: Lab, peer: Peer, opts: Options, res: Results) -> None:
-    r = _wrk(lab, opts, ["-c", str(opts.wrk_conns), "--latency"])
-    res.fig("ka").add(peer.name, r.requests_per_sec)
-    res.fig("ka_p50").add(peer.name, None if r.p50 is None else r.p50 * 1000)
-    res.fig("ka_p99").add(peer.name, None if r.p99 is None else r.p99 * 1000)
-    opts.log(f"    keep-alive: {r.requests_per_sec:,.0f} req/s, p50 {fmt_ms(r.p50)}, "
+def run_keepalive(lab: Lab, peer: Peer, opts: Options, res: Results, six: bool = False) -> None:
+    r = _wrk(lab, opts, ["-c", str(opts.wrk_conns), "--latency"], VIP6 if six else VIP)
+    key = "ka6" if six else "ka"
+    res.fig(key).add(peer.name, r.requests_per_sec)
+    res.fig(f"{key}_p50").add(peer.name, None if r.p50 is None else r.p50 * 1000)
+    res.fig(f"{key}_p99").add(peer.name, None if r.p99 is None else r.p99 * 1000)
+    opts.log(f"    keep-alive{'6' if six else ''}: {r.requests_per_sec:,.0f} req/s, "
+             f"p50 {fmt_ms(r.p50)}, "
              f"p99 {fmt_ms(r.p99)} ({r.errors} socket errors)")
 
 
@@ -287,17 +309,18 @@ def fmt_ms(v: float | None) -> str:
     return "n/a" if v is None else f"{v * 1000:.2f} ms"
 
 
-def run_dns(lab: Lab, peer: Peer, opts: Options, res: Results) -> None:
+def run_dns(lab: Lab, peer: Peer, opts: Options, res: Results, six: bool = False) -> None:
     if not peer.udp:
         return
-    out = lab.run("client", ["dnsperf", "-s", VIP, "-p", str(DNS_PORT), "-d",
+    out = lab.run("client", ["dnsperf", "-s", VIP6 if six else VIP, "-p", str(DNS_PORT), "-d",
                              str(lab.workdir / "queries.txt"), "-l", f"{opts.seconds:g}",
                              "-c", "1", "-q", "100", "-t", "2"],
                   timeout=opts.seconds + 20, check=False)
     r = parse.parse_dnsperf(out.stdout)
-    res.fig("dns").add(peer.name, r.qps)
-    res.fig("dns_lost").add(peer.name, r.lost)
-    opts.log(f"    dns: {r.qps:,.0f} q/s, {r.lost} lost of {r.sent}")
+    key = "dns6" if six else "dns"
+    res.fig(key).add(peer.name, r.qps)
+    res.fig(f"{key}_lost").add(peer.name, r.lost)
+    opts.log(f"    {key}: {r.qps:,.0f} q/s, {r.lost} lost of {r.sent}")
 
 
 def run_idle(lab: Lab, peer: Peer, opts: Options, res: Results) -> None:
@@ -338,8 +361,30 @@ def run_idle(lab: Lab, peer: Peer, opts: Options, res: Results) -> None:
     time.sleep(1.0)  # closes propagate before the next test
 
 
+def run_conn6(lab: Lab, peer: Peer, opts: Options, res: Results) -> None:
+    run_conn(lab, peer, opts, res, six=True)
+
+
+def run_keepalive6(lab: Lab, peer: Peer, opts: Options, res: Results) -> None:
+    run_keepalive(lab, peer, opts, res, six=True)
+
+
+def run_dns6(lab: Lab, peer: Peer, opts: Options, res: Results) -> None:
+    run_dns(lab, peer, opts, res, six=True)
+
+
 TEST_FUNCS = {"bulk": run_bulk, "conn": run_conn, "keepalive": run_keepalive,
-              "status": run_status, "dns": run_dns}
+              "status": run_status, "dns": run_dns, "conn6": run_conn6,
+              "keepalive6": run_keepalive6, "dns6": run_dns6}
+DATA_TESTS = ("bulk", "conn", "keepalive", "status", "dns", *IPV6_TESTS)
+
+
+def applies(test: str, peer: Peer) -> bool:
+    """Whether ``test`` runs on ``peer``: TCP tests on TCP peers, DNS on UDP ones, and the
+    IPv6 tests only on the peers with an IPv6 path."""
+    if test in IPV6_TESTS and not peer.ipv6:
+        return False
+    return peer.udp if test.startswith("dns") else peer.tcp
 
 
 def run_peer(lab: Lab, peer: Peer, opts: Options, res: Results, *, first_round: bool) -> None:
@@ -347,8 +392,10 @@ def run_peer(lab: Lab, peer: Peer, opts: Options, res: Results, *, first_round: 
     try:
         if peer.tcp:
             check_path(lab, peer)
-        for test in ("bulk", "conn", "keepalive", "status", "dns"):
-            if test in opts.only and (peer.tcp or test == "dns"):
+        if peer.tcp and peer.ipv6 and any(t in opts.only for t in IPV6_TESTS):
+            check_path(lab, peer, VIP6)
+        for test in DATA_TESTS:
+            if test in opts.only and applies(test, peer):
                 try:
                     TEST_FUNCS[test](lab, peer, opts, res)
                 except (LabError, parse.ParseError) as exc:

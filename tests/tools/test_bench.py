@@ -212,3 +212,79 @@ def test_kube_proxy_rules_match_the_seeds_shape() -> None:
     dnat = sorted(ln.rsplit(" ", 1)[1] for ln in lines if "-j DNAT" in ln)
     assert dnat == ["172.17.0.2:80", "172.17.0.3:80"]
     assert sum(1 for ln in lines if ln.endswith("-j KUBE-SERVICES")) == 2  # PREROUTING, OUTPUT
+
+
+def test_kube_proxy_rules_for_ipv6_use_128_and_bracketed_dnat() -> None:
+    """Issue 13's kernel peer over IPv6: the same chains for ``ip6tables-restore``."""
+    text = kube_proxy_rules([("bench/web:http", "fd00:96::a", 80, "tcp",
+                              ("fd00:17::2", "fd00:17::3"))])
+    lines = text.splitlines()
+    svc = [ln for ln in lines if ln.startswith("-A KUBE-SERVICES")]
+    assert len(svc) == 1 and "-d fd00:96::a/128 -p tcp " in svc[0]
+    dnat = sorted(ln.rsplit(" ", 1)[1] for ln in lines if "-j DNAT" in ln)
+    assert dnat == ["[fd00:17::2]:80", "[fd00:17::3]:80"]
+    assert sum(1 for ln in lines if "--probability 0.50000000000" in ln) == 1
+
+
+class _FakePeer:
+    """Only the capability flags :func:`bench.run.applies` reads (no process behind it)."""
+
+    name = "p"
+
+    def __init__(self, *, tcp: bool, udp: bool, ipv6: bool) -> None:
+        self.tcp, self.udp, self.ipv6 = tcp, udp, ipv6
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def pids(self) -> list[int]:
+        return []
+
+
+def test_ipv6_tests_run_only_on_peers_with_an_ipv6_path() -> None:
+    from bench.run import DATA_TESTS, IPV6_TESTS, TESTS, applies
+
+    assert set(IPV6_TESTS) <= set(TESTS) and set(IPV6_TESTS) <= set(DATA_TESTS)
+    both = _FakePeer(tcp=True, udp=True, ipv6=True)
+    v4_only = _FakePeer(tcp=True, udp=True, ipv6=False)
+    udp_only = _FakePeer(tcp=False, udp=True, ipv6=True)
+    assert all(applies(t, both) for t in DATA_TESTS)
+    assert [t for t in DATA_TESTS if applies(t, v4_only)] == \
+        ["bulk", "conn", "keepalive", "status", "dns"]
+    assert [t for t in DATA_TESTS if applies(t, udp_only)] == ["dns", "dns6"]
+
+
+def test_only_accepts_the_ipv6_tests_and_they_are_in_the_default_set() -> None:
+    from bench.__main__ import parse_args
+
+    opts, _ = parse_args(["--quick", "--only", "conn6,keepalive6,dns6",
+                          "--peers", "kernel DNAT,uproxy native"])
+    assert opts.only == ("conn6", "keepalive6", "dns6")
+    assert opts.peers == ("kernel DNAT", "uproxy native")
+    default, _ = parse_args([])
+    assert {"conn6", "keepalive6", "dns6"} <= set(default.only)
+
+
+def test_ipv6_rows_and_target_against_kernel_over_ipv6() -> None:
+    from bench.peers import KERNEL, NATIVE
+    from bench.report import ipv6_target, main_table
+    from bench.run import new_results
+
+    res = new_results()
+    none_yet = ipv6_target(res)
+    assert none_yet.met is None  # nothing measured is "not measured", never "met"
+    for key, kernel, native in (("conn", 100.0, 50.0), ("conn6", 100.0, 46.0),
+                                ("ka", 200.0, 100.0), ("ka6", 100.0, 50.0),
+                                ("dns", 10.0, 9.0), ("dns6", 10.0, 8.2),
+                                ("ka_p99", 1.0, 2.0), ("ka6_p99", 1.0, 2.5)):
+        res.fig(key).add(KERNEL, kernel)
+        res.fig(key).add(NATIVE, native)
+    t = ipv6_target(res)
+    assert t.met is True  # 0.46/0.50 = 0.92, 0.50/0.50 = 1.0, 0.82/0.90 = 0.91
+    assert "new conn/s 0.46x of kernel over IPv6 vs 0.50x over IPv4 (0.92x)" in t.detail
+    assert "keep-alive p99 2.50x of kernel's over IPv6 vs 2.00x over IPv4" in t.detail
+    res.fig("dns6").samples[NATIVE] = [8.0]  # 0.80/0.90 = 0.89: more than 10% worse
+    assert ipv6_target(res).met is False
+    table = main_table(res, [KERNEL, NATIVE])
+    assert "| IPv6: new connections (1 HTTP request each) (conn/s) | 100 | 46.0 (0.46x) |" \
+        in table
+    assert "| IPv6: DNS over UDP (queries/s) | 10.0 | 8.00 (0.80x) |" in table
