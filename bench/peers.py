@@ -170,7 +170,7 @@ class KernelDnat:
         self.text = kube_proxy_rules(self.services)
         self.services6 = [
             ("bench/web:http", VIP6, HTTP_PORT, "tcp", backends.http6),
-            ("bench/web:dns", VIP6, DNS_PORT, "udp", backends.dns6),
+            ("bench/dns:dns", VIP6, DNS_PORT, "udp", backends.dns6),
         ]
         self.text6 = kube_proxy_rules([s for s in self.services6 if s[4]])
 
