@@ -90,9 +90,10 @@ def test_should_function_for_pod_service_http_secondary_ip_family(lab: Lab,
         # node-Service: the node's own connections (ip6tables OUTPUT -> ::1)
         assert set(who(lab, V6, 80, ns="node")) == both
         assert set(who(lab, lab.node_ip6, NODE_PORT, ns="node")) == both
-        # the proxy reaches the endpoint over IPv6 too (from the node's bridge address)
+        # the proxy reaches the endpoint over IPv6 too, from the client's own address
+        # (transparent mode, issue 17: ClusterIP traffic keeps the client's address)
         body = lab.run("client", ["curl", "-sS", "--max-time", "5", f"http://[{V6}]/x"]).stdout
-        assert json.loads(body)["client"].rsplit(":", 1)[0] == lab.bridge_ip6
+        assert json.loads(body)["client"].rsplit(":", 1)[0] == lab.client_ip6
         # large requests: http with a 2000-byte body (e2e "should be able to handle large
         # requests: http"), and a bulk echo with half-close over IPv6
         big = lab.run("client", ["curl", "-sS", "--max-time", "5", "--data-binary",

@@ -240,14 +240,9 @@ asyncio.run(main())
 def test_ipv6_backend_sockets_from_the_client_address_and_their_replies(lab: Lab) -> None:
     """The IPv6 half of the edge, for real: ``IPV6_TRANSPARENT`` sockets bound to the
     client's address, and the ip6tables mark plus ``ip -6`` policy routing bringing the
-    pod's replies back to them (TCP and UDP). Through the daemon: pending dual-stack."""
-    client, node_side, bridge, pod = "fd00:99::2", "fd00:99::1", "fd00:17::1", "fd00:17::2"
-    lab.run("node", ["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
-    for ns, addr, dev in (("client", client, "eth0"), ("node", node_side, "vc0"),
-                          ("node", bridge, "br0"), ("pod1", pod, "eth0")):
-        lab.run(ns, ["ip", "-6", "addr", "add", f"{addr}/64", "dev", dev, "nodad"])
-    lab.run("client", ["ip", "-6", "route", "add", "default", "via", node_side])
-    lab.run("pod1", ["ip", "-6", "route", "add", "default", "via", bridge])
+    pod's replies back to them (TCP and UDP). Through the daemon, tests/relay/test_tcp_ipv6.py
+    checks that an IPv6 backend sees the client's address."""
+    client, pod = lab.client_ip6, lab.pod_ip6(1)  # the lab has IPv6 on every link
     server = lab.spawn("pod1", [sys.executable, "-c", PEER_SERVER_V6], "peer-server-v6")
     lab.wait_port("pod1", "::", 8080, "tcp", proc=server)
     done = lab.run("node", [sys.executable, "-c", EDGE_V6, client, pod], check=False)
