@@ -287,6 +287,9 @@ class Settings:
     masquerade_all: bool = setting(
         False, parse=_boolean, show=_show_bool, metavar="BOOL", bare="true",
         help="backends always see the node's address")
+    interception: str = setting(
+        "auto", parse=_choice(("auto", "nftables", "iptables")),
+        metavar="MODE", help="auto, nftables (O(1) map) or iptables (chain)")
     loop: str = setting(
         "uvloop", parse=_choice(("uvloop", "asyncio")), choices=("uvloop", "asyncio"),
         help="event loop")
