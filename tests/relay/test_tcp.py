@@ -6,7 +6,9 @@ The seeds' walkthroughs (multi-port service, scaling) run for real here.
 
 from __future__ import annotations
 
+import shutil
 import signal
+import sys
 import textwrap
 import time
 from collections.abc import Iterator
@@ -48,10 +50,12 @@ def test_multi_port_service_reaches_both_pods_on_both_ports(lab: Lab,
     _multi_port(lab, node)
     node.start(wait_for="default/multi-port:port2 cluster IP")
     try:
-        rules = [line for line in node.iptables_save().splitlines() if "10.0.0.180" in line]
-        assert len(rules) == 2
-        assert any('--comment "default/multi-port:port1 cluster IP"' in r and "--dport 6789" in r
-                   and "-j REDIRECT --to-ports" in r for r in rules)
+        # The default interception: uproxy's nftables map wherever nft works.
+        assert node.interception == ("nftables" if shutil.which("nft") else "iptables")
+        rules = [r for r in node.redirects() if r[1] == "10.0.0.180"]
+        assert len(rules) == 2, rules
+        assert [r[:4] for r in rules if r[2] == 6789] == [
+            ("default/multi-port:port1 cluster IP", "10.0.0.180", 6789, "TCP")]
         for port in (6789, 9876):
             result = lab.probe("tcp", "10.0.0.180", str(port), "--count", "60")
             assert sum(result["counts"].values()) == 60, result
@@ -104,8 +108,8 @@ def test_from_the_node_itself_nodeport_and_external_ip(lab: Lab, node: NodeProxy
                endpoint_slice("web", lab.pod_ips[:2],
                               [{"name": "http", "port": 8080, "protocol": "TCP"}]))
     node.start(wait_for="default/web:http loadbalancer IP")
-    text = node.iptables_save()
-    assert '--comment "default/web:http external IP"' in text
+    text = node.rules_text()
+    assert '"default/web:http external IP"' in text
     cases = [
         ("node", "10.0.0.50", "80"),          # OUTPUT hook
         ("client", "10.0.0.50", "80"),        # PREROUTING hook
@@ -281,7 +285,11 @@ def test_backend_killed_and_no_endpoints(lab: Lab, node: NodeProxy) -> None:
     assert best < 0.1, out
 
 
-def test_shutdown_cleanup_and_crash_recovery(lab: Lab, node: NodeProxy) -> None:
+@pytest.mark.parametrize("interception", ["nftables", "iptables"])
+def test_shutdown_cleanup_and_crash_recovery(lab: Lab, interception: str) -> None:
+    if interception == "nftables" and shutil.which("nft") is None:
+        pytest.skip("nft is not installed")
+    node = NodeProxy(lab, args=["--interception", interception])
     lab.start_echo(1, tcp_ports=(9376,))
     node.write("svc.yaml",
                service("one", "10.0.0.181", [{"port": 80, "targetPort": 9376}]),
@@ -296,12 +304,12 @@ def test_shutdown_cleanup_and_crash_recovery(lab: Lab, node: NodeProxy) -> None:
     for family in (4, 6):  # ip6tables too
         hooks = [line for line in node.iptables_save(family).splitlines()
                  if line.startswith("-A PREROUTING") and "UPROXY" in line]
-        assert len(hooks) == 1, node.uproxy_lines()
+        assert len(hooks) == (1 if interception == "iptables" else 0), node.uproxy_lines()
+        tables = node.nft_tables(family)
+        assert tables.count("table ") == (1 if interception == "nftables" else 0), tables
     assert lab.probe("tcp", "10.0.0.181", "80", "--count", "5")["counts"] == {"pod1": 5}
-    # Crash again; `uproxy cleanup` removes everything.
+    # Crash again; `uproxy cleanup` removes everything (nft tables too).
     node.stop(signal.SIGKILL)
-    import sys
-
     out = lab.run("node", [sys.executable, "-m", "uproxy", "cleanup"]).stdout
     assert "removed" in out
     assert node.uproxy_lines() == []
@@ -311,9 +319,71 @@ def test_shutdown_cleanup_and_crash_recovery(lab: Lab, node: NodeProxy) -> None:
     assert node.uproxy_lines() == []
 
 
-def test_resync_repairs_deleted_rules(lab: Lab) -> None:
+def test_switching_interception_leaves_nothing_of_the_other(lab: Lab) -> None:
+    """A crashed run's rules of either kind are removed when the other kind starts."""
+    if shutil.which("nft") is None:
+        pytest.skip("nft is not installed")
     lab.start_echo(1, tcp_ports=(9376,))
-    node = NodeProxy(lab, args=["--sync-period", "1s"])
+    node = NodeProxy(lab, args=["--interception", "iptables"])
+    node.write("svc.yaml",
+               service("one", "10.0.0.181", [{"port": 80, "targetPort": 9376}]),
+               endpoint_slice("one", [lab.pod_ip(1)], [{"name": "", "port": 9376,
+                                                        "protocol": "TCP"}]))
+    node.start(wait_for="default/one: cluster IP")
+    node.stop(signal.SIGKILL)
+    node.args = ["--interception", "nftables"]
+    node.start(wait_for="default/one: cluster IP")
+    try:
+        assert [ln for ln in node.iptables_save(None).splitlines() if "UPROXY-SERVICES" in ln
+                ] == [], "the iptables chain of the crashed run is gone"
+        assert lab.probe("tcp", "10.0.0.181", "80", "--count", "5")["counts"] == {"pod1": 5}
+    finally:
+        node.stop(signal.SIGKILL)
+    node.args = ["--interception", "iptables"]
+    node.start(wait_for="default/one: cluster IP")
+    try:
+        assert node.nft_tables(None) == "", "the nft tables of the crashed run are gone"
+        assert lab.probe("tcp", "10.0.0.181", "80", "--count", "5")["counts"] == {"pod1": 5}
+    finally:
+        assert node.stop() == 0
+    assert node.uproxy_lines() == []
+
+
+def test_resync_repairs_deleted_nft_table_and_chains(lab: Lab) -> None:
+    if shutil.which("nft") is None:
+        pytest.skip("nft is not installed")
+    lab.start_echo(1, tcp_ports=(9376,))
+    node = NodeProxy(lab, args=["--sync-period", "1s", "--interception", "nftables"])
+    node.write("svc.yaml",
+               service("fix", "10.0.0.182", [{"port": 80, "targetPort": 9376}]),
+               endpoint_slice("fix", [lab.pod_ip(1)], [{"name": "", "port": 9376,
+                                                        "protocol": "TCP"}]))
+    node.start(wait_for="default/fix: cluster IP")
+    try:
+        for family in ("ip", "ip6"):
+            lab.run("node", ["nft", "delete", "table", family, "uproxy"])
+        assert node.nft_tables(None) == ""
+        node.wait_rules(lambda t: "default/fix: cluster IP" in t, timeout=5)
+        node.wait_rules(lambda t: "chain output" in t, timeout=5, family=6)
+        node.wait_log("re-created the nftables tables someone removed")
+        # The hooks' rules flushed and the map emptied: the next full sync puts them back.
+        lab.run("node", ["nft", "flush", "chain", "ip", "uproxy", "output"])
+        lab.run("node", ["nft", "flush", "map", "ip", "uproxy", "services"])
+        assert "default/fix" not in node.rules_text()
+        text = node.wait_rules(lambda t: "default/fix: cluster IP" in t
+                               and t.count("redirect to") == 2, timeout=5)
+        assert [r[1:4] for r in node.redirects()] == [("10.0.0.182", 80, "TCP")], text
+        r = lab.probe("tcp", "10.0.0.182", "80", "--count", "5", ns="node")  # output hook
+        assert r["counts"] == {"pod1": 5}, r
+    finally:
+        assert node.stop() == 0
+    assert node.uproxy_lines() == []
+
+
+def test_resync_repairs_deleted_rules(lab: Lab) -> None:
+    """The iptables interception's repair (``--interception iptables``)."""
+    lab.start_echo(1, tcp_ports=(9376,))
+    node = NodeProxy(lab, args=["--sync-period", "1s", "--interception", "iptables"])
     node.write("svc.yaml",
                service("fix", "10.0.0.182", [{"port": 80, "targetPort": 9376}]),
                endpoint_slice("fix", [lab.pod_ip(1)], [{"name": "", "port": 9376,
