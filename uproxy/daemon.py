@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from uproxy import native, nftrules
 from uproxy.balance import Balancer
 from uproxy.connections import ConnTable
-from uproxy.events import RULES_REPAIRED, EventLog
+from uproxy.events import NFT_REPAIRED, RULES_REPAIRED, EventLog
 from uproxy.filter_rules import filter_rules_of, render_filter
 from uproxy.gc_pause import GcPause
 from uproxy.iptables import Iptables, IptablesError
@@ -506,7 +506,7 @@ class Daemon:
             if missing:
                 log.warning("re-created the nftables tables someone removed: %s",
                             ", ".join(f"{nftrules.family_keyword(f)} {nftrules.TABLE}"
-                                      for f in sorted(missing)), extra=RULES_REPAIRED)
+                                      for f in sorted(missing)), extra=NFT_REPAIRED)
         self._nft_applied = None
         await self.nft.restore("".join(nftrules.render(self.redirects, family=f)
                                        for f in families))
