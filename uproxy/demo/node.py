@@ -132,7 +132,10 @@ class NodeProxy:
 
     def redirects(self, family: int | None = 4) -> list[tuple[str, str, int, str, int]]:
         """``(comment, address, port, PROTOCOL, to_port)`` of every redirect in place."""
-        text = self.rules_text(family)
+        return self.parse(self.rules_text(family))
+
+    def parse(self, text: str) -> list[tuple[str, str, int, str, int]]:
+        """:meth:`redirects` of a :meth:`rules_text` (e.g. the one ``wait_rules`` got)."""
         if self.interception == "nftables":
             return nftrules.parse_elements(text)
         return parse_rules(text)
