@@ -32,6 +32,7 @@ import hashlib
 import os
 import signal
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -143,10 +144,12 @@ def flush_conntrack(lab: Lab) -> None:
 class KernelDnat:
     udp = tcp = True
 
-    def __init__(self, lab: Lab, backends: Backends) -> None:
+    def __init__(self, lab: Lab, backends: Backends, *,
+                 others: Sequence[tuple[str, str, int, str, tuple[str, ...]]] = ()) -> None:
         self.name = KERNEL
         self.lab = lab
-        self.services = [
+        self.services = [  # ``others`` (the scale-conn test's) come first in KUBE-SERVICES
+            *others,
             ("bench/web:http", VIP, HTTP_PORT, "tcp", backends.http),
             ("bench/dns:dns", VIP, DNS_PORT, "udp", backends.dns),
             ("bench/bulk:iperf", VIP_BULK, BULK_PORT, "tcp", backends.bulk),
@@ -160,7 +163,10 @@ class KernelDnat:
         chains = [line[1:].split()[0] for line in self.text.splitlines() if line.startswith(":")]
         hooks = [[h, "-m", "comment", "--comment", "kubernetes service portals", "-j",
                   "KUBE-SERVICES"] for h in ("PREROUTING", "OUTPUT")]
-        _remove_chains(self.lab, chains, hooks)
+        _remove_chains(self.lab, [], hooks)
+        # All chains in one restore: declared (flushed), then deleted (30,000 with others).
+        _restore(self.lab, "\n".join(["*nat", *(f":{c} - [0:0]" for c in chains),
+                                      *(f"-X {c}" for c in chains), "COMMIT", ""]))
         flush_conntrack(self.lab)
 
     def pids(self) -> list[int]:

@@ -30,7 +30,7 @@ from bench.peers import C_UDP, HAPROXY, KERNEL, LOCAL_PORTS, NATIVE, NGINX, PYTH
 from bench.run import Options, Results
 
 SUMMARY_FIGS = ("bulk", "cpu_gb", "conn", "cpu_conn", "ka", "ka_p50", "ka_p99", "dns", "dns_lost",
-                "idle_rss", "idle_fds")
+                "idle_rss", "idle_fds", "conn_scale", "conn_scale_ratio")
 
 
 def targets(res: Results) -> list[Target]:
@@ -58,6 +58,12 @@ def targets(res: Results) -> list[Target]:
     out.append(Target("keep-alive req/s >= 1.0x nginx, p99 <= 1.2x nginx's", both,
                       f"req/s {fmt_ratio(r)}, p99 {fmt_ratio(r99)} "
                       f"({fmt_num(m('ka_p99', NATIVE))} vs {fmt_num(m('ka_p99', NGINX))} ms)"))
+    r = m("conn_scale_ratio", NATIVE)
+    out.append(Target("with the other Services present, new conn/s >= 0.95x of one Service",
+                      check(r, ">=", 0.95),
+                      f"uproxy {fmt_ratio(r)} ({fmt_num(m('conn_scale', NATIVE))}/s), kernel "
+                      f"DNAT {fmt_ratio(m('conn_scale_ratio', KERNEL))} "
+                      f"({fmt_num(m('conn_scale', KERNEL))}/s)"))
     rss, fds = m("idle_rss", NATIVE), m("idle_fds", NATIVE)
     both = None if rss is None or fds is None else (rss <= 2.5 and fds <= 2.0 + 0.01)
     out.append(Target("<= 2.5 KiB RSS and 2 fds per idle connection", both,
