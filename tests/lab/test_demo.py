@@ -164,7 +164,7 @@ def test_demo_once_walks_through_every_step_for_real() -> None:
     assert set(sise[1]["counts"]) == {"pod1", "pod2"}, sise[1]
     assert re.search(r"simpleservice\s+172\.17\.0\.2:9876\s", out)
     assert re.search(r"simpleservice\s+172\.17\.0\.2:9876,172\.17\.0\.3:9876\s", out)
-    assert "The iptables rule is exactly the same as before" in out
+    assert "The redirect is exactly the same as before" in out
 
     # Affinity: every client address sticks to one pod; all connections succeed.
     sticky = [r for c, r in results if "10.0.0.176 80 " in c]
