@@ -236,6 +236,43 @@ def test_open_connection_survives_endpoint_and_service_removal(lab: Lab, node: N
     assert "second still-there" in lab.log("hold")
 
 
+@pytest.mark.parametrize("interception", ["nftables", "iptables"])
+def test_open_connection_keeps_its_nat_through_the_shutdown_drain(lab: Lab,
+                                                                  interception: str) -> None:
+    """SIGTERM: new connections stop being intercepted at once (the map or chain is
+    emptied), an open one keeps its NAT and finishes, then every rule and table goes."""
+    if interception == "nftables" and shutil.which("nft") is None:
+        pytest.skip("nft is not installed")
+    lab.start_echo(1, tcp_ports=(9376,))
+    node = NodeProxy(lab, args=["--interception", interception])
+    node.write("drain.yaml", service("drain", "10.0.0.183", [{"port": 80, "targetPort": 9376}]),
+               endpoint_slice("drain", [lab.pod_ip(1)], [{"name": "", "port": 9376,
+                                                          "protocol": "TCP"}]))
+    node.start(wait_for="default/drain: cluster IP")
+    script = lab.workdir / "hold.py"
+    script.write_text(HOLD_CLIENT)
+    flag = lab.workdir / "go-drain"
+    holder = lab.spawn("client", ["python3", str(script), "10.0.0.183", "80", str(flag)],
+                       "hold-drain")
+    try:
+        wait_until(lambda: "first pod1" in lab.log("hold-drain"), timeout=10,
+                   message=lambda: lab.log("hold-drain"))
+        assert node.proc is not None
+        node.proc.send_signal(signal.SIGTERM)
+        node.wait_log("letting 1 open connections finish")
+        assert node.redirects() == [] and node.proc.poll() is None
+        if interception == "nftables":  # the tables (and their nat hooks) stay for now
+            assert "map services" in node.nft_tables()
+        flag.write_text("go")
+        assert holder.wait(10) == 0
+        assert "second still-there" in lab.log("hold-drain")
+        assert node.proc.wait(15) == 0
+    finally:
+        if node.proc is not None and node.proc.poll() is None:
+            node.stop()
+    assert node.uproxy_lines() == []
+
+
 REFUSE_CLIENT = textwrap.dedent("""
     import socket, sys, time
     best = 10.0
