@@ -73,6 +73,7 @@ def test_rules_shown_are_the_rules_applied(lab: Lab, node: NodeProxy) -> None:
     assert code == 200
     data = json.loads(body)
     assert data["applied"] is True
+    assert data["interception"] == node.interception
     if node.interception == "iptables":
         applied = [line for line in node.iptables_save().splitlines()
                    if line.startswith("-A UPROXY-SERVICES")]
