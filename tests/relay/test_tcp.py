@@ -20,6 +20,7 @@ from tests.support.matrix import Flavor
 from tests.support.waiting import wait_until
 from uproxy.demo.lab import Lab
 from uproxy.demo.node import NodeProxy, endpoint_slice, service
+from uproxy.rules import parse_rules
 
 MULTI_PORTS = [{"name": "port1", "port": 6789, "targetPort": 6789},
                {"name": "port2", "port": 9876, "targetPort": 9876}]
@@ -381,6 +382,36 @@ def test_switching_interception_leaves_nothing_of_the_other(lab: Lab) -> None:
     try:
         assert node.nft_tables(None) == "", "the nft tables of the crashed run are gone"
         assert lab.probe("tcp", "10.0.0.181", "80", "--count", "5")["counts"] == {"pod1": 5}
+    finally:
+        assert node.stop() == 0
+    assert node.uproxy_lines() == []
+
+
+def test_auto_interception_without_nft_falls_back_to_the_iptables_chain(lab: Lab) -> None:
+    """``--interception auto`` (the default) on a node without nft: one log line says why,
+    and the iptables chain serves."""
+    tools = lab.workdir / "bin-no-nft"
+    tools.mkdir()
+    for tool in ("iptables", "iptables-save", "iptables-restore", "ip6tables", "ip6tables-save",
+                 "ip6tables-restore", "conntrack", "ip"):
+        found = shutil.which(tool)
+        assert found is not None, tool
+        (tools / tool).symlink_to(found)
+    lab.start_echo(1, tcp_ports=(9376,))
+    node = NodeProxy(lab, prefix=["env", f"PATH={tools}"], args=["--interception", "auto"])
+    node._nft_usable = False  # what the daemon finds on its PATH
+    node.write("svc.yaml",
+               service("auto", "10.0.0.184", [{"port": 80, "targetPort": 9376}]),
+               endpoint_slice("auto", [lab.pod_ip(1)], [{"name": "", "port": 9376,
+                                                         "protocol": "TCP"}]))
+    node.start(wait_for="default/auto: cluster IP")
+    try:
+        assert node.log.count("interception: ") == 1
+        assert ("interception: iptables chain UPROXY-SERVICES (nft not found (install the "
+                "nftables package))") in node.log
+        assert [r[1:4] for r in parse_rules(node.iptables_save())] == [("10.0.0.184", 80, "TCP")]
+        assert node.nft_tables(None) == ""
+        assert lab.probe("tcp", "10.0.0.184", "80", "--count", "5")["counts"] == {"pod1": 5}
     finally:
         assert node.stop() == 0
     assert node.uproxy_lines() == []
