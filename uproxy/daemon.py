@@ -5,9 +5,12 @@ One :class:`Daemon` per process. The source fills the store and calls
 repeated every ``--sync-period`` (which also re-inserts hooks and rules that
 someone deleted). A sync diffs the desired table against what is served,
 opens and closes listening sockets, hands the new entries to the protocol
-proxies, renders the whole ``UPROXY-SERVICES`` chain and applies it with one
-``iptables-restore`` per address family (``ip6tables-restore`` for IPv6; a
-family the node lacks is skipped with one log line at start). Nothing is
+proxies, and updates the interception (``--interception``): by default the
+map of uproxy's nftables tables (:mod:`uproxy.nftrules`; element deltas, the
+whole tables in one ``nft -f`` at start and at every full sync), else the
+``UPROXY-SERVICES`` chain, rendered whole and applied with one
+``iptables-restore`` per address family (``ip6tables-restore`` for IPv6). A
+family the node lacks is skipped with one log line at start. Nothing is
 applied before the source's first complete view is in, so a partial rule set
 never replaces a good one.
 
@@ -247,6 +250,11 @@ class Daemon:
             if self.nft is None:  # an earlier nftables-mode run's tables would win over the chain
                 with contextlib.suppress(NftablesError):
                     removed += await Nftables().cleanup()
+            else:  # a family no longer served keeps no table (the others are replaced)
+                with contextlib.suppress(NftablesError):
+                    gone = set(await self.nft.tables()) - set(self.families)
+                    await self.nft.restore(nftrules.render_cleanup(gone) if gone else "")
+                    removed += len(gone)
             if removed:
                 log.info("replaced %d uproxy rules and chains left by an earlier run", removed)
             self._prepare = self.loop.create_task(self._prepare_iptables(), name="iptables")
