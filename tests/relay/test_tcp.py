@@ -448,6 +448,32 @@ def test_resync_repairs_deleted_nft_table_and_chains(lab: Lab) -> None:
     assert node.uproxy_lines() == []
 
 
+def test_a_failed_nft_delta_falls_back_to_replacing_the_tables(lab: Lab) -> None:
+    """Someone deleted an element: the next sync's delta (which deletes it too) is refused
+    by nft as a whole, and the daemon replaces the tables instead, at once."""
+    if shutil.which("nft") is None:
+        pytest.skip("nft is not installed")
+    lab.start_echo(1, tcp_ports=(9376,))
+    node = NodeProxy(lab, args=["--sync-period", "10m", "--interception", "nftables"])
+    sp = [{"name": "", "port": 9376, "protocol": "TCP"}]
+    node.write("a.yaml", service("a", "10.0.0.185", [{"port": 80, "targetPort": 9376}]),
+               endpoint_slice("a", [lab.pod_ip(1)], sp))
+    node.start(wait_for="default/a: cluster IP")
+    try:
+        lab.run("node", ["nft", "delete", "element", "ip", "uproxy", "services",
+                         "{ 10.0.0.185 . tcp . 80 }"])
+        node.remove("a.yaml")
+        node.write("b.yaml", service("b", "10.0.0.186", [{"port": 80, "targetPort": 9376}]),
+                   endpoint_slice("b", [lab.pod_ip(1)], sp))
+        text = node.wait_rules(lambda t: "default/b: cluster IP" in t, timeout=5)
+        assert [r[1:4] for r in node.parse(text)] == [("10.0.0.186", 80, "TCP")], text
+        assert "nftables update failed, replacing the tables" in node.log
+        assert lab.probe("tcp", "10.0.0.186", "80", "--count", "5")["counts"] == {"pod1": 5}
+    finally:
+        assert node.stop() == 0
+    assert node.uproxy_lines() == []
+
+
 def test_resync_repairs_deleted_rules(lab: Lab) -> None:
     """The iptables interception's repair (``--interception iptables``)."""
     lab.start_echo(1, tcp_ports=(9376,))
