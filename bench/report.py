@@ -295,7 +295,15 @@ METHOD_DOC = """\
   previous change was seen, and times change -> first HTTP answer from the new pod (new
   connections through the ClusterIP, polled every ~1 ms). The daemon's /metrics
   histograms are reported too (bucket upper bounds, not interpolated; the sync histogram
-  includes the first full sync)."""
+  includes the first full sync). Rule count: `iptables-save` plus `nft list table ip
+  uproxy` (the map's elements in the default nftables interception).
+- **scale-conn** (issue 16; kernel DNAT and uproxy native, each round): the new-connections
+  test through 10.0.0.10:80 with the peer's own Services only, then, in the same start of
+  the peer, with the scale test's N other Services added -- for kernel DNAT as kube-proxy's
+  iptables mode writes them, ahead of the measured Service in `KUBE-SERVICES` (its linear
+  walk); for uproxy as one more manifest (its default interception, the nftables map;
+  `--proxy-port-range 20000-39999`). The row is conn/s with the others present, and its
+  ratio to the figure with one Service."""
 
 
 # ---------------------------------------------------------------------------- chart
