@@ -5,7 +5,8 @@
 #
 # Only the official Python image. Two stages because the native splice relay (cffi, C)
 # needs a compiler (and npm, to fetch the status page's charting library) at build time
-# and not at run time; the runtime stage adds iptables (uproxy's REDIRECT rules), conntrack
+# and not at run time; the runtime stage adds nftables (`nft`: uproxy's interception map,
+# the default), iptables (the fallback REDIRECT chain, the filter and mangle rules), conntrack
 # (stale UDP flows) and iproute2 (`ip`: transparent mode's policy routing, the node's
 # addresses) and installs the wheel.
 # Debian's iptables uses the nft backend, which is what current Docker hosts use too. The

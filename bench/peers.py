@@ -35,6 +35,7 @@ import hashlib
 import os
 import signal
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -159,10 +160,12 @@ def flush_conntrack(lab: Lab) -> None:
 class KernelDnat:
     udp = tcp = ipv6 = True
 
-    def __init__(self, lab: Lab, backends: Backends) -> None:
+    def __init__(self, lab: Lab, backends: Backends, *,
+                 others: Sequence[tuple[str, str, int, str, tuple[str, ...]]] = ()) -> None:
         self.name = KERNEL
         self.lab = lab
-        self.services = [
+        self.services = [  # ``others`` (the scale-conn test's) come first in KUBE-SERVICES
+            *others,
             ("bench/web:http", VIP, HTTP_PORT, "tcp", backends.http),
             ("bench/dns:dns", VIP, DNS_PORT, "udp", backends.dns),
             ("bench/bulk:iperf", VIP_BULK, BULK_PORT, "tcp", backends.bulk),
@@ -183,7 +186,10 @@ class KernelDnat:
                   "KUBE-SERVICES"] for h in ("PREROUTING", "OUTPUT")]
         for text, tool in ((self.text, "iptables"), (self.text6, "ip6tables")):
             chains = [line[1:].split()[0] for line in text.splitlines() if line.startswith(":")]
-            _remove_chains(self.lab, chains, hooks, tool)
+            _remove_chains(self.lab, [], hooks, tool)
+            # All chains in one restore: declared (flushed), then deleted (30,000 with others).
+            _restore(self.lab, "\n".join(["*nat", *(f":{c} - [0:0]" for c in chains),
+                                          *(f"-X {c}" for c in chains), "COMMIT", ""]), tool)
         flush_conntrack(self.lab)
 
     def pids(self) -> list[int]:

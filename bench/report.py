@@ -30,7 +30,8 @@ from bench.peers import C_UDP, HAPROXY, KERNEL, LOCAL_PORTS, NATIVE, NGINX, PYTH
 from bench.run import Options, Results
 
 SUMMARY_FIGS = ("bulk", "cpu_gb", "conn", "cpu_conn", "ka", "ka_p50", "ka_p99", "dns", "dns_lost",
-                "conn6", "ka6", "ka6_p50", "ka6_p99", "dns6", "dns6_lost", "idle_rss", "idle_fds")
+                "conn6", "ka6", "ka6_p50", "ka6_p99", "dns6", "dns6_lost", "idle_rss", "idle_fds",
+                "conn_scale", "conn_scale_ratio")
 IPV6_PAIRS = (("conn", "new conn/s"), ("ka", "keep-alive req/s"), ("dns", "DNS q/s"))
 """Issue 13: each IPv6 figure (key + "6") against its IPv4 twin, as ratios to kernel DNAT."""
 
@@ -60,6 +61,12 @@ def targets(res: Results) -> list[Target]:
     out.append(Target("keep-alive req/s >= 1.0x nginx, p99 <= 1.2x nginx's", both,
                       f"req/s {fmt_ratio(r)}, p99 {fmt_ratio(r99)} "
                       f"({fmt_num(m('ka_p99', NATIVE))} vs {fmt_num(m('ka_p99', NGINX))} ms)"))
+    r = m("conn_scale_ratio", NATIVE)
+    out.append(Target("with the other Services present, new conn/s >= 0.95x of one Service",
+                      check(r, ">=", 0.95),
+                      f"uproxy {fmt_ratio(r)} ({fmt_num(m('conn_scale', NATIVE))}/s), kernel "
+                      f"DNAT {fmt_ratio(m('conn_scale_ratio', KERNEL))} "
+                      f"({fmt_num(m('conn_scale', KERNEL))}/s)"))
     rss, fds = m("idle_rss", NATIVE), m("idle_fds", NATIVE)
     both = None if rss is None or fds is None else (rss <= 2.5 and fds <= 2.0 + 0.01)
     out.append(Target("<= 2.5 KiB RSS and 2 fds per idle connection", both,
@@ -347,7 +354,15 @@ METHOD_DOC = """\
   previous change was seen, and times change -> first HTTP answer from the new pod (new
   connections through the ClusterIP, polled every ~1 ms). The daemon's /metrics
   histograms are reported too (bucket upper bounds, not interpolated; the sync histogram
-  includes the first full sync)."""
+  includes the first full sync). Rule count: `iptables-save` plus `nft list table ip
+  uproxy` (the map's elements in the default nftables interception).
+- **scale-conn** (issue 16; kernel DNAT and uproxy native, each round): the new-connections
+  test through 10.0.0.10:80 with the peer's own Services only, then, in the same start of
+  the peer, with the scale test's N other Services added -- for kernel DNAT as kube-proxy's
+  iptables mode writes them, ahead of the measured Service in `KUBE-SERVICES` (its linear
+  walk); for uproxy as one more manifest (its default interception, the nftables map;
+  `--proxy-port-range 20000-39999`). The row is conn/s with the others present, and its
+  ratio to the figure with one Service."""
 
 
 # ---------------------------------------------------------------------------- chart

@@ -67,7 +67,7 @@ from uproxy.demo.node import endpoint_slice, service
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ("bulk", "conn", "keepalive", "status", "dns", "conn6", "keepalive6", "dns6", "idle",
-         "scale", "scale-api")
+         "scale", "scale-api", "scale-conn")
 IPV6_TESTS = ("conn6", "keepalive6", "dns6")
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -121,6 +121,10 @@ def new_results() -> Results:
         Figure("dns6_lost", "IPv6: DNS queries lost", "queries", higher_is_better=False),
         Figure("idle_rss", "RSS per idle connection", "KiB", higher_is_better=False),
         Figure("idle_fds", "fds per idle connection", "fds", higher_is_better=False),
+        Figure("conn_scale", "new connections, the scale test's other Services present",
+               "conn/s"),
+        Figure("conn_scale_ratio", "new conn/s with the other Services / with one Service",
+               "x"),
     ):
         r.figures[f.key] = f
     return r
@@ -576,6 +580,8 @@ def _scale_measure(lab: Lab, opts: Options, s: dict[str, Any], source: str,
         s["ready_all"] = readies
         pid = proc.pid
         rules = lab.run("node", ["iptables-save", "-t", "nat"], timeout=30).stdout
+        rules += lab.run("node", ["nft", "list", "table", "ip", "uproxy"], timeout=30,
+                         check=False).stdout  # (the default nftables interception)
         s["rules"] = sum(1 for line in rules.splitlines() if '"scale/svc-' in line)
         ss = lab.run("node", ["ss", "-Hltnp"], timeout=30).stdout
         s["listeners"] = sum(1 for line in ss.splitlines() if f"pid={pid}," in line)
@@ -628,6 +634,65 @@ def _scale_measure(lab: Lab, opts: Options, s: dict[str, Any], source: str,
                                     old_log=log_name, log=opts.log)
     finally:
         terminate(proc, 60)
+
+
+# ------------------------------------------------------------------ scale-conn (issue 16)
+SCALE_CONN_PEERS = (KERNEL, NATIVE)
+
+
+def run_scale_conn(lab: Lab, opts: Options, res: Results, backends: Backends) -> None:
+    """New conn/s through one Service alone, then with ``scale_services`` others present.
+
+    Kernel DNAT gets the others as kube-proxy's iptables mode writes them, ahead of the
+    measured Service in ``KUBE-SERVICES`` (its linear walk); uproxy (its default
+    interception, the nftables map) gets them as one more manifest. Both counts are
+    taken in the same start of the peer, one after the other.
+    """
+    n = opts.scale_services
+    others = [(f"scale/svc-{i}:http", f"10.1.{i // 250}.{i % 250 + 1}", HTTP_PORT, "tcp",
+               backends.http) for i in range(n)]
+    conns = ["-c", str(opts.conn_conns), "-H", "Connection: close"]
+    for rnd in range(1, opts.rounds + 1):
+        for name in (p for p in SCALE_CONN_PEERS if p in opts.peers):
+            opts.log(f"  scale-conn round {rnd}/{opts.rounds}: {name}")
+            peer: Peer
+            if name == KERNEL:
+                peer = KernelDnat(lab, backends)
+            else:
+                peer = Uproxy(lab, backends, native=True,
+                              args=("--proxy-port-range", "20000-39999"))
+            many: Peer | None = None
+            try:
+                peer.start()
+                check_path(lab, peer)
+                one = _wrk(lab, opts, conns).requests_per_sec
+                how = ""
+                if isinstance(peer, KernelDnat):
+                    peer.stop()
+                    many = KernelDnat(lab, backends, others=others)
+                    many.start()
+                    check_path(lab, many)
+                else:
+                    assert isinstance(peer, Uproxy)
+                    how = f" ({peer.node.interception})"
+                    write_list(peer.node.manifests / "scale.json",
+                               scale_objects(n, backends.http))
+                    peer.node.wait_rules(lambda t: t.count('"scale/svc-') >= n,
+                                         timeout=120)
+                    check_path(lab, peer)
+                with_others = _wrk(lab, opts, conns).requests_per_sec
+            except (LabError, parse.ParseError) as exc:
+                res.errors.append(f"scale-conn {name}: {exc}")
+                opts.log(f"    FAILED: {str(exc)[:2000]}")
+                continue
+            finally:
+                (many or peer).stop()
+                if isinstance(peer, Uproxy):
+                    (peer.node.manifests / "scale.json").unlink(missing_ok=True)
+            res.fig("conn_scale").add(name, with_others)
+            res.fig("conn_scale_ratio").add(name, with_others / one if one else None)
+            opts.log(f"    {one:,.0f} conn/s alone, {with_others:,.0f} conn/s with {n} other "
+                     f"Services{how}: {with_others / one if one else 0:.2f}x")
 
 
 # ---------------------------------------------------------------------------- driver
@@ -700,6 +765,9 @@ def run(opts: Options) -> Results:
                 except (LabError, ValueError, KeyError) as exc:
                     res.errors.append(f"scale ({source}): {exc}")
                     opts.log(f"  scale ({source}): FAILED: {str(exc)[:2000]}")
+            if "scale-conn" in opts.only:
+                opts.log("scale-conn (issue 16): new conn/s with other Services present")
+                run_scale_conn(lab, opts, res, backends)
             data_tests = [t for t in opts.only if not t.startswith("scale")]
             if data_tests:
                 for rnd in range(1, opts.rounds + 1):

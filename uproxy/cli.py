@@ -53,15 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(run)
     run.add_argument("--config", metavar="FILE", help="YAML file of settings (keys as below)")
 
-    sub.add_parser("cleanup", help="remove every chain and rule uproxy ever made, then exit")
+    sub.add_parser("cleanup", help="remove every chain, rule and nftables table uproxy ever "
+                   "made, then exit")
 
-    rules = sub.add_parser("rules", help="print the iptables-restore text it would apply")
+    rules = sub.add_parser("rules", help="print the nft / iptables-restore text it would apply")
     rules.add_argument("--manifests", metavar="PATH", action="append", required=True,
                        help="file or directory of YAML/JSON manifests (repeatable)")
     rules.add_argument("--proxy-port-range", metavar="LOW-HIGH", default="40000-49999",
                        help="ports to number the proxy sockets from (default 40000-49999)")
     rules.add_argument("--hostname-override", metavar="NAME", default=None,
                        help="this node's name, for Local traffic policies (default the hostname)")
+    rules.add_argument("--interception", choices=("auto", "nftables", "iptables"),
+                       default="auto", help="whose rules to print (default auto: nftables "
+                       "where nft is installed)")
 
     get = sub.add_parser("get", help="kubectl-style tables from a running uproxy")
     get.add_argument("what", choices=("services", "svc", "endpoints", "ep", "connections",
@@ -139,6 +143,12 @@ def preflight(settings: Settings) -> None:
         missing = Iptables().missing_tool()
         if missing:
             raise UsageError(f"{missing} not found: install iptables (apt-get install iptables)")
+        if settings.interception == "nftables":
+            from uproxy.nftables import Nftables
+
+            why = asyncio.run(Nftables().available())
+            if why is not None:
+                raise UsageError(f"--interception nftables: {why}")
     if settings.manifests and (settings.kubeconfig or settings.master):
         raise UsageError("--manifests and --kubeconfig/--master are two sources; choose one")
     if settings.manifests:
@@ -307,10 +317,14 @@ def cmd_cleanup(_: argparse.Namespace) -> int:
         v6 = Iptables(family=6)
         if await v6.unusable() is None:
             removed += await v6.cleanup()
+        if shutil.which("nft") is not None:
+            from uproxy.nftables import Nftables
+
+            removed += await Nftables().cleanup()
         return removed + await Transparent().cleanup()
 
     removed = asyncio.run(cleanup())
-    print(f"removed {removed} uproxy rules and chains")
+    print(f"removed {removed} uproxy rules, chains and tables")
     return EXIT_OK
 
 
@@ -340,12 +354,30 @@ def cmd_rules(args: argparse.Namespace) -> int:
     out = ["# uproxy rules for " + ", ".join(paths),
            "# proxy ports are numbered from the start of --proxy-port-range; "
            "a running uproxy uses the first free ones"]
-    text = "\n".join(out) + "\n# iptables-restore --noflush (IPv4)\n" + render(redirects.rules)
-    if any(r.family == 6 for r in redirects.rules):
-        text += "# ip6tables-restore --noflush (IPv6)\n" + render(redirects.rules, family=6)
+    if args.interception == "nftables" or (args.interception == "auto"
+                                           and shutil.which("nft") is not None):
+        text = "\n".join(out) + "\n" + _nft_rules(redirects.rules)
+    else:
+        text = ("\n".join(out) + "\n# iptables-restore --noflush (IPv4)\n"
+                + render(redirects.rules))
+        if any(r.family == 6 for r in redirects.rules):
+            text += "# ip6tables-restore --noflush (IPv6)\n" + render(redirects.rules, family=6)
     sys.stdout.write(text + _transparent_rules())
     _print_filter_rules(store, table, args.hostname_override)
     return EXIT_OK
+
+
+def _nft_rules(redirects: Sequence[Any]) -> str:
+    """The nftables interception's part of ``uproxy rules``: one ``nft -f`` text per family."""
+    from uproxy import nftrules
+
+    text = ("# nft -f (IPv4): uproxy's own table; the first packet of each new connection\n"
+            "# looks its address . protocol . port up in the map and is redirected to\n"
+            "# the proxy port (--interception iptables prints the iptables chain instead)\n"
+            + nftrules.render(redirects, family=4))
+    if any(r.family == 6 for r in redirects):
+        text += "# nft -f (IPv6)\n" + nftrules.render(redirects, family=6)
+    return text
 
 
 def _transparent_rules() -> str:

@@ -5,9 +5,12 @@ One :class:`Daemon` per process. The source fills the store and calls
 repeated every ``--sync-period`` (which also re-inserts hooks and rules that
 someone deleted). A sync diffs the desired table against what is served,
 opens and closes listening sockets, hands the new entries to the protocol
-proxies, renders the whole ``UPROXY-SERVICES`` chain and applies it with one
-``iptables-restore`` per address family (``ip6tables-restore`` for IPv6; a
-family the node lacks is skipped with one log line at start). Nothing is
+proxies, and updates the interception (``--interception``): by default the
+map of uproxy's nftables tables (:mod:`uproxy.nftrules`; element deltas, the
+whole tables in one ``nft -f`` at start and at every full sync), else the
+``UPROXY-SERVICES`` chain, rendered whole and applied with one
+``iptables-restore`` per address family (``ip6tables-restore`` for IPv6). A
+family the node lacks is skipped with one log line at start. Nothing is
 applied before the source's first complete view is in, so a partial rule set
 never replaces a good one.
 
@@ -29,15 +32,16 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from uproxy import native
+from uproxy import native, nftrules
 from uproxy.balance import Balancer
 from uproxy.connections import ConnTable
-from uproxy.events import RULES_REPAIRED, EventLog
+from uproxy.events import NFT_REPAIRED, RULES_REPAIRED, EventLog
 from uproxy.filter_rules import filter_rules_of, render_filter
 from uproxy.gc_pause import GcPause
 from uproxy.iptables import Iptables, IptablesError
 from uproxy.metrics import Metrics
 from uproxy.model import ServicePort, ServicePortName
+from uproxy.nftables import Nftables, NftablesError
 from uproxy.proxy.families import ipv6_missing
 from uproxy.proxy.handover import Received, Session, TakeoverExit
 from uproxy.proxy.listeners import Listener, ListenerKey, ListenerSet, Listening
@@ -90,6 +94,9 @@ class Daemon:
         # IPv6 nat (None: not managed, or the node lacks IPv6 / ip6tables; see start())
         self.ip6tables = Iptables(family=6) if settings.manage_iptables else None
         self._no_ipv6 = ipv6_missing()
+        # nat interception through uproxy's nftables tables (None: the iptables chain); start()
+        self.nft: Nftables | None = None
+        self._nft_applied: list[Redirect] | None = None  # what the nft maps hold (None: unknown)
         self.allocator = PortAllocator(settings.proxy_port_range)
         self.loop = asyncio.get_running_loop()
         self.relay = make_relay(self.loop)
@@ -176,6 +183,32 @@ class Daemon:
         """(family, runner) of every nat table uproxy manages."""
         return [(f, t) for f, t in ((4, self.iptables), (6, self.ip6tables)) if t is not None]
 
+    def _nat_chains(self) -> list[tuple[int, Iptables]]:
+        """The nat tables that hold uproxy's ``UPROXY-SERVICES`` chain: none with nftables."""
+        return [] if self.nft is not None else self._nat_tables()
+
+    @property
+    def interception(self) -> str:
+        """``nftables`` or ``iptables``: how connections are sent to uproxy's sockets."""
+        return "nftables" if self.nft is not None else "iptables"
+
+    async def _choose_interception(self) -> None:
+        """``--interception``: nftables when asked for or usable (auto), else iptables.
+
+        The other mechanism's leftovers of an earlier run are removed by start()."""
+        mode = self.settings.interception
+        nft = Nftables()
+        why = None if mode == "iptables" else await nft.available()
+        if mode != "iptables" and why is None:
+            self.nft = nft
+            log.info("interception: nftables (tables ip/ip6 uproxy, one map lookup per new "
+                     "connection)")
+        elif mode == "nftables":  # the CLI checked this at start; it went away since
+            raise NftablesError(f"--interception nftables: {why}")
+        else:
+            log.info("interception: iptables chain %s%s", "UPROXY-SERVICES",
+                     f" ({why})" if why else "")
+
     async def _check_ipv6(self) -> None:
         """One log line when IPv6 is not served, and why; never an error."""
         reason = self._no_ipv6
@@ -258,6 +291,8 @@ class Daemon:
         log.addHandler(self.events.handler)
         self._gc.pause()
         await self._check_ipv6()
+        if self.iptables is not None:
+            await self._choose_interception()
         if self.takeover is not None:
             # The rules point at the running uproxy's proxy ports, which come over with their
             # sockets: leave them until our first sync renders the same ones.
@@ -271,6 +306,14 @@ class Daemon:
             removed = 0
             for _, table in self._nat_tables():
                 removed += await table.cleanup()
+            if self.nft is None:  # an earlier nftables-mode run's tables would win over the chain
+                with contextlib.suppress(NftablesError):
+                    removed += await Nftables().cleanup()
+            else:  # a family no longer served keeps no table (the others are replaced)
+                with contextlib.suppress(NftablesError):
+                    gone = set(await self.nft.tables()) - set(self.families)
+                    await self.nft.restore(nftrules.render_cleanup(gone) if gone else "")
+                    removed += len(gone)
             if removed:
                 log.info("replaced %d uproxy rules and chains left by an earlier run", removed)
             self._prepare = self.loop.create_task(self._prepare_iptables(), name="iptables")
@@ -291,8 +334,8 @@ class Daemon:
             # One restore per family, so it runs beside the source's first list even while
             # that list holds the loop; cleanup() has just removed every hook.
             for family, table in self._nat_tables():
-                await table.restore(render([], family=family, hooks=True)
-                                    + render_filter((), hooks=True))
+                text = "" if self.nft is not None else render([], family=family, hooks=True)
+                await table.restore(text + render_filter((), hooks=True))
             self._hooks_in_place = self._filter_hooks_in_place = True
         except (IptablesError, OSError) as exc:  # the first sync tries again and reports it
             log.debug("preparing iptables: %s", exc)
@@ -349,10 +392,16 @@ class Daemon:
             return
         if self.iptables is not None and self.rules_applied:
             # Stop intercepting new connections, but keep NAT alive for open ones.
-            for family, table in self._nat_tables():
+            for family, table in self._nat_chains():
                 try:
                     await table.restore(render([], family=family))
                 except IptablesError as exc:
+                    log.error("removing rules at shutdown: %s", exc)
+            if self.nft is not None:  # empty maps; the tables' nat chains stay registered
+                try:
+                    await self.nft.restore("".join(nftrules.render([], family=f)
+                                                   for f in self.families))
+                except NftablesError as exc:
                     log.error("removing rules at shutdown: %s", exc)
         open_conns = len(self.conns)
         if open_conns:
@@ -365,6 +414,11 @@ class Daemon:
                 await table.cleanup()
             except IptablesError as exc:
                 log.error("removing rules at shutdown: %s", exc)
+        if self.nft is not None:  # after the drain: open connections keep their NAT till here
+            try:
+                await self.nft.cleanup()
+            except NftablesError as exc:
+                log.error("removing nftables tables at shutdown: %s", exc)
         if self.iptables is not None:
             await self.transparent.cleanup()  # after the drain: open connections need it
         log.info("stopped")
@@ -459,31 +513,35 @@ class Daemon:
             self._prepare = None
         if self.iptables is not None:
             try:
-                if rules_changed or full or not self.rules_applied:
+                if self.nft is not None:
+                    await self._apply_nft(changed=rules_changed,
+                                          full=full or not self.rules_applied)
+                elif rules_changed or full or not self.rules_applied:
                     if rules_changed or not self._last_rules:
                         self._last_rules = {}  # (an error below leaves it empty: redo all)
                         texts = {f: render(self.redirects, family=f)
-                                 for f, _ in self._nat_tables()}
+                                 for f, _ in self._nat_chains()}
                     else:
                         texts = self._last_rules
-                    for family, ipt in self._nat_tables():  # one restore per family
+                    for family, ipt in self._nat_chains():  # one restore per family
                         await ipt.restore(texts[family])
                     self._last_rules = texts
                 await self._apply_filter(diff.removed, touched, full)
                 # (the first sync counts as full; its hooks were just put in place)
                 if not self._hooks_in_place or (full and self.rules_applied):
                     added = 0
-                    for _, ipt in self._nat_tables():
+                    for _, ipt in self._nat_chains():
                         added += await ipt.ensure_hooks()
                     if added and self._hooks_in_place:
                         log.warning("re-inserted %d uproxy hooks someone removed", added,
                                     extra=RULES_REPAIRED)
                     self._hooks_in_place = True
-            except IptablesError as exc:
+            except (IptablesError, NftablesError) as exc:
                 log.error("applying rules: %s", exc)
                 self.metrics.sync_errors.inc()
                 self.queued_since = queued or time.time()
                 self._last_rules = {}  # render and apply again next time
+                self._nft_applied = None
                 self._filter_text = {}
                 return
             if full and self.rules_applied and self.transparent.active:  # (just applied at start)
@@ -506,6 +564,38 @@ class Daemon:
         if diff:
             log.info("synced %d service ports (+%d -%d ~%d) in %.1f ms", len(table),
                      len(diff.added), len(diff.removed), len(diff.changed), elapsed * 1000)
+
+    async def _apply_nft(self, *, changed: bool, full: bool) -> None:
+        """The nft maps of both families (:mod:`uproxy.nftrules`), in one ``nft -f``.
+
+        Incremental syncs send the element deltas since the last apply; the first
+        sync, every full sync (the repair: anything deleted or added in uproxy's
+        tables is put right) and a failed delta replace the whole tables, rendered
+        once from all redirects.
+        """
+        assert self.nft is not None
+        families = self.families
+        if not full and self._nft_applied is not None:
+            if not changed:
+                return
+            text = "".join(nftrules.render_changes(self._nft_applied, self.redirects, family=f)
+                           for f in families)
+            try:
+                await self.nft.restore(text)
+                self._nft_applied = self.redirects
+                return
+            except NftablesError as exc:
+                log.warning("nftables update failed, replacing the tables: %s", exc)
+        if full and self.rules_applied:  # the repair: say so when a table had gone
+            missing = set(families) - set(await self.nft.tables())
+            if missing:
+                log.warning("re-created the nftables tables someone removed: %s",
+                            ", ".join(f"{nftrules.family_keyword(f)} {nftrules.TABLE}"
+                                      for f in sorted(missing)), extra=NFT_REPAIRED)
+        self._nft_applied = None
+        await self.nft.restore("".join(nftrules.render(self.redirects, family=f)
+                                       for f in families))
+        self._nft_applied = self.redirects
 
     def _observe_programming_latency(self) -> None:
         now = time.time()

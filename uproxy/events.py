@@ -42,6 +42,7 @@ COALESCE = 8  # the same event among the last this many is counted, not repeated
 SLOW_SYNC = 1.0  # seconds: a sync this slow is logged even when nothing changed
 # ``extra=`` of the log call that says the daemon put back hooks someone deleted.
 RULES_REPAIRED = {"event": "RulesRepaired", "object": "iptables nat hooks"}
+NFT_REPAIRED = {"event": "RulesRepaired", "object": "nftables tables"}
 
 
 @dataclass(slots=True)

@@ -293,6 +293,9 @@ class Settings:
     after_handover: str = setting(
         "exit", parse=_choice(("exit", "wait")), choices=("exit", "wait"), flag=None,
         help="after a takeover: exit 0, or idle until SIGTERM")
+    interception: str = setting(
+        "auto", parse=_choice(("auto", "nftables", "iptables")),
+        metavar="MODE", help="auto, nftables (O(1) map) or iptables (chain)")
     loop: str = setting(
         "uvloop", parse=_choice(("uvloop", "asyncio")), choices=("uvloop", "asyncio"),
         help="event loop")

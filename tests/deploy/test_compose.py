@@ -91,6 +91,7 @@ def test_dockerfile_uses_the_official_python_image_and_files_that_exist() -> Non
     bases = re.findall(r"^FROM\s+(\S+)", text, flags=re.M)
     assert bases and all(re.fullmatch(r"python:3\.1[1-9]-slim", b) for b in bases), bases
     assert re.search(r"apt-get install .*\biptables\b.*\bconntrack\b", text)
+    assert re.search(r"apt-get install .*\bnftables\b", text)  # the default interception
     assert re.search(r"pip install .*\buproxy\b", text)
     for line in re.findall(r"^COPY\s+(?!--from)(.+)$", text, flags=re.M):
         *sources, _dest = line.split()

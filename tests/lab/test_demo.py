@@ -52,7 +52,10 @@ def netns() -> set[str]:
 def root_uproxy_rules() -> list[str]:
     out = subprocess.run(["iptables-save"], capture_output=True, text=True, check=True,
                          timeout=10).stdout
-    return [line for line in out.splitlines() if "UPROXY" in line]
+    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True,
+                            timeout=10).stdout if shutil.which("nft") else ""
+    return [line for line in out.splitlines() if "UPROXY" in line] + [
+        line for line in tables.splitlines() if line.split()[-1:] == ["uproxy"]]
 
 
 def assert_gone(output: str, pid: int) -> None:
@@ -105,9 +108,19 @@ def test_demo_once_walks_through_every_step_for_real() -> None:
     assert re.search(r"k8s-nginx-node\s+NodePort\s+10\.0\.0\.157\s+<none>\s+80:32293/TCP", out)
     assert re.search(r"NAME\s+ENDPOINTS\s+AGE", out)
 
-    # The REDIRECT rules with kube-proxy-style comments, one per service port.
-    redirects = [line for line in out.splitlines()
-                 if line.startswith("-A UPROXY-SERVICES") and "-j REDIRECT --to-ports" in line]
+    # The redirects with kube-proxy-style comments, one per service port: map elements of
+    # uproxy's nftables table (the default where nft works), else REDIRECT rules.
+    nft = "node$ nft list table ip uproxy | grep " in out
+    assert nft == (shutil.which("nft") is not None), out[:3000]
+    if nft:
+        assert "hook prerouting priority dstnat - 1" in out and "map @services" in out
+        redirects = [
+            f'--comment "{m[4]}" -d {m[1]}/{128 if ":" in m[1] else 32} -p {m[2]}'
+            for m in re.finditer(r'([0-9a-fA-F:.]+) \. (tcp|udp) \. (\d+) comment "([^"]*)" '
+                                 r': \d+', out)]
+    else:
+        redirects = [line for line in out.splitlines() if line.startswith("-A UPROXY-SERVICES")
+                     and "-j REDIRECT --to-ports" in line]
     for comment, dest in [
         ("default/multi-port:port1 cluster IP", "-d 10.0.0.180/32 -p tcp"),
         ("default/multi-port:port2 cluster IP", "-d 10.0.0.180/32 -p tcp"),
@@ -117,7 +130,8 @@ def test_demo_once_walks_through_every_step_for_real() -> None:
         ("kube-system/kube-dns:dns-tcp cluster IP", "-d 10.0.0.10/32 -p tcp"),
         ("default/sticky: cluster IP", "-d 10.0.0.176/32 -p tcp"),
     ]:
-        assert any(f'--comment "{comment}"' in r and dest in r for r in redirects), comment
+        assert any(f'--comment "{comment}"' in r and dest in r for r in redirects), \
+            (comment, redirects)
 
     # Traffic reached every backend: echo pods through multi-port...
     results = probes(out)
@@ -150,7 +164,7 @@ def test_demo_once_walks_through_every_step_for_real() -> None:
     assert set(sise[1]["counts"]) == {"pod1", "pod2"}, sise[1]
     assert re.search(r"simpleservice\s+172\.17\.0\.2:9876\s", out)
     assert re.search(r"simpleservice\s+172\.17\.0\.2:9876,172\.17\.0\.3:9876\s", out)
-    assert "The iptables rule is exactly the same as before" in out
+    assert "The redirect is exactly the same as before" in out
 
     # Affinity: every client address sticks to one pod; all connections succeed.
     sticky = [r for c, r in results if "10.0.0.176 80 " in c]

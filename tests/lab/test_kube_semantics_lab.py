@@ -90,7 +90,7 @@ def test_should_implement_service_kubernetes_io_label(lab: Lab, proxies: list[No
     for ns in ("client", "node"):
         result = lab.probe("tcp", "10.0.0.51", "80", "--count", "3", "--timeout", "1", ns=ns)
         assert result["counts"] == {}, result
-    assert "10.0.0.51" not in node.iptables_save()
+    assert "10.0.0.51" not in node.rules_text()
     node.write("web.yaml", labelled({label: "foo-bar"}), slice_)
     node.wait_rules(lambda text: "10.0.0.50" not in text)
     assert who(lab, "10.0.0.50", 80, count=3, timeout=1)["counts"] == {}
@@ -108,7 +108,7 @@ def test_service_proxy_name_flag_serves_only_its_services(lab: Lab,
     node = start(lab, proxies, args=("--service-proxy-name", "uproxy"),
                  ours=[ours, endpoint_slice("ours", lab.pod_ips[:1], SLICE_PORTS)],
                  web=[labelled({}), endpoint_slice("web", lab.pod_ips[:1], SLICE_PORTS)])
-    rules = node.iptables_save()
+    rules = node.rules_text()
     assert "10.0.0.52" in rules and "10.0.0.50" not in rules
     assert who(lab, "10.0.0.52", 80)["counts"] == {"pod1": 20}
 
@@ -252,7 +252,7 @@ def test_load_balancer_source_ranges_and_ip_mode_proxy(lab: Lab, proxies: list[N
     lab.start_echo(1, tcp_ports=(PORT,))
     slice_ = endpoint_slice("ranged", lab.pod_ips[:1], SLICE_PORTS)
     node = start(lab, proxies, flavor, ranged=[ranged([f"{lab.client_ip}/32"]), slice_])
-    assert PROXY_MODE_IP not in node.iptables_save()
+    assert PROXY_MODE_IP not in node.rules_text()
     assert who(lab, LB_IP, 80)["counts"] == {"pod1": 20}
 
     def from_other(ip: str, port: int) -> dict[str, Any]:

@@ -6,7 +6,9 @@ The seeds' walkthroughs (multi-port service, scaling) run for real here.
 
 from __future__ import annotations
 
+import shutil
 import signal
+import sys
 import textwrap
 import time
 from collections.abc import Iterator
@@ -18,6 +20,7 @@ from tests.support.matrix import Flavor
 from tests.support.waiting import wait_until
 from uproxy.demo.lab import Lab
 from uproxy.demo.node import NodeProxy, endpoint_slice, service
+from uproxy.rules import parse_rules
 
 MULTI_PORTS = [{"name": "port1", "port": 6789, "targetPort": 6789},
                {"name": "port2", "port": 9876, "targetPort": 9876}]
@@ -48,10 +51,12 @@ def test_multi_port_service_reaches_both_pods_on_both_ports(lab: Lab,
     _multi_port(lab, node)
     node.start(wait_for="default/multi-port:port2 cluster IP")
     try:
-        rules = [line for line in node.iptables_save().splitlines() if "10.0.0.180" in line]
-        assert len(rules) == 2
-        assert any('--comment "default/multi-port:port1 cluster IP"' in r and "--dport 6789" in r
-                   and "-j REDIRECT --to-ports" in r for r in rules)
+        # The default interception: uproxy's nftables map wherever nft works.
+        assert node.interception == ("nftables" if shutil.which("nft") else "iptables")
+        rules = [r for r in node.redirects() if r[1] == "10.0.0.180"]
+        assert len(rules) == 2, rules
+        assert [r[:4] for r in rules if r[2] == 6789] == [
+            ("default/multi-port:port1 cluster IP", "10.0.0.180", 6789, "TCP")]
         for port in (6789, 9876):
             result = lab.probe("tcp", "10.0.0.180", str(port), "--count", "60")
             assert sum(result["counts"].values()) == 60, result
@@ -104,8 +109,8 @@ def test_from_the_node_itself_nodeport_and_external_ip(lab: Lab, node: NodeProxy
                endpoint_slice("web", lab.pod_ips[:2],
                               [{"name": "http", "port": 8080, "protocol": "TCP"}]))
     node.start(wait_for="default/web:http loadbalancer IP")
-    text = node.iptables_save()
-    assert '--comment "default/web:http external IP"' in text
+    text = node.rules_text()
+    assert '"default/web:http external IP"' in text
     cases = [
         ("node", "10.0.0.50", "80"),          # OUTPUT hook
         ("client", "10.0.0.50", "80"),        # PREROUTING hook
@@ -232,6 +237,43 @@ def test_open_connection_survives_endpoint_and_service_removal(lab: Lab, node: N
     assert "second still-there" in lab.log("hold")
 
 
+@pytest.mark.parametrize("interception", ["nftables", "iptables"])
+def test_open_connection_keeps_its_nat_through_the_shutdown_drain(lab: Lab,
+                                                                  interception: str) -> None:
+    """SIGTERM: new connections stop being intercepted at once (the map or chain is
+    emptied), an open one keeps its NAT and finishes, then every rule and table goes."""
+    if interception == "nftables" and shutil.which("nft") is None:
+        pytest.skip("nft is not installed")
+    lab.start_echo(1, tcp_ports=(9376,))
+    node = NodeProxy(lab, args=["--interception", interception])
+    node.write("drain.yaml", service("drain", "10.0.0.183", [{"port": 80, "targetPort": 9376}]),
+               endpoint_slice("drain", [lab.pod_ip(1)], [{"name": "", "port": 9376,
+                                                          "protocol": "TCP"}]))
+    node.start(wait_for="default/drain: cluster IP")
+    script = lab.workdir / "hold.py"
+    script.write_text(HOLD_CLIENT)
+    flag = lab.workdir / "go-drain"
+    holder = lab.spawn("client", ["python3", str(script), "10.0.0.183", "80", str(flag)],
+                       "hold-drain")
+    try:
+        wait_until(lambda: "first pod1" in lab.log("hold-drain"), timeout=10,
+                   message=lambda: lab.log("hold-drain"))
+        assert node.proc is not None
+        node.proc.send_signal(signal.SIGTERM)
+        node.wait_log("letting 1 open connections finish")
+        assert node.redirects() == [] and node.proc.poll() is None
+        if interception == "nftables":  # the tables (and their nat hooks) stay for now
+            assert "map services" in node.nft_tables()
+        flag.write_text("go")
+        assert holder.wait(10) == 0
+        assert "second still-there" in lab.log("hold-drain")
+        assert node.proc.wait(15) == 0
+    finally:
+        if node.proc is not None and node.proc.poll() is None:
+            node.stop()
+    assert node.uproxy_lines() == []
+
+
 REFUSE_CLIENT = textwrap.dedent("""
     import socket, sys, time
     best = 10.0
@@ -281,7 +323,11 @@ def test_backend_killed_and_no_endpoints(lab: Lab, node: NodeProxy) -> None:
     assert best < 0.1, out
 
 
-def test_shutdown_cleanup_and_crash_recovery(lab: Lab, node: NodeProxy) -> None:
+@pytest.mark.parametrize("interception", ["nftables", "iptables"])
+def test_shutdown_cleanup_and_crash_recovery(lab: Lab, interception: str) -> None:
+    if interception == "nftables" and shutil.which("nft") is None:
+        pytest.skip("nft is not installed")
+    node = NodeProxy(lab, args=["--interception", interception])
     lab.start_echo(1, tcp_ports=(9376,))
     node.write("svc.yaml",
                service("one", "10.0.0.181", [{"port": 80, "targetPort": 9376}]),
@@ -296,12 +342,12 @@ def test_shutdown_cleanup_and_crash_recovery(lab: Lab, node: NodeProxy) -> None:
     for family in (4, 6):  # ip6tables too
         hooks = [line for line in node.iptables_save(family).splitlines()
                  if line.startswith("-A PREROUTING") and "UPROXY" in line]
-        assert len(hooks) == 1, node.uproxy_lines()
+        assert len(hooks) == (1 if interception == "iptables" else 0), node.uproxy_lines()
+        tables = node.nft_tables(family)
+        assert tables.count("table ") == (1 if interception == "nftables" else 0), tables
     assert lab.probe("tcp", "10.0.0.181", "80", "--count", "5")["counts"] == {"pod1": 5}
-    # Crash again; `uproxy cleanup` removes everything.
+    # Crash again; `uproxy cleanup` removes everything (nft tables too).
     node.stop(signal.SIGKILL)
-    import sys
-
     out = lab.run("node", [sys.executable, "-m", "uproxy", "cleanup"]).stdout
     assert "removed" in out
     assert node.uproxy_lines() == []
@@ -311,9 +357,127 @@ def test_shutdown_cleanup_and_crash_recovery(lab: Lab, node: NodeProxy) -> None:
     assert node.uproxy_lines() == []
 
 
-def test_resync_repairs_deleted_rules(lab: Lab) -> None:
+def test_switching_interception_leaves_nothing_of_the_other(lab: Lab) -> None:
+    """A crashed run's rules of either kind are removed when the other kind starts."""
+    if shutil.which("nft") is None:
+        pytest.skip("nft is not installed")
     lab.start_echo(1, tcp_ports=(9376,))
-    node = NodeProxy(lab, args=["--sync-period", "1s"])
+    node = NodeProxy(lab, args=["--interception", "iptables"])
+    node.write("svc.yaml",
+               service("one", "10.0.0.181", [{"port": 80, "targetPort": 9376}]),
+               endpoint_slice("one", [lab.pod_ip(1)], [{"name": "", "port": 9376,
+                                                        "protocol": "TCP"}]))
+    node.start(wait_for="default/one: cluster IP")
+    node.stop(signal.SIGKILL)
+    node.args = ["--interception", "nftables"]
+    node.start(wait_for="default/one: cluster IP")
+    try:
+        assert [ln for ln in node.iptables_save(None).splitlines() if "UPROXY-SERVICES" in ln
+                ] == [], "the iptables chain of the crashed run is gone"
+        assert lab.probe("tcp", "10.0.0.181", "80", "--count", "5")["counts"] == {"pod1": 5}
+    finally:
+        node.stop(signal.SIGKILL)
+    node.args = ["--interception", "iptables"]
+    node.start(wait_for="default/one: cluster IP")
+    try:
+        assert node.nft_tables(None) == "", "the nft tables of the crashed run are gone"
+        assert lab.probe("tcp", "10.0.0.181", "80", "--count", "5")["counts"] == {"pod1": 5}
+    finally:
+        assert node.stop() == 0
+    assert node.uproxy_lines() == []
+
+
+def test_auto_interception_without_nft_falls_back_to_the_iptables_chain(lab: Lab) -> None:
+    """``--interception auto`` (the default) on a node without nft: one log line says why,
+    and the iptables chain serves."""
+    tools = lab.workdir / "bin-no-nft"
+    tools.mkdir()
+    for tool in ("iptables", "iptables-save", "iptables-restore", "ip6tables", "ip6tables-save",
+                 "ip6tables-restore", "conntrack", "ip"):
+        found = shutil.which(tool)
+        assert found is not None, tool
+        (tools / tool).symlink_to(found)
+    lab.start_echo(1, tcp_ports=(9376,))
+    node = NodeProxy(lab, prefix=["env", f"PATH={tools}"], args=["--interception", "auto"])
+    node._nft_usable = False  # what the daemon finds on its PATH
+    node.write("svc.yaml",
+               service("auto", "10.0.0.184", [{"port": 80, "targetPort": 9376}]),
+               endpoint_slice("auto", [lab.pod_ip(1)], [{"name": "", "port": 9376,
+                                                         "protocol": "TCP"}]))
+    node.start(wait_for="default/auto: cluster IP")
+    try:
+        assert node.log.count("interception: ") == 1
+        assert ("interception: iptables chain UPROXY-SERVICES (nft not found (install the "
+                "nftables package))") in node.log
+        assert [r[1:4] for r in parse_rules(node.iptables_save())] == [("10.0.0.184", 80, "TCP")]
+        assert node.nft_tables(None) == ""
+        assert lab.probe("tcp", "10.0.0.184", "80", "--count", "5")["counts"] == {"pod1": 5}
+    finally:
+        assert node.stop() == 0
+    assert node.uproxy_lines() == []
+
+
+def test_resync_repairs_deleted_nft_table_and_chains(lab: Lab) -> None:
+    if shutil.which("nft") is None:
+        pytest.skip("nft is not installed")
+    lab.start_echo(1, tcp_ports=(9376,))
+    node = NodeProxy(lab, args=["--sync-period", "1s", "--interception", "nftables"])
+    node.write("svc.yaml",
+               service("fix", "10.0.0.182", [{"port": 80, "targetPort": 9376}]),
+               endpoint_slice("fix", [lab.pod_ip(1)], [{"name": "", "port": 9376,
+                                                        "protocol": "TCP"}]))
+    node.start(wait_for="default/fix: cluster IP")
+    try:
+        for family in ("ip", "ip6"):
+            lab.run("node", ["nft", "delete", "table", family, "uproxy"])
+        assert node.nft_tables(None) == ""
+        node.wait_rules(lambda t: "default/fix: cluster IP" in t, timeout=5)
+        node.wait_rules(lambda t: "chain output" in t, timeout=5, family=6)
+        node.wait_log("re-created the nftables tables someone removed")
+        # The hooks' rules flushed and the map emptied: the next full sync puts them back.
+        lab.run("node", ["nft", "flush", "chain", "ip", "uproxy", "output"])
+        lab.run("node", ["nft", "flush", "map", "ip", "uproxy", "services"])
+        assert "default/fix" not in node.rules_text()
+        text = node.wait_rules(lambda t: "default/fix: cluster IP" in t
+                               and t.count("redirect to") == 2, timeout=5)
+        assert [r[1:4] for r in node.redirects()] == [("10.0.0.182", 80, "TCP")], text
+        r = lab.probe("tcp", "10.0.0.182", "80", "--count", "5", ns="node")  # output hook
+        assert r["counts"] == {"pod1": 5}, r
+    finally:
+        assert node.stop() == 0
+    assert node.uproxy_lines() == []
+
+
+def test_a_failed_nft_delta_falls_back_to_replacing_the_tables(lab: Lab) -> None:
+    """Someone deleted an element: the next sync's delta (which deletes it too) is refused
+    by nft as a whole, and the daemon replaces the tables instead, at once."""
+    if shutil.which("nft") is None:
+        pytest.skip("nft is not installed")
+    lab.start_echo(1, tcp_ports=(9376,))
+    node = NodeProxy(lab, args=["--sync-period", "10m", "--interception", "nftables"])
+    sp = [{"name": "", "port": 9376, "protocol": "TCP"}]
+    node.write("a.yaml", service("a", "10.0.0.185", [{"port": 80, "targetPort": 9376}]),
+               endpoint_slice("a", [lab.pod_ip(1)], sp))
+    node.start(wait_for="default/a: cluster IP")
+    try:
+        lab.run("node", ["nft", "delete", "element", "ip", "uproxy", "services",
+                         "{ 10.0.0.185 . tcp . 80 }"])
+        node.remove("a.yaml")
+        node.write("b.yaml", service("b", "10.0.0.186", [{"port": 80, "targetPort": 9376}]),
+                   endpoint_slice("b", [lab.pod_ip(1)], sp))
+        text = node.wait_rules(lambda t: "default/b: cluster IP" in t, timeout=5)
+        assert [r[1:4] for r in node.parse(text)] == [("10.0.0.186", 80, "TCP")], text
+        assert "nftables update failed, replacing the tables" in node.log
+        assert lab.probe("tcp", "10.0.0.186", "80", "--count", "5")["counts"] == {"pod1": 5}
+    finally:
+        assert node.stop() == 0
+    assert node.uproxy_lines() == []
+
+
+def test_resync_repairs_deleted_rules(lab: Lab) -> None:
+    """The iptables interception's repair (``--interception iptables``)."""
+    lab.start_echo(1, tcp_ports=(9376,))
+    node = NodeProxy(lab, args=["--sync-period", "1s", "--interception", "iptables"])
     node.write("svc.yaml",
                service("fix", "10.0.0.182", [{"port": 80, "targetPort": 9376}]),
                endpoint_slice("fix", [lab.pod_ip(1)], [{"name": "", "port": 9376,

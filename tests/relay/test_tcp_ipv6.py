@@ -69,16 +69,18 @@ def test_should_function_for_pod_service_http_secondary_ip_family(lab: Lab,
     node.start(wait_for="default/dual:http loadbalancer IP")
     try:
         rules6 = node.wait_rules(lambda t: LB6 in t, family=6)
-        mine = [ln for ln in rules6.splitlines() if "default/dual:http" in ln]
-        assert sorted(ln.split()[3] for ln in mine) == [
-            f"{EXTERNAL6}/128", f"{LB6}/128", f"{V6}/128"], mine
-        assert all("-j REDIRECT --to-ports" in ln for ln in mine)
-        assert '-A OUTPUT -m comment --comment "uproxy service portals" -j UPROXY-SERVICES' \
-            in rules6
-        assert '-A PREROUTING -m comment --comment "uproxy service portals" -j UPROXY-SERVICES' \
-            in rules6
-        rules4 = node.iptables_save()
-        assert f"-d {V4}/32" in rules4 and V6 not in rules4
+        mine = [r for r in node.redirects(6) if r[0].startswith("default/dual:http")]
+        assert sorted(r[1] for r in mine) == sorted([EXTERNAL6, LB6, V6]), rules6
+        if node.interception == "nftables":  # one map lookup on each hook
+            assert rules6.count("ip6 daddr . meta l4proto . th dport map @services") == 2
+            assert "hook output" in rules6 and "hook prerouting" in rules6
+        else:
+            assert ('-A OUTPUT -m comment --comment "uproxy service portals" '
+                    '-j UPROXY-SERVICES') in rules6
+            assert ('-A PREROUTING -m comment --comment "uproxy service portals" '
+                    '-j UPROXY-SERVICES') in rules6
+        rules4 = node.redirects()
+        assert V4 in {r[1] for r in rules4} and V6 not in {r[1] for r in rules4}
 
         both = {"pod2", "pod3"}
         assert set(who(lab, V6, 80)) == both  # secondary ClusterIP
@@ -127,7 +129,7 @@ def test_single_stack_ipv6_service_and_client_ip_affinity(lab: Lab, flavor: Flav
                endpoint_slice("only4", lab.pod_ips, SLICE_PORTS))
     node.start(wait_for="default/sticky6:http cluster IP")
     try:
-        assert SINGLE6 not in node.iptables_save()
+        assert SINGLE6 not in node.rules_text()
         first = who(lab, SINGLE6, 80)
         assert len(first) == 1, first  # one client: one endpoint, every time
         lab.add_client_ip("fd00:99::3")
@@ -163,6 +165,8 @@ def test_a_family_the_node_lacks_is_skipped_with_one_log_line(lab: Lab, lack: st
         lab.run("node", ["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
                          "net.ipv6.conf.default.disable_ipv6=1"])
         reason = "the node has no IPv6 address (IPv6 disabled)"
+        if shutil.which("nft"):  # an earlier run's IPv6 table: removed at start
+            lab.run("node", ["nft", "add", "table", "ip6", "uproxy"])
     else:  # the same tools as usual, except the ip6tables ones
         tools = lab.workdir / "bin"
         tools.mkdir()
@@ -172,7 +176,9 @@ def test_a_family_the_node_lacks_is_skipped_with_one_log_line(lab: Lab, lack: st
             (tools / tool).symlink_to(found)
         env_args = ["env", f"PATH={tools}"]
         reason = "ip6tables is not installed"
-    node = NodeProxy(lab, prefix=env_args)
+    # (without ip6tables the PATH has no nft either: auto chooses iptables, and says so)
+    node = NodeProxy(lab, prefix=env_args,
+                     args=["--interception", "iptables"] if env_args else [])
     node.write("dual.yaml", *dual_stack_objects(lab))
     node.start(wait_for="default/dual:http cluster IP")
     try:
@@ -182,20 +188,37 @@ def test_a_family_the_node_lacks_is_skipped_with_one_log_line(lab: Lab, lack: st
         assert " E " not in node.log and "Traceback" not in node.log
         if lack == "no-ip6tables":
             assert "UPROXY" not in node.iptables_save(6)
+        assert node.nft_tables(6) == ""  # nor an ip6 uproxy table in nftables mode
     finally:
         assert node.stop() == 0
     assert [ln for ln in node.iptables_save().splitlines() if "UPROXY" in ln] == []
+    assert node.nft_tables(None) == ""
 
 
-def test_resync_repairs_deleted_ipv6_rules(lab: Lab) -> None:
-    """The periodic full sync covers ip6tables: a flushed chain and a deleted hook return."""
+@pytest.mark.parametrize("interception", ["iptables", "nftables"])
+def test_resync_repairs_deleted_ipv6_rules(lab: Lab, interception: str) -> None:
+    """The periodic full sync covers ip6tables: a flushed chain and a deleted hook return
+    (nftables: the deleted ``ip6 uproxy`` table returns)."""
+    if interception == "nftables" and shutil.which("nft") is None:
+        pytest.skip("nft is not installed")
     lab.start_echo(1, tcp_ports=(6789,))
-    node = NodeProxy(lab, args=["--sync-period", "1s"])
+    node = NodeProxy(lab, args=["--sync-period", "1s", "--interception", interception])
     node.write("v6.yaml", service("fix6", SINGLE6, [{"name": "http", "port": 80,
                                                      "targetPort": 6789}],
                                   ipFamilies=["IPv6"], ipFamilyPolicy="SingleStack"),
                endpoint_slice("fix6", [lab.pod_ip6(1)], SLICE_PORTS))
     node.start(wait_for="default/fix6:http cluster IP")
+    if interception == "nftables":
+        try:
+            lab.run("node", ["nft", "delete", "table", "ip6", "uproxy"])
+            assert node.nft_tables(6) == ""
+            node.wait_rules(lambda t: "default/fix6:http cluster IP" in t, timeout=5, family=6)
+            assert set(who(lab, SINGLE6, 80, ns="node", count=5)) == {"pod1"}
+            assert "re-created the nftables tables someone removed: ip6 uproxy" in node.log
+        finally:
+            assert node.stop() == 0
+        assert node.uproxy_lines() == []
+        return
     try:
         lab.run("node", ["ip6tables", "-t", "nat", "-F", "UPROXY-SERVICES"])
         lab.run("node", ["ip6tables", "-t", "nat", "-D", "OUTPUT", "-m", "comment",

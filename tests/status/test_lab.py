@@ -18,6 +18,7 @@ import pytest
 from tests.support.waiting import wait_until
 from uproxy.demo.lab import CLIENT_IP, Lab
 from uproxy.demo.node import NodeProxy, endpoint_slice, service
+from uproxy.rules import parse_rules
 
 pytestmark = pytest.mark.lab
 
@@ -72,9 +73,14 @@ def test_rules_shown_are_the_rules_applied(lab: Lab, node: NodeProxy) -> None:
     assert code == 200
     data = json.loads(body)
     assert data["applied"] is True
-    applied = [line for line in node.iptables_save().splitlines()
-               if line.startswith("-A UPROXY-SERVICES")]
-    assert sorted(data["lines"]) == sorted(applied) and len(applied) == 3  # + KEEP_NAT
+    assert data["interception"] == node.interception
+    if node.interception == "iptables":
+        applied = [line for line in node.iptables_save().splitlines()
+                   if line.startswith("-A UPROXY-SERVICES")]
+        assert sorted(data["lines"]) == sorted(applied) and len(applied) == 3  # + KEEP_NAT
+    # The redirects shown (as iptables lines) are the ones in place, whatever the interception.
+    shown = parse_rules("\n".join(data["lines"]))
+    assert sorted(shown) == sorted(node.redirects()) and len(shown) == 2
 
 
 def test_live_connections_from_the_client_namespace(lab: Lab, node: NodeProxy) -> None:

@@ -110,9 +110,13 @@ def test_event_log_shows_a_port_in_use_and_a_rule_repair(lab: Lab) -> None:
     node.start(wait_for="default/taken: cluster IP")
     try:
         node.wait_log("nodePort 30091")
-        # Someone deletes uproxy's OUTPUT hook: the next full sync puts it back.
-        lab.run("node", ["iptables", "-t", "nat", "-D", "OUTPUT", "-m", "comment", "--comment",
-                         "uproxy service portals", "-j", "UPROXY-SERVICES"])
+        # Someone deletes uproxy's OUTPUT hook (nftables: its table): the next full sync
+        # puts it back.
+        if node.interception == "nftables":
+            lab.run("node", ["nft", "delete", "table", "ip", "uproxy"])
+        else:
+            lab.run("node", ["iptables", "-t", "nat", "-D", "OUTPUT", "-m", "comment",
+                             "--comment", "uproxy service portals", "-j", "UPROXY-SERVICES"])
         found: list[dict[str, Any]] = []
 
         def logged() -> bool:
@@ -126,7 +130,13 @@ def test_event_log_shows_a_port_in_use_and_a_rule_repair(lab: Lab) -> None:
         assert in_use and in_use[0]["object"] == "Service default/taken", found
         assert in_use[0]["level"] == "warning" and "already in use" in in_use[0]["message"]
         (repair,) = [e for e in found if e["kind"] == "RulesRepaired"]
-        assert repair["object"] == "iptables nat hooks" and "re-inserted 1" in repair["message"]
+        if node.interception == "nftables":
+            assert repair["object"] == "nftables tables", repair
+            assert "re-created the nftables tables someone removed: ip uproxy" \
+                in repair["message"]
+        else:
+            assert repair["object"] == "iptables nat hooks" and "re-inserted 1" in repair[
+                "message"]
         assert all(e["time"] > 0 for e in found)
     finally:
         node.stop()

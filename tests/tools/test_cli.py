@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from uproxy import nftrules
 from uproxy.rules import KEEP_NAT_V4, KEEP_NAT_V6
 from uproxy.transparent import MARK_RULE, render_mangle, rule_spec
 
@@ -86,7 +87,7 @@ def assert_one_line_error(done: subprocess.CompletedProcess[str], *words: str) -
 
 
 def test_rules_prints_restore_text(manifests: Path) -> None:
-    done = uproxy("rules", "--manifests", str(manifests))
+    done = uproxy("rules", "--manifests", str(manifests), "--interception", "iptables")
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
     body = [ln for ln in done.stdout.splitlines() if not ln.startswith("#")]
@@ -95,10 +96,30 @@ def test_rules_prints_restore_text(manifests: Path) -> None:
     assert f"#   ip -4 rule add {' '.join(rule_spec())}; " in done.stdout
 
 
+EXPECTED_ELEMENTS = [("default/multi-port:port1 cluster IP", "10.0.0.180", 6789, "TCP", 40000),
+                     ("default/multi-port:port2 cluster IP", "10.0.0.180", 9876, "TCP", 40001)]
+
+
+@pytest.mark.parametrize("mode", ["nftables", "auto"])
+def test_rules_prints_the_nft_table(manifests: Path, mode: str) -> None:
+    if mode == "auto" and shutil.which("nft") is None:
+        pytest.skip("auto prints the nft text only where nft is installed")
+    done = uproxy("rules", "--manifests", str(manifests), *(
+        ["--interception", mode] if mode != "auto" else []))
+    assert done.returncode == 0, done.stderr
+    v4, _, mangle = done.stdout.partition("# transparent mode")
+    assert "# nft -f (IPv4)" in v4 and "table ip uproxy {" in v4 and "UPROXY-SERVICES" not in v4
+    assert "ip6" not in v4  # no IPv6 Service: no IPv6 table
+    assert nftrules.parse_elements(v4) == EXPECTED_ELEMENTS
+    assert "redirect to : ip daddr . meta l4proto . th dport map @services" in v4
+    assert MARK_RULE in mangle  # transparent mode stays in iptables
+
+
 @pytest.mark.lab  # needs root to drop it
 def test_rules_needs_no_root(manifests: Path) -> None:
     done = uproxy("rules", "--manifests", str(manifests / "multi-port.yaml"),
-                  "--proxy-port-range", "50000-50010", as_nobody=True)
+                  "--proxy-port-range", "50000-50010", "--interception", "iptables",
+                  as_nobody=True)
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
     assert [ln.replace("5000", "4000") for ln in done.stdout.splitlines()
@@ -170,7 +191,7 @@ status:
 def test_rules_with_problems_external_and_hostile_names(manifests: Path) -> None:
     f = manifests / "mixed.yaml"
     f.write_text(MIXED)
-    done = uproxy("rules", "--manifests", str(f))
+    done = uproxy("rules", "--manifests", str(f), "--interception", "iptables")
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr
     errors = done.stderr.strip().splitlines()
@@ -221,7 +242,7 @@ def test_rules_with_a_port_range_too_small(manifests: Path) -> None:
 
 def test_rules_prints_both_families(manifests: Path) -> None:
     (manifests / "v6.yaml").write_text(V6)
-    done = uproxy("rules", "--manifests", str(manifests))
+    done = uproxy("rules", "--manifests", str(manifests), "--interception", "iptables")
     assert done.returncode == 0, done.stderr
     v4, _, v6 = done.stdout.partition("# ip6tables-restore --noflush (IPv6)\n")
     assert "-d fd00::10/128" not in v4 and "-d 10." in v4
@@ -232,3 +253,30 @@ def test_rules_prints_both_families(manifests: Path) -> None:
                        '"default/v6: cluster IP" -m tcp --dport 80 -j REDIRECT --to-ports')
     assert 40000 <= int(rule[1]) < 50000
     assert KEEP_NAT_V6 in body6 and "-d 10." not in v6
+
+
+def test_rules_prints_both_families_nft(manifests: Path) -> None:
+    (manifests / "v6.yaml").write_text(V6)
+    done = uproxy("rules", "--manifests", str(manifests), "--interception", "nftables")
+    assert done.returncode == 0, done.stderr
+    v4, _, v6 = done.stdout.partition("# nft -f (IPv6)\n")
+    v6 = v6.partition("# transparent mode")[0]
+    assert "table ip uproxy {" in v4 and "table ip6 uproxy {" in v6
+    assert [e[1] for e in nftrules.parse_elements(v4)] == ["10.0.0.180", "10.0.0.180"]
+    [(comment, address, port, proto, to_port)] = nftrules.parse_elements(v6)
+    assert (comment, address, port, proto) == ("default/v6: cluster IP", "fd00::10", 80, "TCP")
+    assert 40000 <= to_port < 50000 and "ip6 daddr . meta l4proto" in v6
+
+
+def test_run_with_nftables_asked_for_but_missing(manifests: Path, tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("run checks for root before it looks for nft")
+    bin_dir = tmp_path / "bin"  # iptables but no nft on the PATH
+    bin_dir.mkdir()
+    for tool in ("iptables", "iptables-save", "iptables-restore"):
+        found = shutil.which(tool)
+        assert found is not None, tool
+        (bin_dir / tool).symlink_to(found)
+    done = uproxy("run", "--manifests", str(manifests), "--interception", "nftables",
+                  env={"PATH": str(bin_dir)})
+    assert_one_line_error(done, "--interception nftables", "nft not found")

@@ -2,13 +2,15 @@
 
 :class:`NodeProxy` writes manifests into a directory the daemon watches, starts
 the daemon as a real process in the node namespace, and waits by looking at
-what a user would look at: the rules in ``iptables-save`` and the health
-endpoint — never by sleeping a fixed time.
+what a user would look at: the rules (``nft list table ip uproxy`` with the
+default nftables interception, ``iptables-save`` with ``--interception
+iptables``) and the health endpoint — never by sleeping a fixed time.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +21,9 @@ from typing import Any
 
 import yaml
 
+from uproxy import nftrules
 from uproxy.demo.lab import Lab, LabError
+from uproxy.rules import parse_rules
 
 
 class NodeProxy:
@@ -38,6 +42,20 @@ class NodeProxy:
         self.state_dir = lab.workdir / f"{name}-state"
         self.proc: subprocess.Popen[bytes] | None = None
         self._starts = 0
+        self._nft_usable: bool | None = None
+
+    @property
+    def interception(self) -> str:
+        """``nftables`` or ``iptables``: what the daemon uses with these args (as its auto does)."""
+        mode = "auto"
+        if "--interception" in self.args:
+            mode = self.args[self.args.index("--interception") + 1]
+        if mode == "auto":
+            if self._nft_usable is None:
+                self._nft_usable = shutil.which("nft") is not None and self.lab.run(
+                    "node", ["nft", "list", "tables"], check=False).returncode == 0
+            mode = "nftables" if self._nft_usable else "iptables"
+        return mode
 
     # Manifests ---------------------------------------------------------------------------
     def write(self, filename: str, *objects: Mapping[str, Any]) -> Path:
@@ -115,15 +133,42 @@ class NodeProxy:
             self.lab.run("node", ["ip6tables-save" if f == 6 else "iptables-save",
                                   "-t", "nat"]).stdout for f in families)
 
+    def nft_tables(self, family: int | None = 4) -> str:
+        """``nft list table ip uproxy`` (``ip6`` for 6, both for None); "" for a missing table."""
+        if shutil.which("nft") is None:
+            return ""
+        families = (4, 6) if family is None else (family,)
+        return "".join(
+            self.lab.run("node", ["nft", "list", "table", nftrules.family_keyword(f),
+                                  nftrules.TABLE], check=False).stdout for f in families)
+
+    def rules_text(self, family: int | None = 4) -> str:
+        """The interception rules as the node shows them: the nft table or the nat table."""
+        if self.interception == "nftables":
+            return self.nft_tables(family)
+        return self.iptables_save(family)
+
+    def redirects(self, family: int | None = 4) -> list[tuple[str, str, int, str, int]]:
+        """``(comment, address, port, PROTOCOL, to_port)`` of every redirect in place."""
+        return self.parse(self.rules_text(family))
+
+    def parse(self, text: str) -> list[tuple[str, str, int, str, int]]:
+        """:meth:`redirects` of a :meth:`rules_text` (e.g. the one ``wait_rules`` got)."""
+        if self.interception == "nftables":
+            return nftrules.parse_elements(text)
+        return parse_rules(text)
+
     def uproxy_lines(self) -> list[str]:
-        """uproxy's rules and chains in either family's nat table."""
-        return [line for line in self.iptables_save(None).splitlines() if "UPROXY" in line]
+        """uproxy's rules and chains in either family's nat table, and its nft tables' lines."""
+        return [line for line in self.iptables_save(None).splitlines() if "UPROXY" in line] + [
+            line for line in self.nft_tables(None).splitlines() if line.strip()]
 
     def wait_rules(self, predicate: Callable[[str], bool], *, timeout: float = 10.0,
                    family: int | None = 4) -> str:
+        """Wait until ``predicate`` holds for :meth:`rules_text` (nft or iptables)."""
         deadline = time.monotonic() + timeout
         while True:
-            text = self.iptables_save(family)
+            text = self.rules_text(family)
             if predicate(text):
                 return text
             if self.proc is not None and self.proc.poll() is not None:

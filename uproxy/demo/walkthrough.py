@@ -5,8 +5,9 @@ heading, one or two sentences on what to look at and how kube-proxy would do
 the same, then real commands as ``ns$ command`` followed by their real output
 (``node$`` runs in the node namespace, ``client$`` in the client namespace).
 Nothing is canned: the tables come from ``uproxy get`` against the running
-daemon, the rules from ``iptables-save`` in the node namespace, the traffic
-from curl, dig and the lab's probe in the client namespace.
+daemon, the rules (``nft list table ip uproxy``; ``iptables-save`` with
+``--interception iptables``) in the node namespace, the traffic from curl, dig
+and the lab's probe in the client namespace.
 
 Why it is shaped this way:
 
@@ -290,20 +291,34 @@ class Demo:
             "no interface owns; its endpoints are the pods' real addresses.")
         self.uproxy_get("services")
         self.uproxy_get("endpoints")
-        self.explain(
-            "uproxy hooks one chain, UPROXY-SERVICES, into the nat table's PREROUTING "
-            "(traffic from pods and other hosts) and OUTPUT (traffic from the node itself), "
-            "where kube-proxy hooks KUBE-SERVICES:")
-        self.show("node", "iptables-save -t nat | grep -- '-j UPROXY-SERVICES'")
+        if self.nft:
+            self.explain(
+                "uproxy keeps its rules in its own nftables tables, `ip uproxy` and `ip6 "
+                "uproxy`: one map, services, from address . protocol . port to the port of "
+                "uproxy's socket, and one rule on each nat hook -- prerouting (traffic from "
+                "pods and other hosts) and output (traffic from the node itself) -- that "
+                "looks the first packet of a new connection up in it. A map lookup costs the "
+                "same with 10 or 10,000 Services, where kube-proxy's iptables mode walks "
+                "KUBE-SERVICES one rule per service port. Priority dstnat - 1 (-101) runs "
+                "just before iptables' nat table and kube-proxy's:")
+            self.show("node", "nft list table ip uproxy | grep -A2 'chain '")
+        else:
+            self.explain(
+                "uproxy hooks one chain, UPROXY-SERVICES, into the nat table's PREROUTING "
+                "(traffic from pods and other hosts) and OUTPUT (traffic from the node "
+                "itself), where kube-proxy hooks KUBE-SERVICES:")
+            self.show("node", "iptables-save -t nat | grep -- '-j UPROXY-SERVICES'")
 
     def step_multi_port(self) -> None:
         self.heading("A two-port service over two pods (seed 000: multi-port)")
         self.explain(
-            "One rule per service port. kube-proxy would jump from KUBE-SERVICES to a "
+            ("One map element per service port (commented like kube-proxy's rules). "
+             if self.nft else "One rule per service port. ") +
+            "kube-proxy would jump from KUBE-SERVICES to a "
             "KUBE-SVC chain that picks a KUBE-SEP chain at random (statistic --probability "
             "0.5), which DNATs to one pod. uproxy instead REDIRECTs the ClusterIP:port to "
             "its own socket on the node and picks the pod itself, per connection.")
-        self.show("node", "iptables-save | grep 10.0.0.180")
+        self.show("node", self.rules_cmd("10.0.0.180"))
         self.explain(
             "Real traffic from the client: each HTTP request is a new connection and lands "
             "on either pod; the echo server answers with its pod name and port.")
@@ -321,7 +336,7 @@ class Demo:
         self.explain(
             "namingthings/simpleservice sends port 80 to the app's port 9876 and has one "
             "endpoint, pod1 (172.17.0.2). Every connection goes there:")
-        self.show("node", "iptables-save | grep simpleservice")
+        self.show("node", self.rules_cmd("simpleservice"))
         self.probe("10.0.0.155", 80, count=40)
         self.explain(
             "`kubectl scale --replicas=2` would start a second pod and the EndpointSlice "
@@ -339,10 +354,10 @@ class Demo:
         self.node.write(LAB_ENDPOINTS, *docs)
         self._wait_endpoints("simpleservice", f"{self.lab.pod_ip(2)}:9876")
         self.uproxy_get("endpoints")
-        self.show("node", "iptables-save | grep simpleservice")
+        self.show("node", self.rules_cmd("simpleservice"))
         same = self._rules_of("simpleservice") == rules_before
         self.explain(
-            "The iptables rule is " + ("exactly the same as before" if same else
+            "The redirect is " + ("exactly the same as before" if same else
                                          "different from before (unexpected!)") +
             ": kube-proxy would now add a second KUBE-SEP chain and a "
             "`statistic --mode random --probability 0.5` rule (see seed 001), while uproxy "
@@ -354,8 +369,8 @@ class Demo:
         self.explain(
             "A NodePort service is also a ClusterIP service, plus a port on every node "
             "address. kube-proxy DNATs that port from its KUBE-NODEPORTS chain; uproxy "
-            "simply listens on it, so the only iptables rule is the ClusterIP one:")
-        self.show("node", "iptables-save | grep k8s-nginx-node")
+            "simply listens on it, so the only redirect is the ClusterIP one:")
+        self.show("node", self.rules_cmd("k8s-nginx-node"))
         self.show("node", "ss -Hltnp 'sport = :32293'")
         self.explain(f"From the client, through the node's address {NODE_IP}; nginx in "
                      "pod3 and pod4 answers with its pod name:")
@@ -372,7 +387,7 @@ class Demo:
             "0.333 and 0.5 over three KUBE-SEP chains; uproxy keeps one UDP socket per "
             "service port, a flow per client address and port, and answers from the socket "
             "the query arrived on, so the reply comes back from 10.0.0.10.")
-        self.show("node", "iptables-save | grep kube-dns")
+        self.show("node", self.rules_cmd("kube-dns"))
         self.show("client",
                   "dig @10.0.0.10 +short +time=2 +tries=1 k8s-nginx-node.default.svc.cluster.local")
         self.show("client", "curl -s http://10.0.0.157/")
@@ -388,11 +403,12 @@ class Demo:
                             "multi-port.default.svc.cluster.local")
         self.explain(
             "kube-dns is dual-stack (ipFamilyPolicy: PreferDualStack): its second ClusterIP "
-            "fd00:96::10 is served over IPv6 with the same kind of rule, by ip6tables, and "
+            "fd00:96::10 is served over IPv6 with the same kind of rule ("
+            + ("in the ip6 uproxy table" if self.nft else "by ip6tables") + "), and "
             "chooses among the pods' IPv6 endpoints. dig accepts only replies from the "
             "address it asked, so these answers also show that replies leave from "
             "fd00:96::10 (IPV6_PKTINFO):")
-        self.show("node", "ip6tables-save | grep kube-dns")
+        self.show("node", self.rules_cmd("kube-dns", family=6))
         self.show("client", "for i in $(seq 30); do "
                             "dig @fd00:96::10 +short +time=2 +tries=1 whoami.uproxy.test TXT; "
                             "done | sort | uniq -c")
@@ -407,7 +423,7 @@ class Demo:
             "does it with `-m recent --rcheck --seconds 10800` rules in the KUBE-SVC chain "
             "(and `-m recent --set` in each KUBE-SEP chain); uproxy keeps a table of client "
             "address -> pod. The rule is a plain REDIRECT again:")
-        self.show("node", "iptables-save | grep sticky")
+        self.show("node", self.rules_cmd("sticky"))
         self.probe("10.0.0.176", 80, count=20)
         self.explain("Other client addresses (added to the client namespace) each stick to "
                      "their own choice:")
@@ -506,8 +522,18 @@ class Demo:
         return shlex.join(["uproxy", "run", *[x for kv in last.items() for x in kv]])
 
     def _rules_of(self, name: str) -> list[str]:
-        text = self.lab.run("node", ["iptables-save", "-t", "nat"]).stdout
-        return [line for line in text.splitlines() if name in line]
+        return [line for line in self.node.rules_text().splitlines() if name in line]
+
+    @property
+    def nft(self) -> bool:
+        """The daemon intercepts with its nftables map (its default where nft works)."""
+        return self.node.interception == "nftables"
+
+    def rules_cmd(self, pattern: str, *, family: int = 4) -> str:
+        """The command that shows the redirects of ``pattern`` (nft or iptables-save)."""
+        if self.nft:
+            return f"nft list table {'ip6' if family == 6 else 'ip'} uproxy | grep {pattern}"
+        return f"{'ip6tables' if family == 6 else 'iptables'}-save | grep {pattern}"
 
     def _wait_endpoints(self, name: str, address: str, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout

@@ -254,6 +254,8 @@ async def rules(request: web.Request) -> web.Response:
     listeners = [(str(k.name), k.scope, k.address, port) for k, port in daemon.listener_ports()]
     data = views.rules(daemon.redirects, listeners)
     data["applied"] = daemon.settings.manage_iptables and daemon.rules_applied
+    # nftables: the same redirects are map elements of ``nft list table ip uproxy``
+    data["interception"] = getattr(daemon, "interception", "iptables")
     return _json(data)
 
 
