@@ -144,6 +144,8 @@ class Daemon:
         """Serve what came over: listeners (claimed by the next sync), connections at once."""
         self._adopted_flows = adopted.of_kind("udp")
         self._adopt_listeners(adopted)
+        for item, (sock, *_) in adopted.of_kind("health_check"):
+            self.health_checks.adopted[(str(item.meta["address"]), int(item.meta["port"]))] = sock
         for item, (client, backend) in adopted.of_kind("tcp"):
             self._tcp_mover.adopt(item.meta, client, backend)
         for item, _ in adopted.of_kind("affinity"):
@@ -658,6 +660,8 @@ class Daemon:
         addresses = (("0.0.0.0", "::") if not cidrs
                      else tuple(nodeport_addresses(cidrs, self.listener_set.node_ips)))
         await self.health_checks.sync(wanted, addresses)
+        if self.health_checks.adopted:  # a takeover brought ports no Service wants any more
+            self.health_checks.close_unclaimed()
 
     def _local_ready(self, service: tuple[str, str]) -> int:
         table = self.served
@@ -703,6 +707,7 @@ class Daemon:
         self._tcp_mover.pause()
         if self._udp_mover is not None:
             self._udp_mover.pause()
+        self.health_checks.pause()
 
     def inventory(self) -> list[tuple[Item, list[socket.socket]]]:
         items: list[tuple[Item, list[socket.socket]]] = []
@@ -714,6 +719,8 @@ class Daemon:
             items.append((Item("listener", meta), [listener.sock]))
         for which, sock in self.server_sockets.items():
             items.append((Item("server", {"which": which}), [sock]))
+        for address, port, sock in self.health_checks.sockets():
+            items.append((Item("health_check", {"address": address, "port": port}), [sock]))
         pins = [[n.namespace, n.name, n.port, n.protocol, client, ip, port, idle]
                 for n, client, (ip, port), idle in self.balancer.export_affinity(time.monotonic())]
         items.append((Item("affinity", {"pins": pins}, fds=0), []))
@@ -722,6 +729,8 @@ class Daemon:
         return items + self._tcp_mover.inventory()
 
     def resume(self, reason: str) -> None:
+        task = self.loop.create_task(self.health_checks.resume(), name="health-checks")
+        self._tasks.append(task)
         self._tcp_mover.resume()
         if self._udp_mover is not None:
             self._udp_mover.resume()

@@ -60,7 +60,8 @@ def _probe_result(lab: Lab, proc: object, name: str, seconds: float) -> dict[str
 def test_should_work_after_restarting_kube_proxy_no_connection_refused_in_two_upgrades(
         lab: Lab, node: NodeProxy) -> None:
     rules = _rules(node)
-    assert len(rules) == 1 and "REDIRECT" in rules[0]
+    # one rule for the VIP to its proxy port: an iptables REDIRECT or an nftables map element
+    assert len(rules) == 1 and re.search(r"(REDIRECT --to-ports |: )\d+", rules[0]), rules
     seconds = 8.0
     proc, name = _background_probe(lab, seconds, "probe-upgrades")
     time.sleep(1.0)
@@ -220,3 +221,54 @@ def test_a_refused_takeover_exits_2_in_one_line_and_leaves_the_old_one_and_its_r
     result = lab.probe("tcp", VIP, "80", "--count", "20")
     assert sum(result["counts"].values()) == 20, result
     assert "takeover refused" in node.log
+
+
+HC_PORT = 32191
+HEALTH_POLLER = """
+import json, sys, time, urllib.error, urllib.request
+url, seconds = sys.argv[1], float(sys.argv[2])
+codes = {}
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    try:
+        code = str(urllib.request.urlopen(url, timeout=2).status)
+    except urllib.error.HTTPError as exc:
+        code = str(exc.code)
+    except OSError as exc:
+        code = type(exc).__name__
+    codes[code] = codes.get(code, 0) + 1
+    time.sleep(0.01)
+print(json.dumps(codes))
+"""
+
+
+def test_a_health_check_node_port_keeps_answering_through_upgrades(
+        lab: Lab, node: NodeProxy) -> None:
+    """kube-proxy's health-check node port (``type: LoadBalancer``, ``Local``) comes over with
+    the other listening sockets: a load balancer probing it all through two upgrades gets 200
+    every time, never a refused connection (the port is never closed)."""
+    local = lab.pod_ips[0]
+    node.write("lb.yaml",
+               service("lb", "10.0.0.191", [{"port": 80, "targetPort": 9376, "nodePort": 30191}],
+                       type="LoadBalancer", externalTrafficPolicy="Local",
+                       healthCheckNodePort=HC_PORT),
+               endpoint_slice("lb", [local], SLICE_PORTS, node_names={local: "node"}))
+    url = f"http://{lab.node_ip}:{HC_PORT}/healthz"
+    script = lab.workdir / "health_poller.py"
+    script.write_text(HEALTH_POLLER)
+    from tests.support.waiting import wait_until
+
+    wait_until(lambda: '"localEndpoints": 1' in lab.run(
+        "client", ["curl", "-s", "-m", "2", url], check=False).stdout,
+        timeout=10, message="the health-check node port answering 200")
+    seconds = 6.0
+    poller = lab.spawn("client", [sys.executable, str(script), url, str(seconds)],
+                       "health-poller")
+    time.sleep(1.0)
+    for _ in range(2):
+        assert node.upgrade() == 0
+        time.sleep(1.0)
+    poller.wait(seconds + 30)
+    codes = json.loads(lab.log("health-poller").strip().splitlines()[-1])
+    assert set(codes) == {"200"} and codes["200"] > 50, codes
+    assert "health-check node port" in node.log

@@ -11,12 +11,19 @@ balancer sends traffic only to nodes that can serve it locally.
 port changed are closed, new ones opened, unchanged ones left alone. A port that cannot be
 opened is logged once and tried again at the next sync (it is not recorded), as kube-proxy
 does.
+
+The listening sockets are uproxy's own (bound here, served through ``web.SockSite``), so
+that a takeover (``uproxy.proxy.handover``) can hand them to the new process with the rest:
+:meth:`HealthCheckPorts.sockets` lists them, and the new process puts what came over in
+:attr:`HealthCheckPorts.adopted`, which its first sync serves instead of binding again (a
+load balancer's probe never finds the port closed during an upgrade).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from aiohttp import web
@@ -36,7 +43,23 @@ class HealthCheckPorts:
         self._local_endpoints = local_endpoints
         self._healthy = healthy
         self.servers: dict[Key, tuple[int, tuple[str, ...], web.AppRunner]] = {}
+        self._sockets: dict[Key, list[tuple[str, socket.socket]]] = {}
+        self._sites: dict[Key, list[web.SockSite]] = {}  # each serves a dup of a socket above
         self._failed: set[tuple[Key, int]] = set()
+        # listening sockets a takeover brought, by (address, port), until a sync serves them
+        self.adopted: dict[tuple[str, int], socket.socket] = {}
+
+    def sockets(self) -> list[tuple[str, int, socket.socket]]:
+        """(address, port, socket) of every open health-check node port (for a takeover)."""
+        return [(address, self.servers[key][0], sock)
+                for key, socks in self._sockets.items() for address, sock in socks]
+
+    def close_unclaimed(self) -> int:
+        """Taken-over sockets no Service wants (after the first sync)."""
+        for sock in self.adopted.values():
+            sock.close()
+        closed, self.adopted = len(self.adopted), {}
+        return closed
 
     def ports(self) -> dict[Key, int]:
         return {key: port for key, (port, _addrs, _runner) in self.servers.items()}
@@ -46,6 +69,9 @@ class HealthCheckPorts:
         for key in [k for k, (port, addrs, _r) in self.servers.items()
                     if wanted.get(k) != port or addrs != where]:
             _port, _addrs, runner = self.servers.pop(key)
+            for _address, sock in self._sockets.pop(key, []):
+                sock.close()
+            self._sites.pop(key, None)
             await runner.cleanup()
             log.info("%s/%s: health-check node port %d closed", *key, _port)
         for key, port in wanted.items():
@@ -57,17 +83,21 @@ class HealthCheckPorts:
         app.router.add_route("*", "/{path:.*}", self._handler(key))
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await runner.setup()
-        opened = 0
+        opened: list[tuple[str, socket.socket]] = []
+        sites: list[web.SockSite] = []
         error: OSError | None = None
         for address in addresses:
             try:
-                await web.TCPSite(runner, address, port, reuse_address=True).start()
-                opened += 1
+                sock = self.adopted.pop((address, port), None) or _listen(address, port)
+                opened.append((address, sock))
+                sites.append(await _serve(runner, sock))
             except OSError as exc:
                 if address != "::":  # "::" where the node has no IPv6: quietly IPv4 only
                     error = exc
-        if error is not None or not opened:
+        if error is not None or not sites:
             await runner.cleanup()
+            for _address, sock in opened:
+                sock.close()
             if (key, port) not in self._failed:
                 self._failed.add((key, port))
                 log.warning("%s/%s: cannot open health-check node port %d: %s", *key, port,
@@ -75,7 +105,24 @@ class HealthCheckPorts:
             return
         self._failed.discard((key, port))
         self.servers[key] = (port, addresses, runner)
+        self._sockets[key] = opened
+        self._sites[key] = sites
         log.info("%s/%s: health-check node port %d open", *key, port)
+
+    def pause(self) -> None:
+        """A takeover starts: stop accepting (the sites' dups close; the sockets stay, and
+        connections wait in their backlogs for whoever serves next)."""
+        for sites in self._sites.values():
+            for site in sites:
+                server = site._server  # (aiohttp keeps the asyncio server there)
+                if server is not None:
+                    server.close()
+
+    async def resume(self) -> None:
+        """The takeover failed: serve the same sockets again."""
+        for key, socks in self._sockets.items():
+            runner = self.servers[key][2]
+            self._sites[key] = [await _serve(runner, sock) for _address, sock in socks]
 
     def _handler(self, key: Key) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handle(_request: web.Request) -> web.Response:
@@ -90,3 +137,38 @@ class HealthCheckPorts:
             with contextlib.suppress(Exception):
                 await runner.cleanup()
         self.servers.clear()
+        for socks in self._sockets.values():
+            for _address, sock in socks:
+                sock.close()
+        self._sockets.clear()
+        self._sites.clear()
+        self.close_unclaimed()
+
+
+async def _serve(runner: web.AppRunner, sock: socket.socket) -> web.SockSite:
+    """Serve a dup of ``sock``: closing the site (a pause) leaves ``sock`` itself open."""
+    dup = sock.dup()
+    try:
+        site = web.SockSite(runner, dup)
+        await site.start()
+    except OSError:
+        dup.close()
+        raise
+    return site
+
+
+def _listen(address: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``address:port`` (as aiohttp's TCPSite would make it)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((address, port))
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
