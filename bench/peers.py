@@ -240,7 +240,9 @@ class Uproxy:
         self.node.wait_rules(lambda t: "bench/web:dns cluster IP" in t
                              and "bench/web:http cluster IP" in t, timeout=10)
         if self.ipv6:
-            self.node.wait_rules(lambda t: t.count(f"{VIP6}/128") >= 2, timeout=10, family=6)
+            # two IPv6 redirects (http, dns): iptables "-d VIP6/128" lines or nftables map
+            # elements "VIP6 . tcp . 80" (the default interception)
+            self.node.wait_rules(lambda t: t.count(VIP6) >= 2, timeout=10, family=6)
 
     def stop(self) -> None:
         if self.node.proc is not None and self.node.proc.poll() is None:
