@@ -72,6 +72,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, Path]:
     if a.quick:
         opts.rounds, opts.seconds = 1, 2.0
         opts.idle_count, opts.scale_services, opts.rest_seconds, opts.changes = 2000, 2000, 3, 10
+        opts.takeover_conns = 2000
         opts.scale_starts = 1
     if a.rounds is not None:
         opts.rounds = max(1, a.rounds)

@@ -209,7 +209,8 @@ def scale_table(res: Results) -> str:
         ("/metrics network_programming_duration p50 / p99 (bucket bound; count)",
          [le(s, "prog") for s in res.scale.values()]),
         ("takeover: exchange (old process's timing) / connections moved / old exit code",
-         [f"{v(s, 'takeover_exchange_ms', ' ms')} / {s.get('takeover_moved', 'n/a')} / "
+         [f"{v(s, 'takeover_exchange_ms', ' ms')} / {s.get('takeover_moved', 'n/a')} of "
+          f"{s.get('takeover_held', 'n/a')} held / "
           f"{s.get('takeover_old_exit', 'n/a')}" for s in res.scale.values()]),
         ("takeover: new process start -> first sync (loads its source while the old serves)",
          [v(s, "takeover_to_sync_s", " s") for s in res.scale.values()]),
@@ -362,7 +363,16 @@ METHOD_DOC = """\
   iptables mode writes them, ahead of the measured Service in `KUBE-SERVICES` (its linear
   walk); for uproxy as one more manifest (its default interception, the nftables map;
   `--proxy-port-range 20000-39999`). The row is conn/s with the others present, and its
-  ratio to the figure with one Service."""
+  ratio to the figure with one Service. Kernel DNAT's rules here are loaded with
+  `iptables-legacy-restore` (both counts): iptables-nft 1.8.9 takes minutes to restore
+  30,000 chains on this machine (its time grows with the square of the chain count: 6,000
+  Services took 28 s, 10,000 over 300 s), legacy about 3 s; the walk is linear in both.
+- **takeover** (issue 15, in the files-source scale run): `bench.hold` holds idle
+  connections through the churn service, `bench.stall` keeps a keep-alive connection and a
+  stream of new connections busy, then a second `uproxy run` with the same `--state-dir`
+  starts. Connections held: 10,000, or as many as fit both processes' hard open-files limit
+  (each holds one listener per Service plus two fds per connection; this machine's hard limit
+  is 20,000 and the run has no CAP_SYS_RESOURCE to raise it)."""
 
 
 # ---------------------------------------------------------------------------- chart

@@ -80,6 +80,7 @@ class Options:
     peers: tuple[str, ...] = ALL_PEERS
     idle_count: int = 9000
     scale_services: int = 10000
+    takeover_conns: int = 10000  # idle connections held through the takeover (if fds allow)
     scale_starts: int = 3  # daemon starts timed per source; the median is reported
     rest_seconds: float = 10.0
     changes: int = 40
@@ -629,7 +630,14 @@ def _scale_measure(lab: Lab, opts: Options, s: dict[str, Any], source: str,
                  f"({s['change_timeouts']} timeouts); /metrics: sync p99 <= "
                  f"{s['sync_p99_le']} s, network programming p99 <= {s['prog_p99_le']} s")
         if source == "files":  # issue 15: an upgrade of this daemon, under load
-            proc = takeover.measure(lab, s, root=ROOT, vip=CHURN_VIP, port=HTTP_PORT, count=n,
+            count = takeover.connections_that_fit(n, opts.takeover_conns)
+            if count < opts.takeover_conns:
+                opts.log(f"  takeover: {count} connections, not {opts.takeover_conns}: each "
+                         f"process holds {n} listeners + 2 fds per connection within the hard "
+                         f"open-files limit ({takeover.nofile_hard()}, no CAP_SYS_RESOURCE "
+                         f"to raise it)")
+            proc = takeover.measure(lab, s, root=ROOT, vip=CHURN_VIP, port=HTTP_PORT,
+                                    count=count,
                                     argv=_daemon_argv(lab, src_flags), old=proc,
                                     old_log=log_name, log=opts.log)
     finally:
@@ -657,7 +665,7 @@ def run_scale_conn(lab: Lab, opts: Options, res: Results, backends: Backends) ->
             opts.log(f"  scale-conn round {rnd}/{opts.rounds}: {name}")
             peer: Peer
             if name == KERNEL:
-                peer = KernelDnat(lab, backends)
+                peer = KernelDnat(lab, backends, legacy=True)
             else:
                 peer = Uproxy(lab, backends, native=True,
                               args=("--proxy-port-range", "20000-39999"))
@@ -669,7 +677,7 @@ def run_scale_conn(lab: Lab, opts: Options, res: Results, backends: Backends) ->
                 how = ""
                 if isinstance(peer, KernelDnat):
                     peer.stop()
-                    many = KernelDnat(lab, backends, others=others)
+                    many = KernelDnat(lab, backends, others=others, legacy=True)
                     many.start()
                     check_path(lab, many)
                 else:

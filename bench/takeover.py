@@ -32,6 +32,26 @@ def _json_line(lab: Lab, log_name: str) -> dict[str, Any] | None:
     return json.loads(lines[-1]) if lines else None
 
 
+FD_MARGIN = 300
+"""Descriptors a uproxy holds besides listeners and connections (status, health, epoll,
+pipes, the UDP side, the takeover socket), with room to spare."""
+
+
+def nofile_hard() -> int:
+    import resource
+
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+
+
+def connections_that_fit(services: int, wanted: int) -> int:
+    """Idle connections a uproxy with ``services`` listeners can hold within the hard
+    open-files limit (two fds each); the new process of a takeover needs as many."""
+    hard = nofile_hard()
+    if hard < 0:  # RLIM_INFINITY
+        return wanted
+    return max(0, min(wanted, (hard - services - FD_MARGIN) // 2))
+
+
 def measure(lab: Lab, s: dict[str, Any], *, root: Path, vip: str, port: int, count: int,
             argv: list[str], old: subprocess.Popen[bytes], old_log: str,
             log: Callable[[str], None]) -> subprocess.Popen[bytes]:
@@ -50,6 +70,22 @@ def measure(lab: Lab, s: dict[str, Any], *, root: Path, vip: str, port: int, cou
     time.sleep(2.0)
     started = time.monotonic()
     new = lab.spawn("node", argv, "uproxy-takeover")
+    try:
+        return _measure(lab, s, new=new, old=old, old_log=old_log, started=started,
+                        deadline=deadline, seconds=seconds, stall=stall, holder=holder,
+                        held=held, log=log)
+    except BaseException:
+        # A failed takeover leaves the old process serving (as it should): stop both, so
+        # the runs that follow find the node's ports free.
+        for proc in (new, stall, holder, old):
+            terminate(proc, 30)
+        raise
+
+
+def _measure(lab: Lab, s: dict[str, Any], *, new: subprocess.Popen[bytes],
+             old: subprocess.Popen[bytes], old_log: str, started: float, deadline: float,
+             seconds: float, stall: subprocess.Popen[bytes], holder: subprocess.Popen[bytes],
+             held: dict[str, Any], log: Callable[[str], None]) -> subprocess.Popen[bytes]:
     try:
         code = old.wait(120)
     except subprocess.TimeoutExpired:

@@ -294,10 +294,30 @@ async def _start_status(daemon: Any, sockets: Mapping[str, Any] | None = None) -
     return runners
 
 
+FD_LIMIT_WANT = 1 << 20
+"""Open files uproxy asks for: two per relayed connection, one per listener and UDP flow.
+As root the hard limit is raised too (towards ``fs.nr_open``), as HAProxy does for its
+``maxconn``; without the privilege the soft limit goes up to the hard one."""
+
+
 def _raise_fd_limit() -> None:
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = FD_LIMIT_WANT
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            want = min(want, int(f.read()))
+    except (OSError, ValueError):
+        pass
+    if hard != resource.RLIM_INFINITY and hard < want:
+        try:  # needs CAP_SYS_RESOURCE; a container without it keeps its hard limit
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+        except (OSError, ValueError):
+            pass
+        else:
+            log.debug("raised the open-files limit from %d/%d to %d", soft, hard, want)
+            return
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         log.debug("raised the open-files limit from %d to %d", soft, hard)

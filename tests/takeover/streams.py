@@ -49,7 +49,7 @@ async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, si
 
 
 async def _connect(loop: asyncio.AbstractEventLoop, host: str, port: int) -> socket.socket:
-    sock = socket.socket()
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setblocking(False)
     await asyncio.wait_for(loop.sock_connect(sock, (host, port)), STALL)
     return sock

@@ -272,3 +272,62 @@ def test_a_health_check_node_port_keeps_answering_through_upgrades(
     codes = json.loads(lab.log("health-poller").strip().splitlines()[-1])
     assert set(codes) == {"200"} and codes["200"] > 50, codes
     assert "health-check node port" in node.log
+
+
+V6_VIP, V6_DUAL = "10.0.0.193", "fd00:96::193"
+
+
+def test_ipv6_connections_flows_and_new_clients_survive_upgrades(
+        lab: Lab, flavor: Flavor) -> None:
+    """The same promises over IPv6 (a dual-stack Service, its IPv6 ClusterIP): the
+    listener, established connections, a UDP flow and new clients all come through."""
+    node = NodeProxy(lab, loop=flavor.loop, native=flavor.native)
+    for pod in (1, 2):
+        lab.start_echo(pod, tcp_ports=(9376,), udp_ports=(9377,))
+    ports = [{"name": "http", "port": 80, "targetPort": 9376},
+             {"name": "dns", "port": 53, "targetPort": 9377, "protocol": "UDP"}]
+    slice_ports = [{"name": "http", "port": 9376, "protocol": "TCP"},
+                   {"name": "dns", "port": 9377, "protocol": "UDP"}]
+    node.write("dual.yaml",
+               service("dual", V6_VIP, ports, clusterIPs=[V6_VIP, V6_DUAL],
+                       ipFamilyPolicy="RequireDualStack", ipFamilies=["IPv4", "IPv6"]),
+               endpoint_slice("dual", lab.pod_ips[:2], slice_ports, name="dual-v4"),
+               endpoint_slice("dual", [lab.pod_ip6(1), lab.pod_ip6(2)], slice_ports,
+                              name="dual-v6"))
+    node.start(wait_for="default/dual:dns cluster IP")
+    try:
+        seconds = 24.0
+        streams = lab.spawn("client", [sys.executable, "-m", "tests.takeover.streams", V6_DUAL,
+                                       "80", "--conns", "6", "--halfclosed", "2", "--seconds",
+                                       str(seconds)], "streams6")
+        tcp = lab.spawn("client", [sys.executable, "-m", "uproxy.demo.probe", "tcp", V6_DUAL,
+                                   "80", "--count", "1000000", "--concurrency", "4",
+                                   "--timeout", "5", "--max-time", str(seconds)], "probe6-tcp")
+        udp = lab.spawn("client", [sys.executable, "-m", "uproxy.demo.probe", "udp", V6_DUAL,
+                                   "53", "--count", "1000000", "--timeout", "5",
+                                   "--max-time", str(seconds)], "probe6-udp")
+        time.sleep(1.5)
+        moved = []
+        for _ in range(2):
+            assert node.upgrade() == 0
+            line = re.search(r"took over (\d+) listening sockets and (\d+) connections",
+                             node.log)
+            assert line, node.log
+            moved.append(int(line.group(2)))
+            time.sleep(1.0)
+        streams.wait(seconds + 60)
+        lines = [line for line in lab.log("streams6").splitlines() if line.startswith("{")]
+        assert lines, lab.log("streams6")
+        result = json.loads(lines[-1])
+        assert result["broken"] == 0 and result["ok"] == 8, result
+        assert all(count >= 6 for count in moved), moved  # the chatty IPv6 connections moved
+        probed = _probe_result(lab, tcp, "probe6-tcp", seconds)
+        assert sum(probed["errors"].values()) == 0, probed  # type: ignore[union-attr]
+        assert sum(probed["counts"].values()) > 100, probed  # type: ignore[union-attr]
+        asked = _probe_result(lab, udp, "probe6-udp", seconds)
+        assert sum(asked["errors"].values()) == 0, asked  # type: ignore[union-attr]
+        assert len(asked["counts"]) == 1, asked  # type: ignore[arg-type]  # one flow, one pod
+        assert re.search(r"took over 1 of \d+ UDP flows", node.log), node.log
+    finally:
+        assert node.stop() == 0
+    assert node.uproxy_lines() == []

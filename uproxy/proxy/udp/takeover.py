@@ -84,8 +84,12 @@ class UdpMover:
         if listener is None or listener.batched != meta["batched"]:
             sock.close()  # its service port is gone, or the other path keys flows otherwise
             return False
-        client = (str(meta["client"][0]), int(meta["client"][1]))
-        key: object = client
+        raw = meta["client"]  # as the old process's socket gave it (IPv6: four fields)
+        client = (str(raw[0]), int(raw[1]))
+        # The Python path keys flows by the whole address (IPv6: with flow info and scope)
+        # and hands it on whole in the next takeover.
+        full: Any = (*client, *(int(v) for v in raw[2:4]))
+        key: object = full
         if listener.batched:
             key = bytes.fromhex(meta["key6"]) if meta.get("key6") else int(meta["key"])
         address = (str(meta["endpoint"][0]), int(meta["endpoint"][1]))
@@ -96,7 +100,7 @@ class UdpMover:
                                 scope=listener.scope)
         conn.started = float(meta["started"])
         reply_src = None if meta["reply_src"] is None else unpack_bytes(meta["reply_src"])
-        flow = Flow(listener, key, client, endpoint, sock, conn, reply_src)
+        flow = Flow(listener, key, full, endpoint, sock, conn, reply_src)
         ip, port, spec = meta["reply_to"]
         flow.reply_to = (int(ip), int(port), int(spec))
         if meta.get("reply_to6"):
