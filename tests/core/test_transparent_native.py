@@ -20,9 +20,13 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import math
+import os
 import random
+import shutil
+import subprocess
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -504,3 +508,31 @@ def test_source_for_with_a_family_switched_off_matches_the_python_caller() -> No
                  for _ in range(400)]
         answered = asyncio.run(ask_both(proxy, NativeLinks(LAB, families), cases))
         assert (answered > 0) == bool(families), families
+
+
+NATIVE_DIR = Path(__file__).resolve().parents[2] / "native"
+
+
+@pytest.mark.parametrize("sanitizer", ["address,undefined", "thread"])
+def test_links_under_sanitizers(tmp_path: Path, sanitizer: str) -> None:
+    """native/transparent_check.c: a node-sized uproxy_links read by four threads at
+    once gives every thread the single-threaded answers; no sanitizer report."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    exe = tmp_path / "check"
+    build = subprocess.run(
+        [cc, "-O1", "-g", "-Wall", "-Wextra", "-Werror", f"-fsanitize={sanitizer}",
+         "-fno-sanitize-recover=all", f"-I{NATIVE_DIR}", str(NATIVE_DIR / "transparent_check.c"),
+         str(NATIVE_DIR / "transparent.c"), "-lpthread", "-o", str(exe)],
+        capture_output=True, text=True, timeout=120)
+    if build.returncode != 0 and "sanitize" in build.stderr and "unrecognized" in build.stderr:
+        pytest.skip(f"compiler lacks -fsanitize={sanitizer}")
+    assert build.returncode == 0, build.stderr
+    env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1", "TSAN_OPTIONS": "halt_on_error=1"}
+    proc = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60, env=env)
+    if sanitizer == "thread" and "unexpected memory mapping" in proc.stderr:
+        pytest.skip("ThreadSanitizer cannot run with this kernel's memory layout")
+    assert proc.returncode == 0, proc.stderr
+    assert "5000 queries ok" in proc.stdout and "4 threads" in proc.stdout
+    assert "WARNING" not in proc.stderr and "ERROR" not in proc.stderr, proc.stderr
