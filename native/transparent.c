@@ -12,11 +12,16 @@
  * uproxy_links and never changed after: the engine swaps the pointer, so readers
  * need no lock. Lookups only read.
  *
- *   local addresses: an open-addressing hash set (IPVS-mode nodes carry every
- *                    ClusterIP as a local address: thousands of entries);
- *   on-link prefixes: an array kept sorted longest prefix first, in the order
- *                    they were added among equal lengths (Python's stable sort),
- *                    so the first match is NodeLinks.interface_of's answer.
+ *   local addresses: a hash set (an IPVS-mode node holds every ClusterIP as a
+ *                    local address: thousands of them);
+ *   on-link prefixes: a hash table keyed by (family, length, masked prefix), and
+ *                    per family the lengths present, longest first. A lookup masks
+ *                    the address to each length in turn and probes: the first hit
+ *                    is the longest matching prefix, at a cost that grows with the
+ *                    number of distinct lengths (a handful), not of routes (Calico
+ *                    adds one /32 per pod). Two routes of one length that hold the
+ *                    same address have the same masked prefix: the first added is
+ *                    kept, as NodeLinks' stable sort makes the first one win.
  */
 #include <errno.h>
 #include <stdbool.h>
@@ -26,24 +31,28 @@
 
 #include "uproxy_native.h"
 
-struct links_addr {
-    uint8_t family; /* 4 or 6; 0 marks an empty hash slot */
-    unsigned char addr[16]; /* IPv4 in the first 4 bytes, the rest zero */
-};
-
-struct links_net {
-    uint8_t family;
+/* A local address (prefixlen 0) or an on-link prefix (prefixlen >= 0, masked). */
+struct links_entry {
+    uint8_t family; /* 4 or 6; 0 marks an empty slot */
     uint8_t prefixlen;
     bool uplink;
     int dev;
-    unsigned char prefix[16]; /* masked to prefixlen */
+    unsigned char addr[16]; /* IPv4 in the first 4 bytes, the rest zero */
+};
+
+/* Open addressing, linear probing, at most half full (probes stay short and there
+ * is always an empty slot to stop at). */
+struct links_table {
+    struct links_entry *slots;
+    size_t cap, count; /* cap: 0 or a power of two */
 };
 
 struct uproxy_links {
-    struct links_addr *local; /* hash set, local_cap slots (a power of two) */
-    size_t local_cap, local_count;
-    struct links_net *nets; /* longest prefix first */
-    size_t net_cap, net_count;
+    struct links_table local;
+    struct links_table nets;
+    /* The prefix lengths present, longest first: [0] IPv4, [1] IPv6. */
+    uint8_t lens[2][129];
+    int nlens[2];
 };
 
 static int addr_len(int family)
@@ -60,53 +69,86 @@ void uproxy_links_free(struct uproxy_links *links)
 {
     if (links == NULL)
         return;
-    free(links->local);
-    free(links->nets);
+    free(links->local.slots);
+    free(links->nets.slots);
     free(links);
 }
 
-/* FNV-1a over the family and the address bytes. */
-static size_t addr_hash(const struct links_addr *a)
+static size_t entry_hash(const struct links_entry *e)
 {
-    uint64_t h = 1469598103934665603ULL ^ a->family;
-    h *= 1099511628211ULL;
-    for (int i = 0; i < addr_len(a->family); i++) {
-        h ^= a->addr[i];
-        h *= 1099511628211ULL;
-    }
-    return (size_t)(h ^ (h >> 29));
+    uint64_t h = 1469598103934665603ULL;
+    h = (h ^ e->family) * 1099511628211ULL;
+    h = (h ^ e->prefixlen) * 1099511628211ULL;
+    for (int i = 0; i < addr_len(e->family); i++)
+        h = (h ^ e->addr[i]) * 1099511628211ULL;
+    /* FNV's low bits mix poorly; finish with murmur3's fmix64 (the index is the low bits). */
+    h ^= h >> 33;
+    h *= 0xff51afd7ed558ccdULL;
+    h ^= h >> 33;
+    h *= 0xc4ceb9fe1a85ec53ULL;
+    h ^= h >> 33;
+    return (size_t)h;
 }
 
-static bool addr_eq(const struct links_addr *a, const struct links_addr *b)
+static bool entry_key_eq(const struct links_entry *a, const struct links_entry *b)
 {
-    return a->family == b->family && memcmp(a->addr, b->addr, 16) == 0;
+    return a->family == b->family && a->prefixlen == b->prefixlen
+        && memcmp(a->addr, b->addr, 16) == 0;
 }
 
-/* The slot holding `a`, or the empty slot where it would go. */
-static struct links_addr *local_slot(struct links_addr *table, size_t cap,
-                                     const struct links_addr *a)
+/* The slot holding `key`, or the empty slot where it would go. */
+static struct links_entry *table_slot(const struct links_table *t, const struct links_entry *key)
 {
-    size_t mask = cap - 1;
-    for (size_t i = addr_hash(a) & mask;; i = (i + 1) & mask) {
-        if (table[i].family == 0 || addr_eq(&table[i], a))
-            return &table[i];
+    size_t mask = t->cap - 1;
+    for (size_t i = entry_hash(key) & mask;; i = (i + 1) & mask) {
+        if (t->slots[i].family == 0 || entry_key_eq(&t->slots[i], key))
+            return &t->slots[i];
     }
 }
 
-static int local_grow(struct uproxy_links *links)
+static const struct links_entry *table_find(const struct links_table *t,
+                                            const struct links_entry *key)
 {
-    size_t cap = links->local_cap ? links->local_cap * 2 : 16;
-    struct links_addr *table = calloc(cap, sizeof(*table));
-    if (table == NULL)
-        return -ENOMEM;
-    for (size_t i = 0; i < links->local_cap; i++) {
-        if (links->local[i].family != 0)
-            *local_slot(table, cap, &links->local[i]) = links->local[i];
+    if (t->count == 0)
+        return NULL;
+    const struct links_entry *slot = table_slot(t, key);
+    return slot->family != 0 ? slot : NULL;
+}
+
+/* Adds `e` unless its key is there already (the first one added stays). */
+static int table_add(struct links_table *t, const struct links_entry *e)
+{
+    if ((t->count + 1) * 2 > t->cap) {
+        size_t cap = t->cap ? t->cap * 2 : 16;
+        struct links_table grown = {.slots = calloc(cap, sizeof(struct links_entry)),
+                                    .cap = cap, .count = t->count};
+        if (grown.slots == NULL)
+            return -ENOMEM;
+        for (size_t i = 0; i < t->cap; i++) {
+            if (t->slots[i].family != 0)
+                *table_slot(&grown, &t->slots[i]) = t->slots[i];
+        }
+        free(t->slots);
+        *t = grown;
     }
-    free(links->local);
-    links->local = table;
-    links->local_cap = cap;
+    struct links_entry *slot = table_slot(t, e);
+    if (slot->family == 0) {
+        *slot = *e;
+        t->count++;
+    }
     return 0;
+}
+
+/* Zero the bits of `addr` past `prefixlen`. */
+static void mask_to(unsigned char *addr, int len, int prefixlen)
+{
+    for (int i = 0; i < len; i++) {
+        int keep = prefixlen - i * 8;
+        if (keep <= 0)
+            addr[i] = 0;
+        else if (keep < 8)
+            addr[i] &= (unsigned char)(0xff << (8 - keep));
+    }
 }
 
 int uproxy_links_add_local(struct uproxy_links *links, int family, const unsigned char *addr)
@@ -114,38 +156,9 @@ int uproxy_links_add_local(struct uproxy_links *links, int family, const unsigne
     int len = addr_len(family);
     if (links == NULL || len == 0 || addr == NULL)
         return -EINVAL;
-    /* At most half full: probes stay short and there is always an empty slot. */
-    if ((links->local_count + 1) * 2 > links->local_cap) {
-        int rc = local_grow(links);
-        if (rc < 0)
-            return rc;
-    }
-    struct links_addr a = {.family = (uint8_t)family};
-    memcpy(a.addr, addr, (size_t)len);
-    struct links_addr *slot = local_slot(links->local, links->local_cap, &a);
-    if (slot->family == 0) {
-        *slot = a;
-        links->local_count++;
-    }
-    return 0;
-}
-
-static bool is_local(const struct uproxy_links *links, const struct links_addr *a)
-{
-    if (links->local_count == 0)
-        return false;
-    return local_slot(links->local, links->local_cap, a)->family != 0;
-}
-
-static bool prefix_match(const unsigned char *addr, const unsigned char *prefix, int prefixlen)
-{
-    int whole = prefixlen / 8, bits = prefixlen % 8;
-    if (memcmp(addr, prefix, (size_t)whole) != 0)
-        return false;
-    if (bits == 0)
-        return true;
-    unsigned char mask = (unsigned char)(0xff << (8 - bits));
-    return (addr[whole] & mask) == prefix[whole];
+    struct links_entry e = {.family = (uint8_t)family};
+    memcpy(e.addr, addr, (size_t)len);
+    return table_add(&links->local, &e);
 }
 
 int uproxy_links_add_onlink(struct uproxy_links *links, int family, const unsigned char *prefix,
@@ -155,45 +168,42 @@ int uproxy_links_add_onlink(struct uproxy_links *links, int family, const unsign
     if (links == NULL || len == 0 || prefix == NULL || prefixlen < 0 || prefixlen > len * 8
         || dev < 0)
         return -EINVAL;
-    if (links->net_count == links->net_cap) {
-        size_t cap = links->net_cap ? links->net_cap * 2 : 16;
-        struct links_net *nets = realloc(links->nets, cap * sizeof(*nets));
-        if (nets == NULL)
-            return -ENOMEM;
-        links->nets = nets;
-        links->net_cap = cap;
-    }
-    struct links_net net = {.family = (uint8_t)family, .prefixlen = (uint8_t)prefixlen,
+    struct links_entry e = {.family = (uint8_t)family, .prefixlen = (uint8_t)prefixlen,
                             .uplink = uplink != 0, .dev = dev};
-    /* Masked, as ipaddress.ip_network(prefix, strict=False) does. */
-    memcpy(net.prefix, prefix, (size_t)len);
-    for (int i = 0; i < len; i++) {
-        int keep = prefixlen - i * 8;
-        if (keep <= 0)
-            net.prefix[i] = 0;
-        else if (keep < 8)
-            net.prefix[i] &= (unsigned char)(0xff << (8 - keep));
+    memcpy(e.addr, prefix, (size_t)len);
+    mask_to(e.addr, len, prefixlen); /* as ipaddress.ip_network(strict=False) */
+    int rc = table_add(&links->nets, &e);
+    if (rc < 0)
+        return rc;
+    uint8_t *lens = links->lens[family == 6];
+    int *n = &links->nlens[family == 6], at = 0;
+    while (at < *n && lens[at] > prefixlen)
+        at++;
+    if (at == *n || lens[at] != prefixlen) {
+        memmove(&lens[at + 1], &lens[at], (size_t)(*n - at));
+        lens[at] = (uint8_t)prefixlen;
+        (*n)++;
     }
-    /* After every prefix at least as long: longest first, equal lengths in the order
-     * added (Python sorts the routes by -prefixlen with a stable sort). */
-    size_t at = links->net_count;
-    while (at > 0 && links->nets[at - 1].prefixlen < prefixlen)
-        at--;
-    memmove(&links->nets[at + 1], &links->nets[at],
-            (links->net_count - at) * sizeof(*links->nets));
-    links->nets[at] = net;
-    links->net_count++;
     return 0;
 }
 
-/* The first (longest) on-link prefix holding `a`, or NULL (routed via a gateway). */
-static const struct links_net *net_of(const struct uproxy_links *links,
-                                      const struct links_addr *a)
+/* The longest on-link prefix holding `a` (family and address of a key), or NULL
+ * (routed via a gateway). */
+static const struct links_entry *net_of(const struct uproxy_links *links,
+                                        const struct links_entry *a)
 {
-    for (size_t i = 0; i < links->net_count; i++) {
-        const struct links_net *net = &links->nets[i];
-        if (net->family == a->family && prefix_match(a->addr, net->prefix, net->prefixlen))
-            return net;
+    if (links->nets.count == 0)
+        return NULL;
+    int len = addr_len(a->family), idx = a->family == 6;
+    struct links_entry key = *a;
+    for (int i = 0; i < links->nlens[idx]; i++) {
+        int prefixlen = links->lens[idx][i];
+        /* Longest first: each step only clears more bits of the same key. */
+        mask_to(key.addr, len, prefixlen);
+        key.prefixlen = (uint8_t)prefixlen;
+        const struct links_entry *hit = table_find(&links->nets, &key);
+        if (hit != NULL)
+            return hit;
     }
     return NULL;
 }
@@ -203,7 +213,7 @@ static const unsigned char V4_MAPPED[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 
 /* `addr` of `family` as the decision sees it: an IPv4-mapped IPv6 address
  * (::ffff:a.b.c.d, a v4 client on a dual-stack socket) is the IPv4 address, as
  * uproxy.transparent._address makes it. False for a family other than 4 or 6. */
-static bool to_addr(int family, const unsigned char *addr, struct links_addr *out)
+static bool to_addr(int family, const unsigned char *addr, struct links_entry *out)
 {
     memset(out, 0, sizeof(*out));
     if (addr == NULL)
@@ -227,17 +237,22 @@ static bool to_addr(int family, const unsigned char *addr, struct links_addr *ou
 
 int uproxy_links_dev_of(const struct uproxy_links *links, int family, const unsigned char *addr)
 {
-    struct links_addr a;
+    struct links_entry a;
     if (links == NULL || !to_addr(family, addr, &a))
         return -1;
-    const struct links_net *net = net_of(links, &a);
+    const struct links_entry *net = net_of(links, &a);
     return net ? net->dev : -1;
+}
+
+static bool is_local(const struct uproxy_links *links, const struct links_entry *a)
+{
+    return table_find(&links->local, a) != NULL;
 }
 
 static const unsigned char V6_ZERO[16];
 
 /* ipaddress's is_loopback: 127.0.0.0/8, ::1. */
-static bool is_loopback(const struct links_addr *a)
+static bool is_loopback(const struct links_entry *a)
 {
     if (a->family == 4)
         return a->addr[0] == 127;
@@ -245,13 +260,13 @@ static bool is_loopback(const struct links_addr *a)
 }
 
 /* ipaddress's is_unspecified: 0.0.0.0, ::. */
-static bool is_unspecified(const struct links_addr *a)
+static bool is_unspecified(const struct links_entry *a)
 {
     return memcmp(a->addr, V6_ZERO, (size_t)addr_len(a->family)) == 0;
 }
 
 /* ipaddress's is_multicast: 224.0.0.0/4, ff00::/8. */
-static bool is_multicast(const struct links_addr *a)
+static bool is_multicast(const struct links_entry *a)
 {
     if (a->family == 4)
         return (a->addr[0] & 0xf0) == 0xe0;
@@ -262,21 +277,21 @@ int uproxy_transparent_source(const struct uproxy_links *links, int family,
                               const unsigned char *client, const unsigned char *endpoint,
                               int external, int external_local, int endpoint_here)
 {
-    struct links_addr c, e;
+    struct links_entry c, e;
     if (links == NULL || !to_addr(family, client, &c) || !to_addr(family, endpoint, &e))
         return 0;
     if (c.family != e.family)
         return 0; /* a mapped client against an IPv6 endpoint, or the reverse */
     if (external && !external_local)
         return 0; /* kube-proxy masquerades external traffic under policy Cluster */
-    if (addr_eq(&c, &e))
+    if (entry_key_eq(&c, &e))
         return 0; /* hairpin */
     if (is_loopback(&c) || is_unspecified(&c) || is_multicast(&c) || is_local(links, &c))
         return 0; /* the node's own traffic */
     if (is_loopback(&e) || is_local(links, &e))
         return 0; /* a host-network endpoint: replies never pass PREROUTING */
-    const struct links_net *client_net = net_of(links, &c);
-    const struct links_net *endpoint_net = net_of(links, &e);
+    const struct links_entry *client_net = net_of(links, &c);
+    const struct links_entry *endpoint_net = net_of(links, &e);
     if (endpoint_here && endpoint_net == NULL)
         return 0; /* its link is not known yet (uproxy_links_dev_of says -1) */
     if (client_net != NULL && endpoint_net != NULL && client_net->dev == endpoint_net->dev)
