@@ -219,7 +219,7 @@ void uproxy_engine_listener_remove(struct uproxy_engine *e, int id);
 int uproxy_engine_events(struct uproxy_engine *e, struct uproxy_event *out, int max);
 
 /* The bit every engine-made connection's token has (Python's tokens stay below). */
-#define UPROXY_SETUP_TOKEN 0x4000000000000000ULL
+#define UPROXY_SETUP_TOKEN 0x4000000000000000
 
 /* ---- UDP batching (native/udp.c) ------------------------------------------
  *

@@ -219,20 +219,22 @@ def test_the_choice_is_uniform(flavor: Flavor, family: int) -> None:
     async def main() -> None:
         async with rig(flavor, family) as r:
             servers = [await _tagged_backend(family, tag) for tag in (b"A", b"B", b"C")]
-            r.set_endpoints([address for _, address in servers])
-            n = 600
-            counts = {b"A": 0, b"B": 0, b"C": 0}
-            for _ in range(n):
-                tag, error, _ = await r.connect()
-                assert tag in counts, error
-                counts[tag] += 1
-            expected = n / 3
-            chi2 = sum((c - expected) ** 2 / expected for c in counts.values())
-            assert chi2 < CHI2_P001_DF2, counts
-            assert r.setup_count(_path(flavor)) == n
-            assert r.setup_count("python" if flavor.native else "native") == 0
-            for server, _ in servers:
-                server.close()
+            try:
+                r.set_endpoints([address for _, address in servers])
+                n = 600
+                counts = {b"A": 0, b"B": 0, b"C": 0}
+                for _ in range(n):
+                    tag, error, _ = await r.connect()
+                    assert tag in counts, error
+                    counts[tag] += 1
+                expected = n / 3
+                chi2 = sum((c - expected) ** 2 / expected for c in counts.values())
+                assert chi2 < CHI2_P001_DF2, counts
+                assert r.setup_count(_path(flavor)) == n
+                assert r.setup_count("python" if flavor.native else "native") == 0
+            finally:
+                for server, _ in servers:
+                    server.close()
 
     _run(flavor, main, timeout=120.0)
 
