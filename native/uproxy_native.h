@@ -315,6 +315,68 @@ int uproxy_udp_reply6(int fd, struct uproxy_udp_batch *b, const unsigned char *a
  * returns the bytes copied, -1 for a bad index. */
 int uproxy_udp_copy(struct uproxy_udp_batch *b, int index, unsigned char *dst, int size);
 
+/* --- transparent source (native/transparent.c) ---------------------------
+ * The C twin of uproxy.transparent.transparent_source: whether a backend
+ * connection is opened from the client's address (1) or the node's (0), from
+ * what the node's links say (uproxy.transparent.NodeLinks, built into a struct
+ * uproxy_links by uproxy/proxy/native_links.py).
+ *
+ * Addresses are in network order: 4 bytes for family 4, 16 for family 6.
+ * `family` describes both `client` and `endpoint`. An IPv4-mapped IPv6 address
+ * (::ffff:a.b.c.d) given with family 6 is taken as the IPv4 address a.b.c.d,
+ * as Python's uproxy.transparent._address does, for the client and the
+ * endpoint alike: a dual-stack socket's mapped client against an IPv4 endpoint
+ * is asked with family 6 and the endpoint mapped too (or with family 4 and the
+ * client's last 4 bytes); a mapped client against a real IPv6 endpoint is 0
+ * (the families differ), as in Python. A family other than 4 or 6 is 0.
+ *
+ * Thread safety: a uproxy_links is built by one thread (new, add_*) and is
+ * immutable after: any number of threads may then call uproxy_links_dev_of and
+ * uproxy_transparent_source on it concurrently without a lock (lookups only
+ * read). Never add to one that readers may already hold: build a new one, swap
+ * the pointer, free the old one once no reader can still be using it. */
+struct uproxy_links;
+
+/* An empty set of links (every answer 0, as with an empty NodeLinks); NULL on ENOMEM. */
+struct uproxy_links *uproxy_links_new(void);
+void uproxy_links_free(struct uproxy_links *links);
+
+/* One of the node's own addresses (family 4 or 6; an IPv4-mapped address is
+ * kept as IPv6 and so never matches: give IPv4 addresses as family 4). Adding
+ * one twice is harmless. 0, -ENOMEM, or -EINVAL (bad family, NULL). */
+int uproxy_links_add_local(struct uproxy_links *links, int family, const unsigned char *addr);
+
+/* One on-link route: prefix/prefixlen (bits past prefixlen are ignored, as
+ * ip_network(strict=False) does) on interface `dev` (an id >= 0 chosen by the
+ * caller; equal ids mean the same interface); `uplink` 1 when that interface
+ * carries a default route (give the same flag for every prefix of one dev).
+ * Longest prefix wins; among equal lengths, the one added first (NodeLinks'
+ * order). 0, -ENOMEM, or -EINVAL (bad family or prefixlen, dev < 0). */
+int uproxy_links_add_onlink(struct uproxy_links *links, int family, const unsigned char *prefix,
+                            int prefixlen, int dev, int uplink);
+
+/* The dev of the on-link route `addr` is on (longest prefix first, as
+ * NodeLinks.interface_of), or -1 (routed via a gateway; bad family; NULL
+ * links). A mapped address is looked up as IPv4. An endpoint of this node for
+ * which this is -1 is what Python's Transparent._links_unknown reports: the
+ * links were read before its interface existed; ask Python to read them again. */
+int uproxy_links_dev_of(const struct uproxy_links *links, int family, const unsigned char *addr);
+
+/* 1: connect to `endpoint` from `client`'s address; 0: from the node's. The
+ * cases (uproxy.transparent.transparent_source's docstring says why): 0 for an
+ * external client (`external`: NodePort, externalIP, LoadBalancer IP) unless
+ * `external_local` (externalTrafficPolicy: Local); hairpin; a loopback,
+ * unspecified, multicast or local client; a loopback or local endpoint; an
+ * endpoint on this node (`endpoint_here`) with no on-link route; client and
+ * endpoint on-link on the same dev; an endpoint elsewhere (`endpoint_here` 0)
+ * and a client not on-link or on-link on an uplink. NULL links: 0. Whether
+ * transparent mode is on for the family at all is the caller's question
+ * (native_links leaves out the routes of a family that is off, which makes
+ * every answer of that family 0). */
+int uproxy_transparent_source(const struct uproxy_links *links, int family,
+                              const unsigned char *client, const unsigned char *endpoint,
+                              int external, int external_local, int endpoint_here);
+
 /* cdef end */
 
 #endif

@@ -54,7 +54,8 @@ ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
     "uproxy._native",
     '#include "uproxy_native.h"',
-    sources=[str(NATIVE_DIR / "relay.c"), str(NATIVE_DIR / "udp.c")],
+    sources=[str(NATIVE_DIR / "relay.c"), str(NATIVE_DIR / "udp.c"),
+             str(NATIVE_DIR / "transparent.c")],
     depends=[str(NATIVE_DIR / "uproxy_native.h")],
     include_dirs=[str(NATIVE_DIR)],
     libraries=["pthread"],
