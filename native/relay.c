@@ -105,12 +105,14 @@ struct ep_entry {
     struct sockaddr_storage sa;
     socklen_t len;
     int index;
+    bool here; /* on this node (transparent decisions) */
     int64_t avoid_until; /* ms, CLOCK_MONOTONIC; written by the engine thread too */
 };
 
 struct epset {
     int refs; /* atomic */
     int has_service;
+    int transparent; /* UPROXY_TP_* */
     int n;
     struct ep_entry ent[];
 };
@@ -159,6 +161,11 @@ struct conn {
     } su;
 };
 
+struct old_links {
+    struct uproxy_links *links;
+    struct old_links *next;
+};
+
 /* A FIFO of set-ups waiting with one fixed delay: deadline-ordered by construction. */
 struct timer_queue {
     struct conn *head, *tail;
@@ -196,6 +203,8 @@ struct uproxy_engine {
     struct uproxy_event *evq;
     int evq_len, evq_cap;
     struct listener *accepting; /* atomic: the listener the accept loop is on */
+    struct uproxy_links *links; /* read by the engine thread, swapped under the lock */
+    struct old_links *old_links; /* replaced, freed by the engine thread */
     /* engine thread */
     struct timer_queue tq[UPROXY_SETUP_MAX_ATTEMPTS + 1]; /* per attempt; the last: fd waits */
     struct listener *pause_head, *pause_tail;
@@ -987,10 +996,55 @@ static void setup_failed(struct uproxy_engine *e, struct conn *c, int err)
     setup_connect(e, c);
 }
 
+/* Transparent mode: bind `s` to the client's address when the decision says so.
+ * False when the bind was refused (then `s` must be replaced by a plain socket). */
+static bool setup_transparent(struct uproxy_engine *e, struct conn *c, struct ep_entry *t, int s)
+{
+    struct epset *eps = c->su.eps;
+    if (!(eps->transparent & UPROXY_TP_ON) || c->su.client.ss_family != t->sa.ss_family)
+        return true;
+    unsigned char client[16], endpoint[16];
+    int cport, eport;
+    addr_out(&c->su.client, client, &cport);
+    addr_out(&t->sa, endpoint, &eport);
+    int v6 = t->sa.ss_family == AF_INET6;
+    pthread_mutex_lock(&e->lock); /* only the pointer: old links are freed on this thread */
+    struct uproxy_links *links = e->links;
+    pthread_mutex_unlock(&e->lock);
+    if (!links || !uproxy_transparent_source(links, v6 ? 6 : 4, client, endpoint,
+                                             !!(eps->transparent & UPROXY_TP_EXTERNAL),
+                                             !!(eps->transparent & UPROXY_TP_EXTERNAL_LOCAL),
+                                             t->here))
+        return true;
+    int one = 1;
+    struct sockaddr_storage src = c->su.client;
+    socklen_t len;
+    if (v6) {
+        ((struct sockaddr_in6 *)&src)->sin6_port = 0;
+        len = sizeof(struct sockaddr_in6);
+        if (setsockopt(s, IPPROTO_IPV6, IPV6_TRANSPARENT, &one, sizeof one) < 0)
+            return false;
+    } else {
+        ((struct sockaddr_in *)&src)->sin_port = 0;
+        len = sizeof(struct sockaddr_in);
+        if (setsockopt(s, SOL_IP, IP_TRANSPARENT, &one, sizeof one) < 0)
+            return false;
+    }
+    /* The port is left to connect (a free one for the whole 4-tuple). */
+    if (setsockopt(s, SOL_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one) < 0)
+        return false;
+    return bind(s, (struct sockaddr *)&src, len) == 0;
+}
+
 static void setup_connect(struct uproxy_engine *e, struct conn *c)
 {
     struct ep_entry *t = &c->su.eps->ent[c->su.cur];
     int s = socket(t->sa.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (s >= 0 && !setup_transparent(e, c, t, s)) {
+        /* Refused (no capability, address in use): from the node, and it still works. */
+        close(s);
+        s = socket(t->sa.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    }
     if (s < 0) {
         int err = errno;
         if (fd_errno(err)) {
@@ -1180,7 +1234,15 @@ static void free_dead_listeners(struct uproxy_engine *e)
     pthread_mutex_lock(&e->lock);
     struct listener *l = e->dead;
     e->dead = NULL;
+    struct old_links *old = e->old_links;
+    e->old_links = NULL;
     pthread_mutex_unlock(&e->lock);
+    while (old) {
+        struct old_links *next = old->next;
+        uproxy_links_free(old->links);
+        free(old);
+        old = next;
+    }
     while (l) {
         struct listener *next = l->dead_next;
         if (l->in_pause_list) { /* unlink (rare: removed while paused for fds) */
@@ -1558,7 +1620,8 @@ int uproxy_engine_listener_add(struct uproxy_engine *e, int fd)
 
 int uproxy_engine_listener_set(struct uproxy_engine *e, int id, int has_service, int family,
                                int n, const unsigned char *addrs, const int *ports,
-                               const int *indexes, const double *avoid_until)
+                               const int *indexes, const double *avoid_until,
+                               const int *here, int transparent)
 {
     if (n < 0 || (family != 4 && family != 6))
         return -EINVAL;
@@ -1567,6 +1630,7 @@ int uproxy_engine_listener_set(struct uproxy_engine *e, int id, int has_service,
         return -ENOMEM;
     s->refs = 1;
     s->has_service = has_service;
+    s->transparent = transparent;
     s->n = n;
     /* CLOCK_MONOTONIC seconds (Python's time.monotonic()) to our milliseconds. */
     for (int i = 0; i < n; i++) {
@@ -1585,6 +1649,7 @@ int uproxy_engine_listener_set(struct uproxy_engine *e, int id, int has_service,
             t->len = sizeof *a;
         }
         t->index = indexes[i];
+        t->here = here && here[i];
         t->avoid_until = avoid_until[i] > 0 ? (int64_t)(avoid_until[i] * 1000.0) : 0;
     }
     pthread_mutex_lock(&e->lock);
@@ -1602,6 +1667,27 @@ int uproxy_engine_listener_set(struct uproxy_engine *e, int id, int has_service,
         return -ENOENT;
     }
     return 0;
+}
+
+void uproxy_engine_set_links(struct uproxy_engine *e, struct uproxy_links *links)
+{
+    struct old_links *node = malloc(sizeof *node);
+    pthread_mutex_lock(&e->lock);
+    struct uproxy_links *old = e->links;
+    e->links = links;
+    if (old && node) {
+        node->links = old;
+        node->next = e->old_links;
+        e->old_links = node;
+        node = NULL;
+    }
+    pthread_mutex_unlock(&e->lock);
+    if (old && node) { /* no memory for the list: leak one links object rather than race */
+        free(node);
+        return;
+    }
+    free(node);
+    wake(e->wakefd); /* the old one is freed after the engine's current round */
 }
 
 /* Wait until the accept loop is off `l` (it checks l->active at every accept). */
@@ -1687,6 +1773,8 @@ void uproxy_engine_free(struct uproxy_engine *e)
     }
     free(e->listeners);
     free(e->evq);
+    if (e->links)
+        uproxy_links_free(e->links);
     while (e->free_pipes) {
         struct pipe_slot *p = e->free_pipes;
         e->free_pipes = p->next;

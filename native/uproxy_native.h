@@ -169,6 +169,8 @@ void uproxy_engine_free(struct uproxy_engine *e);
 
 #define UPROXY_SETUP_MAX_ATTEMPTS 8
 
+struct uproxy_links; /* native/transparent.c */
+
 struct uproxy_event {
     int kind;
     int listener;           /* the listener's id */
@@ -197,14 +199,33 @@ int uproxy_engine_setup_config(struct uproxy_engine *e, const double *timeouts, 
  * Returns its id (>= 0), or -errno. */
 int uproxy_engine_listener_add(struct uproxy_engine *e, int fd);
 
+/* Transparent mode for a listener's connections (uproxy_engine_listener_set's
+ * `transparent`, bits): on for its family; its traffic is external (NodePort,
+ * externalIP, LoadBalancer IP); its service has externalTrafficPolicy Local. */
+#define UPROXY_TP_ON 1
+#define UPROXY_TP_EXTERNAL 2
+#define UPROXY_TP_EXTERNAL_LOCAL 4
+
 /* The endpoints new clients of listener `id` may go to: n addresses of `family`
  * (4 or 16 bytes each in `addrs`), their ports (host order), the indexes
  * events report them by, and until when each is avoided (CLOCK_MONOTONIC
  * seconds, 0: not). has_service 0: the listener serves nothing (refuse).
- * Connections already connecting keep the list they started with. 0 or -errno. */
+ * With UPROXY_TP_ON in `transparent`, each backend socket is bound to the
+ * client's address (IP_TRANSPARENT, port left to connect) when
+ * uproxy_transparent_source says so for the links of uproxy_engine_set_links
+ * (`here`: per endpoint, 1 when it is on this node; NULL: none is), and opened
+ * plainly when the bind is refused. Connections already connecting keep the
+ * list they started with. 0 or -errno. */
 int uproxy_engine_listener_set(struct uproxy_engine *e, int id, int has_service, int family,
                                int n, const unsigned char *addrs, const int *ports,
-                               const int *indexes, const double *avoid_until);
+                               const int *indexes, const double *avoid_until,
+                               const int *here, int transparent);
+
+/* The node's links for transparent decisions (native/transparent.c): the
+ * engine owns `links` from now on (NULL: none, every connection from the
+ * node's address) and frees the one it replaces once its thread no longer
+ * reads it. */
+void uproxy_engine_set_links(struct uproxy_engine *e, struct uproxy_links *links);
 
 /* Stop / start accepting (the kernel keeps the backlog). When pause returns the
  * engine accepts no more on it. */

@@ -7,6 +7,7 @@ engine does it; transparent mode and ``UPROXY_NO_NATIVE`` keep it in Python).
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -63,6 +64,39 @@ def test_blackholed_and_refusing_endpoints_are_skipped_on_both_families(
         assert failures >= 4, failures  # each bad endpoint of each family failed at least once
         assert metric(lab, "uproxy_connections_total", service="default/setup:http",
                       result="ok") == 60
+    finally:
+        assert node.stop() == 0
+    assert node.uproxy_lines() == []
+
+
+def _peer(lab: Lab, host: str, port: int) -> str:
+    """The address the backend saw for an HTTP request through ``host:port``."""
+    url = f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+    done = lab.run("client", ["curl", "-sS", "-m", "5", "-g", url], check=False)
+    assert done.returncode == 0, (host, port, done.stderr)
+    return str(json.loads(done.stdout)["client"]).rpartition(":")[0].strip("[]")
+
+
+def test_transparent_connections_keep_the_client_address_on_both_families(
+        lab: Lab, flavor: Flavor) -> None:
+    """Transparent mode (the default): the backend sees the client's address, IPv4 and
+    IPv6, and on the native path the engine set the connections up (binding the backend
+    socket to the client's address itself)."""
+    lab.start_echo(1, tcp_ports=(6789,))
+    svc = service("setup", V4, PORTS, clusterIPs=[V4, V6], ipFamilyPolicy="PreferDualStack",
+                  ipFamilies=["IPv4", "IPv6"])
+    node = NodeProxy(lab, loop=flavor.loop, native=flavor.native)
+    node.write("setup.yaml", svc,
+               endpoint_slice("setup", [lab.pod_ip(1)], SLICE_PORTS, name="setup-v4"),
+               endpoint_slice("setup", [lab.pod_ip6(1)], SLICE_PORTS, name="setup-v6"))
+    node.start(wait_for="default/setup:http cluster IP")
+    try:
+        if "transparent backend connections on:" not in node.log:
+            pytest.skip("transparent mode refused on this node: " + node.log[-300:])
+        assert _peer(lab, V4, 80) == lab.client_ip
+        assert _peer(lab, V6, 80) == lab.client_ip6
+        path = "native" if flavor.native else "python"
+        assert metric(lab, "uproxy_relay_setup_total", path=path) == 2
     finally:
         assert node.stop() == 0
     assert node.uproxy_lines() == []

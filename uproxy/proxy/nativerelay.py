@@ -257,9 +257,11 @@ class NativeRelay:
         return int(lid)
 
     def listener_set(self, lid: int, *, has_service: bool, family: int,
-                     endpoints: Sequence[tuple[str, int, int, float]]) -> None:
+                     endpoints: Sequence[tuple[str, int, int, float]],
+                     here: Sequence[bool] = (), transparent: int = 0) -> None:
         """The endpoints new clients of ``lid`` may go to: (ip, port, index, avoided until
-        (``time.monotonic()``, 0: not))."""
+        (``time.monotonic()``, 0: not)); ``here``: which are on this node; ``transparent``:
+        ``UPROXY_TP_*`` bits (see :meth:`transparent_bits`)."""
         if self._engine is None:
             return
         af, size = (socket.AF_INET6, 16) if family == 6 else (socket.AF_INET, 4)
@@ -268,10 +270,25 @@ class NativeRelay:
         rc = self._lib.uproxy_engine_listener_set(
             self._raw, lid, int(has_service), family, n, addrs if n else self._ffi.NULL,
             [p for _, p, _, _ in endpoints], [i for _, _, i, _ in endpoints],
-            [a for _, _, _, a in endpoints])
+            [a for _, _, _, a in endpoints],
+            [int(h) for h in here] if here else self._ffi.NULL, transparent)
         assert size * n == len(addrs)
         if rc < 0:
             raise OSError(-rc, f"native listener endpoints: {os.strerror(-rc)}")
+
+    def transparent_bits(self, *, on: bool, external: bool, external_local: bool) -> int:
+        lib = self._lib
+        return ((lib.UPROXY_TP_ON if on else 0) | (lib.UPROXY_TP_EXTERNAL if external else 0)
+                | (lib.UPROXY_TP_EXTERNAL_LOCAL if external_local else 0))
+
+    def set_links(self, links: Any) -> None:
+        """Hand the engine a ``struct uproxy_links *`` (detached from its
+        :class:`~uproxy.proxy.native_links.NativeLinks`; None: no links): it owns it now."""
+        if self._engine is None:
+            if links is not None:
+                self._lib.uproxy_links_free(links)
+            return
+        self._lib.uproxy_engine_set_links(self._raw, self._ffi.NULL if links is None else links)
 
     def listener_pause(self, lid: int) -> None:
         if self._engine is not None:

@@ -16,8 +16,10 @@ chooses among the endpoints pushed here at every change (computed by
 connects with :data:`uproxy.connect.CONNECT_TIMEOUTS` and relays; Python reads
 its events in batches (:meth:`TcpProxy._on_setup_events`) for the connection
 table, the metrics and the balancer. Which listeners it serves is decided in
-one place, :meth:`TcpProxy._wants_native`: not ClientIP affinity, not a family
-in transparent mode; those stay on the path above.
+one place, :meth:`TcpProxy._wants_native`: not ClientIP affinity, which stays on
+the path above. In transparent mode the engine makes the same decision
+(``uproxy_transparent_source``, native/transparent.c, over the node's links
+pushed here) and binds the backend socket to the client's address.
 """
 
 from __future__ import annotations
@@ -215,6 +217,7 @@ class TcpProxy:
         self._listeners: dict[ServicePortName, set[TcpListener]] = {}
         self._by_native: dict[int, TcpListener] = {}  # engine listener id -> listener
         self._transparent_families: frozenset[int] = frozenset()  # as last pushed
+        self._links_pushed: tuple[object, frozenset[int]] | None = None
         # Set-up in the engine: only with the native engine (UPROXY_NO_NATIVE: never).
         self._native = bool(getattr(relay, "listener_add", None))
         if self._native:
@@ -259,9 +262,7 @@ class TcpProxy:
         if not self._native or listener._closed:
             return False
         entry = self._entries.get(listener.name)
-        if entry is not None and entry.port.affinity_timeout is not None:
-            return False
-        return listener.family not in self._current_transparent()
+        return entry is None or entry.port.affinity_timeout is None
 
     def _attach(self, listener: TcpListener) -> bool:
         """Let the engine accept on ``listener`` if it should; True when it does."""
@@ -311,14 +312,44 @@ class TcpProxy:
                                          family=listener.family)
         items = [(e.ip, e.port, i, balancer.avoided_until(e.address))
                  for i, e in enumerate(endpoints)]
+        nrelay = self._native_relay()
+        tp = self.transparent
+        transparent, here = 0, []
+        if tp is not None and listener.family in tp.families and entry is not None:
+            self._sync_links()
+            node = tp.node_name
+            here = [bool(node) and e.node_name == node for e in endpoints]
+            for e, on_node in zip(endpoints, here, strict=True):
+                if on_node:
+                    tp.links_known(e.ip)  # (re-read soon when an interface is new)
+            transparent = nrelay.transparent_bits(on=True, external=listener.external,
+                                                  external_local=entry.port.external_local)
         try:
-            self._native_relay().listener_set(listener.native, has_service=entry is not None,
-                                              family=listener.family, endpoints=items)
+            nrelay.listener_set(listener.native, has_service=entry is not None,
+                                family=listener.family, endpoints=items, here=here,
+                                transparent=transparent)
         except OSError as exc:
             log.error("%s: pushing endpoints to the engine: %s", listener.name, exc)
             return
         listener.endpoints = endpoints
         listener.avoided = any(item[3] > 0 for item in items)
+
+    def _sync_links(self) -> None:
+        """The node's links, as transparent mode last read them, in the engine."""
+        tp = self.transparent
+        if tp is None:
+            return
+        links, families = tp.links, frozenset(tp.families)
+        if self._links_pushed is not None and self._links_pushed[0] is links \
+                and self._links_pushed[1] == families:
+            return
+        self._links_pushed = (links, families)
+        raw = None
+        if families:
+            from uproxy.proxy.native_links import NativeLinks  # (the native path only)
+
+            raw = NativeLinks(links, families).detach()
+        self._native_relay().set_links(raw)
 
     def _current_transparent(self) -> frozenset[int]:
         tp = self.transparent
@@ -425,6 +456,7 @@ class TcpProxy:
         listeners open) and push the balancer's failure memory to the engine."""
         if not self._native:
             return
+        self._sync_links()
         families = self._current_transparent()
         if families != self._transparent_families:
             self._transparent_families = families

@@ -114,6 +114,11 @@ class Transparent:
         self._cache[key] = got
         return got
 
+    def links_known(self, endpoint_ip: str) -> bool:
+        """Whether the links cover ``endpoint_ip`` (an endpoint of this node); when not,
+        a re-read is started (see :meth:`_links_unknown`)."""
+        return not self._links_unknown(endpoint_ip)
+
     def _links_unknown(self, endpoint_ip: str) -> bool:
         """An endpoint of this node with no on-link route: the links were read before its
         interface existed (a CNI creates its bridge with the first pod). Read them again
