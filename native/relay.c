@@ -1583,6 +1583,13 @@ int uproxy_engine_setup_config(struct uproxy_engine *e, const double *timeouts, 
 
 int uproxy_engine_listener_add(struct uproxy_engine *e, int fd)
 {
+    /* The engine thread must never block in accept4 (a shared file flag: Python's
+     * listening sockets are non-blocking already). */
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0)
+        return -errno;
+    if (!(fl & O_NONBLOCK) && fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0)
+        return -errno;
     struct listener *l = calloc(1, sizeof *l);
     if (!l)
         return -ENOMEM;
