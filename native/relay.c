@@ -106,6 +106,7 @@ struct ep_entry {
     socklen_t len;
     int index;
     bool here; /* on this node (transparent decisions) */
+    int64_t link_reported; /* ms: when UPROXY_EV_NO_LINK last went out for it */
     int64_t avoid_until; /* ms, CLOCK_MONOTONIC; written by the engine thread too */
 };
 
@@ -834,7 +835,7 @@ static struct listener *listener_get(struct uproxy_engine *e, int id)
 /* Caller holds e->lock: register the fd with epoll exactly when it should accept. */
 static void listener_update(struct uproxy_engine *e, struct listener *l)
 {
-    bool want = !l->user_paused && !l->fd_paused && !l->removed;
+    bool want = !l->user_paused && !l->fd_paused && !l->removed && l->eps;
     __atomic_store_n(&l->active, !l->user_paused && !l->removed, __ATOMIC_SEQ_CST);
     if (want == l->registered)
         return;
@@ -1011,6 +1012,15 @@ static bool setup_transparent(struct uproxy_engine *e, struct conn *c, struct ep
     pthread_mutex_lock(&e->lock); /* only the pointer: old links are freed on this thread */
     struct uproxy_links *links = e->links;
     pthread_mutex_unlock(&e->lock);
+    if (links && t->here && uproxy_links_dev_of(links, v6 ? 6 : 4, endpoint) < 0) {
+        int64_t now = now_ms();
+        if (now - t->link_reported >= 1000) { /* the links may predate its interface */
+            t->link_reported = now;
+            struct uproxy_event ev;
+            ev_for(c, UPROXY_EV_NO_LINK, &ev);
+            ev_push(e, &ev);
+        }
+    }
     if (!links || !uproxy_transparent_source(links, v6 ? 6 : 4, client, endpoint,
                                              !!(eps->transparent & UPROXY_TP_EXTERNAL),
                                              !!(eps->transparent & UPROXY_TP_EXTERNAL_LOCAL),
@@ -1615,13 +1625,8 @@ int uproxy_engine_listener_add(struct uproxy_engine *e, int fd)
     }
     l->id = e->nlisteners++;
     e->listeners[l->id] = l;
-    listener_update(e, l);
-    int ok = l->registered ? 0 : -errno;
+    listener_update(e, l); /* (registers it with its first endpoint list) */
     pthread_mutex_unlock(&e->lock);
-    if (ok < 0) {
-        uproxy_engine_listener_remove(e, l->id);
-        return ok;
-    }
     return l->id;
 }
 
@@ -1666,6 +1671,7 @@ int uproxy_engine_listener_set(struct uproxy_engine *e, int id, int has_service,
         old = l->eps;
         l->eps = s;
         s = NULL;
+        listener_update(e, l); /* the first list starts accepting */
     }
     pthread_mutex_unlock(&e->lock);
     eps_unref(old);

@@ -160,6 +160,9 @@ void uproxy_engine_free(struct uproxy_engine *e);
 #define UPROXY_EV_CONNECT_FAILED 2 /* one attempt failed: endpoint, err (ETIMEDOUT: timeout) */
 #define UPROXY_EV_REFUSED 3        /* the client got a RST: reason, err, attempts */
 #define UPROXY_EV_NO_FDS 4         /* out of fds (err): the listener pauses */
+#define UPROXY_EV_NO_LINK 5        /* transparent: an endpoint on this node with no on-link
+                                    * route (endpoint; at most once a second per endpoint):
+                                    * the links may be stale, read them again */
 
 #define UPROXY_REFUSED_NO_SERVICE 0   /* the listener has no service (pushed has_service 0) */
 #define UPROXY_REFUSED_NO_ENDPOINTS 1 /* nothing usable for the first attempt */
@@ -194,8 +197,9 @@ int uproxy_engine_setup_config(struct uproxy_engine *e, const double *timeouts, 
                                double avoid_seconds, double fd_retry, double fd_wait,
                                double fd_pause);
 
-/* Accept on `fd` (a listening TCP socket, the caller's) from now on. The
- * listener refuses every client until its first uproxy_engine_listener_set.
+/* Accept on `fd` (a listening TCP socket, the caller's; made non-blocking)
+ * from its first uproxy_engine_listener_set on (until then the kernel keeps
+ * the backlog).
  * Returns its id (>= 0), or -errno. */
 int uproxy_engine_listener_add(struct uproxy_engine *e, int fd);
 

@@ -53,7 +53,8 @@ class SetupEvent:
     ``kind``: ``opened`` (relayed: ``handle``, its on_done still to be set),
     ``connect_failed`` (one attempt: ``endpoint``, ``error``), ``refused`` (the client
     got a RST: ``reason`` as :mod:`uproxy.connect` names it, or ``no_service``,
-    ``cancelled``) or ``no_fds`` (the listener pauses; ``error``).
+    ``cancelled``), ``no_fds`` (the listener pauses; ``error``) or ``no_link`` (transparent
+    mode: ``endpoint``, on this node, has no on-link route in the links the engine has).
     """
 
     kind: str
@@ -335,7 +336,9 @@ class NativeRelay:
                         int(ev.endpoint_port))
         event = SetupEvent("", int(ev.listener), client, endpoint, int(ev.endpoint),
                            int(ev.attempts))
-        if kind == lib.UPROXY_EV_OPENED:
+        if kind == lib.UPROXY_EV_NO_LINK:
+            event.kind = "no_link"
+        elif kind == lib.UPROXY_EV_OPENED:
             event.kind = "opened"
             handle = NativeRelayHandle(self, ev.conn, _ignore_result)
             self._live[int(ev.token)] = handle

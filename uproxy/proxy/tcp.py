@@ -279,7 +279,10 @@ class TcpProxy:
         self._by_native[lid] = listener
         if listener._held:
             nrelay.listener_pause(lid)
-        self._push(listener)
+        if self._entries.get(listener.name) is not None:
+            self._push(listener)
+        # (else the engine accepts nothing yet: the kernel keeps the backlog until the
+        # entry comes, as the Python path's reader is not called before it either)
         return True
 
     def _detach(self, listener: TcpListener) -> None:
@@ -320,8 +323,8 @@ class TcpProxy:
             node = tp.node_name
             here = [bool(node) and e.node_name == node for e in endpoints]
             for e, on_node in zip(endpoints, here, strict=True):
-                if on_node:
-                    tp.links_known(e.ip)  # (re-read soon when an interface is new)
+                if on_node:  # (re-read soon when an interface is new)
+                    tp.links_known(e.ip, then=self._sync_links)
             transparent = nrelay.transparent_bits(on=True, external=listener.external,
                                                   external_local=entry.port.external_local)
         try:
@@ -374,6 +377,9 @@ class TcpProxy:
                 self._native_refused(listener, ev)
             elif ev.kind == "no_fds":
                 listener.fds_trouble(ev.error or "out of file descriptors")
+            elif ev.kind == "no_link" and self.transparent is not None and ev.endpoint:
+                # As source_for does: read the links again soon, then hand them over.
+                self.transparent.links_known(ev.endpoint[0], then=self._sync_links)
 
     def _native_opened(self, listener: TcpListener, ev: SetupEvent) -> None:
         handle, client = ev.handle, ev.client
