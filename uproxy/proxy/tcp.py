@@ -365,6 +365,8 @@ class TcpProxy:
             if listener is None:
                 continue
             name = listener.name
+            if listener._fd_trouble_since is not None and ev.kind in ("opened", "refused"):
+                listener._fd_recovered()  # the engine accepted again
             if ev.kind == "opened":
                 self._native_opened(listener, ev)
             elif ev.kind == "connect_failed":
