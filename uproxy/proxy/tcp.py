@@ -74,6 +74,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("uproxy.tcp")
 
 ACCEPT_BATCH = 64
+# Longer than any set-up the engine may still finish for a removed listener: every attempt's
+# timeout plus the out-of-fds wait (CONNECT_TIMEOUTS + FD_WAIT).
+SETUP_EVENTS_GRACE = sum(CONNECT_TIMEOUTS) + FD_WAIT + 5.0
 EMFILE_PAUSE = 0.2
 EMFILE_QUIET = 2.0  # seconds without EMFILE that end an episode
 FD_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -288,8 +291,10 @@ class TcpProxy:
     def _detach(self, listener: TcpListener) -> None:
         """The engine lets go of ``listener``'s fd (it is ours again when this returns)."""
         if listener.native is not None:
-            self._native_relay().listener_remove(listener.native)
-            listener.native = None  # (kept in _by_native: its late events still name it)
+            lid, listener.native = listener.native, None
+            self._native_relay().listener_remove(lid)
+            # Set-ups it started may still report: forget it once they all have ended.
+            self.loop.call_later(SETUP_EVENTS_GRACE, self._by_native.pop, lid, None)
 
     def _refresh(self, listener: TcpListener) -> None:
         want = self._wants_native(listener)
