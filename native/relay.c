@@ -1113,6 +1113,9 @@ static void setup_event(struct uproxy_engine *e, struct conn *c, uint32_t events
     if (getsockopt(c->fd[1], SOL_SOCKET, SO_ERROR, &err, &len) < 0)
         err = errno;
     if (err == 0 && !(events & (EPOLLERR | EPOLLHUP))) {
+        /* This event is the backend's edge: what it says about data and a FIN that
+         * arrived with the connect must reach the relay (no other edge will come). */
+        c->hup[UPROXY_SIDE_BACKEND] = (events & EPOLLRDHUP) != 0;
         setup_connected(e, c);
         return;
     }

@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import pytest
@@ -206,6 +207,56 @@ def test_no_endpoints_resets_at_once(flavor: Flavor, family: int) -> None:
             assert (tag, error) == (None, "ConnectionResetError")
             assert took < 0.2, took
             await _until(lambda: r.total("no_endpoints") == 1)
+
+    _run(flavor, main)
+
+
+@contextlib.contextmanager
+def _speak_and_close(family: int, data: bytes) -> Iterator[tuple[str, int]]:
+    """A backend on its own thread that sends at once and closes: its bytes and FIN
+    usually arrive before the proxy has even seen its connect complete."""
+    lsock = socket.socket(AF[family], socket.SOCK_STREAM)
+    lsock.bind((LOOPBACK[family], 0))
+    lsock.listen(128)
+    lsock.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = lsock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            conn.sendall(data)
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield lsock.getsockname()[:2]
+    finally:
+        stop.set()
+        thread.join(5)
+        lsock.close()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_backend_that_speaks_and_closes_at_once_is_relayed_to_the_end(
+        flavor: Flavor, family: int) -> None:
+    """The bytes and the FIN that came with the connect reach the client, every time."""
+    async def main() -> None:
+        async with rig(flavor, family) as r:
+            with _speak_and_close(family, b"hello") as address:
+                r.set_endpoints([address])
+                for _ in range(100):
+                    reader, writer = await asyncio.open_connection(*r.address)
+                    try:
+                        assert await asyncio.wait_for(reader.read(), 5) == b"hello"
+                    finally:
+                        writer.close()
+                assert r.setup_count(_path(flavor)) == 100
 
     _run(flavor, main)
 
