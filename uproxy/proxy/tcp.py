@@ -364,7 +364,9 @@ class TcpProxy:
         return frozenset(tp.families) if tp is not None else frozenset()
 
     def _on_setup_events(self, events: list[SetupEvent]) -> None:
-        """What the engine did (in its order): the table, the metrics, the balancer."""
+        """What the engine did (in its order): the table, the metrics, the balancer.
+        The opened connections' metrics are added once per batch and service."""
+        opened: dict[_ServiceMetrics, int] = {}
         for ev in events:
             listener = self._by_native.get(ev.listener)
             if listener is None:
@@ -373,7 +375,8 @@ class TcpProxy:
             if listener._fd_trouble_since is not None and ev.kind in ("opened", "refused"):
                 listener._fd_recovered()  # the engine accepted again
             if ev.kind == "opened":
-                self._native_opened(listener, ev)
+                m = self._native_opened(listener, ev)
+                opened[m] = opened.get(m, 0) + 1
             elif ev.kind == "connect_failed":
                 endpoint = _endpoint_of(listener, ev)
                 log.debug("connect to %s failed: %s", endpoint, ev.error)
@@ -387,8 +390,12 @@ class TcpProxy:
             elif ev.kind == "no_link" and self.transparent is not None and ev.endpoint:
                 # As source_for does: read the links again soon, then hand them over.
                 self.transparent.links_known(ev.endpoint[0], then=self._sync_links)
+        if opened:
+            for m, count in opened.items():
+                m.opened(count)
+            self._setup_metric.inc(sum(opened.values()))
 
-    def _native_opened(self, listener: TcpListener, ev: SetupEvent) -> None:
+    def _native_opened(self, listener: TcpListener, ev: SetupEvent) -> _ServiceMetrics:
         handle, client = ev.handle, ev.client
         assert handle is not None and client is not None
         endpoint = _endpoint_of(listener, ev)
@@ -396,8 +403,6 @@ class TcpProxy:
         conn = self.conns.open(protocol="TCP", service=listener.name, client=client,
                                scope=listener.scope)
         m = self._service_metrics(listener.name)
-        m.opened()
-        self._setup_metric.inc()
 
         def done(result: RelayResult) -> None:
             m.closed(result)
@@ -408,6 +413,7 @@ class TcpProxy:
         handle._on_done = done
         self.conns.established(conn, endpoint.address, handle)
         self.live[conn.id] = (conn, handle)
+        return m
 
     def _native_refused(self, listener: TcpListener, ev: SetupEvent) -> None:
         name = str(listener.name)
@@ -521,10 +527,10 @@ class _ServiceMetrics:
         self.down = metrics.bytes_total.labels(service, "down")
         self.path = metrics.relay_path.labels(path)
 
-    def opened(self) -> None:
-        self.active.inc()
-        self.ok.inc()
-        self.path.inc()
+    def opened(self, count: int = 1) -> None:
+        self.active.inc(count)
+        self.ok.inc(count)
+        self.path.inc(count)
 
     def closed(self, result: RelayResult) -> None:
         self.active.dec()
