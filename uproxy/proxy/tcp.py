@@ -294,7 +294,8 @@ class TcpProxy:
             lid, listener.native = listener.native, None
             self._native_relay().listener_remove(lid)
             # Set-ups it started may still report: forget it once they all have ended.
-            self.loop.call_later(SETUP_EVENTS_GRACE, self._by_native.pop, lid, None)
+            with contextlib.suppress(RuntimeError):  # (a loop already closed: nothing to do)
+                self.loop.call_later(SETUP_EVENTS_GRACE, self._by_native.pop, lid, None)
 
     def _refresh(self, listener: TcpListener) -> None:
         want = self._wants_native(listener)
