@@ -29,7 +29,12 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/random.h>
 #include <sys/socket.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sched.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "uproxy_native.h"
@@ -87,9 +92,44 @@ struct direction {
 
 struct conn;
 
+/* What an epoll registration points to: a connection's side, or (conn NULL) a
+ * listener, whose first member it is. */
 struct endpoint {
     struct conn *conn;
     int side;
+};
+
+/* The endpoints pushed for a listener (uproxy_engine_listener_set); shared by
+ * the listener and every set-up that started with them (reference counted). */
+struct ep_entry {
+    struct sockaddr_storage sa;
+    socklen_t len;
+    int index;
+    bool here; /* on this node (transparent decisions) */
+    int64_t link_reported; /* ms: when UPROXY_EV_NO_LINK last went out for it */
+    int64_t avoid_until; /* ms, CLOCK_MONOTONIC; written by the engine thread too */
+};
+
+struct epset {
+    int refs; /* atomic */
+    int has_service;
+    int transparent; /* UPROXY_TP_* */
+    int n;
+    struct ep_entry ent[];
+};
+
+struct listener {
+    struct endpoint ep; /* first: ep.conn == NULL marks a listener */
+    int id, fd;
+    /* guarded by e->lock */
+    struct epset *eps;
+    bool user_paused, fd_paused, removed, registered;
+    struct listener *dead_next;
+    int active; /* atomic: 0 once paused or removed (the accept loop checks it) */
+    /* engine thread */
+    int64_t resume_at;
+    bool in_pause_list;
+    struct listener *pause_next;
 };
 
 struct conn {
@@ -108,6 +148,28 @@ struct conn {
     struct conn *cmd_next;
     struct conn *done_next;
     struct uproxy_done done;
+    /* engine-made connections (engine thread) */
+    bool registered[2]; /* in epoll already (the backend, from its connect) */
+    bool nonblocking;   /* both fds known non-blocking */
+    bool setting_up;    /* accepted, not connected yet */
+    struct {
+        struct epset *eps;
+        int listener, attempt, ntried, cur, queue;
+        int tried[UPROXY_SETUP_MAX_ATTEMPTS];
+        int64_t deadline, fd_deadline;
+        struct conn *tprev, *tnext;
+        struct sockaddr_storage client;
+    } su;
+};
+
+struct old_links {
+    struct uproxy_links *links;
+    struct old_links *next;
+};
+
+/* A FIFO of set-ups waiting with one fixed delay: deadline-ordered by construction. */
+struct timer_queue {
+    struct conn *head, *tail;
 };
 
 struct uproxy_engine {
@@ -130,6 +192,25 @@ struct uproxy_engine {
     char *scratch;
 
     struct uproxy_engine_stats stats; /* written by the engine thread, atomically */
+
+    /* connection set-up: configuration (set before any listener exists) */
+    int64_t timeout_ms[UPROXY_SETUP_MAX_ATTEMPTS];
+    int ntimeouts;
+    int64_t avoid_ms, fd_retry_ms, fd_wait_ms, fd_pause_ms;
+    /* guarded by e->lock */
+    struct listener **listeners;
+    int nlisteners, cap_listeners;
+    struct listener *dead;
+    struct uproxy_event *evq;
+    int evq_len, evq_cap;
+    struct listener *accepting; /* atomic: the listener the accept loop is on */
+    struct uproxy_links *links; /* read by the engine thread, swapped under the lock */
+    struct old_links *old_links; /* replaced, freed by the engine thread */
+    /* engine thread */
+    struct timer_queue tq[UPROXY_SETUP_MAX_ATTEMPTS + 1]; /* per attempt; the last: fd waits */
+    struct listener *pause_head, *pause_tail;
+    uint64_t setup_tokens, rng;
+    bool ev_pending;
 };
 
 static inline void stat_set(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
@@ -561,11 +642,18 @@ static void conn_pump(struct uproxy_engine *e, struct conn *c)
         conn_finish(e, c, UPROXY_DONE_CLOSED, -1, 0);
 }
 
+static void setup_event(struct uproxy_engine *e, struct conn *c, uint32_t events);
+
 static void conn_event(struct uproxy_engine *e, struct endpoint *ep, uint32_t ev)
 {
     struct conn *c = ep->conn;
     if (c->closed)
         return;
+    if (c->setting_up) {
+        if (ep->side == UPROXY_SIDE_BACKEND)
+            setup_event(e, c, ev);
+        return;
+    }
     int s = ep->side;
     if (ev & EPOLLERR) {
         /* Also catches a reset on a side we no longer read (after its EOF). */
@@ -595,9 +683,13 @@ static void conn_start(struct uproxy_engine *e, struct conn *c)
     c->live = true;
     stat_add(&e->stats.conns_live, 1);
     for (int s = 0; s < 2; s++) {
-        int fl = fcntl(c->fd[s], F_GETFL);
-        if (fl >= 0 && !(fl & O_NONBLOCK))
-            fcntl(c->fd[s], F_SETFL, fl | O_NONBLOCK);
+        if (!c->nonblocking) {
+            int fl = fcntl(c->fd[s], F_GETFL);
+            if (fl >= 0 && !(fl & O_NONBLOCK))
+                fcntl(c->fd[s], F_SETFL, fl | O_NONBLOCK);
+        }
+        if (c->registered[s])
+            continue;
         struct epoll_event ev = {
             .events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
             .data.ptr = &c->ep[s],
@@ -625,6 +717,570 @@ static void conn_free(struct uproxy_engine *e, struct conn *c)
     free(c->held[0]);
     free(c->held[1]);
     free(c);
+}
+
+/* ---- connection set-up (engine thread unless said) ----------------------- */
+
+static int64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static uint64_t rng_next(struct uproxy_engine *e)
+{
+    /* xorshift64*: plenty for a uniform pick among a few endpoints */
+    uint64_t x = e->rng;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    e->rng = x;
+    return x * 0x2545F4914F6CDD1DULL;
+}
+
+static void eps_ref(struct epset *s)
+{
+    if (s)
+        __atomic_add_fetch(&s->refs, 1, __ATOMIC_RELAXED);
+}
+
+static void eps_unref(struct epset *s)
+{
+    if (s && __atomic_sub_fetch(&s->refs, 1, __ATOMIC_ACQ_REL) == 0)
+        free(s);
+}
+
+static void addr_out(const struct sockaddr_storage *ss, unsigned char *addr, int *port)
+{
+    if (ss->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)ss;
+        memcpy(addr, &a->sin6_addr, 16);
+        *port = ntohs(a->sin6_port);
+    } else {
+        const struct sockaddr_in *a = (const struct sockaddr_in *)ss;
+        memcpy(addr, &a->sin_addr, 4);
+        *port = ntohs(a->sin_port);
+    }
+}
+
+/* Queue an event for Python (the eventfd is written once per round, see engine_main). */
+static void ev_push(struct uproxy_engine *e, const struct uproxy_event *ev)
+{
+    pthread_mutex_lock(&e->lock);
+    if (e->evq_len == e->evq_cap) {
+        int cap = e->evq_cap ? e->evq_cap * 2 : 256;
+        struct uproxy_event *q = realloc(e->evq, (size_t)cap * sizeof *q);
+        if (!q) { /* an event lost beats a crash; the connection itself is unaffected */
+            pthread_mutex_unlock(&e->lock);
+            return;
+        }
+        e->evq = q;
+        e->evq_cap = cap;
+    }
+    e->evq[e->evq_len++] = *ev;
+    pthread_mutex_unlock(&e->lock);
+    e->ev_pending = true;
+}
+
+static void ev_for(struct conn *c, int kind, struct uproxy_event *ev)
+{
+    *ev = (struct uproxy_event){.kind = kind, .listener = c->su.listener, .endpoint = -1,
+                                .attempts = c->su.attempt, .family = c->su.client.ss_family};
+    addr_out(&c->su.client, ev->client_addr, &ev->client_port);
+    if (c->su.eps && c->su.cur >= 0) {
+        struct ep_entry *t = &c->su.eps->ent[c->su.cur];
+        ev->endpoint = t->index;
+        addr_out(&t->sa, ev->endpoint_addr, &ev->endpoint_port);
+    }
+}
+
+static void tq_push(struct uproxy_engine *e, struct conn *c, int q, int64_t deadline)
+{
+    struct timer_queue *t = &e->tq[q];
+    c->su.queue = q;
+    c->su.deadline = deadline;
+    c->su.tnext = NULL;
+    c->su.tprev = t->tail;
+    if (t->tail)
+        t->tail->su.tnext = c;
+    else
+        t->head = c;
+    t->tail = c;
+}
+
+static void tq_remove(struct uproxy_engine *e, struct conn *c)
+{
+    if (c->su.queue < 0)
+        return;
+    struct timer_queue *t = &e->tq[c->su.queue];
+    if (c->su.tprev)
+        c->su.tprev->su.tnext = c->su.tnext;
+    else
+        t->head = c->su.tnext;
+    if (c->su.tnext)
+        c->su.tnext->su.tprev = c->su.tprev;
+    else
+        t->tail = c->su.tprev;
+    c->su.tprev = c->su.tnext = NULL;
+    c->su.queue = -1;
+}
+
+/* Caller holds e->lock. */
+static struct listener *listener_get(struct uproxy_engine *e, int id)
+{
+    return id >= 0 && id < e->nlisteners ? e->listeners[id] : NULL;
+}
+
+/* Caller holds e->lock: register the fd with epoll exactly when it should accept. */
+static void listener_update(struct uproxy_engine *e, struct listener *l)
+{
+    bool want = !l->user_paused && !l->fd_paused && !l->removed && l->eps;
+    __atomic_store_n(&l->active, !l->user_paused && !l->removed, __ATOMIC_SEQ_CST);
+    if (want == l->registered)
+        return;
+    if (want) {
+        /* Level-triggered: a batch cut short is picked up at the next wait. */
+        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &l->ep};
+        if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, l->fd, &ev) == 0)
+            l->registered = true;
+    } else {
+        epoll_ctl(e->epfd, EPOLL_CTL_DEL, l->fd, NULL);
+        l->registered = false;
+    }
+}
+
+/* Out of fds: stop accepting on `id` for fd_pause ms (the kernel keeps the backlog). */
+static void listener_fd_pause(struct uproxy_engine *e, int id, int err)
+{
+    pthread_mutex_lock(&e->lock);
+    struct listener *l = listener_get(e, id);
+    bool first = false;
+    if (l && !l->fd_paused) {
+        l->fd_paused = true;
+        listener_update(e, l);
+        first = true;
+    }
+    pthread_mutex_unlock(&e->lock);
+    if (!first)
+        return;
+    l->resume_at = now_ms() + e->fd_pause_ms;
+    if (!l->in_pause_list) {
+        l->in_pause_list = true;
+        l->pause_next = NULL;
+        if (e->pause_tail)
+            e->pause_tail->pause_next = l;
+        else
+            e->pause_head = l;
+        e->pause_tail = l;
+    }
+    struct uproxy_event ev = {.kind = UPROXY_EV_NO_FDS, .listener = id, .endpoint = -1, .err = err};
+    ev_push(e, &ev);
+}
+
+static bool fd_errno(int err)
+{
+    return err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM;
+}
+
+/* Uniform among the endpoints not tried for this client and not avoided; among
+ * the avoided ones when that is all; -1 when every one was tried. */
+static int setup_choose(struct uproxy_engine *e, struct conn *c, int64_t now)
+{
+    struct epset *s = c->su.eps;
+    int healthy = 0, untried = 0;
+    for (int pass = 0; pass < 2; pass++) {
+        int pick = -1;
+        if (pass == 1) {
+            if (healthy)
+                pick = (int)(rng_next(e) % (uint64_t)healthy);
+            else if (untried)
+                pick = (int)(rng_next(e) % (uint64_t)untried);
+            else
+                return -1;
+        }
+        for (int i = 0; i < s->n; i++) {
+            bool tried = false;
+            for (int k = 0; k < c->su.ntried; k++)
+                tried |= c->su.tried[k] == i;
+            if (tried)
+                continue;
+            bool ok = __atomic_load_n(&s->ent[i].avoid_until, __ATOMIC_RELAXED) <= now;
+            if (pass == 0) {
+                untried++;
+                healthy += ok;
+            } else if (!healthy || ok) {
+                if (pick-- == 0)
+                    return i;
+            }
+        }
+    }
+    return -1;
+}
+
+/* The client gets a RST and the set-up is gone. */
+static void setup_refuse(struct uproxy_engine *e, struct conn *c, int reason, int err)
+{
+    struct uproxy_event ev;
+    ev_for(c, UPROXY_EV_REFUSED, &ev);
+    ev.reason = reason;
+    ev.err = err;
+    ev_push(e, &ev);
+    tq_remove(e, c);
+    if (c->fd[1] >= 0) {
+        if (c->registered[1])
+            epoll_ctl(e->epfd, EPOLL_CTL_DEL, c->fd[1], NULL);
+        close(c->fd[1]);
+    }
+    reset_close(c->fd[0]);
+    eps_unref(c->su.eps);
+    stat_set(&e->stats.setups_live, stat_get(&e->stats.setups_live) - 1);
+    stat_add(&e->stats.setups_refused, 1);
+    free(c);
+}
+
+static void setup_connect(struct uproxy_engine *e, struct conn *c);
+static void conn_start(struct uproxy_engine *e, struct conn *c);
+
+static void setup_connected(struct uproxy_engine *e, struct conn *c)
+{
+    tq_remove(e, c);
+    c->su.attempt++;
+    struct uproxy_event ev;
+    ev_for(c, UPROXY_EV_OPENED, &ev);
+    ev.token = c->pub.token;
+    ev.conn = &c->pub;
+    ev_push(e, &ev);
+    c->setting_up = false;
+    eps_unref(c->su.eps);
+    c->su.eps = NULL;
+    stat_set(&e->stats.setups_live, stat_get(&e->stats.setups_live) - 1);
+    stat_add(&e->stats.setups_opened, 1);
+    conn_start(e, c);
+}
+
+/* The attempt at c->su.cur failed (err; ETIMEDOUT for the timeout): avoid that
+ * endpoint, then the next attempt or the RST. */
+static void setup_failed(struct uproxy_engine *e, struct conn *c, int err)
+{
+    int64_t now = now_ms();
+    struct ep_entry *t = &c->su.eps->ent[c->su.cur];
+    int64_t until = now + e->avoid_ms;
+    __atomic_store_n(&t->avoid_until, until, __ATOMIC_RELAXED);
+    pthread_mutex_lock(&e->lock); /* the listener's newer list, if it changed meanwhile */
+    struct listener *l = listener_get(e, c->su.listener);
+    if (l && l->eps && l->eps != c->su.eps) {
+        for (int i = 0; i < l->eps->n; i++) {
+            struct ep_entry *o = &l->eps->ent[i];
+            if (o->len == t->len && memcmp(&o->sa, &t->sa, t->len) == 0)
+                __atomic_store_n(&o->avoid_until, until, __ATOMIC_RELAXED);
+        }
+    }
+    pthread_mutex_unlock(&e->lock);
+    struct uproxy_event ev;
+    ev_for(c, UPROXY_EV_CONNECT_FAILED, &ev);
+    ev.err = err;
+    ev_push(e, &ev);
+    c->su.tried[c->su.ntried++] = c->su.cur;
+    c->su.attempt++;
+    c->su.fd_deadline = 0; /* an attempt ended: the next NoSocket starts a new episode */
+    if (c->su.attempt >= e->ntimeouts) {
+        setup_refuse(e, c, UPROXY_REFUSED_ALL_FAILED, err);
+        return;
+    }
+    int next = setup_choose(e, c, now);
+    if (next < 0) {
+        setup_refuse(e, c, UPROXY_REFUSED_ALL_FAILED, err);
+        return;
+    }
+    c->su.cur = next;
+    setup_connect(e, c);
+}
+
+/* Transparent mode: bind `s` to the client's address when the decision says so.
+ * False when the bind was refused (then `s` must be replaced by a plain socket). */
+static bool setup_transparent(struct uproxy_engine *e, struct conn *c, struct ep_entry *t, int s)
+{
+    struct epset *eps = c->su.eps;
+    if (!(eps->transparent & UPROXY_TP_ON) || c->su.client.ss_family != t->sa.ss_family)
+        return true;
+    unsigned char client[16], endpoint[16];
+    int cport, eport;
+    addr_out(&c->su.client, client, &cport);
+    addr_out(&t->sa, endpoint, &eport);
+    int v6 = t->sa.ss_family == AF_INET6;
+    pthread_mutex_lock(&e->lock); /* only the pointer: old links are freed on this thread */
+    struct uproxy_links *links = e->links;
+    pthread_mutex_unlock(&e->lock);
+    if (links && t->here && uproxy_links_dev_of(links, v6 ? 6 : 4, endpoint) < 0) {
+        int64_t now = now_ms();
+        if (now - t->link_reported >= 1000) { /* the links may predate its interface */
+            t->link_reported = now;
+            struct uproxy_event ev;
+            ev_for(c, UPROXY_EV_NO_LINK, &ev);
+            ev_push(e, &ev);
+        }
+    }
+    if (!links || !uproxy_transparent_source(links, v6 ? 6 : 4, client, endpoint,
+                                             !!(eps->transparent & UPROXY_TP_EXTERNAL),
+                                             !!(eps->transparent & UPROXY_TP_EXTERNAL_LOCAL),
+                                             t->here))
+        return true;
+    int one = 1;
+    struct sockaddr_storage src = c->su.client;
+    socklen_t len;
+    if (v6) {
+        ((struct sockaddr_in6 *)&src)->sin6_port = 0;
+        len = sizeof(struct sockaddr_in6);
+        if (setsockopt(s, IPPROTO_IPV6, IPV6_TRANSPARENT, &one, sizeof one) < 0)
+            return false;
+    } else {
+        ((struct sockaddr_in *)&src)->sin_port = 0;
+        len = sizeof(struct sockaddr_in);
+        if (setsockopt(s, SOL_IP, IP_TRANSPARENT, &one, sizeof one) < 0)
+            return false;
+    }
+    /* The port is left to connect (a free one for the whole 4-tuple). */
+    if (setsockopt(s, SOL_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one) < 0)
+        return false;
+    return bind(s, (struct sockaddr *)&src, len) == 0;
+}
+
+static void setup_connect(struct uproxy_engine *e, struct conn *c)
+{
+    struct ep_entry *t = &c->su.eps->ent[c->su.cur];
+    int s = socket(t->sa.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (s >= 0 && !setup_transparent(e, c, t, s)) {
+        /* Refused (no capability, address in use): from the node, and it still works. */
+        close(s);
+        s = socket(t->sa.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    }
+    if (s < 0) {
+        int err = errno;
+        if (fd_errno(err)) {
+            int64_t now = now_ms();
+            if (!c->su.fd_deadline)
+                c->su.fd_deadline = now + e->fd_wait_ms;
+            if (now < c->su.fd_deadline) {
+                listener_fd_pause(e, c->su.listener, err);
+                tq_push(e, c, UPROXY_SETUP_MAX_ATTEMPTS, now + e->fd_retry_ms);
+                return;
+            }
+        }
+        setup_refuse(e, c, UPROXY_REFUSED_NO_SOCKET, err);
+        return;
+    }
+    int one = 1;
+    setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    c->fd[1] = s;
+    if (connect(s, (struct sockaddr *)&t->sa, t->len) == 0) {
+        setup_connected(e, c);
+        return;
+    }
+    int err = errno;
+    if (err == EINPROGRESS) {
+        /* The relay's own registration, made now: conn_start need not add it again. */
+        struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
+                                 .data.ptr = &c->ep[1]};
+        if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, s, &ev) == 0) {
+            c->registered[1] = true;
+            tq_push(e, c, c->su.attempt, now_ms() + e->timeout_ms[c->su.attempt]);
+            return;
+        }
+        err = errno;
+    }
+    close(s);
+    c->fd[1] = -1;
+    setup_failed(e, c, err);
+}
+
+static void setup_drop_backend(struct uproxy_engine *e, struct conn *c)
+{
+    if (c->registered[1])
+        epoll_ctl(e->epfd, EPOLL_CTL_DEL, c->fd[1], NULL);
+    c->registered[1] = false;
+    close(c->fd[1]);
+    c->fd[1] = -1;
+}
+
+/* An event on a connecting backend socket. */
+static void setup_event(struct uproxy_engine *e, struct conn *c, uint32_t events)
+{
+    if (!(events & (EPOLLOUT | EPOLLERR | EPOLLHUP)))
+        return;
+    int err = 0;
+    socklen_t len = sizeof err;
+    if (getsockopt(c->fd[1], SOL_SOCKET, SO_ERROR, &err, &len) < 0)
+        err = errno;
+    if (err == 0 && !(events & (EPOLLERR | EPOLLHUP))) {
+        /* This event is the backend's edge: what it says about data and a FIN that
+         * arrived with the connect must reach the relay (no other edge will come). */
+        c->hup[UPROXY_SIDE_BACKEND] = (events & EPOLLRDHUP) != 0;
+        setup_connected(e, c);
+        return;
+    }
+    if (err == 0)
+        err = ECONNREFUSED;
+    tq_remove(e, c);
+    setup_drop_backend(e, c);
+    setup_failed(e, c, err);
+}
+
+static void setup_start(struct uproxy_engine *e, struct listener *l, struct epset *eps, int fd,
+                        const struct sockaddr_storage *client)
+{
+    struct conn *c = calloc(1, sizeof *c);
+    if (!c) {
+        reset_close(fd);
+        return;
+    }
+    c->pub.token = UPROXY_SETUP_TOKEN | ++e->setup_tokens;
+    c->fd[0] = fd;
+    c->fd[1] = -1;
+    for (int s = 0; s < 2; s++) {
+        c->ep[s].conn = c;
+        c->ep[s].side = s;
+    }
+    c->nonblocking = true;
+    c->setting_up = true;
+    c->su.listener = l->id;
+    c->su.queue = -1;
+    c->su.cur = -1;
+    c->su.client = *client;
+    c->su.eps = eps;
+    eps_ref(eps);
+    stat_add(&e->stats.setups_live, 1);
+    if (!eps || !eps->has_service) {
+        setup_refuse(e, c, UPROXY_REFUSED_NO_SERVICE, 0);
+        return;
+    }
+    int first = setup_choose(e, c, now_ms());
+    if (first < 0) {
+        setup_refuse(e, c, UPROXY_REFUSED_NO_ENDPOINTS, 0);
+        return;
+    }
+    c->su.cur = first;
+    setup_connect(e, c);
+}
+
+#define ACCEPT_MAX 64
+
+static void listener_event(struct uproxy_engine *e, struct listener *l)
+{
+    /* Handshake with pause/remove: they clear l->active, then wait while
+     * e->accepting is l; we publish e->accepting, then check l->active. */
+    __atomic_store_n(&e->accepting, l, __ATOMIC_SEQ_CST);
+    if (!__atomic_load_n(&l->active, __ATOMIC_SEQ_CST))
+        goto out;
+    pthread_mutex_lock(&e->lock);
+    struct epset *eps = l->eps;
+    eps_ref(eps);
+    pthread_mutex_unlock(&e->lock);
+    for (int i = 0; i < ACCEPT_MAX; i++) {
+        if (i && !__atomic_load_n(&l->active, __ATOMIC_SEQ_CST))
+            break;
+        struct sockaddr_storage ss;
+        socklen_t len = sizeof ss;
+        int fd = accept4(l->fd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            int err = errno;
+            if (err == EINTR || err == ECONNABORTED || err == EPROTO)
+                continue;
+            if (fd_errno(err))
+                listener_fd_pause(e, l->id, err);
+            break; /* EAGAIN, or an error the next wake-up will see again */
+        }
+        setup_start(e, l, eps, fd, &ss);
+    }
+    eps_unref(eps);
+out:
+    __atomic_store_n(&e->accepting, NULL, __ATOMIC_SEQ_CST);
+}
+
+/* Timers due by now: attempt timeouts, fd waits, paused listeners. */
+static void run_timers(struct uproxy_engine *e)
+{
+    int64_t now = now_ms();
+    for (int q = 0; q <= UPROXY_SETUP_MAX_ATTEMPTS; q++) {
+        struct conn *c;
+        while ((c = e->tq[q].head) && c->su.deadline <= now) {
+            tq_remove(e, c);
+            if (q == UPROXY_SETUP_MAX_ATTEMPTS) {
+                setup_connect(e, c); /* the fd wait is over: try the socket again */
+            } else {
+                setup_drop_backend(e, c);
+                setup_failed(e, c, ETIMEDOUT);
+            }
+        }
+    }
+    struct listener *l;
+    while ((l = e->pause_head) && l->resume_at <= now) {
+        e->pause_head = l->pause_next;
+        if (!e->pause_head)
+            e->pause_tail = NULL;
+        l->in_pause_list = false;
+        pthread_mutex_lock(&e->lock);
+        l->fd_paused = false;
+        listener_update(e, l);
+        pthread_mutex_unlock(&e->lock);
+    }
+}
+
+/* epoll_wait's timeout: until the nearest deadline (-1: none). */
+static int next_timeout(struct uproxy_engine *e)
+{
+    int64_t best = INT64_MAX;
+    for (int q = 0; q <= UPROXY_SETUP_MAX_ATTEMPTS; q++)
+        if (e->tq[q].head && e->tq[q].head->su.deadline < best)
+            best = e->tq[q].head->su.deadline;
+    if (e->pause_head && e->pause_head->resume_at < best)
+        best = e->pause_head->resume_at;
+    if (best == INT64_MAX)
+        return -1;
+    int64_t wait = best - now_ms();
+    return wait <= 0 ? 0 : wait > 60000 ? 60000 : (int)wait;
+}
+
+/* Removed listeners, freed where no event of a batch can still point to them. */
+static void free_dead_listeners(struct uproxy_engine *e)
+{
+    pthread_mutex_lock(&e->lock);
+    struct listener *l = e->dead;
+    e->dead = NULL;
+    struct old_links *old = e->old_links;
+    e->old_links = NULL;
+    pthread_mutex_unlock(&e->lock);
+    while (old) {
+        struct old_links *next = old->next;
+        uproxy_links_free(old->links);
+        free(old);
+        old = next;
+    }
+    while (l) {
+        struct listener *next = l->dead_next;
+        if (l->in_pause_list) { /* unlink (rare: removed while paused for fds) */
+            struct listener **pp = &e->pause_head, *prev = NULL;
+            while (*pp && *pp != l) {
+                prev = *pp;
+                pp = &(*pp)->pause_next;
+            }
+            if (*pp) {
+                *pp = l->pause_next;
+                if (e->pause_tail == l)
+                    e->pause_tail = prev;
+            }
+        }
+        eps_unref(l->eps);
+        free(l);
+        l = next;
+    }
+}
+
+static void setup_abort_all(struct uproxy_engine *e)
+{
+    for (int q = 0; q <= UPROXY_SETUP_MAX_ATTEMPTS; q++)
+        while (e->tq[q].head)
+            setup_refuse(e, e->tq[q].head, UPROXY_REFUSED_ABORTED, 0);
 }
 
 /* Run queued commands; returns true when the engine is stopping. */
@@ -667,7 +1323,7 @@ static void *engine_main(void *arg)
     struct epoll_event evs[MAX_EVENTS];
     bool stopping = false;
     while (!stopping) {
-        int n = epoll_wait(e->epfd, evs, MAX_EVENTS, -1);
+        int n = epoll_wait(e->epfd, evs, MAX_EVENTS, next_timeout(e));
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -675,24 +1331,43 @@ static void *engine_main(void *arg)
         }
         bool woken = false;
         for (int i = 0; i < n; i++) {
-            if (evs[i].data.ptr == NULL)
+            struct endpoint *ep = evs[i].data.ptr;
+            if (ep == NULL)
                 woken = true;
+            else if (ep->conn == NULL)
+                listener_event(e, (struct listener *)ep);
             else
-                conn_event(e, evs[i].data.ptr, evs[i].events);
+                conn_event(e, ep, evs[i].events);
         }
+        run_timers(e);
         /* Commands run after the batch, so a release never frees a conn that a
          * later event of the same batch still points to. */
         if (woken) {
             drain_eventfd(e->wakefd);
             stopping = run_commands(e);
+            free_dead_listeners(e);
+        }
+        if (e->ev_pending) { /* one wake-up for the round's set-up events */
+            e->ev_pending = false;
+            wake(e->donefd);
         }
     }
     pthread_mutex_lock(&e->lock);
     e->stopping = true; /* also when epoll_wait failed: refuse new work from now on */
     pthread_mutex_unlock(&e->lock);
     run_commands(e);
+    setup_abort_all(e);
     for (struct conn *c = e->all; c; c = c->next)
         conn_finish(e, c, UPROXY_DONE_ABORTED, -1, 0);
+    pthread_mutex_lock(&e->lock); /* no accepting from now on */
+    for (int i = 0; i < e->nlisteners; i++) {
+        struct listener *l = e->listeners[i];
+        if (l) {
+            l->removed = true;
+            listener_update(e, l);
+        }
+    }
+    pthread_mutex_unlock(&e->lock);
     __atomic_store_n(&e->stopped, 1, __ATOMIC_RELEASE);
     wake(e->donefd);
     return NULL;
@@ -726,6 +1401,18 @@ struct uproxy_engine *uproxy_engine_new(int max_pipes, int want_pipe_size, int k
     e->scratch = malloc(SCRATCH_SIZE);
     if (!e->scratch)
         goto fail;
+    if (getrandom(&e->rng, sizeof e->rng, GRND_NONBLOCK) != sizeof e->rng)
+        e->rng = (uint64_t)now_ms() * 0x9E3779B97F4A7C15ULL;
+    e->rng |= 1;
+    static const int64_t timeouts[] = {250, 500, 1000, 2000};
+    e->ntimeouts = 4;
+    memcpy(e->timeout_ms, timeouts, sizeof timeouts);
+    e->avoid_ms = 5000;
+    e->fd_retry_ms = 50;
+    e->fd_wait_ms = 2000;
+    e->fd_pause_ms = 200;
+    for (int q = 0; q <= UPROXY_SETUP_MAX_ATTEMPTS; q++)
+        e->tq[q].head = e->tq[q].tail = NULL;
     e->pipe_size = probe_pipe_size(want_pipe_size < UPROXY_PIPE_SIZE_MIN ? UPROXY_PIPE_SIZE_MIN
                                                                          : want_pipe_size);
     if (e->pipe_size <= 0)
@@ -880,6 +1567,206 @@ void uproxy_engine_stats(struct uproxy_engine *e, struct uproxy_engine_stats *ou
     out->splice_bytes = stat_get(&e->stats.splice_bytes);
     out->copy_bytes = stat_get(&e->stats.copy_bytes);
     out->bufs_in_use = stat_get(&e->stats.bufs_in_use);
+    out->setups_live = stat_get(&e->stats.setups_live);
+    out->setups_opened = stat_get(&e->stats.setups_opened);
+    out->setups_refused = stat_get(&e->stats.setups_refused);
+}
+
+/* ---- set-up API (event loop thread) -------------------------------------- */
+
+static int64_t secs_ms(double s) { return s <= 0 ? 0 : (int64_t)(s * 1000.0 + 0.5); }
+
+int uproxy_engine_setup_config(struct uproxy_engine *e, const double *timeouts, int n,
+                               double avoid_seconds, double fd_retry, double fd_wait,
+                               double fd_pause)
+{
+    if (n < 1 || n > UPROXY_SETUP_MAX_ATTEMPTS)
+        return -EINVAL;
+    pthread_mutex_lock(&e->lock);
+    for (int i = 0; i < n; i++)
+        e->timeout_ms[i] = secs_ms(timeouts[i]);
+    e->ntimeouts = n;
+    e->avoid_ms = secs_ms(avoid_seconds);
+    e->fd_retry_ms = secs_ms(fd_retry);
+    e->fd_wait_ms = secs_ms(fd_wait);
+    e->fd_pause_ms = secs_ms(fd_pause);
+    pthread_mutex_unlock(&e->lock);
+    return 0;
+}
+
+int uproxy_engine_listener_add(struct uproxy_engine *e, int fd)
+{
+    /* The engine thread must never block in accept4 (a shared file flag: Python's
+     * listening sockets are non-blocking already). */
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0)
+        return -errno;
+    if (!(fl & O_NONBLOCK) && fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0)
+        return -errno;
+    struct listener *l = calloc(1, sizeof *l);
+    if (!l)
+        return -ENOMEM;
+    l->fd = fd;
+    l->ep.conn = NULL;
+    l->ep.side = -1;
+    pthread_mutex_lock(&e->lock);
+    if (e->stopping) {
+        pthread_mutex_unlock(&e->lock);
+        free(l);
+        return -ESHUTDOWN;
+    }
+    if (e->nlisteners == e->cap_listeners) {
+        int cap = e->cap_listeners ? e->cap_listeners * 2 : 64;
+        struct listener **ls = realloc(e->listeners, (size_t)cap * sizeof *ls);
+        if (!ls) {
+            pthread_mutex_unlock(&e->lock);
+            free(l);
+            return -ENOMEM;
+        }
+        e->listeners = ls;
+        e->cap_listeners = cap;
+    }
+    l->id = e->nlisteners++;
+    e->listeners[l->id] = l;
+    listener_update(e, l); /* (registers it with its first endpoint list) */
+    pthread_mutex_unlock(&e->lock);
+    return l->id;
+}
+
+int uproxy_engine_listener_set(struct uproxy_engine *e, int id, int has_service, int family,
+                               int n, const unsigned char *addrs, const int *ports,
+                               const int *indexes, const double *avoid_until,
+                               const int *here, int transparent)
+{
+    if (n < 0 || (family != 4 && family != 6))
+        return -EINVAL;
+    struct epset *s = calloc(1, sizeof *s + (size_t)n * sizeof s->ent[0]);
+    if (!s)
+        return -ENOMEM;
+    s->refs = 1;
+    s->has_service = has_service;
+    s->transparent = transparent;
+    s->n = n;
+    /* CLOCK_MONOTONIC seconds (Python's time.monotonic()) to our milliseconds. */
+    for (int i = 0; i < n; i++) {
+        struct ep_entry *t = &s->ent[i];
+        if (family == 6) {
+            struct sockaddr_in6 *a = (struct sockaddr_in6 *)&t->sa;
+            a->sin6_family = AF_INET6;
+            memcpy(&a->sin6_addr, addrs + 16 * i, 16);
+            a->sin6_port = htons((uint16_t)ports[i]);
+            t->len = sizeof *a;
+        } else {
+            struct sockaddr_in *a = (struct sockaddr_in *)&t->sa;
+            a->sin_family = AF_INET;
+            memcpy(&a->sin_addr, addrs + 4 * i, 4);
+            a->sin_port = htons((uint16_t)ports[i]);
+            t->len = sizeof *a;
+        }
+        t->index = indexes[i];
+        t->here = here && here[i];
+        t->avoid_until = avoid_until[i] > 0 ? (int64_t)(avoid_until[i] * 1000.0) : 0;
+    }
+    pthread_mutex_lock(&e->lock);
+    struct listener *l = listener_get(e, id);
+    struct epset *old = NULL;
+    if (l && !l->removed) {
+        old = l->eps;
+        l->eps = s;
+        s = NULL;
+        listener_update(e, l); /* the first list starts accepting */
+    }
+    pthread_mutex_unlock(&e->lock);
+    eps_unref(old);
+    if (s) {
+        free(s);
+        return -ENOENT;
+    }
+    return 0;
+}
+
+void uproxy_engine_set_links(struct uproxy_engine *e, struct uproxy_links *links)
+{
+    struct old_links *node = malloc(sizeof *node);
+    pthread_mutex_lock(&e->lock);
+    struct uproxy_links *old = e->links;
+    e->links = links;
+    if (old && node) {
+        node->links = old;
+        node->next = e->old_links;
+        e->old_links = node;
+        node = NULL;
+    }
+    pthread_mutex_unlock(&e->lock);
+    if (old && node) { /* no memory for the list: leak one links object rather than race */
+        free(node);
+        return;
+    }
+    free(node);
+    wake(e->wakefd); /* the old one is freed after the engine's current round */
+}
+
+/* Wait until the accept loop is off `l` (it checks l->active at every accept). */
+static void listener_quiesce(struct uproxy_engine *e, struct listener *l)
+{
+    while (__atomic_load_n(&e->accepting, __ATOMIC_SEQ_CST) == l)
+        sched_yield();
+}
+
+void uproxy_engine_listener_pause(struct uproxy_engine *e, int id)
+{
+    pthread_mutex_lock(&e->lock);
+    struct listener *l = listener_get(e, id);
+    if (l && !l->removed) {
+        l->user_paused = true;
+        listener_update(e, l);
+    }
+    pthread_mutex_unlock(&e->lock);
+    if (l)
+        listener_quiesce(e, l);
+}
+
+void uproxy_engine_listener_resume(struct uproxy_engine *e, int id)
+{
+    pthread_mutex_lock(&e->lock);
+    struct listener *l = listener_get(e, id);
+    if (l && !l->removed && !e->stopping) {
+        l->user_paused = false;
+        listener_update(e, l);
+    }
+    pthread_mutex_unlock(&e->lock);
+}
+
+void uproxy_engine_listener_remove(struct uproxy_engine *e, int id)
+{
+    pthread_mutex_lock(&e->lock);
+    struct listener *l = listener_get(e, id);
+    if (l) {
+        e->listeners[id] = NULL;
+        l->removed = true;
+        listener_update(e, l);
+        l->dead_next = e->dead;
+        e->dead = l;
+    }
+    pthread_mutex_unlock(&e->lock);
+    if (l) {
+        listener_quiesce(e, l);
+        wake(e->wakefd); /* freed by the engine thread after its batch */
+    }
+}
+
+int uproxy_engine_events(struct uproxy_engine *e, struct uproxy_event *out, int max)
+{
+    pthread_mutex_lock(&e->lock);
+    int n = e->evq_len < max ? e->evq_len : max;
+    memcpy(out, e->evq, (size_t)n * sizeof *out);
+    memmove(e->evq, e->evq + n, (size_t)(e->evq_len - n) * sizeof *out);
+    e->evq_len -= n;
+    bool more = e->evq_len > 0;
+    pthread_mutex_unlock(&e->lock);
+    if (more)
+        wake(e->donefd);
+    return n;
 }
 
 void uproxy_engine_free(struct uproxy_engine *e)
@@ -892,6 +1779,18 @@ void uproxy_engine_free(struct uproxy_engine *e)
     }
     while (e->all) /* all closed by now; freed whether released or not */
         conn_free(e, e->all);
+    if (e->lock_ready)
+        free_dead_listeners(e);
+    for (int i = 0; i < e->nlisteners; i++) {
+        if (e->listeners[i]) {
+            eps_unref(e->listeners[i]->eps);
+            free(e->listeners[i]);
+        }
+    }
+    free(e->listeners);
+    free(e->evq);
+    if (e->links)
+        uproxy_links_free(e->links);
     while (e->free_pipes) {
         struct pipe_slot *p = e->free_pipes;
         e->free_pipes = p->next;

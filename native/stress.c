@@ -8,13 +8,18 @@
  * connections and ends each one a different way (clean half-closes, a reset
  * from either side, an abort, or left open for stop), racing the engine
  * thread; then checks that every connection completed exactly once with the
- * expected reason, and at the end that no fd is left open.
+ * expected reason, and at the end that no fd is left open. A second engine
+ * then sets connections up itself (a registered listener, one endpoint that
+ * answers and one that refuses, two short attempts) while the main thread
+ * pauses, resumes and re-pushes the listener and finally removes it: every
+ * client is either relayed (OPENED, then DONE) or reset (REFUSED), once.
  * Exit status 0 on success; a message on stderr otherwise.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <stdio.h>
@@ -22,6 +27,8 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
+#include <stdbool.h>
+#include <stdint.h>
 
 #include "uproxy_native.h"
 
@@ -113,6 +120,125 @@ static int drain(struct uproxy_engine *e, struct slot *slots, int stopping)
         total += n;
     }
     return total;
+}
+
+static int port_of(int fd)
+{
+    struct sockaddr_in a;
+    socklen_t len = sizeof a;
+    getsockname(fd, (struct sockaddr *)&a, &len);
+    return ntohs(a.sin_port);
+}
+
+#define SETUP_CLIENTS 256
+
+static void setup_phase(void)
+{
+    struct uproxy_engine *e = uproxy_engine_new(4, 64 * 1024, 2);
+    if (!e)
+        FAIL("setup engine_new: %s", strerror(errno));
+    static const double timeouts[] = {0.05, 0.05};
+    if (uproxy_engine_setup_config(e, timeouts, 2, 5.0, 0.01, 0.2, 0.02) != 0)
+        FAIL("setup_config");
+    int lp = listener(), lb = listener();
+    fcntl(lb, F_SETFL, O_NONBLOCK); /* the test accepts on it without waiting */
+    int refusing = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    if (bind(refusing, (struct sockaddr *)&a, sizeof a) < 0)
+        FAIL("bind: %s", strerror(errno));
+    int id = uproxy_engine_listener_add(e, lp);
+    if (id < 0)
+        FAIL("listener_add: %s", strerror(-id));
+    unsigned char addrs[8];
+    uint32_t lo = htonl(INADDR_LOOPBACK);
+    memcpy(addrs, &lo, 4);
+    memcpy(addrs + 4, &lo, 4);
+    int ports[2] = {port_of(lb), port_of(refusing)}, idx[2] = {0, 1}, here[2] = {0, 0};
+    double avoid[2] = {0, 0};
+    if (uproxy_engine_listener_set(e, id, 1, 4, 2, addrs, ports, idx, avoid, here, 0) != 0)
+        FAIL("listener_set");
+    /* A second listener whose only endpoint refuses: its clients get RSTs. */
+    int lr = listener();
+    int rid = uproxy_engine_listener_add(e, lr);
+    if (rid < 0 || uproxy_engine_listener_set(e, rid, 1, 4, 1, addrs + 4, ports + 1, idx, avoid,
+                                              NULL, 0) != 0)
+        FAIL("refusing listener");
+    struct sockaddr_in pa = a, ra = a;
+    pa.sin_port = htons((uint16_t)port_of(lp));
+    ra.sin_port = htons((uint16_t)port_of(lr));
+    static int clients[SETUP_CLIENTS];
+    int efd = uproxy_engine_eventfd(e);
+    int ended = 0, opened = 0, refused = 0, done = 0;
+    static struct uproxy_event evs[64];
+    struct uproxy_done dn[64];
+    for (int i = 0; i < SETUP_CLIENTS; i++) {
+        clients[i] = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+        struct sockaddr_in *to = i % 8 == 3 ? &ra : &pa;
+        if (connect(clients[i], (struct sockaddr *)to, sizeof *to) < 0 && errno != EINPROGRESS)
+            FAIL("client connect: %s", strerror(errno));
+        if (i % 16 == 5)
+            uproxy_engine_listener_pause(e, id);
+        if (i % 16 == 9)
+            uproxy_engine_listener_resume(e, id);
+        if (i % 32 == 17) /* a new list while set-ups use the old one */
+            uproxy_engine_listener_set(e, id, 1, 4, 2, addrs, ports, idx, avoid, here, 0);
+        int b;
+        while ((b = accept4(lb, NULL, NULL, SOCK_NONBLOCK)) >= 0)
+            close(b); /* the backend answers, then ends: the relay ends too */
+    }
+    bool closed = false;
+    for (int spins = 0; ended < SETUP_CLIENTS && spins < 4000; spins++) {
+        if (!closed && opened + refused == SETUP_CLIENTS) { /* every client set up: end them */
+            for (int i = 0; i < SETUP_CLIENTS; i++)
+                close(clients[i]);
+            closed = true;
+        }
+        int b;
+        while ((b = accept4(lb, NULL, NULL, SOCK_NONBLOCK)) >= 0)
+            close(b);
+        struct pollfd p = {.fd = efd, .events = POLLIN};
+        poll(&p, 1, 5);
+        int n;
+        while ((n = uproxy_engine_events(e, evs, 64)) > 0) {
+            for (int k = 0; k < n; k++) {
+                if (evs[k].kind == UPROXY_EV_OPENED)
+                    opened++;
+                else if (evs[k].kind == UPROXY_EV_REFUSED)
+                    refused++, ended++;
+            }
+        }
+        while ((n = uproxy_engine_poll(e, dn, 64)) > 0) {
+            for (int k = 0; k < n; k++) {
+                if (!(dn[k].token & UPROXY_SETUP_TOKEN))
+                    FAIL("a completion without the set-up token");
+                uproxy_engine_release(e, dn[k].conn);
+                done++, ended++;
+            }
+        }
+    }
+    if (ended != SETUP_CLIENTS || done != opened)
+        FAIL("set-up: %d of %d ended (opened %d, done %d, refused %d)", ended, SETUP_CLIENTS,
+             opened, done, refused);
+    if (refused != SETUP_CLIENTS / 8)
+        FAIL("set-up: %d reset, expected %d", refused, SETUP_CLIENTS / 8);
+    uproxy_engine_listener_remove(e, id);
+    uproxy_engine_stop(e);
+    while (!uproxy_engine_stopped(e)) {
+        struct pollfd p = {.fd = efd, .events = POLLIN};
+        poll(&p, 1, 100);
+        uproxy_engine_events(e, evs, 64);
+    }
+    struct uproxy_engine_stats st;
+    uproxy_engine_stats(e, &st);
+    if (st.setups_live || st.conns_live)
+        FAIL("set-up after stop: %lu setting up, %lu live", (unsigned long)st.setups_live,
+             (unsigned long)st.conns_live);
+    uproxy_engine_free(e);
+    close(lp);
+    close(lr);
+    close(lb);
+    close(refusing);
+    printf("stress: %d set-ups ok (%d relayed, %d reset)\n", SETUP_CLIENTS, opened, refused);
 }
 
 int main(void)
@@ -234,6 +360,7 @@ int main(void)
     uproxy_engine_free(e);
     close(lc);
     close(lb);
+    setup_phase();
     if (count_fds() != fds_before)
         FAIL("fds: %d before, %d after", fds_before, count_fds());
     printf("stress: %d connections ok (splice %lu B, copy %lu B)\n", ROUNDS * BATCH,

@@ -94,6 +94,9 @@ struct uproxy_engine_stats {
     uint64_t splice_bytes;  /* bytes delivered through pipes */
     uint64_t copy_bytes;    /* bytes delivered through the copy path */
     uint64_t bufs_in_use;   /* copy buffers holding bytes the destination refused so far */
+    uint64_t setups_live;   /* accepted by the engine, still connecting to an endpoint */
+    uint64_t setups_opened; /* set up by the engine and relayed (ever) */
+    uint64_t setups_refused; /* accepted by the engine and reset (ever) */
 };
 
 /* Probe the pipe size (tries `want`, then halves down to 64 KiB, within
@@ -135,6 +138,113 @@ void uproxy_engine_stats(struct uproxy_engine *e, struct uproxy_engine_stats *ou
 
 /* Stop (if needed), join the thread, close every fd, free everything. */
 void uproxy_engine_free(struct uproxy_engine *e);
+
+/* ---- connection set-up in the engine (listeners) ---------------------------
+ *
+ * A listening socket registered with uproxy_engine_listener_add is accepted on
+ * by the engine thread (accept4 in batches); for each client it chooses an
+ * endpoint among those Python pushed last (uproxy_engine_listener_set):
+ * uniformly at random among the ones not avoided (a failed connect avoids an
+ * endpoint for `avoid_seconds`), the avoided ones when nothing else is left,
+ * never one already tried for this client; connects without blocking, with
+ * the per-attempt timeouts of uproxy_engine_setup_config (one attempt per
+ * timeout); when every attempt failed, or nothing is usable, the client gets
+ * a RST. Out of fds: accept4 failing pauses the listener for `fd_pause`
+ * seconds; socket() failing lets the client wait, retrying every `fd_retry`
+ * seconds for at most `fd_wait`. A connected pair is relayed as if added
+ * with uproxy_engine_add (its token has UPROXY_SETUP_TOKEN set). Python owns
+ * the listening socket (the engine never closes it) and hears of what happened
+ * through uproxy_engine_events (same eventfd as the completions; drain the
+ * events before the completions: an OPENED always comes before its DONE). */
+#define UPROXY_EV_OPENED 1         /* relayed: token, conn, endpoint, attempts */
+#define UPROXY_EV_CONNECT_FAILED 2 /* one attempt failed: endpoint, err (ETIMEDOUT: timeout) */
+#define UPROXY_EV_REFUSED 3        /* the client got a RST: reason, err, attempts */
+#define UPROXY_EV_NO_FDS 4         /* out of fds (err): the listener pauses */
+#define UPROXY_EV_NO_LINK 5        /* transparent: an endpoint on this node with no on-link
+                                    * route (endpoint; at most once a second per endpoint):
+                                    * the links may be stale, read them again */
+
+#define UPROXY_REFUSED_NO_SERVICE 0   /* the listener has no service (pushed has_service 0) */
+#define UPROXY_REFUSED_NO_ENDPOINTS 1 /* nothing usable for the first attempt */
+#define UPROXY_REFUSED_ALL_FAILED 2   /* every attempt failed, or nothing left to try */
+#define UPROXY_REFUSED_NO_SOCKET 3    /* no backend socket (err), after waiting for fds */
+#define UPROXY_REFUSED_ABORTED 4      /* the engine stopped */
+
+#define UPROXY_SETUP_MAX_ATTEMPTS 8
+
+struct uproxy_links; /* native/transparent.c */
+
+struct uproxy_event {
+    int kind;
+    int listener;           /* the listener's id */
+    uint64_t token;         /* OPENED */
+    struct uproxy_conn *conn; /* OPENED: as uproxy_engine_add returns it */
+    int endpoint;           /* the pushed index of the endpoint, -1 */
+    int attempts;           /* attempts that got a socket and ended (OPENED: + the one that worked) */
+    int err;
+    int reason;             /* REFUSED */
+    int family;             /* AF_INET / AF_INET6 of the addresses below */
+    unsigned char client_addr[16];
+    int client_port;
+    unsigned char endpoint_addr[16];
+    int endpoint_port;
+};
+
+/* Timeouts (seconds, one per attempt, at most UPROXY_SETUP_MAX_ATTEMPTS),
+ * failure avoidance, out-of-fds waits. Call once, before adding listeners.
+ * 0, or -EINVAL. */
+int uproxy_engine_setup_config(struct uproxy_engine *e, const double *timeouts, int n,
+                               double avoid_seconds, double fd_retry, double fd_wait,
+                               double fd_pause);
+
+/* Accept on `fd` (a listening TCP socket, the caller's; made non-blocking)
+ * from its first uproxy_engine_listener_set on (until then the kernel keeps
+ * the backlog).
+ * Returns its id (>= 0), or -errno. */
+int uproxy_engine_listener_add(struct uproxy_engine *e, int fd);
+
+/* Transparent mode for a listener's connections (uproxy_engine_listener_set's
+ * `transparent`, bits): on for its family; its traffic is external (NodePort,
+ * externalIP, LoadBalancer IP); its service has externalTrafficPolicy Local. */
+#define UPROXY_TP_ON 1
+#define UPROXY_TP_EXTERNAL 2
+#define UPROXY_TP_EXTERNAL_LOCAL 4
+
+/* The endpoints new clients of listener `id` may go to: n addresses of `family`
+ * (4 or 16 bytes each in `addrs`), their ports (host order), the indexes
+ * events report them by, and until when each is avoided (CLOCK_MONOTONIC
+ * seconds, 0: not). has_service 0: the listener serves nothing (refuse).
+ * With UPROXY_TP_ON in `transparent`, each backend socket is bound to the
+ * client's address (IP_TRANSPARENT, port left to connect) when
+ * uproxy_transparent_source says so for the links of uproxy_engine_set_links
+ * (`here`: per endpoint, 1 when it is on this node; NULL: none is), and opened
+ * plainly when the bind is refused. Connections already connecting keep the
+ * list they started with. 0 or -errno. */
+int uproxy_engine_listener_set(struct uproxy_engine *e, int id, int has_service, int family,
+                               int n, const unsigned char *addrs, const int *ports,
+                               const int *indexes, const double *avoid_until,
+                               const int *here, int transparent);
+
+/* The node's links for transparent decisions (native/transparent.c): the
+ * engine owns `links` from now on (NULL: none, every connection from the
+ * node's address) and frees the one it replaces once its thread no longer
+ * reads it. */
+void uproxy_engine_set_links(struct uproxy_engine *e, struct uproxy_links *links);
+
+/* Stop / start accepting (the kernel keeps the backlog). When pause returns the
+ * engine accepts no more on it. */
+void uproxy_engine_listener_pause(struct uproxy_engine *e, int id);
+void uproxy_engine_listener_resume(struct uproxy_engine *e, int id);
+
+/* Forget the listener; when it returns the engine no longer touches its fd
+ * (the caller may close it). */
+void uproxy_engine_listener_remove(struct uproxy_engine *e, int id);
+
+/* Copy up to `max` queued set-up events into `out`; returns how many. */
+int uproxy_engine_events(struct uproxy_engine *e, struct uproxy_event *out, int max);
+
+/* The bit every engine-made connection's token has (Python's tokens stay below). */
+#define UPROXY_SETUP_TOKEN 0x4000000000000000
 
 /* ---- UDP batching (native/udp.c) ------------------------------------------
  *

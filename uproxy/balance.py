@@ -178,6 +178,10 @@ class Balancer:
             if pinned is not None and pinned[0] == endpoint:
                 del self._affinity[(entry.port.name, client_ip)]
 
+    def avoided_until(self, address: tuple[str, int]) -> float:
+        """Until when (the ``now`` clock) new traffic avoids ``address``; 0.0 when not."""
+        return self._failed.get(address, 0.0)
+
     def connect_succeeded(self, endpoint: Endpoint) -> None:
         self._failed.pop(endpoint.address, None)
 

@@ -44,6 +44,10 @@ class Metrics:
         self.relay_path = Counter(
             "uproxy_relay_connections_total", "Connections by relay path (native or python)",
             ["path"], registry=r)
+        self.relay_setup = Counter(
+            "uproxy_relay_setup_total",
+            "TCP connections set up (accept, endpoint choice, connect), by path: in the native "
+            "engine or in Python", ["path"], registry=r)
         self.udp_flows_active = Gauge(
             "uproxy_udp_flows_active", "UDP flows held now", ["service"], registry=r)
         self.udp_flows_evicted = Counter(

@@ -16,10 +16,13 @@ from the compiled module (``native/uproxy_native.h``), never re-declared here.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import select
 import socket
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from uproxy import native
@@ -43,6 +46,31 @@ DETACH_TIMEOUT = 5.0  # the engine thread answers in microseconds; this only bou
 
 
 
+@dataclass(slots=True)
+class SetupEvent:
+    """What the engine's connection set-up reports (``uproxy_event``), decoded.
+
+    ``kind``: ``opened`` (relayed: ``handle``, its on_done still to be set),
+    ``connect_failed`` (one attempt: ``endpoint``, ``error``), ``refused`` (the client
+    got a RST: ``reason`` as :mod:`uproxy.connect` names it, or ``no_service``,
+    ``cancelled``), ``no_fds`` (the listener pauses; ``error``) or ``no_link`` (transparent
+    mode: ``endpoint``, on this node, has no on-link route in the links the engine has).
+    """
+
+    kind: str
+    listener: int
+    client: tuple[str, int] | None = None
+    endpoint: tuple[str, int] | None = None
+    index: int = -1
+    attempts: int = 0
+    error: str | None = None
+    reason: str | None = None
+    handle: NativeRelayHandle | None = None
+
+
+SetupSink = Callable[[list[SetupEvent]], None]
+
+
 def default_max_pipes(pipe_size: int = PIPE_SIZE) -> int:
     """Pool bound: half the per-user pipe page budget (``pipe-user-pages-soft``), capped.
 
@@ -58,6 +86,10 @@ def default_max_pipes(pipe_size: int = PIPE_SIZE) -> int:
         return MAX_PIPES_CAP
     budget = pages * os.sysconf("SC_PAGE_SIZE") // 2
     return max(0, min(MAX_PIPES_CAP, budget // max(pipe_size, 1)))
+
+
+def _ignore_result(result: RelayResult) -> None:
+    pass
 
 
 def _native_error(lib: Any, reason: int, side: int, err: int) -> str | None:
@@ -198,7 +230,127 @@ class NativeRelay:
         self._stopped: asyncio.Future[None] | None = None
         self._final_stats: dict[str, int] = {}
         self._resumed: PyRelay | None = None  # connections taken back whose takeover failed
+        self._events_buf = ffi.new("struct uproxy_event[]", _POLL_BATCH)
+        self.setup_sink: SetupSink | None = None  # who hears of the engine's set-ups
+        lib = self._lib
+        self._refused = {lib.UPROXY_REFUSED_NO_SERVICE: "no_service",
+                         lib.UPROXY_REFUSED_NO_ENDPOINTS: "no_endpoints",
+                         lib.UPROXY_REFUSED_ALL_FAILED: "all_failed",
+                         lib.UPROXY_REFUSED_NO_SOCKET: "no_socket",
+                         lib.UPROXY_REFUSED_ABORTED: "cancelled"}
         loop.add_reader(self._efd, self._on_completions)
+
+    # Connection set-up in the engine: listeners, their endpoints, the events. -----------
+    def setup_config(self, timeouts: Sequence[float], *, avoid: float, fd_retry: float,
+                     fd_wait: float, fd_pause: float) -> None:
+        rc = self._lib.uproxy_engine_setup_config(self._raw, list(timeouts), len(timeouts),
+                                                  avoid, fd_retry, fd_wait, fd_pause)
+        if rc < 0:
+            raise ValueError(f"engine set-up config refused: {os.strerror(-rc)}")
+
+    def listener_add(self, fd: int) -> int:
+        """The engine accepts on ``fd`` from now on (the socket stays the caller's)."""
+        if self._stopped is not None:
+            raise OSError(0, "relay closed")
+        lid = self._lib.uproxy_engine_listener_add(self._raw, fd)
+        if lid < 0:
+            raise OSError(-lid, f"native listener: {os.strerror(-lid)}")
+        return int(lid)
+
+    def listener_set(self, lid: int, *, has_service: bool, family: int,
+                     endpoints: Sequence[tuple[str, int, int, float]],
+                     here: Sequence[bool] = (), transparent: int = 0) -> None:
+        """The endpoints new clients of ``lid`` may go to: (ip, port, index, avoided until
+        (``time.monotonic()``, 0: not)); ``here``: which are on this node; ``transparent``:
+        ``UPROXY_TP_*`` bits (see :meth:`transparent_bits`)."""
+        if self._engine is None:
+            return
+        af, size = (socket.AF_INET6, 16) if family == 6 else (socket.AF_INET, 4)
+        n = len(endpoints)
+        addrs = b"".join(socket.inet_pton(af, ip) for ip, _, _, _ in endpoints)
+        rc = self._lib.uproxy_engine_listener_set(
+            self._raw, lid, int(has_service), family, n, addrs if n else self._ffi.NULL,
+            [p for _, p, _, _ in endpoints], [i for _, _, i, _ in endpoints],
+            [a for _, _, _, a in endpoints],
+            [int(h) for h in here] if here else self._ffi.NULL, transparent)
+        assert size * n == len(addrs)
+        if rc < 0:
+            raise OSError(-rc, f"native listener endpoints: {os.strerror(-rc)}")
+
+    def transparent_bits(self, *, on: bool, external: bool, external_local: bool) -> int:
+        lib = self._lib
+        return ((lib.UPROXY_TP_ON if on else 0) | (lib.UPROXY_TP_EXTERNAL if external else 0)
+                | (lib.UPROXY_TP_EXTERNAL_LOCAL if external_local else 0))
+
+    def set_links(self, links: Any) -> None:
+        """Hand the engine a ``struct uproxy_links *`` (detached from its
+        :class:`~uproxy.proxy.native_links.NativeLinks`; None: no links): it owns it now."""
+        if self._engine is None:
+            if links is not None:
+                self._lib.uproxy_links_free(links)
+            return
+        self._lib.uproxy_engine_set_links(self._raw, self._ffi.NULL if links is None else links)
+
+    def listener_pause(self, lid: int) -> None:
+        if self._engine is not None:
+            self._lib.uproxy_engine_listener_pause(self._raw, lid)
+
+    def listener_resume(self, lid: int) -> None:
+        if self._engine is not None:
+            self._lib.uproxy_engine_listener_resume(self._raw, lid)
+
+    def listener_remove(self, lid: int) -> None:
+        """When this returns the engine no longer touches the fd."""
+        if self._engine is not None:
+            self._lib.uproxy_engine_listener_remove(self._raw, lid)
+
+    def _drain_events(self) -> None:
+        lib, ffi, buf = self._lib, self._ffi, self._events_buf
+        out: list[SetupEvent] = []
+        while True:
+            n = lib.uproxy_engine_events(self._raw, buf, _POLL_BATCH)
+            for i in range(n):
+                out.append(self._decode(buf[i], lib, ffi))
+            if n < _POLL_BATCH:
+                break
+        if not out:
+            return
+        sink = self.setup_sink
+        if sink is None:  # nobody listens: still keep the opened ones' handles right
+            return
+        try:
+            sink(out)
+        except Exception as exc:
+            self.loop.call_exception_handler({"message": "set-up event handler failed",
+                                              "exception": exc})
+
+    def _decode(self, ev: Any, lib: Any, ffi: Any) -> SetupEvent:
+        kind = ev.kind
+        af, size = (socket.AF_INET6, 16) if ev.family == socket.AF_INET6 else (socket.AF_INET, 4)
+        if kind == lib.UPROXY_EV_NO_FDS:
+            return SetupEvent("no_fds", int(ev.listener), error=os.strerror(ev.err))
+        client = (socket.inet_ntop(af, ffi.buffer(ev.client_addr, size)[:]), int(ev.client_port))
+        endpoint = None
+        if ev.endpoint >= 0:
+            endpoint = (socket.inet_ntop(af, ffi.buffer(ev.endpoint_addr, size)[:]),
+                        int(ev.endpoint_port))
+        event = SetupEvent("", int(ev.listener), client, endpoint, int(ev.endpoint),
+                           int(ev.attempts))
+        if kind == lib.UPROXY_EV_NO_LINK:
+            event.kind = "no_link"
+        elif kind == lib.UPROXY_EV_OPENED:
+            event.kind = "opened"
+            handle = NativeRelayHandle(self, ev.conn, _ignore_result)
+            self._live[int(ev.token)] = handle
+            event.handle = handle
+        elif kind == lib.UPROXY_EV_CONNECT_FAILED:
+            event.kind = "connect_failed"
+            event.error = "timed out" if ev.err == errno.ETIMEDOUT else os.strerror(ev.err)
+        else:
+            event.kind = "refused"
+            event.reason = self._refused.get(ev.reason, "all_failed")
+            event.error = os.strerror(ev.err) if ev.err else None
+        return event
 
     def _resume_relay(self) -> PyRelay:
         if self._resumed is None:
@@ -229,11 +381,15 @@ class NativeRelay:
     def _on_completions(self) -> None:
         lib, engine, buf = self._lib, self._raw, self._done_buf
         stopped = bool(lib.uproxy_engine_stopped(engine))  # before polling: then all are queued
+        self._drain_events()  # an OPENED comes before its DONE
         while True:
             n = lib.uproxy_engine_poll(engine, buf, _POLL_BATCH)
             for i in range(n):
                 done = buf[i]
                 handle = self._live.pop(int(done.token), None)
+                if handle is None and done.token & lib.UPROXY_SETUP_TOKEN:
+                    self._drain_events()  # its OPENED was queued after our first look
+                    handle = self._live.pop(int(done.token), None)
                 if done.reason == lib.UPROXY_DONE_DETACHED:
                     self._detached(done, handle)
                     lib.uproxy_engine_release(engine, done.conn)
@@ -279,7 +435,10 @@ class NativeRelay:
             handle.resume()
 
     def active(self) -> int:
-        return len(self._live) + (self._resumed.active() if self._resumed is not None else 0)
+        """Live connections, counting the ones the engine is still setting up."""
+        setting_up = self.stats().get("setups_live", 0)
+        return len(self._live) + setting_up + (
+            self._resumed.active() if self._resumed is not None else 0)
 
     def stats(self) -> dict[str, int]:
         """Engine-wide figures: live connections, pool use, bytes per path."""
@@ -289,7 +448,8 @@ class NativeRelay:
         s = self._stats
         return {name: int(getattr(s, name)) for name in (
             "conns_live", "pipes_in_use", "pipes_total", "pipes_max", "pipe_size",
-            "splice_bytes", "copy_bytes", "bufs_in_use")}
+            "splice_bytes", "copy_bytes", "bufs_in_use", "setups_live", "setups_opened",
+            "setups_refused")}
 
     def pipes_in_use(self) -> int:
         """Pipes holding a connection's bytes right now (idle connections hold none)."""

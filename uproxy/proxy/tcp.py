@@ -8,6 +8,18 @@ timeouts, avoiding ones that just failed; a RST at once when nothing works):
 that machine decides, :class:`_Connect` here does the I/O with a non-blocking
 ``connect`` and loop callbacks (no task, coroutine or ``wait_for`` per
 connection: they cost more than the rest together).
+
+With the native engine (:class:`~uproxy.proxy.nativerelay.NativeRelay`) the
+common path runs without Python at all: the engine accepts on the listener,
+chooses among the endpoints pushed here at every change (computed by
+:func:`uproxy.balance.usable_endpoints`, with the balancer's failure memory),
+connects with :data:`uproxy.connect.CONNECT_TIMEOUTS` and relays; Python reads
+its events in batches (:meth:`TcpProxy._on_setup_events`) for the connection
+table, the metrics and the balancer. Which listeners it serves is decided in
+one place, :meth:`TcpProxy._wants_native`: not ClientIP affinity, which stays on
+the path above. In transparent mode the engine makes the same decision
+(``uproxy_transparent_source``, native/transparent.c, over the node's links
+pushed here) and binds the backend socket to the client's address.
 """
 
 from __future__ import annotations
@@ -20,12 +32,16 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from uproxy.balance import Balancer
+from uproxy.balance import FAILED_AVOID_SECONDS, Balancer, usable_endpoints
 from uproxy.connect import (
     ABORT,
     CANCELLED,
+    CONNECT_TIMEOUTS,
     CONNECTED,
+    FD_RETRY,
+    FD_WAIT,
     NO_ENDPOINTS,
     NO_SOCKET,
     TIMED_OUT,
@@ -52,9 +68,15 @@ from uproxy.proxy.relay import RelayHandle, RelayResult, reset_close
 from uproxy.proxy.transparent import Transparent, backend_socket
 from uproxy.state import Entry
 
+if TYPE_CHECKING:
+    from uproxy.proxy.nativerelay import NativeRelay, SetupEvent
+
 log = logging.getLogger("uproxy.tcp")
 
 ACCEPT_BATCH = 64
+# Longer than any set-up the engine may still finish for a removed listener: every attempt's
+# timeout plus the out-of-fds wait (CONNECT_TIMEOUTS + FD_WAIT).
+SETUP_EVENTS_GRACE = sum(CONNECT_TIMEOUTS) + FD_WAIT + 5.0
 EMFILE_PAUSE = 0.2
 EMFILE_QUIET = 2.0  # seconds without EMFILE that end an episode
 FD_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -76,9 +98,15 @@ class TcpListener:
         self._fd_trouble_since: float | None = None  # first EMFILE of the current episode
         self._fd_trouble_last = 0.0
         self._fd_pauses = 0
-        self._paused = False
+        self._paused = False  # out of fds (the Python path's own pause)
+        self._held = False  # a takeover paused it
         self._closed = False
-        proxy.loop.add_reader(self._fd, self._accept)
+        self.native: int | None = None  # the engine's id while the engine accepts on it
+        self.endpoints: tuple[Endpoint, ...] = ()  # what was pushed to the engine, by index
+        self.avoided = False  # some pushed endpoint was being avoided
+        proxy._listeners.setdefault(name, set()).add(self)
+        if not proxy._attach(self):
+            proxy.loop.add_reader(self._fd, self._accept)
 
     @property
     def port(self) -> int:
@@ -102,15 +130,19 @@ class TcpListener:
                 self._fd_recovered()
             self.proxy.handle(client, addr, self)
 
-    def fds_exhausted(self, reason: str) -> None:
-        """Out of fds: stop accepting for a moment (the kernel keeps the backlog)."""
+    def fds_trouble(self, reason: str) -> None:
+        """Out of fds: say so once per episode (the engine pauses its listeners itself)."""
         now = time.monotonic()
         if self._fd_trouble_since is None:
             log.warning("%s: out of file descriptors (%s); pausing accepts until some close",
                         self.name, reason)
             self._fd_trouble_since = now
         self._fd_trouble_last = now
-        if self._paused or self._closed:
+
+    def fds_exhausted(self, reason: str) -> None:
+        """Out of fds: stop accepting for a moment (the kernel keeps the backlog)."""
+        self.fds_trouble(reason)
+        if self._paused or self._closed or self.native is not None:
             return
         self._paused = True
         self._fd_pauses += 1
@@ -126,23 +158,43 @@ class TcpListener:
 
     def _resume(self) -> None:
         self._paused = False
-        if self._closed:
+        if self._closed or self._held or self.native is not None:
             return
         self.proxy.loop.add_reader(self._fd, self._accept)
+
+    def _python_accepts(self) -> None:
+        """Hand accepting back to this path (the engine let go of the fd)."""
+        if not (self._closed or self._held or self._paused):
+            self.proxy.loop.add_reader(self._fd, self._accept)
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        self.proxy._detach(self)
         self.proxy.loop.remove_reader(self._fd)
+        listeners = self.proxy._listeners.get(self.name)
+        if listeners is not None:
+            listeners.discard(self)
+            if not listeners:
+                del self.proxy._listeners[self.name]
         self.sock.close()
 
     # Takeover: stop accepting (the kernel keeps the backlog), then go on or let go.
     def pause(self) -> None:
-        self.proxy.loop.remove_reader(self._fd)
+        self._held = True
+        if self.native is not None:
+            self.proxy._native_relay().listener_pause(self.native)
+        else:
+            self.proxy.loop.remove_reader(self._fd)
 
     def resume(self) -> None:
-        if not self._closed and not self._paused:
+        self._held = False
+        if self._closed:
+            return
+        if self.native is not None:
+            self.proxy._native_relay().listener_resume(self.native)
+        elif not self._paused:
             self.proxy.loop.add_reader(self._fd, self._accept)
 
     def release(self) -> None:
@@ -164,14 +216,224 @@ class TcpProxy:
         self.conns = conns
         self.metrics = metrics
         self.clock = clock
-        self.entries: dict[ServicePortName, Entry] = {}
+        self._entries: dict[ServicePortName, Entry] = {}
+        self._listeners: dict[ServicePortName, set[TcpListener]] = {}
+        self._by_native: dict[int, TcpListener] = {}  # engine listener id -> listener
+        self._transparent_families: frozenset[int] = frozenset()  # as last pushed
+        self._links_pushed: tuple[object, frozenset[int]] | None = None
+        # Set-up in the engine: only with the native engine (UPROXY_NO_NATIVE: never).
+        self._native = bool(getattr(relay, "listener_add", None))
+        if self._native:
+            nrelay = self._native_relay()
+            nrelay.setup_config(CONNECT_TIMEOUTS, avoid=FAILED_AVOID_SECONDS, fd_retry=FD_RETRY,
+                                fd_wait=FD_WAIT, fd_pause=EMFILE_PAUSE)
+            nrelay.setup_sink = self._on_setup_events
+            self._setup_metric = metrics.relay_setup.labels("native")
+        self._py_setup_metric = metrics.relay_setup.labels("python")
         self._connecting: set[_Connect] = set()
         self._metrics: dict[ServicePortName, _ServiceMetrics] = {}
         self.live: dict[int, tuple[Conn, RelayHandle]] = {}  # conn id -> relayed connection
         self.adopted_relay: RelayEngine | None = None  # runs what a takeover brought
 
     def listen(self, sock: socket.socket, name: ServicePortName, scope: str) -> TcpListener:
+        # Accepted sockets inherit it: set once here, not per connection.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return TcpListener(self, sock, name, scope)
+
+    # ---- set-up in the engine --------------------------------------------------------
+    @property
+    def entries(self) -> dict[ServicePortName, Entry]:
+        return self._entries
+
+    @entries.setter
+    def entries(self, table: dict[ServicePortName, Entry]) -> None:
+        old, self._entries = self._entries, table
+        if not self._listeners:
+            return
+        for name in [n for n in self._listeners if old.get(n) is not table.get(n)]:
+            for listener in list(self._listeners.get(name, ())):
+                self._refresh(listener)
+
+    def _native_relay(self) -> NativeRelay:
+        return self.relay  # type: ignore[return-value]  # (only when self._native)
+
+    def _wants_native(self, listener: TcpListener) -> bool:
+        """THE choice of path per listener: the engine sets up its connections unless the
+        service has ClientIP affinity or its family connects transparently (those and
+        UPROXY_NO_NATIVE stay on the Python path)."""
+        if not self._native or listener._closed:
+            return False
+        entry = self._entries.get(listener.name)
+        return entry is None or entry.port.affinity_timeout is None
+
+    def _attach(self, listener: TcpListener) -> bool:
+        """Let the engine accept on ``listener`` if it should; True when it does."""
+        if not self._wants_native(listener):
+            return False
+        nrelay = self._native_relay()
+        try:
+            lid = nrelay.listener_add(listener._fd)
+        except OSError as exc:
+            log.warning("%s: the engine cannot accept on it (%s); Python does", listener.name,
+                        exc.strerror or exc)
+            return False
+        listener.native = lid
+        self._by_native[lid] = listener
+        if listener._held:
+            nrelay.listener_pause(lid)
+        if self._entries.get(listener.name) is not None:
+            self._push(listener)
+        # (else the engine accepts nothing yet: the kernel keeps the backlog until the
+        # entry comes, as the Python path's reader is not called before it either)
+        return True
+
+    def _detach(self, listener: TcpListener) -> None:
+        """The engine lets go of ``listener``'s fd (it is ours again when this returns)."""
+        if listener.native is not None:
+            lid, listener.native = listener.native, None
+            self._native_relay().listener_remove(lid)
+            # Set-ups it started may still report: forget it once they all have ended.
+            with contextlib.suppress(RuntimeError):  # (a loop already closed: nothing to do)
+                self.loop.call_later(SETUP_EVENTS_GRACE, self._by_native.pop, lid, None)
+
+    def _refresh(self, listener: TcpListener) -> None:
+        want = self._wants_native(listener)
+        if want and listener.native is None:
+            self.loop.remove_reader(listener._fd)
+            if not self._attach(listener):
+                listener._python_accepts()
+        elif not want and listener.native is not None:
+            self._detach(listener)
+            listener._python_accepts()
+        elif listener.native is not None:
+            self._push(listener)
+
+    def _push(self, listener: TcpListener) -> None:
+        """The endpoints (and their failure memory) new clients of ``listener`` may go to."""
+        assert listener.native is not None
+        entry = self._entries.get(listener.name)
+        balancer = self.balancer
+        endpoints: tuple[Endpoint, ...] = ()
+        if entry is not None:
+            endpoints = usable_endpoints(entry, external=listener.external,
+                                         node_name=balancer.node_name, zone=balancer.zone,
+                                         family=listener.family)
+        items = [(e.ip, e.port, i, balancer.avoided_until(e.address))
+                 for i, e in enumerate(endpoints)]
+        nrelay = self._native_relay()
+        tp = self.transparent
+        transparent, here = 0, []
+        if tp is not None and listener.family in tp.families and entry is not None:
+            self._sync_links()
+            node = tp.node_name
+            here = [bool(node) and e.node_name == node for e in endpoints]
+            for e, on_node in zip(endpoints, here, strict=True):
+                if on_node:  # (re-read soon when an interface is new)
+                    tp.links_known(e.ip, then=self._sync_links)
+            transparent = nrelay.transparent_bits(on=True, external=listener.external,
+                                                  external_local=entry.port.external_local)
+        try:
+            nrelay.listener_set(listener.native, has_service=entry is not None,
+                                family=listener.family, endpoints=items, here=here,
+                                transparent=transparent)
+        except OSError as exc:
+            log.error("%s: pushing endpoints to the engine: %s", listener.name, exc)
+            return
+        listener.endpoints = endpoints
+        listener.avoided = any(item[3] > 0 for item in items)
+
+    def _sync_links(self) -> None:
+        """The node's links, as transparent mode last read them, in the engine."""
+        tp = self.transparent
+        if tp is None:
+            return
+        links, families = tp.links, frozenset(tp.families)
+        if self._links_pushed is not None and self._links_pushed[0] is links \
+                and self._links_pushed[1] == families:
+            return
+        self._links_pushed = (links, families)
+        raw = None
+        if families:
+            from uproxy.proxy.native_links import NativeLinks  # (the native path only)
+
+            raw = NativeLinks(links, families).detach()
+        self._native_relay().set_links(raw)
+
+    def _current_transparent(self) -> frozenset[int]:
+        tp = self.transparent
+        return frozenset(tp.families) if tp is not None else frozenset()
+
+    def _on_setup_events(self, events: list[SetupEvent]) -> None:
+        """What the engine did (in its order): the table, the metrics, the balancer.
+        The opened connections' metrics are added once per batch and service."""
+        opened: dict[_ServiceMetrics, int] = {}
+        for ev in events:
+            listener = self._by_native.get(ev.listener)
+            if listener is None:
+                continue
+            name = listener.name
+            if listener._fd_trouble_since is not None and ev.kind in ("opened", "refused"):
+                listener._fd_recovered()  # the engine accepted again
+            if ev.kind == "opened":
+                m = self._native_opened(listener, ev)
+                opened[m] = opened.get(m, 0) + 1
+            elif ev.kind == "connect_failed":
+                endpoint = _endpoint_of(listener, ev)
+                log.debug("connect to %s failed: %s", endpoint, ev.error)
+                self.metrics.endpoint_failures.labels(str(name), str(endpoint)).inc()
+                self.conns.connect_failed(name, endpoint.address)
+                self.balancer.connect_failed(endpoint, self.clock())
+            elif ev.kind == "refused":
+                self._native_refused(listener, ev)
+            elif ev.kind == "no_fds":
+                listener.fds_trouble(ev.error or "out of file descriptors")
+            elif ev.kind == "no_link" and self.transparent is not None and ev.endpoint:
+                # As source_for does: read the links again soon, then hand them over.
+                self.transparent.links_known(ev.endpoint[0], then=self._sync_links)
+        if opened:
+            for m, count in opened.items():
+                m.opened(count)
+            self._setup_metric.inc(sum(opened.values()))
+
+    def _native_opened(self, listener: TcpListener, ev: SetupEvent) -> _ServiceMetrics:
+        handle, client = ev.handle, ev.client
+        assert handle is not None and client is not None
+        endpoint = _endpoint_of(listener, ev)
+        self.balancer.connect_succeeded(endpoint)
+        conn = self.conns.open(protocol="TCP", service=listener.name, client=client,
+                               scope=listener.scope)
+        m = self._service_metrics(listener.name)
+
+        def done(result: RelayResult) -> None:
+            m.closed(result)
+            self.live.pop(conn.id, None)
+            self.conns.close(conn, bytes_up=result.bytes_up, bytes_down=result.bytes_down,
+                             error=result.error)
+
+        handle._on_done = done
+        self.conns.established(conn, endpoint.address, handle)
+        self.live[conn.id] = (conn, handle)
+        return m
+
+    def _native_refused(self, listener: TcpListener, ev: SetupEvent) -> None:
+        name = str(listener.name)
+        if ev.reason in ("no_service", NO_ENDPOINTS):
+            self.metrics.connections_total.labels(name, "TCP", ev.reason).inc()
+            return
+        assert ev.client is not None
+        conn = self.conns.open(protocol="TCP", service=listener.name, client=ev.client,
+                               scope=listener.scope)
+        if ev.reason == CANCELLED:
+            self.conns.close(conn, error="cancelled")
+            return
+        if ev.reason == NO_SOCKET:
+            log.warning("%s: cannot open a socket to %s: %s", name,
+                        _endpoint_of(listener, ev), ev.error)
+        log.info("%s: no endpoint accepted the connection from %s (%d attempts)", name,
+                 ev.client[0], ev.attempts)
+        self.conns.close(conn, error="all endpoints failed")
+        self.metrics.connections_total.labels(name, "TCP", "connect_failed").inc()
 
     def handle(self, client: socket.socket, addr: tuple[str, int], listener: TcpListener) -> None:
         entry = self.entries.get(listener.name)
@@ -191,11 +453,12 @@ class TcpProxy:
 
     def _relay(self, client: socket.socket, backend: socket.socket, conn: Conn,
                endpoint: Endpoint) -> None:
-        for sock in (client, backend):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # (the client inherited TCP_NODELAY from its listener)
+        with contextlib.suppress(OSError):
+            backend.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         m = self._service_metrics(conn.service)
         m.opened()
+        self._py_setup_metric.inc()
 
         def done(result: RelayResult) -> None:
             m.closed(result)
@@ -209,7 +472,24 @@ class TcpProxy:
             self.live[conn.id] = (conn, handle)
 
     def rules_applied(self) -> None:
-        """Nothing to do for TCP once rules are in (UDP cleans conntrack here)."""
+        """After every sync: follow transparent mode's families (it starts after the first
+        listeners open) and push the balancer's failure memory to the engine."""
+        if not self._native:
+            return
+        self._sync_links()
+        families = self._current_transparent()
+        if families != self._transparent_families:
+            self._transparent_families = families
+            for listeners in list(self._listeners.values()):
+                for listener in list(listeners):
+                    self._refresh(listener)
+            return
+        balancer = self.balancer
+        for listeners in self._listeners.values():
+            for listener in listeners:
+                if listener.native is not None and (listener.avoided or any(
+                        balancer.avoided_until(e.address) for e in listener.endpoints)):
+                    self._push(listener)
 
     async def drain(self, grace: float) -> None:
         """Wait up to ``grace`` seconds for open connections to finish, then abort the rest."""
@@ -224,6 +504,18 @@ class TcpProxy:
             await relay.close()
 
 
+def _endpoint_of(listener: TcpListener, ev: SetupEvent) -> Endpoint:
+    """The pushed endpoint an event names (by index, checked by address)."""
+    assert ev.endpoint is not None
+    eps = listener.endpoints
+    if 0 <= ev.index < len(eps) and eps[ev.index].address == ev.endpoint:
+        return eps[ev.index]
+    for e in eps:
+        if e.address == ev.endpoint:
+            return e
+    return Endpoint(ev.endpoint[0], ev.endpoint[1])
+
+
 class _ServiceMetrics:
     """The labelled metric children of one service port, bound once (labels() is not free)."""
 
@@ -236,10 +528,10 @@ class _ServiceMetrics:
         self.down = metrics.bytes_total.labels(service, "down")
         self.path = metrics.relay_path.labels(path)
 
-    def opened(self) -> None:
-        self.active.inc()
-        self.ok.inc()
-        self.path.inc()
+    def opened(self, count: int = 1) -> None:
+        self.active.inc(count)
+        self.ok.inc(count)
+        self.path.inc(count)
 
     def closed(self, result: RelayResult) -> None:
         self.active.dec()

@@ -25,7 +25,7 @@ import logging
 import shutil
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from uproxy import rules, transparent
@@ -113,6 +113,16 @@ class Transparent:
             self._cache.clear()
         self._cache[key] = got
         return got
+
+    def links_known(self, endpoint_ip: str, then: Callable[[], None] | None = None) -> bool:
+        """Whether the links cover ``endpoint_ip`` (an endpoint of this node); when not,
+        a re-read is started (see :meth:`_links_unknown`), and ``then`` called after it."""
+        if not self._links_unknown(endpoint_ip):
+            return True
+        task = self._links_task
+        if then is not None and task is not None and not task.done():
+            task.add_done_callback(lambda _: then())
+        return False
 
     def _links_unknown(self, endpoint_ip: str) -> bool:
         """An endpoint of this node with no on-link route: the links were read before its
