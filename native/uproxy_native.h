@@ -172,7 +172,7 @@ void uproxy_engine_free(struct uproxy_engine *e);
 
 #define UPROXY_SETUP_MAX_ATTEMPTS 8
 
-struct uproxy_links; /* native/transparent.c */
+struct uproxy_links; /* native/transparent.c (declared with its functions below) */
 
 struct uproxy_event {
     int kind;
