@@ -58,7 +58,8 @@ LOCAL_PORTS = {HTTP_PORT: 18080, BULK_PORT: 15201, DNS_PORT: 10053}
 KERNEL, NATIVE, PYTHON, NGINX, HAPROXY, C_UDP = (
     "kernel DNAT", "uproxy native", "uproxy python", "nginx stream", "HAProxy", "C UDP relay")
 NATIVE_MASQ = "uproxy native masquerade-all"
-ALL_PEERS = (KERNEL, NATIVE, NATIVE_MASQ, PYTHON, NGINX, HAPROXY, C_UDP)
+C_TCP = "C TCP relay"
+ALL_PEERS = (KERNEL, NATIVE, NATIVE_MASQ, PYTHON, NGINX, HAPROXY, C_UDP, C_TCP)
 UPROXY_PEERS = (NATIVE, NATIVE_MASQ, PYTHON)
 IPV6_PEERS = (KERNEL, NATIVE)
 """The peers with IPv6 rows (issue 13: uproxy native against kernel DNAT over IPv6)."""
@@ -410,18 +411,45 @@ class CUdpRelay(_Redirected):
                 *(f"{ip}:{DNS_PORT}" for ip in self.backends.dns)]
 
 
-def build_udp_reference(d: Path) -> Path:
-    """Compile ``native/udp_reference.c`` (with ``native/udp.c``) into ``d``, once."""
-    out = d / "udp_reference"
+class CTcpRelay(_Redirected):
+    """``native/tcp_reference.c``: uproxy's TCP engine (set-up and relay) without Python,
+    from the node's address (as ``--masquerade-all``)."""
+
+    def __init__(self, lab: Lab, backends: Backends) -> None:
+        super().__init__(lab)
+        self.name = C_TCP
+        self.backends = backends
+
+    def _argv(self, d: Path) -> list[str]:
+        binary = build_tcp_reference(d)
+        b = self.backends
+        return [str(binary), str(LOCAL_PORTS[HTTP_PORT]),
+                *(f"{ip}:{HTTP_PORT}" for ip in b.http), "--", str(LOCAL_PORTS[BULK_PORT]),
+                *(f"{ip}:{BULK_PORT}" for ip in b.bulk)]
+
+
+def _build(d: Path, name: str, sources: list[str], flags: list[str]) -> Path:
+    """Compile ``sources`` (in native/) into ``d/name``, once."""
+    out = d / name
     if not out.exists():
-        argv = ["cc", "-O2", "-std=gnu11", "-Wall", "-Wextra", "-o", str(out),
-                str(NATIVE_SRC / "udp_reference.c"), str(NATIVE_SRC / "udp.c"),
-                f"-I{NATIVE_SRC}"]
+        argv = ["cc", "-O2", "-std=gnu11", "-Wall", "-Wextra", *flags, "-o", str(out),
+                *(str(NATIVE_SRC / s) for s in sources), f"-I{NATIVE_SRC}"]
         try:
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
         except (OSError, subprocess.TimeoutExpired) as exc:
-            raise LabError(f"building {NATIVE_SRC / 'udp_reference.c'}: {exc}") from None
+            raise LabError(f"building {NATIVE_SRC / sources[0]}: {exc}") from None
         if proc.returncode != 0:
-            raise LabError(f"building {NATIVE_SRC / 'udp_reference.c'} failed: "
+            raise LabError(f"building {NATIVE_SRC / sources[0]} failed: "
                            f"{proc.stderr.strip()[-800:]}")
     return out
+
+
+def build_tcp_reference(d: Path) -> Path:
+    """Compile ``native/tcp_reference.c`` (with the engine) into ``d``, once."""
+    return _build(d, "tcp_reference", ["tcp_reference.c", "relay.c", "transparent.c"],
+                  ["-pthread"])
+
+
+def build_udp_reference(d: Path) -> Path:
+    """Compile ``native/udp_reference.c`` (with ``native/udp.c``) into ``d``, once."""
+    return _build(d, "udp_reference", ["udp_reference.c", "udp.c"], [])

@@ -40,6 +40,7 @@ from bench.parse import Figure
 from bench.peers import (
     ALL_PEERS,
     BULK_PORT,
+    C_TCP,
     C_UDP,
     DNS_PORT,
     HAPROXY,
@@ -55,6 +56,7 @@ from bench.peers import (
     VIP6,
     VIP_BULK,
     Backends,
+    CTcpRelay,
     CUdpRelay,
     Haproxy,
     KernelDnat,
@@ -202,6 +204,8 @@ def make_peer(name: str, lab: Lab, backends: Backends) -> Peer:
         return Haproxy(lab, backends)
     if name == C_UDP:
         return CUdpRelay(lab, backends)
+    if name == C_TCP:
+        return CTcpRelay(lab, backends)
     raise ValueError(f"unknown peer {name!r}")
 
 
