@@ -260,8 +260,8 @@ class TcpProxy:
 
     def _wants_native(self, listener: TcpListener) -> bool:
         """THE choice of path per listener: the engine sets up its connections unless the
-        service has ClientIP affinity or its family connects transparently (those and
-        UPROXY_NO_NATIVE stay on the Python path)."""
+        service has ClientIP affinity (that and UPROXY_NO_NATIVE stay on the Python path;
+        transparent mode is decided in the engine too)."""
         if not self._native or listener._closed:
             return False
         entry = self._entries.get(listener.name)
