@@ -143,8 +143,10 @@ class Transparent:
                 log.info("transparent backend connections off (%s): backends see the "
                          "node's address", why_not)
             return
-        for family in FAMILIES:
-            reason = await self._enable(family)
+        # The families side by side: each is a few iptables/ip processes in a row, and
+        # they touch different tables (start-up figures: bench/ANALYSIS.md).
+        reasons = await asyncio.gather(*(self._enable(family) for family in FAMILIES))
+        for family, reason in zip(FAMILIES, reasons, strict=True):
             if reason is None:
                 self.families.add(family)
             else:
@@ -281,9 +283,10 @@ class Transparent:
             return
         self._links_read = time.monotonic()
         data: list[list[dict[str, Any]]] = []
-        for argv in (("ip", "-j", "addr", "show"), ("ip", "-j", "-4", "route", "show"),
-                     ("ip", "-j", "-6", "route", "show")):
-            rc, out = await _run(*argv, output=True)
+        outputs = await asyncio.gather(*(_run(*argv, output=True) for argv in (
+            ("ip", "-j", "addr", "show"), ("ip", "-j", "-4", "route", "show"),
+            ("ip", "-j", "-6", "route", "show"))))
+        for rc, out in outputs:
             try:
                 parsed = json.loads(out) if rc == 0 and out.strip() else []
             except ValueError:
