@@ -352,16 +352,23 @@ class Daemon:
             return
         finally:
             self._cleaned_up.set()
+        await asyncio.gather(self._prepare_hooks(), self._start_transparent())
+
+    async def _prepare_hooks(self) -> None:
         try:
-            # One restore per family, so it runs beside the source's first list even while
-            # that list holds the loop; cleanup() has just removed every hook.
-            for family, table in self._nat_tables():
-                text = "" if self.nft is not None else render([], family=family, hooks=True)
-                await table.restore(text + render_filter((), hooks=True))
+            # One restore per family (the two side by side), so it runs beside the source's
+            # first list even while that list holds the loop; cleanup() has just removed
+            # every hook.
+            await asyncio.gather(*(
+                table.restore(("" if self.nft is not None
+                               else render([], family=family, hooks=True))
+                              + render_filter((), hooks=True))
+                for family, table in self._nat_tables()))
             self._hooks_in_place = self._filter_hooks_in_place = True
+            # what UPROXY-FIREWALL holds now: the first sync restores it only if it differs
+            self._filter_text = {family: render_filter(()) for family, _ in self._nat_tables()}
         except (IptablesError, OSError) as exc:  # the first sync tries again and reports it
             log.debug("preparing iptables: %s", exc)
-        await self._start_transparent()
 
     async def _start_transparent(self) -> None:
         """Before the first rules: the first connection already goes from the client."""
@@ -657,10 +664,11 @@ class Daemon:
         for family, table in families:  # one restore per family, when a line changed
             text = render_filter(line for key in sorted(self._filter_by_name) if key[1] == family
                                  for line in self._filter_by_name[key])
-            if text != self._filter_text.get(family) or full:
+            # (the first sync counts as full; start just wrote the chain and its hooks)
+            if text != self._filter_text.get(family) or (full and self.rules_applied):
                 await table.restore(text)
                 self._filter_text[family] = text
-        if full or not self._filter_hooks_in_place:
+        if not self._filter_hooks_in_place or (full and self.rules_applied):
             added = 0
             for _, table in families:
                 added += await table.ensure_filter_hooks()
