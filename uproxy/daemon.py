@@ -342,7 +342,12 @@ class Daemon:
         "uproxy/daemon.py"). The clean-up ran in start() before the source began; it
         is ten processes in a row, so it runs here too, beside the first load
         ("Start-up with 10,000 Services"); a failure there stops the daemon as before.
+        Transparent mode's probe (mangle table, policy routing) touches nothing the
+        clean-up and the hooks do, so it runs beside them.
         """
+        await asyncio.gather(self._cleanup_then_hooks(), self._start_transparent())
+
+    async def _cleanup_then_hooks(self) -> None:
         assert self.iptables is not None
         try:
             await self._cleanup_earlier_run()
@@ -352,7 +357,7 @@ class Daemon:
             return
         finally:
             self._cleaned_up.set()
-        await asyncio.gather(self._prepare_hooks(), self._start_transparent())
+        await self._prepare_hooks()
 
     async def _prepare_hooks(self) -> None:
         try:
