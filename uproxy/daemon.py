@@ -114,6 +114,10 @@ class Daemon:
         self.rules_applied = False
         self._hooks_in_place = False  # the PREROUTING/OUTPUT jumps were checked since start
         self._prepare: asyncio.Task[None] | None = None
+        self._start_error: Exception | None = None  # the clean-up at start failed (raised)
+        # The earlier run's rules are gone (or there is nothing to clean): no listener
+        # opens before, so its redirects never reach one of our sockets.
+        self._cleaned_up = asyncio.Event()
         self.last_sync: float | None = None  # wall clock of the last successful sync
         self.queued_since: float | None = None  # wall clock of the oldest unapplied change
         self._wake = asyncio.Event()
@@ -292,9 +296,10 @@ class Daemon:
         log.info("event loop: %s", type(self.loop).__module__.split(".")[0])
         log.addHandler(self.events.handler)
         self._gc.pause()
-        await self._check_ipv6()
-        if self.iptables is not None:
-            await self._choose_interception()
+        if self.iptables is not None:  # (two probes: ip6tables-save, nft -f; side by side)
+            await asyncio.gather(self._check_ipv6(), self._choose_interception())
+        else:
+            await self._check_ipv6()
         if self.takeover is not None:
             # The rules point at the running uproxy's proxy ports, which come over with their
             # sockets: leave them until our first sync renders the same ones.
@@ -305,43 +310,70 @@ class Daemon:
                                                       name="transparent")
                 self._tasks.append(self._prepare)
         elif self.iptables is not None:
-            removed = 0
-            for _, table in self._nat_tables():
-                removed += await table.cleanup()
-            if self.nft is None:  # an earlier nftables-mode run's tables would win over the chain
-                with contextlib.suppress(NftablesError):
-                    removed += await Nftables().cleanup()
-            else:  # a family no longer served keeps no table (the others are replaced)
-                with contextlib.suppress(NftablesError):
-                    gone = set(await self.nft.tables()) - set(self.families)
-                    await self.nft.restore(nftrules.render_cleanup(gone) if gone else "")
-                    removed += len(gone)
-            if removed:
-                log.info("replaced %d uproxy rules and chains left by an earlier run", removed)
             self._prepare = self.loop.create_task(self._prepare_iptables(), name="iptables")
             self._tasks.append(self._prepare)
+        if self._prepare is None or self.takeover is not None:
+            self._cleaned_up.set()  # (nothing to clean: not managed, or taken over as is)
         self._tasks.append(self.loop.create_task(self._run_source(), name="source"))
         self._tasks.append(self.loop.create_task(self._sync_loop(), name="sync"))
 
+    async def _cleanup_earlier_run(self) -> None:
+        """Remove what an earlier run left (its chains, hooks, other-mode tables)."""
+        # (the families side by side: each is a few iptables-save/-restore in a row)
+        removed = sum(await asyncio.gather(*(table.cleanup() for _, table in self._nat_tables())))
+        if self.nft is None:  # an earlier nftables-mode run's tables would win over the chain
+            with contextlib.suppress(NftablesError):
+                removed += await Nftables().cleanup()
+        else:  # a family no longer served keeps no table (the others are replaced)
+            with contextlib.suppress(NftablesError):
+                gone = set(await self.nft.tables()) - set(self.families)
+                await self.nft.restore(nftrules.render_cleanup(gone) if gone else "")
+                removed += len(gone)
+        if removed:
+            log.info("replaced %d uproxy rules and chains left by an earlier run", removed)
+
     async def _prepare_iptables(self) -> None:
-        """The empty chain and its hooks, while the source is still loading.
+        """The earlier run's leftovers removed, the empty chain and its hooks, transparent
+        mode on: all while the source is still loading.
 
         ``iptables -C``/``-I`` on iptables-nft read the whole nat table, so with many
         rules each call is slow, and the first sync would make four of them. Done here
         they overlap the source's first list instead (figures: ``bench/ANALYSIS.md``,
-        "uproxy/daemon.py").
+        "uproxy/daemon.py"). The clean-up ran in start() before the source began; it
+        is ten processes in a row, so it runs here too, beside the first load
+        ("Start-up with 10,000 Services"); a failure there stops the daemon as before.
+        Transparent mode's probe (mangle table, policy routing) touches nothing the
+        clean-up and the hooks do, so it runs beside them.
         """
+        await asyncio.gather(self._cleanup_then_hooks(), self._start_transparent())
+
+    async def _cleanup_then_hooks(self) -> None:
         assert self.iptables is not None
         try:
-            # One restore per family, so it runs beside the source's first list even while
-            # that list holds the loop; cleanup() has just removed every hook.
-            for family, table in self._nat_tables():
-                text = "" if self.nft is not None else render([], family=family, hooks=True)
-                await table.restore(text + render_filter((), hooks=True))
+            await self._cleanup_earlier_run()
+        except Exception as exc:  # start() used to raise it: the daemon stops with it
+            self._start_error = exc
+            self.stop()
+            return
+        finally:
+            self._cleaned_up.set()
+        await self._prepare_hooks()
+
+    async def _prepare_hooks(self) -> None:
+        try:
+            # One restore per family (the two side by side), so it runs beside the source's
+            # first list even while that list holds the loop; cleanup() has just removed
+            # every hook.
+            await asyncio.gather(*(
+                table.restore(("" if self.nft is not None
+                               else render([], family=family, hooks=True))
+                              + render_filter((), hooks=True))
+                for family, table in self._nat_tables()))
             self._hooks_in_place = self._filter_hooks_in_place = True
+            # what UPROXY-FIREWALL holds now: the first sync restores it only if it differs
+            self._filter_text = {family: render_filter(()) for family, _ in self._nat_tables()}
         except (IptablesError, OSError) as exc:  # the first sync tries again and reports it
             log.debug("preparing iptables: %s", exc)
-        await self._start_transparent()
 
     async def _start_transparent(self) -> None:
         """Before the first rules: the first connection already goes from the client."""
@@ -365,6 +397,8 @@ class Daemon:
         try:
             await self.start()
             await self._stop.wait()
+            if self._start_error is not None:
+                raise self._start_error
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self.loop.remove_signal_handler(sig)
@@ -467,6 +501,10 @@ class Daemon:
         listeners and redirects updated, and the rules rendered again only when a
         redirect changed (an endpoint change alone does not touch iptables).
         """
+        if not self._cleaned_up.is_set():  # the first sync, while start's clean-up runs
+            await self._cleaned_up.wait()
+            if self._start_error is not None:
+                return
         started = time.monotonic()
         self.balancer.zone = self.node_zone
         self.listener_set.node_ips = (getattr(self.source, "node_ips", ())
@@ -631,10 +669,11 @@ class Daemon:
         for family, table in families:  # one restore per family, when a line changed
             text = render_filter(line for key in sorted(self._filter_by_name) if key[1] == family
                                  for line in self._filter_by_name[key])
-            if text != self._filter_text.get(family) or full:
+            # (the first sync counts as full; start just wrote the chain and its hooks)
+            if text != self._filter_text.get(family) or (full and self.rules_applied):
                 await table.restore(text)
                 self._filter_text[family] = text
-        if full or not self._filter_hooks_in_place:
+        if not self._filter_hooks_in_place or (full and self.rules_applied):
             added = 0
             for _, table in families:
                 added += await table.ensure_filter_hooks()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import subprocess
+from collections.abc import Sequence
 
 from uproxy import filter_rules, rules
 
@@ -49,13 +51,8 @@ class Iptables:
 
     async def _run(self, *argv: str, stdin: str | None = None,
                    check: bool = True) -> tuple[int, str]:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await proc.communicate(stdin.encode() if stdin is not None else None)
+        proc = await _spawn(argv, stdin)
+        out, err = proc.stdout, proc.stderr
         rc = proc.returncode or 0
         if check and rc != 0:
             first = (err.decode(errors="replace").strip().splitlines() or ["(no message)"])[0]
@@ -119,6 +116,25 @@ class Iptables:
         if cleanup:
             await self.restore(cleanup)
         return len(hooks) + len(chains)
+
+
+async def _spawn(argv: Sequence[str], stdin: str | None = None,
+                 timeout: float | None = None) -> subprocess.CompletedProcess[bytes]:
+    """Run one process to its end from a worker thread, with ``subprocess`` (``vfork``).
+
+    Not the event loop's own spawn: uvloop's ``fork`` copies the whole daemon's page
+    tables, ~30-60 ms of the loop's time per process once 10,000 Services are loaded,
+    against ~3 ms here (``bench/ANALYSIS.md``, "Start-up with 10,000 Services").
+    Raises ``OSError`` (cannot run) and ``subprocess.TimeoutExpired`` (killed).
+    """
+    def call() -> subprocess.CompletedProcess[bytes]:
+        if stdin is not None:
+            return subprocess.run(list(argv), input=stdin.encode(), capture_output=True,
+                                  timeout=timeout, check=False)
+        return subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=timeout, check=False)
+
+    return await asyncio.get_running_loop().run_in_executor(None, call)
 
 
 def _unquote(argv: list[str]) -> list[str]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import subprocess
+from collections.abc import Sequence
 
 from uproxy import nftrules
 
@@ -38,6 +40,25 @@ def _probe_text() -> str:
     return "\n".join(parts)
 
 
+async def _spawn(argv: Sequence[str], stdin: str | None = None,
+                 timeout: float | None = None) -> subprocess.CompletedProcess[bytes]:
+    """Run one process to its end from a worker thread, with ``subprocess`` (``vfork``).
+
+    Not the event loop's own spawn: uvloop's ``fork`` copies the whole daemon's page
+    tables, ~30-60 ms of the loop's time per process once 10,000 Services are loaded,
+    against ~3 ms here (``bench/ANALYSIS.md``, "Start-up with 10,000 Services").
+    Raises ``OSError`` (cannot run) and ``subprocess.TimeoutExpired`` (killed).
+    """
+    def call() -> subprocess.CompletedProcess[bytes]:
+        if stdin is not None:
+            return subprocess.run(list(argv), input=stdin.encode(), capture_output=True,
+                                  timeout=timeout, check=False)
+        return subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=timeout, check=False)
+
+    return await asyncio.get_running_loop().run_in_executor(None, call)
+
+
 class Nftables:
     """Runs ``cmd`` (``nft``) here, or inside network namespace ``netns`` (the lab, tests)."""
 
@@ -50,22 +71,13 @@ class Nftables:
     async def _run(self, *args: str, stdin: str | None = None,
                    check: bool = True) -> tuple[int, str]:
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *self.prefix, self.cmd, *args,
-                stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-            )
+            proc = await _spawn((*self.prefix, self.cmd, *args), stdin, self.timeout)
         except OSError as exc:
             raise NftablesError(f"{self.cmd} cannot run: {exc.strerror or exc}") from None
-        try:
-            out, err = await asyncio.wait_for(
-                proc.communicate(stdin.encode() if stdin is not None else None), self.timeout)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
+        except subprocess.TimeoutExpired:  # (killed and reaped by subprocess.run)
             raise NftablesError(f"{self.cmd} {' '.join(args)} took more than "
                                 f"{self.timeout:g}s (killed)") from None
+        out, err = proc.stdout, proc.stderr
         rc = proc.returncode or 0
         if check and rc != 0:
             lines = [ln.strip() for ln in err.decode(errors="replace").splitlines() if ln.strip()]

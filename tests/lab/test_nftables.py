@@ -14,13 +14,16 @@ itself (only when the lab has not done so already).
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
+import os
 import shutil
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -318,3 +321,18 @@ async def test_nft_table_goes_before_iptables_nat_and_misses_fall_through(lab: L
     assert ask(lab, "client", "tcp", SVC4, 8080)["port"] == PROXY_TCP_MOVED
     assert await nft.cleanup() == 2  # ip and ip6 (empty map)
     assert ask(lab, "client", "tcp", SVC4, 80)["port"] == PROXY_TCP_MOVED
+
+
+def test_an_nft_that_hangs_is_killed_at_its_timeout(tmp_path: Path) -> None:
+    """The edge runs nft from a worker thread (subprocess, vfork): a hung nft still ends
+    in one NftablesError line at the timeout, and the process is gone (killed, reaped)."""
+    pid_file = tmp_path / "pid"
+    fake = tmp_path / "nft"
+    fake.write_text(f"#!/bin/sh\necho $$ > {pid_file}\nexec sleep 30\n")
+    fake.chmod(0o755)
+    started = time.monotonic()
+    with pytest.raises(NftablesError, match=r"took more than 0.3s \(killed\)"):
+        asyncio.run(Nftables(cmd=str(fake), timeout=0.3).restore("table ip x\n"))
+    assert time.monotonic() - started < 10
+    pid = int(pid_file.read_text())
+    assert not os.path.exists(f"/proc/{pid}"), "the hung nft still runs"

@@ -330,3 +330,47 @@ async def test_a_write_wakes_the_source_before_the_next_poll(tmp_path: Path) -> 
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_the_first_load_hands_the_loop_turns(tmp_path: Path) -> None:
+    """At start the daemon's rule set-up (a chain of iptables/nft processes) needs loop
+    turns while the manifests load: the first load gives some, every few hundred objects,
+    and ends with the store a plain load() fills; later loads are one piece."""
+    items = []
+    for i in range(1000):
+        svc = yaml.safe_load(SERVICE.replace("multi-port", f"svc-{i}")
+                             .replace("10.0.0.180", f"10.1.{i // 250}.{i % 250 + 1}"))
+        items += [svc, yaml.safe_load(SLICE.replace("multi-port", f"svc-{i}"))]
+    (tmp_path / "many.json").write_text(json.dumps({"kind": "List", "items": items}))
+    store, plain = Store(), Store()
+    assert FilesSource((str(tmp_path),)).load(plain) is True
+    turns = 0
+    loading = True
+
+    async def beside() -> None:
+        nonlocal turns
+        while loading:
+            turns += 1
+            await asyncio.sleep(0)
+
+    other = asyncio.create_task(beside())
+    await asyncio.sleep(0)  # (it has started)
+    turns = 0
+    source = FilesSource((str(tmp_path),))
+    assert await source._first_load(store) is True
+    loading = False
+    await other
+    assert turns >= 2000 // 200 - 1, f"the loop ran {turns} times during the first load"
+    assert store.table() == plain.table()
+    assert len(store.table()) == 2000
+    assert store.raw("EndpointSlice") == plain.raw("EndpointSlice")
+    turns, loading = 0, True
+    other = asyncio.create_task(beside())
+    await asyncio.sleep(0)
+    turns = 0
+    write(tmp_path / "many.json", json.dumps({"kind": "List", "items": items[:-2]}))
+    assert source.load(store) is True  # a later load: in one piece
+    loading = False
+    await other
+    assert turns <= 1
+    assert len(store.table()) == 1998

@@ -24,6 +24,7 @@ import json
 import logging
 import shutil
 import socket
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -153,8 +154,10 @@ class Transparent:
                 log.info("transparent backend connections off (%s): backends see the "
                          "node's address", why_not)
             return
-        for family in FAMILIES:
-            reason = await self._enable(family)
+        # The families side by side: each is a few iptables/ip processes in a row, and
+        # they touch different tables (start-up figures: bench/ANALYSIS.md).
+        reasons = await asyncio.gather(*(self._enable(family) for family in FAMILIES))
+        for family, reason in zip(FAMILIES, reasons, strict=True):
             if reason is None:
                 self.families.add(family)
             else:
@@ -291,9 +294,10 @@ class Transparent:
             return
         self._links_read = time.monotonic()
         data: list[list[dict[str, Any]]] = []
-        for argv in (("ip", "-j", "addr", "show"), ("ip", "-j", "-4", "route", "show"),
-                     ("ip", "-j", "-6", "route", "show")):
-            rc, out = await _run(*argv, output=True)
+        outputs = await asyncio.gather(*(_run(*argv, output=True) for argv in (
+            ("ip", "-j", "addr", "show"), ("ip", "-j", "-4", "route", "show"),
+            ("ip", "-j", "-6", "route", "show"))))
+        for rc, out in outputs:
             try:
                 parsed = json.loads(out) if rc == 0 and out.strip() else []
             except ValueError:
@@ -325,17 +329,33 @@ def backend_socket_probe(family: int) -> socket.socket:
 async def _run(*argv: str, stdin: str | None = None, output: bool = False) -> tuple[int, str]:
     """Run one command; (exit code, stdout when ``output`` else the first stderr line)."""
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        out, err = await proc.communicate(stdin.encode() if stdin is not None else None)
+        proc = await _spawn(argv, stdin)
     except OSError as exc:
         return 127, str(exc)
+    out, err = proc.stdout, proc.stderr
     if output:
         return proc.returncode or 0, out.decode(errors="replace")
     first = (err.decode(errors="replace").strip().splitlines() or [""])[0]
     return proc.returncode or 0, first
+
+
+async def _spawn(argv: Sequence[str], stdin: str | None = None,
+                 timeout: float | None = None) -> subprocess.CompletedProcess[bytes]:
+    """Run one process to its end from a worker thread, with ``subprocess`` (``vfork``).
+
+    Not the event loop's own spawn: uvloop's ``fork`` copies the whole daemon's page
+    tables, ~30-60 ms of the loop's time per process once 10,000 Services are loaded,
+    against ~3 ms here (``bench/ANALYSIS.md``, "Start-up with 10,000 Services").
+    Raises ``OSError`` (cannot run) and ``subprocess.TimeoutExpired`` (killed).
+    """
+    def call() -> subprocess.CompletedProcess[bytes]:
+        if stdin is not None:
+            return subprocess.run(list(argv), input=stdin.encode(), capture_output=True,
+                                  timeout=timeout, check=False)
+        return subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=timeout, check=False)
+
+    return await asyncio.get_running_loop().run_in_executor(None, call)
 
 
 def _unquote(argv: Sequence[str]) -> list[str]:

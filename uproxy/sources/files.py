@@ -22,7 +22,7 @@ import ctypes
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ log = logging.getLogger("uproxy.files")
 
 SUFFIXES = (".yaml", ".yml", ".json")
 POLL_INTERVAL = 0.25
+YIELD_EVERY = 200  # objects applied between two loop turns in the first load (a few ms)
 
 
 class ManifestError(Exception):
@@ -142,6 +143,35 @@ class FilesSource:
 
     def load(self, store: Store) -> bool:
         """Re-read changed files and apply their objects to the store; True if it changed."""
+        steps = self._load(store)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                changed: bool = done.value
+                return changed
+
+    async def _first_load(self, store: Store) -> bool:
+        """:meth:`load`, handing the loop a turn every :data:`YIELD_EVERY` objects.
+
+        At start the daemon does not sync before ``synced()``, but its rule
+        set-up (cleanup of an earlier run, hooks, transparent mode's probe: a chain
+        of ``iptables``/``nft``/``ip`` processes) waits for loop turns between its
+        steps; with 20,000 objects parsed in one go it waited for all of them
+        (``bench/ANALYSIS.md``, "Start-up with 10,000 Services"). Later loads stay
+        in one piece, so a sync never sees half of a file's change.
+        """
+        steps = self._load(store)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                changed: bool = done.value
+                return changed
+            await asyncio.sleep(0)
+
+    def _load(self, store: Store) -> Generator[None, None, bool]:
+        """The body of :meth:`load`: yields now and then; returns True if the store changed."""
         current = manifest_files(self.paths)
         order = {path: i for i, path in enumerate(current)}  # the first definition wins
         changed: dict[Path, _FileState | None] = {}  # path -> its state before
@@ -164,6 +194,7 @@ class FilesSource:
                 continue
             self._files[path] = _FileState.of(stamp, objects)
             changed[path] = state
+            yield
         for gone in [p for p in self._files if p not in order]:
             changed[gone] = self._files.pop(gone)
         if not changed:
@@ -188,7 +219,9 @@ class FilesSource:
             for kind, obj in new.unnamed:
                 for problem in store.apply(kind, obj, str(path)):
                     log.error("%s", problem)
-        for ref in touched:
+        for count, ref in enumerate(touched, 1):
+            if count % YIELD_EVERY == 0:
+                yield
             kind, key = ref
             defined = self._defined_in.get(ref)
             if not defined:
@@ -206,7 +239,7 @@ class FilesSource:
         return store.generation != before
 
     async def run(self, store: Store, hooks: SourceHooks) -> None:
-        self.load(store)
+        await self._first_load(store)
         hooks.changed()
         hooks.synced()
         loop = asyncio.get_running_loop()
