@@ -362,7 +362,8 @@ METHOD_DOC = """\
   manifest (`--manifests DIR`) or loaded into the fake API server
   (`python -m tests.k8s.apiserver --load`, uproxy `--kubeconfig`, list+watch). Time from
   spawning the daemon to `/readyz` = 200 (first sync done, rules applied; includes Python
-  start-up and imports; the daemon is started {starts} times and the median reported, the
+  start-up and imports of the byte-compiled package, as installed; the daemon is started
+  {starts} times and the median reported, the
   last start stays up for the rest), seen by one small poller started beforehand in the node ns (a
   GET every 10 ms; until 2026-11-21 a `curl` process per poll, which took CPU from the
   daemon it timed), then the rule count in `iptables-save` and the process's
