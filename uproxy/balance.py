@@ -182,6 +182,10 @@ class Balancer:
         """Until when (the ``now`` clock) new traffic avoids ``address``; 0.0 when not."""
         return self._failed.get(address, 0.0)
 
+    def avoiding(self) -> bool:
+        """Whether some endpoint is avoided (or was, until the next :meth:`prune`)."""
+        return bool(self._failed)
+
     def connect_succeeded(self, endpoint: Endpoint) -> None:
         self._failed.pop(endpoint.address, None)
 

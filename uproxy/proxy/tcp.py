@@ -104,6 +104,7 @@ class TcpListener:
         self.native: int | None = None  # the engine's id while the engine accepts on it
         self.endpoints: tuple[Endpoint, ...] = ()  # what was pushed to the engine, by index
         self.avoided = False  # some pushed endpoint was being avoided
+        self.pushed_tp = False  # its family connected transparently when last pushed
         proxy._listeners.setdefault(name, set()).add(self)
         if not proxy._attach(self):
             proxy.loop.add_reader(self._fd, self._accept)
@@ -220,6 +221,7 @@ class TcpProxy:
         self._listeners: dict[ServicePortName, set[TcpListener]] = {}
         self._by_native: dict[int, TcpListener] = {}  # engine listener id -> listener
         self._transparent_families: frozenset[int] = frozenset()  # as last pushed
+        self._avoiding: set[TcpListener] = set()  # pushed with an endpoint being avoided
         self._links_pushed: tuple[object, frozenset[int]] | None = None
         # Set-up in the engine: only with the native engine (UPROXY_NO_NATIVE: never).
         self._native = bool(getattr(relay, "listener_add", None))
@@ -290,6 +292,7 @@ class TcpProxy:
 
     def _detach(self, listener: TcpListener) -> None:
         """The engine lets go of ``listener``'s fd (it is ours again when this returns)."""
+        self._avoiding.discard(listener)
         if listener.native is not None:
             lid, listener.native = listener.native, None
             self._native_relay().listener_remove(lid)
@@ -324,7 +327,8 @@ class TcpProxy:
         nrelay = self._native_relay()
         tp = self.transparent
         transparent, here = 0, []
-        if tp is not None and listener.family in tp.families and entry is not None:
+        tp_on = tp is not None and listener.family in tp.families
+        if tp_on and tp is not None and entry is not None:
             self._sync_links()
             node = tp.node_name
             here = [bool(node) and e.node_name == node for e in endpoints]
@@ -342,6 +346,11 @@ class TcpProxy:
             return
         listener.endpoints = endpoints
         listener.avoided = any(item[3] > 0 for item in items)
+        listener.pushed_tp = tp_on
+        if listener.avoided:
+            self._avoiding.add(listener)
+        else:
+            self._avoiding.discard(listener)
 
     def _sync_links(self) -> None:
         """The node's links, as transparent mode last read them, in the engine."""
@@ -480,11 +489,17 @@ class TcpProxy:
         families = self._current_transparent()
         if families != self._transparent_families:
             self._transparent_families = families
+            # (only the listeners pushed before transparent mode started, or of a family
+            # it changed for: at start-up its probe usually ends before the first push)
             for listeners in list(self._listeners.values()):
                 for listener in list(listeners):
-                    self._refresh(listener)
+                    if listener.native is None or (listener.family in families) \
+                            != listener.pushed_tp:
+                        self._refresh(listener)
             return
         balancer = self.balancer
+        if not self._avoiding and not balancer.avoiding():
+            return  # (the usual case: no walk over every listener at every sync)
         for listeners in self._listeners.values():
             for listener in listeners:
                 if listener.native is not None and (listener.avoided or any(
