@@ -86,6 +86,14 @@ class MovableHandle(Protocol):
     def release(self) -> None: ...
 
 
+@runtime_checkable
+class AdoptingRelay(Protocol):
+    """A relay that takes a connection with its :class:`RelayState` (both paths' relays)."""
+
+    def adopt(self, client: socket.socket, backend: socket.socket, state: RelayState,
+              on_done: DoneCallback) -> RelayHandle: ...
+
+
 class Relay(Protocol):
     name: str
 
