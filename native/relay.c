@@ -682,6 +682,9 @@ static void conn_start(struct uproxy_engine *e, struct conn *c)
     e->all = c;
     c->live = true;
     stat_add(&e->stats.conns_live, 1);
+    for (int di = 0; di < 2; di++) /* bytes it came with (uproxy_engine_add_state) */
+        if (c->dir[di].buf)
+            stat_add(&e->stats.bufs_in_use, 1);
     for (int s = 0; s < 2; s++) {
         if (!c->nonblocking) {
             int fl = fcntl(c->fd[s], F_GETFL);
@@ -1460,14 +1463,11 @@ fail: {
 
 int uproxy_engine_eventfd(struct uproxy_engine *e) { return e->donefd; }
 
-struct uproxy_conn *uproxy_engine_add(struct uproxy_engine *e, int client_fd, int backend_fd,
-                                      uint64_t token)
+/* Queue a prepared connection for the engine thread (CMD_ADD); from then on it owns it.
+ * NULL with errno ESHUTDOWN (and `c` freed, its copy buffers too) after stop. */
+static struct uproxy_conn *conn_add(struct uproxy_engine *e, struct conn *c, int client_fd,
+                                    int backend_fd, uint64_t token)
 {
-    struct conn *c = calloc(1, sizeof *c);
-    if (!c) {
-        errno = ENOMEM;
-        return NULL;
-    }
     c->pub.token = token;
     c->fd[0] = client_fd;
     c->fd[1] = backend_fd;
@@ -1478,6 +1478,8 @@ struct uproxy_conn *uproxy_engine_add(struct uproxy_engine *e, int client_fd, in
     pthread_mutex_lock(&e->lock);
     if (e->stopping) {
         pthread_mutex_unlock(&e->lock);
+        free(c->dir[0].buf);
+        free(c->dir[1].buf);
         free(c);
         errno = ESHUTDOWN;
         return NULL;
@@ -1486,6 +1488,55 @@ struct uproxy_conn *uproxy_engine_add(struct uproxy_engine *e, int client_fd, in
     pthread_mutex_unlock(&e->lock);
     wake(e->wakefd);
     return &c->pub;
+}
+
+struct uproxy_conn *uproxy_engine_add(struct uproxy_engine *e, int client_fd, int backend_fd,
+                                      uint64_t token)
+{
+    struct conn *c = calloc(1, sizeof *c);
+    if (!c) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    return conn_add(e, c, client_fd, backend_fd, token);
+}
+
+/* A direction's bytes already read: a copy buffer the pump drains before reading src. */
+static bool dir_preload(struct direction *d, const char *bytes, size_t len)
+{
+    if (!len)
+        return true;
+    d->buf = malloc(len);
+    if (!d->buf)
+        return false;
+    memcpy(d->buf, bytes, len);
+    d->buf_off = 0;
+    d->buf_len = len;
+    return true;
+}
+
+struct uproxy_conn *uproxy_engine_add_state(struct uproxy_engine *e, int client_fd,
+                                            int backend_fd, uint64_t token, uint64_t up,
+                                            uint64_t down, const char *pending_up,
+                                            size_t pending_up_len, const char *pending_down,
+                                            size_t pending_down_len, int eof_up, int eof_down)
+{
+    struct conn *c = calloc(1, sizeof *c);
+    if (!c || !dir_preload(&c->dir[0], pending_up, pending_up_len)
+        || !dir_preload(&c->dir[1], pending_down, pending_down_len)) {
+        if (c) {
+            free(c->dir[0].buf);
+            free(c);
+        }
+        errno = ENOMEM;
+        return NULL;
+    }
+    /* Written before the conn is published (the command list's lock orders them). */
+    c->pub.bytes_up = up;
+    c->pub.bytes_down = down;
+    c->dir[0].eof = eof_up != 0;
+    c->dir[1].eof = eof_down != 0;
+    return conn_add(e, c, client_fd, backend_fd, token);
 }
 
 void uproxy_engine_abort(struct uproxy_engine *e, struct uproxy_conn *pc)

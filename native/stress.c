@@ -8,7 +8,9 @@
  * connections and ends each one a different way (clean half-closes, a reset
  * from either side, an abort, or left open for stop), racing the engine
  * thread; then checks that every connection completed exactly once with the
- * expected reason, and at the end that no fd is left open. A second engine
+ * expected reason, and at the end that no fd is left open. Half of them come in
+ * with a relay state (uproxy_engine_add_state: bytes pending both ways, some
+ * with the client's EOF already read). A second engine
  * then sets connections up itself (a registered listener, one endpoint that
  * answers and one that refuses, two short attempts) while the main thread
  * pauses, resumes and re-pushes the listener and finally removes it: every
@@ -262,7 +264,12 @@ int main(void)
             tcp_pair(lc, &cn, &s->client);
             tcp_pair(lb, &bn, &s->backend);
             s->how = (base + i) % 6;
-            s->conn = uproxy_engine_add(e, cn, bn, (uint64_t)(base + i));
+            if ((i / 6) % 2) /* as a takeover brings it: counters, bytes read, an EOF */
+                s->conn = uproxy_engine_add_state(e, cn, bn, (uint64_t)(base + i), 7, 11,
+                                                  payload, 1000, payload, 3000,
+                                                  (i / 12) % 2, 0);
+            else
+                s->conn = uproxy_engine_add(e, cn, bn, (uint64_t)(base + i));
             if (!s->conn)
                 FAIL("add: %s", strerror(errno));
             /* Some bytes in flight, sometimes more than a pipe holds. */

@@ -114,6 +114,20 @@ int uproxy_engine_eventfd(struct uproxy_engine *e);
 struct uproxy_conn *uproxy_engine_add(struct uproxy_engine *e, int client_fd, int backend_fd,
                                       uint64_t token);
 
+/* uproxy_engine_add for a connection relayed until now elsewhere (a takeover, or
+ * one taken back with uproxy_engine_detach), with its relay state as a
+ * UPROXY_DONE_DETACHED completion describes it: the counters start from `up`
+ * and `down`; the pending bytes (copied: the caller keeps its buffers) are
+ * delivered first, in order, before anything newly read that way; an EOF
+ * already read (`eof_up`: the client's) gives its peer SHUT_WR once that
+ * way's pending bytes are delivered (again, harmlessly, when none are).
+ * NULL with errno set (ESHUTDOWN, ENOMEM): the caller still owns the fds. */
+struct uproxy_conn *uproxy_engine_add_state(struct uproxy_engine *e, int client_fd,
+                                            int backend_fd, uint64_t token, uint64_t up,
+                                            uint64_t down, const char *pending_up,
+                                            size_t pending_up_len, const char *pending_down,
+                                            size_t pending_down_len, int eof_up, int eof_down);
+
 /* Reset both sides of `c` (no-op when it already ended). Only before release. */
 void uproxy_engine_abort(struct uproxy_engine *e, struct uproxy_conn *c);
 

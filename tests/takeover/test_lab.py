@@ -99,9 +99,10 @@ def test_should_work_after_restarting_kube_proxy_killed_uproxy_leaves_a_stale_so
 
 
 def test_established_connections_survive_three_upgrades_byte_for_byte(
-        lab: Lab, node: NodeProxy) -> None:
+        lab: Lab, node: NodeProxy, flavor: Flavor) -> None:
     """Both relay paths: the native engine hands each connection back with what its
-    pipes held; the new process relays what came over on its Python twin."""
+    pipes held; the new process relays what came over on its own relay path (the
+    engine takes them with their state)."""
     seconds = 24.0  # three upgrades must fit in it, also on a busy machine
     argv = [sys.executable, "-m", "tests.takeover.streams", VIP, "80", "--conns", "12",
             "--halfclosed", "3", "--seconds", str(seconds)]
@@ -123,6 +124,7 @@ def test_established_connections_survive_three_upgrades_byte_for_byte(
              if c["state"] == "open" and c["age"] > time.time() - upgraded_at + 2]
     assert len(older) >= 12, listing
     assert all(c["bytes_up"] > 0 and c["bytes_down"] > 0 for c in older), older
+    assert all(c["native"] == flavor.native for c in older), older  # not a Python fallback
     streams.wait(seconds + 60)
     lines = [line for line in lab.log("streams").splitlines() if line.startswith("{")]
     assert lines, lab.log("streams")

@@ -1,10 +1,10 @@
-"""Moving a live connection from a relay to a Python-twin relay (what a takeover does to it).
+"""Moving a live connection from one relay to another (what a takeover does to it).
 
 Real TCP sockets on loopback. The "other process" is a second relay on the same
 loop that gets duplicates of the fds, as the receiving process gets them over
 ``SCM_RIGHTS``; the first relay then releases its own (close only: no FIN, no RST).
-The whole matrix: the first relay is the flavor's (the native engine hands the
-connection back with what its pipe or buffer held); adopted ones run on the twin.
+The whole matrix: both relays are the flavor's (the native engine hands the
+connection back with what its pipe or buffer held, and takes one with that state).
 """
 
 from __future__ import annotations
@@ -16,8 +16,17 @@ import socket
 import pytest
 
 from tests.support.matrix import LOOPS, Flavor, relay_for, run_on
-from uproxy.proxy.pyrelay import PyRelay
-from uproxy.proxy.relay import HANDED_OVER, MovableHandle, RelayResult, RelayState
+from uproxy.proxy.nativerelay import NativeRelay, NativeRelayHandle
+from uproxy.proxy.pyrelay import PyRelay, PyRelayHandle
+from uproxy.proxy.relay import (
+    HANDED_OVER,
+    AdoptingRelay,
+    MovableHandle,
+    Relay,
+    RelayHandle,
+    RelayResult,
+    RelayState,
+)
 
 
 def _pair() -> tuple[socket.socket, socket.socket]:
@@ -46,6 +55,120 @@ async def _recv_exactly(sock: socket.socket, n: int) -> bytes:
     return bytes(out)
 
 
+def _assert_held_by(relay: Relay, handle: RelayHandle, flavor: Flavor) -> None:
+    """The adopting relay is the flavor's and holds the connection itself (no fallback)."""
+    if flavor.native:
+        assert isinstance(relay, NativeRelay) and isinstance(handle, NativeRelayHandle)
+        assert handle._twin is None and relay._resumed is None
+        assert handle._conn is not None and list(relay._live.values()) == [handle]  # engine's
+    else:
+        assert isinstance(relay, PyRelay) and isinstance(handle, PyRelayHandle)
+        assert relay.active() == 1
+
+
+async def _wait_for(moved: list[RelayResult]) -> None:
+    for _ in range(500):
+        if moved:
+            return
+        await asyncio.sleep(0.01)
+
+
+async def _stuck(relay: Relay, handle: RelayHandle, holding: int) -> None:
+    """Until the relay holds bytes in ``holding`` places and its counters stop moving."""
+    last = (-1, -1)
+    for _ in range(200):
+        now = (handle.bytes_up, handle.bytes_down)
+        if relay.buffers_in_use() + relay.pipes_in_use() == holding and now == last:
+            return
+        last = now
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"never stuck: {relay.stats()}")
+
+
+def test_a_connection_moved_with_bytes_pending_both_ways_and_a_half_close_is_adopted_by_the_flavors_relay(  # noqa: E501
+        flavor: Flavor) -> None:
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        client, client_side = _pair()
+        backend_side, backend = _pair()
+        results: list[RelayResult] = []
+        old, new = relay_for(flavor, loop), relay_for(flavor, loop)
+        handle = old.start(client_side, backend_side, results.append)
+        up_data = bytes(range(256)) * (32 << 10)  # 8 MiB each way, read by nobody yet
+        down_data = bytes(reversed(range(256))) * (32 << 10)
+        sending_up = loop.create_task(loop.sock_sendall(client, up_data))
+
+        async def send_down() -> None:
+            await loop.sock_sendall(backend, down_data)
+            backend.shutdown(socket.SHUT_WR)  # the backend is done: its FIN waits behind
+
+        sending_down = loop.create_task(send_down())
+        await _stuck(old, handle, 2)  # a buffer or pipe stuck each way
+
+        assert isinstance(handle, MovableHandle) and handle.pause()
+        state = handle.state()
+        assert state.pending_up and state.pending_down
+        copies = [_dup(s) for s in handle.sockets()]
+        handle.release()
+        assert results == [RelayResult(state.up, state.down, HANDED_OVER)]
+        assert old.active() == 0 and old.buffers_in_use() + old.pipes_in_use() == 0
+
+        moved: list[RelayResult] = []
+        assert isinstance(new, AdoptingRelay)
+        adopted = new.adopt(copies[0], copies[1], state, moved.append)
+        _assert_held_by(new, adopted, flavor)
+        got_up, got_down = await asyncio.gather(_recv_exactly(backend, len(up_data)),
+                                                _recv_exactly(client, len(down_data)))
+        assert hashlib.sha256(got_up).digest() == hashlib.sha256(up_data).digest()
+        assert hashlib.sha256(got_down).digest() == hashlib.sha256(down_data).digest()
+        await sending_up
+        await sending_down
+        assert await loop.sock_recv(client, 1) == b""  # the backend's half-close came through
+        assert adopted.bytes_up == len(up_data) and adopted.bytes_down == len(down_data)
+        await loop.sock_sendall(client, b"still up")  # ... and the other way still flows
+        assert await _recv_exactly(backend, 8) == b"still up"
+        assert not moved
+        client.shutdown(socket.SHUT_WR)
+        assert await loop.sock_recv(backend, 1) == b""
+        await _wait_for(moved)
+        assert moved == [RelayResult(len(up_data) + 8, len(down_data), None)]
+        client.close()
+        backend.close()
+        await old.close()
+        await new.close()
+
+    run_on(flavor, body)
+
+
+def test_an_adopted_eof_gets_its_shutdown_after_the_pending_bytes(flavor: Flavor) -> None:
+    """A state with an EOF already read and bytes still pending that way (the contract,
+    whoever wrote it): those bytes first, then SHUT_WR; counters go on from the state."""
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        client, client_side = _pair()
+        backend_side, backend = _pair()
+        relay = relay_for(flavor, loop)
+        await loop.sock_sendall(backend, b" and newer")  # queued in the socket: read after
+        moved: list[RelayResult] = []
+        state = RelayState(1000, 2000, b"pending up", b"pending down", eof_up=True)
+        assert isinstance(relay, AdoptingRelay)
+        handle = relay.adopt(client_side, backend_side, state, moved.append)
+        _assert_held_by(relay, handle, flavor)
+        assert await _recv_exactly(backend, 10) == b"pending up"
+        assert await loop.sock_recv(backend, 1) == b""  # the client's EOF, after its bytes
+        assert await _recv_exactly(client, 22) == b"pending down and newer"
+        assert handle.bytes_up == 1010 and handle.bytes_down == 2022
+        backend.shutdown(socket.SHUT_WR)
+        assert await loop.sock_recv(client, 1) == b""
+        await _wait_for(moved)
+        assert moved == [RelayResult(1010, 2022, None)]
+        client.close()
+        backend.close()
+        await relay.close()
+
+    run_on(flavor, body)
+
+
 def test_a_connection_moves_mid_transfer_with_its_bytes_counters_and_half_close(
         flavor: Flavor) -> None:
     async def body() -> None:
@@ -53,7 +176,7 @@ def test_a_connection_moves_mid_transfer_with_its_bytes_counters_and_half_close(
         client, client_side = _pair()  # client <-> relay's client socket
         backend_side, backend = _pair()  # relay's backend socket <-> backend
         results: list[RelayResult] = []
-        old, new = relay_for(flavor, loop), PyRelay(loop)
+        old, new = relay_for(flavor, loop), relay_for(flavor, loop)
         handle = old.start(client_side, backend_side, results.append)
         data = bytes(range(256)) * (64 << 10)  # 16 MiB up, read by nobody yet: backpressure
         sending = loop.create_task(loop.sock_sendall(client, data))
@@ -76,7 +199,9 @@ def test_a_connection_moves_mid_transfer_with_its_bytes_counters_and_half_close(
         assert old.active() == 0 and old.pipes_in_use() == 0 and old.buffers_in_use() == 0
 
         moved: list[RelayResult] = []
-        new.adopt(copies[0], copies[1], state, moved.append)
+        assert isinstance(new, AdoptingRelay)
+        adopted = new.adopt(copies[0], copies[1], state, moved.append)
+        _assert_held_by(new, adopted, flavor)
         received = await _recv_exactly(backend, len(data))
         assert hashlib.sha256(received).digest() == hashlib.sha256(data).digest()
         await sending
@@ -133,12 +258,13 @@ def test_a_native_connection_whose_takeover_fails_goes_on_in_this_process(
         assert await _recv_exactly(backend, 6) == b"before"
         assert isinstance(handle, MovableHandle) and handle.pause()
         await loop.sock_sendall(client, b"while detached")
-        handle.resume()  # on the Python twin inside the native relay
-        assert relay.active() == 1
+        handle.resume()  # back on the engine, with the bytes it had read
+        assert relay.active() == 1 and handle._conn is not None  # the engine's
+        assert handle._twin is None and relay._resumed is None  # not on a Python twin
         assert await _recv_exactly(backend, 14) == b"while detached"
         await loop.sock_sendall(backend, b"back")
         assert await _recv_exactly(client, 4) == b"back"
-        assert handle.bytes_up == 20 and handle.bytes_down == 4  # counted on, on the twin
+        assert handle.bytes_up == 20 and handle.bytes_down == 4  # counted on
         assert handle.pause()  # a later takeover can move it again
         assert handle.state() == RelayState(20, 4)
         handle.resume()

@@ -178,8 +178,8 @@ class NativeRelayHandle:
         return self._socks
 
     def resume(self) -> None:
-        """The takeover failed: relay on in this process, on the Python twin (the engine
-        takes no connection with bytes already read)."""
+        """The takeover failed: relay on in this process, back on the engine with the
+        state it handed over (on the Python twin only when the engine refuses it)."""
         if isinstance(self._twin, PyRelayHandle):
             self._twin.resume()
             return
@@ -187,6 +187,9 @@ class NativeRelayHandle:
             return
         state, (client, backend) = self._detached, self._socks
         self._detached = self._socks = None
+        self._want_detach = False
+        if self._relay._attach(self, client, backend, state):
+            return
         self._twin = self._relay._resume_relay().adopt(client, backend, state, self._on_done)
 
     def release(self) -> None:
@@ -373,6 +376,40 @@ class NativeRelay:
         handle = NativeRelayHandle(self, conn, on_done)
         self._live[token] = handle
         return handle
+
+    def adopt(self, client: socket.socket, backend: socket.socket, state: RelayState,
+              on_done: DoneCallback) -> NativeRelayHandle | RefusedHandle:
+        """A connection another process relayed until now, with its counters and bytes
+        (:meth:`PyRelay.adopt`'s contract): the engine delivers the pending bytes first
+        and sends the SHUT_WR an EOF already read still owes."""
+        if self._stopped is not None:
+            return refuse(self.loop, client, backend, on_done, "relay closed", native=True)
+        handle = NativeRelayHandle(self, None, on_done)
+        if self._attach(handle, client, backend, state):
+            return handle
+        # (ENOMEM: the sockets are still ours) the Python twin carries it rather than a reset
+        handle._twin = self._resume_relay().adopt(client, backend, state, on_done)
+        return handle
+
+    def _attach(self, handle: NativeRelayHandle, client: socket.socket,
+                backend: socket.socket, state: RelayState) -> bool:
+        """Give the engine ``handle``'s connection with ``state``; False (the sockets
+        still ours) when it refuses."""
+        if self._stopped is not None:
+            return False
+        token = self._next_token
+        self._next_token += 1
+        conn = self._lib.uproxy_engine_add_state(
+            self._raw, client.fileno(), backend.fileno(), token, state.up, state.down,
+            state.pending_up, len(state.pending_up), state.pending_down,
+            len(state.pending_down), int(state.eof_up), int(state.eof_down))
+        if conn == self._ffi.NULL:
+            return False
+        client.detach()
+        backend.detach()
+        handle._conn = conn
+        self._live[token] = handle
+        return True
 
     def _abort(self, conn: Any) -> None:
         if self._stopped is None:

@@ -15,6 +15,10 @@ and the Python twin, :mod:`uproxy.proxy.pyrelay`); callers see only this module:
   sides finished cleanly), ``"reset by client|backend"``, ``"client|backend
   error: ..."``, ``"aborted"`` (``handle.abort()`` or ``close()``) or
   ``"relay closed"`` (``start`` after ``close``: both sockets get RST).
+* ``relay.adopt(client, backend, state, on_done)`` (:class:`AdoptingRelay`) is
+  ``start`` for a connection relayed until now elsewhere (a takeover): counters
+  go on from ``state``, its pending bytes go out first each way, and an EOF it
+  already read gives the peer ``SHUT_WR`` once that way's pending bytes are out.
 * ``await relay.close()`` resets every live connection and releases
   everything the relay holds (the native engine's thread is joined).
 * ``active()`` counts live connections; ``pipes_in_use()`` and
@@ -77,13 +81,21 @@ class RelayHandle(Protocol):
 
 @runtime_checkable
 class MovableHandle(Protocol):
-    """A handle a takeover can move to another process (the Python twin's; not the engine's)."""
+    """A handle a takeover can move to another process (both paths' handles)."""
 
     def sockets(self) -> tuple[socket.socket, socket.socket]: ...
     def pause(self) -> bool: ...
     def resume(self) -> None: ...
     def state(self) -> RelayState: ...
     def release(self) -> None: ...
+
+
+@runtime_checkable
+class AdoptingRelay(Protocol):
+    """A relay that takes a connection with its :class:`RelayState` (both paths' relays)."""
+
+    def adopt(self, client: socket.socket, backend: socket.socket, state: RelayState,
+              on_done: DoneCallback) -> RelayHandle: ...
 
 
 class Relay(Protocol):

@@ -235,7 +235,7 @@ class TcpProxy:
         self._connecting: set[_Connect] = set()
         self._metrics: dict[ServicePortName, _ServiceMetrics] = {}
         self.live: dict[int, tuple[Conn, RelayHandle]] = {}  # conn id -> relayed connection
-        self.adopted_relay: RelayEngine | None = None  # runs what a takeover brought
+        self.adopted_relay: RelayEngine | None = None  # what came over, if self.relay cannot adopt
 
     def listen(self, sock: socket.socket, name: ServicePortName, scope: str) -> TcpListener:
         # Accepted sockets inherit it: set once here, not per connection.

@@ -11,9 +11,12 @@ Both relay paths' handles can be paused (:class:`~uproxy.proxy.relay.MovableHand
 the Python twin just stops its callbacks; the native engine, asked on its own
 thread, stops watching the connection and hands back its fds and the bytes its
 copy buffer or pipe held (``uproxy_engine_detach``). Adopted connections run
-on a Python twin relay in the new process, whichever path it uses for new
-connections (the engine takes no connection with bytes already read), and so
-does a native connection in the old process when the takeover fails.
+on the new process's own relay: the native engine takes a connection with its
+state (``uproxy_engine_add_state``: counters to count on from, the pending
+bytes delivered first, the SHUT_WR an EOF already read owes), the Python twin
+likewise (``UPROXY_NO_NATIVE``). A native connection whose takeover fails goes
+back onto the old process's engine the same way (onto a Python twin only if the
+engine refuses it, out of memory).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 from uproxy.connections import Conn
 from uproxy.model import ServicePortName
 from uproxy.proxy.pyrelay import PyRelay
-from uproxy.proxy.relay import MovableHandle, RelayResult, RelayState
+from uproxy.proxy.relay import AdoptingRelay, MovableHandle, RelayResult, RelayState
 from uproxy.proxy.tcp import TcpProxy
 from uproxy.takeover import Item, pack_bytes, unpack_bytes
 
@@ -100,9 +103,14 @@ class TcpMover:
             proxy.conns.close(conn, bytes_up=result.bytes_up, bytes_down=result.bytes_down,
                               error=result.error)
 
-        relay = proxy.relay if isinstance(proxy.relay, PyRelay) else proxy.adopted_relay
-        if not isinstance(relay, PyRelay):
-            relay = proxy.adopted_relay = PyRelay(proxy.loop)
+        relay: AdoptingRelay  # the proxy's own: the native engine when it is active
+        if isinstance(proxy.relay, AdoptingRelay):
+            relay = proxy.relay
+        elif isinstance(proxy.adopted_relay, AdoptingRelay):
+            relay = proxy.adopted_relay
+        else:  # a relay that cannot adopt: a Python twin beside it
+            twin = PyRelay(proxy.loop)
+            relay = proxy.adopted_relay = twin
         handle = relay.adopt(client, backend, state, done)
         if conn.state != "closed":
             proxy.conns.established(conn, (meta["backend"][0], int(meta["backend"][1])), handle)
