@@ -105,6 +105,7 @@ class TcpListener:
         self.endpoints: tuple[Endpoint, ...] = ()  # what was pushed to the engine, by index
         self.avoided = False  # some pushed endpoint was being avoided
         self.pushed_tp = False  # its family connected transparently when last pushed
+        self.pushed_topology: tuple[str, str | None] | None = None  # (node, zone) then
         proxy._listeners.setdefault(name, set()).add(self)
         if not proxy._attach(self):
             proxy.loop.add_reader(self._fd, self._accept)
@@ -222,6 +223,7 @@ class TcpProxy:
         self._by_native: dict[int, TcpListener] = {}  # engine listener id -> listener
         self._transparent_families: frozenset[int] = frozenset()  # as last pushed
         self._avoiding: set[TcpListener] = set()  # pushed with an endpoint being avoided
+        self._topology: tuple[str, str | None] = (balancer.node_name, balancer.zone)  # seen
         self._links_pushed: tuple[object, frozenset[int]] | None = None
         # Set-up in the engine: only with the native engine (UPROXY_NO_NATIVE: never).
         self._native = bool(getattr(relay, "listener_add", None))
@@ -347,6 +349,7 @@ class TcpProxy:
         listener.endpoints = endpoints
         listener.avoided = any(item[3] > 0 for item in items)
         listener.pushed_tp = tp_on
+        listener.pushed_topology = (balancer.node_name, balancer.zone)
         if listener.avoided:
             self._avoiding.add(listener)
         else:
@@ -486,6 +489,13 @@ class TcpProxy:
         if not self._native:
             return
         self._sync_links()
+        topology = (self.balancer.node_name, self.balancer.zone)
+        if topology != self._topology:  # the Node's zone changed: usable lists may have too
+            self._topology = topology
+            for listeners in list(self._listeners.values()):
+                for listener in list(listeners):
+                    if listener.pushed_topology != topology:
+                        self._refresh(listener)
         families = self._current_transparent()
         if families != self._transparent_families:
             self._transparent_families = families
