@@ -138,8 +138,8 @@ def kube_proxy_rules(services: list[tuple[str, str, int, str, tuple[str, ...]]])
     return "\n".join([*head, *hooks, *rules, "COMMIT", ""])
 
 
-def _restore(lab: Lab, text: str, tool: str = "iptables") -> None:
-    lab.run("node", [f"{tool}-restore", "--noflush"], input=text, timeout=60)
+def _restore(lab: Lab, text: str, tool: str = "iptables", timeout: float = 60.0) -> None:
+    lab.run("node", [f"{tool}-restore", "--noflush"], input=text, timeout=timeout)
 
 
 def _remove_chains(lab: Lab, chains: list[str], hooks: list[list[str]],
@@ -163,14 +163,15 @@ class KernelDnat:
 
     def __init__(self, lab: Lab, backends: Backends, *,
                  others: Sequence[tuple[str, str, int, str, tuple[str, ...]]] = (),
-                 legacy: bool = False) -> None:
+                 restore_timeout: float = 60.0) -> None:
         self.name = KERNEL
         self.lab = lab
-        # ``legacy``: written with iptables-legacy (x_tables). The scale-conn test's 30,000
-        # chains take iptables-nft 1.8.9 minutes to restore here (it grows with the square
-        # of the chain count: 6,000 Services took 28 s), legacy about 3 s.
-        self.tools = ("iptables-legacy", "ip6tables-legacy") if legacy else ("iptables",
-                                                                            "ip6tables")
+        self.tools = ("iptables", "ip6tables")
+        # The scale-conn test's 30,000 chains take iptables-nft 1.8.9 minutes to restore
+        # here (its time grows with the square of the chain count: 6,000 Services took
+        # 28 s). Not iptables-legacy: a legacy nat table beside the nft one in the same
+        # namespace makes NAT depend on which hook binds a connection first.
+        self.restore_timeout = restore_timeout
         self.services = [  # ``others`` (the scale-conn test's) come first in KUBE-SERVICES
             *others,
             ("bench/web:http", VIP, HTTP_PORT, "tcp", backends.http),
@@ -185,8 +186,8 @@ class KernelDnat:
         self.text6 = kube_proxy_rules([s for s in self.services6 if s[4]])
 
     def start(self) -> None:
-        _restore(self.lab, self.text, self.tools[0])
-        _restore(self.lab, self.text6, self.tools[1])
+        _restore(self.lab, self.text, self.tools[0], self.restore_timeout)
+        _restore(self.lab, self.text6, self.tools[1], self.restore_timeout)
 
     def stop(self) -> None:
         hooks = [[h, "-m", "comment", "--comment", "kubernetes service portals", "-j",
@@ -196,7 +197,8 @@ class KernelDnat:
             _remove_chains(self.lab, [], hooks, tool)
             # All chains in one restore: declared (flushed), then deleted (30,000 with others).
             _restore(self.lab, "\n".join(["*nat", *(f":{c} - [0:0]" for c in chains),
-                                          *(f"-X {c}" for c in chains), "COMMIT", ""]), tool)
+                                          *(f"-X {c}" for c in chains), "COMMIT", ""]), tool,
+                     self.restore_timeout)
         flush_conntrack(self.lab)
 
     def pids(self) -> list[int]:

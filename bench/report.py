@@ -382,10 +382,11 @@ METHOD_DOC = """\
   iptables mode writes them, ahead of the measured Service in `KUBE-SERVICES` (its linear
   walk); for uproxy as one more manifest (its default interception, the nftables map;
   `--proxy-port-range 20000-39999`). The row is conn/s with the others present, and its
-  ratio to the figure with one Service. Kernel DNAT's rules here are loaded with
-  `iptables-legacy-restore` (both counts): iptables-nft 1.8.9 takes minutes to restore
-  30,000 chains on this machine (its time grows with the square of the chain count: 6,000
-  Services took 28 s, 10,000 over 300 s), legacy about 3 s; the walk is linear in both.
+  ratio to the figure with one Service. Kernel DNAT's 10,000 others are loaded once for
+  all rounds (every round alone first, then every round with them; conntrack flushed before
+  each): iptables-nft 1.8.9 takes minutes to restore 30,000 chains on this machine (its time
+  grows with the square of the chain count: 6,000 Services took 28 s). uproxy's counts are
+  taken in the same start of the daemon, each round.
 - **takeover** (issue 15, in the files-source scale run): `bench.hold` holds idle
   connections through the churn service, `bench.stall` keeps a keep-alive connection and a
   stream of new connections busy, then a second `uproxy run` with the same `--state-dir`

@@ -63,6 +63,7 @@ from bench.peers import (
     NginxStream,
     Peer,
     Uproxy,
+    flush_conntrack,
 )
 from uproxy.demo.lab import Lab, LabError, install_signal_teardown, terminate
 from uproxy.demo.node import endpoint_slice, service
@@ -656,55 +657,76 @@ def run_scale_conn(lab: Lab, opts: Options, res: Results, backends: Backends) ->
     """New conn/s through one Service alone, then with ``scale_services`` others present.
 
     Kernel DNAT gets the others as kube-proxy's iptables mode writes them, ahead of the
-    measured Service in ``KUBE-SERVICES`` (its linear walk); uproxy (its default
-    interception, the nftables map) gets them as one more manifest. Both counts are
-    taken in the same start of the peer, one after the other.
+    measured Service in ``KUBE-SERVICES`` (its linear walk), loaded once for all rounds
+    (iptables-nft takes minutes to restore them): every round alone first, then every
+    round with the others. uproxy (its default interception, the nftables map) gets them
+    as one more manifest, both counts in the same start of the daemon, each round.
     """
     n = opts.scale_services
     others = [(f"scale/svc-{i}:http", f"10.1.{i // 250}.{i % 250 + 1}", HTTP_PORT, "tcp",
                backends.http) for i in range(n)]
     conns = ["-c", str(opts.conn_conns), "-H", "Connection: close"]
+    if KERNEL in SCALE_CONN_PEERS and KERNEL in opts.peers:
+        _scale_conn_kernel(lab, opts, res, backends, others, conns)
+    if NATIVE not in SCALE_CONN_PEERS or NATIVE not in opts.peers:
+        return
     for rnd in range(1, opts.rounds + 1):
-        for name in (p for p in SCALE_CONN_PEERS if p in opts.peers):
-            opts.log(f"  scale-conn round {rnd}/{opts.rounds}: {name}")
-            peer: Peer
-            if name == KERNEL:
-                peer = KernelDnat(lab, backends, legacy=True)
-            else:
-                peer = Uproxy(lab, backends, native=True,
-                              args=("--proxy-port-range", "20000-39999"))
-            many: Peer | None = None
-            try:
-                peer.start()
-                check_path(lab, peer)
-                one = _wrk(lab, opts, conns).requests_per_sec
-                how = ""
-                if isinstance(peer, KernelDnat):
-                    peer.stop()
-                    many = KernelDnat(lab, backends, others=others, legacy=True)
-                    many.start()
-                    check_path(lab, many)
-                else:
-                    assert isinstance(peer, Uproxy)
-                    how = f" ({peer.node.interception})"
-                    write_list(peer.node.manifests / "scale.json",
-                               scale_objects(n, backends.http))
-                    peer.node.wait_rules(lambda t: t.count('"scale/svc-') >= n,
-                                         timeout=120)
-                    check_path(lab, peer)
-                with_others = _wrk(lab, opts, conns).requests_per_sec
-            except (LabError, parse.ParseError) as exc:
-                res.errors.append(f"scale-conn {name}: {exc}")
-                opts.log(f"    FAILED: {str(exc)[:2000]}")
-                continue
-            finally:
-                (many or peer).stop()
-                if isinstance(peer, Uproxy):
-                    (peer.node.manifests / "scale.json").unlink(missing_ok=True)
-            res.fig("conn_scale").add(name, with_others)
-            res.fig("conn_scale_ratio").add(name, with_others / one if one else None)
-            opts.log(f"    {one:,.0f} conn/s alone, {with_others:,.0f} conn/s with {n} other "
-                     f"Services{how}: {with_others / one if one else 0:.2f}x")
+        opts.log(f"  scale-conn round {rnd}/{opts.rounds}: {NATIVE}")
+        peer = Uproxy(lab, backends, native=True, args=("--proxy-port-range", "20000-39999"))
+        try:
+            peer.start()
+            check_path(lab, peer)
+            one = _wrk(lab, opts, conns).requests_per_sec
+            write_list(peer.node.manifests / "scale.json", scale_objects(n, backends.http))
+            peer.node.wait_rules(lambda t: t.count('"scale/svc-') >= n, timeout=120)
+            check_path(lab, peer)
+            with_others = _wrk(lab, opts, conns).requests_per_sec
+        except (LabError, parse.ParseError) as exc:
+            res.errors.append(f"scale-conn {NATIVE}: {exc}")
+            opts.log(f"    FAILED: {str(exc)[:2000]}")
+            continue
+        finally:
+            peer.stop()
+            (peer.node.manifests / "scale.json").unlink(missing_ok=True)
+        _scale_conn_row(opts, res, NATIVE, one, with_others, n,
+                        f" ({peer.node.interception})")
+
+
+def _scale_conn_kernel(lab: Lab, opts: Options, res: Results, backends: Backends,
+                       others: list[tuple[str, str, int, str, tuple[str, ...]]],
+                       conns: list[str]) -> None:
+    alone: list[float] = []
+    with_others: list[float] = []
+    for count, into in ((0, alone), (len(others), with_others)):
+        peer = KernelDnat(lab, backends, others=others[:count], restore_timeout=900.0)
+        started = time.monotonic()
+        try:
+            peer.start()
+            if count:
+                opts.log(f"  scale-conn: {KERNEL} loaded {count} other Services in "
+                         f"{time.monotonic() - started:.1f} s")
+            check_path(lab, peer)
+            for rnd in range(1, opts.rounds + 1):
+                opts.log(f"  scale-conn round {rnd}/{opts.rounds}: {KERNEL}"
+                         f"{' with the others' if count else ' alone'}")
+                flush_conntrack(lab)
+                into.append(_wrk(lab, opts, conns).requests_per_sec)
+        except (LabError, parse.ParseError) as exc:
+            res.errors.append(f"scale-conn {KERNEL}: {exc}")
+            opts.log(f"    FAILED: {str(exc)[:2000]}")
+            return
+        finally:
+            peer.stop()
+    for one, many in zip(alone, with_others, strict=False):
+        _scale_conn_row(opts, res, KERNEL, one, many, len(others), "")
+
+
+def _scale_conn_row(opts: Options, res: Results, name: str, one: float, with_others: float,
+                    n: int, how: str) -> None:
+    res.fig("conn_scale").add(name, with_others)
+    res.fig("conn_scale_ratio").add(name, with_others / one if one else None)
+    opts.log(f"    {name}: {one:,.0f} conn/s alone, {with_others:,.0f} conn/s with {n} other "
+             f"Services{how}: {with_others / one if one else 0:.2f}x")
 
 
 # ---------------------------------------------------------------------------- driver
