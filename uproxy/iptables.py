@@ -8,13 +8,11 @@ One :class:`Iptables` per address family: ``Iptables(family=6)`` runs the
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import shutil
-import subprocess
-from collections.abc import Sequence
 
 from uproxy import filter_rules, rules
+from uproxy.spawn import spawn
 
 log = logging.getLogger("uproxy.iptables")
 
@@ -51,7 +49,7 @@ class Iptables:
 
     async def _run(self, *argv: str, stdin: str | None = None,
                    check: bool = True) -> tuple[int, str]:
-        proc = await _spawn(argv, stdin)
+        proc = await spawn(argv, stdin)
         out, err = proc.stdout, proc.stderr
         rc = proc.returncode or 0
         if check and rc != 0:
@@ -116,25 +114,6 @@ class Iptables:
         if cleanup:
             await self.restore(cleanup)
         return len(hooks) + len(chains)
-
-
-async def _spawn(argv: Sequence[str], stdin: str | None = None,
-                 timeout: float | None = None) -> subprocess.CompletedProcess[bytes]:
-    """Run one process to its end from a worker thread, with ``subprocess`` (``vfork``).
-
-    Not the event loop's own spawn: uvloop's ``fork`` copies the whole daemon's page
-    tables, ~30-60 ms of the loop's time per process once 10,000 Services are loaded,
-    against ~3 ms here (``bench/ANALYSIS.md``, "Start-up with 10,000 Services").
-    Raises ``OSError`` (cannot run) and ``subprocess.TimeoutExpired`` (killed).
-    """
-    def call() -> subprocess.CompletedProcess[bytes]:
-        if stdin is not None:
-            return subprocess.run(list(argv), input=stdin.encode(), capture_output=True,
-                                  timeout=timeout, check=False)
-        return subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=True,
-                              timeout=timeout, check=False)
-
-    return await asyncio.get_running_loop().run_in_executor(None, call)
 
 
 def _unquote(argv: list[str]) -> list[str]:

@@ -8,13 +8,12 @@ call, each bounded by a timeout. It touches uproxy's tables (``ip uproxy``,
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import shutil
 import subprocess
-from collections.abc import Sequence
 
 from uproxy import nftrules
+from uproxy.spawn import spawn
 
 log = logging.getLogger("uproxy.nftables")
 
@@ -40,25 +39,6 @@ def _probe_text() -> str:
     return "\n".join(parts)
 
 
-async def _spawn(argv: Sequence[str], stdin: str | None = None,
-                 timeout: float | None = None) -> subprocess.CompletedProcess[bytes]:
-    """Run one process to its end from a worker thread, with ``subprocess`` (``vfork``).
-
-    Not the event loop's own spawn: uvloop's ``fork`` copies the whole daemon's page
-    tables, ~30-60 ms of the loop's time per process once 10,000 Services are loaded,
-    against ~3 ms here (``bench/ANALYSIS.md``, "Start-up with 10,000 Services").
-    Raises ``OSError`` (cannot run) and ``subprocess.TimeoutExpired`` (killed).
-    """
-    def call() -> subprocess.CompletedProcess[bytes]:
-        if stdin is not None:
-            return subprocess.run(list(argv), input=stdin.encode(), capture_output=True,
-                                  timeout=timeout, check=False)
-        return subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=True,
-                              timeout=timeout, check=False)
-
-    return await asyncio.get_running_loop().run_in_executor(None, call)
-
-
 class Nftables:
     """Runs ``cmd`` (``nft``) here, or inside network namespace ``netns`` (the lab, tests)."""
 
@@ -71,7 +51,7 @@ class Nftables:
     async def _run(self, *args: str, stdin: str | None = None,
                    check: bool = True) -> tuple[int, str]:
         try:
-            proc = await _spawn((*self.prefix, self.cmd, *args), stdin, self.timeout)
+            proc = await spawn((*self.prefix, self.cmd, *args), stdin, self.timeout)
         except OSError as exc:
             raise NftablesError(f"{self.cmd} cannot run: {exc.strerror or exc}") from None
         except subprocess.TimeoutExpired:  # (killed and reaped by subprocess.run)

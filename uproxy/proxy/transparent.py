@@ -24,13 +24,13 @@ import json
 import logging
 import shutil
 import socket
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from uproxy import rules, transparent
 from uproxy.model import Endpoint
+from uproxy.spawn import spawn
 from uproxy.transparent import FAMILIES, NodeLinks
 
 log = logging.getLogger("uproxy.transparent")
@@ -329,7 +329,7 @@ def backend_socket_probe(family: int) -> socket.socket:
 async def _run(*argv: str, stdin: str | None = None, output: bool = False) -> tuple[int, str]:
     """Run one command; (exit code, stdout when ``output`` else the first stderr line)."""
     try:
-        proc = await _spawn(argv, stdin)
+        proc = await spawn(argv, stdin)
     except OSError as exc:
         return 127, str(exc)
     out, err = proc.stdout, proc.stderr
@@ -337,25 +337,6 @@ async def _run(*argv: str, stdin: str | None = None, output: bool = False) -> tu
         return proc.returncode or 0, out.decode(errors="replace")
     first = (err.decode(errors="replace").strip().splitlines() or [""])[0]
     return proc.returncode or 0, first
-
-
-async def _spawn(argv: Sequence[str], stdin: str | None = None,
-                 timeout: float | None = None) -> subprocess.CompletedProcess[bytes]:
-    """Run one process to its end from a worker thread, with ``subprocess`` (``vfork``).
-
-    Not the event loop's own spawn: uvloop's ``fork`` copies the whole daemon's page
-    tables, ~30-60 ms of the loop's time per process once 10,000 Services are loaded,
-    against ~3 ms here (``bench/ANALYSIS.md``, "Start-up with 10,000 Services").
-    Raises ``OSError`` (cannot run) and ``subprocess.TimeoutExpired`` (killed).
-    """
-    def call() -> subprocess.CompletedProcess[bytes]:
-        if stdin is not None:
-            return subprocess.run(list(argv), input=stdin.encode(), capture_output=True,
-                                  timeout=timeout, check=False)
-        return subprocess.run(list(argv), stdin=subprocess.DEVNULL, capture_output=True,
-                              timeout=timeout, check=False)
-
-    return await asyncio.get_running_loop().run_in_executor(None, call)
 
 
 def _unquote(argv: Sequence[str]) -> list[str]:
