@@ -32,19 +32,20 @@ an exact tuple), so one command per stale frontend does not scale to a restart
 with thousands of UDP services. Instead one ``conntrack -L -p udp`` dump is
 parsed here, matched against the stale set in Python (set lookups), and only
 the entries actually found are deleted by exact original tuple, in one
-``conntrack -R FILE`` batch. Typically only a handful match. Everything runs as
-an async subprocess with a bounded timeout; a missing binary is logged once
-and otherwise ignored (the proxy works without it, just less tidily).
+``conntrack -R -`` batch fed on stdin. Typically only a handful match. Each command
+runs from a worker thread (:mod:`uproxy.spawn`) with a bounded timeout; a missing
+binary is logged once and otherwise ignored (the proxy works without it, just less
+tidily).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import tempfile
+import subprocess
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
+
+from uproxy.spawn import spawn
 
 log = logging.getLogger("uproxy.conntrack")
 
@@ -187,14 +188,8 @@ class Conntrack:
                 continue
             batch = "".join(e.delete_line() + "\n" for e in found)
             timeout = self.timeout + DELETE_TIMEOUT_PER_ENTRY * len(found)
-            # A file, not "-R -": the tool opens /dev/stdin by path, which fails when stdin
-            # is a socket (uvloop's subprocess pipes are socket pairs).
-            with tempfile.NamedTemporaryFile("w", prefix="uproxy-conntrack-",
-                                             suffix=".txt") as f:
-                f.write(batch)
-                f.flush()
-                if await self._run(["-R", f.name], timeout=timeout) is None:
-                    return deleted
+            if await self._run(["-R", "-"], timeout=timeout, stdin=batch) is None:
+                return deleted
             deleted += len(found)
             log.debug("deleted %d stale conntrack entries", len(found))
         self.deleted_total += deleted
@@ -210,13 +205,12 @@ class Conntrack:
         self._warned.add(message)
         log.warning("%s", message)
 
-    async def _run(self, args: list[str], *, timeout: float) -> str | None:
-        """Run the tool; its stdout, or None after logging why not."""
+    async def _run(self, args: list[str], *, timeout: float,
+                   stdin: str | None = None) -> str | None:
+        """Run the tool (from a worker thread, :func:`uproxy.spawn.spawn`); its stdout, or
+        None after logging why not."""
         try:
-            proc = await asyncio.create_subprocess_exec(
-                self.binary, *args,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            proc = await spawn([self.binary, *args], stdin=stdin, timeout=timeout)
         except FileNotFoundError:
             self.available = False
             log.warning("the %r tool is not installed: stale UDP conntrack entries are not "
@@ -225,24 +219,13 @@ class Conntrack:
         except OSError as exc:
             self._warn(f"cannot run {self.binary}: {exc.strerror or exc}")
             return None
-        try:
-            async with asyncio.timeout(timeout):
-                out, err = await proc.communicate()
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
+        except subprocess.TimeoutExpired:
             self._warn(f"{self.binary} {args[0]} timed out after {timeout:.1f}s")
             return None
-        except BaseException:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-            raise
-        text_err = err.decode(errors="replace").strip()
+        text_err = proc.stderr.decode(errors="replace").strip()
         # Exit 1 with "0 flow entries have been deleted" only means nothing matched.
         if proc.returncode != 0 and not (proc.returncode == 1 and "0 flow entries" in text_err):
             line = text_err.splitlines()[0] if text_err else ""
             self._warn(f"{self.binary} {' '.join(args)} failed (exit {proc.returncode}): {line}")
             return None
-        return out.decode(errors="replace")
+        return proc.stdout.decode(errors="replace")
