@@ -41,6 +41,8 @@
 
 #define SCRATCH_SIZE (64 * 1024)
 #define MAX_EVENTS 256
+#define UPROXY_NOTIFY_MS 5     /* under load: at most one wake-up of Python per this */
+#define UPROXY_NOTIFY_BATCH 64 /* ... or this many records queued */
 
 #define CMD_ADD 1u
 #define CMD_ABORT 2u
@@ -210,7 +212,9 @@ struct uproxy_engine {
     struct timer_queue tq[UPROXY_SETUP_MAX_ATTEMPTS + 1]; /* per attempt; the last: fd waits */
     struct listener *pause_head, *pause_tail;
     uint64_t setup_tokens, rng;
-    bool ev_pending;
+    int ev_pending;     /* events and completions queued since Python was last woken */
+    int64_t notify_at;  /* ms: when Python is woken for them (0: nothing pending) */
+    int64_t notified;   /* ms: when Python was last woken for them */
 };
 
 static inline void stat_set(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
@@ -367,7 +371,7 @@ static void conn_finish(struct uproxy_engine *e, struct conn *c, int reason, int
         e->done_head = c;
     e->done_tail = c;
     pthread_mutex_unlock(&e->lock);
-    wake(e->donefd);
+    e->ev_pending++; /* Python is woken at the end of the round (notify_python) */
 }
 
 /* The bytes direction `d` holds (copy buffer or pipe), moved into a malloc'd block.
@@ -469,7 +473,7 @@ static void conn_detach(struct uproxy_engine *e, struct conn *c)
         e->done_head = c;
     e->done_tail = c;
     pthread_mutex_unlock(&e->lock);
-    wake(e->donefd);
+    wake(e->donefd); /* at once: a takeover waits for it (NativeRelayHandle.pause) */
 }
 
 static void conn_fail(struct uproxy_engine *e, struct conn *c, int side, int err)
@@ -783,7 +787,7 @@ static void ev_push(struct uproxy_engine *e, const struct uproxy_event *ev)
     }
     e->evq[e->evq_len++] = *ev;
     pthread_mutex_unlock(&e->lock);
-    e->ev_pending = true;
+    e->ev_pending++;
 }
 
 static void ev_for(struct conn *c, int kind, struct uproxy_event *ev)
@@ -1238,6 +1242,8 @@ static int next_timeout(struct uproxy_engine *e)
             best = e->tq[q].head->su.deadline;
     if (e->pause_head && e->pause_head->resume_at < best)
         best = e->pause_head->resume_at;
+    if (e->notify_at && e->notify_at < best)
+        best = e->notify_at;
     if (best == INT64_MAX)
         return -1;
     int64_t wait = best - now_ms();
@@ -1320,6 +1326,26 @@ static bool run_commands(struct uproxy_engine *e)
     return stopping;
 }
 
+/* Wake Python for what the engine queued (set-up events, completions): at once after a
+ * quiet spell, but under load at most once every UPROXY_NOTIFY_MS (or when
+ * UPROXY_NOTIFY_BATCH records wait), not once per connection. The records are
+ * bookkeeping (table, metrics); connections never wait for Python. Engine thread, at
+ * the end of each round. */
+static void notify_python(struct uproxy_engine *e)
+{
+    if (!e->ev_pending)
+        return;
+    int64_t now = now_ms();
+    if (now >= e->notified + UPROXY_NOTIFY_MS || e->ev_pending >= UPROXY_NOTIFY_BATCH) {
+        e->ev_pending = 0;
+        e->notify_at = 0;
+        e->notified = now;
+        wake(e->donefd);
+    } else {
+        e->notify_at = e->notified + UPROXY_NOTIFY_MS;
+    }
+}
+
 static void *engine_main(void *arg)
 {
     struct uproxy_engine *e = arg;
@@ -1350,10 +1376,7 @@ static void *engine_main(void *arg)
             stopping = run_commands(e);
             free_dead_listeners(e);
         }
-        if (e->ev_pending) { /* one wake-up for the round's set-up events */
-            e->ev_pending = false;
-            wake(e->donefd);
-        }
+        notify_python(e);
     }
     pthread_mutex_lock(&e->lock);
     e->stopping = true; /* also when epoll_wait failed: refuse new work from now on */

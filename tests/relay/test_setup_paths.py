@@ -55,6 +55,11 @@ class Rig:
         return self.metrics.registry.get_sample_value(
             "uproxy_relay_setup_total", {"path": path}) or 0.0
 
+    async def settle(self, path: str, n: int) -> None:
+        """Wait until ``n`` set-ups on ``path`` were counted: under load the engine hands
+        its records to Python in batches (at most ~5 ms late), so counts may lag."""
+        await _until(lambda: self.setup_count(path) >= n)
+
     def total(self, result: str) -> float:
         return self.metrics.registry.get_sample_value(
             "uproxy_connections_total",
@@ -154,6 +159,7 @@ def test_a_refusing_endpoint_sends_the_client_to_the_next(flavor: Flavor, family
                 r.set_endpoints([r.refusing(), good])
                 results = [await r.connect() for _ in range(20)]
                 assert [tag for tag, _, _ in results] == [b"G"] * 20, results
+                await r.settle(_path(flavor), 20)
                 # The refusal was learnt: counted once per failure, and avoided after it.
                 failed = r.conns.services[NAME].failed
                 assert 1 <= failed < 20, failed
@@ -176,6 +182,7 @@ def test_a_blackholed_endpoint_is_left_after_250_ms(flavor: Flavor, family: int)
                 tag, error, took = await r.connect()
                 assert (tag, error) == (b"G", None)
                 assert 0.2 <= took < 0.9, took
+                await r.settle(_path(flavor), 1)
                 assert r.conns.services[NAME].by_endpoint[hole].failed == 1
                 assert r.setup_count(_path(flavor)) == 1
 
@@ -256,6 +263,7 @@ def test_a_backend_that_speaks_and_closes_at_once_is_relayed_to_the_end(
                         assert await asyncio.wait_for(reader.read(), 5) == b"hello"
                     finally:
                         writer.close()
+                await r.settle(_path(flavor), 100)
                 assert r.setup_count(_path(flavor)) == 100
 
     _run(flavor, main)
@@ -281,6 +289,7 @@ def test_the_choice_is_uniform(flavor: Flavor, family: int) -> None:
                 expected = n / 3
                 chi2 = sum((c - expected) ** 2 / expected for c in counts.values())
                 assert chi2 < CHI2_P001_DF2, counts
+                await r.settle(_path(flavor), n)
                 assert r.setup_count(_path(flavor)) == n
                 assert r.setup_count("python" if flavor.native else "native") == 0
             finally:
@@ -299,9 +308,11 @@ def test_client_ip_affinity_stays_on_the_python_path(native_flavor: Flavor) -> N
             async with server:
                 r.set_endpoints([good], affinity=10800)
                 assert (await r.connect())[0] == b"G"
+                await r.settle("python", 1)
                 assert r.setup_count("python") == 1 and r.setup_count("native") == 0
                 r.set_endpoints([good])
                 assert (await r.connect())[0] == b"G"
+                await r.settle("native", 1)
                 assert r.setup_count("native") == 1
 
     _run(native_flavor, main)
@@ -323,6 +334,7 @@ def test_a_paused_listener_accepts_nothing_until_resumed(flavor: Flavor) -> None
                 listener.resume()
                 tag, error, _ = await pending
                 assert (tag, error) == (b"G", None)
+                await r.settle(_path(flavor), 1)
                 assert r.setup_count(_path(flavor)) == 1
 
     _run(flavor, main)

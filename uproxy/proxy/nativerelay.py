@@ -471,6 +471,10 @@ class NativeRelay:
         if not handle._want_detach:
             handle.resume()
 
+    def catch_up(self) -> None:
+        if self._engine is not None and self._stopped is None:
+            self._on_completions()
+
     def active(self) -> int:
         """Live connections, counting the ones the engine is still setting up."""
         setting_up = self.stats().get("setups_live", 0)

@@ -242,6 +242,9 @@ class PyRelay:
         """Directions holding bytes their destination has not taken yet."""
         return sum((h._up.pending != b"") + (h._down.pending != b"") for h in self._live)
 
+    def catch_up(self) -> None:
+        """Nothing is queued: this relay runs on the loop itself."""
+
     def stats(self) -> dict[str, int]:
         """The same keys as the native engine's, where they mean something here."""
         return {"conns_live": len(self._live), "pipes_in_use": 0,

@@ -112,6 +112,11 @@ class Relay(Protocol):
 
     def stats(self) -> dict[str, int]: ...
 
+    def catch_up(self) -> None:
+        """Hand over now what the relay queued for the event loop (finished connections,
+        set-up records): readers of the table and metrics call it first, as under load
+        the native engine wakes the loop at most every few milliseconds."""
+
     async def close(self) -> None: ...
 
 

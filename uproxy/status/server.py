@@ -65,6 +65,13 @@ async def _headers(request: web.Request, handler: Handler) -> web.StreamResponse
     return response
 
 
+@web.middleware
+async def _caught_up(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every answer sees every connection the relay has finished or opened so far."""
+    request.app[DAEMON].relay.catch_up()
+    return await handler(request)
+
+
 def _json(data: Any, *, status: int = 200) -> web.Response:
     return web.Response(text=json.dumps(data, indent=None, separators=(",", ":")) + "\n",
                         status=status, content_type="application/json")
@@ -104,7 +111,7 @@ def _loop_name(daemon: DaemonView) -> str:
 # --- status app ----------------------------------------------------------------------------
 def make_status_app(daemon: DaemonView) -> web.Application:
     """The status app: ``/``, ``/api/v1/*``, ``/metrics`` (read-only)."""
-    app = web.Application(middlewares=[_headers])
+    app = web.Application(middlewares=[_headers, _caught_up])
     app[DAEMON] = daemon
     app[HUB] = ConnHub(daemon.conns)
     app[SEEN] = views.FirstSeen()
