@@ -126,8 +126,14 @@ struct epset {
     struct ep_entry ent[];
 };
 
+/* TCP_CA_NAME_MAX in the kernel */
+#define CC_NAME_MAX 16
+
 struct listener {
     int id, fd;
+    /* the listener's TCP_CONGESTION when it is not the netns default (set at add):
+     * the backend sockets of its connections get it too; "" leaves them alone */
+    char cc[CC_NAME_MAX];
     /* guarded by e->lock */
     struct epset *eps;
     bool user_paused, fd_paused, removed, registered;
@@ -149,6 +155,7 @@ struct setup {
     int64_t deadline, fd_deadline;
     struct conn *tprev, *tnext;
     struct sockaddr_storage client;
+    char cc[CC_NAME_MAX]; /* the listener's congestion control for the backend socket, "" */
 };
 
 /* Kept small (an idle relayed connection is this, two sockets and the Python
@@ -225,6 +232,7 @@ struct uproxy_engine {
     struct listener *accepting; /* atomic: the listener the accept loop is on */
     struct uproxy_links *links; /* read by the engine thread, swapped under the lock */
     struct old_links *old_links; /* replaced, freed by the engine thread */
+    char cc_default[CC_NAME_MAX]; /* the netns's TCP congestion control ("": not read yet) */
     /* engine thread */
     struct timer_queue tq[UPROXY_SETUP_MAX_ATTEMPTS + 1]; /* per attempt; the last: fd waits */
     struct listener *pause_head, *pause_tail;
@@ -1071,6 +1079,8 @@ static void setup_connect(struct uproxy_engine *e, struct conn *c)
     }
     int one = 1;
     setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (c->su->cc[0]) /* failing leaves the default: still a working connection */
+        setsockopt(s, IPPROTO_TCP, TCP_CONGESTION, c->su->cc, (socklen_t)strlen(c->su->cc));
     c->fd[1] = s;
     if (connect(s, (struct sockaddr *)&t->sa, t->len) == 0) {
         setup_connected(e, c);
@@ -1144,6 +1154,7 @@ static void setup_start(struct uproxy_engine *e, struct listener *l, struct epse
     c->su->queue = -1;
     c->su->cur = -1;
     c->su->client = *client;
+    memcpy(c->su->cc, l->cc, sizeof l->cc);
     c->su->eps = eps;
     eps_ref(eps);
     stat_add(&e->stats.setups_live, 1);
@@ -1661,6 +1672,33 @@ int uproxy_engine_setup_config(struct uproxy_engine *e, const double *timeouts, 
     return 0;
 }
 
+/* The congestion control set on listening socket `fd` (TCP_CONGESTION), into
+ * `out`, when it differs from what a new socket of its family gets; else "".
+ * A proxy's backend socket is a second sender in series with the client's: with
+ * a pacing one (BBR without the fq qdisc paces with a timer per socket) that
+ * costs the relay CPU and bulk throughput (bench/ANALYSIS.md, bulk), so the
+ * caller can choose another for both legs by setting it on the listener. */
+static void listener_cc(struct uproxy_engine *e, int fd, char *out)
+{
+    out[0] = 0;
+    char mine[CC_NAME_MAX] = {0};
+    socklen_t len = sizeof mine - 1;
+    if (getsockopt(fd, IPPROTO_TCP, TCP_CONGESTION, mine, &len) < 0 || !mine[0])
+        return;
+    pthread_mutex_lock(&e->lock);
+    if (!e->cc_default[0]) { /* once: what a new socket gets in this netns */
+        int probe = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        len = sizeof e->cc_default - 1;
+        if (probe < 0 || getsockopt(probe, IPPROTO_TCP, TCP_CONGESTION, e->cc_default, &len) < 0)
+            e->cc_default[0] = 0;
+        if (probe >= 0)
+            close(probe);
+    }
+    if (e->cc_default[0] && strncmp(mine, e->cc_default, sizeof mine) != 0)
+        memcpy(out, mine, sizeof mine);
+    pthread_mutex_unlock(&e->lock);
+}
+
 int uproxy_engine_listener_add(struct uproxy_engine *e, int fd)
 {
     /* The engine thread must never block in accept4 (a shared file flag: Python's
@@ -1674,6 +1712,7 @@ int uproxy_engine_listener_add(struct uproxy_engine *e, int fd)
     if (!l)
         return -ENOMEM;
     l->fd = fd;
+    listener_cc(e, fd, l->cc);
     pthread_mutex_lock(&e->lock);
     if (e->stopping) {
         pthread_mutex_unlock(&e->lock);

@@ -213,7 +213,9 @@ int uproxy_engine_setup_config(struct uproxy_engine *e, const double *timeouts, 
 
 /* Accept on `fd` (a listening TCP socket, the caller's; made non-blocking)
  * from its first uproxy_engine_listener_set on (until then the kernel keeps
- * the backlog).
+ * the backlog). A congestion control set on `fd` (TCP_CONGESTION, before this
+ * call) other than the netns default is given to the backend sockets too (the
+ * accepted ones inherit it from `fd`); by default nothing is set.
  * Returns its id (>= 0), or -errno. */
 int uproxy_engine_listener_add(struct uproxy_engine *e, int fd);
 
