@@ -11,10 +11,7 @@
  *                                        else (or no free pipe): recv into the
  *                                        scratch buffer, send, keep the rest.
  * A direction turns bulk when a recv fills the 64 KiB scratch buffer and
- * stops being bulk when a splice brings less than that. A splice that finds
- * the socket empty (EAGAIN) leaves it bulk: a stream drains its receive queue
- * at every wake-up, and dropping to recv/send there made the next 64 KiB of
- * each burst a copy (bench/ANALYSIS.md, bulk).
+ * stops being bulk when a splice brings less than that (or nothing).
  * A pipe is filled only when empty and drained fully before src is read
  * again, so EAGAIN from splice is never ambiguous, and it goes back to the
  * pool only when empty. Readiness is tracked per fd from edge-triggered
@@ -577,8 +574,9 @@ static bool dir_pump(struct uproxy_engine *e, struct conn *c, int di)
             }
             if (err == EINTR)
                 continue;
-            if (err == EAGAIN) { /* the pipe was empty, so the socket is; still bulk */
+            if (err == EAGAIN) { /* the pipe was empty, so the socket is */
                 c->readable[src] = false;
+                d->bulk = false;
                 return true;
             }
             conn_fail(e, c, src, err);
