@@ -38,6 +38,7 @@
 #include <unistd.h>
 
 #include "uproxy_native.h"
+#include "affinity.h"
 
 #define SCRATCH_SIZE (64 * 1024)
 #define MAX_EVENTS 256
@@ -119,6 +120,8 @@ struct epset {
     int refs; /* atomic */
     int has_service;
     int transparent; /* UPROXY_TP_* */
+    uint32_t aff_group;
+    int64_t aff_timeout_ms; /* ClientIP affinity's timeout; 0: no affinity */
     int n;
     struct ep_entry ent[];
 };
@@ -230,6 +233,7 @@ struct uproxy_engine {
     struct uproxy_links *links; /* read by the engine thread, swapped under the lock */
     struct old_links *old_links; /* replaced, freed by the engine thread */
     char cc_default[CC_NAME_MAX]; /* the netns's TCP congestion control ("": not read yet) */
+    struct uproxy_affinity *aff; /* ClientIP pins (its own lock) */
     /* engine thread */
     struct timer_queue tq[UPROXY_SETUP_MAX_ATTEMPTS + 1]; /* per attempt; the last: fd waits */
     struct listener *pause_head, *pause_tail;
@@ -887,9 +891,78 @@ static bool fd_errno(int err)
     return err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM;
 }
 
+static void aff_key(const struct setup *su, struct uproxy_affinity_key *k)
+{
+    memset(k, 0, sizeof *k);
+    k->group = su->eps->aff_group;
+    if (su->client.ss_family == AF_INET6) {
+        k->family = 6;
+        memcpy(k->addr, &((const struct sockaddr_in6 *)&su->client)->sin6_addr, 16);
+    } else {
+        k->family = 4;
+        memcpy(k->addr, &((const struct sockaddr_in *)&su->client)->sin_addr, 4);
+    }
+}
+
+static void aff_ep(const struct ep_entry *t, struct uproxy_affinity_ep *ep)
+{
+    memset(ep, 0, sizeof *ep);
+    if (t->sa.ss_family == AF_INET6) {
+        const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)&t->sa;
+        ep->family = 6;
+        memcpy(ep->addr, &a->sin6_addr, 16);
+        ep->port = ntohs(a->sin6_port);
+    } else {
+        const struct sockaddr_in *a = (const struct sockaddr_in *)&t->sa;
+        ep->family = 4;
+        memcpy(ep->addr, &a->sin_addr, 4);
+        ep->port = ntohs(a->sin_port);
+    }
+}
+
+static bool setup_tried(const struct setup *su, int i)
+{
+    for (int k = 0; k < su->ntried; k++)
+        if (su->tried[k] == i)
+            return true;
+    return false;
+}
+
+static int setup_choose_uniform(struct uproxy_engine *e, struct conn *c, int64_t now);
+
+/* Balancer.choose: with ClientIP affinity, the client's pin when it is still
+ * usable (listed, not tried for this connection, used within the timeout), else
+ * the uniform choice below, pinned. */
+static int setup_choose(struct uproxy_engine *e, struct conn *c, int64_t now)
+{
+    struct epset *s = c->su->eps;
+    if (s->aff_timeout_ms <= 0 || !e->aff)
+        return setup_choose_uniform(e, c, now);
+    struct uproxy_affinity_key k;
+    struct uproxy_affinity_ep pinned, ep;
+    aff_key(c->su, &k);
+    if (uproxy_affinity_lookup(e->aff, &k, now, s->aff_timeout_ms, &pinned)) {
+        for (int i = 0; i < s->n; i++) {
+            aff_ep(&s->ent[i], &ep);
+            if (ep.family == pinned.family && ep.port == pinned.port &&
+                memcmp(ep.addr, pinned.addr, sizeof ep.addr) == 0 && !setup_tried(c->su, i)) {
+                uproxy_affinity_pin(e->aff, &k, &ep, now, s->aff_timeout_ms);
+                return i;
+            }
+        }
+        uproxy_affinity_drop(e->aff, &k, NULL); /* its endpoint is not usable now */
+    }
+    int i = setup_choose_uniform(e, c, now);
+    if (i >= 0) {
+        aff_ep(&s->ent[i], &ep);
+        uproxy_affinity_pin(e->aff, &k, &ep, now, s->aff_timeout_ms);
+    }
+    return i;
+}
+
 /* Uniform among the endpoints not tried for this client and not avoided; among
  * the avoided ones when that is all; -1 when every one was tried. */
-static int setup_choose(struct uproxy_engine *e, struct conn *c, int64_t now)
+static int setup_choose_uniform(struct uproxy_engine *e, struct conn *c, int64_t now)
 {
     struct epset *s = c->su->eps;
     int healthy = 0, untried = 0;
@@ -904,10 +977,7 @@ static int setup_choose(struct uproxy_engine *e, struct conn *c, int64_t now)
                 return -1;
         }
         for (int i = 0; i < s->n; i++) {
-            bool tried = false;
-            for (int k = 0; k < c->su->ntried; k++)
-                tried |= c->su->tried[k] == i;
-            if (tried)
+            if (setup_tried(c->su, i))
                 continue;
             bool ok = __atomic_load_n(&s->ent[i].avoid_until, __ATOMIC_RELAXED) <= now;
             if (pass == 0) {
@@ -982,6 +1052,13 @@ static void setup_failed(struct uproxy_engine *e, struct conn *c, int err)
         }
     }
     pthread_mutex_unlock(&e->lock);
+    if (c->su->eps->aff_timeout_ms > 0 && e->aff) { /* Balancer.connect_failed: its pin goes */
+        struct uproxy_affinity_key k;
+        struct uproxy_affinity_ep ep;
+        aff_key(c->su, &k);
+        aff_ep(t, &ep);
+        uproxy_affinity_drop(e->aff, &k, &ep);
+    }
     struct uproxy_event ev;
     ev_for(c, UPROXY_EV_CONNECT_FAILED, &ev);
     ev.err = err;
@@ -1406,7 +1483,8 @@ struct uproxy_engine *uproxy_engine_new(int max_pipes, int want_pipe_size, int k
     e->max_pipes = max_pipes < 0 ? 0 : max_pipes;
     e->keep_free = keep_free < 0 ? 0 : keep_free;
     e->scratch = malloc(SCRATCH_SIZE);
-    if (!e->scratch)
+    e->aff = uproxy_affinity_new();
+    if (!e->scratch || !e->aff)
         goto fail;
     if (getrandom(&e->rng, sizeof e->rng, GRND_NONBLOCK) != sizeof e->rng)
         e->rng = (uint64_t)now_ms() * 0x9E3779B97F4A7C15ULL;
@@ -1738,9 +1816,10 @@ int uproxy_engine_listener_add(struct uproxy_engine *e, int fd)
 int uproxy_engine_listener_set(struct uproxy_engine *e, int id, int has_service, int family,
                                int n, const unsigned char *addrs, const int *ports,
                                const int *indexes, const double *avoid_until,
-                               const int *here, int transparent)
+                               const int *here, int transparent, int affinity_group,
+                               double affinity_timeout)
 {
-    if (n < 0 || (family != 4 && family != 6))
+    if (n < 0 || (family != 4 && family != 6) || (affinity_timeout > 0 && affinity_group < 0))
         return -EINVAL;
     struct epset *s = calloc(1, sizeof *s + (size_t)n * sizeof s->ent[0]);
     if (!s)
@@ -1749,6 +1828,10 @@ int uproxy_engine_listener_set(struct uproxy_engine *e, int id, int has_service,
     s->has_service = has_service;
     s->transparent = transparent;
     s->n = n;
+    if (affinity_timeout > 0) {
+        s->aff_group = (uint32_t)affinity_group;
+        s->aff_timeout_ms = secs_ms(affinity_timeout);
+    }
     /* CLOCK_MONOTONIC seconds (Python's time.monotonic()) to our milliseconds. */
     for (int i = 0; i < n; i++) {
         struct ep_entry *t = &s->ent[i];
@@ -1857,6 +1940,28 @@ void uproxy_engine_listener_remove(struct uproxy_engine *e, int id)
     }
 }
 
+int uproxy_engine_affinity_export(struct uproxy_engine *e, struct uproxy_pin *out, int max)
+{
+    return uproxy_affinity_export(e->aff, out, max < 0 ? 0 : max, now_ms());
+}
+
+int uproxy_engine_affinity_import(struct uproxy_engine *e, const struct uproxy_pin *pins, int n)
+{
+    return uproxy_affinity_import(e->aff, pins, n, now_ms());
+}
+
+int uproxy_engine_affinity_sweep(struct uproxy_engine *e)
+{
+    return uproxy_affinity_sweep(e->aff, now_ms());
+}
+
+int uproxy_engine_affinity_forget(struct uproxy_engine *e, int group)
+{
+    return group < 0 ? 0 : uproxy_affinity_forget(e->aff, (uint32_t)group);
+}
+
+int uproxy_engine_affinity_count(struct uproxy_engine *e) { return uproxy_affinity_count(e->aff); }
+
 int uproxy_engine_events(struct uproxy_engine *e, struct uproxy_event *out, int max)
 {
     pthread_mutex_lock(&e->lock);
@@ -1909,5 +2014,6 @@ void uproxy_engine_free(struct uproxy_engine *e)
     if (e->lock_ready)
         pthread_mutex_destroy(&e->lock);
     free(e->scratch);
+    uproxy_affinity_free(e->aff);
     free(e);
 }

@@ -276,7 +276,8 @@ def test_engine_stress_under_sanitizers(tmp_path: Path, sanitizer: str) -> None:
     build = subprocess.run(
         [cc, "-O1", "-g", "-Wall", "-Wextra", "-Werror", f"-fsanitize={sanitizer}",
          "-fno-sanitize-recover=all", f"-I{native_dir}", str(native_dir / "stress.c"),
-         str(native_dir / "relay.c"), str(native_dir / "transparent.c"), "-lpthread", "-o",
+         str(native_dir / "relay.c"), str(native_dir / "transparent.c"),
+         str(native_dir / "affinity.c"), "-lpthread", "-o",
          str(exe)],
         capture_output=True, text=True, timeout=120)
     if build.returncode != 0 and "sanitize" in build.stderr and "unrecognized" in build.stderr:
