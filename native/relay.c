@@ -38,6 +38,7 @@
 #include <unistd.h>
 
 #include "uproxy_native.h"
+#include "affinity.h"
 
 #define SCRATCH_SIZE (64 * 1024)
 #define MAX_EVENTS 256
@@ -82,11 +83,14 @@ struct pipe_slot {
     struct pipe_slot *next;
 };
 
+/* Sizes are uint32_t: a pipe holds at most its size (<= 1 MiB by default) and a
+ * copy buffer at most SCRATCH_SIZE, or what a takeover hands over (a socket's
+ * queue, far below 4 GiB). Kept small: an idle connection is mostly this. */
 struct direction {
     struct pipe_slot *pipe; /* non-NULL only while it holds data */
-    size_t in_pipe;
-    char *buf; /* copy path: bytes read but not yet sent */
-    size_t buf_off, buf_len;
+    char *buf;              /* copy path: bytes read but not yet sent */
+    uint32_t in_pipe;
+    uint32_t buf_off, buf_len;
     bool bulk; /* the last read filled its buffer: use a pipe next */
     bool eof;  /* src returned EOF */
     bool shut; /* dst got SHUT_WR (after everything was delivered) */
@@ -94,12 +98,14 @@ struct direction {
 
 struct conn;
 
-/* What an epoll registration points to: a connection's side, or (conn NULL) a
- * listener, whose first member it is. */
-struct endpoint {
-    struct conn *conn;
-    int side;
-};
+/* What an epoll registration carries (data.u64): 0 for the wake-up eventfd, a
+ * listener's address | 2, or a connection's address | its side (0 or 1). Both
+ * structs are malloc'd, so the low bits are free; a connection needs no
+ * per-side record for this. */
+#define TAG_LISTENER 2u
+#define TAG_MASK 3u
+
+static inline uint64_t tag_conn(struct conn *c, int side) { return (uintptr_t)c | (unsigned)side; }
 
 /* The endpoints pushed for a listener (uproxy_engine_listener_set); shared by
  * the listener and every set-up that started with them (reference counted). */
@@ -116,13 +122,20 @@ struct epset {
     int refs; /* atomic */
     int has_service;
     int transparent; /* UPROXY_TP_* */
+    uint32_t aff_group;
+    int64_t aff_timeout_ms; /* ClientIP affinity's timeout; 0: no affinity */
     int n;
     struct ep_entry ent[];
 };
 
+/* TCP_CA_NAME_MAX in the kernel */
+#define CC_NAME_MAX 16
+
 struct listener {
-    struct endpoint ep; /* first: ep.conn == NULL marks a listener */
     int id, fd;
+    /* the listener's TCP_CONGESTION when it is not the netns default (set at add):
+     * the backend sockets of its connections get it too; "" leaves them alone */
+    char cc[CC_NAME_MAX];
     /* guarded by e->lock */
     struct epset *eps;
     bool user_paused, fd_paused, removed, registered;
@@ -134,34 +147,47 @@ struct listener {
     struct listener *pause_next;
 };
 
+/* The set-up state of an engine-made connection: allocated at accept, freed
+ * once it is connected (or refused), so an idle relayed connection does not
+ * carry it. */
+struct setup {
+    struct epset *eps;
+    int listener, attempt, ntried, cur, queue;
+    int tried[UPROXY_SETUP_MAX_ATTEMPTS];
+    int64_t deadline, fd_deadline;
+    struct conn *tprev, *tnext;
+    struct sockaddr_storage client;
+    char cc[CC_NAME_MAX]; /* the listener's congestion control for the backend socket, "" */
+};
+
+/* Kept small (an idle relayed connection is this, two sockets and the Python
+ * side's record): the completion is built from these fields when polled, and
+ * the set-up state lives apart (struct setup). Fields written by different
+ * threads are separate bytes, never bit-fields of one word. */
 struct conn {
     struct uproxy_conn pub; /* first: the pointer handed to Python */
     int fd[2];              /* UPROXY_SIDE_CLIENT, UPROXY_SIDE_BACKEND */
+    struct direction dir[2]; /* 0: client -> backend, 1: backend -> client */
+    struct conn *prev, *next; /* all conns the engine thread knows */
+    struct setup *su;         /* non-NULL while accepted and not connected yet */
+    /* after a detach: the bytes each direction held (freed with the conn) */
+    char *held[2];
+    uint32_t held_len[2];
+    /* the completion (written before it is queued, read by uproxy_engine_poll) */
+    int err;
+    int8_t reason, side;
+    bool detached;
+    /* engine thread */
     bool readable[2], writable[2];
     bool hup[2]; /* an event reported EPOLLRDHUP/EPOLLHUP: never trust a short read */
-    struct endpoint ep[2];
-    struct direction dir[2]; /* 0: client -> backend, 1: backend -> client */
     bool live, closed, released;
-    char *held[2]; /* after a detach: the bytes each direction held (freed with the conn) */
-    struct conn *prev, *next; /* all conns the engine thread knows */
-    /* guarded by e->lock */
-    unsigned cmds;
-    bool cmd_queued;
-    struct conn *cmd_next;
-    struct conn *done_next;
-    struct uproxy_done done;
-    /* engine-made connections (engine thread) */
     bool registered[2]; /* in epoll already (the backend, from its connect) */
     bool nonblocking;   /* both fds known non-blocking */
-    bool setting_up;    /* accepted, not connected yet */
-    struct {
-        struct epset *eps;
-        int listener, attempt, ntried, cur, queue;
-        int tried[UPROXY_SETUP_MAX_ATTEMPTS];
-        int64_t deadline, fd_deadline;
-        struct conn *tprev, *tnext;
-        struct sockaddr_storage client;
-    } su;
+    /* guarded by e->lock */
+    bool cmd_queued;
+    unsigned cmds;
+    struct conn *cmd_next;
+    struct conn *done_next;
 };
 
 struct old_links {
@@ -208,6 +234,8 @@ struct uproxy_engine {
     struct listener *accepting; /* atomic: the listener the accept loop is on */
     struct uproxy_links *links; /* read by the engine thread, swapped under the lock */
     struct old_links *old_links; /* replaced, freed by the engine thread */
+    char cc_default[CC_NAME_MAX]; /* the netns's TCP congestion control ("": not read yet) */
+    struct uproxy_affinity *aff; /* ClientIP pins (its own lock) */
     /* engine thread */
     struct timer_queue tq[UPROXY_SETUP_MAX_ATTEMPTS + 1]; /* per attempt; the last: fd waits */
     struct listener *pause_head, *pause_tail;
@@ -324,6 +352,24 @@ static void reset_close(int fd)
     close(fd);
 }
 
+/* Queue c's completion (its reason, side and err set; built in uproxy_engine_poll). */
+/* Python is woken for it at the end of the round (notify_python), or at once. */
+static void done_queue(struct uproxy_engine *e, struct conn *c, bool at_once)
+{
+    pthread_mutex_lock(&e->lock);
+    c->done_next = NULL;
+    if (e->done_tail)
+        e->done_tail->done_next = c;
+    else
+        e->done_head = c;
+    e->done_tail = c;
+    pthread_mutex_unlock(&e->lock);
+    if (at_once)
+        wake(e->donefd);
+    else
+        e->ev_pending++;
+}
+
 static void conn_finish(struct uproxy_engine *e, struct conn *c, int reason, int side, int err)
 {
     if (c->closed)
@@ -354,24 +400,10 @@ static void conn_finish(struct uproxy_engine *e, struct conn *c, int reason, int
         c->live = false;
         stat_set(&e->stats.conns_live, stat_get(&e->stats.conns_live) - 1);
     }
-    c->done = (struct uproxy_done){
-        .conn = &c->pub,
-        .token = c->pub.token,
-        .bytes_up = stat_get(&c->pub.bytes_up),
-        .bytes_down = stat_get(&c->pub.bytes_down),
-        .reason = reason,
-        .side = side,
-        .err = err,
-    };
-    pthread_mutex_lock(&e->lock);
-    c->done_next = NULL;
-    if (e->done_tail)
-        e->done_tail->done_next = c;
-    else
-        e->done_head = c;
-    e->done_tail = c;
-    pthread_mutex_unlock(&e->lock);
-    e->ev_pending++; /* Python is woken at the end of the round (notify_python) */
+    c->reason = (int8_t)reason;
+    c->side = (int8_t)side;
+    c->err = err;
+    done_queue(e, c, false);
 }
 
 /* The bytes direction `d` holds (copy buffer or pipe), moved into a malloc'd block.
@@ -434,12 +466,13 @@ static void conn_detach(struct uproxy_engine *e, struct conn *c)
         conn_finish(e, c, UPROXY_DONE_CLOSED, -1, 0);
         return;
     }
-    size_t len[2] = {0, 0};
     for (int di = 0; di < 2; di++) {
-        if (!dir_take(e, &c->dir[di], &c->held[di], &len[di])) {
+        size_t len;
+        if (!dir_take(e, &c->dir[di], &c->held[di], &len)) {
             conn_finish(e, c, UPROXY_DONE_ERROR, -1, ENOMEM); /* nothing lost silently */
             return;
         }
+        c->held_len[di] = (uint32_t)len;
     }
     c->closed = true;
     for (int s = 0; s < 2; s++)
@@ -448,32 +481,10 @@ static void conn_detach(struct uproxy_engine *e, struct conn *c)
         c->live = false;
         stat_set(&e->stats.conns_live, stat_get(&e->stats.conns_live) - 1);
     }
-    c->done = (struct uproxy_done){
-        .conn = &c->pub,
-        .token = c->pub.token,
-        .bytes_up = stat_get(&c->pub.bytes_up),
-        .bytes_down = stat_get(&c->pub.bytes_down),
-        .reason = UPROXY_DONE_DETACHED,
-        .side = -1,
-        .client_fd = c->fd[0],
-        .backend_fd = c->fd[1],
-        .pending_up = c->held[0],
-        .pending_up_len = len[0],
-        .pending_down = c->held[1],
-        .pending_down_len = len[1],
-        .eof_up = c->dir[0].eof,
-        .eof_down = c->dir[1].eof,
-    };
-    c->fd[0] = c->fd[1] = -1; /* the caller's now */
-    pthread_mutex_lock(&e->lock);
-    c->done_next = NULL;
-    if (e->done_tail)
-        e->done_tail->done_next = c;
-    else
-        e->done_head = c;
-    e->done_tail = c;
-    pthread_mutex_unlock(&e->lock);
-    wake(e->donefd); /* at once: a takeover waits for it (NativeRelayHandle.pause) */
+    c->reason = UPROXY_DONE_DETACHED;
+    c->side = -1;
+    c->detached = true; /* fd[] are the caller's now; nothing here closes them again */
+    done_queue(e, c, true); /* a takeover waits for it (NativeRelayHandle.pause) */
 }
 
 static void conn_fail(struct uproxy_engine *e, struct conn *c, int side, int err)
@@ -509,7 +520,7 @@ static bool dir_pump(struct uproxy_engine *e, struct conn *c, int di)
                 conn_fail(e, c, dst, errno);
                 return false;
             }
-            d->in_pipe -= (size_t)n;
+            d->in_pipe -= (uint32_t)n;
             stat_add(moved, (uint64_t)n);
             stat_add(&e->stats.splice_bytes, (uint64_t)n);
             if (d->in_pipe == 0) {
@@ -533,7 +544,7 @@ static bool dir_pump(struct uproxy_engine *e, struct conn *c, int di)
                 conn_fail(e, c, dst, errno);
                 return false;
             }
-            d->buf_off += (size_t)n;
+            d->buf_off += (uint32_t)n;
             stat_add(moved, (uint64_t)n);
             stat_add(&e->stats.copy_bytes, (uint64_t)n);
             if (d->buf_off == d->buf_len) {
@@ -562,7 +573,7 @@ static bool dir_pump(struct uproxy_engine *e, struct conn *c, int di)
                                SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
             if (n > 0) {
                 d->pipe = p;
-                d->in_pipe = (size_t)n;
+                d->in_pipe = (uint32_t)n;
                 if (n < SCRATCH_SIZE)
                     d->bulk = false;
                 continue;
@@ -633,7 +644,7 @@ static bool dir_pump(struct uproxy_engine *e, struct conn *c, int di)
             stat_add(&e->stats.bufs_in_use, 1);
             memcpy(d->buf, e->scratch + sent, (size_t)(n - sent));
             d->buf_off = 0;
-            d->buf_len = (size_t)(n - sent);
+            d->buf_len = (uint32_t)(n - sent);
         }
     }
 }
@@ -648,17 +659,15 @@ static void conn_pump(struct uproxy_engine *e, struct conn *c)
 
 static void setup_event(struct uproxy_engine *e, struct conn *c, uint32_t events);
 
-static void conn_event(struct uproxy_engine *e, struct endpoint *ep, uint32_t ev)
+static void conn_event(struct uproxy_engine *e, struct conn *c, int s, uint32_t ev)
 {
-    struct conn *c = ep->conn;
     if (c->closed)
         return;
-    if (c->setting_up) {
-        if (ep->side == UPROXY_SIDE_BACKEND)
+    if (c->su) {
+        if (s == UPROXY_SIDE_BACKEND)
             setup_event(e, c, ev);
         return;
     }
-    int s = ep->side;
     if (ev & EPOLLERR) {
         /* Also catches a reset on a side we no longer read (after its EOF). */
         int err = 0;
@@ -699,7 +708,7 @@ static void conn_start(struct uproxy_engine *e, struct conn *c)
             continue;
         struct epoll_event ev = {
             .events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
-            .data.ptr = &c->ep[s],
+            .data.u64 = tag_conn(c, s),
         };
         if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, c->fd[s], &ev) < 0) {
             int err = errno;
@@ -792,11 +801,11 @@ static void ev_push(struct uproxy_engine *e, const struct uproxy_event *ev)
 
 static void ev_for(struct conn *c, int kind, struct uproxy_event *ev)
 {
-    *ev = (struct uproxy_event){.kind = kind, .listener = c->su.listener, .endpoint = -1,
-                                .attempts = c->su.attempt, .family = c->su.client.ss_family};
-    addr_out(&c->su.client, ev->client_addr, &ev->client_port);
-    if (c->su.eps && c->su.cur >= 0) {
-        struct ep_entry *t = &c->su.eps->ent[c->su.cur];
+    *ev = (struct uproxy_event){.kind = kind, .listener = c->su->listener, .endpoint = -1,
+                                .attempts = c->su->attempt, .family = c->su->client.ss_family};
+    addr_out(&c->su->client, ev->client_addr, &ev->client_port);
+    if (c->su->eps && c->su->cur >= 0) {
+        struct ep_entry *t = &c->su->eps->ent[c->su->cur];
         ev->endpoint = t->index;
         addr_out(&t->sa, ev->endpoint_addr, &ev->endpoint_port);
     }
@@ -805,12 +814,12 @@ static void ev_for(struct conn *c, int kind, struct uproxy_event *ev)
 static void tq_push(struct uproxy_engine *e, struct conn *c, int q, int64_t deadline)
 {
     struct timer_queue *t = &e->tq[q];
-    c->su.queue = q;
-    c->su.deadline = deadline;
-    c->su.tnext = NULL;
-    c->su.tprev = t->tail;
+    c->su->queue = q;
+    c->su->deadline = deadline;
+    c->su->tnext = NULL;
+    c->su->tprev = t->tail;
     if (t->tail)
-        t->tail->su.tnext = c;
+        t->tail->su->tnext = c;
     else
         t->head = c;
     t->tail = c;
@@ -818,19 +827,19 @@ static void tq_push(struct uproxy_engine *e, struct conn *c, int q, int64_t dead
 
 static void tq_remove(struct uproxy_engine *e, struct conn *c)
 {
-    if (c->su.queue < 0)
+    if (c->su->queue < 0)
         return;
-    struct timer_queue *t = &e->tq[c->su.queue];
-    if (c->su.tprev)
-        c->su.tprev->su.tnext = c->su.tnext;
+    struct timer_queue *t = &e->tq[c->su->queue];
+    if (c->su->tprev)
+        c->su->tprev->su->tnext = c->su->tnext;
     else
-        t->head = c->su.tnext;
-    if (c->su.tnext)
-        c->su.tnext->su.tprev = c->su.tprev;
+        t->head = c->su->tnext;
+    if (c->su->tnext)
+        c->su->tnext->su->tprev = c->su->tprev;
     else
-        t->tail = c->su.tprev;
-    c->su.tprev = c->su.tnext = NULL;
-    c->su.queue = -1;
+        t->tail = c->su->tprev;
+    c->su->tprev = c->su->tnext = NULL;
+    c->su->queue = -1;
 }
 
 /* Caller holds e->lock. */
@@ -848,7 +857,7 @@ static void listener_update(struct uproxy_engine *e, struct listener *l)
         return;
     if (want) {
         /* Level-triggered: a batch cut short is picked up at the next wait. */
-        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &l->ep};
+        struct epoll_event ev = {.events = EPOLLIN, .data.u64 = (uintptr_t)l | TAG_LISTENER};
         if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, l->fd, &ev) == 0)
             l->registered = true;
     } else {
@@ -890,11 +899,80 @@ static bool fd_errno(int err)
     return err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM;
 }
 
-/* Uniform among the endpoints not tried for this client and not avoided; among
- * the avoided ones when that is all; -1 when every one was tried. */
+static void aff_key(const struct setup *su, struct uproxy_affinity_key *k)
+{
+    memset(k, 0, sizeof *k);
+    k->group = su->eps->aff_group;
+    if (su->client.ss_family == AF_INET6) {
+        k->family = 6;
+        memcpy(k->addr, &((const struct sockaddr_in6 *)&su->client)->sin6_addr, 16);
+    } else {
+        k->family = 4;
+        memcpy(k->addr, &((const struct sockaddr_in *)&su->client)->sin_addr, 4);
+    }
+}
+
+static void aff_ep(const struct ep_entry *t, struct uproxy_affinity_ep *ep)
+{
+    memset(ep, 0, sizeof *ep);
+    if (t->sa.ss_family == AF_INET6) {
+        const struct sockaddr_in6 *a = (const struct sockaddr_in6 *)&t->sa;
+        ep->family = 6;
+        memcpy(ep->addr, &a->sin6_addr, 16);
+        ep->port = ntohs(a->sin6_port);
+    } else {
+        const struct sockaddr_in *a = (const struct sockaddr_in *)&t->sa;
+        ep->family = 4;
+        memcpy(ep->addr, &a->sin_addr, 4);
+        ep->port = ntohs(a->sin_port);
+    }
+}
+
+static bool setup_tried(const struct setup *su, int i)
+{
+    for (int k = 0; k < su->ntried; k++)
+        if (su->tried[k] == i)
+            return true;
+    return false;
+}
+
+static int setup_choose_uniform(struct uproxy_engine *e, struct conn *c, int64_t now);
+
+/* Balancer.choose: with ClientIP affinity, the client's pin when it is still
+ * usable (listed, not tried for this connection, used within the timeout), else
+ * the uniform choice below, pinned. */
 static int setup_choose(struct uproxy_engine *e, struct conn *c, int64_t now)
 {
-    struct epset *s = c->su.eps;
+    struct epset *s = c->su->eps;
+    if (s->aff_timeout_ms <= 0 || !e->aff)
+        return setup_choose_uniform(e, c, now);
+    struct uproxy_affinity_key k;
+    struct uproxy_affinity_ep pinned, ep;
+    aff_key(c->su, &k);
+    if (uproxy_affinity_lookup(e->aff, &k, now, s->aff_timeout_ms, &pinned)) {
+        for (int i = 0; i < s->n; i++) {
+            aff_ep(&s->ent[i], &ep);
+            if (ep.family == pinned.family && ep.port == pinned.port &&
+                memcmp(ep.addr, pinned.addr, sizeof ep.addr) == 0 && !setup_tried(c->su, i)) {
+                uproxy_affinity_pin(e->aff, &k, &ep, now, s->aff_timeout_ms);
+                return i;
+            }
+        }
+        uproxy_affinity_drop(e->aff, &k, NULL); /* its endpoint is not usable now */
+    }
+    int i = setup_choose_uniform(e, c, now);
+    if (i >= 0) {
+        aff_ep(&s->ent[i], &ep);
+        uproxy_affinity_pin(e->aff, &k, &ep, now, s->aff_timeout_ms);
+    }
+    return i;
+}
+
+/* Uniform among the endpoints not tried for this client and not avoided; among
+ * the avoided ones when that is all; -1 when every one was tried. */
+static int setup_choose_uniform(struct uproxy_engine *e, struct conn *c, int64_t now)
+{
+    struct epset *s = c->su->eps;
     int healthy = 0, untried = 0;
     for (int pass = 0; pass < 2; pass++) {
         int pick = -1;
@@ -907,10 +985,7 @@ static int setup_choose(struct uproxy_engine *e, struct conn *c, int64_t now)
                 return -1;
         }
         for (int i = 0; i < s->n; i++) {
-            bool tried = false;
-            for (int k = 0; k < c->su.ntried; k++)
-                tried |= c->su.tried[k] == i;
-            if (tried)
+            if (setup_tried(c->su, i))
                 continue;
             bool ok = __atomic_load_n(&s->ent[i].avoid_until, __ATOMIC_RELAXED) <= now;
             if (pass == 0) {
@@ -940,9 +1015,10 @@ static void setup_refuse(struct uproxy_engine *e, struct conn *c, int reason, in
         close(c->fd[1]);
     }
     reset_close(c->fd[0]);
-    eps_unref(c->su.eps);
+    eps_unref(c->su->eps);
     stat_set(&e->stats.setups_live, stat_get(&e->stats.setups_live) - 1);
     stat_add(&e->stats.setups_refused, 1);
+    free(c->su);
     free(c);
 }
 
@@ -952,31 +1028,31 @@ static void conn_start(struct uproxy_engine *e, struct conn *c);
 static void setup_connected(struct uproxy_engine *e, struct conn *c)
 {
     tq_remove(e, c);
-    c->su.attempt++;
+    c->su->attempt++;
     struct uproxy_event ev;
     ev_for(c, UPROXY_EV_OPENED, &ev);
     ev.token = c->pub.token;
     ev.conn = &c->pub;
     ev_push(e, &ev);
-    c->setting_up = false;
-    eps_unref(c->su.eps);
-    c->su.eps = NULL;
+    eps_unref(c->su->eps);
+    free(c->su); /* a relayed connection carries no set-up state */
+    c->su = NULL;
     stat_set(&e->stats.setups_live, stat_get(&e->stats.setups_live) - 1);
     stat_add(&e->stats.setups_opened, 1);
     conn_start(e, c);
 }
 
-/* The attempt at c->su.cur failed (err; ETIMEDOUT for the timeout): avoid that
+/* The attempt at c->su->cur failed (err; ETIMEDOUT for the timeout): avoid that
  * endpoint, then the next attempt or the RST. */
 static void setup_failed(struct uproxy_engine *e, struct conn *c, int err)
 {
     int64_t now = now_ms();
-    struct ep_entry *t = &c->su.eps->ent[c->su.cur];
+    struct ep_entry *t = &c->su->eps->ent[c->su->cur];
     int64_t until = now + e->avoid_ms;
     __atomic_store_n(&t->avoid_until, until, __ATOMIC_RELAXED);
     pthread_mutex_lock(&e->lock); /* the listener's newer list, if it changed meanwhile */
-    struct listener *l = listener_get(e, c->su.listener);
-    if (l && l->eps && l->eps != c->su.eps) {
+    struct listener *l = listener_get(e, c->su->listener);
+    if (l && l->eps && l->eps != c->su->eps) {
         for (int i = 0; i < l->eps->n; i++) {
             struct ep_entry *o = &l->eps->ent[i];
             if (o->len == t->len && memcmp(&o->sa, &t->sa, t->len) == 0)
@@ -984,14 +1060,21 @@ static void setup_failed(struct uproxy_engine *e, struct conn *c, int err)
         }
     }
     pthread_mutex_unlock(&e->lock);
+    if (c->su->eps->aff_timeout_ms > 0 && e->aff) { /* Balancer.connect_failed: its pin goes */
+        struct uproxy_affinity_key k;
+        struct uproxy_affinity_ep ep;
+        aff_key(c->su, &k);
+        aff_ep(t, &ep);
+        uproxy_affinity_drop(e->aff, &k, &ep);
+    }
     struct uproxy_event ev;
     ev_for(c, UPROXY_EV_CONNECT_FAILED, &ev);
     ev.err = err;
     ev_push(e, &ev);
-    c->su.tried[c->su.ntried++] = c->su.cur;
-    c->su.attempt++;
-    c->su.fd_deadline = 0; /* an attempt ended: the next NoSocket starts a new episode */
-    if (c->su.attempt >= e->ntimeouts) {
+    c->su->tried[c->su->ntried++] = c->su->cur;
+    c->su->attempt++;
+    c->su->fd_deadline = 0; /* an attempt ended: the next NoSocket starts a new episode */
+    if (c->su->attempt >= e->ntimeouts) {
         setup_refuse(e, c, UPROXY_REFUSED_ALL_FAILED, err);
         return;
     }
@@ -1000,7 +1083,7 @@ static void setup_failed(struct uproxy_engine *e, struct conn *c, int err)
         setup_refuse(e, c, UPROXY_REFUSED_ALL_FAILED, err);
         return;
     }
-    c->su.cur = next;
+    c->su->cur = next;
     setup_connect(e, c);
 }
 
@@ -1008,12 +1091,12 @@ static void setup_failed(struct uproxy_engine *e, struct conn *c, int err)
  * False when the bind was refused (then `s` must be replaced by a plain socket). */
 static bool setup_transparent(struct uproxy_engine *e, struct conn *c, struct ep_entry *t, int s)
 {
-    struct epset *eps = c->su.eps;
-    if (!(eps->transparent & UPROXY_TP_ON) || c->su.client.ss_family != t->sa.ss_family)
+    struct epset *eps = c->su->eps;
+    if (!(eps->transparent & UPROXY_TP_ON) || c->su->client.ss_family != t->sa.ss_family)
         return true;
     unsigned char client[16], endpoint[16];
     int cport, eport;
-    addr_out(&c->su.client, client, &cport);
+    addr_out(&c->su->client, client, &cport);
     addr_out(&t->sa, endpoint, &eport);
     int v6 = t->sa.ss_family == AF_INET6;
     pthread_mutex_lock(&e->lock); /* only the pointer: old links are freed on this thread */
@@ -1034,7 +1117,7 @@ static bool setup_transparent(struct uproxy_engine *e, struct conn *c, struct ep
                                              t->here))
         return true;
     int one = 1;
-    struct sockaddr_storage src = c->su.client;
+    struct sockaddr_storage src = c->su->client;
     socklen_t len;
     if (v6) {
         ((struct sockaddr_in6 *)&src)->sin6_port = 0;
@@ -1055,7 +1138,7 @@ static bool setup_transparent(struct uproxy_engine *e, struct conn *c, struct ep
 
 static void setup_connect(struct uproxy_engine *e, struct conn *c)
 {
-    struct ep_entry *t = &c->su.eps->ent[c->su.cur];
+    struct ep_entry *t = &c->su->eps->ent[c->su->cur];
     int s = socket(t->sa.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (s >= 0 && !setup_transparent(e, c, t, s)) {
         /* Refused (no capability, address in use): from the node, and it still works. */
@@ -1066,10 +1149,10 @@ static void setup_connect(struct uproxy_engine *e, struct conn *c)
         int err = errno;
         if (fd_errno(err)) {
             int64_t now = now_ms();
-            if (!c->su.fd_deadline)
-                c->su.fd_deadline = now + e->fd_wait_ms;
-            if (now < c->su.fd_deadline) {
-                listener_fd_pause(e, c->su.listener, err);
+            if (!c->su->fd_deadline)
+                c->su->fd_deadline = now + e->fd_wait_ms;
+            if (now < c->su->fd_deadline) {
+                listener_fd_pause(e, c->su->listener, err);
                 tq_push(e, c, UPROXY_SETUP_MAX_ATTEMPTS, now + e->fd_retry_ms);
                 return;
             }
@@ -1079,6 +1162,8 @@ static void setup_connect(struct uproxy_engine *e, struct conn *c)
     }
     int one = 1;
     setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (c->su->cc[0]) /* failing leaves the default: still a working connection */
+        setsockopt(s, IPPROTO_TCP, TCP_CONGESTION, c->su->cc, (socklen_t)strlen(c->su->cc));
     c->fd[1] = s;
     if (connect(s, (struct sockaddr *)&t->sa, t->len) == 0) {
         setup_connected(e, c);
@@ -1088,10 +1173,10 @@ static void setup_connect(struct uproxy_engine *e, struct conn *c)
     if (err == EINPROGRESS) {
         /* The relay's own registration, made now: conn_start need not add it again. */
         struct epoll_event ev = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
-                                 .data.ptr = &c->ep[1]};
+                                 .data.u64 = tag_conn(c, UPROXY_SIDE_BACKEND)};
         if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, s, &ev) == 0) {
             c->registered[1] = true;
-            tq_push(e, c, c->su.attempt, now_ms() + e->timeout_ms[c->su.attempt]);
+            tq_push(e, c, c->su->attempt, now_ms() + e->timeout_ms[c->su->attempt]);
             return;
         }
         err = errno;
@@ -1137,24 +1222,23 @@ static void setup_start(struct uproxy_engine *e, struct listener *l, struct epse
                         const struct sockaddr_storage *client)
 {
     struct conn *c = calloc(1, sizeof *c);
-    if (!c) {
+    struct setup *su = c ? calloc(1, sizeof *su) : NULL;
+    if (!su) {
+        free(c);
         reset_close(fd);
         return;
     }
+    c->su = su;
     c->pub.token = UPROXY_SETUP_TOKEN | ++e->setup_tokens;
     c->fd[0] = fd;
     c->fd[1] = -1;
-    for (int s = 0; s < 2; s++) {
-        c->ep[s].conn = c;
-        c->ep[s].side = s;
-    }
     c->nonblocking = true;
-    c->setting_up = true;
-    c->su.listener = l->id;
-    c->su.queue = -1;
-    c->su.cur = -1;
-    c->su.client = *client;
-    c->su.eps = eps;
+    c->su->listener = l->id;
+    c->su->queue = -1;
+    c->su->cur = -1;
+    c->su->client = *client;
+    memcpy(c->su->cc, l->cc, sizeof l->cc);
+    c->su->eps = eps;
     eps_ref(eps);
     stat_add(&e->stats.setups_live, 1);
     if (!eps || !eps->has_service) {
@@ -1166,7 +1250,7 @@ static void setup_start(struct uproxy_engine *e, struct listener *l, struct epse
         setup_refuse(e, c, UPROXY_REFUSED_NO_ENDPOINTS, 0);
         return;
     }
-    c->su.cur = first;
+    c->su->cur = first;
     setup_connect(e, c);
 }
 
@@ -1210,7 +1294,7 @@ static void run_timers(struct uproxy_engine *e)
     int64_t now = now_ms();
     for (int q = 0; q <= UPROXY_SETUP_MAX_ATTEMPTS; q++) {
         struct conn *c;
-        while ((c = e->tq[q].head) && c->su.deadline <= now) {
+        while ((c = e->tq[q].head) && c->su->deadline <= now) {
             tq_remove(e, c);
             if (q == UPROXY_SETUP_MAX_ATTEMPTS) {
                 setup_connect(e, c); /* the fd wait is over: try the socket again */
@@ -1238,8 +1322,8 @@ static int next_timeout(struct uproxy_engine *e)
 {
     int64_t best = INT64_MAX;
     for (int q = 0; q <= UPROXY_SETUP_MAX_ATTEMPTS; q++)
-        if (e->tq[q].head && e->tq[q].head->su.deadline < best)
-            best = e->tq[q].head->su.deadline;
+        if (e->tq[q].head && e->tq[q].head->su->deadline < best)
+            best = e->tq[q].head->su->deadline;
     if (e->pause_head && e->pause_head->resume_at < best)
         best = e->pause_head->resume_at;
     if (e->notify_at && e->notify_at < best)
@@ -1360,13 +1444,14 @@ static void *engine_main(void *arg)
         }
         bool woken = false;
         for (int i = 0; i < n; i++) {
-            struct endpoint *ep = evs[i].data.ptr;
-            if (ep == NULL)
+            uint64_t tag = evs[i].data.u64;
+            if (tag == 0)
                 woken = true;
-            else if (ep->conn == NULL)
-                listener_event(e, (struct listener *)ep);
+            else if (tag & TAG_LISTENER)
+                listener_event(e, (struct listener *)(uintptr_t)(tag & ~(uint64_t)TAG_MASK));
             else
-                conn_event(e, ep, evs[i].events);
+                conn_event(e, (struct conn *)(uintptr_t)(tag & ~(uint64_t)TAG_MASK),
+                           (int)(tag & 1), evs[i].events);
         }
         run_timers(e);
         /* Commands run after the batch, so a release never frees a conn that a
@@ -1425,7 +1510,8 @@ struct uproxy_engine *uproxy_engine_new(int max_pipes, int want_pipe_size, int k
     e->max_pipes = max_pipes < 0 ? 0 : max_pipes;
     e->keep_free = keep_free < 0 ? 0 : keep_free;
     e->scratch = malloc(SCRATCH_SIZE);
-    if (!e->scratch)
+    e->aff = uproxy_affinity_new();
+    if (!e->scratch || !e->aff)
         goto fail;
     if (getrandom(&e->rng, sizeof e->rng, GRND_NONBLOCK) != sizeof e->rng)
         e->rng = (uint64_t)now_ms() * 0x9E3779B97F4A7C15ULL;
@@ -1453,7 +1539,7 @@ struct uproxy_engine *uproxy_engine_new(int max_pipes, int want_pipe_size, int k
     e->donefd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (e->epfd < 0 || e->wakefd < 0 || e->donefd < 0)
         goto fail;
-    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = NULL};
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = 0};
     if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, e->wakefd, &ev) < 0)
         goto fail;
 
@@ -1494,10 +1580,6 @@ static struct uproxy_conn *conn_add(struct uproxy_engine *e, struct conn *c, int
     c->pub.token = token;
     c->fd[0] = client_fd;
     c->fd[1] = backend_fd;
-    for (int s = 0; s < 2; s++) {
-        c->ep[s].conn = c;
-        c->ep[s].side = s;
-    }
     pthread_mutex_lock(&e->lock);
     if (e->stopping) {
         pthread_mutex_unlock(&e->lock);
@@ -1529,12 +1611,14 @@ static bool dir_preload(struct direction *d, const char *bytes, size_t len)
 {
     if (!len)
         return true;
+    if (len > UINT32_MAX)
+        return false;
     d->buf = malloc(len);
     if (!d->buf)
         return false;
     memcpy(d->buf, bytes, len);
     d->buf_off = 0;
-    d->buf_len = len;
+    d->buf_len = (uint32_t)len;
     return true;
 }
 
@@ -1607,7 +1691,30 @@ int uproxy_engine_poll(struct uproxy_engine *e, struct uproxy_done *out, int max
         e->done_head = c->done_next;
         if (!e->done_head)
             e->done_tail = NULL;
-        out[n++] = c->done;
+        /* The engine thread wrote these before queueing c (under this lock) and
+         * touches none of them again: the completion is built here. */
+        struct uproxy_done *d = &out[n++];
+        *d = (struct uproxy_done){
+            .conn = &c->pub,
+            .token = c->pub.token,
+            .bytes_up = stat_get(&c->pub.bytes_up),
+            .bytes_down = stat_get(&c->pub.bytes_down),
+            .reason = c->reason,
+            .side = c->side,
+            .err = c->err,
+            .client_fd = -1,
+            .backend_fd = -1,
+        };
+        if (c->detached) {
+            d->client_fd = c->fd[0];
+            d->backend_fd = c->fd[1];
+            d->pending_up = c->held[0];
+            d->pending_up_len = c->held_len[0];
+            d->pending_down = c->held[1];
+            d->pending_down_len = c->held_len[1];
+            d->eof_up = c->dir[0].eof;
+            d->eof_down = c->dir[1].eof;
+        }
     }
     bool more = e->done_head != NULL;
     pthread_mutex_unlock(&e->lock);
@@ -1668,6 +1775,33 @@ int uproxy_engine_setup_config(struct uproxy_engine *e, const double *timeouts, 
     return 0;
 }
 
+/* The congestion control set on listening socket `fd` (TCP_CONGESTION), into
+ * `out`, when it differs from what a new socket of its family gets; else "".
+ * A proxy's backend socket is a second sender in series with the client's: with
+ * a pacing one (BBR without the fq qdisc paces with a timer per socket) that
+ * costs the relay CPU and bulk throughput (bench/ANALYSIS.md, bulk), so the
+ * caller can choose another for both legs by setting it on the listener. */
+static void listener_cc(struct uproxy_engine *e, int fd, char *out)
+{
+    out[0] = 0;
+    char mine[CC_NAME_MAX] = {0};
+    socklen_t len = sizeof mine - 1;
+    if (getsockopt(fd, IPPROTO_TCP, TCP_CONGESTION, mine, &len) < 0 || !mine[0])
+        return;
+    pthread_mutex_lock(&e->lock);
+    if (!e->cc_default[0]) { /* once: what a new socket gets in this netns */
+        int probe = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        len = sizeof e->cc_default - 1;
+        if (probe < 0 || getsockopt(probe, IPPROTO_TCP, TCP_CONGESTION, e->cc_default, &len) < 0)
+            e->cc_default[0] = 0;
+        if (probe >= 0)
+            close(probe);
+    }
+    if (e->cc_default[0] && strncmp(mine, e->cc_default, sizeof mine) != 0)
+        memcpy(out, mine, sizeof mine);
+    pthread_mutex_unlock(&e->lock);
+}
+
 int uproxy_engine_listener_add(struct uproxy_engine *e, int fd)
 {
     /* The engine thread must never block in accept4 (a shared file flag: Python's
@@ -1681,8 +1815,7 @@ int uproxy_engine_listener_add(struct uproxy_engine *e, int fd)
     if (!l)
         return -ENOMEM;
     l->fd = fd;
-    l->ep.conn = NULL;
-    l->ep.side = -1;
+    listener_cc(e, fd, l->cc);
     pthread_mutex_lock(&e->lock);
     if (e->stopping) {
         pthread_mutex_unlock(&e->lock);
@@ -1710,9 +1843,10 @@ int uproxy_engine_listener_add(struct uproxy_engine *e, int fd)
 int uproxy_engine_listener_set(struct uproxy_engine *e, int id, int has_service, int family,
                                int n, const unsigned char *addrs, const int *ports,
                                const int *indexes, const double *avoid_until,
-                               const int *here, int transparent)
+                               const int *here, int transparent, int affinity_group,
+                               double affinity_timeout)
 {
-    if (n < 0 || (family != 4 && family != 6))
+    if (n < 0 || (family != 4 && family != 6) || (affinity_timeout > 0 && affinity_group < 0))
         return -EINVAL;
     struct epset *s = calloc(1, sizeof *s + (size_t)n * sizeof s->ent[0]);
     if (!s)
@@ -1721,6 +1855,10 @@ int uproxy_engine_listener_set(struct uproxy_engine *e, int id, int has_service,
     s->has_service = has_service;
     s->transparent = transparent;
     s->n = n;
+    if (affinity_timeout > 0) {
+        s->aff_group = (uint32_t)affinity_group;
+        s->aff_timeout_ms = secs_ms(affinity_timeout);
+    }
     /* CLOCK_MONOTONIC seconds (Python's time.monotonic()) to our milliseconds. */
     for (int i = 0; i < n; i++) {
         struct ep_entry *t = &s->ent[i];
@@ -1829,6 +1967,28 @@ void uproxy_engine_listener_remove(struct uproxy_engine *e, int id)
     }
 }
 
+int uproxy_engine_affinity_export(struct uproxy_engine *e, struct uproxy_pin *out, int max)
+{
+    return uproxy_affinity_export(e->aff, out, max < 0 ? 0 : max, now_ms());
+}
+
+int uproxy_engine_affinity_import(struct uproxy_engine *e, const struct uproxy_pin *pins, int n)
+{
+    return uproxy_affinity_import(e->aff, pins, n, now_ms());
+}
+
+int uproxy_engine_affinity_sweep(struct uproxy_engine *e)
+{
+    return uproxy_affinity_sweep(e->aff, now_ms());
+}
+
+int uproxy_engine_affinity_forget(struct uproxy_engine *e, int group)
+{
+    return group < 0 ? 0 : uproxy_affinity_forget(e->aff, (uint32_t)group);
+}
+
+int uproxy_engine_affinity_count(struct uproxy_engine *e) { return uproxy_affinity_count(e->aff); }
+
 int uproxy_engine_events(struct uproxy_engine *e, struct uproxy_event *out, int max)
 {
     pthread_mutex_lock(&e->lock);
@@ -1881,5 +2041,6 @@ void uproxy_engine_free(struct uproxy_engine *e)
     if (e->lock_ready)
         pthread_mutex_destroy(&e->lock);
     free(e->scratch);
+    uproxy_affinity_free(e->aff);
     free(e);
 }

@@ -1,7 +1,7 @@
 /* Stress test for the engine's C API, meant to be built with sanitizers:
  *
- *   cc -O1 -g -fsanitize=address,undefined -Inative native/stress.c native/relay.c -lpthread
- *   cc -O1 -g -fsanitize=thread -Inative native/stress.c native/relay.c -lpthread
+ *   cc -O1 -g -fsanitize=address,undefined -Inative native/stress.c native/relay.c native/transparent.c native/affinity.c -lpthread
+ *   cc -O1 -g -fsanitize=thread -Inative native/stress.c native/relay.c native/transparent.c native/affinity.c -lpthread
  *
  * tests/relay/test_native.py builds and runs it (ASan+UBSan, and TSan when the
  * toolchain has it). Loopback TCP only. Each round opens a batch of relayed
@@ -157,13 +157,13 @@ static void setup_phase(void)
     memcpy(addrs + 4, &lo, 4);
     int ports[2] = {port_of(lb), port_of(refusing)}, idx[2] = {0, 1}, here[2] = {0, 0};
     double avoid[2] = {0, 0};
-    if (uproxy_engine_listener_set(e, id, 1, 4, 2, addrs, ports, idx, avoid, here, 0) != 0)
+    if (uproxy_engine_listener_set(e, id, 1, 4, 2, addrs, ports, idx, avoid, here, 0, -1, 0) != 0)
         FAIL("listener_set");
     /* A second listener whose only endpoint refuses: its clients get RSTs. */
     int lr = listener();
     int rid = uproxy_engine_listener_add(e, lr);
     if (rid < 0 || uproxy_engine_listener_set(e, rid, 1, 4, 1, addrs + 4, ports + 1, idx, avoid,
-                                              NULL, 0) != 0)
+                                              NULL, 0, -1, 0) != 0)
         FAIL("refusing listener");
     struct sockaddr_in pa = a, ra = a;
     pa.sin_port = htons((uint16_t)port_of(lp));
@@ -183,7 +183,7 @@ static void setup_phase(void)
         if (i % 16 == 9)
             uproxy_engine_listener_resume(e, id);
         if (i % 32 == 17) /* a new list while set-ups use the old one */
-            uproxy_engine_listener_set(e, id, 1, 4, 2, addrs, ports, idx, avoid, here, 0);
+            uproxy_engine_listener_set(e, id, 1, 4, 2, addrs, ports, idx, avoid, here, 0, -1, 0);
         int b;
         while ((b = accept4(lb, NULL, NULL, SOCK_NONBLOCK)) >= 0)
             close(b); /* the backend answers, then ends: the relay ends too */

@@ -213,7 +213,9 @@ int uproxy_engine_setup_config(struct uproxy_engine *e, const double *timeouts, 
 
 /* Accept on `fd` (a listening TCP socket, the caller's; made non-blocking)
  * from its first uproxy_engine_listener_set on (until then the kernel keeps
- * the backlog).
+ * the backlog). A congestion control set on `fd` (TCP_CONGESTION, before this
+ * call) other than the netns default is given to the backend sockets too (the
+ * accepted ones inherit it from `fd`); by default nothing is set.
  * Returns its id (>= 0), or -errno. */
 int uproxy_engine_listener_add(struct uproxy_engine *e, int fd);
 
@@ -237,7 +239,41 @@ int uproxy_engine_listener_add(struct uproxy_engine *e, int fd);
 int uproxy_engine_listener_set(struct uproxy_engine *e, int id, int has_service, int family,
                                int n, const unsigned char *addrs, const int *ports,
                                const int *indexes, const double *avoid_until,
-                               const int *here, int transparent);
+                               const int *here, int transparent, int affinity_group,
+                               double affinity_timeout);
+
+/* ClientIP session affinity (native/affinity.c), uproxy.balance.Balancer's rule:
+ * a listener pushed with affinity_timeout > 0 pins each client address to the
+ * endpoint chosen for it in `affinity_group` (the caller's number for the
+ * service port: every listener of one service port, either family, shares its
+ * pins). A client whose pin was used within the timeout and whose endpoint
+ * (address and port) is still in the listener's list, and not already tried
+ * for this connection, goes there (refreshing the pin); otherwise the endpoint
+ * is chosen as without affinity and pinned. A failed connect to a pinned
+ * endpoint drops the pin (the next attempt chooses and pins anew). Expired pins
+ * are freed when a lookup finds them and by uproxy_engine_affinity_sweep. */
+struct uproxy_pin {
+    int group;
+    int family;               /* the client's: 4 or 6 */
+    unsigned char client[16]; /* 4 or 16 bytes, network order */
+    int endpoint_family;
+    unsigned char endpoint[16];
+    int endpoint_port;        /* host order */
+    double idle;              /* seconds since its last use */
+    double timeout;           /* seconds */
+};
+
+/* The pins not expired, up to `max` into `out`; returns how many there are (call
+ * again with a larger `out` when that is more than `max`). */
+int uproxy_engine_affinity_export(struct uproxy_engine *e, struct uproxy_pin *out, int max);
+/* Pins handed over (idle seconds: clocks differ); invalid ones are skipped.
+ * Returns how many were taken. */
+int uproxy_engine_affinity_import(struct uproxy_engine *e, const struct uproxy_pin *pins, int n);
+/* Free the expired pins; returns how many. */
+int uproxy_engine_affinity_sweep(struct uproxy_engine *e);
+/* Free every pin of `group` (its service port is gone or lost its affinity). */
+int uproxy_engine_affinity_forget(struct uproxy_engine *e, int group);
+int uproxy_engine_affinity_count(struct uproxy_engine *e);
 
 /* The node's links for transparent decisions (native/transparent.c): the
  * engine owns `links` from now on (NULL: none, every connection from the

@@ -104,6 +104,7 @@ class Daemon:
         tcp = TcpProxy(loop=self.loop, relay=self.relay, balancer=self.balancer,
                        conns=self.conns, metrics=self.metrics, transparent=self.transparent)
         self.proxies: dict[str, ProtocolProxy] = {"TCP": tcp}
+        self._tcp = tcp
         self._tcp_mover = TcpMover(tcp)
         self._add_udp()
         self._served = Served()
@@ -153,9 +154,11 @@ class Daemon:
         for item, (client, backend) in adopted.of_kind("tcp"):
             self._tcp_mover.adopt(item.meta, client, backend)
         for item, _ in adopted.of_kind("affinity"):
-            self.balancer.import_affinity(
-                ((ServicePortName(*pin[:4]), pin[4], (pin[5], pin[6]), pin[7])
-                 for pin in item.meta["pins"]), time.monotonic())
+            pins = [(ServicePortName(*pin[:4]), pin[4], (pin[5], pin[6]), pin[7])
+                    for pin in item.meta["pins"]]
+            now = time.monotonic()
+            # TCP's pins are the engine's when it sets connections up; the rest the balancer's
+            self.balancer.import_affinity(self._tcp.import_affinity(pins, now), now)
         log.info("took over %d listening sockets and %d connections; keeping the rules in place",
                  len(self.listener_set.adopted), len(self.conns))
         self.events.takeover(self.settings.state_dir,
@@ -593,6 +596,7 @@ class Daemon:
             proxy.rules_applied()
         self.last_sync = time.time()
         self.balancer.prune(table, time.monotonic())
+        self._tcp.prune_affinity()
         await self._sync_health_checks(diff.removed, touched, full)
         if full:
             self.conns.prune(table)
@@ -760,8 +764,10 @@ class Daemon:
             items.append((Item("server", {"which": which}), [sock]))
         for address, port, sock in self.health_checks.sockets():
             items.append((Item("health_check", {"address": address, "port": port}), [sock]))
+        now = time.monotonic()
         pins = [[n.namespace, n.name, n.port, n.protocol, client, ip, port, idle]
-                for n, client, (ip, port), idle in self.balancer.export_affinity(time.monotonic())]
+                for n, client, (ip, port), idle in (self.balancer.export_affinity(now)
+                                                    + self._tcp.export_affinity(now))]
         items.append((Item("affinity", {"pins": pins}, fds=0), []))
         if self._udp_mover is not None:
             items += self._udp_mover.inventory(time.monotonic())

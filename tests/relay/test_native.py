@@ -276,7 +276,8 @@ def test_engine_stress_under_sanitizers(tmp_path: Path, sanitizer: str) -> None:
     build = subprocess.run(
         [cc, "-O1", "-g", "-Wall", "-Wextra", "-Werror", f"-fsanitize={sanitizer}",
          "-fno-sanitize-recover=all", f"-I{native_dir}", str(native_dir / "stress.c"),
-         str(native_dir / "relay.c"), str(native_dir / "transparent.c"), "-lpthread", "-o",
+         str(native_dir / "relay.c"), str(native_dir / "transparent.c"),
+         str(native_dir / "affinity.c"), "-lpthread", "-o",
          str(exe)],
         capture_output=True, text=True, timeout=120)
     if build.returncode != 0 and "sanitize" in build.stderr and "unrecognized" in build.stderr:
@@ -312,3 +313,81 @@ def test_default_pool_stays_within_half_the_user_pipe_budget(pipe_size: int) -> 
     if soft_pages:
         assert n * pipe_size <= soft_pages * os.sysconf("SC_PAGE_SIZE") // 2
         assert n >= 1  # the kernel default budget (64 MiB) always leaves room for some
+
+
+def _congestion(sock: socket.socket) -> str:
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b"\0").decode()
+
+
+def _own_tcp_socket(local: tuple, peer: tuple) -> socket.socket | None:
+    """This process's TCP socket bound to ``local`` and connected to ``peer`` (a dup)."""
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            s = socket.socket(fileno=os.dup(int(name)))
+        except OSError:
+            continue
+        try:
+            if s.type == socket.SOCK_STREAM and s.getsockname() == local \
+                    and s.getpeername() == peer:
+                return s
+        except OSError:
+            pass
+        s.close()
+    return None
+
+
+@needs_native
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
+def test_engine_gives_the_listeners_congestion_control_to_the_backend_socket(
+        family: int) -> None:
+    """A listener with its own TCP_CONGESTION: the engine's backend socket gets it (the
+    accepted one inherits it); a listener left alone leaves the netns default."""
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    default = _congestion(probe)
+    probe.close()
+    with open("/proc/sys/net/ipv4/tcp_allowed_congestion_control") as f:
+        other = [a for a in f.read().split() if a != default]
+    if not other:
+        pytest.skip(f"no congestion control allowed besides {default}")
+    lib, ffi = native.lib(), native.ffi()
+    host = "127.0.0.1" if family == socket.AF_INET else "::1"
+    backend = socket.socket(family, socket.SOCK_STREAM)
+    backend.bind((host, 0))
+    backend.listen(8)
+    backend.settimeout(5)
+    engine = lib.uproxy_engine_new(4, 64 * 1024, 4)
+    timeouts = ffi.new("double[]", [1.0])
+    assert lib.uproxy_engine_setup_config(engine, timeouts, 1, 5.0, 0.05, 1.0, 0.2) == 0
+    keep: list[socket.socket] = [backend]
+    try:
+        for want in (other[0], ""):
+            lsock = socket.socket(family, socket.SOCK_STREAM)
+            keep.append(lsock)
+            if want:
+                lsock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, want.encode())
+            lsock.bind((host, 0))
+            lsock.listen(8)
+            lid = lib.uproxy_engine_listener_add(engine, lsock.fileno())
+            assert lid >= 0
+            addr = socket.inet_pton(family, host)
+            rc = lib.uproxy_engine_listener_set(
+                engine, lid, 1, 4 if family == socket.AF_INET else 6, 1, addr,
+                ffi.new("int[]", [backend.getsockname()[1]]), ffi.new("int[]", [0]),
+                ffi.new("double[]", [0.0]), ffi.NULL, 0)
+            assert rc == 0
+            client = socket.create_connection(lsock.getsockname()[:2], timeout=5)
+            keep.append(client)
+            served, engine_side = backend.accept()
+            keep.append(served)
+            client.sendall(b"ping")
+            assert served.recv(10) == b"ping"  # relayed: the set-up is over
+            out = _own_tcp_socket(engine_side, backend.getsockname())
+            near = _own_tcp_socket(lsock.getsockname(), client.getsockname())
+            assert out is not None and near is not None
+            keep += [out, near]
+            assert (_congestion(out), _congestion(near)) == ((want, want) if want
+                                                             else (default, default))
+    finally:
+        lib.uproxy_engine_free(engine)
+        for s in keep:
+            s.close()

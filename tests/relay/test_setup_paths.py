@@ -90,11 +90,13 @@ class Rig:
             self.socks.append(filler)
         return address
 
-    async def connect(self) -> tuple[bytes | None, str | None, float]:
-        """One client: (the tag its backend sent, or None; the error; seconds taken)."""
+    async def connect(self, source: str | None = None) -> tuple[bytes | None, str | None, float]:
+        """One client (from address ``source``, else the kernel's choice): (the tag its
+        backend sent, or None; the error; seconds taken)."""
         start = time.monotonic()
         try:
-            reader, writer = await asyncio.open_connection(*self.address)
+            reader, writer = await asyncio.open_connection(
+                *self.address, local_addr=(source, 0) if source else None)
         except OSError as exc:
             return None, type(exc).__name__, time.monotonic() - start
         try:
@@ -299,21 +301,23 @@ def test_the_choice_is_uniform(flavor: Flavor, family: int) -> None:
     _run(flavor, main, timeout=120.0)
 
 
-def test_client_ip_affinity_stays_on_the_python_path(native_flavor: Flavor) -> None:
-    """The engine does not do ClientIP affinity (yet): such a service is set up in Python,
-    and goes back to the engine when the affinity is dropped."""
+def test_client_ip_affinity_is_set_up_in_the_engine(native_flavor: Flavor) -> None:
+    """The engine does ClientIP affinity (native/affinity.c): such a service stays on the
+    native path, with and without its affinity, and its pins go when the affinity does."""
     async def main() -> None:
         async with rig(native_flavor, 4) as r:
             server, good = await _tagged_backend(4, b"G")
             async with server:
                 r.set_endpoints([good], affinity=10800)
                 assert (await r.connect())[0] == b"G"
-                await r.settle("python", 1)
-                assert r.setup_count("python") == 1 and r.setup_count("native") == 0
+                await r.settle("native", 1)
+                assert r.setup_count("native") == 1 and r.setup_count("python") == 0
+                assert r.proxy.affinity_count() == 1
                 r.set_endpoints([good])
                 assert (await r.connect())[0] == b"G"
-                await r.settle("native", 1)
-                assert r.setup_count("native") == 1
+                await r.settle("native", 2)
+                assert r.setup_count("native") == 2 and r.setup_count("python") == 0
+                assert r.proxy.affinity_count() == 0
 
     _run(native_flavor, main)
 

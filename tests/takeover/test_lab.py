@@ -175,6 +175,18 @@ def test_a_udp_flow_and_an_affine_client_keep_their_endpoints_through_upgrades(
         assert sum(sticky["errors"].values()) == 0, sticky  # type: ignore[union-attr]
         assert len(sticky["counts"]) == 1, sticky  # type: ignore[arg-type]
         assert "took over 1 of 1 UDP flows" in node.log, node.log
+        # The affine service is set up by the flavor's path (the engine's pins, handed
+        # over with the balancer's), not by a Python fallback: the last process, asked
+        # after the upgrades, keeps the client on its pod and counts its set-ups.
+        after = lab.probe("tcp", "10.0.0.191", "80", "--count", "20", "--timeout", "5")
+        assert sum(after["errors"].values()) == 0, after  # type: ignore[union-attr]
+        assert list(after["counts"]) == list(sticky["counts"]), (after, sticky)  # type: ignore[arg-type]
+        metrics = lab.run("node", ["curl", "-sf", "-m", "5",
+                                   "http://127.0.0.1:10249/metrics"]).stdout
+        setups = {path: _sample(metrics, f'uproxy_relay_setup_total{{path="{path}"}}')
+                  for path in ("native", "python")}
+        want, other = ("native", "python") if flavor.native else ("python", "native")
+        assert setups[want] >= 20 and setups[other] == 0, setups
     finally:
         assert node.stop() == 0
 
@@ -333,3 +345,11 @@ def test_ipv6_connections_flows_and_new_clients_survive_upgrades(
     finally:
         assert node.stop() == 0
     assert node.uproxy_lines() == []
+
+
+def _sample(text: str, series: str) -> float:
+    """The value of one Prometheus series in an exposition (0 when absent)."""
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return 0.0

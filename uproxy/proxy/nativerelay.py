@@ -262,10 +262,13 @@ class NativeRelay:
 
     def listener_set(self, lid: int, *, has_service: bool, family: int,
                      endpoints: Sequence[tuple[str, int, int, float]],
-                     here: Sequence[bool] = (), transparent: int = 0) -> None:
+                     here: Sequence[bool] = (), transparent: int = 0,
+                     affinity_group: int = -1, affinity_timeout: float = 0.0) -> None:
         """The endpoints new clients of ``lid`` may go to: (ip, port, index, avoided until
         (``time.monotonic()``, 0: not)); ``here``: which are on this node; ``transparent``:
-        ``UPROXY_TP_*`` bits (see :meth:`transparent_bits`)."""
+        ``UPROXY_TP_*`` bits (see :meth:`transparent_bits`); ClientIP affinity: the pins of
+        ``affinity_group`` (the service port's number) with ``affinity_timeout`` seconds
+        (0: none)."""
         if self._engine is None:
             return
         af, size = (socket.AF_INET6, 16) if family == 6 else (socket.AF_INET, 4)
@@ -275,10 +278,68 @@ class NativeRelay:
             self._raw, lid, int(has_service), family, n, addrs if n else self._ffi.NULL,
             [p for _, p, _, _ in endpoints], [i for _, _, i, _ in endpoints],
             [a for _, _, _, a in endpoints],
-            [int(h) for h in here] if here else self._ffi.NULL, transparent)
+            [int(h) for h in here] if here else self._ffi.NULL, transparent,
+            affinity_group, affinity_timeout)
         assert size * n == len(addrs)
         if rc < 0:
             raise OSError(-rc, f"native listener endpoints: {os.strerror(-rc)}")
+
+    # ClientIP pins of the engine (native/affinity.c) ------------------------------------
+    def affinity_export(self) -> list[tuple[int, str, tuple[str, int], float, float]]:
+        """Every pin not expired: (group, client IP, endpoint (ip, port), seconds idle,
+        timeout seconds)."""
+        if self._engine is None:
+            return []
+        lib, ffi = self._lib, self._ffi
+        size = max(64, int(lib.uproxy_engine_affinity_count(self._raw)) + 64)
+        while True:  # (pins made meanwhile: ask again with room for them)
+            buf = ffi.new("struct uproxy_pin[]", size)
+            n = int(lib.uproxy_engine_affinity_export(self._raw, buf, size))
+            if n <= size:
+                break
+            size = n + 64
+        out = []
+        for i in range(n):
+            p = buf[i]
+            cfam = socket.AF_INET6 if p.family == 6 else socket.AF_INET
+            efam = socket.AF_INET6 if p.endpoint_family == 6 else socket.AF_INET
+            client = socket.inet_ntop(cfam, bytes(p.client)[:16 if p.family == 6 else 4])
+            ep = socket.inet_ntop(efam, bytes(p.endpoint)[:16 if p.endpoint_family == 6 else 4])
+            out.append((int(p.group), client, (ep, int(p.endpoint_port)), float(p.idle),
+                        float(p.timeout)))
+        return out
+
+    def affinity_import(self, pins: Sequence[tuple[int, str, tuple[str, int], float, float]]
+                        ) -> int:
+        """Pins as :meth:`affinity_export` gives them (a takeover); how many were taken."""
+        if self._engine is None or not pins:
+            return 0
+        buf = self._ffi.new("struct uproxy_pin[]", len(pins))
+        n = 0
+        for group, client, (ip, port), idle, timeout in pins:
+            try:
+                cfam, craw = _packed(client)
+                efam, eraw = _packed(ip)
+            except (OSError, ValueError):
+                continue  # (not an address: skipped, as the engine skips what it cannot use)
+            p = buf[n]
+            p.group, p.family, p.endpoint_family = group, cfam, efam
+            p.client[0:len(craw)] = craw
+            p.endpoint[0:len(eraw)] = eraw
+            p.endpoint_port, p.idle, p.timeout = port, idle, timeout
+            n += 1
+        return int(self._lib.uproxy_engine_affinity_import(self._raw, buf, n))
+
+    def affinity_sweep(self) -> int:
+        return 0 if self._engine is None else int(self._lib.uproxy_engine_affinity_sweep(self._raw))
+
+    def affinity_forget(self, group: int) -> int:
+        if self._engine is None:
+            return 0
+        return int(self._lib.uproxy_engine_affinity_forget(self._raw, group))
+
+    def affinity_count(self) -> int:
+        return 0 if self._engine is None else int(self._lib.uproxy_engine_affinity_count(self._raw))
 
     def transparent_bits(self, *, on: bool, external: bool, external_local: bool) -> int:
         lib = self._lib
@@ -517,3 +578,10 @@ class NativeRelay:
         self._final_stats = self.stats()
         engine, self._engine = self._engine, None
         self._ffi.release(engine)  # uproxy_engine_free: joins the (finished) thread
+
+
+def _packed(ip: str) -> tuple[int, bytes]:
+    """(4 or 6, the address's bytes) of an IP address string."""
+    if ":" in ip:
+        return 6, socket.inet_pton(socket.AF_INET6, ip.split("%", 1)[0])
+    return 4, socket.inet_pton(socket.AF_INET, ip)

@@ -16,8 +16,11 @@ chooses among the endpoints pushed here at every change (computed by
 connects with :data:`uproxy.connect.CONNECT_TIMEOUTS` and relays; Python reads
 its events in batches (:meth:`TcpProxy._on_setup_events`) for the connection
 table, the metrics and the balancer. Which listeners it serves is decided in
-one place, :meth:`TcpProxy._wants_native`: not ClientIP affinity, which stays on
-the path above. In transparent mode the engine makes the same decision
+one place, :meth:`TcpProxy._wants_native`: all of them (UPROXY_NO_NATIVE: none).
+ClientIP affinity is the engine's too (native/affinity.c, the balancer's rule):
+each service port is an affinity group whose pins every listener of it shares;
+its pins go with the balancer's in a takeover (:meth:`TcpProxy.export_affinity`,
+:meth:`TcpProxy.import_affinity`). In transparent mode the engine makes the same decision
 (``uproxy_transparent_source``, native/transparent.c, over the node's links
 pushed here) and binds the backend socket to the client's address.
 """
@@ -31,7 +34,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from uproxy.balance import FAILED_AVOID_SECONDS, Balancer, usable_endpoints
@@ -204,6 +207,11 @@ class TcpListener:
         self.close()
 
 
+# A ClientIP pin as uproxy.balance.Balancer exports it: (service port, client IP, endpoint
+# address, seconds idle).
+Pin = tuple[ServicePortName, str, tuple[str, int], float]
+
+
 class TcpProxy:
     """Owns the TCP side: which entry each listener serves and every live connection."""
 
@@ -225,6 +233,11 @@ class TcpProxy:
         self._avoiding: set[TcpListener] = set()  # pushed with an endpoint being avoided
         self._topology: tuple[str, str | None] = (balancer.node_name, balancer.zone)  # seen
         self._links_pushed: tuple[object, frozenset[int]] | None = None
+        # ClientIP affinity in the engine: a group number per affine service port, and
+        # pins handed over for service ports the engine has no group for yet.
+        self._aff_groups: dict[ServicePortName, int] = {}
+        self._aff_next = 0
+        self._aff_pending: dict[ServicePortName, list[tuple[str, tuple[str, int], float]]] = {}
         # Set-up in the engine: only with the native engine (UPROXY_NO_NATIVE: never).
         self._native = bool(getattr(relay, "listener_add", None))
         if self._native:
@@ -258,18 +271,16 @@ class TcpProxy:
         for name in [n for n in self._listeners if old.get(n) is not table.get(n)]:
             for listener in list(self._listeners.get(name, ())):
                 self._refresh(listener)
+        self._forget_groups()
 
     def _native_relay(self) -> NativeRelay:
         return self.relay  # type: ignore[return-value]  # (only when self._native)
 
     def _wants_native(self, listener: TcpListener) -> bool:
-        """THE choice of path per listener: the engine sets up its connections unless the
-        service has ClientIP affinity (that and UPROXY_NO_NATIVE stay on the Python path;
-        transparent mode is decided in the engine too)."""
-        if not self._native or listener._closed:
-            return False
-        entry = self._entries.get(listener.name)
-        return entry is None or entry.port.affinity_timeout is None
+        """THE choice of path per listener: the engine sets up its connections (ClientIP
+        affinity and transparent mode are decided in the engine too); UPROXY_NO_NATIVE
+        stays on the Python path."""
+        return self._native and not listener._closed
 
     def _attach(self, listener: TcpListener) -> bool:
         """Let the engine accept on ``listener`` if it should; True when it does."""
@@ -339,10 +350,14 @@ class TcpProxy:
                     tp.links_known(e.ip, then=self._sync_links)
             transparent = nrelay.transparent_bits(on=True, external=listener.external,
                                                   external_local=entry.port.external_local)
+        group, timeout = -1, 0.0
+        if entry is not None and entry.port.affinity_timeout is not None:
+            group, timeout = self._aff_group(listener.name), float(entry.port.affinity_timeout)
         try:
             nrelay.listener_set(listener.native, has_service=entry is not None,
                                 family=listener.family, endpoints=items, here=here,
-                                transparent=transparent)
+                                transparent=transparent, affinity_group=group,
+                                affinity_timeout=timeout)
         except OSError as exc:
             log.error("%s: pushing endpoints to the engine: %s", listener.name, exc)
             return
@@ -354,6 +369,74 @@ class TcpProxy:
             self._avoiding.add(listener)
         else:
             self._avoiding.discard(listener)
+
+    # ---- ClientIP affinity in the engine -------------------------------------------------
+    def _aff_group(self, name: ServicePortName) -> int:
+        """The engine's affinity group of ``name`` (made at its first push, with the pins
+        handed over for it)."""
+        group = self._aff_groups.get(name)
+        if group is None:
+            group = self._aff_groups[name] = self._aff_next
+            self._aff_next += 1
+            pending = self._aff_pending.pop(name, None)
+            entry = self._entries.get(name)
+            if pending and entry is not None and entry.port.affinity_timeout is not None:
+                timeout = float(entry.port.affinity_timeout)
+                now = self.clock()
+                self._native_relay().affinity_import(
+                    [(group, client, address, now - last, timeout)
+                     for client, address, last in pending])
+        return group
+
+    def _forget_groups(self) -> None:
+        """Free the engine's pins of service ports gone or no longer affine."""
+        for name, group in list(self._aff_groups.items()):
+            entry = self._entries.get(name)
+            if entry is None or entry.port.affinity_timeout is None:
+                del self._aff_groups[name]
+                self._native_relay().affinity_forget(group)
+
+    def prune_affinity(self) -> None:
+        """At every sync: free the engine's expired pins, and handed-over pins that
+        expired before their service port came."""
+        if self._native:
+            self._native_relay().affinity_sweep()
+        now = self.clock()
+        for name, pins in list(self._aff_pending.items()):
+            entry = self._entries.get(name)
+            timeout = entry.port.affinity_timeout if entry is not None else None
+            if timeout is None or all(now - last > timeout for _, _, last in pins):
+                del self._aff_pending[name]
+
+    def affinity_count(self) -> int:
+        """The engine's pins (the balancer counts its own)."""
+        return self._native_relay().affinity_count() if self._native else 0
+
+    def export_affinity(self, now: float) -> list[Pin]:
+        """The engine's pins as :meth:`uproxy.balance.Balancer.export_affinity` gives its own
+        (with the handed-over ones no group took up yet)."""
+        if not self._native:
+            return []
+        names = {group: name for name, group in self._aff_groups.items()}
+        pins = [(names[group], client, address, idle)
+                for group, client, address, idle, _ in self._native_relay().affinity_export()
+                if group in names]
+        pins += [(name, client, address, now - last)
+                 for name, pending in self._aff_pending.items()
+                 for client, address, last in pending]
+        return pins
+
+    def import_affinity(self, pins: Iterable[Pin], now: float) -> list[Pin]:
+        """Pins the uproxy this one took over from exported: the TCP ones are the engine's
+        (it takes each service port's up at its first push); returns the others (UDP's,
+        and every one without the engine: the balancer's)."""
+        rest = []
+        for name, client, address, idle in pins:
+            if self._native and name.protocol == "TCP":
+                self._aff_pending.setdefault(name, []).append((client, address, now - idle))
+            else:
+                rest.append((name, client, address, idle))
+        return rest
 
     def _sync_links(self) -> None:
         """The node's links, as transparent mode last read them, in the engine."""
