@@ -156,7 +156,8 @@ class ConnTable:
             tally.opened += 1
             tally.open += 1
         conn.tally = tally
-        self._notify("open", conn)
+        if self.subscribers:
+            self._notify("open", conn)
         return conn
 
     def established(self, conn: Conn, backend: tuple[str, int], handle: ByteCounts | None) -> None:
@@ -174,7 +175,8 @@ class ConnTable:
                 tally.opened += 1
                 tally.open += 1
             conn.endpoint_tally = tally
-        self._notify("update", conn)
+        if self.subscribers:
+            self._notify("update", conn)
 
     def connect_failed(self, service: ServicePortName, endpoint: tuple[str, int]) -> None:
         """A connect to ``endpoint`` failed (TCP), or it refused a datagram (UDP)."""
@@ -210,7 +212,27 @@ class ConnTable:
                 at.bytes_down += bytes_down
         conn.state = "closed"
         conn.error = error
-        self._notify("close", conn)
+        if self.subscribers:
+            self._notify("close", conn)
+
+    def opened_and_closed(self, service: ServicePortName, backend: tuple[str, int], count: int,
+                          *, bytes_up: int = 0, bytes_down: int = 0) -> None:
+        """``count`` TCP connections to ``backend`` that opened and closed before anything
+        could see them (no subscriber, one batch of the engine's): the tallies and ids
+        :meth:`open`, :meth:`established` and :meth:`close` would have left, with no entry."""
+        self._ids = itertools.count(next(self._ids) + count)
+        tally = self.services.get(service)
+        if tally is None:
+            tally = self.services[service] = ServiceTally()
+        tally.opened += count
+        tally.bytes_up += bytes_up
+        tally.bytes_down += bytes_down
+        at = tally.by_endpoint.get(backend)
+        if at is None:
+            at = tally.by_endpoint[backend] = Tally()
+        at.opened += count
+        at.bytes_up += bytes_up
+        at.bytes_down += bytes_down
 
     def live_bytes(self) -> dict[EndpointKey, tuple[int, int]]:
         """Bytes (up, down) moved so far by the connections open now, per endpoint.

@@ -349,3 +349,70 @@ async def _until(check: object, timeout: float = 2.0) -> None:
     while not check():  # type: ignore[operator]
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.01)
+
+
+def _fetch_all(address: tuple[str, int], family: int, count: int) -> list[bytes]:
+    """``count`` clients one after another, each reading until the backend's EOF."""
+    got = []
+    for _ in range(count):
+        with socket.socket(AF[family], socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)
+            sock.connect(address)
+            data = b""
+            while chunk := sock.recv(64):
+                data += chunk
+            got.append(data)
+    return got
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("watched", [False, True], ids=["unwatched", "watched"])
+def test_connections_that_end_within_one_batch_are_counted_as_any_other(
+        flavor: Flavor, family: int, watched: bool) -> None:
+    """On the native flavor the loop is kept busy while the clients come and go, so the
+    engine's OPENED and DONE of every one arrive in one batch: unwatched, they get no
+    table entry (ConnTable.opened_and_closed); the tallies, metrics and ids must come out
+    as the Python twin's, and a status stream (a subscriber) still sees each of them."""
+    count = 12
+
+    async def main() -> None:
+        async with rig(flavor, family) as r:
+            seen: list[tuple[str, int]] = []
+            if watched:
+                r.conns.subscribers.add(lambda event, conn: seen.append((event, conn.id)))
+            with _speak_and_close(family, b"hello") as address:
+                r.set_endpoints([address])
+                if flavor.native:  # the engine needs no loop: block it for the whole run
+                    got = _fetch_all(r.address, family, count)
+                else:
+                    got = await asyncio.to_thread(_fetch_all, r.address, family, count)
+                assert got == [b"hello"] * count
+                await _until(lambda: NAME in r.conns.services
+                             and r.conns.services[NAME].opened == count
+                             and r.conns.services[NAME].open == 0)
+                tally = r.conns.services[NAME]
+                at = tally.by_endpoint[address]
+                assert (tally.bytes_up, tally.bytes_down, tally.failed) == (0, 5 * count, 0)
+                assert (at.opened, at.open, at.bytes_up, at.bytes_down) == (count, 0, 0, 5 * count)
+                assert len(r.conns) == 0
+                assert r.total("ok") == count
+                assert r.setup_count(_path(flavor)) == count
+                sample = r.metrics.registry.get_sample_value
+                assert sample("uproxy_connections_active",
+                              {"service": str(NAME), "protocol": "TCP"}) == 0
+                assert sample("uproxy_bytes_total",
+                              {"service": str(NAME), "direction": "down"}) == 5 * count
+                assert sample("uproxy_relay_connections_total",
+                              {"path": r.proxy.relay.name}) == count
+                if watched:
+                    assert sorted(e for e, _ in seen) == sorted(
+                        ["open", "update", "close"] * count)
+                    assert sorted({i for _, i in seen}) == list(range(1, count + 1))
+                # The ids went on as if every connection had had an entry.
+                later: list[int] = []
+                r.conns.subscribers.add(lambda event, conn: later.append(conn.id))
+                assert await asyncio.to_thread(_fetch_all, r.address, family, 1) == [b"hello"]
+                await _until(lambda: bool(later))
+                assert later[0] == count + 1
+
+    _run(flavor, main)

@@ -84,3 +84,22 @@ def test_prune_forgets_what_is_gone_once_idle() -> None:
     table.close(busy)
     table.prune({})
     assert table.endpoints == {} and table.services == {}
+
+
+def test_opened_and_closed_adds_what_open_established_and_close_would() -> None:
+    """The engine's connections that end within one batch skip the entry, not the counts."""
+    name = ServicePortName("ns", "svc", "http")
+    backend = ("10.1.0.1", 8080)
+    one_by_one, at_once = ConnTable(), ConnTable()
+    for up, down in ((3, 10), (0, 7), (5, 0)):
+        conn = one_by_one.open(protocol="TCP", service=name, client=("10.0.0.9", 40000),
+                               scope="cluster")
+        one_by_one.established(conn, backend, None)
+        one_by_one.close(conn, bytes_up=up, bytes_down=down, error=None)
+    at_once.opened_and_closed(name, backend, 3, bytes_up=8, bytes_down=17)
+    assert at_once.services == one_by_one.services
+    assert at_once.endpoints == one_by_one.endpoints
+    assert len(at_once) == len(one_by_one) == 0
+    nxt = [t.open(protocol="TCP", service=name, client=("10.0.0.9", 1), scope="cluster").id
+           for t in (one_by_one, at_once)]
+    assert nxt == [4, 4]

@@ -20,10 +20,11 @@ import errno
 import os
 import select
 import socket
+import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from uproxy import native
 from uproxy.proxy.pyrelay import PyRelay, PyRelayHandle
@@ -43,6 +44,13 @@ KEEP_FREE_PIPES = 16
 """Idle pipes the engine keeps open for reuse; the rest close when they empty."""
 _POLL_BATCH = 256
 DETACH_TIMEOUT = 5.0  # the engine thread answers in microseconds; this only bounds a bug
+BATCH_INTERVAL = 0.002
+"""After a busy batch (``BUSY_BATCH`` records or more) the loop stops watching the engine's
+eventfd this long (seconds): under load the bookkeeping (table, metrics, status stream)
+runs at most 500 times a second, in bigger batches, instead of once per engine round,
+and more connections open and close within one batch (no table entry). Relaying never
+waits for it; a quiet engine's events are handled at once."""
+BUSY_BATCH = 4
 
 
 
@@ -50,25 +58,93 @@ DETACH_TIMEOUT = 5.0  # the engine thread answers in microseconds; this only bou
 class SetupEvent:
     """What the engine's connection set-up reports (``uproxy_event``), decoded.
 
-    ``kind``: ``opened`` (relayed: ``handle``, its on_done still to be set),
+    ``kind``: ``opened`` (relayed: ``handle``, its on_done still to be set; or, when the
+    connection already ended in the same batch, no handle and its ``result``),
     ``connect_failed`` (one attempt: ``endpoint``, ``error``), ``refused`` (the client
     got a RST: ``reason`` as :mod:`uproxy.connect` names it, or ``no_service``,
     ``cancelled``), ``no_fds`` (the listener pauses; ``error``) or ``no_link`` (transparent
     mode: ``endpoint``, on this node, has no on-link route in the links the engine has).
+
+    Addresses stay packed (``*_raw``: the engine's 16 bytes and the port) until
+    :attr:`client` or :attr:`endpoint` is read: a connection that opens and closes
+    within one batch is counted without ever being turned into strings.
     """
 
     kind: str
     listener: int
-    client: tuple[str, int] | None = None
-    endpoint: tuple[str, int] | None = None
+    family: int = socket.AF_INET
+    client_raw: tuple[bytes, int] | None = None
+    endpoint_raw: tuple[bytes, int] | None = None
     index: int = -1
     attempts: int = 0
     error: str | None = None
     reason: str | None = None
     handle: NativeRelayHandle | None = None
+    result: RelayResult | None = None  # opened: it already ended (no handle)
+
+    @property
+    def client(self) -> tuple[str, int] | None:
+        return _unpack_address(self.family, self.client_raw)
+
+    @property
+    def endpoint(self) -> tuple[str, int] | None:
+        return _unpack_address(self.family, self.endpoint_raw)
+
+
+def _unpack_address(family: int, raw: tuple[bytes, int] | None) -> tuple[str, int] | None:
+    if raw is None:
+        return None
+    if family == socket.AF_INET6:
+        return socket.inet_ntop(socket.AF_INET6, raw[0]), raw[1]
+    return socket.inet_ntop(socket.AF_INET, raw[0][:4]), raw[1]
 
 
 SetupSink = Callable[[list[SetupEvent]], None]
+
+
+class _RawEvent(NamedTuple):
+    """``struct uproxy_event`` as unpacked in one go (field names checked against the cdef)."""
+
+    kind: int
+    listener: int
+    token: int
+    conn: int
+    endpoint: int
+    attempts: int
+    err: int
+    reason: int
+    family: int
+    client_addr: bytes
+    client_port: int
+    endpoint_addr: bytes
+    endpoint_port: int
+
+
+def _layout(ffi: Any, cname: str, names: Sequence[str]) -> struct.Struct:
+    """A :class:`struct.Struct` reading ``cname`` (its fields ``names``, in order) as the
+    compiler laid it out: offsets and sizes from cffi, never re-declared here. One unpack
+    of a whole batch costs less than reading every field of every record through cffi."""
+    ctype = ffi.typeof(cname)
+    fmt, at = ["="], 0
+    fields = list(ctype.fields)
+    assert [n for n, _ in fields][:len(names)] == list(names), (cname, fields)
+    for _name, field in fields[:len(names)]:
+        size = ffi.sizeof(field.type)
+        if field.offset > at:
+            fmt.append(f"{field.offset - at}x")
+        kind = field.type.kind
+        if kind == "array":
+            fmt.append(f"{size}s")
+        elif kind == "pointer" or field.type.cname in ("uint64_t", "size_t"):
+            fmt.append({8: "Q", 4: "I"}[size])
+        else:
+            fmt.append({4: "i", 8: "q"}[size])
+        at = field.offset + size
+    fmt.append(f"{ffi.sizeof(ctype) - at}x")
+    return struct.Struct("".join(fmt))
+
+
+_DONE_FIELDS = ("conn", "token", "bytes_up", "bytes_down", "reason", "side", "err")
 
 
 def default_max_pipes(pipe_size: int = PIPE_SIZE) -> int:
@@ -235,13 +311,18 @@ class NativeRelay:
         self._resumed: PyRelay | None = None  # connections taken back whose takeover failed
         self._events_buf = ffi.new("struct uproxy_event[]", _POLL_BATCH)
         self.setup_sink: SetupSink | None = None  # who hears of the engine's set-ups
+        self.batch_end: Callable[[], None] | None = None  # called after every batch
+        self.in_batch = False  # in _on_completions (batch_end comes before it returns)
+        self._event_layout = _layout(ffi, "struct uproxy_event", _RawEvent._fields)
+        self._done_layout = _layout(ffi, "struct uproxy_done", _DONE_FIELDS)
         lib = self._lib
         self._refused = {lib.UPROXY_REFUSED_NO_SERVICE: "no_service",
                          lib.UPROXY_REFUSED_NO_ENDPOINTS: "no_endpoints",
                          lib.UPROXY_REFUSED_ALL_FAILED: "all_failed",
                          lib.UPROXY_REFUSED_NO_SOCKET: "no_socket",
                          lib.UPROXY_REFUSED_ABORTED: "cancelled"}
-        loop.add_reader(self._efd, self._on_completions)
+        self._rearm_timer: asyncio.TimerHandle | None = None
+        loop.add_reader(self._efd, self._on_readable)
 
     # Connection set-up in the engine: listeners, their endpoints, the events. -----------
     def setup_config(self, timeouts: Sequence[float], *, avoid: float, fd_retry: float,
@@ -368,45 +449,38 @@ class NativeRelay:
         if self._engine is not None:
             self._lib.uproxy_engine_listener_remove(self._raw, lid)
 
-    def _drain_events(self) -> None:
-        lib, ffi, buf = self._lib, self._ffi, self._events_buf
-        out: list[SetupEvent] = []
+    def _read_events(self, out: list[_RawEvent]) -> None:
+        """Every queued set-up event, unpacked (one ``struct.iter_unpack`` per 256)."""
+        lib, buf, layout = self._lib, self._events_buf, self._event_layout
         while True:
             n = lib.uproxy_engine_events(self._raw, buf, _POLL_BATCH)
-            for i in range(n):
-                out.append(self._decode(buf[i], lib, ffi))
+            if n:
+                out.extend(map(_RawEvent._make,
+                               layout.iter_unpack(self._ffi.buffer(buf, n * layout.size))))
             if n < _POLL_BATCH:
-                break
-        if not out:
-            return
-        sink = self.setup_sink
-        if sink is None:  # nobody listens: still keep the opened ones' handles right
-            return
-        try:
-            sink(out)
-        except Exception as exc:
-            self.loop.call_exception_handler({"message": "set-up event handler failed",
-                                              "exception": exc})
+                return
 
-    def _decode(self, ev: Any, lib: Any, ffi: Any) -> SetupEvent:
-        kind = ev.kind
-        af, size = (socket.AF_INET6, 16) if ev.family == socket.AF_INET6 else (socket.AF_INET, 4)
+    def _decode(self, ev: _RawEvent, ended: dict[int, RelayResult]) -> SetupEvent:
+        kind, lib = ev.kind, self._lib
+        if kind == lib.UPROXY_EV_OPENED:
+            event = SetupEvent("opened", ev.listener, ev.family, (ev.client_addr, ev.client_port),
+                               (ev.endpoint_addr, ev.endpoint_port), ev.endpoint, ev.attempts)
+            result = ended.pop(ev.token, None)
+            if result is not None:  # it ended in this batch: no handle, nothing live
+                event.result = result
+            else:
+                handle = NativeRelayHandle(self, self._ffi.cast("struct uproxy_conn *", ev.conn),
+                                           _ignore_result)
+                self._live[ev.token] = handle
+                event.handle = handle
+            return event
         if kind == lib.UPROXY_EV_NO_FDS:
-            return SetupEvent("no_fds", int(ev.listener), error=os.strerror(ev.err))
-        client = (socket.inet_ntop(af, ffi.buffer(ev.client_addr, size)[:]), int(ev.client_port))
-        endpoint = None
-        if ev.endpoint >= 0:
-            endpoint = (socket.inet_ntop(af, ffi.buffer(ev.endpoint_addr, size)[:]),
-                        int(ev.endpoint_port))
-        event = SetupEvent("", int(ev.listener), client, endpoint, int(ev.endpoint),
-                           int(ev.attempts))
+            return SetupEvent("no_fds", ev.listener, error=os.strerror(ev.err))
+        event = SetupEvent("", ev.listener, ev.family, (ev.client_addr, ev.client_port),
+                           None if ev.endpoint < 0 else (ev.endpoint_addr, ev.endpoint_port),
+                           ev.endpoint, ev.attempts)
         if kind == lib.UPROXY_EV_NO_LINK:
             event.kind = "no_link"
-        elif kind == lib.UPROXY_EV_OPENED:
-            event.kind = "opened"
-            handle = NativeRelayHandle(self, ev.conn, _ignore_result)
-            self._live[int(ev.token)] = handle
-            event.handle = handle
         elif kind == lib.UPROXY_EV_CONNECT_FAILED:
             event.kind = "connect_failed"
             event.error = "timed out" if ev.err == errno.ETIMEDOUT else os.strerror(ev.err)
@@ -476,40 +550,101 @@ class NativeRelay:
         if self._stopped is None:
             self._lib.uproxy_engine_abort(self._raw, conn)
 
-    def _on_completions(self) -> None:
+    def _on_readable(self) -> None:
+        if self._on_completions() >= BUSY_BATCH and self._engine is not None \
+                and self._stopped is None and BATCH_INTERVAL > 0:
+            self.loop.remove_reader(self._efd)
+            self._rearm_timer = self.loop.call_later(BATCH_INTERVAL, self._rearm)
+
+    def _rearm(self) -> None:
+        self._rearm_timer = None
+        if self._engine is not None:
+            self.loop.add_reader(self._efd, self._on_readable)
+
+    def _on_completions(self) -> int:
+        """One wake-up: the set-up events, then the completions, handled as one batch.
+
+        A connection the engine set up whose DONE is already here with its OPENED gets no
+        handle at all (its event carries the result); the others' callbacks run after
+        the set-up sink, and :attr:`batch_end` last (the sink's per-batch totals).
+        Returns how many events and completions it handled."""
+        if self.in_batch:  # (pause() waiting from a callback of this batch)
+            return self._batch()
+        self.in_batch = True
+        try:
+            return self._batch()
+        finally:
+            self.in_batch = False
+
+    def _batch(self) -> int:
         lib, engine, buf = self._lib, self._raw, self._done_buf
         stopped = bool(lib.uproxy_engine_stopped(engine))  # before polling: then all are queued
-        self._drain_events()  # an OPENED comes before its DONE
+        raw: list[_RawEvent] = []
+        self._read_events(raw)  # an OPENED comes before its DONE
+        count = len(raw)
+        live, layout = self._live, self._done_layout
+        closed_ok, setup_bit = lib.UPROXY_DONE_CLOSED, lib.UPROXY_SETUP_TOKEN
+        finished: list[tuple[NativeRelayHandle, RelayResult]] = []
+        ended: dict[int, RelayResult] = {}  # set-up connections not live yet: OPENED in `raw`
         while True:
             n = lib.uproxy_engine_poll(engine, buf, _POLL_BATCH)
-            for i in range(n):
-                done = buf[i]
-                handle = self._live.pop(int(done.token), None)
-                if handle is None and done.token & lib.UPROXY_SETUP_TOKEN:
-                    self._drain_events()  # its OPENED was queued after our first look
-                    handle = self._live.pop(int(done.token), None)
-                if done.reason == lib.UPROXY_DONE_DETACHED:
-                    self._detached(done, handle)
-                    lib.uproxy_engine_release(engine, done.conn)
+            count += int(n)
+            records = layout.iter_unpack(self._ffi.buffer(buf, n * layout.size)) if n else ()
+            for i, (_, token, up, down, reason, side, err) in enumerate(records):
+                handle = live.pop(token, None)
+                if reason == lib.UPROXY_DONE_DETACHED:
+                    if handle is None and token & setup_bit:
+                        self._drain_into(raw, ended)
+                        handle = live.pop(token, None)
+                    self._detached(buf[i], handle)
+                    lib.uproxy_engine_release(engine, buf[i].conn)
                     continue
-                result = RelayResult(int(done.bytes_up), int(done.bytes_down),
-                                     _native_error(lib, done.reason, done.side, done.err))
+                result = RelayResult(up, down, None if reason == closed_ok
+                                     else _native_error(lib, reason, side, err))
                 if handle is not None:
                     handle._conn = None
                     handle._final = result
-                lib.uproxy_engine_release(engine, done.conn)
-                if handle is not None:
-                    try:
-                        handle._on_done(result)
-                    except Exception as exc:
-                        self.loop.call_exception_handler({
-                            "message": "relay on_done callback failed",
-                            "exception": exc,
-                        })
+                    finished.append((handle, result))
+                elif token & setup_bit:
+                    ended[token] = result
+                lib.uproxy_engine_release(engine, buf[i].conn)
             if n < _POLL_BATCH:
                 break
+        if ended and len(ended) > sum(ev.token in ended for ev in raw):
+            self._read_events(raw)  # an OPENED queued after our first look
+        self._drain_into(raw, ended)
+        for handle, result in finished:
+            try:
+                handle._on_done(result)
+            except Exception as exc:
+                self.loop.call_exception_handler({
+                    "message": "relay on_done callback failed",
+                    "exception": exc,
+                })
+        if self.batch_end is not None:
+            try:
+                self.batch_end()
+            except Exception as exc:
+                self.loop.call_exception_handler({"message": "set-up batch end failed",
+                                                  "exception": exc})
         if stopped and self._stopped is not None and not self._stopped.done():
             self._stopped.set_result(None)
+        return count
+
+    def _drain_into(self, raw: list[_RawEvent], ended: dict[int, RelayResult]) -> None:
+        """Decode the events read so far (registering the live handles) and hand them on."""
+        if not raw:
+            return
+        events = [self._decode(ev, ended) for ev in raw]
+        raw.clear()
+        sink = self.setup_sink
+        if sink is None:  # nobody listens: the opened ones' handles are kept right all the same
+            return
+        try:
+            sink(events)
+        except Exception as exc:
+            self.loop.call_exception_handler({"message": "set-up event handler failed",
+                                              "exception": exc})
 
     def _detached(self, done: Any, handle: NativeRelayHandle | None) -> None:
         """A connection the engine handed back: its fds and held bytes are ours again."""
@@ -570,6 +705,9 @@ class NativeRelay:
         if self._stopped is None:
             self._stopped = self.loop.create_future()
             self._lib.uproxy_engine_stop(self._raw)
+            if self._rearm_timer is not None:  # watch the eventfd again now: the stop is there
+                self._rearm_timer.cancel()
+                self._rearm()
         await asyncio.shield(self._stopped)
         if self._engine is None:  # a concurrent close() finished first
             return

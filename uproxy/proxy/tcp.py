@@ -106,6 +106,7 @@ class TcpListener:
         self._closed = False
         self.native: int | None = None  # the engine's id while the engine accepts on it
         self.endpoints: tuple[Endpoint, ...] = ()  # what was pushed to the engine, by index
+        self.packed: tuple[tuple[bytes, int], ...] = ()  # the same, as the engine reports them
         self.avoided = False  # some pushed endpoint was being avoided
         self.pushed_tp = False  # its family connected transparently when last pushed
         self.pushed_topology: tuple[str, str | None] | None = None  # (node, zone) then
@@ -245,7 +246,10 @@ class TcpProxy:
             nrelay.setup_config(CONNECT_TIMEOUTS, avoid=FAILED_AVOID_SECONDS, fd_retry=FD_RETRY,
                                 fd_wait=FD_WAIT, fd_pause=EMFILE_PAUSE)
             nrelay.setup_sink = self._on_setup_events
+            nrelay.batch_end = self._flush_metrics
             self._setup_metric = metrics.relay_setup.labels("native")
+        self._setup_pending = 0  # engine set-ups of this batch, not yet in _setup_metric
+        self._dirty: list[_ServiceMetrics] = []  # holding counts of this batch
         self._py_setup_metric = metrics.relay_setup.labels("python")
         self._connecting: set[_Connect] = set()
         self._metrics: dict[ServicePortName, _ServiceMetrics] = {}
@@ -362,6 +366,7 @@ class TcpProxy:
             log.error("%s: pushing endpoints to the engine: %s", listener.name, exc)
             return
         listener.endpoints = endpoints
+        listener.packed = tuple((_pack_address(e.ip), e.port) for e in endpoints)
         listener.avoided = any(item[3] > 0 for item in items)
         listener.pushed_tp = tp_on
         listener.pushed_topology = (balancer.node_name, balancer.zone)
@@ -461,47 +466,93 @@ class TcpProxy:
 
     def _on_setup_events(self, events: list[SetupEvent]) -> None:
         """What the engine did (in its order): the table, the metrics, the balancer.
-        The opened connections' metrics are added once per batch and service."""
-        opened: dict[_ServiceMetrics, int] = {}
+
+        Metrics are counted per batch and service (:meth:`_flush_metrics`, at the end of
+        the engine's batch). A connection that opened and already closed in this batch
+        gets no table entry unless someone watches the table (a status stream): its
+        tallies come out as open, established and close would leave them."""
+        conns, balancer = self.conns, self.balancer
+        watched = bool(conns.subscribers)
+        short: dict[tuple[ServicePortName, tuple[str, int]], list[int]] = {}
         for ev in events:
             listener = self._by_native.get(ev.listener)
             if listener is None:
                 continue
-            name = listener.name
-            if listener._fd_trouble_since is not None and ev.kind in ("opened", "refused"):
+            kind = ev.kind
+            if listener._fd_trouble_since is not None and kind in ("opened", "refused"):
                 listener._fd_recovered()  # the engine accepted again
-            if ev.kind == "opened":
-                m = self._native_opened(listener, ev)
-                opened[m] = opened.get(m, 0) + 1
-            elif ev.kind == "connect_failed":
+            if kind == "opened":
+                endpoint = _endpoint_of(listener, ev)
+                balancer.connect_succeeded(endpoint)
+                m = self._service_metrics(listener.name)
+                if not m.dirty:
+                    m.dirty = True
+                    self._dirty.append(m)
+                m.opened_pending += 1
+                self._setup_pending += 1
+                result = ev.result
+                if result is None:
+                    self._native_opened(listener, ev, endpoint, m)
+                    continue
+                m.closed_pending(result.bytes_up, result.bytes_down)
+                if watched:
+                    client = ev.client
+                    assert client is not None
+                    conn = conns.open(protocol="TCP", service=listener.name, client=client,
+                                      scope=listener.scope)
+                    conns.established(conn, endpoint.address, None)
+                    conns.close(conn, bytes_up=result.bytes_up, bytes_down=result.bytes_down,
+                                error=result.error)
+                    continue
+                key = (listener.name, endpoint.address)
+                sums = short.get(key)
+                if sums is None:
+                    short[key] = [1, result.bytes_up, result.bytes_down]
+                else:
+                    sums[0] += 1
+                    sums[1] += result.bytes_up
+                    sums[2] += result.bytes_down
+            elif kind == "connect_failed":
                 endpoint = _endpoint_of(listener, ev)
                 log.debug("connect to %s failed: %s", endpoint, ev.error)
-                self.metrics.endpoint_failures.labels(str(name), str(endpoint)).inc()
-                self.conns.connect_failed(name, endpoint.address)
-                self.balancer.connect_failed(endpoint, self.clock())
-            elif ev.kind == "refused":
+                self.metrics.endpoint_failures.labels(str(listener.name), str(endpoint)).inc()
+                conns.connect_failed(listener.name, endpoint.address)
+                balancer.connect_failed(endpoint, self.clock())
+            elif kind == "refused":
                 self._native_refused(listener, ev)
-            elif ev.kind == "no_fds":
+            elif kind == "no_fds":
                 listener.fds_trouble(ev.error or "out of file descriptors")
-            elif ev.kind == "no_link" and self.transparent is not None and ev.endpoint:
-                # As source_for does: read the links again soon, then hand them over.
-                self.transparent.links_known(ev.endpoint[0], then=self._sync_links)
-        if opened:
-            for m, count in opened.items():
-                m.opened(count)
-            self._setup_metric.inc(sum(opened.values()))
+            elif kind == "no_link" and self.transparent is not None:
+                ep = ev.endpoint
+                if ep:  # as source_for does: read the links again soon, then hand them over
+                    self.transparent.links_known(ep[0], then=self._sync_links)
+        for (name, address), (count, up, down) in short.items():
+            conns.opened_and_closed(name, address, count, bytes_up=up, bytes_down=down)
 
-    def _native_opened(self, listener: TcpListener, ev: SetupEvent) -> _ServiceMetrics:
+    def _flush_metrics(self) -> None:
+        """The counts of the engine's batch into the metrics: one add per service and figure."""
+        if self._setup_pending:
+            self._setup_metric.inc(self._setup_pending)
+            self._setup_pending = 0
+        dirty, self._dirty = self._dirty, []
+        for m in dirty:
+            m.flush()
+
+    def _native_opened(self, listener: TcpListener, ev: SetupEvent, endpoint: Endpoint,
+                       m: _ServiceMetrics) -> None:
         handle, client = ev.handle, ev.client
         assert handle is not None and client is not None
-        endpoint = _endpoint_of(listener, ev)
-        self.balancer.connect_succeeded(endpoint)
         conn = self.conns.open(protocol="TCP", service=listener.name, client=client,
                                scope=listener.scope)
-        m = self._service_metrics(listener.name)
+        nrelay = self._native_relay()
 
         def done(result: RelayResult) -> None:
-            m.closed(result)
+            if not m.dirty:
+                m.dirty = True
+                self._dirty.append(m)
+            m.closed_pending(result.bytes_up, result.bytes_down)
+            if not nrelay.in_batch:  # (a takeover's hand-over, a resumed connection)
+                self._flush_metrics()
             self.live.pop(conn.id, None)
             self.conns.close(conn, bytes_up=result.bytes_up, bytes_down=result.bytes_down,
                              error=result.error)
@@ -509,7 +560,6 @@ class TcpProxy:
         handle._on_done = done
         self.conns.established(conn, endpoint.address, handle)
         self.live[conn.id] = (conn, handle)
-        return m
 
     def _native_refused(self, listener: TcpListener, ev: SetupEvent) -> None:
         name = str(listener.name)
@@ -613,21 +663,31 @@ class TcpProxy:
 
 
 def _endpoint_of(listener: TcpListener, ev: SetupEvent) -> Endpoint:
-    """The pushed endpoint an event names (by index, checked by address)."""
-    assert ev.endpoint is not None
-    eps = listener.endpoints
-    if 0 <= ev.index < len(eps) and eps[ev.index].address == ev.endpoint:
-        return eps[ev.index]
-    for e in eps:
-        if e.address == ev.endpoint:
+    """The pushed endpoint an event names (by index, checked by its packed address: no
+    string is made unless the endpoints changed since the engine chose)."""
+    index, packed = ev.index, listener.packed
+    if 0 <= index < len(packed) and packed[index] == ev.endpoint_raw:
+        return listener.endpoints[index]
+    address = ev.endpoint
+    assert address is not None
+    for e in listener.endpoints:
+        if e.address == address:
             return e
-    return Endpoint(ev.endpoint[0], ev.endpoint[1])
+    return Endpoint(address[0], address[1])
+
+
+def _pack_address(ip: str) -> bytes:
+    """``ip`` as the engine reports it in an event (16 bytes, an IPv4 address zero-padded)."""
+    if ":" in ip:
+        return socket.inet_pton(socket.AF_INET6, ip)
+    return socket.inet_pton(socket.AF_INET, ip) + bytes(12)
 
 
 class _ServiceMetrics:
     """The labelled metric children of one service port, bound once (labels() is not free)."""
 
-    __slots__ = ("active", "down", "ok", "path", "up")
+    __slots__ = ("active", "closed_count", "dirty", "down", "down_bytes", "ok", "opened_pending",
+                 "path", "up", "up_bytes")
 
     def __init__(self, metrics: Metrics, service: str, path: str) -> None:
         self.active = metrics.connections_active.labels(service, "TCP")
@@ -635,6 +695,9 @@ class _ServiceMetrics:
         self.up = metrics.bytes_total.labels(service, "up")
         self.down = metrics.bytes_total.labels(service, "down")
         self.path = metrics.relay_path.labels(path)
+        # The engine's batch adds here first (flush: once per batch, not per connection).
+        self.dirty = False
+        self.opened_pending = self.closed_count = self.up_bytes = self.down_bytes = 0
 
     def opened(self, count: int = 1) -> None:
         self.active.inc(count)
@@ -645,6 +708,24 @@ class _ServiceMetrics:
         self.active.dec()
         self.up.inc(result.bytes_up)
         self.down.inc(result.bytes_down)
+
+    def closed_pending(self, bytes_up: int, bytes_down: int) -> None:
+        self.closed_count += 1
+        self.up_bytes += bytes_up
+        self.down_bytes += bytes_down
+
+    def flush(self) -> None:
+        opened, closed = self.opened_pending, self.closed_count
+        if opened:
+            self.ok.inc(opened)
+            self.path.inc(opened)
+        if opened != closed:  # (a connection opened and closed in the batch: no change)
+            self.active.inc(opened - closed)
+        if closed:
+            self.up.inc(self.up_bytes)
+            self.down.inc(self.down_bytes)
+        self.dirty = False
+        self.opened_pending = self.closed_count = self.up_bytes = self.down_bytes = 0
 
 
 class _Connect:

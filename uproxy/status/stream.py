@@ -89,7 +89,8 @@ class ConnHub:
 
     # lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
-        self.conns.subscribers.add(self._on_event)
+        # (the table hears of us with the first watcher: with nobody watching, it need not
+        # tell anyone of each connection, and the engine's short ones need no entry at all)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="status-stream")
 
     async def close(self) -> None:
@@ -107,12 +108,17 @@ class ConnHub:
         watcher = Watcher(service=service, limit=max(1, min(limit, MAX_LIMIT)))
         self.watchers.add(watcher)
         self._have_watchers.set()
+        self.conns.subscribers.add(self._on_event)
         return watcher
 
     def remove(self, watcher: Watcher) -> None:
         self.watchers.discard(watcher)
         if not self.watchers:
             self._have_watchers.clear()
+            self.conns.subscribers.discard(self._on_event)
+            self._opened.clear()  # (what _on_event kept for watchers no longer there)
+            self._updated.clear()
+            self._closed.clear()
 
     # events (called synchronously by the connection table) --------------------------------
     def _on_event(self, event: str, conn: Conn) -> None:
