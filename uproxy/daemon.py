@@ -29,7 +29,7 @@ import logging
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from uproxy import native, nftrules
@@ -73,8 +73,9 @@ SYNC_WAIT_FLOOR = 0.1
 
 
 class ProtocolProxy(Listening, Protocol):
-    entries: dict[ServicePortName, Entry]
-
+    @property
+    def entries(self) -> dict[ServicePortName, Entry]: ...
+    def update_entries(self, changes: Mapping[ServicePortName, Entry | None]) -> None: ...
     def rules_applied(self) -> None: ...
     async def drain(self, grace: float) -> None: ...
 
@@ -123,7 +124,9 @@ class Daemon:
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._last_rules: dict[int, str] = {}  # family -> restore text last applied
-        self._observed_triggers: set[str] = set()
+        # trigger-time annotations observed, per service; services changed, not observed yet
+        self._observed_triggers: dict[tuple[str, str], set[str]] = {}
+        self._unobserved: set[tuple[str, str]] = set()
         self._warned: set[str] = set()
         self._redirects_by_name: dict[ServicePortName, list[Redirect]] = {}
         self._tasks: list[asyncio.Task[Any]] = []
@@ -139,6 +142,7 @@ class Daemon:
         self.health_checks = HealthCheckPorts(local_endpoints=self._local_ready,
                                               healthy=self.healthy)
         self._hc_ports: dict[ServicePortName, int] = {}  # health-check node port per port
+        self._hc_pending = False  # the health-check ports open differ from _hc_ports' wish
         # UPROXY-FIREWALL lines per service port and family, and the text last applied
         self._filter_by_name: dict[tuple[ServicePortName, int], list[str]] = {}
         self._filter_text: dict[int, str] = {}
@@ -511,7 +515,9 @@ class Daemon:
                                       or self.store.node_ips(self.settings.hostname_override))
         queued = self.queued_since
         self.queued_since = None
-        diff = self._served.update(self.store, self.store.take_changed())
+        services = self.store.take_changed()
+        self._unobserved |= services
+        diff = self._served.update(self.store, services)
         self.events.table_changed(diff)
         table = self.served
         for entry in diff.removed:
@@ -529,10 +535,16 @@ class Daemon:
                                          or name in self.listener_set.bind_failures):
                     self._ensure_listeners(entry.port)
                     touched.append(entry)
-        protocols = {e.port.protocol for e in [*touched, *diff.removed]}
-        for proto in protocols & set(self.proxies):
-            self.proxies[proto].entries = {n: e for n, e in table.items()
-                                           if e.port.protocol == proto}
+        # Each protocol proxy gets what changed, never the whole table (issue 16: an
+        # endpoint change among 10,000 services costs one service's work).
+        changes: dict[str, dict[ServicePortName, Entry | None]] = {}
+        for entry in diff.removed:
+            changes.setdefault(entry.port.protocol, {})[entry.port.name] = None
+        for entry in touched:
+            changes.setdefault(entry.port.protocol, {})[entry.port.name] = entry
+        for proto, changed in changes.items():
+            if proto in self.proxies:
+                self.proxies[proto].update_entries(changed)
         if self._adopted_flows:  # the first sync opened the listeners the flows belong to
             self._adopt_flows()
         rules_changed = False
@@ -638,35 +650,51 @@ class Daemon:
         self._nft_applied = self.redirects
 
     def _observe_programming_latency(self) -> None:
+        """Each new trigger-time stamp of the services changed since the last successful
+        sync, once (only those: the others' slices have not changed)."""
         now = time.time()
-        current = set(self.store.trigger_times())
-        for stamp in current - self._observed_triggers:
-            try:
-                when = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
-            except ValueError:
-                continue
-            if 0 <= now - when < 3600:
-                self.metrics.network_programming.observe(now - when)
-        self._observed_triggers = current
+        services, self._unobserved = self._unobserved, set()
+        for service in services:
+            current = self.store.trigger_times_of(service)
+            for stamp in current - self._observed_triggers.get(service, set()):
+                try:
+                    when = datetime.datetime.fromisoformat(
+                        stamp.replace("Z", "+00:00")).timestamp()
+                except ValueError:
+                    continue
+                if 0 <= now - when < 3600:
+                    self.metrics.network_programming.observe(now - when)
+            if current:
+                self._observed_triggers[service] = current
+            else:
+                self._observed_triggers.pop(service, None)
 
     async def _apply_filter(self, removed: list[Entry], touched: list[Entry],
                             full: bool) -> None:
         """The filter table (:mod:`uproxy.filter_rules`): one restore when a line changed."""
         families = self._nat_tables()
+        dirty: set[int] = set()  # families whose lines changed
         for entry in removed:
             for family, _ in families:
-                self._filter_by_name.pop((entry.port.name, family), None)
+                if self._filter_by_name.pop((entry.port.name, family), None) is not None:
+                    dirty.add(family)
         if full:  # source ranges also depend on the node's IPs: follow them
             touched = [*touched, *(e for e in self.served.values() if e.port.source_ranges)]
         for entry in touched:
             for family, _ in families:
+                key = (entry.port.name, family)
                 lines = filter_rules_of(entry, node_name=self.settings.hostname_override,
                                         node_ips=self.listener_set.node_ips, family=family)
+                if lines == self._filter_by_name.get(key, []):
+                    continue
+                dirty.add(family)
                 if lines:
-                    self._filter_by_name[(entry.port.name, family)] = lines
+                    self._filter_by_name[key] = lines
                 else:
-                    self._filter_by_name.pop((entry.port.name, family), None)
+                    del self._filter_by_name[key]
         for family, table in families:  # one restore per family, when a line changed
+            if family not in dirty and family in self._filter_text and not full:
+                continue  # (rendering it walks every line: not at each endpoint change)
             text = render_filter(line for key in sorted(self._filter_by_name) if key[1] == family
                                  for line in self._filter_by_name[key])
             # (the first sync counts as full; start just wrote the chain and its hooks)
@@ -685,20 +713,27 @@ class Daemon:
                                   full: bool) -> None:
         """Open, move and close health-check node ports as the Services say (kube-proxy
         calls its SyncServices after every successful sync, too)."""
+        changed = self._hc_pending
         for entry in removed:
-            self._hc_ports.pop(entry.port.name, None)
+            changed |= self._hc_ports.pop(entry.port.name, None) is not None
         for entry in touched:
-            if entry.port.health_check_node_port:
-                self._hc_ports[entry.port.name] = entry.port.health_check_node_port
+            name, port = entry.port.name, entry.port.health_check_node_port
+            if port:
+                changed |= self._hc_ports.get(name) != port
+                self._hc_ports[name] = port
             else:
-                self._hc_ports.pop(entry.port.name, None)
+                changed |= self._hc_ports.pop(name, None) is not None
+        if not changed and not full:
+            return  # (the usual endpoint change: no walk over every health-check port)
         wanted = {name.service: port for name, port in self._hc_ports.items()}
+        self._hc_pending = False
         if wanted == self.health_checks.ports() and not full:
             return  # nothing to open or close (node addresses are followed at full syncs)
         cidrs = self.settings.nodeport_addresses
         addresses = (("0.0.0.0", "::") if not cidrs
                      else tuple(nodeport_addresses(cidrs, self.listener_set.node_ips)))
         await self.health_checks.sync(wanted, addresses)
+        self._hc_pending = wanted != self.health_checks.ports()  # (a bind failed: retry)
         if self.health_checks.adopted:  # a takeover brought ports no Service wants any more
             self.health_checks.close_unclaimed()
 
