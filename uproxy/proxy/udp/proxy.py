@@ -159,8 +159,9 @@ class UdpProxy:
             for flow in list(listener.flows.values()):
                 if flow.endpoint.address not in kept:
                     self.close_flow(flow, "endpoint removed")
-        ports = {(lst.name, lst.scope, lst.family): lst.port for lst in self.listeners}
-        self.cleanup.entries_changed(new, ports, node)
+        ports = {(lst.name, lst.scope, lst.family): lst.port for lst in self.listeners
+                 if names is None or lst.name in names}
+        self.cleanup.entries_changed(new, ports, node, None if names is None else list(names))
 
     # Conntrack hygiene (see conntrack_cleanup) -------------------------------------------
     def rules_applied(self) -> None:
