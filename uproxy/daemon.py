@@ -130,6 +130,7 @@ class Daemon:
         self._unobserved: set[tuple[str, str]] = set()
         self._warned: set[str] = set()
         self._redirects_by_name: dict[ServicePortName, list[Redirect]] = {}
+        self._key_claims: dict[nftrules.Key, int] = {}  # map key -> service ports claiming it
         self._tasks: list[asyncio.Task[Any]] = []
         self._gc = GcPause(self.loop)
         # Takeover: the running uproxy we take over from once our source is loaded (its
@@ -549,12 +550,18 @@ class Daemon:
         if self._adopted_flows:  # the first sync opened the listeners the flows belong to
             self._adopt_flows()
         rules_changed = False
+        delta = nftrules.RulesDelta(self.redirects)  # the changed service ports' redirects
         for entry in diff.removed:
-            rules_changed |= bool(self._redirects_by_name.pop(entry.port.name, None))
+            gone = self._redirects_by_name.pop(entry.port.name, None)
+            if gone:
+                rules_changed = True
+                delta.change(self._key_claims, gone, [])
         for entry in touched:
             new_redirects = self._redirects_of(entry)
-            if new_redirects != self._redirects_by_name.get(entry.port.name, []):
+            old_redirects = self._redirects_by_name.get(entry.port.name, [])
+            if new_redirects != old_redirects:
                 rules_changed = True
+                delta.change(self._key_claims, old_redirects, new_redirects)
                 if new_redirects:
                     self._redirects_by_name[entry.port.name] = new_redirects
                 else:
@@ -567,7 +574,7 @@ class Daemon:
         if self.iptables is not None:
             try:
                 if self.nft is not None:
-                    await self._apply_nft(changed=rules_changed,
+                    await self._apply_nft(changed=rules_changed, delta=delta,
                                           full=full or not self.rules_applied)
                 elif rules_changed or full or not self.rules_applied:
                     if rules_changed or not self._last_rules:
@@ -618,7 +625,8 @@ class Daemon:
             log.info("synced %d service ports (+%d -%d ~%d) in %.1f ms", len(table),
                      len(diff.added), len(diff.removed), len(diff.changed), elapsed * 1000)
 
-    async def _apply_nft(self, *, changed: bool, full: bool) -> None:
+    async def _apply_nft(self, *, changed: bool, full: bool,
+                         delta: nftrules.RulesDelta | None = None) -> None:
         """The nft maps of both families (:mod:`uproxy.nftrules`), in one ``nft -f``.
 
         Incremental syncs send the element deltas since the last apply; the first
@@ -631,8 +639,10 @@ class Daemon:
         if not full and self._nft_applied is not None:
             if not changed:
                 return
-            text = "".join(nftrules.render_changes(self._nft_applied, self.redirects, family=f)
-                           for f in families)
+            old, new = self._nft_applied, self.redirects
+            if delta is not None and delta.exact and delta.since is old:
+                old, new = delta.old, delta.new  # (the same delta: see RulesDelta)
+            text = "".join(nftrules.render_changes(old, new, family=f) for f in families)
             try:
                 await self.nft.restore(text)
                 self._nft_applied = self.redirects
