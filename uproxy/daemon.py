@@ -4,7 +4,7 @@ One :class:`Daemon` per process. The source fills the store and calls
 ``changed()``; syncs are batched (at most one per ``--min-sync-period``) and
 repeated every ``--sync-period`` (which also re-inserts hooks and rules that
 someone deleted). A sync diffs the desired table against what is served,
-opens and closes listening sockets, hands the new entries to the protocol
+opens and closes listening sockets, hands the changed entries to the protocol
 proxies, and updates the interception (``--interception``): by default the
 map of uproxy's nftables tables (:mod:`uproxy.nftrules`; element deltas, the
 whole tables in one ``nft -f`` at start and at every full sync), else the
@@ -504,8 +504,11 @@ class Daemon:
         """Apply what changed since the last sync; ``full`` also re-applies the rules.
 
         Incremental: only the services the store recomputed are diffed, their
-        listeners and redirects updated, and the rules rendered again only when a
-        redirect changed (an endpoint change alone does not touch iptables).
+        listeners and redirects updated, the protocol proxies given their new entries,
+        and the rules rendered again only when a redirect changed (an endpoint change
+        alone does not touch iptables or nft; a redirect change sends the nft map the
+        changed service ports' element delta). Each step costs what changed, not the
+        table (issue 16).
         """
         if not self._cleaned_up.is_set():  # the first sync, while start's clean-up runs
             await self._cleaned_up.wait()
@@ -746,8 +749,8 @@ class Daemon:
         if not changed and not full:
             return  # (the usual endpoint change: no walk over every health-check port)
         wanted = {name.service: port for name, port in self._hc_ports.items()}
-        self._hc_pending = False
-        if wanted == self.health_checks.ports() and not full:
+        self._hc_pending = wanted != self.health_checks.ports()
+        if not self._hc_pending and not full:
             return  # nothing to open or close (node addresses are followed at full syncs)
         cidrs = self.settings.nodeport_addresses
         addresses = (("0.0.0.0", "::") if not cidrs
