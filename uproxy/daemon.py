@@ -4,7 +4,7 @@ One :class:`Daemon` per process. The source fills the store and calls
 ``changed()``; syncs are batched (at most one per ``--min-sync-period``) and
 repeated every ``--sync-period`` (which also re-inserts hooks and rules that
 someone deleted). A sync diffs the desired table against what is served,
-opens and closes listening sockets, hands the new entries to the protocol
+opens and closes listening sockets, hands the changed entries to the protocol
 proxies, and updates the interception (``--interception``): by default the
 map of uproxy's nftables tables (:mod:`uproxy.nftrules`; element deltas, the
 whole tables in one ``nft -f`` at start and at every full sync), else the
@@ -29,7 +29,7 @@ import logging
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from uproxy import native, nftrules
@@ -73,8 +73,9 @@ SYNC_WAIT_FLOOR = 0.1
 
 
 class ProtocolProxy(Listening, Protocol):
-    entries: dict[ServicePortName, Entry]
-
+    @property
+    def entries(self) -> dict[ServicePortName, Entry]: ...
+    def update_entries(self, changes: Mapping[ServicePortName, Entry | None]) -> None: ...
     def rules_applied(self) -> None: ...
     async def drain(self, grace: float) -> None: ...
 
@@ -97,6 +98,7 @@ class Daemon:
         # nat interception through uproxy's nftables tables (None: the iptables chain); start()
         self.nft: Nftables | None = None
         self._nft_applied: list[Redirect] | None = None  # what the nft maps hold (None: unknown)
+        self._nft_text: tuple[list[Redirect], tuple[int, ...], str] | None = None  # _nft_whole
         self.allocator = PortAllocator(settings.proxy_port_range)
         self.loop = asyncio.get_running_loop()
         self.relay = make_relay(self.loop)
@@ -124,9 +126,12 @@ class Daemon:
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._last_rules: dict[int, str] = {}  # family -> restore text last applied
-        self._observed_triggers: set[str] = set()
+        # trigger-time annotations observed, per service; services changed, not observed yet
+        self._observed_triggers: dict[tuple[str, str], set[str]] = {}
+        self._unobserved: set[tuple[str, str]] = set()
         self._warned: set[str] = set()
         self._redirects_by_name: dict[ServicePortName, list[Redirect]] = {}
+        self._key_claims: dict[nftrules.Key, int] = {}  # map key -> service ports claiming it
         self._tasks: list[asyncio.Task[Any]] = []
         self._gc = GcPause(self.loop)
         # Takeover: the running uproxy we take over from once our source is loaded (its
@@ -140,6 +145,7 @@ class Daemon:
         self.health_checks = HealthCheckPorts(local_endpoints=self._local_ready,
                                               healthy=self.healthy)
         self._hc_ports: dict[ServicePortName, int] = {}  # health-check node port per port
+        self._hc_pending = False  # the health-check ports open differ from _hc_ports' wish
         # UPROXY-FIREWALL lines per service port and family, and the text last applied
         self._filter_by_name: dict[tuple[ServicePortName, int], list[str]] = {}
         self._filter_text: dict[int, str] = {}
@@ -501,8 +507,11 @@ class Daemon:
         """Apply what changed since the last sync; ``full`` also re-applies the rules.
 
         Incremental: only the services the store recomputed are diffed, their
-        listeners and redirects updated, and the rules rendered again only when a
-        redirect changed (an endpoint change alone does not touch iptables).
+        listeners and redirects updated, the protocol proxies given their new entries,
+        and the rules rendered again only when a redirect changed (an endpoint change
+        alone does not touch iptables or nft; a redirect change sends the nft map the
+        changed service ports' element delta). Each step costs what changed, not the
+        table (issue 16).
         """
         if not self._cleaned_up.is_set():  # the first sync, while start's clean-up runs
             await self._cleaned_up.wait()
@@ -514,7 +523,9 @@ class Daemon:
                                       or self.store.node_ips(self.settings.hostname_override))
         queued = self.queued_since
         self.queued_since = None
-        diff = self._served.update(self.store, self.store.take_changed())
+        services = self.store.take_changed()
+        self._unobserved |= services
+        diff = self._served.update(self.store, services)
         self.events.table_changed(diff)
         table = self.served
         for entry in diff.removed:
@@ -532,19 +543,31 @@ class Daemon:
                                          or name in self.listener_set.bind_failures):
                     self._ensure_listeners(entry.port)
                     touched.append(entry)
-        protocols = {e.port.protocol for e in [*touched, *diff.removed]}
-        for proto in protocols & set(self.proxies):
-            self.proxies[proto].entries = {n: e for n, e in table.items()
-                                           if e.port.protocol == proto}
+        # Each protocol proxy gets what changed, never the whole table (issue 16: an
+        # endpoint change among 10,000 services costs one service's work).
+        changes: dict[str, dict[ServicePortName, Entry | None]] = {}
+        for entry in diff.removed:
+            changes.setdefault(entry.port.protocol, {})[entry.port.name] = None
+        for entry in touched:
+            changes.setdefault(entry.port.protocol, {})[entry.port.name] = entry
+        for proto, changed in changes.items():
+            if proto in self.proxies:
+                self.proxies[proto].update_entries(changed)
         if self._adopted_flows:  # the first sync opened the listeners the flows belong to
             self._adopt_flows()
         rules_changed = False
+        delta = nftrules.RulesDelta(self.redirects)  # the changed service ports' redirects
         for entry in diff.removed:
-            rules_changed |= bool(self._redirects_by_name.pop(entry.port.name, None))
+            gone = self._redirects_by_name.pop(entry.port.name, None)
+            if gone:
+                rules_changed = True
+                delta.change(self._key_claims, gone, [])
         for entry in touched:
             new_redirects = self._redirects_of(entry)
-            if new_redirects != self._redirects_by_name.get(entry.port.name, []):
+            old_redirects = self._redirects_by_name.get(entry.port.name, [])
+            if new_redirects != old_redirects:
                 rules_changed = True
+                delta.change(self._key_claims, old_redirects, new_redirects)
                 if new_redirects:
                     self._redirects_by_name[entry.port.name] = new_redirects
                 else:
@@ -557,7 +580,7 @@ class Daemon:
         if self.iptables is not None:
             try:
                 if self.nft is not None:
-                    await self._apply_nft(changed=rules_changed,
+                    await self._apply_nft(changed=rules_changed, delta=delta,
                                           full=full or not self.rules_applied)
                 elif rules_changed or full or not self.rules_applied:
                     if rules_changed or not self._last_rules:
@@ -609,7 +632,8 @@ class Daemon:
             log.info("synced %d service ports (+%d -%d ~%d) in %.1f ms", len(table),
                      len(diff.added), len(diff.removed), len(diff.changed), elapsed * 1000)
 
-    async def _apply_nft(self, *, changed: bool, full: bool) -> None:
+    async def _apply_nft(self, *, changed: bool, full: bool,
+                         delta: nftrules.RulesDelta | None = None) -> None:
         """The nft maps of both families (:mod:`uproxy.nftrules`), in one ``nft -f``.
 
         Incremental syncs send the element deltas since the last apply; the first
@@ -622,8 +646,10 @@ class Daemon:
         if not full and self._nft_applied is not None:
             if not changed:
                 return
-            text = "".join(nftrules.render_changes(self._nft_applied, self.redirects, family=f)
-                           for f in families)
+            old, new = self._nft_applied, self.redirects
+            if delta is not None and delta.exact and delta.since is old:
+                old, new = delta.old, delta.new  # (the same delta: see RulesDelta)
+            text = "".join(nftrules.render_changes(old, new, family=f) for f in families)
             try:
                 await self.nft.restore(text)
                 self._nft_applied = self.redirects
@@ -637,40 +663,65 @@ class Daemon:
                             ", ".join(f"{nftrules.family_keyword(f)} {nftrules.TABLE}"
                                       for f in sorted(missing)), extra=NFT_REPAIRED)
         self._nft_applied = None
-        await self.nft.restore("".join(nftrules.render(self.redirects, family=f)
-                                       for f in families))
+        await self.nft.restore(self._nft_whole(families))
         self._nft_applied = self.redirects
 
+    def _nft_whole(self, families: tuple[int, ...]) -> str:
+        """The whole tables' text, rendered again only when the redirects changed (a sync
+        assigns a new list then): a full sync's repair at 10,000 Services re-sends the
+        text without holding the loop to render it (~0.1-0.2 s)."""
+        cached = self._nft_text
+        if cached is None or cached[0] is not self.redirects or cached[1] != families:
+            text = "".join(nftrules.render(self.redirects, family=f) for f in families)
+            cached = self._nft_text = (self.redirects, families, text)
+        return cached[2]
+
     def _observe_programming_latency(self) -> None:
+        """Each new trigger-time stamp of the services changed since the last successful
+        sync, once (only those: the others' slices have not changed)."""
         now = time.time()
-        current = set(self.store.trigger_times())
-        for stamp in current - self._observed_triggers:
-            try:
-                when = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
-            except ValueError:
-                continue
-            if 0 <= now - when < 3600:
-                self.metrics.network_programming.observe(now - when)
-        self._observed_triggers = current
+        services, self._unobserved = self._unobserved, set()
+        for service in services:
+            current = self.store.trigger_times_of(service)
+            for stamp in current - self._observed_triggers.get(service, set()):
+                try:
+                    when = datetime.datetime.fromisoformat(
+                        stamp.replace("Z", "+00:00")).timestamp()
+                except ValueError:
+                    continue
+                if 0 <= now - when < 3600:
+                    self.metrics.network_programming.observe(now - when)
+            if current:
+                self._observed_triggers[service] = current
+            else:
+                self._observed_triggers.pop(service, None)
 
     async def _apply_filter(self, removed: list[Entry], touched: list[Entry],
                             full: bool) -> None:
         """The filter table (:mod:`uproxy.filter_rules`): one restore when a line changed."""
         families = self._nat_tables()
+        dirty: set[int] = set()  # families whose lines changed
         for entry in removed:
             for family, _ in families:
-                self._filter_by_name.pop((entry.port.name, family), None)
+                if self._filter_by_name.pop((entry.port.name, family), None) is not None:
+                    dirty.add(family)
         if full:  # source ranges also depend on the node's IPs: follow them
             touched = [*touched, *(e for e in self.served.values() if e.port.source_ranges)]
         for entry in touched:
             for family, _ in families:
+                key = (entry.port.name, family)
                 lines = filter_rules_of(entry, node_name=self.settings.hostname_override,
                                         node_ips=self.listener_set.node_ips, family=family)
+                if lines == self._filter_by_name.get(key, []):
+                    continue
+                dirty.add(family)
                 if lines:
-                    self._filter_by_name[(entry.port.name, family)] = lines
+                    self._filter_by_name[key] = lines
                 else:
-                    self._filter_by_name.pop((entry.port.name, family), None)
+                    del self._filter_by_name[key]
         for family, table in families:  # one restore per family, when a line changed
+            if family not in dirty and family in self._filter_text and not full:
+                continue  # (rendering it walks every line: not at each endpoint change)
             text = render_filter(line for key in sorted(self._filter_by_name) if key[1] == family
                                  for line in self._filter_by_name[key])
             # (the first sync counts as full; start just wrote the chain and its hooks)
@@ -689,20 +740,27 @@ class Daemon:
                                   full: bool) -> None:
         """Open, move and close health-check node ports as the Services say (kube-proxy
         calls its SyncServices after every successful sync, too)."""
+        changed = self._hc_pending
         for entry in removed:
-            self._hc_ports.pop(entry.port.name, None)
+            changed |= self._hc_ports.pop(entry.port.name, None) is not None
         for entry in touched:
-            if entry.port.health_check_node_port:
-                self._hc_ports[entry.port.name] = entry.port.health_check_node_port
+            name, port = entry.port.name, entry.port.health_check_node_port
+            if port:
+                changed |= self._hc_ports.get(name) != port
+                self._hc_ports[name] = port
             else:
-                self._hc_ports.pop(entry.port.name, None)
+                changed |= self._hc_ports.pop(name, None) is not None
+        if not changed and not full:
+            return  # (the usual endpoint change: no walk over every health-check port)
         wanted = {name.service: port for name, port in self._hc_ports.items()}
-        if wanted == self.health_checks.ports() and not full:
+        self._hc_pending = wanted != self.health_checks.ports()
+        if not self._hc_pending and not full:
             return  # nothing to open or close (node addresses are followed at full syncs)
         cidrs = self.settings.nodeport_addresses
         addresses = (("0.0.0.0", "::") if not cidrs
                      else tuple(nodeport_addresses(cidrs, self.listener_set.node_ips)))
         await self.health_checks.sync(wanted, addresses)
+        self._hc_pending = wanted != self.health_checks.ports()  # (a bind failed: retry)
         if self.health_checks.adopted:  # a takeover brought ports no Service wants any more
             self.health_checks.close_unclaimed()
 

@@ -176,6 +176,44 @@ def render_changes(old: Iterable[Redirect], new: Iterable[Redirect], *, family: 
     return "".join(line + "\n" for line in lines)
 
 
+class RulesDelta:
+    """The redirects one sync took away (``old``) and put in (``new``), of the service ports
+    whose redirects changed: the nft map's element delta from them alone is the one from
+    the whole lists (:func:`render_changes`), at the cost of the change,
+    when no map key they touch is claimed by another service port (a conflict: then which
+    redirect wins depends on all of them, and the whole lists are compared).
+
+    ``claims`` (map key -> how many service ports have a redirect with it) is kept up to
+    date by :meth:`change`; ``since``: the redirects list before the sync (the delta holds
+    only if the map held exactly those).
+    """
+
+    __slots__ = ("exact", "new", "old", "since")
+
+    def __init__(self, since: list[Redirect]) -> None:
+        self.since = since
+        self.old: list[Redirect] = []
+        self.new: list[Redirect] = []
+        self.exact = True
+
+    def change(self, claims: dict[Key, int], old: list[Redirect],
+               new: list[Redirect]) -> None:
+        self.old += old
+        self.new += new
+        for keys, step in (({key(r) for r in old}, -1),
+                           ({key(r) for r in new}, 1)):
+            for k in keys:
+                before = claims.get(k, 0)
+                after = before + step
+                if before > 1 or after > 1:
+                    self.exact = False
+                if after:
+                    claims[k] = after
+                else:
+                    del claims[k]
+
+
+
 def _changed(a: Redirect, b: Redirect) -> bool:
     """Another proxy port or another comment (the comment is made of name and kind)."""
     return a.to_port != b.to_port or a.name != b.name or a.kind != b.kind

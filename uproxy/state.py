@@ -179,6 +179,14 @@ class Store:
             if s.trigger_time
         ]
 
+    def trigger_times_of(self, service: Key) -> set[str]:
+        """The trigger-time annotations of one service's EndpointSlices (what
+        :meth:`trigger_times` holds for it)."""
+        slices = self._objects["EndpointSlice"]
+        return {s.trigger_time for sk in self._slices_of.get(service, ())
+                for s in slices[sk].endpoint_sets
+                if s.trigger_time and (s.namespace, s.service) == service}
+
     def _endpoint_sets(self, key: Key) -> list[EndpointSet]:
         # When both exist for a service, EndpointSlices win.
         slices = self._objects["EndpointSlice"]

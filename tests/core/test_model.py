@@ -514,3 +514,22 @@ def test_damaged_objects_flow_through_store_and_balancer(case: int, data: st.Dat
             chosen = balancer.choose(entry, "10.9.9.9", 0.0, external=external)
             assert chosen is None or chosen in entry.endpoints
     store.trigger_times()
+
+
+def test_service_port_name_hashes_once_and_behaves_as_the_plain_dataclass() -> None:
+    """Its hash is computed at construction (every table is keyed by it): the same value,
+    equality, order and text as before, and a pickled copy is hashed again."""
+    import dataclasses
+    import pickle
+
+    a = ServicePortName("ns", "svc", "http")
+    assert hash(a) == hash(("ns", "svc", "http", "TCP"))
+    assert a == ServicePortName("ns", "svc", "http", "TCP") and a != ServicePortName(
+        "ns", "svc", "http", "UDP")
+    assert sorted([ServicePortName("ns", "svc", "z"), a]) == [a, ServicePortName("ns", "svc", "z")]
+    assert repr(a) == "ServicePortName(namespace='ns', name='svc', port='http', protocol='TCP')"
+    assert str(a) == "ns/svc:http"
+    moved = dataclasses.replace(a, port="dns")
+    assert hash(moved) == hash(("ns", "svc", "dns", "TCP"))
+    copy = pickle.loads(pickle.dumps(a))
+    assert copy == a and hash(copy) == hash(a) and {a: 1}[copy] == 1

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -374,3 +375,39 @@ async def test_the_first_load_hands_the_loop_turns(tmp_path: Path) -> None:
     await other
     assert turns <= 1
     assert len(store.table()) == 1998
+
+
+def test_libyaml_reads_what_the_pure_loader_reads_and_errors_keep_its_words(
+        tmp_path: Path) -> None:
+    """The files source parses with libyaml's safe loader when PyYAML has it: the same
+    objects as the pure-Python one (YAML 1.1 booleans, anchors, numbers), the same error
+    line."""
+    from uproxy.sources.files import _FAST_LOADER, read_objects
+
+    text = SERVICE + textwrap.dedent("""\
+        ---
+        apiVersion: v1
+        kind: Endpoints
+        metadata: &meta {name: multi-port, namespace: default, labels: {on: yes, n: 010}}
+        subsets:
+        - addresses: [{ip: 172.17.0.5}, {ip: "172.17.0.6"}]
+          ports: [{port: 6789, name: port1}, {port: 0x10, name: hex}]
+        copy: *meta
+        """)
+    f = tmp_path / "all.yaml"
+    write(f, text)
+    assert [obj for _, obj in read_objects(f)] == list(yaml.safe_load_all(text))
+    if getattr(yaml, "CSafeLoader", None) is not None:
+        assert _FAST_LOADER is yaml.CSafeLoader
+    bad = tmp_path / "bad.yaml"
+    write(bad, SERVICE + "  oops: [1\n  bad: {\n")
+    with pytest.raises(ValueError) as got:
+        read_objects(bad)
+    try:
+        list(yaml.safe_load_all(bad.read_text()))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        assert mark is not None
+        assert str(got.value) == f"not valid YAML at line {mark.line + 1}: {exc.problem}"
+    else:
+        raise AssertionError("the pure loader read the broken file")

@@ -34,7 +34,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from uproxy.balance import FAILED_AVOID_SECONDS, Balancer, usable_endpoints
@@ -269,13 +269,36 @@ class TcpProxy:
 
     @entries.setter
     def entries(self, table: dict[ServicePortName, Entry]) -> None:
-        old, self._entries = self._entries, table
+        """Serve exactly ``table`` (a copy); the daemon's syncs call :meth:`update_entries`."""
+        old, self._entries = self._entries, dict(table)
         if not self._listeners:
             return
         for name in [n for n in self._listeners if old.get(n) is not table.get(n)]:
             for listener in list(self._listeners.get(name, ())):
                 self._refresh(listener)
         self._forget_groups()
+
+    def update_entries(self, changes: Mapping[ServicePortName, Entry | None]) -> None:
+        """These service ports' new entries (None: gone), the others unchanged.
+
+        What one sync changed, so its cost follows the change, not the table: with
+        10,000 services an endpoint change refreshes that service's listeners only.
+        """
+        entries = self._entries
+        refresh = []
+        for name, entry in changes.items():
+            if entries.get(name) is entry:
+                continue
+            if entry is None:
+                del entries[name]
+            else:
+                entries[name] = entry
+            refresh.append(name)
+        for name in refresh:
+            for listener in list(self._listeners.get(name, ())):
+                self._refresh(listener)
+        if refresh and self._aff_groups:
+            self._forget_groups()
 
     def _native_relay(self) -> NativeRelay:
         return self.relay  # type: ignore[return-value]  # (only when self._native)

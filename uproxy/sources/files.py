@@ -36,6 +36,11 @@ log = logging.getLogger("uproxy.files")
 
 SUFFIXES = (".yaml", ".yml", ".json")
 POLL_INTERVAL = 0.25
+#: libyaml's parser with the safe constructor when PyYAML was built with it: the same
+#: objects, ten times faster (a two-document edit: 0.5 ms, not 5 ms, of every change's
+#: latency). Errors are worded by the pure loader, parsing again (rare, and the same words
+#: with or without libyaml).
+_FAST_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 YIELD_EVERY = 200  # objects applied between two loop turns in the first load (a few ms)
 
 
@@ -107,13 +112,21 @@ def read_objects(path: Path) -> list[tuple[str, Mapping[str, Any]]]:
             raise ValueError(f"not valid JSON: {exc}") from None
     else:
         try:
-            docs = list(yaml.safe_load_all(text))
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise ValueError(f"not valid YAML{where}: {problem}") from None
+            docs = list(yaml.load_all(text, Loader=_FAST_LOADER))
+        except yaml.YAMLError:
+            docs = _pure_yaml(text)  # (raises the error as the pure loader words it)
     return list(_objects(docs))
+
+
+def _pure_yaml(text: str) -> list[Any]:
+    """``text``'s documents through PyYAML's pure-Python loader; raises ValueError."""
+    try:
+        return list(yaml.safe_load_all(text))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"not valid YAML{where}: {problem}") from None
 
 
 def _objects(docs: list[Any]) -> Iterator[tuple[str, Mapping[str, Any]]]:

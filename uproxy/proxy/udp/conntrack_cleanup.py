@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from uproxy.balance import serving_addresses
 from uproxy.conntrack import Conntrack, Stale
@@ -42,12 +42,19 @@ def udp_frontends(entries: Mapping[ServicePortName, Entry],
     family)."""
     out: dict[Frontend, int] = {}
     for name, entry in entries.items():
-        port = entry.port
-        if port.protocol != "UDP":
-            continue
-        for scope, _kind, address in frontends(port):
-            out[(address, port.port)] = proxy_ports.get((name, scope, family_of(address)), 0)
+        out.update(frontends_of(name, entry, proxy_ports))
     return out
+
+
+def frontends_of(name: ServicePortName, entry: Entry,
+                 proxy_ports: Mapping[tuple[ServicePortName, str, int], int]
+                 ) -> dict[Frontend, int]:
+    """:func:`udp_frontends` of one service port."""
+    port = entry.port
+    if port.protocol != "UDP":
+        return {}
+    return {(address, port.port): proxy_ports.get((name, scope, family_of(address)), 0)
+            for scope, _kind, address in frontends(port)}
 
 
 def stale_between(before: Mapping[Frontend, int], after: Mapping[Frontend, int],
@@ -69,21 +76,74 @@ class ConntrackCleanup:
     def __init__(self, loop: asyncio.AbstractEventLoop, conntrack: Conntrack) -> None:
         self.loop = loop
         self.conntrack = conntrack
-        self._frontends: dict[Frontend, int] = {}
-        self._endpoints: set[tuple[str, int]] = set()
+        # What is served, kept one service port at a time so a sync's cost follows what it
+        # changed: each frontend's owners (the last one's proxy port counts, as when one
+        # table is walked in order) and each serving endpoint's count of service ports.
+        self._owners: dict[Frontend, dict[ServicePortName, int]] = {}
+        self._serving: dict[tuple[str, int], int] = {}
+        self._frontends_of: dict[ServicePortName, dict[Frontend, int]] = {}
+        self._endpoints_of: dict[ServicePortName, set[tuple[str, int]]] = {}
         self._stale: list[Stale] = []  # found at a sync, rules not applied yet
         self._ready: list[Stale] = []  # rules applied: to delete
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._hooked = False
 
+    def _frontend(self, frontend: Frontend) -> int | None:
+        owners = self._owners.get(frontend)
+        return next(reversed(owners.values())) if owners else None
+
     def entries_changed(self, entries: Mapping[ServicePortName, Entry],
                         proxy_ports: Mapping[tuple[ServicePortName, str, int], int],
-                        node_name: str) -> None:
-        frontends = udp_frontends(entries, proxy_ports)
-        endpoints = serving_addresses(entries.values(), node_name=node_name)
-        self._stale.extend(stale_between(self._frontends, frontends, self._endpoints, endpoints))
-        self._frontends, self._endpoints = frontends, endpoints
+                        node_name: str,
+                        names: Iterable[ServicePortName] | None = None) -> None:
+        """``entries`` is what is served now; ``names``: the service ports whose entry or
+        listeners changed (None: any may have, ``entries`` is the whole table)."""
+        if names is None:
+            names = [*entries, *(n for n in self._frontends_of.keys() | self._endpoints_of.keys()
+                                 if n not in entries)]
+        # Each frontend's and endpoint's state before this change, taken when first touched
+        # (only these names change them).
+        before: dict[Frontend, int | None] = {}
+        was_served: dict[tuple[str, int], bool] = {}
+        owners_of, serving = self._owners, self._serving
+        for name in names:
+            for frontend in self._frontends_of.pop(name, ()):
+                if frontend not in before:
+                    before[frontend] = self._frontend(frontend)
+                owners = owners_of[frontend]
+                del owners[name]
+                if not owners:
+                    del owners_of[frontend]
+            for address in self._endpoints_of.pop(name, ()):
+                was_served.setdefault(address, True)
+                count = serving[address] - 1
+                if count:
+                    serving[address] = count
+                else:
+                    del serving[address]
+            entry = entries.get(name)
+            if entry is None:
+                continue
+            mine = frontends_of(name, entry, proxy_ports)
+            if mine:
+                self._frontends_of[name] = mine
+                for frontend, port in mine.items():
+                    if frontend not in before:
+                        before[frontend] = self._frontend(frontend)
+                    owners_of.setdefault(frontend, {})[name] = port
+            addresses = serving_addresses((entry,), node_name=node_name)
+            if addresses:
+                self._endpoints_of[name] = addresses
+                for address in addresses:
+                    if address not in was_served:
+                        was_served[address] = address in serving
+                    serving[address] = serving.get(address, 0) + 1
+        after = {f: now for f in before if (now := self._frontend(f)) is not None}
+        self._stale.extend(stale_between(
+            {f: was for f, was in before.items() if was is not None}, after,
+            {a for a, served in was_served.items() if served},
+            {a for a in was_served if a in serving}))
         if self._stale and not self._hooked and self._timer is None:
             # no rules_applied() is coming for this sync: give the rules a moment
             self._timer = self.loop.call_later(RULES_GRACE, self._timer_fired)
@@ -137,8 +197,8 @@ class ConntrackCleanup:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._stale.extend(Stale.frontend(*f) for f in self._frontends)
-        self._frontends = {}
+        self._stale.extend(Stale.frontend(*f) for f in self._owners)
+        self._owners, self._frontends_of = {}, {}
         self._start()
         if self._task is not None and not self._task.done():
             try:

@@ -27,7 +27,7 @@ import logging
 import resource
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from uproxy import native as native_module
 from uproxy.balance import Balancer, flow_endpoints
@@ -115,16 +115,37 @@ class UdpProxy:
         self.native_path = NativePath(self) if native else None
         self._sweeper: asyncio.TimerHandle | None = None
 
-    # Entries (the daemon assigns a new dict on every sync) ---------------------------------
+    # Entries (the daemon passes what each sync changed) -----------------------------------
     @property
     def entries(self) -> dict[ServicePortName, Entry]:
         return self._entries
 
     @entries.setter
     def entries(self, new: dict[ServicePortName, Entry]) -> None:
-        old, self._entries = self._entries, new
+        """Serve exactly ``new`` (a copy is kept); the daemon's syncs use :meth:`update_entries`."""
+        old, self._entries = self._entries, dict(new)
+        self._entries_changed(old, None)
+
+    def update_entries(self, changes: Mapping[ServicePortName, Entry | None]) -> None:
+        """These service ports' new entries (None: gone), the others unchanged."""
+        entries = self._entries
+        old = {name: entries.get(name) for name in changes}
+        for name, entry in changes.items():
+            if entry is None:
+                entries.pop(name, None)
+            else:
+                entries[name] = entry
+        self._entries_changed(old, changes)
+
+    def _entries_changed(self, old: Mapping[ServicePortName, Entry | None],
+                         names: Mapping[ServicePortName, object] | None) -> None:
+        """Close the flows whose endpoint no longer serves (of ``names`` only, unless
+        None), then queue the conntrack entries the change left stale."""
+        new = self._entries
         node = self.balancer.node_name
         for listener in list(self.listeners):
+            if names is not None and listener.name not in names:
+                continue
             entry = new.get(listener.name)
             if entry is old.get(listener.name) or not listener.flows:
                 continue
@@ -138,8 +159,9 @@ class UdpProxy:
             for flow in list(listener.flows.values()):
                 if flow.endpoint.address not in kept:
                     self.close_flow(flow, "endpoint removed")
-        ports = {(lst.name, lst.scope, lst.family): lst.port for lst in self.listeners}
-        self.cleanup.entries_changed(new, ports, node)
+        ports = {(lst.name, lst.scope, lst.family): lst.port for lst in self.listeners
+                 if names is None or lst.name in names}
+        self.cleanup.entries_changed(new, ports, node, None if names is None else list(names))
 
     # Conntrack hygiene (see conntrack_cleanup) -------------------------------------------
     def rules_applied(self) -> None:
