@@ -74,7 +74,8 @@ struct uproxy_done {
     int err;  /* errno for UPROXY_DONE_RESET / UPROXY_DONE_ERROR, else 0 */
     /* UPROXY_DONE_DETACHED only: the fds, the bytes read but not yet written each
      * way (valid until release), and which side's EOF was read (its peer already
-     * got SHUT_WR when no bytes are pending that way). */
+     * got SHUT_WR when no bytes are pending that way). Otherwise the fds are -1
+     * and the rest 0. */
     int client_fd;
     int backend_fd;
     const char *pending_up;

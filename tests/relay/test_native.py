@@ -253,6 +253,8 @@ def test_engine_relays_a_socketpair_without_an_event_loop() -> None:
         d = done[0]
         assert (d.token, d.bytes_up, d.bytes_down) == (42, 2000, 4)
         assert (d.reason, d.side, d.err) == (lib.UPROXY_DONE_CLOSED, -1, 0)
+        assert (d.client_fd, d.backend_fd, d.pending_up_len, d.pending_down_len) \
+            == (-1, -1, 0, 0)  # only a detach hands fds back
         assert (conn.bytes_up, conn.bytes_down) == (2000, 4)
         lib.uproxy_engine_release(engine, d.conn)
     finally:
