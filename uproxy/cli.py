@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sys
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any
@@ -132,6 +133,22 @@ def kubeconfig_path(settings: Settings, env: Mapping[str, str]) -> str | None:
     return settings.kubeconfig or env.get("KUBECONFIG") or None
 
 
+def congestion_unavailable(name: str) -> str | None:
+    """Why a TCP socket here cannot use congestion control ``name`` (None: it can)."""
+    with socket.socket() as probe:
+        try:
+            probe.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, name.encode())
+        except OSError as exc:
+            try:
+                with open("/proc/sys/net/ipv4/tcp_allowed_congestion_control") as f:
+                    allowed = f.read().split()
+            except OSError:
+                allowed = []
+            return (f"{exc.strerror or exc}" + (f" (allowed here: {', '.join(allowed)})"
+                                                 if allowed else ""))
+    return None
+
+
 def preflight(settings: Settings) -> None:
     """Everything that would make ``run`` fail at once, as one line each (exit 2)."""
     if settings.manage_iptables:
@@ -149,6 +166,11 @@ def preflight(settings: Settings) -> None:
             why = asyncio.run(Nftables().available())
             if why is not None:
                 raise UsageError(f"--interception nftables: {why}")
+    if settings.relay_congestion_control:
+        why = congestion_unavailable(settings.relay_congestion_control)
+        if why:
+            raise UsageError(f"--relay-congestion-control {settings.relay_congestion_control}: "
+                             f"{why}")
     if settings.manifests and (settings.kubeconfig or settings.master):
         raise UsageError("--manifests and --kubeconfig/--master are two sources; choose one")
     if settings.manifests:

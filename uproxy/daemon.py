@@ -104,7 +104,8 @@ class Daemon:
         self.relay = make_relay(self.loop)
         self.transparent = Transparent(settings.hostname_override)  # on: _prepare_iptables
         tcp = TcpProxy(loop=self.loop, relay=self.relay, balancer=self.balancer,
-                       conns=self.conns, metrics=self.metrics, transparent=self.transparent)
+                       conns=self.conns, metrics=self.metrics, transparent=self.transparent,
+                       congestion=settings.relay_congestion_control)
         self.proxies: dict[str, ProtocolProxy] = {"TCP": tcp}
         self._tcp = tcp
         self._tcp_mover = TcpMover(tcp)

@@ -117,6 +117,14 @@ def _choice(allowed: tuple[str, ...]) -> Callable[[Any], str]:
     return parse
 
 
+def _congestion_name(value: Any) -> str:
+    """A TCP congestion control's name (``TCP_CONGESTION``: at most 15 characters), or ""."""
+    text = str(value).strip()
+    if len(text) > 15 or not all(c.isalnum() or c in "_-" for c in text):
+        raise ValueError(f"{value!r} is not a congestion control name (cubic, reno, bbr, ...)")
+    return text
+
+
 def _integer(value: Any) -> int:
     if isinstance(value, bool):
         raise ValueError(f"{value!r} is not an integer")
@@ -287,6 +295,9 @@ class Settings:
     masquerade_all: bool = setting(
         False, parse=_boolean, show=_show_bool, metavar="BOOL", bare="true",
         help="backends always see the node's address")
+    relay_congestion_control: str = setting(
+        "", parse=_congestion_name, metavar="NAME",
+        help="relayed connections' TCP congestion control (cubic, ...)")
     state_dir: str = setting(
         "/run/uproxy", parse=str, metavar="DIR",
         help="takeover socket for upgrades")

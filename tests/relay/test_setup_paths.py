@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import threading
 import time
@@ -123,12 +124,13 @@ async def _tagged_backend(family: int, tag: bytes) -> tuple[asyncio.Server, tupl
 
 
 @contextlib.asynccontextmanager
-async def rig(flavor: Flavor, family: int) -> AsyncIterator[Rig]:
+async def rig(flavor: Flavor, family: int, congestion: str = "") -> AsyncIterator[Rig]:
     loop = asyncio.get_running_loop()
     relay = relay_for(flavor, loop)
     metrics, conns = Metrics(), ConnTable()
     balancer = Balancer(node_name="node")
-    proxy = TcpProxy(loop=loop, relay=relay, balancer=balancer, conns=conns, metrics=metrics)
+    proxy = TcpProxy(loop=loop, relay=relay, balancer=balancer, conns=conns, metrics=metrics,
+                     congestion=congestion)
     lsock = socket.socket(AF[family], socket.SOCK_STREAM)
     lsock.bind((LOOPBACK[family], 0))
     lsock.listen(128)
@@ -414,5 +416,72 @@ def test_connections_that_end_within_one_batch_are_counted_as_any_other(
                 assert await asyncio.to_thread(_fetch_all, r.address, family, 1) == [b"hello"]
                 await _until(lambda: bool(later))
                 assert later[0] == count + 1
+
+    _run(flavor, main)
+
+
+def _congestion(sock: socket.socket) -> str:
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b"\0").decode()
+
+
+def _own_socket(local: tuple[str, int], peer: tuple[str, int]) -> socket.socket | None:
+    """This process's TCP socket from ``local`` to ``peer`` (a dup; the engine's too)."""
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            s = socket.socket(fileno=os.dup(int(name)))
+        except OSError:
+            continue
+        try:
+            if s.type == socket.SOCK_STREAM and s.getsockname()[:2] == local \
+                    and s.getpeername()[:2] == peer:
+                return s
+        except OSError:
+            pass
+        s.close()
+    return None
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_relay_congestion_control_is_set_on_both_sides(flavor: Flavor, family: int) -> None:
+    """--relay-congestion-control: the proxy's accepted socket (from its listener) and its
+    backend socket (set by the engine or by the Python path) use it."""
+    with socket.socket(AF[family], socket.SOCK_STREAM) as probe:
+        default = _congestion(probe)
+    with open("/proc/sys/net/ipv4/tcp_allowed_congestion_control") as f:
+        other = [a for a in f.read().split() if a != default]
+    if not other:
+        pytest.skip(f"no congestion control allowed here besides {default}")
+
+    async def main() -> None:
+        async with rig(flavor, family, congestion=other[0]) as r:
+            peers: list[tuple[str, int]] = []
+
+            async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                peers.append(writer.get_extra_info("peername")[:2])
+                writer.write(b"G")
+                with contextlib.suppress(OSError):
+                    await writer.drain()
+                    await reader.read()
+                writer.close()
+
+            server = await asyncio.start_server(serve, LOOPBACK[family], 0)
+            async with server:
+                backend = server.sockets[0].getsockname()[:2]
+                r.set_endpoints([backend])
+                reader, writer = await asyncio.open_connection(*r.address)
+                try:
+                    assert await reader.read(1) == b"G"
+                    client = writer.get_extra_info("sockname")[:2]
+                    near = _own_socket(r.address, client)
+                    far = _own_socket(peers[0], backend)
+                    assert near is not None and far is not None
+                    try:
+                        assert (_congestion(near), _congestion(far)) == (other[0], other[0])
+                    finally:
+                        near.close()
+                        far.close()
+                    await r.settle(_path(flavor), 1)
+                finally:
+                    writer.close()
 
     _run(flavor, main)

@@ -148,6 +148,15 @@ def test_run_with_a_bad_flag_value(manifests: Path) -> None:
     assert_one_line_error(done, "--sync-period", "banana")
 
 
+def test_run_with_an_unknown_congestion_control(manifests: Path) -> None:
+    done = uproxy("run", "--manifests", str(manifests), "--relay-congestion-control", "nosuchcc",
+                  env={"UPROXY_MANAGE_IPTABLES": "false"})
+    assert_one_line_error(done, "--relay-congestion-control nosuchcc", "allowed here")
+    done = uproxy("run", "--manifests", str(manifests), "--relay-congestion-control", "a b",
+                  env={"UPROXY_MANAGE_IPTABLES": "false"})
+    assert_one_line_error(done, "--relay-congestion-control", "not a congestion control name")
+
+
 def test_run_with_a_bad_environment_value(manifests: Path) -> None:
     done = uproxy("run", "--manifests", str(manifests), env={"UPROXY_SYNC_PERIOD": "soon"})
     assert_one_line_error(done, "UPROXY_SYNC_PERIOD", "soon")

@@ -219,8 +219,11 @@ class TcpProxy:
     def __init__(self, *, loop: asyncio.AbstractEventLoop, relay: RelayEngine, balancer: Balancer,
                  conns: ConnTable, metrics: Metrics,
                  clock: Callable[[], float] = time.monotonic,
-                 transparent: Transparent | None = None) -> None:
+                 transparent: Transparent | None = None, congestion: str = "") -> None:
         self.loop = loop
+        # --relay-congestion-control: set on listeners (accepted sockets inherit it, the
+        # engine gives it to its backend sockets) and on the Python path's backend sockets
+        self.congestion = congestion.encode()
         self.transparent = transparent  # None or off: backends see the node's address
         self.relay = relay
         self.balancer = balancer
@@ -257,9 +260,12 @@ class TcpProxy:
         self.adopted_relay: RelayEngine | None = None  # what came over, if self.relay cannot adopt
 
     def listen(self, sock: socket.socket, name: ServicePortName, scope: str) -> TcpListener:
-        # Accepted sockets inherit it: set once here, not per connection.
+        # Accepted sockets inherit them: set once here, not per connection.
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.congestion:  # (checked at start: uproxy.cli.preflight)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, self.congestion)
         return TcpListener(self, sock, name, scope)
 
     # ---- set-up in the engine --------------------------------------------------------
@@ -621,9 +627,11 @@ class TcpProxy:
 
     def _relay(self, client: socket.socket, backend: socket.socket, conn: Conn,
                endpoint: Endpoint) -> None:
-        # (the client inherited TCP_NODELAY from its listener)
+        # (the client inherited TCP_NODELAY and the congestion control from its listener)
         with contextlib.suppress(OSError):
             backend.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.congestion:
+                backend.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, self.congestion)
         m = self._service_metrics(conn.service)
         m.opened()
         self._py_setup_metric.inc()
