@@ -373,7 +373,7 @@ def test_engine_gives_the_listeners_congestion_control_to_the_backend_socket(
             rc = lib.uproxy_engine_listener_set(
                 engine, lid, 1, 4 if family == socket.AF_INET else 6, 1, addr,
                 ffi.new("int[]", [backend.getsockname()[1]]), ffi.new("int[]", [0]),
-                ffi.new("double[]", [0.0]), ffi.NULL, 0)
+                ffi.new("double[]", [0.0]), ffi.NULL, 0, -1, 0.0)
             assert rc == 0
             client = socket.create_connection(lsock.getsockname()[:2], timeout=5)
             keep.append(client)
