@@ -266,12 +266,13 @@ class TcpProxy:
     @entries.setter
     def entries(self, table: dict[ServicePortName, Entry]) -> None:
         old, self._entries = self._entries, table
+        if self._aff_groups:
+            self._forget_groups()
         if not self._listeners:
             return
         for name in [n for n in self._listeners if old.get(n) is not table.get(n)]:
             for listener in list(self._listeners.get(name, ())):
                 self._refresh(listener)
-        self._forget_groups()
 
     def _native_relay(self) -> NativeRelay:
         return self.relay  # type: ignore[return-value]  # (only when self._native)
