@@ -147,16 +147,18 @@ static bool pin_put(struct uproxy_affinity *a, const struct uproxy_affinity_key 
 {
     struct pin **pp = pin_slot(a, k->group, k->family, k->addr);
     struct pin *p = *pp;
-    if (!p) {
-        p = malloc(sizeof *p);
-        if (!p)
-            return false;
-        p->next = NULL;
-        *pp = p;
-        if (++a->n > a->nb)
-            grow(a);
+    if (p) {
+        pin_fill(p, k, ep, last_ms, timeout_ms);
+        return true;
     }
-    pin_fill(p, k, ep, last_ms, timeout_ms);
+    p = malloc(sizeof *p);
+    if (!p)
+        return false;
+    pin_fill(p, k, ep, last_ms, timeout_ms); /* (before grow() rehashes it) */
+    p->next = NULL;
+    *pp = p;
+    if (++a->n > a->nb)
+        grow(a);
     return true;
 }
 
