@@ -214,3 +214,21 @@ def test_every_listener_of_a_service_port_shares_its_pins(flavor: Flavor) -> Non
                 r.address = cluster
 
     _run(flavor, main)
+
+
+def test_the_engine_frees_expired_pins_as_new_clients_come(native_flavor: Flavor) -> None:
+    """No unbounded growth between syncs: after an accept the engine sweeps part of its
+    pin table, so expired pins go as new clients come, without Python's sweep."""
+    async def main() -> None:
+        async with rig(native_flavor, 4) as r, backends(4) as made:
+            r.set_endpoints([address for _, address in made.values()], affinity=1)
+            for source in _sources(4)[:10]:
+                await r.connect(source)
+            assert r.proxy.affinity_count() == 10
+            await asyncio.sleep(1.15)
+            assert r.proxy.affinity_count() == 10  # (nothing swept them yet)
+            assert (await r.connect("127.0.0.99"))[0] in made
+            assert r.proxy.affinity_count() == 1
+            assert r.setup_count("native") == 11
+
+    _run(native_flavor, main)
