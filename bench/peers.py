@@ -448,7 +448,8 @@ def _build(d: Path, name: str, sources: list[str], flags: list[str]) -> Path:
 
 def build_tcp_reference(d: Path) -> Path:
     """Compile ``native/tcp_reference.c`` (with the engine) into ``d``, once."""
-    return _build(d, "tcp_reference", ["tcp_reference.c", "relay.c", "transparent.c"],
+    return _build(d, "tcp_reference", ["tcp_reference.c", "relay.c", "transparent.c",
+                                      "affinity.c"],
                   ["-pthread"])
 
 

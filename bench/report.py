@@ -310,10 +310,11 @@ at a time (started, measured, stopped, conntrack flushed).
   `balance random`, `maxconn 40000`, frontends on :{http} and :{bulk}. HAProxy has no UDP
   proxy, so no DNS figures.
 - **C TCP relay** (TCP rows): `native/tcp_reference.c`, compiled at run time with
-  `native/relay.c` and `native/transparent.c` -- uproxy's TCP engine (accept4 batches,
-  endpoint choice, connect with the per-attempt timeouts, splice/copy relay) with a
-  control thread that only drains its events and completions: no Python, no connection
-  table or metrics, from the node's address. The ceiling of uproxy's design here.
+  `native/relay.c`, `native/transparent.c` and `native/affinity.c` -- uproxy's TCP
+  engine (accept4 batches, endpoint choice, connect with the per-attempt timeouts,
+  splice/copy relay) with a control thread that only drains its events and completions:
+  no Python, no connection table or metrics, from the node's address. The ceiling of
+  uproxy's design here.
 - **C UDP relay** (DNS only): `native/udp_reference.c`, compiled at run time with
   `native/udp.c` -- uproxy's UDP design and batching code (recvmmsg, grouping by client,
   one connected backend socket per client, sendmmsg with GSO, replies from the listener

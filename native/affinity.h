@@ -39,6 +39,9 @@ void uproxy_affinity_pin(struct uproxy_affinity *a, const struct uproxy_affinity
 void uproxy_affinity_drop(struct uproxy_affinity *a, const struct uproxy_affinity_key *k,
                           const struct uproxy_affinity_ep *ep);
 
+/* Free the expired pins of the next `buckets` buckets (a cursor walks the table). */
+void uproxy_affinity_sweep_some(struct uproxy_affinity *a, int64_t now_ms, size_t buckets);
+
 /* Free the expired pins / every pin of `group`; how many were freed. */
 int uproxy_affinity_sweep(struct uproxy_affinity *a, int64_t now_ms);
 int uproxy_affinity_forget(struct uproxy_affinity *a, uint32_t group);

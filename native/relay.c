@@ -1442,18 +1442,22 @@ static void *engine_main(void *arg)
                 continue;
             break; /* cannot happen with a valid epfd; stop rather than spin */
         }
-        bool woken = false;
+        bool woken = false, accepted = false;
         for (int i = 0; i < n; i++) {
             uint64_t tag = evs[i].data.u64;
             if (tag == 0)
                 woken = true;
-            else if (tag & TAG_LISTENER)
+            else if (tag & TAG_LISTENER) {
                 listener_event(e, (struct listener *)(uintptr_t)(tag & ~(uint64_t)TAG_MASK));
-            else
+                accepted = true;
+            } else {
                 conn_event(e, (struct conn *)(uintptr_t)(tag & ~(uint64_t)TAG_MASK),
                            (int)(tag & 1), evs[i].events);
+            }
         }
         run_timers(e);
+        if (accepted) /* expired pins go at the pace new ones come (twice a batch's worth) */
+            uproxy_affinity_sweep_some(e->aff, now_ms(), 2 * ACCEPT_MAX);
         /* Commands run after the batch, so a release never frees a conn that a
          * later event of the same batch still points to. */
         if (woken) {

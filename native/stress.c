@@ -12,9 +12,11 @@
  * with a relay state (uproxy_engine_add_state: bytes pending both ways, some
  * with the client's EOF already read). A second engine
  * then sets connections up itself (a registered listener, one endpoint that
- * answers and one that refuses, two short attempts) while the main thread
- * pauses, resumes and re-pushes the listener and finally removes it: every
- * client is either relayed (OPENED, then DONE) or reset (REFUSED), once.
+ * answers and one that refuses, two short attempts, ClientIP affinity for 16
+ * client addresses) while the main thread pauses, resumes and re-pushes the
+ * listener, reads, sweeps, forgets and imports pins, and finally removes it:
+ * every client is either relayed (OPENED, then DONE) or reset (REFUSED), once,
+ * and no pin is left to the refusing endpoint.
  * Exit status 0 on success; a message on stderr otherwise.
  */
 #define _GNU_SOURCE
@@ -157,7 +159,9 @@ static void setup_phase(void)
     memcpy(addrs + 4, &lo, 4);
     int ports[2] = {port_of(lb), port_of(refusing)}, idx[2] = {0, 1}, here[2] = {0, 0};
     double avoid[2] = {0, 0};
-    if (uproxy_engine_listener_set(e, id, 1, 4, 2, addrs, ports, idx, avoid, here, 0, -1, 0) != 0)
+    /* ClientIP affinity (group 7): clients from 16 addresses, each pinned; a pin to the
+     * refusing endpoint is dropped by its failure and the retry re-pins. */
+    if (uproxy_engine_listener_set(e, id, 1, 4, 2, addrs, ports, idx, avoid, here, 0, 7, 60.0) != 0)
         FAIL("listener_set");
     /* A second listener whose only endpoint refuses: its clients get RSTs. */
     int lr = listener();
@@ -176,6 +180,10 @@ static void setup_phase(void)
     for (int i = 0; i < SETUP_CLIENTS; i++) {
         clients[i] = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
         struct sockaddr_in *to = i % 8 == 3 ? &ra : &pa;
+        struct sockaddr_in from = {.sin_family = AF_INET,
+                                   .sin_addr.s_addr = htonl(INADDR_LOOPBACK + 1 + (uint32_t)(i % 16))};
+        if (bind(clients[i], (struct sockaddr *)&from, sizeof from) < 0)
+            FAIL("client bind: %s", strerror(errno));
         if (connect(clients[i], (struct sockaddr *)to, sizeof *to) < 0 && errno != EINPROGRESS)
             FAIL("client connect: %s", strerror(errno));
         if (i % 16 == 5)
@@ -183,7 +191,24 @@ static void setup_phase(void)
         if (i % 16 == 9)
             uproxy_engine_listener_resume(e, id);
         if (i % 32 == 17) /* a new list while set-ups use the old one */
-            uproxy_engine_listener_set(e, id, 1, 4, 2, addrs, ports, idx, avoid, here, 0, -1, 0);
+            uproxy_engine_listener_set(e, id, 1, 4, 2, addrs, ports, idx, avoid, here, 0, 7, 60.0);
+        if (i % 8 == 1) { /* the pin table from this thread while the engine pins */
+            static struct uproxy_pin pins[8];
+            uproxy_engine_affinity_export(e, pins, 8);
+            uproxy_engine_affinity_count(e);
+            uproxy_engine_affinity_sweep(e);
+        }
+        if (i % 64 == 33)
+            uproxy_engine_affinity_forget(e, 7);
+        if (i == 40) { /* one handed over, for a client that never comes */
+            struct uproxy_pin pin = {.group = 7, .family = 4, .endpoint_family = 4,
+                                     .endpoint_port = port_of(lb), .idle = 1.0, .timeout = 60.0};
+            uint32_t c = htonl(INADDR_LOOPBACK + 100);
+            memcpy(pin.client, &c, 4);
+            memcpy(pin.endpoint, &lo, 4);
+            if (uproxy_engine_affinity_import(e, &pin, 1) != 1)
+                FAIL("affinity import");
+        }
         int b;
         while ((b = accept4(lb, NULL, NULL, SOCK_NONBLOCK)) >= 0)
             close(b); /* the backend answers, then ends: the relay ends too */
@@ -223,6 +248,14 @@ static void setup_phase(void)
              opened, done, refused);
     if (refused != SETUP_CLIENTS / 8)
         FAIL("set-up: %d reset, expected %d", refused, SETUP_CLIENTS / 8);
+    static struct uproxy_pin pins[64];
+    int npins = uproxy_engine_affinity_export(e, pins, 64);
+    if (npins < 2 || npins > 17 || npins != uproxy_engine_affinity_count(e))
+        FAIL("affinity: %d pins exported, %d counted", npins, uproxy_engine_affinity_count(e));
+    for (int k = 0; k < npins; k++)
+        if (pins[k].group != 7 || pins[k].endpoint_port != port_of(lb))
+            FAIL("affinity: a pin to port %d of group %d left", pins[k].endpoint_port,
+                 pins[k].group);
     uproxy_engine_listener_remove(e, id);
     uproxy_engine_stop(e);
     while (!uproxy_engine_stopped(e)) {

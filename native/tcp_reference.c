@@ -90,7 +90,7 @@ static int add_listener(struct uproxy_engine *e, int port, char **specs, int n) 
     }
     id = uproxy_engine_listener_add(e, fd);
     if (id < 0 || uproxy_engine_listener_set(e, id, 1, 4, n, addrs, ports, indexes, avoid,
-                                              NULL, 0) < 0) {
+                                              NULL, 0, -1, 0) < 0) {
         fprintf(stderr, "tcp_reference: the engine refused port %d\n", port);
         return -1;
     }

@@ -161,7 +161,8 @@ void uproxy_engine_free(struct uproxy_engine *e);
  * endpoint among those Python pushed last (uproxy_engine_listener_set):
  * uniformly at random among the ones not avoided (a failed connect avoids an
  * endpoint for `avoid_seconds`), the avoided ones when nothing else is left,
- * never one already tried for this client; connects without blocking, with
+ * never one already tried for this client (with ClientIP affinity, the client's
+ * pin first: see uproxy_pin below); connects without blocking, with
  * the per-attempt timeouts of uproxy_engine_setup_config (one attempt per
  * timeout); when every attempt failed, or nothing is usable, the client gets
  * a RST. Out of fds: accept4 failing pauses the listener for `fd_pause`

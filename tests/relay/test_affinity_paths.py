@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections.abc import AsyncIterator
 
@@ -170,3 +171,64 @@ def test_client_ip_pins_survive_a_takeover(flavor: Flavor, family: int) -> None:
                     assert new.balancer.affinity_count() == 0  # (the engine's, not its)
 
     _run(flavor, main)
+
+
+def test_every_listener_of_a_service_port_shares_its_pins(flavor: Flavor) -> None:
+    """The pin is the service port's (kube-proxy's ServicePortName), not the listener's: a
+    client pinned through the ClusterIP's listener keeps its endpoint through a NodePort
+    listener of the same service port, and an IPv6 client has its own pin beside it."""
+    async def main() -> None:
+        async with rig(flavor, 4) as r, backends(4) as made, backends(6, b"XYZ") as made6:
+            node = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            node.bind(("127.0.0.1", 0))
+            node.listen(64)
+            node.setblocking(False)
+            six = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            six.bind(("::1", 0))
+            six.listen(64)
+            six.setblocking(False)
+            listeners = [r.proxy.listen(node, NAME, "node"), r.proxy.listen(six, NAME, "cluster")]
+            try:
+                r.set_endpoints([a for _, a in made.values()] + [a for _, a in made6.values()],
+                                affinity=10800)
+                cluster = r.address
+                n = 0
+                for source in _sources(4)[:10]:
+                    (tag,) = set(await _tags(r, 2, source))
+                    r.address = node.getsockname()[:2]
+                    assert set(await _tags(r, 2, source)) == {tag}, source
+                    r.address = cluster
+                    n += 4
+                r.address = six.getsockname()[:2]
+                (tag6,) = set(await _tags(r, 4))
+                assert tag6 in made6
+                n += 4
+                assert r.setup_count(_path(flavor)) == n
+                now = time.monotonic()
+                pins = r.balancer.export_affinity(now) + r.proxy.export_affinity(now)
+                assert {p[0] for p in pins} == {NAME} and len(pins) == 11, pins
+                assert {p[1] for p in pins} == {*_sources(4)[:10], "::1"}
+            finally:
+                for listener in listeners:
+                    listener.close()
+                r.address = cluster
+
+    _run(flavor, main)
+
+
+def test_the_engine_frees_expired_pins_as_new_clients_come(native_flavor: Flavor) -> None:
+    """No unbounded growth between syncs: after an accept the engine sweeps part of its
+    pin table, so expired pins go as new clients come, without Python's sweep."""
+    async def main() -> None:
+        async with rig(native_flavor, 4) as r, backends(4) as made:
+            r.set_endpoints([address for _, address in made.values()], affinity=1)
+            for source in _sources(4)[:10]:
+                await r.connect(source)
+            assert r.proxy.affinity_count() == 10
+            await asyncio.sleep(1.15)
+            assert r.proxy.affinity_count() == 10  # (nothing swept them yet)
+            assert (await r.connect("127.0.0.99"))[0] in made
+            assert r.proxy.affinity_count() == 1
+            assert r.setup_count("native") == 11
+
+    _run(native_flavor, main)

@@ -393,3 +393,51 @@ def test_engine_gives_the_listeners_congestion_control_to_the_backend_socket(
         lib.uproxy_engine_free(engine)
         for s in keep:
             s.close()
+
+
+@needs_native
+def test_engine_pin_table_grows_and_round_trips_every_pin() -> None:
+    """native/affinity.c through the engine's API: 5,000 pins of both families (the table
+    grows several times) import, count and export exactly; importing them again only
+    refreshes them; expired ones are not exported and the sweep frees them; forgetting a
+    group frees its pins only."""
+    lib, ffi = native.lib(), native.ffi()
+    engine = lib.uproxy_engine_new(0, 64 * 1024, 0)
+    assert engine != ffi.NULL
+    try:
+        n = 5000
+        pins = ffi.new("struct uproxy_pin[]", n)
+        for i in range(n):
+            p = pins[i]
+            p.group = i % 3
+            p.family = 6 if i % 2 else 4
+            raw = i.to_bytes(4, "big")
+            p.client[0:4] = raw if p.family == 4 else b"\xfd\x00\x00\x01"
+            if p.family == 6:
+                p.client[12:16] = raw
+            p.endpoint_family = 4
+            p.endpoint[0:4] = bytes([10, 0, 0, 1 + i % 7])
+            p.endpoint_port = 8000 + i % 5
+            p.idle = 5.0 if i % 10 else 100.0  # every tenth expired (timeout 60 s)
+            p.timeout = 60.0
+        assert lib.uproxy_engine_affinity_import(engine, pins, n) == n
+        assert lib.uproxy_engine_affinity_import(engine, pins, n) == n  # (refreshed, not added)
+        assert lib.uproxy_engine_affinity_count(engine) == n
+        out = ffi.new("struct uproxy_pin[]", n)
+        live = n - n // 10
+        assert lib.uproxy_engine_affinity_export(engine, out, n) == live
+        got = {(out[i].group, bytes(out[i].client), bytes(out[i].endpoint)[:4],
+                out[i].endpoint_port) for i in range(live)}
+        want = {(pins[i].group, bytes(pins[i].client), bytes(pins[i].endpoint)[:4],
+                 pins[i].endpoint_port) for i in range(n) if i % 10}
+        assert got == want
+        assert all(4.0 < out[i].idle < 10.0 and out[i].timeout == 60.0 for i in range(live))
+        assert lib.uproxy_engine_affinity_sweep(engine) == n // 10
+        assert lib.uproxy_engine_affinity_count(engine) == live
+        in_group_1 = sum(1 for i in range(n) if i % 10 and i % 3 == 1)
+        assert lib.uproxy_engine_affinity_forget(engine, 1) == in_group_1
+        assert lib.uproxy_engine_affinity_count(engine) == live - in_group_1
+        bad = ffi.new("struct uproxy_pin[]", 1)  # family 0, timeout 0: skipped
+        assert lib.uproxy_engine_affinity_import(engine, bad, 1) == 0
+    finally:
+        lib.uproxy_engine_free(engine)

@@ -17,6 +17,7 @@ import sys
 
 import pytest
 
+from tests.relay.test_setup_lab import metric
 from tests.support.matrix import Flavor
 from tests.support.waiting import wait_until
 from uproxy.demo.lab import Lab
@@ -143,6 +144,10 @@ def test_single_stack_ipv6_service_and_client_ip_affinity(lab: Lab, flavor: Flav
         # e2e "should function for endpoint-Service: http": an endpoint reaches its own
         # Service over IPv6 (hairpin), sticking to one endpoint as well
         assert len(who(lab, SINGLE6, 80, ns="pod1", count=10)) == 1
+        # The affine service was set up by the flavor's path (the engine's pins when native)
+        other = "python" if flavor.native else "native"
+        assert metric(lab, "uproxy_relay_setup_total", path=flavor.path) > 0
+        assert metric(lab, "uproxy_relay_setup_total", path=other) == 0
         # e2e "should update endpoints: http": pod3 alone in the IPv6 slice
         node.write("v6.yaml",
                    service("sticky6", SINGLE6, [{"name": "http", "port": 80,

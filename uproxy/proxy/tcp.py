@@ -277,12 +277,13 @@ class TcpProxy:
     def entries(self, table: dict[ServicePortName, Entry]) -> None:
         """Serve exactly ``table`` (a copy); the daemon's syncs call :meth:`update_entries`."""
         old, self._entries = self._entries, dict(table)
+        if self._aff_groups:
+            self._forget_groups()
         if not self._listeners:
             return
         for name in [n for n in self._listeners if old.get(n) is not table.get(n)]:
             for listener in list(self._listeners.get(name, ())):
                 self._refresh(listener)
-        self._forget_groups()
 
     def update_entries(self, changes: Mapping[ServicePortName, Entry | None]) -> None:
         """These service ports' new entries (None: gone), the others unchanged.
