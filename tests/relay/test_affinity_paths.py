@@ -69,6 +69,7 @@ def test_client_ip_affinity_keeps_each_client_on_its_endpoint(flavor: Flavor,
                 seen.add(tags[0])
             if family == 4:
                 assert len(seen) > 1, seen  # the clients spread
+            await r.settle(_path(flavor), n)
             assert r.setup_count(_path(flavor)) == n
             assert r.total("ok") == n
             if flavor.native:
@@ -100,6 +101,7 @@ def test_client_ip_affinity_expires_after_its_timeout_unused(flavor: Flavor,
                     moved = True
                     break
             assert moved
+            await r.settle(_path(flavor), n)
             assert r.setup_count(_path(flavor)) == n
 
     _run(flavor, main, timeout=60.0)
@@ -117,6 +119,7 @@ def test_a_removed_pinned_endpoint_sends_the_client_elsewhere_and_repins(
                             affinity=10800)
             after = await _tags(r, 6)
             assert len(set(after)) == 1 and after[0] not in (pinned, None), after
+            await r.settle(_path(flavor), 9)
             assert r.setup_count(_path(flavor)) == 9
 
     _run(flavor, main)
@@ -138,6 +141,7 @@ def test_a_refusing_pinned_endpoint_sends_the_client_elsewhere_and_repins(
             (other,) = set(made) - {pinned}
             assert await _tags(r, 6) == [other] * 6
             assert r.conns.services[NAME].failed >= 1
+            await r.settle(_path(flavor), 9)
             assert r.setup_count(_path(flavor)) == 9
 
     _run(flavor, main)
@@ -165,6 +169,7 @@ def test_client_ip_pins_survive_a_takeover(flavor: Flavor, family: int) -> None:
                 new.set_endpoints(addresses, affinity=10800)
                 after = {source: (await new.connect(source))[0] for source in before}
                 assert after == before
+                await new.settle(_path(flavor), len(before))
                 assert new.setup_count(_path(flavor)) == len(before)
                 if flavor.native:
                     assert new.proxy.affinity_count() == len(before)
@@ -203,6 +208,7 @@ def test_every_listener_of_a_service_port_shares_its_pins(flavor: Flavor) -> Non
                 (tag6,) = set(await _tags(r, 4))
                 assert tag6 in made6
                 n += 4
+                await r.settle(_path(flavor), n)
                 assert r.setup_count(_path(flavor)) == n
                 now = time.monotonic()
                 pins = r.balancer.export_affinity(now) + r.proxy.export_affinity(now)
@@ -229,6 +235,7 @@ def test_the_engine_frees_expired_pins_as_new_clients_come(native_flavor: Flavor
             assert r.proxy.affinity_count() == 10  # (nothing swept them yet)
             assert (await r.connect("127.0.0.99"))[0] in made
             assert r.proxy.affinity_count() == 1
+            await r.settle("native", 11)
             assert r.setup_count("native") == 11
 
     _run(native_flavor, main)
