@@ -367,7 +367,7 @@ static void conn_finish(struct uproxy_engine *e, struct conn *c, int reason, int
         e->done_head = c;
     e->done_tail = c;
     pthread_mutex_unlock(&e->lock);
-    wake(e->donefd);
+    e->ev_pending = true; /* the eventfd is written once per round (engine_main) */
 }
 
 /* The bytes direction `d` holds (copy buffer or pipe), moved into a malloc'd block.
@@ -469,7 +469,7 @@ static void conn_detach(struct uproxy_engine *e, struct conn *c)
         e->done_head = c;
     e->done_tail = c;
     pthread_mutex_unlock(&e->lock);
-    wake(e->donefd);
+    e->ev_pending = true; /* the eventfd is written once per round (engine_main) */
 }
 
 static void conn_fail(struct uproxy_engine *e, struct conn *c, int side, int err)
@@ -1350,7 +1350,7 @@ static void *engine_main(void *arg)
             stopping = run_commands(e);
             free_dead_listeners(e);
         }
-        if (e->ev_pending) { /* one wake-up for the round's set-up events */
+        if (e->ev_pending) { /* one wake-up for the round's set-up events and completions */
             e->ev_pending = false;
             wake(e->donefd);
         }
