@@ -157,7 +157,8 @@ def test_a_refusing_endpoint_sends_the_client_to_the_next(flavor: Flavor, family
                 # The refusal was learnt: counted once per failure, and avoided after it.
                 failed = r.conns.services[NAME].failed
                 assert 1 <= failed < 20, failed
-                assert r.setup_count(_path(flavor)) == 20
+                # (the engine's bookkeeping reaches the loop in batches, up to 2 ms late)
+                await _until(lambda: r.setup_count(_path(flavor)) == 20)
                 assert r.total("ok") == 20
 
     _run(flavor, main)
@@ -256,7 +257,7 @@ def test_a_backend_that_speaks_and_closes_at_once_is_relayed_to_the_end(
                         assert await asyncio.wait_for(reader.read(), 5) == b"hello"
                     finally:
                         writer.close()
-                assert r.setup_count(_path(flavor)) == 100
+                await _until(lambda: r.setup_count(_path(flavor)) == 100)
 
     _run(flavor, main)
 
@@ -281,7 +282,7 @@ def test_the_choice_is_uniform(flavor: Flavor, family: int) -> None:
                 expected = n / 3
                 chi2 = sum((c - expected) ** 2 / expected for c in counts.values())
                 assert chi2 < CHI2_P001_DF2, counts
-                assert r.setup_count(_path(flavor)) == n
+                await _until(lambda: r.setup_count(_path(flavor)) == n)
                 assert r.setup_count("python" if flavor.native else "native") == 0
             finally:
                 for server, _ in servers:

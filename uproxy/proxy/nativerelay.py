@@ -80,7 +80,8 @@ class SetupEvent:
     error: str | None = None
     reason: str | None = None
     handle: NativeRelayHandle | None = None
-    result: RelayResult | None = None  # opened: it already ended (no handle)
+    ended: tuple[int, int, str | None] | None = None  # opened: it already ended (no handle):
+    # bytes up, bytes down and error, as its RelayResult would say
 
     @property
     def client(self) -> tuple[str, int] | None:
@@ -315,6 +316,7 @@ class NativeRelay:
         self.in_batch = False  # in _on_completions (batch_end comes before it returns)
         self._event_layout = _layout(ffi, "struct uproxy_event", _RawEvent._fields)
         self._done_layout = _layout(ffi, "struct uproxy_done", _DONE_FIELDS)
+        self._conn_type = ffi.typeof("struct uproxy_conn *")  # (cast by name: a lookup each)
         lib = self._lib
         self._refused = {lib.UPROXY_REFUSED_NO_SERVICE: "no_service",
                          lib.UPROXY_REFUSED_NO_ENDPOINTS: "no_endpoints",
@@ -399,16 +401,16 @@ class NativeRelay:
             if n < _POLL_BATCH:
                 return
 
-    def _decode(self, ev: _RawEvent, ended: dict[int, RelayResult]) -> SetupEvent:
+    def _decode(self, ev: _RawEvent, ended: dict[int, tuple[int, int, str | None]]) -> SetupEvent:
         kind, lib = ev.kind, self._lib
         if kind == lib.UPROXY_EV_OPENED:
             event = SetupEvent("opened", ev.listener, ev.family, (ev.client_addr, ev.client_port),
                                (ev.endpoint_addr, ev.endpoint_port), ev.endpoint, ev.attempts)
             result = ended.pop(ev.token, None)
             if result is not None:  # it ended in this batch: no handle, nothing live
-                event.result = result
+                event.ended = result
             else:
-                handle = NativeRelayHandle(self, self._ffi.cast("struct uproxy_conn *", ev.conn),
+                handle = NativeRelayHandle(self, self._ffi.cast(self._conn_type, ev.conn),
                                            _ignore_result)
                 self._live[ev.token] = handle
                 event.handle = handle
@@ -524,7 +526,7 @@ class NativeRelay:
         live, layout = self._live, self._done_layout
         closed_ok, setup_bit = lib.UPROXY_DONE_CLOSED, lib.UPROXY_SETUP_TOKEN
         finished: list[tuple[NativeRelayHandle, RelayResult]] = []
-        ended: dict[int, RelayResult] = {}  # set-up connections not live yet: OPENED in `raw`
+        ended: dict[int, tuple[int, int, str | None]] = {}  # set-up, not live yet: OPENED in `raw`
         while True:
             n = lib.uproxy_engine_poll(engine, buf, _POLL_BATCH)
             count += int(n)
@@ -538,14 +540,13 @@ class NativeRelay:
                     self._detached(buf[i], handle)
                     lib.uproxy_engine_release(engine, buf[i].conn)
                     continue
-                result = RelayResult(up, down, None if reason == closed_ok
-                                     else _native_error(lib, reason, side, err))
+                error = None if reason == closed_ok else _native_error(lib, reason, side, err)
                 if handle is not None:
                     handle._conn = None
-                    handle._final = result
+                    result = handle._final = RelayResult(up, down, error)
                     finished.append((handle, result))
                 elif token & setup_bit:
-                    ended[token] = result
+                    ended[token] = (up, down, error)
                 lib.uproxy_engine_release(engine, buf[i].conn)
             if n < _POLL_BATCH:
                 break
@@ -570,7 +571,8 @@ class NativeRelay:
             self._stopped.set_result(None)
         return count
 
-    def _drain_into(self, raw: list[_RawEvent], ended: dict[int, RelayResult]) -> None:
+    def _drain_into(self, raw: list[_RawEvent],
+                    ended: dict[int, tuple[int, int, str | None]]) -> None:
         """Decode the events read so far (registering the live handles) and hand them on."""
         if not raw:
             return
