@@ -44,13 +44,6 @@ KEEP_FREE_PIPES = 16
 """Idle pipes the engine keeps open for reuse; the rest close when they empty."""
 _POLL_BATCH = 256
 DETACH_TIMEOUT = 5.0  # the engine thread answers in microseconds; this only bounds a bug
-BATCH_INTERVAL = 0.002
-"""After a busy batch (``BUSY_BATCH`` records or more) the loop stops watching the engine's
-eventfd this long (seconds): under load the bookkeeping (table, metrics, status stream)
-runs at most 500 times a second, in bigger batches, instead of once per engine round,
-and more connections open and close within one batch (no table entry). Relaying never
-waits for it; a quiet engine's events are handled at once."""
-BUSY_BATCH = 4
 
 
 
@@ -80,7 +73,8 @@ class SetupEvent:
     error: str | None = None
     reason: str | None = None
     handle: NativeRelayHandle | None = None
-    result: RelayResult | None = None  # opened: it already ended (no handle)
+    ended: tuple[int, int, str | None] | None = None  # opened: it already ended (no handle):
+    # bytes up, bytes down and error, as its RelayResult would say
 
     @property
     def client(self) -> tuple[str, int] | None:
@@ -315,14 +309,16 @@ class NativeRelay:
         self.in_batch = False  # in _on_completions (batch_end comes before it returns)
         self._event_layout = _layout(ffi, "struct uproxy_event", _RawEvent._fields)
         self._done_layout = _layout(ffi, "struct uproxy_done", _DONE_FIELDS)
+        self._conn_type = ffi.typeof("struct uproxy_conn *")  # (cast by name: a lookup each)
         lib = self._lib
         self._refused = {lib.UPROXY_REFUSED_NO_SERVICE: "no_service",
                          lib.UPROXY_REFUSED_NO_ENDPOINTS: "no_endpoints",
                          lib.UPROXY_REFUSED_ALL_FAILED: "all_failed",
                          lib.UPROXY_REFUSED_NO_SOCKET: "no_socket",
                          lib.UPROXY_REFUSED_ABORTED: "cancelled"}
-        self._rearm_timer: asyncio.TimerHandle | None = None
-        loop.add_reader(self._efd, self._on_readable)
+        # (under load the engine writes the eventfd at most every few milliseconds, so
+        # the bookkeeping runs in batches: native/relay.c, notify_python)
+        loop.add_reader(self._efd, self._on_completions)
 
     # Connection set-up in the engine: listeners, their endpoints, the events. -----------
     def setup_config(self, timeouts: Sequence[float], *, avoid: float, fd_retry: float,
@@ -460,16 +456,16 @@ class NativeRelay:
             if n < _POLL_BATCH:
                 return
 
-    def _decode(self, ev: _RawEvent, ended: dict[int, RelayResult]) -> SetupEvent:
+    def _decode(self, ev: _RawEvent, ended: dict[int, tuple[int, int, str | None]]) -> SetupEvent:
         kind, lib = ev.kind, self._lib
         if kind == lib.UPROXY_EV_OPENED:
             event = SetupEvent("opened", ev.listener, ev.family, (ev.client_addr, ev.client_port),
                                (ev.endpoint_addr, ev.endpoint_port), ev.endpoint, ev.attempts)
             result = ended.pop(ev.token, None)
             if result is not None:  # it ended in this batch: no handle, nothing live
-                event.result = result
+                event.ended = result
             else:
-                handle = NativeRelayHandle(self, self._ffi.cast("struct uproxy_conn *", ev.conn),
+                handle = NativeRelayHandle(self, self._ffi.cast(self._conn_type, ev.conn),
                                            _ignore_result)
                 self._live[ev.token] = handle
                 event.handle = handle
@@ -550,17 +546,6 @@ class NativeRelay:
         if self._stopped is None:
             self._lib.uproxy_engine_abort(self._raw, conn)
 
-    def _on_readable(self) -> None:
-        if self._on_completions() >= BUSY_BATCH and self._engine is not None \
-                and self._stopped is None and BATCH_INTERVAL > 0:
-            self.loop.remove_reader(self._efd)
-            self._rearm_timer = self.loop.call_later(BATCH_INTERVAL, self._rearm)
-
-    def _rearm(self) -> None:
-        self._rearm_timer = None
-        if self._engine is not None:
-            self.loop.add_reader(self._efd, self._on_readable)
-
     def _on_completions(self) -> int:
         """One wake-up: the set-up events, then the completions, handled as one batch.
 
@@ -585,7 +570,7 @@ class NativeRelay:
         live, layout = self._live, self._done_layout
         closed_ok, setup_bit = lib.UPROXY_DONE_CLOSED, lib.UPROXY_SETUP_TOKEN
         finished: list[tuple[NativeRelayHandle, RelayResult]] = []
-        ended: dict[int, RelayResult] = {}  # set-up connections not live yet: OPENED in `raw`
+        ended: dict[int, tuple[int, int, str | None]] = {}  # set-up, not live yet: OPENED in `raw`
         while True:
             n = lib.uproxy_engine_poll(engine, buf, _POLL_BATCH)
             count += int(n)
@@ -599,14 +584,13 @@ class NativeRelay:
                     self._detached(buf[i], handle)
                     lib.uproxy_engine_release(engine, buf[i].conn)
                     continue
-                result = RelayResult(up, down, None if reason == closed_ok
-                                     else _native_error(lib, reason, side, err))
+                error = None if reason == closed_ok else _native_error(lib, reason, side, err)
                 if handle is not None:
                     handle._conn = None
-                    handle._final = result
+                    result = handle._final = RelayResult(up, down, error)
                     finished.append((handle, result))
                 elif token & setup_bit:
-                    ended[token] = result
+                    ended[token] = (up, down, error)
                 lib.uproxy_engine_release(engine, buf[i].conn)
             if n < _POLL_BATCH:
                 break
@@ -631,7 +615,8 @@ class NativeRelay:
             self._stopped.set_result(None)
         return count
 
-    def _drain_into(self, raw: list[_RawEvent], ended: dict[int, RelayResult]) -> None:
+    def _drain_into(self, raw: list[_RawEvent],
+                    ended: dict[int, tuple[int, int, str | None]]) -> None:
         """Decode the events read so far (registering the live handles) and hand them on."""
         if not raw:
             return
@@ -705,9 +690,6 @@ class NativeRelay:
         if self._stopped is None:
             self._stopped = self.loop.create_future()
             self._lib.uproxy_engine_stop(self._raw)
-            if self._rearm_timer is not None:  # watch the eventfd again now: the stop is there
-                self._rearm_timer.cancel()
-                self._rearm()
         await asyncio.shield(self._stopped)
         if self._engine is None:  # a concurrent close() finished first
             return

@@ -35,7 +35,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from uproxy.balance import FAILED_AVOID_SECONDS, Balancer, usable_endpoints
 from uproxy.connect import (
@@ -107,6 +107,7 @@ class TcpListener:
         self.native: int | None = None  # the engine's id while the engine accepts on it
         self.endpoints: tuple[Endpoint, ...] = ()  # what was pushed to the engine, by index
         self.packed: tuple[tuple[bytes, int], ...] = ()  # the same, as the engine reports them
+        self.metrics: _ServiceMetrics | None = None  # its service's, once it had a connection
         self.avoided = False  # some pushed endpoint was being avoided
         self.pushed_tp = False  # its family connected transparently when last pushed
         self.pushed_topology: tuple[str, str | None] | None = None  # (node, zone) then
@@ -503,7 +504,8 @@ class TcpProxy:
         tallies come out as open, established and close would leave them."""
         conns, balancer = self.conns, self.balancer
         watched = bool(conns.subscribers)
-        short: dict[tuple[ServicePortName, tuple[str, int]], list[int]] = {}
+        # (engine listener id, packed endpoint) -> [name, address, count, bytes up, down]
+        short: dict[tuple[int, tuple[bytes, int] | None], list[Any]] = {}
         for ev in events:
             listener = self._by_native.get(ev.listener)
             if listener is None:
@@ -514,34 +516,36 @@ class TcpProxy:
             if kind == "opened":
                 endpoint = _endpoint_of(listener, ev)
                 balancer.connect_succeeded(endpoint)
-                m = self._service_metrics(listener.name)
+                m = listener.metrics
+                if m is None:
+                    m = listener.metrics = self._service_metrics(listener.name)
                 if not m.dirty:
                     m.dirty = True
                     self._dirty.append(m)
                 m.opened_pending += 1
                 self._setup_pending += 1
-                result = ev.result
-                if result is None:
+                ended = ev.ended
+                if ended is None:
                     self._native_opened(listener, ev, endpoint, m)
                     continue
-                m.closed_pending(result.bytes_up, result.bytes_down)
+                up, down, error = ended
+                m.closed_pending(up, down)
                 if watched:
                     client = ev.client
                     assert client is not None
                     conn = conns.open(protocol="TCP", service=listener.name, client=client,
                                       scope=listener.scope)
                     conns.established(conn, endpoint.address, None)
-                    conns.close(conn, bytes_up=result.bytes_up, bytes_down=result.bytes_down,
-                                error=result.error)
+                    conns.close(conn, bytes_up=up, bytes_down=down, error=error)
                     continue
-                key = (listener.name, endpoint.address)
+                key = (ev.listener, ev.endpoint_raw)
                 sums = short.get(key)
                 if sums is None:
-                    short[key] = [1, result.bytes_up, result.bytes_down]
+                    short[key] = [listener.name, endpoint.address, 1, up, down]
                 else:
-                    sums[0] += 1
-                    sums[1] += result.bytes_up
-                    sums[2] += result.bytes_down
+                    sums[2] += 1
+                    sums[3] += up
+                    sums[4] += down
             elif kind == "connect_failed":
                 endpoint = _endpoint_of(listener, ev)
                 log.debug("connect to %s failed: %s", endpoint, ev.error)
@@ -556,7 +560,7 @@ class TcpProxy:
                 ep = ev.endpoint
                 if ep:  # as source_for does: read the links again soon, then hand them over
                     self.transparent.links_known(ep[0], then=self._sync_links)
-        for (name, address), (count, up, down) in short.items():
+        for name, address, count, up, down in short.values():
             conns.opened_and_closed(name, address, count, bytes_up=up, bytes_down=down)
 
     def _flush_metrics(self) -> None:
