@@ -48,6 +48,9 @@ class Counts:
 class Named:
     name: str
 
+    def catch_up(self) -> None:
+        """(the relay's part of DaemonView: nothing queued here)"""
+
 
 @dataclass
 class View:

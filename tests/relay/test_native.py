@@ -325,8 +325,13 @@ def _own_tcp_socket(local: tuple, peer: tuple) -> socket.socket | None:
     """This process's TCP socket bound to ``local`` and connected to ``peer`` (a dup)."""
     for name in os.listdir("/proc/self/fd"):
         try:
-            s = socket.socket(fileno=os.dup(int(name)))
+            fd = os.dup(int(name))
         except OSError:
+            continue
+        try:
+            s = socket.socket(fileno=fd)
+        except OSError:  # not a socket
+            os.close(fd)
             continue
         try:
             if s.type == socket.SOCK_STREAM and s.getsockname() == local \

@@ -428,8 +428,13 @@ def _own_socket(local: tuple[str, int], peer: tuple[str, int]) -> socket.socket 
     """This process's TCP socket from ``local`` to ``peer`` (a dup; the engine's too)."""
     for name in os.listdir("/proc/self/fd"):
         try:
-            s = socket.socket(fileno=os.dup(int(name)))
+            fd = os.dup(int(name))
         except OSError:
+            continue
+        try:
+            s = socket.socket(fileno=fd)
+        except OSError:  # not a socket
+            os.close(fd)
             continue
         try:
             if s.type == socket.SOCK_STREAM and s.getsockname()[:2] == local \

@@ -229,7 +229,10 @@ class NativeRelayHandle:
         self.request_pause()
         deadline = time.monotonic() + DETACH_TIMEOUT
         while self._conn is not None and time.monotonic() < deadline:
-            select.select([self._relay._efd], [], [], max(0.0, deadline - time.monotonic()))
+            # (poll, not select: the eventfd may be above FD_SETSIZE with 10,000 listeners)
+            waiter = select.poll()
+            waiter.register(self._relay._efd, select.POLLIN)
+            waiter.poll(max(0.0, deadline - time.monotonic()) * 1000)
             self._relay._on_completions()
         if self._detached is None:
             self._want_detach = False  # a late answer resumes it on the twin
