@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.sockets import congestion, congestion_choices, own_tcp_socket
 from uproxy import native
 from uproxy.proxy.nativerelay import default_max_pipes
 from uproxy.proxy.pyrelay import PyRelay
@@ -317,43 +318,13 @@ def test_default_pool_stays_within_half_the_user_pipe_budget(pipe_size: int) -> 
         assert n >= 1  # the kernel default budget (64 MiB) always leaves room for some
 
 
-def _congestion(sock: socket.socket) -> str:
-    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b"\0").decode()
-
-
-def _own_tcp_socket(local: tuple, peer: tuple) -> socket.socket | None:
-    """This process's TCP socket bound to ``local`` and connected to ``peer`` (a dup)."""
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            fd = os.dup(int(name))
-        except OSError:
-            continue
-        try:
-            s = socket.socket(fileno=fd)
-        except OSError:  # not a socket
-            os.close(fd)
-            continue
-        try:
-            if s.type == socket.SOCK_STREAM and s.getsockname() == local \
-                    and s.getpeername() == peer:
-                return s
-        except OSError:
-            pass
-        s.close()
-    return None
-
-
 @needs_native
 @pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
 def test_engine_gives_the_listeners_congestion_control_to_the_backend_socket(
         family: int) -> None:
     """A listener with its own TCP_CONGESTION: the engine's backend socket gets it (the
     accepted one inherits it); a listener left alone leaves the netns default."""
-    probe = socket.socket(family, socket.SOCK_STREAM)
-    default = _congestion(probe)
-    probe.close()
-    with open("/proc/sys/net/ipv4/tcp_allowed_congestion_control") as f:
-        other = [a for a in f.read().split() if a != default]
+    default, other = congestion_choices(family)
     if not other:
         pytest.skip(f"no congestion control allowed besides {default}")
     lib, ffi = native.lib(), native.ffi()
@@ -388,11 +359,11 @@ def test_engine_gives_the_listeners_congestion_control_to_the_backend_socket(
             keep.append(served)
             client.sendall(b"ping")
             assert served.recv(10) == b"ping"  # relayed: the set-up is over
-            out = _own_tcp_socket(engine_side, backend.getsockname())
-            near = _own_tcp_socket(lsock.getsockname(), client.getsockname())
+            out = own_tcp_socket(engine_side, backend.getsockname())
+            near = own_tcp_socket(lsock.getsockname(), client.getsockname())
             assert out is not None and near is not None
             keep += [out, near]
-            assert (_congestion(out), _congestion(near)) == ((want, want) if want
+            assert (congestion(out), congestion(near)) == ((want, want) if want
                                                              else (default, default))
     finally:
         lib.uproxy_engine_free(engine)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import socket
 import threading
 import time
@@ -23,6 +22,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from tests.support.matrix import Flavor, relay_for, run_on, select_path
+from tests.support.sockets import congestion, congestion_choices, own_tcp_socket
 from uproxy.balance import Balancer
 from uproxy.connections import ConnTable
 from uproxy.metrics import Metrics
@@ -420,40 +420,11 @@ def test_connections_that_end_within_one_batch_are_counted_as_any_other(
     _run(flavor, main)
 
 
-def _congestion(sock: socket.socket) -> str:
-    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b"\0").decode()
-
-
-def _own_socket(local: tuple[str, int], peer: tuple[str, int]) -> socket.socket | None:
-    """This process's TCP socket from ``local`` to ``peer`` (a dup; the engine's too)."""
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            fd = os.dup(int(name))
-        except OSError:
-            continue
-        try:
-            s = socket.socket(fileno=fd)
-        except OSError:  # not a socket
-            os.close(fd)
-            continue
-        try:
-            if s.type == socket.SOCK_STREAM and s.getsockname()[:2] == local \
-                    and s.getpeername()[:2] == peer:
-                return s
-        except OSError:
-            pass
-        s.close()
-    return None
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_relay_congestion_control_is_set_on_both_sides(flavor: Flavor, family: int) -> None:
     """--relay-congestion-control: the proxy's accepted socket (from its listener) and its
     backend socket (set by the engine or by the Python path) use it."""
-    with socket.socket(AF[family], socket.SOCK_STREAM) as probe:
-        default = _congestion(probe)
-    with open("/proc/sys/net/ipv4/tcp_allowed_congestion_control") as f:
-        other = [a for a in f.read().split() if a != default]
+    default, other = congestion_choices(AF[family])
     if not other:
         pytest.skip(f"no congestion control allowed here besides {default}")
 
@@ -477,11 +448,11 @@ def test_relay_congestion_control_is_set_on_both_sides(flavor: Flavor, family: i
                 try:
                     assert await reader.read(1) == b"G"
                     client = writer.get_extra_info("sockname")[:2]
-                    near = _own_socket(r.address, client)
-                    far = _own_socket(peers[0], backend)
+                    near = own_tcp_socket(r.address, client)
+                    far = own_tcp_socket(peers[0], backend)
                     assert near is not None and far is not None
                     try:
-                        assert (_congestion(near), _congestion(far)) == (other[0], other[0])
+                        assert (congestion(near), congestion(far)) == (other[0], other[0])
                     finally:
                         near.close()
                         far.close()
