@@ -261,6 +261,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(daemon.takeover_error.line, file=sys.stderr)
             return daemon.takeover_error.code
         if daemon.handed_over and settings.after_handover == "wait":
+            if daemon.exit_watchdog is not None:  # staying on is the point here
+                daemon.exit_watchdog.cancel()
             await _idle_until_terminated()
         return EXIT_OK
 

@@ -25,9 +25,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import faulthandler
 import logging
+import os
 import signal
 import socket
+import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
@@ -141,6 +145,7 @@ class Daemon:
         self.takeover_error: TakeoverExit | None = None
         self.after_takeover: Callable[[Received], Awaitable[None]] | None = None  # the cli's
         self.handed_over = False
+        self.exit_watchdog: threading.Timer | None = None  # set once handed over
         self.server_sockets: dict[str, socket.socket] = {}  # status/health, set by the cli
         self._adopted_flows: list[tuple[Item, list[socket.socket]]] = []
         self.health_checks = HealthCheckPorts(local_endpoints=self._local_ready,
@@ -844,6 +849,7 @@ class Daemon:
     def release(self) -> None:
         """The new uproxy owns every socket: close our copies quietly and stop (exit 0)."""
         self.handed_over = True
+        self.exit_watchdog = _exit_watchdog(self.settings.shutdown_grace + HANDED_OVER_EXIT_SLACK)
         moved = self._tcp_mover.release()
         flows = self._udp_mover.release() if self._udp_mover is not None else 0
         log.info("handed over %d connections and %d UDP flows", moved, flows)
@@ -863,6 +869,31 @@ class Daemon:
             log.debug("%s: %s %s skipped: IPv%d is not served", name, r.kind, r.address,
                       r.family)
         return redirects.rules
+
+
+HANDED_OVER_EXIT_SLACK = 10.0
+"""Seconds beyond --shutdown-grace in which a uproxy that handed everything over must be gone."""
+
+
+def _exit_watchdog(seconds: float) -> threading.Timer:
+    """After a handover nothing here serves anyone: the new uproxy owns every socket, and
+    the connections still finishing here are aborted after the grace anyway. So whatever
+    holds this process up (a bug) must not hold up the upgrade, which waits for it to
+    go: after ``seconds`` it says so in one line, writes every thread's stack (to find
+    the bug) and exits 0. Cancelled by whoever keeps the process on on purpose
+    (``UPROXY_AFTER_HANDOVER=wait``)."""
+    def expire() -> None:
+        log.warning("handed over %.0fs ago and still not stopped: exiting now (every "
+                    "thread's stack follows)", seconds)
+        with contextlib.suppress(Exception):
+            faulthandler.dump_traceback(sys.stderr, all_threads=True)
+        os._exit(0)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.name = "handed-over-exit"
+    timer.start()
+    return timer
 
 
 if TYPE_CHECKING:
