@@ -871,7 +871,7 @@ class Daemon:
         return redirects.rules
 
 
-HANDED_OVER_EXIT_SLACK = 10.0
+HANDED_OVER_EXIT_SLACK = 5.0
 """Seconds beyond --shutdown-grace in which a uproxy that handed everything over must be gone."""
 
 

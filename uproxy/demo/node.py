@@ -98,8 +98,8 @@ class NodeProxy:
         old = self.proc
         assert old is not None and old.poll() is None, "nothing running to upgrade"
         self.start(timeout=timeout)
-        try:
-            code = old.wait(timeout)
+        try:  # (it drains for up to the shutdown grace, 5 s, and is gone 5 s after that)
+            code = old.wait(timeout + 10.0)
         except subprocess.TimeoutExpired:
             raise LabError(f"the old uproxy did not exit after the takeover:\n"
                            f"{self.lab.log(f'{self.name}-{self._starts - 1}')}") from None
