@@ -113,6 +113,8 @@ class Daemon:
         self.proxies: dict[str, ProtocolProxy] = {"TCP": tcp}
         self._tcp = tcp
         self._tcp_mover = TcpMover(tcp)
+        self.metrics.affinity_pins.set_function(  # (read at scrape time)
+            lambda: self.balancer.affinity_count() + tcp.affinity_count())
         self._add_udp()
         self._served = Served()
         self.listener_set = self._listener_set(self._no_ipv6 is None)

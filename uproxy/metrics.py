@@ -50,6 +50,9 @@ class Metrics:
             "engine or in Python", ["path"], registry=r)
         self.udp_flows_active = Gauge(
             "uproxy_udp_flows_active", "UDP flows held now", ["service"], registry=r)
+        self.affinity_pins = Gauge(
+            "uproxy_affinity_pins", "ClientIP affinity pins held now (client -> endpoint), in "
+            "the Python balancer and the native engine", registry=r)
         self.udp_flows_evicted = Counter(
             "uproxy_udp_flows_evicted_total", "UDP flows evicted from a full table",
             ["service"], registry=r)

@@ -187,6 +187,8 @@ def test_a_udp_flow_and_an_affine_client_keep_their_endpoints_through_upgrades(
                   for path in ("native", "python")}
         want, other = ("native", "python") if flavor.native else ("python", "native")
         assert setups[want] >= 20 and setups[other] == 0, setups
+        # The affine client's pin is on show (in the balancer or the engine, by path).
+        assert _sample(metrics, "uproxy_affinity_pins") >= 1, metrics
     finally:
         assert node.stop() == 0
 
