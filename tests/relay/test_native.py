@@ -223,6 +223,39 @@ def test_engine_lifecycle_probes_pipe_size_and_frees_its_fds() -> None:
 
 
 @needs_native
+def test_close_hears_the_engine_stop_even_when_a_batch_drained_its_wake_up() -> None:
+    # A wake-up already pending when close() asks the engine to stop runs a batch while
+    # the engine is stopping: the batch reads "not stopped", then its poll drains the
+    # eventfd that the engine's last wake-up wrote. No reader call comes after that, so
+    # the batch must look again (a CI run's old uproxy waited forever in close() here).
+    # Batches run back to back while the engine stops, as such a reader call would.
+    from uproxy.proxy.nativerelay import NativeRelay
+
+    for _ in range(200):
+        loop = asyncio.new_event_loop()
+        try:
+            relay = NativeRelay(loop)
+            lib, engine = relay._lib, relay._raw
+            relay._stopped = loop.create_future()  # what close() does first ...
+            lib.uproxy_engine_stop(engine)
+            while not lib.uproxy_engine_stopped(engine):  # ... batches during the stop
+                relay._on_completions()
+
+            async def heard(relay: NativeRelay = relay) -> bool:
+                assert relay._stopped is not None
+                try:
+                    await asyncio.wait_for(asyncio.shield(relay._stopped), 1.0)
+                except TimeoutError:
+                    return False
+                return True
+
+            assert loop.run_until_complete(heard())
+            loop.run_until_complete(relay.close())
+        finally:
+            loop.close()
+
+
+@needs_native
 def test_engine_relays_a_socketpair_without_an_event_loop() -> None:
     """The C API alone: add, counters, completion through the eventfd, release."""
     lib, ffi = native.lib(), native.ffi()

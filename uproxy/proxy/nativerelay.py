@@ -614,8 +614,14 @@ class NativeRelay:
             except Exception as exc:
                 self.loop.call_exception_handler({"message": "set-up batch end failed",
                                                   "exception": exc})
-        if stopped and self._stopped is not None and not self._stopped.done():
-            self._stopped.set_result(None)
+        if self._stopped is not None and not self._stopped.done():
+            if stopped:
+                self._stopped.set_result(None)
+            elif lib.uproxy_engine_stopped(engine):
+                # The engine stopped while this batch ran: its last wake-up went into the
+                # eventfd that uproxy_engine_poll drained above, so no reader call is
+                # coming for it. Another pass sees it (and what it queued before it).
+                return count + self._batch()
         return count
 
     def _drain_into(self, raw: list[_RawEvent],
