@@ -421,6 +421,49 @@ def test_connections_that_end_within_one_batch_are_counted_as_any_other(
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_a_live_connection_is_in_the_table_for_readers_and_soon_without_one(
+        flavor: Flavor, family: int) -> None:
+    """The engine's OPENED may wait in Python for its DONE (nativerelay.HOLD_OPENED, a short
+    connection then needs no table entry). A connection that lives on must still be in the
+    table at once for a reader (``catch_up``, what the status API and /metrics call), and
+    within the hold without one; closed, it leaves the table with its bytes counted."""
+
+    async def main() -> None:
+        async with rig(flavor, family) as r:
+            server, address = await _tagged_backend(family, b"t")
+            try:
+                r.set_endpoints([address])
+                clients = []
+                for _ in range(2):
+                    reader, writer = await asyncio.open_connection(*r.address)
+                    assert await reader.read(1) == b"t"  # connected through the proxy
+                    clients.append(writer)
+                    if len(clients) == 1:  # a reader: everything the engine did is known
+                        r.proxy.relay.catch_up()
+                        assert [c.backend for c in r.conns] == [address]
+                        assert len(r.proxy.live) == 1
+                # no reader: the second one shows up by itself (the hold is 50 ms)
+                await _until(lambda: len(r.conns) == 2 and len(r.proxy.live) == 2)
+                assert all(c.state == "open" and c.backend == address for c in r.conns)
+                assert r.conns.services[NAME].open == 2
+                await r.settle(_path(flavor), 2)
+                for writer in clients:
+                    writer.write(b"abc")
+                    writer.close()
+                    with contextlib.suppress(OSError):
+                        await writer.wait_closed()
+                await _until(lambda: len(r.conns) == 0 and not r.proxy.live)
+                tally = r.conns.services[NAME]
+                assert (tally.opened, tally.open, tally.bytes_up, tally.bytes_down) == (
+                    2, 0, 6, 2)
+            finally:
+                server.close()
+                await server.wait_closed()
+
+    _run(flavor, main)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_relay_congestion_control_is_set_on_both_sides(flavor: Flavor, family: int) -> None:
     """--relay-congestion-control: the proxy's accepted socket (from its listener) and its
     backend socket (set by the engine or by the Python path) use it."""

@@ -44,6 +44,11 @@ KEEP_FREE_PIPES = 16
 """Idle pipes the engine keeps open for reuse; the rest close when they empty."""
 _POLL_BATCH = 256
 DETACH_TIMEOUT = 5.0  # the engine thread answers in microseconds; this only bounds a bug
+HOLD_OPENED = 0.05
+"""Seconds an engine-made connection's OPENED record may wait in Python, undecoded, for its
+DONE (while :attr:`NativeRelay.hold` says so): a short connection whose DONE comes within
+that time is counted without a handle or a table entry. Readers (``catch_up``), a takeover
+and any other set-up event release them at once."""
 
 
 
@@ -310,6 +315,9 @@ class NativeRelay:
         self.setup_sink: SetupSink | None = None  # who hears of the engine's set-ups
         self.batch_end: Callable[[], None] | None = None  # called after every batch
         self.in_batch = False  # in _on_completions (batch_end comes before it returns)
+        self.hold: Callable[[], bool] | None = None  # may OPENED records wait (HOLD_OPENED)?
+        self._held: dict[int, tuple[_RawEvent, float]] = {}  # token -> (OPENED, when read)
+        self._hold_timer: asyncio.TimerHandle | None = None
         self._event_layout = _layout(ffi, "struct uproxy_event", _RawEvent._fields)
         self._done_layout = _layout(ffi, "struct uproxy_done", _DONE_FIELDS)
         self._conn_type = ffi.typeof("struct uproxy_conn *")  # (cast by name: a lookup each)
@@ -549,22 +557,24 @@ class NativeRelay:
         if self._stopped is None:
             self._lib.uproxy_engine_abort(self._raw, conn)
 
-    def _on_completions(self) -> int:
+    def _on_completions(self, flush: bool = False) -> int:
         """One wake-up: the set-up events, then the completions, handled as one batch.
 
         A connection the engine set up whose DONE is already here with its OPENED gets no
         handle at all (its event carries the result); the others' callbacks run after
         the set-up sink, and :attr:`batch_end` last (the sink's per-batch totals).
+        OPENED records without their DONE may wait for it (:data:`HOLD_OPENED`, while
+        :attr:`hold` says so), undecoded; ``flush`` releases every one.
         Returns how many events and completions it handled."""
         if self.in_batch:  # (pause() waiting from a callback of this batch)
-            return self._batch()
+            return self._batch(flush)
         self.in_batch = True
         try:
-            return self._batch()
+            return self._batch(flush)
         finally:
             self.in_batch = False
 
-    def _batch(self) -> int:
+    def _batch(self, flush: bool = False) -> int:
         lib, engine, buf = self._lib, self._raw, self._done_buf
         stopped = bool(lib.uproxy_engine_stopped(engine))  # before polling: then all are queued
         raw: list[_RawEvent] = []
@@ -582,7 +592,7 @@ class NativeRelay:
                 handle = live.pop(token, None)
                 if reason == lib.UPROXY_DONE_DETACHED:
                     if handle is None and token & setup_bit:
-                        self._drain_into(raw, ended)
+                        self._drain_into(raw, ended)  # (and every held OPENED)
                         handle = live.pop(token, None)
                     self._detached(buf[i], handle)
                     lib.uproxy_engine_release(engine, buf[i].conn)
@@ -597,9 +607,14 @@ class NativeRelay:
                 lib.uproxy_engine_release(engine, buf[i].conn)
             if n < _POLL_BATCH:
                 break
-        if ended and len(ended) > sum(ev.token in ended for ev in raw):
+        held = self._held
+        if ended and len(ended) > sum(ev.token in ended for ev in raw) + (
+                len(ended.keys() & held.keys()) if held else 0):
             self._read_events(raw)  # an OPENED queued after our first look
-        self._drain_into(raw, ended)
+        if flush or stopped or self.hold is None or not self.hold():
+            self._drain_into(raw, ended)
+        else:
+            self._drain_holding(raw, ended)
         for handle, result in finished:
             try:
                 handle._on_done(result)
@@ -624,13 +639,54 @@ class NativeRelay:
                 return count + self._batch()
         return count
 
+    def _drain_holding(self, raw: list[_RawEvent],
+                       ended: dict[int, tuple[int, int, str | None]]) -> None:
+        """As :meth:`_drain_into`, but an OPENED whose DONE is not here yet waits (up to
+        :data:`HOLD_OPENED`) when the batch holds nothing else: the engine's order is kept
+        (held records go first, and any other event releases them all)."""
+        opened = self._lib.UPROXY_EV_OPENED
+        if any(ev.kind != opened for ev in raw):
+            self._drain_into(raw, ended)
+            return
+        held, now = self._held, self.loop.time()
+        out: list[_RawEvent] = []
+        if held:
+            cutoff = now - HOLD_OPENED
+            for token, (ev, when) in list(held.items()):
+                if token in ended or when <= cutoff:
+                    out.append(ev)
+                    del held[token]
+        for ev in raw:
+            if ev.token in ended:
+                out.append(ev)
+            else:
+                held[ev.token] = (ev, now)
+        raw.clear()
+        self._hand_on(out, ended)
+        if held and self._hold_timer is None:
+            self._hold_timer = self.loop.call_later(HOLD_OPENED, self._hold_over)
+
+    def _hold_over(self) -> None:
+        self._hold_timer = None
+        if self._held and self._engine is not None:
+            self._on_completions()
+
     def _drain_into(self, raw: list[_RawEvent],
                     ended: dict[int, tuple[int, int, str | None]]) -> None:
-        """Decode the events read so far (registering the live handles) and hand them on."""
+        """Decode the events read so far, after every held OPENED (registering the live
+        handles), and hand them on."""
+        held = self._held
+        if held:
+            raw[:0] = [ev for ev, _ in held.values()]
+            held.clear()
+        self._hand_on(raw, ended)
+        raw.clear()
+
+    def _hand_on(self, raw: list[_RawEvent],
+                 ended: dict[int, tuple[int, int, str | None]]) -> None:
         if not raw:
             return
         events = [self._decode(ev, ended) for ev in raw]
-        raw.clear()
         sink = self.setup_sink
         if sink is None:  # nobody listens: the opened ones' handles are kept right all the same
             return
@@ -662,13 +718,14 @@ class NativeRelay:
             handle.resume()
 
     def catch_up(self) -> None:
+        """Everything the engine has done so far is known (held OPENED records too)."""
         if self._engine is not None and self._stopped is None:
-            self._on_completions()
+            self._on_completions(flush=True)
 
     def active(self) -> int:
         """Live connections, counting the ones the engine is still setting up."""
         setting_up = self.stats().get("setups_live", 0)
-        return len(self._live) + setting_up + (
+        return len(self._live) + len(self._held) + setting_up + (
             self._resumed.active() if self._resumed is not None else 0)
 
     def stats(self) -> dict[str, int]:
@@ -702,7 +759,10 @@ class NativeRelay:
         await asyncio.shield(self._stopped)
         if self._engine is None:  # a concurrent close() finished first
             return
-        self._on_completions()
+        self._on_completions(flush=True)
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
         self.loop.remove_reader(self._efd)
         self._final_stats = self.stats()
         engine, self._engine = self._engine, None

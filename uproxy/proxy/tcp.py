@@ -251,6 +251,9 @@ class TcpProxy:
                                 fd_wait=FD_WAIT, fd_pause=EMFILE_PAUSE)
             nrelay.setup_sink = self._on_setup_events
             nrelay.batch_end = self._flush_metrics
+            # A short connection's OPENED may wait for its DONE (no table entry, no handle)
+            # unless a status stream watches the table (it sees every connection).
+            nrelay.hold = self._unwatched
             self._setup_metric = metrics.relay_setup.labels("native")
         self._setup_pending = 0  # engine set-ups of this batch, not yet in _setup_metric
         self._dirty: list[_ServiceMetrics] = []  # holding counts of this batch
@@ -268,6 +271,9 @@ class TcpProxy:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, self.congestion)
         return TcpListener(self, sock, name, scope)
+
+    def _unwatched(self) -> bool:
+        return not self.conns.subscribers
 
     # ---- set-up in the engine --------------------------------------------------------
     @property

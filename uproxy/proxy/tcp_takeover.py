@@ -42,6 +42,7 @@ class TcpMover:
     # The old process --------------------------------------------------------------------
     def pause(self) -> None:
         self._paused = []
+        self.proxy.relay.catch_up()  # (the engine's held set-ups become live connections)
         # (a list: pausing a native connection runs completions, which remove ended ones)
         live = list(self.proxy.live.values())
         for _, handle in live:
