@@ -99,6 +99,11 @@ def _unpack_address(family: int, raw: tuple[bytes, int] | None) -> tuple[str, in
 
 
 SetupSink = Callable[[list[SetupEvent]], None]
+ShortGroup = tuple["SetupEvent", int, int, int]
+"""Connections that opened and closed while held: one OPENED-like event (no client, no
+handle) standing for every one of them with that listener and endpoint, then their count
+and bytes up and down."""
+ShortSink = Callable[[list[ShortGroup]], None]
 
 
 class _RawEvent(NamedTuple):
@@ -316,6 +321,8 @@ class NativeRelay:
         self.batch_end: Callable[[], None] | None = None  # called after every batch
         self.in_batch = False  # in _on_completions (batch_end comes before it returns)
         self.hold: Callable[[], bool] | None = None  # may OPENED records wait (HOLD_OPENED)?
+        # who hears of the held ones that ended, grouped (else they go to setup_sink one by one)
+        self.short_sink: ShortSink | None = None
         self._held: dict[int, tuple[_RawEvent, float]] = {}  # token -> (OPENED, when read)
         self._hold_timer: asyncio.TimerHandle | None = None
         self._event_layout = _layout(ffi, "struct uproxy_event", _RawEvent._fields)
@@ -650,21 +657,55 @@ class NativeRelay:
             return
         held, now = self._held, self.loop.time()
         out: list[_RawEvent] = []
+        done: list[_RawEvent] = []  # held ones that ended
         if held:
             cutoff = now - HOLD_OPENED
             for token, (ev, when) in list(held.items()):
-                if token in ended or when <= cutoff:
+                if token in ended:
+                    done.append(ev)
+                    del held[token]
+                elif when <= cutoff:
                     out.append(ev)
                     del held[token]
         for ev in raw:
             if ev.token in ended:
-                out.append(ev)
+                done.append(ev)
             else:
                 held[ev.token] = (ev, now)
         raw.clear()
         self._hand_on(out, ended)
+        if self.short_sink is None:
+            self._hand_on(done, ended)
+        elif done:
+            self._hand_short(done, ended)
         if held and self._hold_timer is None:
             self._hold_timer = self.loop.call_later(HOLD_OPENED, self._hold_over)
+
+    def _hand_short(self, done: list[_RawEvent],
+                    ended: dict[int, tuple[int, int, str | None]]) -> None:
+        """The ended ones, counted per listener and endpoint, to :attr:`short_sink`."""
+        groups: dict[tuple[int, int, bytes, int], list[Any]] = {}
+        pop = ended.pop
+        for ev in done:
+            up, down, _ = pop(ev.token)
+            key = (ev.listener, ev.endpoint, ev.endpoint_addr, ev.endpoint_port)
+            sums = groups.get(key)
+            if sums is None:
+                groups[key] = [ev, 1, up, down]
+            else:
+                sums[1] += 1
+                sums[2] += up
+                sums[3] += down
+        out: list[ShortGroup] = []
+        for ev, count, up, down in groups.values():
+            out.append((SetupEvent("opened", ev.listener, ev.family, None,
+                                   (ev.endpoint_addr, ev.endpoint_port), ev.endpoint,
+                                   ev.attempts), count, up, down))
+        try:
+            self.short_sink(out)  # type: ignore[misc]  # (checked by the caller)
+        except Exception as exc:
+            self.loop.call_exception_handler({"message": "set-up event handler failed",
+                                              "exception": exc})
 
     def _hold_over(self) -> None:
         self._hold_timer = None

@@ -254,6 +254,7 @@ class TcpProxy:
             # A short connection's OPENED may wait for its DONE (no table entry, no handle)
             # unless a status stream watches the table (it sees every connection).
             nrelay.hold = self._unwatched
+            nrelay.short_sink = self._on_short
             self._setup_metric = metrics.relay_setup.labels("native")
         self._setup_pending = 0  # engine set-ups of this batch, not yet in _setup_metric
         self._dirty: list[_ServiceMetrics] = []  # holding counts of this batch
@@ -568,6 +569,32 @@ class TcpProxy:
                     self.transparent.links_known(ep[0], then=self._sync_links)
         for name, address, count, up, down in short.values():
             conns.opened_and_closed(name, address, count, bytes_up=up, bytes_down=down)
+
+    def _on_short(self, groups: list[tuple[SetupEvent, int, int, int]]) -> None:
+        """Engine-made connections that opened and closed unseen (held, unwatched), per
+        listener and endpoint: the balancer, metrics and tallies as one by one."""
+        conns, balancer = self.conns, self.balancer
+        for ev, count, up, down in groups:
+            listener = self._by_native.get(ev.listener)
+            if listener is None:
+                continue
+            if listener._fd_trouble_since is not None:
+                listener._fd_recovered()  # the engine accepted again
+            endpoint = _endpoint_of(listener, ev)
+            balancer.connect_succeeded(endpoint)
+            m = listener.metrics
+            if m is None:
+                m = listener.metrics = self._service_metrics(listener.name)
+            if not m.dirty:
+                m.dirty = True
+                self._dirty.append(m)
+            m.opened_pending += count
+            m.closed_count += count
+            m.up_bytes += up
+            m.down_bytes += down
+            self._setup_pending += count
+            conns.opened_and_closed(listener.name, endpoint.address, count, bytes_up=up,
+                                    bytes_down=down)
 
     def _flush_metrics(self) -> None:
         """The counts of the engine's batch into the metrics: one add per service and figure."""
