@@ -1685,7 +1685,19 @@ void uproxy_engine_release(struct uproxy_engine *e, struct uproxy_conn *pc)
     pthread_mutex_unlock(&e->lock);
 }
 
+static int poll_done(struct uproxy_engine *e, struct uproxy_done *out, int max, bool release);
+
 int uproxy_engine_poll(struct uproxy_engine *e, struct uproxy_done *out, int max)
+{
+    return poll_done(e, out, max, false);
+}
+
+int uproxy_engine_poll_release(struct uproxy_engine *e, struct uproxy_done *out, int max)
+{
+    return poll_done(e, out, max, true);
+}
+
+static int poll_done(struct uproxy_engine *e, struct uproxy_done *out, int max, bool release)
 {
     drain_eventfd(e->donefd);
     int n = 0;
@@ -1718,6 +1730,9 @@ int uproxy_engine_poll(struct uproxy_engine *e, struct uproxy_done *out, int max
             d->pending_down_len = c->held_len[1];
             d->eof_up = c->dir[0].eof;
             d->eof_down = c->dir[1].eof;
+        } else if (release && !e->stopping) {
+            /* as uproxy_engine_release, under the lock already held: no call per record */
+            enqueue(e, c, CMD_RELEASE);
         }
     }
     bool more = e->done_head != NULL;

@@ -98,7 +98,9 @@ static int drain(struct uproxy_engine *e, struct slot *slots, int stopping)
 {
     struct uproxy_done done[16];
     int total = 0, n;
-    while ((n = uproxy_engine_poll(e, done, 16)) > 0) {
+    /* (uproxy_engine_poll_release, as the Python side polls: only the detached ones
+     * are released here; the set-up stress below uses poll + release) */
+    while ((n = uproxy_engine_poll_release(e, done, 16)) > 0) {
         for (int i = 0; i < n; i++) {
             struct slot *s = &slots[done[i].token];
             if (done[i].conn != s->conn)
@@ -118,7 +120,7 @@ static int drain(struct uproxy_engine *e, struct slot *slots, int stopping)
                 close(done[i].client_fd);
                 close(done[i].backend_fd);
             }
-            if (!stopping)
+            if (!stopping && done[i].reason == UPROXY_DONE_DETACHED)
                 uproxy_engine_release(e, done[i].conn);
         }
         total += n;

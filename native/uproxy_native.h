@@ -144,6 +144,11 @@ void uproxy_engine_release(struct uproxy_engine *e, struct uproxy_conn *c);
 /* Copy up to `max` queued completions into `out`; returns how many. */
 int uproxy_engine_poll(struct uproxy_engine *e, struct uproxy_done *out, int max);
 
+/* As uproxy_engine_poll, and every completion but UPROXY_DONE_DETACHED is released
+ * at once (its `conn` must not be used again); a detached one waits for
+ * uproxy_engine_release as usual. */
+int uproxy_engine_poll_release(struct uproxy_engine *e, struct uproxy_done *out, int max);
+
 /* Abort every connection and let the thread exit; completions for all of them
  * are queued before uproxy_engine_stopped() turns 1. Idempotent. */
 void uproxy_engine_stop(struct uproxy_engine *e);

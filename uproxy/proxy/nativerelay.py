@@ -589,15 +589,16 @@ class NativeRelay:
         count = len(raw)
         live, layout = self._live, self._done_layout
         closed_ok, setup_bit = lib.UPROXY_DONE_CLOSED, lib.UPROXY_SETUP_TOKEN
+        detached = lib.UPROXY_DONE_DETACHED
         finished: list[tuple[NativeRelayHandle, RelayResult]] = []
         ended: dict[int, tuple[int, int, str | None]] = {}  # set-up, not live yet: OPENED in `raw`
         while True:
-            n = lib.uproxy_engine_poll(engine, buf, _POLL_BATCH)
+            n = lib.uproxy_engine_poll_release(engine, buf, _POLL_BATCH)  # (not the detached)
             count += int(n)
             records = layout.iter_unpack(self._ffi.buffer(buf, n * layout.size)) if n else ()
             for i, (_, token, up, down, reason, side, err) in enumerate(records):
                 handle = live.pop(token, None)
-                if reason == lib.UPROXY_DONE_DETACHED:
+                if reason == detached:
                     if handle is None and token & setup_bit:
                         self._drain_into(raw, ended)  # (and every held OPENED)
                         handle = live.pop(token, None)
@@ -611,7 +612,6 @@ class NativeRelay:
                     finished.append((handle, result))
                 elif token & setup_bit:
                     ended[token] = (up, down, error)
-                lib.uproxy_engine_release(engine, buf[i].conn)
             if n < _POLL_BATCH:
                 break
         held = self._held
