@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import os
 import select
 import socket
@@ -122,6 +123,10 @@ class _RawEvent(NamedTuple):
     client_port: int
     endpoint_addr: bytes
     endpoint_port: int
+
+
+# tuple.__new__(_RawEvent, t): the same as _RawEvent._make(t), without a Python frame a record
+_as_raw_event: Callable[[tuple[Any, ...]], _RawEvent] = functools.partial(tuple.__new__, _RawEvent)
 
 
 def _layout(ffi: Any, cname: str, names: Sequence[str]) -> struct.Struct:
@@ -469,7 +474,7 @@ class NativeRelay:
         while True:
             n = lib.uproxy_engine_events(self._raw, buf, _POLL_BATCH)
             if n:
-                out.extend(map(_RawEvent._make,
+                out.extend(map(_as_raw_event,
                                layout.iter_unpack(self._ffi.buffer(buf, n * layout.size))))
             if n < _POLL_BATCH:
                 return
@@ -667,10 +672,14 @@ class NativeRelay:
                 elif when <= cutoff:
                     out.append(ev)
                     del held[token]
-        for ev in raw:
-            if ev.token in ended:
-                done.append(ev)
-            else:
+        if ended:
+            for ev in raw:
+                if ev.token in ended:
+                    done.append(ev)
+                else:
+                    held[ev.token] = (ev, now)
+        else:
+            for ev in raw:
                 held[ev.token] = (ev, now)
         raw.clear()
         self._hand_on(out, ended)
