@@ -58,7 +58,7 @@ class Rig:
 
     async def settle(self, path: str, n: int) -> None:
         """Wait until ``n`` set-ups on ``path`` were counted: under load the engine hands
-        its records to Python in batches (at most ~5 ms late), so counts may lag."""
+        its records to Python in batches (at most ~10 ms late), so counts may lag."""
         await _until(lambda: self.setup_count(path) >= n)
 
     def total(self, result: str) -> float:
