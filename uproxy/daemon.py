@@ -456,6 +456,7 @@ class Daemon:
                                                    for f in self.families))
                 except NftablesError as exc:
                     log.error("removing rules at shutdown: %s", exc)
+        self.relay.catch_up()  # (the engine's set-ups still held are connections too)
         open_conns = len(self.conns)
         if open_conns:
             log.info("letting %d open connections finish (up to %.1fs)", open_conns,
@@ -630,6 +631,7 @@ class Daemon:
         self._tcp.prune_affinity()
         await self._sync_health_checks(diff.removed, touched, full)
         if full:
+            self.relay.catch_up()  # (a held set-up's service tally is not idle)
             self.conns.prune(table)
         self._observe_programming_latency()
         elapsed = time.monotonic() - started
