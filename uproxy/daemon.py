@@ -573,27 +573,32 @@ class Daemon:
                     self._redirects_by_name.pop(entry.port.name, None)
         if rules_changed:
             self.redirects = [r for rs in self._redirects_by_name.values() for r in rs]
-        rules: asyncio.Future[bool] | None = None
-        if overlap:  # its first step renders the text and starts the process
-            rules = asyncio.ensure_future(self._apply_rules(
-                rules_changed=rules_changed, delta=delta, removed=diff.removed,
-                touched=touched, full=full, queued=queued))
-            await asyncio.sleep(0)
         # Each protocol proxy gets what changed, never the whole table (issue 16: an
-        # endpoint change among 10,000 services costs one service's work).
+        # endpoint change among 10,000 services costs one service's work). When the rules
+        # overlap, TCP's listeners (deferred: not accepting yet) get theirs while the rules
+        # apply; the others' sockets already read, so theirs come before the loop turns.
         changes: dict[str, dict[ServicePortName, Entry | None]] = {}
         for entry in diff.removed:
             changes.setdefault(entry.port.protocol, {})[entry.port.name] = None
         for entry in touched:
             changes.setdefault(entry.port.protocol, {})[entry.port.name] = entry
+        later = changes.pop("TCP", {}) if overlap else {}
         try:
             for proto, changed in changes.items():
                 if proto in self.proxies:
                     self.proxies[proto].update_entries(changed)
+            if self._adopted_flows:  # the first sync opened the listeners they belong to
+                self._adopt_flows()
+            rules: asyncio.Future[bool] | None = None
+            if overlap:  # its first step renders the text and starts the process
+                rules = asyncio.ensure_future(self._apply_rules(
+                    rules_changed=rules_changed, delta=delta, removed=diff.removed,
+                    touched=touched, full=full, queued=queued))
+                await asyncio.sleep(0)
+                if later and "TCP" in self.proxies:
+                    self.proxies["TCP"].update_entries(later)
         finally:
             self._tcp.undefer()  # (a listener no change named starts accepting as it was)
-        if self._adopted_flows:  # the first sync opened the listeners the flows belong to
-            self._adopt_flows()
         if rules is None:
             applied = await self._apply_rules(
                 rules_changed=rules_changed, delta=delta, removed=diff.removed,
