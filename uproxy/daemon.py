@@ -540,8 +540,18 @@ class Daemon:
         for entry in diff.removed:
             self.listener_set.close(entry.port.name)
         touched = [*diff.added, *(new for _, new in diff.changed)]
-        for entry in touched:
-            self._ensure_listeners(entry.port)
+        # The first sync (10,000 Services at start) opens the sockets, starts the rules
+        # with their ports, and hands the listeners to the engine with their endpoints
+        # while nft/iptables-restore runs in its worker thread (issue 16's start-up).
+        overlap = self.iptables is not None and not self.rules_applied
+        if overlap:
+            self._tcp.defer()
+        try:
+            for entry in touched:
+                self._ensure_listeners(entry.port)
+        except BaseException:
+            self._tcp.undefer()
+            raise
         if self.listener_set.adopted:  # the first sync claimed what it wanted; no one wants these
             closed = self.listener_set.close_unclaimed()
             log.info("closed %d taken-over sockets no service wants any more", closed)
@@ -552,18 +562,6 @@ class Daemon:
                                          or name in self.listener_set.bind_failures):
                     self._ensure_listeners(entry.port)
                     touched.append(entry)
-        # Each protocol proxy gets what changed, never the whole table (issue 16: an
-        # endpoint change among 10,000 services costs one service's work).
-        changes: dict[str, dict[ServicePortName, Entry | None]] = {}
-        for entry in diff.removed:
-            changes.setdefault(entry.port.protocol, {})[entry.port.name] = None
-        for entry in touched:
-            changes.setdefault(entry.port.protocol, {})[entry.port.name] = entry
-        for proto, changed in changes.items():
-            if proto in self.proxies:
-                self.proxies[proto].update_entries(changed)
-        if self._adopted_flows:  # the first sync opened the listeners the flows belong to
-            self._adopt_flows()
         rules_changed = False
         delta = nftrules.RulesDelta(self.redirects)  # the changed service ports' redirects
         for entry in diff.removed:
@@ -583,44 +581,40 @@ class Daemon:
                     self._redirects_by_name.pop(entry.port.name, None)
         if rules_changed:
             self.redirects = [r for rs in self._redirects_by_name.values() for r in rs]
-        if self._prepare is not None:
-            await self._prepare
-            self._prepare = None
-        if self.iptables is not None:
-            try:
-                if self.nft is not None:
-                    await self._apply_nft(changed=rules_changed, delta=delta,
-                                          full=full or not self.rules_applied)
-                elif rules_changed or full or not self.rules_applied:
-                    if rules_changed or not self._last_rules:
-                        self._last_rules = {}  # (an error below leaves it empty: redo all)
-                        texts = {f: render(self.redirects, family=f)
-                                 for f, _ in self._nat_chains()}
-                    else:
-                        texts = self._last_rules
-                    for family, ipt in self._nat_chains():  # one restore per family
-                        await ipt.restore(texts[family])
-                    self._last_rules = texts
-                await self._apply_filter(diff.removed, touched, full)
-                # (the first sync counts as full; its hooks were just put in place)
-                if not self._hooks_in_place or (full and self.rules_applied):
-                    added = 0
-                    for _, ipt in self._nat_chains():
-                        added += await ipt.ensure_hooks()
-                    if added and self._hooks_in_place:
-                        log.warning("re-inserted %d uproxy hooks someone removed", added,
-                                    extra=RULES_REPAIRED)
-                    self._hooks_in_place = True
-            except (IptablesError, NftablesError) as exc:
-                log.error("applying rules: %s", exc)
-                self.metrics.sync_errors.inc()
-                self.queued_since = queued or time.time()
-                self._last_rules = {}  # render and apply again next time
-                self._nft_applied = None
-                self._filter_text = {}
-                return
-            if full and self.rules_applied and self.transparent.active:  # (just applied at start)
-                await self.transparent.repair()
+        # Each protocol proxy gets what changed, never the whole table (issue 16: an
+        # endpoint change among 10,000 services costs one service's work). When the rules
+        # overlap, TCP's listeners (deferred: not accepting yet) get theirs while the rules
+        # apply; the others' sockets already read, so theirs come before the loop turns.
+        changes: dict[str, dict[ServicePortName, Entry | None]] = {}
+        for entry in diff.removed:
+            changes.setdefault(entry.port.protocol, {})[entry.port.name] = None
+        for entry in touched:
+            changes.setdefault(entry.port.protocol, {})[entry.port.name] = entry
+        later = changes.pop("TCP", {}) if overlap else {}
+        try:
+            for proto, changed in changes.items():
+                if proto in self.proxies:
+                    self.proxies[proto].update_entries(changed)
+            if self._adopted_flows:  # the first sync opened the listeners they belong to
+                self._adopt_flows()
+            rules: asyncio.Future[bool] | None = None
+            if overlap:  # its first step renders the text and starts the process
+                rules = asyncio.ensure_future(self._apply_rules(
+                    rules_changed=rules_changed, delta=delta, removed=diff.removed,
+                    touched=touched, full=full, queued=queued))
+                await asyncio.sleep(0)
+                if later and "TCP" in self.proxies:
+                    self.proxies["TCP"].update_entries(later)
+        finally:
+            self._tcp.undefer()  # (a listener no change named starts accepting as it was)
+        if rules is None:
+            applied = await self._apply_rules(
+                rules_changed=rules_changed, delta=delta, removed=diff.removed,
+                touched=touched, full=full, queued=queued)
+        else:
+            applied = await rules
+        if not applied:
+            return
         self.rules_applied = True
         if self.ready:
             self._gc.resume()
@@ -641,6 +635,51 @@ class Daemon:
         if diff:
             log.info("synced %d service ports (+%d -%d ~%d) in %.1f ms", len(table),
                      len(diff.added), len(diff.removed), len(diff.changed), elapsed * 1000)
+
+    async def _apply_rules(self, *, rules_changed: bool, delta: nftrules.RulesDelta,
+                           removed: list[Entry], touched: list[Entry], full: bool,
+                           queued: float | None) -> bool:
+        """The kernel's rules for this sync (nft maps or iptables chains, the filter chain,
+        the hooks); False when applying failed (logged; the next sync tries again)."""
+        if self._prepare is not None:
+            await self._prepare
+            self._prepare = None
+        if self.iptables is not None:
+            try:
+                if self.nft is not None:
+                    await self._apply_nft(changed=rules_changed, delta=delta,
+                                          full=full or not self.rules_applied)
+                elif rules_changed or full or not self.rules_applied:
+                    if rules_changed or not self._last_rules:
+                        self._last_rules = {}  # (an error below leaves it empty: redo all)
+                        texts = {f: render(self.redirects, family=f)
+                                 for f, _ in self._nat_chains()}
+                    else:
+                        texts = self._last_rules
+                    for family, ipt in self._nat_chains():  # one restore per family
+                        await ipt.restore(texts[family])
+                    self._last_rules = texts
+                await self._apply_filter(removed, touched, full)
+                # (the first sync counts as full; its hooks were just put in place)
+                if not self._hooks_in_place or (full and self.rules_applied):
+                    added = 0
+                    for _, ipt in self._nat_chains():
+                        added += await ipt.ensure_hooks()
+                    if added and self._hooks_in_place:
+                        log.warning("re-inserted %d uproxy hooks someone removed", added,
+                                    extra=RULES_REPAIRED)
+                    self._hooks_in_place = True
+            except (IptablesError, NftablesError) as exc:
+                log.error("applying rules: %s", exc)
+                self.metrics.sync_errors.inc()
+                self.queued_since = queued or time.time()
+                self._last_rules = {}  # render and apply again next time
+                self._nft_applied = None
+                self._filter_text = {}
+                return False
+            if full and self.rules_applied and self.transparent.active:  # (just applied at start)
+                await self.transparent.repair()
+        return True
 
     async def _apply_nft(self, *, changed: bool, full: bool,
                          delta: nftrules.RulesDelta | None = None) -> None:

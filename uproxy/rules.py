@@ -21,7 +21,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from uproxy.model import ServicePortName
+from uproxy.model import ServicePortName, quick_init
 
 CHAIN = "UPROXY-SERVICES"
 CHAIN_PREFIX = "UPROXY-"
@@ -52,6 +52,7 @@ KEEP_NAT_V6 = KEEP_NAT_V4.replace("255.255.255.255/32", "::/128")
 _UNSAFE = re.compile(r"[^A-Za-z0-9 ._:/@+=,-]")
 
 
+@quick_init
 @dataclass(frozen=True, slots=True, order=True)
 class Redirect:
     """One interception rule: ``address:port/protocol`` -> the local proxy port."""

@@ -27,6 +27,7 @@ from uproxy.model import (
     parse_endpoints,
     parse_node,
     parse_service,
+    quick_init,
     resolve_endpoints,
 )
 from uproxy.topology import synthesize_hints
@@ -42,6 +43,7 @@ _PARSERS = {
 Key = tuple[str, str]  # (namespace, name)
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Entry:
     """One service port in the desired table, with its resolved endpoints."""

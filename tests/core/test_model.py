@@ -9,6 +9,7 @@ service ``default/multi-port`` (10.0.0.180, port1 6789 / port2 9876) over pods
 from __future__ import annotations
 
 import copy
+import dataclasses
 import random
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +28,7 @@ from uproxy.model import (
     parse_endpoint_slice,
     parse_endpoints,
     parse_service,
+    quick_init,
     resolve_endpoints,
 )
 from uproxy.state import Store
@@ -533,3 +535,28 @@ def test_service_port_name_hashes_once_and_behaves_as_the_plain_dataclass() -> N
     assert hash(moved) == hash(("ns", "svc", "dns", "TCP"))
     copy = pickle.loads(pickle.dumps(a))
     assert copy == a and hash(copy) == hash(a) and {a: 1}[copy] == 1
+
+
+def test_quick_init_keeps_the_dataclass_init_s_meaning() -> None:
+    """The values the start-up makes by the ten thousand: the same parameters, defaults,
+    ``__post_init__`` (ServicePortName's hash), still frozen, ``replace`` still works."""
+    name = ServicePortName("ns", "svc", "http")
+    assert (name.protocol, hash(name)) == ("TCP", hash(("ns", "svc", "http", "TCP")))
+    assert name == ServicePortName(namespace="ns", name="svc", port="http", protocol="TCP")
+    ep = Endpoint("10.0.0.1", 80, node_name="n1")
+    assert (ep.ready, ep.serving, ep.terminating, ep.zone, ep.zone_hints) == (
+        True, True, False, None, ())
+    assert dataclasses.replace(ep, port=81) == Endpoint("10.0.0.1", 81, node_name="n1")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ep.port = 1  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        Endpoint("10.0.0.1")  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        Endpoint("10.0.0.1", 80, bogus=1)  # type: ignore[call-arg]
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class WithFactory:
+        items: list[int] = dataclasses.field(default_factory=list)
+
+    with pytest.raises(TypeError, match="not a plain slot field"):
+        quick_init(WithFactory)

@@ -124,7 +124,8 @@ async def _tagged_backend(family: int, tag: bytes) -> tuple[asyncio.Server, tupl
 
 
 @contextlib.asynccontextmanager
-async def rig(flavor: Flavor, family: int, congestion: str = "") -> AsyncIterator[Rig]:
+async def rig(flavor: Flavor, family: int, congestion: str = "",
+              defer: bool = False) -> AsyncIterator[Rig]:
     loop = asyncio.get_running_loop()
     relay = relay_for(flavor, loop)
     metrics, conns = Metrics(), ConnTable()
@@ -135,6 +136,8 @@ async def rig(flavor: Flavor, family: int, congestion: str = "") -> AsyncIterato
     lsock.bind((LOOPBACK[family], 0))
     lsock.listen(128)
     lsock.setblocking(False)
+    if defer:
+        proxy.defer()
     listener = proxy.listen(lsock, NAME, "cluster")
     r = Rig(family, proxy, metrics, conns, balancer, lsock.getsockname()[:2])
     try:
@@ -218,6 +221,46 @@ def test_no_endpoints_resets_at_once(flavor: Flavor, family: int) -> None:
             assert (tag, error) == (None, "ConnectionResetError")
             assert took < 0.2, took
             await _until(lambda: r.total("no_endpoints") == 1)
+
+    _run(flavor, main)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_deferred_listener_keeps_its_clients_waiting_until_its_entry(flavor: Flavor,
+                                                                        family: int) -> None:
+    """The daemon's first sync opens every listener first and hands them to the engine (or
+    the loop) with their endpoints afterwards: a client that comes in between waits in
+    the kernel's backlog, then is served, on the flavor's path."""
+    async def main() -> None:
+        server, backend = await _tagged_backend(family, b"A")
+        try:
+            async with rig(flavor, family, defer=True) as r:
+                pending = asyncio.ensure_future(r.connect())
+                await asyncio.sleep(0.3)
+                assert not pending.done()  # neither served nor reset: not accepted yet
+                assert r.setup_count("native") + r.setup_count("python") == 0
+                r.proxy.update_entries({NAME: _entry([backend])})
+                r.proxy.undefer()
+                tag, error, _ = await asyncio.wait_for(pending, 10)
+                assert (tag, error) == (b"A", None)
+                await r.settle(_path(flavor), 1)
+        finally:
+            server.close()
+
+    _run(flavor, main)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_deferred_listener_closed_before_its_entry_stays_closed(flavor: Flavor,
+                                                                   family: int) -> None:
+    async def main() -> None:
+        async with rig(flavor, family, defer=True) as r:
+            next(iter(r.proxy._listeners[NAME])).close()  # (the sync closed it: service gone)
+            r.proxy.update_entries({NAME: _entry([("127.0.0.1", 9)])})
+            r.proxy.undefer()
+            tag, error, _ = await r.connect()
+            assert (tag, error) == (None, "ConnectionRefusedError")
+            assert r.setup_count("native") + r.setup_count("python") == 0
 
     _run(flavor, main)
 

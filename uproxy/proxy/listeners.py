@@ -20,7 +20,7 @@ import socket
 from dataclasses import dataclass
 from typing import Protocol
 
-from uproxy.model import ServicePort, ServicePortName
+from uproxy.model import ServicePort, ServicePortName, quick_init
 from uproxy.proxy.node_addresses import nodeport_addresses
 from uproxy.proxy.ports import PortAllocator, bind
 from uproxy.redirects import FAMILIES, family_of, proxy_sockets, service_families
@@ -48,6 +48,7 @@ class Listening(Protocol):
     def listen(self, sock: socket.socket, name: ServicePortName, scope: str) -> Listener: ...
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class ListenerKey:
     name: ServicePortName

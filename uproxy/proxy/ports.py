@@ -15,7 +15,7 @@ import socket
 def bind(kind: int, address: str, port: int, *, reuse: bool = True) -> socket.socket:
     """A non-blocking socket bound to (address, port); TCP ones listen."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    sock = socket.socket(family, kind)
+    sock = socket.socket(family, kind | socket.SOCK_NONBLOCK)  # (no setblocking call after)
     try:
         if reuse:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -24,7 +24,6 @@ def bind(kind: int, address: str, port: int, *, reuse: bool = True) -> socket.so
         sock.bind((address, port))
         if kind == socket.SOCK_STREAM:
             sock.listen(4096)
-        sock.setblocking(False)
     except BaseException:
         sock.close()
         raise

@@ -95,8 +95,9 @@ class TcpListener:
         self.name = name
         self.scope = scope
         self.external = scope != "cluster"
-        self.family = 6 if sock.family == socket.AF_INET6 else 4  # chooses its own endpoints
-        self.address: tuple[str, int] = sock.getsockname()[:2]
+        address = sock.getsockname()  # (IPv6: 4 items; not sock.family, a slow property)
+        self.family = 6 if len(address) == 4 else 4  # chooses its own endpoints
+        self.address: tuple[str, int] = address[:2]
         self._fd = sock.fileno()
         self._fd_trouble_since: float | None = None  # first EMFILE of the current episode
         self._fd_trouble_last = 0.0
@@ -112,7 +113,10 @@ class TcpListener:
         self.pushed_tp = False  # its family connected transparently when last pushed
         self.pushed_topology: tuple[str, str | None] | None = None  # (node, zone) then
         proxy._listeners.setdefault(name, set()).add(self)
-        if not proxy._attach(self):
+        self._deferred = proxy.deferring  # accepting starts at its first refresh (see defer)
+        if self._deferred:
+            proxy._deferred.append(self)
+        elif not proxy._attach(self):
             proxy.loop.add_reader(self._fd, self._accept)
 
     @property
@@ -197,7 +201,7 @@ class TcpListener:
 
     def resume(self) -> None:
         self._held = False
-        if self._closed:
+        if self._closed or self._deferred:  # (a deferred one starts at its refresh)
             return
         if self.native is not None:
             self.proxy._native_relay().listener_resume(self.native)
@@ -263,6 +267,8 @@ class TcpProxy:
         self._metrics: dict[ServicePortName, _ServiceMetrics] = {}
         self.live: dict[int, tuple[Conn, RelayHandle]] = {}  # conn id -> relayed connection
         self.adopted_relay: RelayEngine | None = None  # what came over, if self.relay cannot adopt
+        self.deferring = False  # new listeners wait for their first refresh (defer)
+        self._deferred: list[TcpListener] = []
 
     def listen(self, sock: socket.socket, name: ServicePortName, scope: str) -> TcpListener:
         # Accepted sockets inherit them: set once here, not per connection.
@@ -355,7 +361,33 @@ class TcpProxy:
             with contextlib.suppress(RuntimeError):  # (a loop already closed: nothing to do)
                 self.loop.call_later(SETUP_EVENTS_GRACE, self._by_native.pop, lid, None)
 
+    def defer(self) -> None:
+        """Listeners made from now on do not accept (the engine's or the loop's) until
+        :meth:`update_entries` refreshes them or :meth:`undefer` is called: the first
+        sync opens its 10,000 sockets first, starts the rules, and hands each to the
+        engine with its endpoints in one go while ``nft -f`` runs (issue 16's start-up).
+        Until then the kernel keeps their backlog, as before an entry comes."""
+        self.deferring = True
+
+    def undefer(self) -> None:
+        """Every deferred listener not refreshed yet starts accepting; deferring ends."""
+        self.deferring = False
+        deferred, self._deferred = self._deferred, []
+        for listener in deferred:
+            if listener._deferred:
+                self._start_accepting(listener)
+
+    def _start_accepting(self, listener: TcpListener) -> None:
+        listener._deferred = False
+        if listener._closed:
+            return
+        if not self._attach(listener):
+            listener._python_accepts()
+
     def _refresh(self, listener: TcpListener) -> None:
+        if listener._deferred:
+            self._start_accepting(listener)
+            return
         want = self._wants_native(listener)
         if want and listener.native is None:
             self.loop.remove_reader(listener._fd)
