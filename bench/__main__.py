@@ -87,6 +87,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench: needs root (network namespaces, iptables)", file=sys.stderr)
         return 2
+    try:  # before the run, not after it: a wrong --out must not cost its results
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.touch()
+    except OSError as exc:
+        print(f"bench: --out {out}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     ensure_tools()
     from bench import report, run
 

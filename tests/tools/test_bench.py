@@ -8,6 +8,7 @@ dnsperf 2.10 the benchmark runs; a format change must fail here, not in a
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -288,3 +289,14 @@ def test_ipv6_rows_and_target_against_kernel_over_ipv6() -> None:
     assert "| IPv6: new connections (1 HTTP request each) (conn/s) | 100 | 46.0 (0.46x) |" \
         in table
     assert "| IPv6: DNS over UDP (queries/s) | 10.0 | 8.00 (0.80x) |" in table
+
+
+def test_an_unwritable_out_path_is_one_line_before_the_run(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.__main__ import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["--quick", "--out", str(blocker / "RESULTS.md")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"bench: --out {blocker / 'RESULTS.md'}: "), err
