@@ -555,12 +555,7 @@ class TcpProxy:
             if kind == "opened":
                 endpoint = _endpoint_of(listener, ev)
                 balancer.connect_succeeded(endpoint)
-                m = listener.metrics
-                if m is None:
-                    m = listener.metrics = self._service_metrics(listener.name)
-                if not m.dirty:
-                    m.dirty = True
-                    self._dirty.append(m)
+                m = self._batch_metrics(listener)
                 m.opened_pending += 1
                 self._setup_pending += 1
                 ended = ev.ended
@@ -602,6 +597,16 @@ class TcpProxy:
         for name, address, count, up, down in short.values():
             conns.opened_and_closed(name, address, count, bytes_up=up, bytes_down=down)
 
+    def _batch_metrics(self, listener: TcpListener) -> _ServiceMetrics:
+        """``listener``'s service metrics, marked to be flushed at the batch's end."""
+        m = listener.metrics
+        if m is None:
+            m = listener.metrics = self._service_metrics(listener.name)
+        if not m.dirty:
+            m.dirty = True
+            self._dirty.append(m)
+        return m
+
     def _on_short(self, groups: list[tuple[SetupEvent, int, int, int]]) -> None:
         """Engine-made connections that opened and closed unseen (held, unwatched), per
         listener and endpoint: the balancer, metrics and tallies as one by one."""
@@ -614,12 +619,7 @@ class TcpProxy:
                 listener._fd_recovered()  # the engine accepted again
             endpoint = _endpoint_of(listener, ev)
             balancer.connect_succeeded(endpoint)
-            m = listener.metrics
-            if m is None:
-                m = listener.metrics = self._service_metrics(listener.name)
-            if not m.dirty:
-                m.dirty = True
-                self._dirty.append(m)
+            m = self._batch_metrics(listener)
             m.opened_pending += count
             m.closed_count += count
             m.up_bytes += up
