@@ -158,6 +158,23 @@ def flush_conntrack(lab: Lab) -> None:
     lab.run("node", ["conntrack", "-F", "-f", "ipv6"], check=False)
 
 
+def clean_slate(lab: Lab) -> None:
+    """Before a peer starts: no conntrack entries and no TIME_WAIT sockets left by the one
+    before it, in any of the lab's namespaces.
+
+    A transparent-mode uproxy that closed first toward a pod leaves a TIME_WAIT socket in
+    the node ns whose local address is the client's (60 s). The next peer's connection with
+    the same 4-tuple (the client's own port to the pod, as kernel DNAT makes it) then loses
+    its SYN-ACK in the node: early demux attaches the TIME_WAIT socket to the forwarded
+    reply and ``ip_forward`` drops it (2-7 of 20 curls timed out right after the scale
+    test; bench/ANALYSIS.md, "Transparent mode's TIME_WAIT sockets"). ``ss -K`` destroys
+    them (inet_diag SOCK_DESTROY)."""
+    flush_conntrack(lab)
+    for ns in ("node", "client", *(f"pod{i}" for i in range(1, lab.pods + 1))):
+        lab.run(ns, ["sh", "-c", "ss -K -t -n state time-wait >/dev/null"], check=False,
+                timeout=60)
+
+
 class KernelDnat:
     udp = tcp = ipv6 = True
 

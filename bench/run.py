@@ -63,6 +63,7 @@ from bench.peers import (
     NginxStream,
     Peer,
     Uproxy,
+    clean_slate,
     flush_conntrack,
 )
 from uproxy.demo.lab import Lab, LabError, install_signal_teardown, terminate
@@ -398,6 +399,7 @@ def applies(test: str, peer: Peer) -> bool:
 
 
 def run_peer(lab: Lab, peer: Peer, opts: Options, res: Results, *, first_round: bool) -> None:
+    clean_slate(lab)
     peer.start()
     try:
         if peer.tcp:
@@ -544,6 +546,7 @@ def run_scale(lab: Lab, opts: Options, res: Results, source: str) -> None:
     n = opts.scale_services
     s: dict[str, Any] = {"services": n}
     res.scale[source] = s
+    clean_slate(lab)  # (the files source's takeover leaves the API source's start its sockets)
     pods = (lab.pod_ip(1), lab.pod_ip(2))
     items = scale_objects(n, pods)
     d = lab.workdir / f"scale-{source}"
@@ -674,6 +677,7 @@ def run_scale_conn(lab: Lab, opts: Options, res: Results, backends: Backends) ->
         opts.log(f"  scale-conn round {rnd}/{opts.rounds}: {NATIVE}")
         peer = Uproxy(lab, backends, native=True, args=("--proxy-port-range", "20000-39999"))
         try:
+            clean_slate(lab)
             peer.start()
             check_path(lab, peer)
             one = _wrk(lab, opts, conns).requests_per_sec
@@ -701,6 +705,7 @@ def _scale_conn_kernel(lab: Lab, opts: Options, res: Results, backends: Backends
         peer = KernelDnat(lab, backends, others=others[:count], restore_timeout=900.0)
         started = time.monotonic()
         try:
+            clean_slate(lab)
             peer.start()
             if count:
                 opts.log(f"  scale-conn: {KERNEL} loaded {count} other Services in "
