@@ -666,10 +666,17 @@ class Daemon:
         and counted by :meth:`_apply_rules`; the next sync replaces what is unknown)."""
         started = time.monotonic()
         log.debug("repairing the rules (whole tables, hooks) beside the syncs")
-        applied = await self._apply_rules(rules_changed=rules_changed, delta=delta, dirty=dirty,
-                                          full=True, queued=queued)
-        log.debug("rules repair %s in %.1f ms", "done" if applied else "failed",
-                  (time.monotonic() - started) * 1000)
+        try:
+            applied = await self._apply_rules(rules_changed=rules_changed, delta=delta,
+                                              dirty=dirty, full=True, queued=queued)
+        except Exception:  # (nothing awaits this task's result: say it here)
+            log.exception("repairing the rules failed")
+            self.metrics.sync_errors.inc()
+            applied = False
+        elapsed = time.monotonic() - started
+        if applied:
+            self.metrics.sync_full_duration.observe(elapsed)
+        log.debug("rules repair %s in %.1f ms", "done" if applied else "failed", elapsed * 1000)
 
     def _kernel_work(self, *, rules_changed: bool, dirty: set[int], full: bool) -> bool:
         """Whether a sync must touch the kernel's rules (an endpoint change alone does not:

@@ -21,6 +21,7 @@ from uproxy.demo.node import NodeProxy, endpoint_slice, service
 
 SERVICES = 10_000
 VIP = "10.0.0.20"
+LATE = "10.0.0.21"
 STARTED = "repairing the rules"
 DONE = "rules repair done"
 APPLIED = f"synced {SERVICES + 1} service ports (+0 -0 ~1)"
@@ -101,6 +102,21 @@ def test_an_endpoint_change_is_applied_while_a_full_sync_repairs_the_rules(
                 node.wait_rules(lambda t: "-A OUTPUT" in t, timeout=10, family=family)
         r = lab.probe("tcp", VIP, "80", "--count", "3", ns="node")  # (the output hook)
         assert r["counts"] == {f"pod{pod}": 3}, r
+        # A Service added while a repair runs: its rules wait for the repair (never
+        # interleaved with it) and are in place after it.
+        started = _wait_from(node, STARTED, len(node.log), timeout=30)
+        node.write("late.yaml",
+                   service("late", LATE, [{"name": "http", "port": 80, "targetPort": 9376}]),
+                   endpoint_slice("late", [lab.pod_ip(1)],
+                                  [{"name": "http", "port": 9376, "protocol": "TCP"}]))
+        added = _wait_from(node, f"synced {SERVICES + 2} service ports (+1 -0 ~0)", started,
+                           timeout=60)
+        assert _wait_from(node, DONE, started, timeout=0) < added
+        assert lab.probe("tcp", LATE, "80", "--count", "3")["counts"] == {"pod1": 3}
+        metrics = lab.run("node", ["curl", "-sf", "-m", "5", "http://127.0.0.1:10249/metrics"])
+        repairs = [float(line.split()[-1]) for line in metrics.stdout.splitlines() if
+                   line.startswith("kubeproxy_sync_full_proxy_rules_duration_seconds_count")]
+        assert repairs and repairs[0] >= 1, repairs
     finally:
         assert node.stop() == 0
     assert node.uproxy_lines() == []
