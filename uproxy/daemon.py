@@ -3,16 +3,17 @@
 One :class:`Daemon` per process. The source fills the store and calls
 ``changed()``; syncs are batched (at most one per ``--min-sync-period``) and
 repeated every ``--sync-period`` (which also re-inserts hooks and rules that
-someone deleted). A sync diffs the desired table against what is served,
-opens and closes listening sockets, hands the changed entries to the protocol
-proxies, and updates the interception (``--interception``): by default the
-map of uproxy's nftables tables (:mod:`uproxy.nftrules`; element deltas, the
-whole tables in one ``nft -f`` at start and at every full sync), else the
-``UPROXY-SERVICES`` chain, rendered whole and applied with one
-``iptables-restore`` per address family (``ip6tables-restore`` for IPv6). A
-family the node lacks is skipped with one log line at start. Nothing is
-applied before the source's first complete view is in, so a partial rule set
-never replaces a good one.
+someone deleted: that repair runs beside the syncs that follow, so an endpoint
+change is not held up by it; rule changes wait for it). A sync diffs the
+desired table against what is served, opens and closes listening sockets,
+hands the changed entries to the protocol proxies, and updates the
+interception (``--interception``): by default the map of uproxy's nftables
+tables (:mod:`uproxy.nftrules`; element deltas, the whole tables in one
+``nft -f`` at start and at every full sync), else the ``UPROXY-SERVICES``
+chain, rendered whole and applied with one ``iptables-restore`` per address
+family (``ip6tables-restore`` for IPv6). A family the node lacks is skipped
+with one log line at start. Nothing is applied before the source's first
+complete view is in, so a partial rule set never replaces a good one.
 
 This module is the wiring only; each concept it wires lives in its own module:
 the listener set (:mod:`uproxy.proxy.listeners`), which address redirects to
