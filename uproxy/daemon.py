@@ -3,16 +3,17 @@
 One :class:`Daemon` per process. The source fills the store and calls
 ``changed()``; syncs are batched (at most one per ``--min-sync-period``) and
 repeated every ``--sync-period`` (which also re-inserts hooks and rules that
-someone deleted). A sync diffs the desired table against what is served,
-opens and closes listening sockets, hands the changed entries to the protocol
-proxies, and updates the interception (``--interception``): by default the
-map of uproxy's nftables tables (:mod:`uproxy.nftrules`; element deltas, the
-whole tables in one ``nft -f`` at start and at every full sync), else the
-``UPROXY-SERVICES`` chain, rendered whole and applied with one
-``iptables-restore`` per address family (``ip6tables-restore`` for IPv6). A
-family the node lacks is skipped with one log line at start. Nothing is
-applied before the source's first complete view is in, so a partial rule set
-never replaces a good one.
+someone deleted: that repair runs beside the syncs that follow, so an endpoint
+change is not held up by it; rule changes wait for it). A sync diffs the
+desired table against what is served, opens and closes listening sockets,
+hands the changed entries to the protocol proxies, and updates the
+interception (``--interception``): by default the map of uproxy's nftables
+tables (:mod:`uproxy.nftrules`; element deltas, the whole tables in one
+``nft -f`` at start and at every full sync), else the ``UPROXY-SERVICES``
+chain, rendered whole and applied with one ``iptables-restore`` per address
+family (``ip6tables-restore`` for IPv6). A family the node lacks is skipped
+with one log line at start. Nothing is applied before the source's first
+complete view is in, so a partial rule set never replaces a good one.
 
 This module is the wiring only; each concept it wires lives in its own module:
 the listener set (:mod:`uproxy.proxy.listeners`), which address redirects to
@@ -158,6 +159,10 @@ class Daemon:
         self._filter_by_name: dict[tuple[ServicePortName, int], list[str]] = {}
         self._filter_text: dict[int, str] = {}
         self._filter_hooks_in_place = False
+        # The kernel's rules change under this lock only (nft/iptables-restore never
+        # interleave); a full sync's repair holds it in the background (``repairing``).
+        self._rules_lock = asyncio.Lock()
+        self._repair: asyncio.Task[None] | None = None
 
     def _adopt(self, adopted: Received) -> None:
         """Serve what came over: listeners (claimed by the next sync), connections at once."""
@@ -429,6 +434,9 @@ class Daemon:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
+        if self._repair is not None:  # (cancelled by release() after a handover)
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._repair  # our own rule removal below must come after it
         self.listener_set.close_all()
         await self.health_checks.close()
         if self.takeover is not None or self.takeover_error is not None:
@@ -591,6 +599,9 @@ class Daemon:
         for entry in touched:
             changes.setdefault(entry.port.protocol, {})[entry.port.name] = entry
         later = changes.pop("TCP", {}) if overlap else {}
+        # (the filter lines of this sync's entries: computed now, applied with the rules)
+        dirty = (self._filter_update(diff.removed, touched, full) if self.iptables is not None
+                 else set())
         try:
             for proto, changed in changes.items():
                 if proto in self.proxies:
@@ -600,19 +611,28 @@ class Daemon:
             rules: asyncio.Future[bool] | None = None
             if overlap:  # its first step renders the text and starts the process
                 rules = asyncio.ensure_future(self._apply_rules(
-                    rules_changed=rules_changed, delta=delta, removed=diff.removed,
-                    touched=touched, full=full, queued=queued))
+                    rules_changed=rules_changed, delta=delta, dirty=dirty, full=full,
+                    queued=queued))
                 await asyncio.sleep(0)
                 if later and "TCP" in self.proxies:
                     self.proxies["TCP"].update_entries(later)
         finally:
             self._tcp.undefer()  # (a listener no change named starts accepting as it was)
-        if rules is None:
-            applied = await self._apply_rules(
-                rules_changed=rules_changed, delta=delta, removed=diff.removed,
-                touched=touched, full=full, queued=queued)
-        else:
+        if rules is not None:
             applied = await rules
+        elif (full and self.rules_applied and self.iptables is not None and not self.repairing
+              and not rules_changed and not dirty):
+            # The repair only (whole tables, hooks: 0.4-1.3 s at 10,000 Services): beside
+            # the syncs that follow, so an endpoint change is applied meanwhile; a sync
+            # that changes rules waits for it (the rules lock). A full sync with rule
+            # changes of its own applies them before it is done, as any sync.
+            self._repair = self.loop.create_task(self._repair_rules(
+                rules_changed=False, delta=delta, dirty=dirty, queued=queued), name="repair")
+            applied = True
+        else:  # (a full sync while the last repair still runs: its own changes only)
+            applied = await self._apply_rules(
+                rules_changed=rules_changed, delta=delta, dirty=dirty,
+                full=full and not self.repairing, queued=queued)
         if not applied:
             return
         self.rules_applied = True
@@ -636,11 +656,54 @@ class Daemon:
             log.info("synced %d service ports (+%d -%d ~%d) in %.1f ms", len(table),
                      len(diff.added), len(diff.removed), len(diff.changed), elapsed * 1000)
 
+    @property
+    def repairing(self) -> bool:
+        """A full sync's repair of the rules is in flight (in the background)."""
+        return self._repair is not None and not self._repair.done()
+
+    async def _repair_rules(self, *, rules_changed: bool, delta: nftrules.RulesDelta,
+                            dirty: set[int], queued: float | None) -> None:
+        """A full sync's kernel part, beside the syncs that follow (its failure is logged
+        and counted by :meth:`_apply_rules`; the next sync replaces what is unknown)."""
+        started = time.monotonic()
+        log.debug("repairing the rules (whole tables, hooks) beside the syncs")
+        try:
+            applied = await self._apply_rules(rules_changed=rules_changed, delta=delta,
+                                              dirty=dirty, full=True, queued=queued)
+        except Exception:  # (nothing awaits this task's result: say it here)
+            log.exception("repairing the rules failed")
+            self.metrics.sync_errors.inc()
+            applied = False
+        elapsed = time.monotonic() - started
+        if applied:
+            self.metrics.sync_full_duration.observe(elapsed)
+        log.debug("rules repair %s in %.1f ms", "done" if applied else "failed", elapsed * 1000)
+
+    def _kernel_work(self, *, rules_changed: bool, dirty: set[int], full: bool) -> bool:
+        """Whether a sync must touch the kernel's rules (an endpoint change alone does not:
+        it neither waits for a repair in flight nor runs nft/iptables)."""
+        if full or rules_changed or dirty or not self.rules_applied or self._prepare is not None:
+            return True
+        if not self._hooks_in_place or not self._filter_hooks_in_place:
+            return True
+        if any(family not in self._filter_text for family, _ in self._nat_tables()):
+            return True
+        return self._nft_applied is None if self.nft is not None else not self._last_rules
+
     async def _apply_rules(self, *, rules_changed: bool, delta: nftrules.RulesDelta,
-                           removed: list[Entry], touched: list[Entry], full: bool,
-                           queued: float | None) -> bool:
+                           dirty: set[int], full: bool, queued: float | None) -> bool:
         """The kernel's rules for this sync (nft maps or iptables chains, the filter chain,
-        the hooks); False when applying failed (logged; the next sync tries again)."""
+        the hooks); False when applying failed (logged; the next sync tries again).
+        Under the rules lock, so after a repair in flight, and only when there is work."""
+        if self.iptables is None or not self._kernel_work(rules_changed=rules_changed,
+                                                          dirty=dirty, full=full):
+            return True
+        async with self._rules_lock:
+            return await self._apply_rules_locked(rules_changed=rules_changed, delta=delta,
+                                                  dirty=dirty, full=full, queued=queued)
+
+    async def _apply_rules_locked(self, *, rules_changed: bool, delta: nftrules.RulesDelta,
+                                  dirty: set[int], full: bool, queued: float | None) -> bool:
         if self._prepare is not None:
             await self._prepare
             self._prepare = None
@@ -659,7 +722,7 @@ class Daemon:
                     for family, ipt in self._nat_chains():  # one restore per family
                         await ipt.restore(texts[family])
                     self._last_rules = texts
-                await self._apply_filter(removed, touched, full)
+                await self._restore_filter(dirty, full)
                 # (the first sync counts as full; its hooks were just put in place)
                 if not self._hooks_in_place or (full and self.rules_applied):
                     added = 0
@@ -672,7 +735,9 @@ class Daemon:
             except (IptablesError, NftablesError) as exc:
                 log.error("applying rules: %s", exc)
                 self.metrics.sync_errors.inc()
-                self.queued_since = queued or time.time()
+                # (a repair fails after later syncs: the oldest unapplied change stays)
+                self.queued_since = min(t for t in (self.queued_since, queued or time.time())
+                                        if t is not None)
                 self._last_rules = {}  # render and apply again next time
                 self._nft_applied = None
                 self._filter_text = {}
@@ -696,12 +761,13 @@ class Daemon:
             if not changed:
                 return
             old, new = self._nft_applied, self.redirects
+            redirects = new  # (a sync waiting for the rules lock may assign a newer list)
             if delta is not None and delta.exact and delta.since is old:
                 old, new = delta.old, delta.new  # (the same delta: see RulesDelta)
             text = "".join(nftrules.render_changes(old, new, family=f) for f in families)
             try:
                 await self.nft.restore(text)
-                self._nft_applied = self.redirects
+                self._nft_applied = redirects
                 return
             except NftablesError as exc:
                 log.warning("nftables update failed, replacing the tables: %s", exc)
@@ -711,18 +777,22 @@ class Daemon:
                 log.warning("re-created the nftables tables someone removed: %s",
                             ", ".join(f"{nftrules.family_keyword(f)} {nftrules.TABLE}"
                                       for f in sorted(missing)), extra=NFT_REPAIRED)
-        self._nft_applied = None
-        await self.nft.restore(self._nft_whole(families))
-        self._nft_applied = self.redirects
+        redirects = self.redirects
+        try:  # (what the maps hold stays known meanwhile: endpoint syncs need not wait)
+            await self.nft.restore(self._nft_whole(redirects, families))
+        except BaseException:
+            self._nft_applied = None
+            raise
+        self._nft_applied = redirects
 
-    def _nft_whole(self, families: tuple[int, ...]) -> str:
+    def _nft_whole(self, redirects: list[Redirect], families: tuple[int, ...]) -> str:
         """The whole tables' text, rendered again only when the redirects changed (a sync
         assigns a new list then): a full sync's repair at 10,000 Services re-sends the
         text without holding the loop to render it (~0.1-0.2 s)."""
         cached = self._nft_text
-        if cached is None or cached[0] is not self.redirects or cached[1] != families:
-            text = "".join(nftrules.render(self.redirects, family=f) for f in families)
-            cached = self._nft_text = (self.redirects, families, text)
+        if cached is None or cached[0] is not redirects or cached[1] != families:
+            text = "".join(nftrules.render(redirects, family=f) for f in families)
+            cached = self._nft_text = (redirects, families, text)
         return cached[2]
 
     def _observe_programming_latency(self) -> None:
@@ -745,9 +815,9 @@ class Daemon:
             else:
                 self._observed_triggers.pop(service, None)
 
-    async def _apply_filter(self, removed: list[Entry], touched: list[Entry],
-                            full: bool) -> None:
-        """The filter table (:mod:`uproxy.filter_rules`): one restore when a line changed."""
+    def _filter_update(self, removed: list[Entry], touched: list[Entry], full: bool) -> set[int]:
+        """The filter table's lines (:mod:`uproxy.filter_rules`) of this sync's entries;
+        the families whose lines changed (:meth:`_restore_filter` applies them)."""
         families = self._nat_tables()
         dirty: set[int] = set()  # families whose lines changed
         for entry in removed:
@@ -768,6 +838,11 @@ class Daemon:
                     self._filter_by_name[key] = lines
                 else:
                     del self._filter_by_name[key]
+        return dirty
+
+    async def _restore_filter(self, dirty: set[int], full: bool) -> None:
+        """The filter table: one restore per family when a line changed (and at full syncs)."""
+        families = self._nat_tables()
         for family, table in families:  # one restore per family, when a line changed
             if family not in dirty and family in self._filter_text and not full:
                 continue  # (rendering it walks every line: not at each endpoint change)
@@ -892,6 +967,9 @@ class Daemon:
     def release(self) -> None:
         """The new uproxy owns every socket: close our copies quietly and stop (exit 0)."""
         self.handed_over = True
+        if self.repairing:  # the rules are the new uproxy's: nothing more from us
+            assert self._repair is not None
+            self._repair.cancel()
         self.exit_watchdog = _exit_watchdog(self.settings.shutdown_grace + HANDED_OVER_EXIT_SLACK)
         moved = self._tcp_mover.release()
         flows = self._udp_mover.release() if self._udp_mover is not None else 0

@@ -22,6 +22,10 @@ class Metrics:
         self.sync_duration = Histogram(
             "kubeproxy_sync_proxy_rules_duration_seconds",
             "Time a sync of proxy rules and sockets took", buckets=_SYNC_BUCKETS, registry=r)
+        self.sync_full_duration = Histogram(  # (the repair: beside the syncs, not in them)
+            "kubeproxy_sync_full_proxy_rules_duration_seconds",
+            "Time a full sync's repair of the rules took (whole tables, hooks)",
+            buckets=_SYNC_BUCKETS, registry=r)
         self.sync_last = Gauge(
             "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
             "When the last successful sync finished", registry=r)
