@@ -817,18 +817,20 @@ def resolve_endpoints(port: ServicePort, sets: Iterable[EndpointSet]) -> tuple[E
     """
     families = {"IPv6" if ":" in ip else "IPv4" for ip in port.cluster_ips} or {"IPv4"}
     found: dict[tuple[str, int], Endpoint] = {}
+    port_name, protocol = port.name.port, port.protocol
     for s in sets:
         if s.address_type not in families:
             continue
         for sp in s.ports:
-            if sp.name == port.name.port and sp.protocol == port.protocol:
+            if sp.name == port_name and sp.protocol == protocol:
+                number = sp.port
                 for ep in s.endpoints:
-                    resolved = Endpoint(
-                        ep.ip, sp.port, ep.ready, ep.serving, ep.terminating, ep.node_name, ep.zone,
-                        ep.zone_hints, ep.node_hints,
-                    )
+                    address = (ep.ip, number)
+                    prev = found.get(address)
                     # Duplicates across slices: a ready copy wins.
-                    prev = found.get(resolved.address)
-                    if prev is None or (resolved.ready and not prev.ready):
-                        found[resolved.address] = resolved
-    return tuple(sorted(found.values()))
+                    if prev is None or (ep.ready and not prev.ready):
+                        found[address] = Endpoint(
+                            ep.ip, number, ep.ready, ep.serving, ep.terminating, ep.node_name,
+                            ep.zone, ep.zone_hints, ep.node_hints)
+    # (sorted by address: the order of Endpoint's fields, as each address is there once)
+    return tuple([found[address] for address in sorted(found)])

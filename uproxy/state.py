@@ -106,6 +106,10 @@ class Store:
         return {(s.namespace, s.service) for s in parsed.endpoint_sets}
 
     def _touch(self, kind: str, key: Key, old: Parsed | None, new: Parsed | None) -> None:
+        if kind == "Service" or kind == "Endpoints":  # (_services_of: the key itself)
+            self._dirty.add(key)
+            self.generation += 1
+            return
         before = self._services_of(kind, key, old)
         after = self._services_of(kind, key, new)
         if kind == "EndpointSlice":
