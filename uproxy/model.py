@@ -12,7 +12,7 @@ import dataclasses
 import ipaddress
 import socket
 import types
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard, TypeVar
 
@@ -815,7 +815,12 @@ def resolve_endpoints(port: ServicePort, sets: Iterable[EndpointSet]) -> tuple[E
     Only sets of the service's families (those of its ClusterIPs) are used; each
     family's traffic then chooses among its own (:func:`uproxy.balance.usable_endpoints`).
     """
-    families = {"IPv6" if ":" in ip else "IPv4" for ip in port.cluster_ips} or {"IPv4"}
+    ips = port.cluster_ips
+    families: Collection[str]
+    if len(ips) == 1:  # (most: no set to build)
+        families = ("IPv6",) if ":" in ips[0] else ("IPv4",)
+    else:
+        families = {"IPv6" if ":" in ip else "IPv4" for ip in ips} or {"IPv4"}
     found: dict[tuple[str, int], Endpoint] = {}
     port_name, protocol = port.name.port, port.protocol
     for s in sets:
@@ -833,4 +838,4 @@ def resolve_endpoints(port: ServicePort, sets: Iterable[EndpointSet]) -> tuple[E
                             ep.ip, number, ep.ready, ep.serving, ep.terminating, ep.node_name,
                             ep.zone, ep.zone_hints, ep.node_hints)
     # (sorted by address: the order of Endpoint's fields, as each address is there once)
-    return tuple([found[address] for address in sorted(found)])
+    return tuple(map(found.__getitem__, sorted(found)))
