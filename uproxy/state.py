@@ -293,9 +293,17 @@ class Served:
         """Bring :attr:`table` up to date for these services; what was added/removed/changed."""
         table = store.table()
         diff = TableDiff()
+        ports = store._ports  # (what ports_of copies, after the table() above)
         for key in services:
-            old_names = self._by_service.pop(key, set())
-            new_names = store.ports_of(key)
+            old_names = self._by_service.pop(key, None)
+            new_names = ports.get(key, ())
+            if old_names is None:  # a service new here (a start has 10,000)
+                if new_names:
+                    for name in new_names:
+                        entry = self.table[name] = table[name]
+                        diff.added.append(entry)
+                    self._by_service[key] = set(new_names)
+                continue
             diff_ports(self.table, table, old_names, new_names, into=diff)
             for name in old_names:
                 if name not in new_names:
