@@ -196,8 +196,13 @@ class Store:
     def _endpoint_sets(self, key: Key) -> list[EndpointSet]:
         # When both exist for a service, EndpointSlices win.
         slices = self._objects["EndpointSlice"]
-        sets = [s for sk in sorted(self._slices_of.get(key, ()))
-                for s in slices[sk].endpoint_sets if (s.namespace, s.service) == key]
+        keys = self._slices_of.get(key)
+        if keys is not None and len(keys) == 1:  # (most services: one slice of its own)
+            (only,) = keys
+            sets = [s for s in slices[only].endpoint_sets if (s.namespace, s.service) == key]
+        else:
+            sets = [s for sk in sorted(keys or ())
+                    for s in slices[sk].endpoint_sets if (s.namespace, s.service) == key]
         if sets:
             return sets
         legacy = self._objects["Endpoints"].get(key)
@@ -211,21 +216,25 @@ class Store:
         if not self._dirty:
             return self._table
         services = self._objects["Service"]
-        for key in self._dirty:
-            for name in self._ports.pop(key, ()):
-                self._table.pop(name, None)
+        table, ports_of, proxy_name = self._table, self._ports, self.proxy_name
+        hints = self.synthesize_hints
+        for key in self._dirty:  # (10,000 at a start: the loop's lookups are local)
+            gone = ports_of.pop(key, None)
+            if gone:
+                for name in gone:
+                    table.pop(name, None)
             parsed = services.get(key)
-            if parsed is None or not parsed.ports or parsed.proxy_name != self.proxy_name:
+            if parsed is None or not parsed.ports or parsed.proxy_name != proxy_name:
                 continue
             sets = self._endpoint_sets(key)
             names = []
             for port in parsed.ports:
                 endpoints = resolve_endpoints(port, sets)
-                if self.synthesize_hints:
+                if hints and port.traffic_distribution is not None:
                     endpoints = synthesize_hints(endpoints, port.traffic_distribution)
-                self._table[port.name] = Entry(port, endpoints)
+                table[port.name] = Entry(port, endpoints)
                 names.append(port.name)
-            self._ports[key] = names
+            ports_of[key] = names
         self._changed |= self._dirty
         self._dirty.clear()
         return self._table
