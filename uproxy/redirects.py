@@ -92,7 +92,11 @@ def redirects_of(port: ServicePort, proxy_ports: ProxyPorts,
     not in ``families`` are ``skipped`` (with ``to_port`` 0).
     """
     out = Redirects() if into is None else into
-    for scope, kind, address in frontends(port):
+    if port.external_ips or port.load_balancer_ips:
+        fronts = frontends(port)
+    else:  # (frontends' answer for ClusterIPs alone: a start has 10,000 of them)
+        fronts = [(SCOPE_CLUSTER, KIND_CLUSTER, a) for a in port.cluster_ips]
+    for scope, kind, address in fronts:
         family = family_of(address)
         if family not in families:
             out.skipped.append(Redirect(port.name, kind, address, port.port, port.protocol, 0))

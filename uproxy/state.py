@@ -106,6 +106,10 @@ class Store:
         return {(s.namespace, s.service) for s in parsed.endpoint_sets}
 
     def _touch(self, kind: str, key: Key, old: Parsed | None, new: Parsed | None) -> None:
+        if kind == "Service" or kind == "Endpoints":  # (_services_of: the key itself)
+            self._dirty.add(key)
+            self.generation += 1
+            return
         before = self._services_of(kind, key, old)
         after = self._services_of(kind, key, new)
         if kind == "EndpointSlice":
@@ -192,8 +196,13 @@ class Store:
     def _endpoint_sets(self, key: Key) -> list[EndpointSet]:
         # When both exist for a service, EndpointSlices win.
         slices = self._objects["EndpointSlice"]
-        sets = [s for sk in sorted(self._slices_of.get(key, ()))
-                for s in slices[sk].endpoint_sets if (s.namespace, s.service) == key]
+        keys = self._slices_of.get(key)
+        if keys is not None and len(keys) == 1:  # (most services: one slice of its own)
+            (only,) = keys
+            sets = [s for s in slices[only].endpoint_sets if (s.namespace, s.service) == key]
+        else:
+            sets = [s for sk in sorted(keys or ())
+                    for s in slices[sk].endpoint_sets if (s.namespace, s.service) == key]
         if sets:
             return sets
         legacy = self._objects["Endpoints"].get(key)
@@ -207,21 +216,25 @@ class Store:
         if not self._dirty:
             return self._table
         services = self._objects["Service"]
-        for key in self._dirty:
-            for name in self._ports.pop(key, ()):
-                self._table.pop(name, None)
+        table, ports_of, proxy_name = self._table, self._ports, self.proxy_name
+        hints = self.synthesize_hints
+        for key in self._dirty:  # (10,000 at a start: the loop's lookups are local)
+            gone = ports_of.pop(key, None)
+            if gone:
+                for name in gone:
+                    table.pop(name, None)
             parsed = services.get(key)
-            if parsed is None or not parsed.ports or parsed.proxy_name != self.proxy_name:
+            if parsed is None or not parsed.ports or parsed.proxy_name != proxy_name:
                 continue
             sets = self._endpoint_sets(key)
             names = []
             for port in parsed.ports:
                 endpoints = resolve_endpoints(port, sets)
-                if self.synthesize_hints:
+                if hints and port.traffic_distribution is not None:
                     endpoints = synthesize_hints(endpoints, port.traffic_distribution)
-                self._table[port.name] = Entry(port, endpoints)
+                table[port.name] = Entry(port, endpoints)
                 names.append(port.name)
-            self._ports[key] = names
+            ports_of[key] = names
         self._changed |= self._dirty
         self._dirty.clear()
         return self._table
@@ -289,9 +302,17 @@ class Served:
         """Bring :attr:`table` up to date for these services; what was added/removed/changed."""
         table = store.table()
         diff = TableDiff()
+        ports = store._ports  # (what ports_of copies, after the table() above)
         for key in services:
-            old_names = self._by_service.pop(key, set())
-            new_names = store.ports_of(key)
+            old_names = self._by_service.pop(key, None)
+            new_names = ports.get(key, ())
+            if old_names is None:  # a service new here (a start has 10,000)
+                if new_names:
+                    for name in new_names:
+                        entry = self.table[name] = table[name]
+                        diff.added.append(entry)
+                    self._by_service[key] = set(new_names)
+                continue
             diff_ports(self.table, table, old_names, new_names, into=diff)
             for name in old_names:
                 if name not in new_names:

@@ -8,6 +8,7 @@ service ``default/multi-port`` (10.0.0.180, port1 6789 / port2 9876) over pods
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import random
@@ -560,3 +561,105 @@ def test_quick_init_keeps_the_dataclass_init_s_meaning() -> None:
 
     with pytest.raises(TypeError, match="not a plain slot field"):
         quick_init(WithFactory)
+
+
+# The fast paths for the common shapes (issue 16's start-up) must give exactly what the
+# reference parsers give, for good input and bad: whatever the fast path does not accept
+# it leaves to the reference, whose Problem lines name the field.
+_ODD = [None, "", 0, 1, True, False, 80, "80", "http", 70000, -1, "TCP", "UDP", "SCTP", "tcp",
+        "10.0.0.9", "fd00::9", "None", "::ffff:10.0.0.9", "10.0.0.300", [], {}, ["10.0.0.9"],
+        ["fd00::9"], ["None"], [1], ["10.0.0.9", "fd00::9"], {"a": 1}, "Local", "Cluster",
+        "ClientIP", "PreferClose", "NodePort", "LoadBalancer", "ExternalName", 30080,
+        [{"ip": "10.0.0.9"}], ["1.2.3.0/24"], ["0.0.0.0/0"], {"ready": False},
+        {"serving": False, "terminating": True}, {"forZones": [{"name": "a"}]}]
+_SERVICE_FIELDS = [
+    ("metadata", "name"), ("metadata", "namespace"), ("metadata", "labels"),
+    ("metadata", "labels", "service.kubernetes.io/headless"),
+    ("metadata", "labels", "service.kubernetes.io/service-proxy-name"), ("spec",),
+    ("spec", "type"), ("spec", "clusterIP"), ("spec", "clusterIPs"), ("spec", "externalIPs"),
+    ("spec", "sessionAffinity"), ("spec", "internalTrafficPolicy"),
+    ("spec", "externalTrafficPolicy"), ("spec", "trafficDistribution"),
+    ("spec", "loadBalancerSourceRanges"), ("spec", "healthCheckNodePort"), ("spec", "ports"),
+    ("spec", "ports", 0), ("spec", "ports", 0, "name"), ("spec", "ports", 0, "port"),
+    ("spec", "ports", 0, "protocol"), ("spec", "ports", 0, "targetPort"),
+    ("spec", "ports", 0, "nodePort"), ("spec", "ports", 1, "name"), ("spec", "ports", 1, "port"),
+    ("spec", "ports", 1, "protocol"), ("status", "loadBalancer", "ingress"),
+]
+_SLICE_FIELDS = [
+    ("metadata", "name"), ("metadata", "namespace"), ("metadata", "labels"),
+    ("metadata", "labels", "kubernetes.io/service-name"), ("metadata", "annotations"),
+    ("metadata", "annotations", "endpoints.kubernetes.io/last-change-trigger-time"),
+    ("addressType",), ("ports",), ("ports", 0), ("ports", 0, "name"), ("ports", 0, "port"),
+    ("ports", 0, "protocol"), ("endpoints",), ("endpoints", 0), ("endpoints", 0, "addresses"),
+    ("endpoints", 0, "addresses", 0), ("endpoints", 0, "conditions"),
+    ("endpoints", 0, "conditions", "ready"), ("endpoints", 0, "conditions", "serving"),
+    ("endpoints", 0, "nodeName"), ("endpoints", 0, "zone"), ("endpoints", 0, "hints"),
+    ("endpoints", 1, "addresses", 0),
+]
+
+
+def _two_port_service() -> dict[str, Any]:
+    return {"kind": "Service", "metadata": {"name": "s", "namespace": "n", "labels": {"a": "b"}},
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.0.0.1",
+                     "externalTrafficPolicy": "Local", "healthCheckNodePort": 31000,
+                     "ports": [{"name": "a", "port": 80, "targetPort": "web", "nodePort": 30001},
+                               {"name": "b", "port": 53, "protocol": "UDP", "targetPort": 5353}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "192.0.2.1"}]}}}
+
+
+def _two_endpoint_slice() -> dict[str, Any]:
+    return {"kind": "EndpointSlice",
+            "metadata": {"name": "s-1", "namespace": "n",
+                         "labels": {"kubernetes.io/service-name": "s"},
+                         "annotations": {"endpoints.kubernetes.io/last-change-trigger-time": "t"}},
+            "addressType": "IPv4", "ports": [{"name": "a", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [{"addresses": ["10.0.1.1"], "conditions": {"ready": True},
+                           "nodeName": "node", "zone": "z"},
+                          {"addresses": ["10.0.1.2"]}]}
+
+
+def _set_path(obj: Any, path: tuple[Any, ...], value: Any) -> None:
+    for step in path[:-1]:
+        try:
+            obj = obj[step]
+        except (KeyError, IndexError, TypeError):
+            return
+    with contextlib.suppress(IndexError, TypeError):
+        obj[path[-1]] = value
+
+
+_MUTATIONS = st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from(_ODD)), max_size=3)
+
+
+@settings(max_examples=600, deadline=None)
+@given(changes=_MUTATIONS)
+def test_fast_service_parse_is_the_reference(changes: list[tuple[int, Any]]) -> None:
+    from uproxy.model import _parse_service
+    obj = _two_port_service()
+    for which, value in changes:
+        _set_path(obj, _SERVICE_FIELDS[which % len(_SERVICE_FIELDS)], copy.deepcopy(value))
+    assert parse_service(obj, "f.yaml") == _parse_service(obj, "f.yaml")
+
+
+@settings(max_examples=600, deadline=None)
+@given(changes=_MUTATIONS)
+def test_fast_slice_parse_is_the_reference(changes: list[tuple[int, Any]]) -> None:
+    from uproxy.model import _parse_endpoint_slice
+    obj = _two_endpoint_slice()
+    for which, value in changes:
+        _set_path(obj, _SLICE_FIELDS[which % len(_SLICE_FIELDS)], copy.deepcopy(value))
+    assert parse_endpoint_slice(obj, "f.yaml") == _parse_endpoint_slice(obj, "f.yaml")
+
+
+def test_fast_parse_takes_the_common_shapes() -> None:
+    """The common shapes do take the fast path (else the test above compares the
+    reference with itself)."""
+    from uproxy.model import _service_fast, _slice_fast
+    service = _two_port_service()
+    assert _service_fast(service) is not None
+    assert _slice_fast(_two_endpoint_slice()) is not None
+    del service["status"], service["metadata"]["labels"]
+    service["spec"].update(type=None, clusterIPs=["fd00::1", "10.0.0.1"], ports=[{"port": 80}])
+    assert _service_fast(service) is not None
+    assert _service_fast({**service, "spec": {**service["spec"], "clusterIP": "None",
+                                             "clusterIPs": None}}) is None

@@ -23,7 +23,13 @@ from typing import Protocol
 from uproxy.model import ServicePort, ServicePortName, quick_init
 from uproxy.proxy.node_addresses import nodeport_addresses
 from uproxy.proxy.ports import PortAllocator, bind
-from uproxy.redirects import FAMILIES, family_of, proxy_sockets, service_families
+from uproxy.redirects import (
+    FAMILIES,
+    SCOPE_CLUSTER,
+    family_of,
+    proxy_sockets,
+    service_families,
+)
 
 log = logging.getLogger("uproxy")
 
@@ -84,6 +90,10 @@ class ListenerSet:
 
     def ensure(self, port: ServicePort, proxy: Listening) -> None:
         """Open the sockets ``port`` needs that are not open; close those it no longer needs."""
+        if (port.name not in self._by_name and not self.adopted and not port.node_port
+                and not port.external_ips and not port.load_balancer_ips):
+            self._open_cluster(port, proxy)
+            return
         wanted = {ListenerKey(port.name, scope, self.bind_addresses[family], 0, family)
                   for scope, family in proxy_sockets(port, self.families)}
         if port.node_port:
@@ -113,6 +123,33 @@ class ListenerSet:
             self.bind_failures.discard(port.name)
         else:
             self.bind_failures.add(port.name)
+
+    def _open_cluster(self, port: ServicePort, proxy: Listening) -> None:
+        """:meth:`ensure` of a new service port with ClusterIPs only (a start opens 10,000):
+        the same sockets in the same order (by family), without the general case's sets."""
+        name = port.name
+        existing: set[ListenerKey] = set()
+        self._by_name[name] = existing
+        kind = SOCK_KIND[port.protocol]
+        failed = False
+        for family in sorted({6 if ":" in ip else 4 for ip in port.cluster_ips}):
+            address = self.bind_addresses.get(family)
+            if address is None:  # (a family not served: proxy_sockets leaves it out)
+                continue
+            key = ListenerKey(name, SCOPE_CLUSTER, address, 0, family)
+            try:
+                sock = self.allocator.open(kind, address)
+            except OSError as exc:
+                self._bind_failed(key, exc)
+                failed = True
+                continue
+            self._warned.discard(key)
+            self.listeners[key] = proxy.listen(sock, name, SCOPE_CLUSTER)
+            existing.add(key)
+        if failed:
+            self.bind_failures.add(name)
+        else:
+            self.bind_failures.discard(name)
 
     def _bind_failed(self, key: ListenerKey, exc: OSError) -> None:
         if key in self._warned:

@@ -232,22 +232,24 @@ class FilesSource:
             for kind, obj in new.unnamed:
                 for problem in store.apply(kind, obj, str(path)):
                     log.error("%s", problem)
+        named = {path: (state.named, str(path)) for path, state in self._files.items()}
+        defined_in, apply = self._defined_in, store.apply
         for count, ref in enumerate(touched, 1):
             if count % YIELD_EVERY == 0:
                 yield
             kind, key = ref
-            defined = self._defined_in.get(ref)
+            defined = defined_in.get(ref)
             if not defined:
                 store.remove(kind, *key)
                 continue
             if len(defined) == 1:
-                (first,), others = defined, []
+                (first,) = defined
             else:
                 first, *others = sorted(defined, key=order.__getitem__)
-            for path in others:
-                _log_duplicate(path, ref, first)
-            for problem in store.apply(kind, self._files[first].named[ref], str(first),
-                                       key=key):
+                for path in others:
+                    _log_duplicate(path, ref, first)
+            by_ref, origin = named[first]
+            for problem in apply(kind, by_ref[ref], origin, key=key):
                 log.error("%s", problem)
         return store.generation != before
 
