@@ -193,3 +193,83 @@ def _stop_during_a_close(lab: Lab, node: NodeProxy, family: int) -> None:
     words = _direct(lab, client, pod, int(port))
     assert words[:3] == ["ok", client, port], (words, node.log)
     assert _leftover_time_wait(lab, client) == []
+
+
+# --- the sweep alone: what it destroys, and a refusal ---------------------------------
+
+SWEEP = """
+import asyncio, logging, os, socket, subprocess, sys
+from uproxy.model import Endpoint
+from uproxy.proxy import sockdiag
+from uproxy.proxy.transparent import Transparent, backend_socket
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
+mode, pods = sys.argv[1], sys.argv[2:]
+
+def time_wait():
+    shown = subprocess.run(["ss", "-Htan", "state", "time-wait"], capture_output=True,
+                           text=True, check=True).stdout
+    return sorted(line.split()[2].rsplit(":", 1)[0].strip("[]") for line in shown.splitlines())
+
+async def closed_first(t, client, pod, transparent):
+    family = socket.AF_INET6 if ":" in pod else socket.AF_INET
+    source = t.source_for(client, Endpoint(pod, 7000, node_name="node"), external=False,
+                          external_local=False) if transparent else None
+    s = backend_socket(family, socket.SOCK_STREAM, source)
+    s.setblocking(True); s.settimeout(3)
+    s.connect((pod, 7000))
+    s.recv(100)
+    s.shutdown(socket.SHUT_WR)  # uproxy's side closes first
+    while s.recv(100):
+        pass
+    s.close()
+
+async def main():
+    t = Transparent("node")
+    await t.start(wanted=True)
+    for client, pod in zip(pods[::2], pods[1::2]):
+        for transparent in (True, False):
+            await closed_first(t, client, pod, transparent)
+    print("before", time_wait())
+    if mode == "nobody":
+        os.setgid(65534); os.setuid(65534)
+        print("swept", await t.sweep(t.links.local), await t.sweep(t.links.local))
+        return
+    print("swept", await t.sweep(t.links.local))
+    print("after", time_wait())
+    await closed_first(t, pods[0], pods[1], True)
+    await t.cleanup()
+    print("cleanup", time_wait())
+
+asyncio.run(main())
+"""
+
+
+def test_the_sweep_destroys_only_sockets_bound_to_addresses_not_the_nodes(lab: Lab) -> None:
+    """TIME_WAIT sockets of connections closed first by the node, both families: the
+    transparent ones (bound to the client's address) go, the node's own stay; cleanup
+    (stop, ``uproxy cleanup``) sweeps too."""
+    server = lab.spawn("pod1", [sys.executable, "-c", POD_SERVER], "tw-server")
+    lab.wait_port("pod1", "::", POD_PORT, "tcp", proc=server)
+    pairs = [lab.client_ip, lab.pod_ip(1), lab.client_ip6, lab.pod_ip6(1)]
+    done = lab.run("node", [sys.executable, "-c", SWEEP, "root", *pairs])
+    out = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+    node_own = sorted([lab.bridge_ip, lab.bridge_ip6])
+    assert out["before"] == str(sorted([*node_own, lab.client_ip, lab.client_ip6])), done
+    assert out["swept"] == "2", done
+    assert out["after"] == str(node_own), done
+    assert out["cleanup"] == str(node_own), done
+    assert "destroyed 1 closing transparent sockets" in done.stderr
+
+
+def test_a_refused_sweep_says_so_once_and_carries_on(lab: Lab) -> None:
+    """Without CAP_NET_ADMIN the kernel refuses SOCK_DESTROY (as a kernel without it
+    would, EOPNOTSUPP): one warning line, and no sweep after it."""
+    server = lab.spawn("pod1", [sys.executable, "-c", POD_SERVER], "tw-server")
+    lab.wait_port("pod1", "::", POD_PORT, "tcp", proc=server)
+    done = lab.run("node", [sys.executable, "-c", SWEEP, "nobody", lab.client_ip,
+                            lab.pod_ip(1)])
+    assert "swept 0 0" in done.stdout, (done.stdout, done.stderr)
+    said = [ln for ln in done.stderr.splitlines() if ln.startswith("WARNING")]
+    assert said == ["WARNING uproxy.transparent cannot destroy transparent TIME_WAIT sockets "
+                    "(SOCK_DESTROY: Operation not permitted): a client that reuses one's "
+                    "address and port to reach the pod directly waits up to 60s"], done.stderr
