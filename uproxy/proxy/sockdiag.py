@@ -12,11 +12,14 @@ way that connection hangs until the TIME_WAIT socket expires (bench/ANALYSIS.md,
 "Transparent mode's TIME_WAIT sockets").
 
 So uproxy destroys them, as ``ss -K`` does: a ``NETLINK_SOCK_DIAG`` dump of the TCP
-sockets in the given states (kernel-filtered), per family, then ``SOCK_DESTROY`` for
-each whose local address is not one of the node's -- only ``IP_TRANSPARENT`` makes
-such sockets. The messages are small fixed structs (``linux/inet_diag.h``), written
-here with :mod:`struct`; this module only talks to the kernel, the decision of when to
-sweep is :class:`uproxy.proxy.transparent.Transparent`'s.
+sockets in the given states whose local address is not one of the node's -- only
+``IP_TRANSPARENT`` makes such sockets -- then ``SOCK_DESTROY`` for each. The kernel
+filters both (the state mask, and a small ``inet_diag`` bytecode that rejects the
+node's own addresses), so a node holding thousands of TIME_WAIT sockets of its own
+costs a sweep little for them (bench/ANALYSIS.md has the figures). The messages are
+small fixed structs (``linux/inet_diag.h``), written here with :mod:`struct`; this
+module only talks to the kernel, the decision of when to sweep is
+:class:`uproxy.proxy.transparent.Transparent`'s.
 """
 
 from __future__ import annotations
@@ -46,6 +49,12 @@ _REQ = struct.Struct("=BBBBI")  # family, protocol, ext, pad, states (then the s
 _SOCKID = struct.Struct("=HH16s16sI8s")  # sport, dport (big-endian), src, dst, if, cookie
 _MSG_HEAD = struct.Struct("=BBBB")  # family, state, timer, retrans (then the sockid)
 _ERR = struct.Struct("=i")
+_ATTR = struct.Struct("=HH")  # nlattr: len, type
+_BC_OP = struct.Struct("=BBH")  # inet_diag_bc_op: code, yes, no
+_HOSTCOND = struct.Struct("=BBxxi")  # family, prefix_len, port (-1: any), then the address
+INET_DIAG_REQ_BYTECODE = 1
+INET_DIAG_BC_JMP, INET_DIAG_BC_S_COND = 1, 7  # (enum inet_diag_bc_op code)
+_BC_MAX = 60_000  # ``no`` is 16 bits: beyond this many bytes of filter, filter here instead
 _BATCH = 400  # destroy requests per send (each 72 bytes)
 
 
@@ -55,15 +64,8 @@ class DestroyUnsupported(OSError):
 
 @dataclass(frozen=True, slots=True)
 class Swept:
-    seen: int  # sockets in the states asked for
-    destroyed: int  # transparent ones destroyed
-
-
-@dataclass(frozen=True, slots=True)
-class _Sock:
-    family: int
-    local: str
-    sockid: bytes  # the raw inet_diag_sockid, cookie included, as the dump gave it
+    seen: int  # sockets in the states asked for, not bound to the node's addresses
+    destroyed: int  # of those, destroyed
 
 
 def _address(family: int, raw: bytes) -> str:
@@ -79,27 +81,62 @@ def sweep(node_local: Iterable[str], states: int = TIME_WAIT,
     """Destroy the TCP sockets in ``states`` whose local address is not node-local.
 
     Raises :class:`DestroyUnsupported` when the kernel refuses ``SOCK_DESTROY``, and
-    OSError when it refuses the netlink socket or the dump (no CAP_NET_ADMIN)."""
+    OSError when it refuses the netlink socket, the dump or the destroy (no
+    CAP_NET_ADMIN)."""
     local = set(node_local)
-
-    def transparent(s: _Sock) -> bool:
-        if s.local in local:
-            return False
-        ip = ipaddress.ip_address(s.local)
-        return not (ip.is_loopback or ip.is_unspecified)
-
+    loopback = {4: ("127.0.0.0", 8), 6: ("::1", 128)}
     seen = destroyed = 0
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as nl:
         nl.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         for family in families:
-            socks = _dump(nl, family, states)
-            seen += len(socks)
-            destroyed += _destroy(nl, [s for s in socks if transparent(s)])
+            version = 6 if family == socket.AF_INET6 else 4
+            rejected = [(a, 128 if version == 6 else 32) for a in local
+                        if ipaddress.ip_address(a).version == version]
+            bytecode = _reject_sources([loopback[version], *rejected])
+            ids = _dump(nl, family, states, bytecode)
+            seen += len(ids)
+            if not bytecode:  # (too many addresses for a kernel filter: filter here)
+                ids = [i for i in ids if _foreign(family, i, local)]
+            destroyed += _destroy(nl, family, ids)
     return Swept(seen, destroyed)
 
 
-def _request(kind: int, flags: int, seq: int, family: int, states: int, sockid: bytes) -> bytes:
+def _foreign(family: int, sockid: bytes, local: set[str]) -> bool:
+    address = _address(family, sockid[4:20])
+    ip = ipaddress.ip_address(address)
+    return address not in local and not (ip.is_loopback or ip.is_unspecified)
+
+
+def _reject_sources(prefixes: list[tuple[str, int]]) -> bytes:
+    """``inet_diag`` bytecode that rejects sockets bound to any of ``prefixes``.
+
+    The kernel follows ``yes`` in sequence and jumps by ``no``; running off the end by
+    exactly 0 accepts, by 4 rejects. Per prefix: a source condition whose ``yes`` goes on
+    to a jump to the reject point and whose ``no`` skips that jump."""
+    blocks = []
+    for address, prefix_len in prefixes:
+        ip = ipaddress.ip_address(address)
+        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+        cond = _HOSTCOND.pack(family, prefix_len, -1) + ip.packed
+        size = _BC_OP.size + len(cond)
+        blocks.append((size, cond))
+    total = sum(size + _BC_OP.size for size, _ in blocks)
+    if total > _BC_MAX:
+        return b""
+    out, at = [], 0
+    for size, cond in blocks:
+        out.append(_BC_OP.pack(INET_DIAG_BC_S_COND, size, size + _BC_OP.size) + cond)
+        at += size
+        out.append(_BC_OP.pack(INET_DIAG_BC_JMP, _BC_OP.size, total - at + 4))
+        at += _BC_OP.size
+    return b"".join(out)
+
+
+def _request(kind: int, flags: int, seq: int, family: int, states: int, sockid: bytes,
+             bytecode: bytes = b"") -> bytes:
     body = _REQ.pack(family, socket.IPPROTO_TCP, 0, 0, states) + sockid
+    if bytecode:
+        body += _ATTR.pack(_ATTR.size + len(bytecode), INET_DIAG_REQ_BYTECODE) + bytecode
     return _NLMSG.pack(_NLMSG.size + len(body), kind, flags, seq, 0) + body
 
 
@@ -114,46 +151,55 @@ def _messages(data: bytes) -> Iterable[tuple[int, int, bytes]]:
         offset += (length + 3) & ~3
 
 
-def _dump(nl: socket.socket, family: int, states: int) -> list[_Sock]:
+def _dump(nl: socket.socket, family: int, states: int, bytecode: bytes) -> list[bytes]:
+    """The raw ``inet_diag_sockid`` (cookie included) of each socket the dump returns."""
     empty_id = bytes(_SOCKID.size)
     nl.send(_request(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, family, states,
-                     empty_id))
-    socks: list[_Sock] = []
+                     empty_id, bytecode))
+    ids: list[bytes] = []
     id_at, id_end = _MSG_HEAD.size, _MSG_HEAD.size + _SOCKID.size
     for _ in range(1_000_000):  # bounded: each read returns at least one message or raises
         data = nl.recv(1 << 16)
         for kind, _seq, payload in _messages(data):
             if kind == NLMSG_DONE:
-                return socks
+                return ids
             if kind == NLMSG_ERROR:
                 (err,) = _ERR.unpack_from(payload)
                 raise OSError(-err, f"sock_diag dump: {os.strerror(-err)}")
-            if len(payload) < id_end:
-                continue
-            sockid = payload[id_at:id_end]
-            socks.append(_Sock(payload[0], _address(payload[0], sockid[4:20]), sockid))
-    return socks
+            if len(payload) >= id_end:
+                ids.append(payload[id_at:id_end])
+    return ids
 
 
-def _destroy(nl: socket.socket, socks: list[_Sock]) -> int:
-    """``SOCK_DESTROY`` each (in batches, acked one by one); how many went."""
+def _destroy(nl: socket.socket, family: int, ids: list[bytes]) -> int:
+    """``SOCK_DESTROY`` each, in batches; how many went.
+
+    Without ``NLM_F_ACK`` the kernel answers only failures, and it handles a batch
+    within ``send`` (sock_diag runs in the sender's context), so the failures are
+    queued when it returns: read them without waiting."""
+    head = _request(SOCK_DESTROY, NLM_F_REQUEST, 0, family, 0, b"")
+    head = _NLMSG.pack(len(head) + _SOCKID.size, SOCK_DESTROY, NLM_F_REQUEST, 0, 0) \
+        + head[_NLMSG.size:]
     destroyed = 0
-    for start in range(0, len(socks), _BATCH):
-        batch = socks[start:start + _BATCH]
-        nl.send(b"".join(_request(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, i, s.family, 0,
-                                  s.sockid) for i, s in enumerate(batch)))
-        pending = len(batch)
-        while pending > 0:
-            data = nl.recv(1 << 16)
+    for start in range(0, len(ids), _BATCH):
+        batch = ids[start:start + _BATCH]
+        nl.send(b"".join([head + sockid for sockid in batch]))
+        failed = 0
+        for _ in range(len(batch)):  # bounded: at most one answer per request
+            try:
+                data = nl.recv(1 << 16, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
             for kind, _seq, payload in _messages(data):
                 if kind != NLMSG_ERROR:
                     continue
-                pending -= 1
                 (err,) = _ERR.unpack_from(payload)
                 if err == 0:
-                    destroyed += 1
-                elif -err == errno.EOPNOTSUPP:
+                    continue
+                failed += 1
+                if -err == errno.EOPNOTSUPP:
                     raise DestroyUnsupported(-err, "SOCK_DESTROY: " + os.strerror(-err))
-                elif -err != errno.ENOENT:  # ENOENT: gone meanwhile (expired, or reused)
+                if -err != errno.ENOENT:  # ENOENT: gone meanwhile (expired, or reused)
                     raise OSError(-err, "SOCK_DESTROY: " + os.strerror(-err))
+        destroyed += len(batch) - failed
     return destroyed

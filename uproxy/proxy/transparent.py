@@ -46,7 +46,7 @@ IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 _CACHE_MAX = 4096
 LINKS_REFRESH_MIN = 1.0  # seconds between on-demand re-reads of the node's links, doubling
 LINKS_REFRESH_MAX = 30.0  # while a read finds nothing new (an endpoint that is never on-link)
-SWEEP_DELAY = 0.2
+SWEEP_DELAY = 0.5
 """Seconds from a connection's close to the TIME_WAIT sweep: closes arriving meanwhile
 share it, and a client reusing the 4-tuple loses at most its first SYN (retried at 1 s)."""
 
