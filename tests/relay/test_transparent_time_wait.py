@@ -240,7 +240,7 @@ async def main():
     print("swept", await t.sweep(local))
     print("after", time_wait())
     await closed_first(t, pods[0], pods[1], True)
-    await t.cleanup()
+    await t.cleanup(sweep=True)
     print("cleanup", time_wait())
 
 asyncio.run(main())

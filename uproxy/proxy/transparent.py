@@ -14,8 +14,8 @@
   shutdown after the open connections are done, and a start after a crash);
 * :meth:`Transparent.note_closed` (a TCP connection closed) sweeps, shortly after,
   the TIME_WAIT sockets that backend sockets bound to a client's address left in the
-  node (:mod:`uproxy.proxy.sockdiag` says why they must go); :meth:`cleanup` sweeps
-  them too, with every other closing state;
+  node (:mod:`uproxy.proxy.sockdiag` says why they must go); :meth:`cleanup` at a stop
+  sweeps them too, with every other closing state;
 * :func:`backend_socket` opens a TCP or UDP backend socket, bound to the client's
   address when :meth:`Transparent.source_for` says so.
 """
@@ -300,20 +300,32 @@ class Transparent:
         await self._read_links()
         return repaired
 
-    async def cleanup(self) -> int:
-        """Remove uproxy's mangle chain, hook, routing rules and table, both families; then
-        destroy the closing sockets transparent connections left (after the rules: a late
-        FIN from a pod goes on to the client then, not into a socket that would linger)."""
+    async def cleanup(self, *, sweep: bool = False) -> int:
+        """Remove uproxy's mangle chain, hook, routing rules and table, both families.
+
+        With ``sweep`` (a stop that handed nothing over, ``uproxy cleanup``), then destroy
+        the closing sockets transparent connections left, in every closing state (after
+        the rules: a late FIN from a pod goes on to the client then, not into a socket that
+        would linger). Not at a start with the mode off: a takeover's half-closed
+        connections are in those states too."""
         removed = 0
         for family in FAMILIES:
             removed += await self._remove(family)
         if self._links_task is not None:
             self._links_task.cancel()
+        self._sweep_again = False
+        if isinstance(self._sweep, asyncio.Task):
+            await asyncio.wait([self._sweep])
         if isinstance(self._sweep, asyncio.TimerHandle):
             self._sweep.cancel()
-        elif isinstance(self._sweep, asyncio.Task):
-            await asyncio.wait([self._sweep])
         self._sweep = None
+        if sweep:
+            await self._sweep_closing()
+        self.families.clear()
+        self._cache.clear()
+        return removed
+
+    async def _sweep_closing(self) -> None:
         rc, out = await _run("ip", "-j", "addr", "show", output=True)
         try:
             addrs = json.loads(out) if rc == 0 and out.strip() else None
@@ -324,9 +336,6 @@ class Transparent:
                                          sockdiag.CLOSING)
             if destroyed:
                 log.info("destroyed %d closing transparent sockets", destroyed)
-        self.families.clear()
-        self._cache.clear()
-        return removed
 
     async def _remove(self, family: int) -> int:
         removed = 0
