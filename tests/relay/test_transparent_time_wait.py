@@ -279,3 +279,32 @@ def test_a_refused_sweep_says_so_once_and_carries_on(lab: Lab) -> None:
     assert said == ["WARNING uproxy.transparent cannot destroy transparent TIME_WAIT sockets "
                     "(SOCK_DESTROY: Operation not permitted): a client that reuses one's "
                     "address and port to reach the pod directly waits up to 60s"], done.stderr
+
+
+@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+def test_a_connection_handed_over_and_then_closed_is_swept_by_the_new_uproxy(
+        lab: Lab, flavor: Flavor, family: int) -> None:
+    """A transparent connection the old uproxy handed over, closed by its client in the new
+    one: the new uproxy sweeps its TIME_WAIT socket (the old one sweeps nothing at exit)."""
+    lab.run("node", ["sysctl", "-qw", "net.ipv4.tcp_rfc1337=1"])  # (no 1 s recovery)
+    node = _start(lab, flavor)
+    try:
+        client, svc, pod = _addresses(lab, family)
+        trigger = Path(lab.workdir) / f"tw-close-{family}"
+        holder = lab.spawn("client", [sys.executable, "-c", CLIENT, "via", svc, "80",
+                                      str(trigger)], "tw-holder")
+        wait_until(lambda: lab.log("tw-holder").strip() != "", timeout=5,
+                   message="the held connection did not open")
+        peer, port = lab.log("tw-holder").split()[:2]
+        assert peer == client
+        assert node.upgrade() == 0
+        assert "handed over 1 connections" in lab.log("uproxy-1")
+        trigger.touch()
+        assert holder.wait(5) == 0
+        assert "closed" in lab.log("tw-holder")
+        words = _direct(lab, client, pod, int(port), after=1.0)
+        assert words[:3] == ["ok", client, port], (words, node.log)
+        assert float(words[3]) < 0.9, words  # no SYN lost: swept before
+    finally:
+        if node.proc is not None and node.proc.poll() is None:
+            node.stop()

@@ -599,7 +599,7 @@ class TcpProxy:
         for name, address, count, up, down in short.values():
             conns.opened_and_closed(name, address, count, bytes_up=up, bytes_down=down)
         if closed:
-            self._closed_one()
+            self.closed_one()
 
     def _batch_metrics(self, listener: TcpListener) -> _ServiceMetrics:
         """``listener``'s service metrics, marked to be flushed at the batch's end."""
@@ -632,9 +632,9 @@ class TcpProxy:
             conns.opened_and_closed(listener.name, endpoint.address, count, bytes_up=up,
                                     bytes_down=down)
         if groups:
-            self._closed_one()
+            self.closed_one()
 
-    def _closed_one(self) -> None:
+    def closed_one(self) -> None:
         """Connections closed: transparent mode sweeps the TIME_WAIT sockets its backend
         sockets may have left (see :mod:`uproxy.proxy.sockdiag`)."""
         tp = self.transparent
@@ -663,7 +663,7 @@ class TcpProxy:
                 m.dirty = True
                 self._dirty.append(m)
             m.closed_pending(result.bytes_up, result.bytes_down)
-            self._closed_one()
+            self.closed_one()
             if not nrelay.in_batch:  # (a takeover's hand-over, a resumed connection)
                 self._flush_metrics()
             self.live.pop(conn.id, None)
@@ -722,7 +722,7 @@ class TcpProxy:
 
         def done(result: RelayResult) -> None:
             m.closed(result)
-            self._closed_one()
+            self.closed_one()
             self.live.pop(conn.id, None)
             self.conns.close(conn, bytes_up=result.bytes_up, bytes_down=result.bytes_down,
                              error=result.error)
