@@ -11,6 +11,9 @@ TIME_WAIT socket (uproxy's ``-m socket --transparent`` mark) or dropped by
 The real daemon in the lab's node namespace, both relay paths and loops (``flavor``),
 both families (a dual-stack Service, its endpoint pod1 on this node); a pod server that
 tells each client the address and port it saw and closes only after the client did.
+Cases: uproxy running (``tcp_rfc1337`` off and on), a close during the shutdown drain, a
+connection handed over by a takeover and closed in the new uproxy; then the sweep alone
+(what it destroys and keeps, a refusal).
 """
 
 from __future__ import annotations
