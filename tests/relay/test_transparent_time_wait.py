@@ -213,8 +213,8 @@ def time_wait():
                            text=True, check=True).stdout
     return sorted(line.split()[2].rsplit(":", 1)[0].strip("[]") for line in shown.splitlines())
 
-async def closed_first(t, client, pod, transparent):
-    family = socket.AF_INET6 if ":" in pod else socket.AF_INET
+async def closed_first(t, client, pod, transparent, family=None):
+    family = family or (socket.AF_INET6 if ":" in pod else socket.AF_INET)
     source = t.source_for(client, Endpoint(pod, 7000, node_name="node"), external=False,
                           external_local=False) if transparent else None
     s = backend_socket(family, socket.SOCK_STREAM, source)
@@ -232,6 +232,8 @@ async def main():
     for client, pod in zip(pods[::2], pods[1::2]):
         for transparent in (True, False):
             await closed_first(t, client, pod, transparent)
+    # the node's own, from an IPv6 socket to an IPv4 pod: a v4-mapped local address
+    await closed_first(t, None, "::ffff:" + pods[1], False, socket.AF_INET6)
     print("before", time_wait())
     if mode == "nobody":
         os.setgid(65534); os.setuid(65534)
@@ -262,7 +264,7 @@ def test_the_sweep_destroys_only_sockets_bound_to_addresses_not_the_nodes(
     pairs = [lab.client_ip, lab.pod_ip(1), lab.client_ip6, lab.pod_ip6(1)]
     done = lab.run("node", [sys.executable, "-c", SWEEP, mode, *pairs])
     out = dict(line.split(" ", 1) for line in done.stdout.splitlines())
-    node_own = sorted([lab.bridge_ip, lab.bridge_ip6])
+    node_own = sorted([lab.bridge_ip, lab.bridge_ip6, "::ffff:" + lab.bridge_ip])
     assert out["before"] == str(sorted([*node_own, lab.client_ip, lab.client_ip6])), done
     assert out["swept"] == "2", done
     assert out["after"] == str(node_own), done

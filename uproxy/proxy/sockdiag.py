@@ -84,19 +84,19 @@ def sweep(node_local: Iterable[str], states: int = TIME_WAIT,
     OSError when it refuses the netlink socket, the dump or the destroy (no
     CAP_NET_ADMIN)."""
     local = set(node_local)
-    loopback = {4: ("127.0.0.0", 8), 6: ("::1", 128)}
+    v4 = [("127.0.0.0", 8), *((a, 32) for a in local if ipaddress.ip_address(a).version == 4)]
+    v6 = [("::1", 128), *((a, 128) for a in local if ipaddress.ip_address(a).version == 6)]
     seen = destroyed = 0
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as nl:
         nl.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         for family in families:
-            version = 6 if family == socket.AF_INET6 else 4
-            rejected = [(a, 128 if version == 6 else 32) for a in local
-                        if ipaddress.ip_address(a).version == version]
-            bytecode = _reject_sources([loopback[version], *rejected])
+            # (an IPv6 socket may be bound to a v4-mapped address: the kernel matches an
+            # IPv4 condition against it)
+            bytecode = _reject_sources(v4 + v6 if family == socket.AF_INET6 else v4)
             ids = _dump(nl, family, states, bytecode)
-            seen += len(ids)
             if not bytecode:  # (too many addresses for a kernel filter: filter here)
                 ids = [i for i in ids if _foreign(family, i, local)]
+            seen += len(ids)
             destroyed += _destroy(nl, family, ids)
     return Swept(seen, destroyed)
 
