@@ -365,7 +365,7 @@ def cmd_cleanup(_: argparse.Namespace) -> int:
             from uproxy.nftables import Nftables
 
             removed += await Nftables().cleanup()
-        return removed + await Transparent().cleanup()
+        return removed + await Transparent().cleanup(sweep=True)
 
     removed = asyncio.run(cleanup())
     print(f"removed {removed} uproxy rules, chains and tables")

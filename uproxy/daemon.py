@@ -482,7 +482,8 @@ class Daemon:
             except NftablesError as exc:
                 log.error("removing nftables tables at shutdown: %s", exc)
         if self.iptables is not None:
-            await self.transparent.cleanup()  # after the drain: open connections need it
+            # after the drain: open connections need it; then their closing sockets go
+            await self.transparent.cleanup(sweep=True)
         log.info("stopped")
         log.removeHandler(self.events.handler)
 

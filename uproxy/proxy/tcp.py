@@ -545,6 +545,7 @@ class TcpProxy:
         watched = bool(conns.subscribers)
         # (engine listener id, packed endpoint) -> [name, address, count, bytes up, down]
         short: dict[tuple[int, tuple[bytes, int] | None], list[Any]] = {}
+        closed = False
         for ev in events:
             listener = self._by_native.get(ev.listener)
             if listener is None:
@@ -564,6 +565,7 @@ class TcpProxy:
                     continue
                 up, down, error = ended
                 m.closed_pending(up, down)
+                closed = True
                 if watched:
                     client = ev.client
                     assert client is not None
@@ -596,6 +598,8 @@ class TcpProxy:
                     self.transparent.links_known(ep[0], then=self._sync_links)
         for name, address, count, up, down in short.values():
             conns.opened_and_closed(name, address, count, bytes_up=up, bytes_down=down)
+        if closed:
+            self.closed_one()
 
     def _batch_metrics(self, listener: TcpListener) -> _ServiceMetrics:
         """``listener``'s service metrics, marked to be flushed at the batch's end."""
@@ -627,6 +631,15 @@ class TcpProxy:
             self._setup_pending += count
             conns.opened_and_closed(listener.name, endpoint.address, count, bytes_up=up,
                                     bytes_down=down)
+        if groups:
+            self.closed_one()
+
+    def closed_one(self) -> None:
+        """Connections closed: transparent mode sweeps the TIME_WAIT sockets its backend
+        sockets may have left (see :mod:`uproxy.proxy.sockdiag`)."""
+        tp = self.transparent
+        if tp is not None and tp.families:
+            tp.note_closed()
 
     def _flush_metrics(self) -> None:
         """The counts of the engine's batch into the metrics: one add per service and figure."""
@@ -650,6 +663,7 @@ class TcpProxy:
                 m.dirty = True
                 self._dirty.append(m)
             m.closed_pending(result.bytes_up, result.bytes_down)
+            self.closed_one()
             if not nrelay.in_batch:  # (a takeover's hand-over, a resumed connection)
                 self._flush_metrics()
             self.live.pop(conn.id, None)
@@ -708,6 +722,7 @@ class TcpProxy:
 
         def done(result: RelayResult) -> None:
             m.closed(result)
+            self.closed_one()
             self.live.pop(conn.id, None)
             self.conns.close(conn, bytes_up=result.bytes_up, bytes_down=result.bytes_down,
                              error=result.error)

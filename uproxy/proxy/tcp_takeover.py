@@ -103,6 +103,7 @@ class TcpMover:
             proxy.live.pop(conn.id, None)
             proxy.conns.close(conn, bytes_up=result.bytes_up, bytes_down=result.bytes_down,
                               error=result.error)
+            proxy.closed_one()  # (a transparent one may leave a TIME_WAIT socket)
 
         relay: AdoptingRelay  # the proxy's own: the native engine when it is active
         if isinstance(proxy.relay, AdoptingRelay):

@@ -12,6 +12,10 @@
   decision needs;
 * :meth:`Transparent.cleanup` removes all of it (``uproxy cleanup``, a clean
   shutdown after the open connections are done, and a start after a crash);
+* :meth:`Transparent.note_closed` (a TCP connection closed) sweeps, shortly after,
+  the TIME_WAIT sockets that backend sockets bound to a client's address left in the
+  node (:mod:`uproxy.proxy.sockdiag` says why they must go); :meth:`cleanup` at a stop
+  sweeps them too, with every other closing state;
 * :func:`backend_socket` opens a TCP or UDP backend socket, bound to the client's
   address when :meth:`Transparent.source_for` says so.
 """
@@ -30,6 +34,7 @@ from typing import Any
 
 from uproxy import rules, transparent
 from uproxy.model import Endpoint
+from uproxy.proxy import sockdiag
 from uproxy.spawn import spawn
 from uproxy.transparent import FAMILIES, NodeLinks
 
@@ -41,6 +46,9 @@ IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 _CACHE_MAX = 4096
 LINKS_REFRESH_MIN = 1.0  # seconds between on-demand re-reads of the node's links, doubling
 LINKS_REFRESH_MAX = 30.0  # while a read finds nothing new (an endpoint that is never on-link)
+SWEEP_DELAY = 0.5
+"""Seconds from a connection's close to the TIME_WAIT sweep: closes arriving meanwhile
+share it, and a client reusing the 4-tuple loses at most its first SYN (retried at 1 s)."""
 
 
 def backend_socket(family: int, kind: int, source: str | None) -> socket.socket:
@@ -85,6 +93,10 @@ class Transparent:
         self._links_read = 0.0  # monotonic time of the last read
         self._links_wait = LINKS_REFRESH_MIN
         self._links_task: asyncio.Task[None] | None = None
+        self._sweep: asyncio.TimerHandle | asyncio.Task[None] | None = None
+        self._sweep_again = False  # a close during a sweep: sweep once more after it
+        self.sweep_refused = ""  # why sweeping is off (said once)
+        self.swept = 0  # TIME_WAIT sockets destroyed while running
 
     @property
     def active(self) -> bool:
@@ -138,6 +150,47 @@ class Transparent:
         if not busy and time.monotonic() - self._links_read >= self._links_wait:
             self._links_task = asyncio.get_running_loop().create_task(self._read_links())
         return True
+
+    # TIME_WAIT sweeps ---------------------------------------------------------------------
+    def note_closed(self) -> None:
+        """A TCP connection closed: sweep the TIME_WAIT sockets in :data:`SWEEP_DELAY`
+        (one sweep for every close until then; none while nothing closes)."""
+        if not self.families or self.sweep_refused:
+            return
+        if self._sweep is None:
+            self._sweep = asyncio.get_running_loop().call_later(SWEEP_DELAY, self._sweep_now)
+        elif isinstance(self._sweep, asyncio.Task):
+            self._sweep_again = True
+
+    def _sweep_now(self) -> None:
+        self._sweep = asyncio.get_running_loop().create_task(self._sweep_task())
+
+    async def _sweep_task(self) -> None:
+        try:
+            self.swept += await self.sweep(self.links.local)
+        finally:
+            self._sweep = None
+            if self._sweep_again:
+                self._sweep_again = False
+                self.note_closed()
+
+    async def sweep(self, node_local: frozenset[str], states: int = sockdiag.TIME_WAIT) -> int:
+        """Destroy the TCP sockets in ``states`` bound to an address not the node's
+        (in a thread: a dump of thousands takes milliseconds). How many went."""
+        if self.sweep_refused:
+            return 0
+        try:
+            done = await asyncio.to_thread(sockdiag.sweep, node_local, states)
+        except OSError as exc:
+            self.sweep_refused = exc.strerror or str(exc)
+            log.warning("cannot destroy transparent TIME_WAIT sockets (%s): a client that "
+                        "reuses one's address and port to reach the pod directly waits up "
+                        "to 60s", self.sweep_refused)
+            return 0
+        if done.destroyed:
+            log.debug("destroyed %d of %d TIME_WAIT sockets (transparent)", done.destroyed,
+                      done.seen)
+        return done.destroyed
 
     # Lifecycle ------------------------------------------------------------------------------
     async def start(self, *, wanted: bool, why_not: str = "") -> None:
@@ -247,16 +300,42 @@ class Transparent:
         await self._read_links()
         return repaired
 
-    async def cleanup(self) -> int:
-        """Remove uproxy's mangle chain, hook, routing rules and table, both families."""
+    async def cleanup(self, *, sweep: bool = False) -> int:
+        """Remove uproxy's mangle chain, hook, routing rules and table, both families.
+
+        With ``sweep`` (a stop that handed nothing over, ``uproxy cleanup``), then destroy
+        the closing sockets transparent connections left, in every closing state (after
+        the rules: a late FIN from a pod goes on to the client then, not into a socket that
+        would linger). Not at a start with the mode off: a takeover's half-closed
+        connections are in those states too."""
         removed = 0
         for family in FAMILIES:
             removed += await self._remove(family)
         if self._links_task is not None:
             self._links_task.cancel()
+        self._sweep_again = False
+        if isinstance(self._sweep, asyncio.Task):
+            await asyncio.wait([self._sweep])
+        if isinstance(self._sweep, asyncio.TimerHandle):
+            self._sweep.cancel()
+        self._sweep = None
+        if sweep:
+            await self._sweep_closing()
         self.families.clear()
         self._cache.clear()
         return removed
+
+    async def _sweep_closing(self) -> None:
+        rc, out = await _run("ip", "-j", "addr", "show", output=True)
+        try:
+            addrs = json.loads(out) if rc == 0 and out.strip() else None
+        except ValueError:
+            addrs = None
+        if isinstance(addrs, list):  # (without the node's addresses, nothing is swept)
+            destroyed = await self.sweep(transparent.parse_links(addrs, ()).local,
+                                         sockdiag.CLOSING)
+            if destroyed:
+                log.info("destroyed %d closing transparent sockets", destroyed)
 
     async def _remove(self, family: int) -> int:
         removed = 0
