@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import datetime
 import faulthandler
+import ipaddress
 import logging
 import os
 import signal
@@ -108,6 +109,9 @@ class Daemon:
         self.loop = asyncio.get_running_loop()
         self.relay = make_relay(self.loop)
         self.transparent = Transparent(settings.hostname_override)  # on: _prepare_iptables
+        self.transparent.backends = self._backend_addresses
+        self._backends: frozenset[tuple[str, int]] | None = None  # (None: the table changed)
+        self._backends_before: frozenset[tuple[str, int]] = frozenset()
         tcp = TcpProxy(loop=self.loop, relay=self.relay, balancer=self.balancer,
                        conns=self.conns, metrics=self.metrics, transparent=self.transparent,
                        congestion=settings.relay_congestion_control)
@@ -262,6 +266,18 @@ class Daemon:
         from uproxy.proxy.udp.takeover import UdpMover
 
         self._udp_mover = UdpMover(udp)
+
+    def _backend_addresses(self) -> frozenset[tuple[str, int]]:
+        """Every endpoint's address and port, and those of the table before the last
+        change (a connection to an endpoint just removed leaves its TIME_WAIT socket too):
+        the peers whose transparent TIME_WAIT sockets a sweep destroys. Computed again
+        only after the table changed."""
+        if self._backends is None:
+            now = frozenset(_canonical(ep.ip, ep.port) for entry in self.served.values()
+                            for ep in entry.endpoints)
+            self._backends = now | self._backends_before
+            self._backends_before = now
+        return self._backends
 
     @property
     def served(self) -> dict[ServicePortName, Entry]:
@@ -544,6 +560,8 @@ class Daemon:
         services = self.store.take_changed()
         self._unobserved |= services
         diff = self._served.update(self.store, services)
+        if diff:
+            self._backends = None
         self.events.table_changed(diff)
         table = self.served
         for entry in diff.removed:
@@ -1021,3 +1039,13 @@ def _exit_watchdog(seconds: float) -> threading.Timer:
 if TYPE_CHECKING:
     def _status_view(daemon: Daemon) -> DaemonView:
         return daemon  # mypy checks here that the daemon offers what the status server reads
+
+
+def _canonical(ip: str, port: int) -> tuple[str, int]:
+    """An endpoint's address as the kernel shows it (IPv6 compressed), and its port."""
+    if ":" not in ip:
+        return ip, port
+    try:
+        return str(ipaddress.ip_address(ip)), port
+    except ValueError:
+        return ip, port

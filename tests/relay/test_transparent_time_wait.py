@@ -240,6 +240,8 @@ async def main():
         print("swept", await t.sweep(t.links.local), await t.sweep(t.links.local))
         return
     local = t.links.local
+    if mode == "peers":  # only sockets whose peer is one of uproxy's endpoints
+        t.backends = lambda: {(pods[1], 7000)}
     if mode == "many":  # more addresses than a kernel filter takes: filtered in Python
         local = local | {f"10.200.{i // 250}.{i % 250 + 1}" for i in range(3100)}
     print("swept", await t.sweep(local))
@@ -252,13 +254,16 @@ asyncio.run(main())
 """
 
 
-@pytest.mark.parametrize("mode", ["root", "many"], ids=["kernel_filter", "python_filter"])
+@pytest.mark.parametrize("mode", ["root", "many", "peers"],
+                         ids=["kernel_filter", "python_filter", "endpoints_only"])
 def test_the_sweep_destroys_only_sockets_bound_to_addresses_not_the_nodes(
         lab: Lab, mode: str) -> None:
     """TIME_WAIT sockets of connections closed first by the node, both families: the
     transparent ones (bound to the client's address) go, the node's own stay; cleanup
     (stop, ``uproxy cleanup``) sweeps too. The node's addresses are filtered by the kernel,
-    or here when there are too many for its filter."""
+    or here when there are too many for its filter. Given the endpoints (the daemon's
+    table), only sockets whose peer is one of them go: here the IPv4 pod's, not the IPv6
+    pod's."""
     server = lab.spawn("pod1", [sys.executable, "-c", POD_SERVER], "tw-server")
     lab.wait_port("pod1", "::", POD_PORT, "tcp", proc=server)
     pairs = [lab.client_ip, lab.pod_ip(1), lab.client_ip6, lab.pod_ip6(1)]
@@ -266,9 +271,10 @@ def test_the_sweep_destroys_only_sockets_bound_to_addresses_not_the_nodes(
     out = dict(line.split(" ", 1) for line in done.stdout.splitlines())
     node_own = sorted([lab.bridge_ip, lab.bridge_ip6, "::ffff:" + lab.bridge_ip])
     assert out["before"] == str(sorted([*node_own, lab.client_ip, lab.client_ip6])), done
-    assert out["swept"] == "2", done
-    assert out["after"] == str(node_own), done
-    assert out["cleanup"] == str(node_own), done
+    kept = sorted([*node_own, lab.client_ip6]) if mode == "peers" else node_own
+    assert out["swept"] == ("1" if mode == "peers" else "2"), done
+    assert out["after"] == str(kept), done
+    assert out["cleanup"] == str(kept), done
     assert "destroyed 1 closing transparent sockets" in done.stderr
 
 

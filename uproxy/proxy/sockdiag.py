@@ -29,7 +29,7 @@ import ipaddress
 import os
 import socket
 import struct
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 NETLINK_SOCK_DIAG = 4
@@ -77,8 +77,11 @@ def _address(family: int, raw: bytes) -> str:
 
 
 def sweep(node_local: Iterable[str], states: int = TIME_WAIT,
-          families: Iterable[int] = (socket.AF_INET, socket.AF_INET6)) -> Swept:
-    """Destroy the TCP sockets in ``states`` whose local address is not node-local.
+          families: Iterable[int] = (socket.AF_INET, socket.AF_INET6),
+          remotes: Collection[tuple[str, int]] | None = None) -> Swept:
+    """Destroy the TCP sockets in ``states`` whose local address is not node-local
+    (and, given ``remotes``, whose peer is one of those addresses and ports: uproxy's
+    endpoints, so another transparent proxy's sockets to other peers are left alone).
 
     Raises :class:`DestroyUnsupported` when the kernel refuses ``SOCK_DESTROY``, and
     OSError when it refuses the netlink socket, the dump or the destroy (no
@@ -96,9 +99,16 @@ def sweep(node_local: Iterable[str], states: int = TIME_WAIT,
             ids = _dump(nl, family, states, bytecode)
             if not bytecode:  # (too many addresses for a kernel filter: filter here)
                 ids = [i for i in ids if _foreign(family, i, local)]
+            if remotes is not None:
+                ids = [i for i in ids if _peer(family, i) in remotes]
             seen += len(ids)
             destroyed += _destroy(nl, family, ids)
     return Swept(seen, destroyed)
+
+
+def _peer(family: int, sockid: bytes) -> tuple[str, int]:
+    """The remote address and port of a raw ``inet_diag_sockid``."""
+    return _address(family, sockid[20:36]), int.from_bytes(sockid[2:4], "big")
 
 
 def _foreign(family: int, sockid: bytes, local: set[str]) -> bool:

@@ -29,7 +29,7 @@ import logging
 import shutil
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from uproxy import rules, transparent
@@ -97,6 +97,9 @@ class Transparent:
         self._sweep_again = False  # a close during a sweep: sweep once more after it
         self.sweep_refused = ""  # why sweeping is off (said once)
         self.swept = 0  # TIME_WAIT sockets destroyed while running
+        # the endpoints' addresses and ports (the daemon's): a sweep destroys only sockets
+        # whose peer is one of them; None (``uproxy cleanup``: no table) -- any peer
+        self.backends: Callable[[], Collection[tuple[str, int]]] | None = None
 
     @property
     def active(self) -> bool:
@@ -175,12 +178,15 @@ class Transparent:
                 self.note_closed()
 
     async def sweep(self, node_local: frozenset[str], states: int = sockdiag.TIME_WAIT) -> int:
-        """Destroy the TCP sockets in ``states`` bound to an address not the node's
-        (in a thread: a dump of thousands takes milliseconds). How many went."""
+        """Destroy the TCP sockets in ``states`` bound to an address not the node's and
+        connected to one of :attr:`backends` (in a thread: a dump of thousands takes
+        milliseconds). How many went."""
         if self.sweep_refused:
             return 0
         try:
-            done = await asyncio.to_thread(sockdiag.sweep, node_local, states)
+            remotes = self.backends() if self.backends is not None else None
+            done = await asyncio.to_thread(sockdiag.sweep, node_local, states,
+                                           remotes=remotes)
         except OSError as exc:
             self.sweep_refused = exc.strerror or str(exc)
             log.warning("cannot destroy transparent TIME_WAIT sockets (%s): a client that "
