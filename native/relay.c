@@ -558,6 +558,10 @@ static bool dir_pump(struct uproxy_engine *e, struct conn *c, int di)
             if (!d->shut) {
                 shutdown(c->fd[dst], SHUT_WR);
                 d->shut = true;
+                /* our FIN first: the backend socket will linger in TIME_WAIT (a
+                 * transparent one is swept, uproxy/proxy/sockdiag.py) */
+                if (dst == UPROXY_SIDE_BACKEND && !c->dir[1].eof && !c->hup[UPROXY_SIDE_BACKEND])
+                    stat_add(&e->stats.closes_first, 1);
             }
             return true;
         }
@@ -1770,6 +1774,7 @@ void uproxy_engine_stats(struct uproxy_engine *e, struct uproxy_engine_stats *ou
     out->setups_live = stat_get(&e->stats.setups_live);
     out->setups_opened = stat_get(&e->stats.setups_opened);
     out->setups_refused = stat_get(&e->stats.setups_refused);
+    out->closes_first = stat_get(&e->stats.closes_first);
 }
 
 /* ---- set-up API (event loop thread) -------------------------------------- */

@@ -98,6 +98,8 @@ struct uproxy_engine_stats {
     uint64_t setups_live;   /* accepted by the engine, still connecting to an endpoint */
     uint64_t setups_opened; /* set up by the engine and relayed (ever) */
     uint64_t setups_refused; /* accepted by the engine and reset (ever) */
+    uint64_t closes_first;   /* backends that got uproxy's FIN before sending theirs
+                              * (ever): each such socket lingers in TIME_WAIT here */
 };
 
 /* Probe the pipe size (tries `want`, then halves down to 64 KiB, within

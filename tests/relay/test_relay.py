@@ -23,6 +23,7 @@ import pytest
 from tests.support.matrix import Flavor, relay_for, run_on
 from tests.support.waiting import wait_until_async
 from uproxy.proxy.nativerelay import NativeRelay
+from uproxy.proxy.pyrelay import PyRelay
 from uproxy.proxy.relay import Relay, RelayHandle, RelayResult
 
 LINGER_RST = struct.pack("ii", 1, 0)
@@ -216,6 +217,30 @@ def test_half_close_keeps_the_other_direction(flavor: Flavor, first: str) -> Non
             await p.done.wait()
             up, down = (len(request), 20) if first == "client" else (20, len(request))
             assert p.results == [RelayResult(up, down, None)]
+
+    run_on(flavor, body)
+
+
+@pytest.mark.parametrize("first", ["client", "backend"])
+def test_the_relay_counts_backends_that_got_its_fin_first(flavor: Flavor, first: str) -> None:
+    """``closes_first()``: a connection whose client ended first gives the backend our FIN
+    before its own (our socket to it lingers in TIME_WAIT: transparent mode sweeps then);
+    one whose backend ended first does not (no sweep for HTTP/1.0-style closes)."""
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        async with Rig(loop, relay_for(flavor, loop)) as rig:
+            relay = rig.relay
+            assert isinstance(relay, (NativeRelay, PyRelay))
+            assert relay.closes_first() == 0
+            p = rig.connect()
+            closer, other = (p.client, p.server) if first == "client" else (p.server, p.client)
+            await loop.sock_sendall(closer, b"bye")
+            closer.shutdown(socket.SHUT_WR)
+            assert await recv_to_eof(loop, other) == b"bye"
+            other.shutdown(socket.SHUT_WR)
+            assert await recv_to_eof(loop, closer) == b""
+            await p.done.wait()
+            assert relay.closes_first() == (1 if first == "client" else 0)
 
     run_on(flavor, body)
 

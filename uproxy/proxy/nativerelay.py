@@ -787,7 +787,15 @@ class NativeRelay:
         return {name: int(getattr(s, name)) for name in (
             "conns_live", "pipes_in_use", "pipes_total", "pipes_max", "pipe_size",
             "splice_bytes", "copy_bytes", "bufs_in_use", "setups_live", "setups_opened",
-            "setups_refused")}
+            "setups_refused", "closes_first")}
+
+    def closes_first(self) -> int:
+        """Backend connections that got our FIN before sending theirs (ever): each leaves
+        a TIME_WAIT socket on the node (transparent mode sweeps those)."""
+        if self._engine is None:
+            return int(self._final_stats.get("closes_first", 0))
+        self._lib.uproxy_engine_stats(self._raw, self._stats)
+        return int(self._stats.closes_first)
 
     def pipes_in_use(self) -> int:
         """Pipes holding a connection's bytes right now (idle connections hold none)."""

@@ -129,6 +129,8 @@ class PyRelayHandle:
     def _maybe_shutdown(self, d: _Direction) -> None:
         if d.pending or self._closed:
             return
+        if d is self._up and not self._down.eof:  # our FIN first: the backend's TIME_WAIT here
+            self._relay.closes_first_count += 1
         with contextlib.suppress(OSError):
             d.dst.shutdown(socket.SHUT_WR)
         if self._up.eof and self._down.eof and not self._up.pending and not self._down.pending:
@@ -206,6 +208,12 @@ class PyRelay:
         self.buffer = bytearray(CHUNK)  # shared: callbacks run one at a time on the loop
         self._live: set[PyRelayHandle] = set()
         self._closed = False
+        self.closes_first_count = 0  # backends that got our FIN before sending theirs
+
+    def closes_first(self) -> int:
+        """Backend connections that got our FIN before sending theirs (ever): each leaves
+        a TIME_WAIT socket on the node (transparent mode sweeps those)."""
+        return self.closes_first_count
 
     def start(self, client: socket.socket, backend: socket.socket,
               on_done: DoneCallback) -> PyRelayHandle | RefusedHandle:

@@ -266,6 +266,7 @@ class TcpProxy:
         self._connecting: set[_Connect] = set()
         self._metrics: dict[ServicePortName, _ServiceMetrics] = {}
         self.live: dict[int, tuple[Conn, RelayHandle]] = {}  # conn id -> relayed connection
+        self._closes_first = 0  # the relays' count at the last sweep request (closed_one)
         self.adopted_relay: RelayEngine | None = None  # what came over, if self.relay cannot adopt
         self.deferring = False  # new listeners wait for their first refresh (defer)
         self._deferred: list[TcpListener] = []
@@ -636,9 +637,23 @@ class TcpProxy:
 
     def closed_one(self) -> None:
         """Connections closed: transparent mode sweeps the TIME_WAIT sockets its backend
-        sockets may have left (see :mod:`uproxy.proxy.sockdiag`)."""
+        sockets left (see :mod:`uproxy.proxy.sockdiag`) -- only when one of them got our
+        FIN first (the relays count those): a backend that closed first leaves none here,
+        and a sweep walks every TCP socket of the node (issue 16: the short connections
+        of an HTTP/1.0 client cost no sweep)."""
         tp = self.transparent
-        if tp is not None and tp.families:
+        if tp is None or not tp.families:
+            return
+        total = 0
+        for relay in (self.relay, self.adopted_relay):
+            count = getattr(relay, "closes_first", None)
+            if relay is not None and count is None:
+                total = -1  # a relay that does not count: sweep at every close
+                break
+            if count is not None:
+                total += count()
+        if total < 0 or total != self._closes_first:
+            self._closes_first = total
             tp.note_closed()
 
     def _flush_metrics(self) -> None:
