@@ -129,6 +129,9 @@ class Daemon:
         self.rules_applied = False
         self._hooks_in_place = False  # the PREROUTING/OUTPUT jumps were checked since start
         self._prepare: asyncio.Task[None] | None = None
+        # transparent mode's start (part of _prepare): the first sync's engine push waits
+        # for it, so each listener is pushed once with its transparent bits (issue 16)
+        self._transparent_started: asyncio.Future[None] | None = None
         self._start_error: Exception | None = None  # the clean-up at start failed (raised)
         # The earlier run's rules are gone (or there is nothing to clean): no listener
         # opens before, so its redirects never reach one of our sockets.
@@ -346,6 +349,7 @@ class Daemon:
             if self.iptables is not None:  # its mangle rules and routing stay; ours too
                 self._prepare = self.loop.create_task(self._start_transparent(),
                                                       name="transparent")
+                self._transparent_started = self._prepare
                 self._tasks.append(self._prepare)
         elif self.iptables is not None:
             self._prepare = self.loop.create_task(self._prepare_iptables(), name="iptables")
@@ -383,7 +387,8 @@ class Daemon:
         Transparent mode's probe (mangle table, policy routing) touches nothing the
         clean-up and the hooks do, so it runs beside them.
         """
-        await asyncio.gather(self._cleanup_then_hooks(), self._start_transparent())
+        self._transparent_started = asyncio.ensure_future(self._start_transparent())
+        await asyncio.gather(self._cleanup_then_hooks(), self._transparent_started)
 
     async def _cleanup_then_hooks(self) -> None:
         assert self.iptables is not None
@@ -633,6 +638,11 @@ class Daemon:
                     rules_changed=rules_changed, delta=delta, dirty=dirty, full=full,
                     queued=queued))
                 await asyncio.sleep(0)
+                tp_start = self._transparent_started
+                if later and tp_start is not None and not tp_start.done():
+                    # (pushed before transparent mode is known, all 10,000 would be pushed
+                    # again once it is: ~0.2 s; the rules wait for it too)
+                    await asyncio.wait([tp_start])
                 if later and "TCP" in self.proxies:
                     self.proxies["TCP"].update_entries(later)
         finally:
