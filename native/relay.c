@@ -1921,6 +1921,35 @@ int uproxy_engine_listener_set(struct uproxy_engine *e, int id, int has_service,
     return 0;
 }
 
+int uproxy_engine_listeners_add(struct uproxy_engine *e, int n, const int *fds,
+                                const int *has_service, const int *families,
+                                const int *counts, const unsigned char *addrs,
+                                const int *ports, const int *indexes,
+                                const double *avoid_until, const int *here,
+                                const int *transparent, const int *affinity_groups,
+                                const double *affinity_timeouts, int *ids, int *errs)
+{
+    if (n < 0)
+        return -EINVAL;
+    for (int i = 0; i < n; i++)
+        if (counts[i] < 0 || (families[i] != 4 && families[i] != 6))
+            return -EINVAL;
+    size_t ep = 0, off = 0; /* the first endpoint of listener i in the flat arrays */
+    for (int i = 0; i < n; i++) {
+        int c = counts[i];
+        errs[i] = 0;
+        ids[i] = uproxy_engine_listener_add(e, fds[i]);
+        if (ids[i] >= 0)
+            errs[i] = uproxy_engine_listener_set(
+                e, ids[i], has_service[i], families[i], c, addrs + off, ports + ep,
+                indexes + ep, avoid_until + ep, here ? here + ep : NULL, transparent[i],
+                affinity_groups[i], affinity_timeouts[i]);
+        ep += (size_t)c;
+        off += (size_t)c * (families[i] == 6 ? 16 : 4);
+    }
+    return n;
+}
+
 void uproxy_engine_set_links(struct uproxy_engine *e, struct uproxy_links *links)
 {
     struct old_links *node = malloc(sizeof *node);

@@ -450,3 +450,62 @@ def test_engine_pin_table_grows_and_round_trips_every_pin() -> None:
         assert lib.uproxy_engine_affinity_import(engine, bad, 1) == 0
     finally:
         lib.uproxy_engine_free(engine)
+
+
+@needs_native
+def test_listeners_added_in_one_call_each_get_their_own_result() -> None:
+    """``NativeRelay.listeners_add`` (a start's 10,000 listeners in one C call): per
+    listener its id or add's error (that one only), and set's error apart (the listener
+    stays added, as after a failed ``listener_set``); the others serve their endpoints."""
+    from uproxy.proxy.nativerelay import NativeRelay
+
+    loop = asyncio.new_event_loop()
+    keep: list[socket.socket] = []
+    try:
+        relay = NativeRelay(loop)
+        backends, listeners = {}, {}
+        for family, host in ((4, "127.0.0.1"), (6, "::1")):
+            af = socket.AF_INET6 if family == 6 else socket.AF_INET
+            backends[family] = socket.socket(af, socket.SOCK_STREAM)
+            listeners[family] = socket.socket(af, socket.SOCK_STREAM)
+            for sock in (backends[family], listeners[family]):
+                keep.append(sock)
+                sock.bind((host, 0))
+                sock.listen(8)
+                sock.settimeout(5)
+        spare = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        keep.append(spare)
+        spare.bind(("::1", 0))
+        spare.listen(8)
+
+        def push(sock: socket.socket, family: int, backend: socket.socket | None,
+                 timeout: float = 0.0) -> tuple[int, int, int, list[tuple[str, int, int, float]],
+                                                list[bool], int, int, float]:
+            eps = [] if backend is None else [(*backend.getsockname()[:2], 0, 0.0)]
+            return (sock.fileno(), 1, family, eps, [], 0, -1, timeout)
+
+        results = relay.listeners_add([
+            push(listeners[4], 4, backends[4]),
+            (-1, 1, 4, [], [], 0, -1, 0.0),  # not a socket: its add fails
+            push(spare, 6, backends[6], timeout=5.0),  # affinity without a group: set fails
+            push(listeners[6], 6, backends[6]),
+        ])
+        (id4, err4), (bad, _), (spare_id, spare_err), (id6, err6) = results
+        assert id4 >= 0 and err4 == 0 and id6 >= 0 and err6 == 0
+        assert bad == -errno.EBADF
+        assert spare_id >= 0 and spare_err == -errno.EINVAL
+        assert len({id4, spare_id, id6}) == 3
+        for family in (4, 6):
+            client = socket.create_connection(listeners[family].getsockname()[:2], timeout=5)
+            keep.append(client)
+            served, _ = backends[family].accept()
+            keep.append(served)
+            client.sendall(b"ping")
+            assert served.recv(10) == b"ping"  # the engine relayed it to its own endpoint
+        loop.run_until_complete(relay.close())
+        with pytest.raises(OSError, match="relay closed"):
+            relay.listeners_add([push(listeners[4], 4, backends[4])])
+    finally:
+        loop.close()
+        for s in keep:
+            s.close()

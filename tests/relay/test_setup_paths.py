@@ -250,6 +250,77 @@ def test_a_deferred_listener_keeps_its_clients_waiting_until_its_entry(flavor: F
     _run(flavor, main)
 
 
+def test_deferred_listeners_get_their_own_endpoints_in_one_hand_over(flavor: Flavor) -> None:
+    """The first sync's listeners (deferred; the engine takes them in one call,
+    ``TcpProxy._attach_many``) of several service ports and both families: each serves its
+    own endpoints of its family, on the flavor's path; one whose service port got no
+    entry waits (after undefer too) until it gets one: with no endpoints, a reset."""
+    async def main() -> None:
+        names = {tag: ServicePortName("default", f"svc-{tag.decode().lower()}", "")
+                 for tag in (b"A", b"B", b"C")}
+        servers, entries, addresses, socks = [], {}, {}, []
+        async with rig(flavor, 4, defer=True) as r:
+            try:
+                for tag, name in names.items():
+                    backends = []
+                    for family in FAMILIES:
+                        server, backend = await _tagged_backend(family, tag + bytes([48 + family]))
+                        servers.append(server)
+                        backends.append(backend)
+                        lsock = socket.socket(AF[family], socket.SOCK_STREAM)
+                        socks.append(lsock)
+                        lsock.bind((LOOPBACK[family], 0))
+                        lsock.listen(128)
+                        lsock.setblocking(False)
+                        listener = r.proxy.listen(lsock, name, "cluster")
+                        socks.append(listener)  # type: ignore[arg-type]
+                        addresses[(tag, family)] = lsock.getsockname()[:2]
+                    port = ServicePort(name, "ClusterIP", ("10.0.0.1", "fd00::1"), 80, "TCP", 80)
+                    entries[name] = Entry(port, tuple(Endpoint(ip, p, node_name="node")
+                                                      for ip, p in backends))
+                waiting = asyncio.ensure_future(_connect(addresses[(b"A", 6)]))
+                await asyncio.sleep(0.2)
+                assert not waiting.done()  # deferred: in the kernel's backlog
+                r.proxy.update_entries({names[b"A"]: entries[names[b"A"]],
+                                        names[b"B"]: entries[names[b"B"]]})
+                assert await asyncio.wait_for(waiting, 10) == b"A6"
+                for tag in (b"A", b"B"):
+                    for family in FAMILIES:
+                        for _ in range(3):
+                            got = await _connect(addresses[(tag, family)])
+                            assert got == tag + bytes([48 + family]), (tag, family, got)
+                unserved = asyncio.ensure_future(_connect(addresses[(b"C", 4)]))
+                await asyncio.sleep(0.2)
+                assert not unserved.done()  # no entry yet: still deferred
+                r.proxy.undefer()  # (accepting from now on, nothing to send it to yet)
+                r.proxy.update_entries({names[b"C"]: Entry(entries[names[b"C"]].port, ())})
+                assert await asyncio.wait_for(unserved, 10) is None
+                await r.settle(_path(flavor), 13)
+            finally:
+                for server in servers:
+                    server.close()
+                for sock in socks:
+                    sock.close()
+
+    _run(flavor, main)
+
+
+async def _connect(address: tuple[str, int]) -> bytes | None:
+    """One client of ``address``: the tag its backend sent, or None (reset or closed)."""
+    try:
+        reader, writer = await asyncio.open_connection(*address)
+    except OSError:
+        return None
+    try:
+        return await reader.read(2) or None
+    except OSError:
+        return None
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_deferred_listener_closed_before_its_entry_stays_closed(flavor: Flavor,
                                                                    family: int) -> None:

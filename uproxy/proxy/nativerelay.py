@@ -44,6 +44,11 @@ MAX_PIPES_CAP = 1024
 KEEP_FREE_PIPES = 16
 """Idle pipes the engine keeps open for reuse; the rest close when they empty."""
 _POLL_BATCH = 256
+ListenerPush = tuple[int, int, int, Sequence[tuple[str, int, int, float]], Sequence[bool], int,
+                     int, float]
+"""One listener for :meth:`NativeRelay.listeners_add`: its fd, has_service, family, endpoints
+(ip, port, index, avoided until), here (per endpoint, or empty), transparent bits, affinity
+group and timeout: :meth:`NativeRelay.listener_set`'s arguments."""
 DETACH_TIMEOUT = 5.0  # the engine thread answers in microseconds; this only bounds a bug
 HOLD_OPENED = 0.05
 """Seconds an engine-made connection's OPENED record may wait in Python, undecoded, for its
@@ -383,6 +388,54 @@ class NativeRelay:
         assert size * n == len(addrs)
         if rc < 0:
             raise OSError(-rc, f"native listener endpoints: {os.strerror(-rc)}")
+
+    def listeners_add(self, listeners: Sequence[ListenerPush]) -> list[tuple[int, int]]:
+        """:meth:`listener_add` then :meth:`listener_set` for each of ``listeners`` in one
+        C call (a start hands over 10,000): per listener (its id or add's -errno, set's 0
+        or -errno); a failed add leaves nothing done for that listener, a failed set
+        leaves it added without endpoints (as the two calls would). OSError: none added
+        (the relay is closed)."""
+        n = len(listeners)
+        if self._stopped is not None:
+            raise OSError(0, "relay closed")
+        if self._engine is None or not n:
+            return [(-errno.ENOSYS, 0)] * n
+        inet_pton, af4, af6 = socket.inet_pton, socket.AF_INET, socket.AF_INET6
+        fds, has, fams, counts, tps, groups, timeouts = [], [], [], [], [], [], []
+        addrs: list[bytes] = []
+        ports: list[int] = []
+        indexes: list[int] = []
+        avoid: list[float] = []
+        here: list[int] = []
+        for fd, has_service, family, endpoints, on_node, transparent, group, timeout \
+                in listeners:
+            fds.append(fd)
+            has.append(has_service)
+            fams.append(family)
+            counts.append(len(endpoints))
+            tps.append(transparent)
+            groups.append(group)
+            timeouts.append(timeout)
+            af = af6 if family == 6 else af4
+            for ip, port, index, until in endpoints:
+                addrs.append(inet_pton(af, ip))
+                ports.append(port)
+                indexes.append(index)
+                avoid.append(until)
+            if on_node:
+                here += map(int, on_node)
+            else:
+                here += [0] * len(endpoints)
+        if not ports:  # (no endpoint at all: the C arrays still need an address)
+            addrs, ports, indexes, avoid, here = [bytes(4)], [0], [0], [0.0], [0]
+        ffi = self._ffi
+        ids, errs = ffi.new("int[]", n), ffi.new("int[]", n)
+        rc = self._lib.uproxy_engine_listeners_add(
+            self._raw, n, fds, has, fams, counts, b"".join(addrs), ports, indexes, avoid, here,
+            tps, groups, timeouts, ids, errs)
+        if rc < 0:
+            raise OSError(-rc, f"native listeners: {os.strerror(-rc)}")
+        return list(zip(ids, errs, strict=True))
 
     # ClientIP pins of the engine (native/affinity.c) ------------------------------------
     def affinity_export(self) -> list[tuple[int, str, tuple[str, int], float, float]]:

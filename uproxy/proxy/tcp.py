@@ -34,7 +34,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from uproxy.balance import FAILED_AVOID_SECONDS, Balancer, usable_endpoints
@@ -72,7 +72,7 @@ from uproxy.proxy.transparent import Transparent, backend_socket
 from uproxy.state import Entry
 
 if TYPE_CHECKING:
-    from uproxy.proxy.nativerelay import NativeRelay, SetupEvent
+    from uproxy.proxy.nativerelay import ListenerPush, NativeRelay, SetupEvent
 
 log = logging.getLogger("uproxy.tcp")
 
@@ -316,9 +316,17 @@ class TcpProxy:
             else:
                 entries[name] = entry
             refresh.append(name)
+        batch: list[TcpListener] = []  # deferred ones for the engine: handed over in one call
         for name in refresh:
             for listener in list(self._listeners.get(name, ())):
-                self._refresh(listener)
+                if (listener._deferred and not listener._closed and not listener._held
+                        and entries.get(name) is not None and self._wants_native(listener)):
+                    listener._deferred = False
+                    batch.append(listener)
+                else:
+                    self._refresh(listener)
+        if batch:
+            self._attach_many(batch)
         if refresh and self._aff_groups:
             self._forget_groups()
 
@@ -400,9 +408,52 @@ class TcpProxy:
         elif listener.native is not None:
             self._push(listener)
 
+    def _attach_many(self, listeners: list[TcpListener]) -> None:
+        """:meth:`_attach` of deferred listeners that have entries (the first sync's
+        10,000), with their endpoints, in one C call: the same per listener, without two
+        calls into the engine each (issue 16's start-up)."""
+        plans = [self._push_plan(listener) for listener in listeners]
+        try:
+            results = self._native_relay().listeners_add([plan[0] for plan in plans])
+        except OSError as exc:  # (the relay closed: no listener is the engine's)
+            for listener in listeners:
+                log.warning("%s: the engine cannot accept on it (%s); Python does",
+                            listener.name, exc.strerror or exc)
+                listener._python_accepts()
+            return
+        for listener, (push, endpoints, tp_on), (lid, err) in zip(listeners, plans, results,
+                                                                  strict=True):
+            if lid < 0:
+                log.warning("%s: the engine cannot accept on it (%s); Python does",
+                            listener.name, os.strerror(-lid))
+                listener._python_accepts()
+                continue
+            listener.native = lid
+            self._by_native[lid] = listener
+            if err < 0:
+                log.error("%s: pushing endpoints to the engine: %s", listener.name,
+                          OSError(-err, f"native listener endpoints: {os.strerror(-err)}"))
+                continue
+            self._pushed(listener, endpoints, push[3], tp_on)
+
     def _push(self, listener: TcpListener) -> None:
         """The endpoints (and their failure memory) new clients of ``listener`` may go to."""
         assert listener.native is not None
+        push, endpoints, tp_on = self._push_plan(listener)
+        _, has_service, family, items, here, transparent, group, timeout = push
+        try:
+            self._native_relay().listener_set(
+                listener.native, has_service=bool(has_service), family=family,
+                endpoints=items, here=here, transparent=transparent, affinity_group=group,
+                affinity_timeout=timeout)
+        except OSError as exc:
+            log.error("%s: pushing endpoints to the engine: %s", listener.name, exc)
+            return
+        self._pushed(listener, endpoints, items, tp_on)
+
+    def _push_plan(self, listener: TcpListener) -> tuple[ListenerPush, tuple[Endpoint, ...],
+                                                         bool]:
+        """What :meth:`_push` hands the engine for ``listener`` (its usable endpoints)."""
         entry = self._entries.get(listener.name)
         balancer = self.balancer
         endpoints: tuple[Endpoint, ...] = ()
@@ -412,7 +463,6 @@ class TcpProxy:
                                          family=listener.family)
         items = [(e.ip, e.port, i, balancer.avoided_until(e.address))
                  for i, e in enumerate(endpoints)]
-        nrelay = self._native_relay()
         tp = self.transparent
         transparent, here = 0, []
         tp_on = tp is not None and listener.family in tp.families
@@ -423,19 +473,18 @@ class TcpProxy:
             for e, on_node in zip(endpoints, here, strict=True):
                 if on_node:  # (re-read soon when an interface is new)
                     tp.links_known(e.ip, then=self._sync_links)
-            transparent = nrelay.transparent_bits(on=True, external=listener.external,
-                                                  external_local=entry.port.external_local)
+            transparent = self._native_relay().transparent_bits(
+                on=True, external=listener.external, external_local=entry.port.external_local)
         group, timeout = -1, 0.0
         if entry is not None and entry.port.affinity_timeout is not None:
             group, timeout = self._aff_group(listener.name), float(entry.port.affinity_timeout)
-        try:
-            nrelay.listener_set(listener.native, has_service=entry is not None,
-                                family=listener.family, endpoints=items, here=here,
-                                transparent=transparent, affinity_group=group,
-                                affinity_timeout=timeout)
-        except OSError as exc:
-            log.error("%s: pushing endpoints to the engine: %s", listener.name, exc)
-            return
+        return ((listener._fd, int(entry is not None), listener.family, items, here,
+                 transparent, group, timeout), endpoints, tp_on)
+
+    def _pushed(self, listener: TcpListener, endpoints: tuple[Endpoint, ...],
+                items: Sequence[tuple[str, int, int, float]], tp_on: bool) -> None:
+        """What the engine now has for ``listener``, as Python remembers it."""
+        balancer = self.balancer
         listener.endpoints = endpoints
         listener.packed = tuple((_pack_address(e.ip), e.port) for e in endpoints)
         listener.avoided = any(item[3] > 0 for item in items)
