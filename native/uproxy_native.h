@@ -476,6 +476,21 @@ int uproxy_transparent_source(const struct uproxy_links *links, int family,
                               const unsigned char *client, const unsigned char *endpoint,
                               int external, int external_local, int endpoint_here);
 
+/* ---- listening sockets in batches (native/sockets.c) ----------------------
+ *
+ * Open `n` sockets of `kind` (SOCK_STREAM or SOCK_DGRAM) as uproxy.proxy.ports.bind
+ * does (non-blocking, close-on-exec, SO_REUSEADDR, IPV6_V6ONLY for IPv6, bound,
+ * listening with `backlog` when SOCK_STREAM): socket i of family families[i] (4 or
+ * 6) on the address at addrs + 16 * i (the first 4 bytes for IPv4), port ports[i];
+ * port 0: PortAllocator.open's walk, the first port of [low, high] from *cursor
+ * (wrapping) whose avoid[port - low] is 0 and that binds, *cursor moved past every
+ * port tried (EADDRINUSE when none is left; another bind error ends the walk).
+ * Per socket: fds[i] = its fd (the caller's) or -errno, bound[i] = its port.
+ * Returns n, or -EINVAL (nothing done). */
+int uproxy_open_listeners(int n, int kind, const int *families, const unsigned char *addrs,
+                          const int *ports, int low, int high, int *cursor,
+                          const unsigned char *avoid, int backlog, int *fds, int *bound);
+
 /* cdef end */
 
 #endif

@@ -579,8 +579,7 @@ class Daemon:
         if overlap:
             self._tcp.defer()
         try:
-            for entry in touched:
-                self._ensure_listeners(entry.port)
+            self._ensure_all_listeners([entry.port for entry in touched])
         except BaseException:
             self._tcp.undefer()
             raise
@@ -927,6 +926,17 @@ class Daemon:
         if key not in self._warned:
             self._warned.add(key)
             log.warning(message, *args)
+
+    def _ensure_all_listeners(self, ports: list[ServicePort]) -> None:
+        """:meth:`_ensure_listeners` of each (new ClusterIP ports' sockets opened together)."""
+        wanted = []
+        for port in ports:
+            proxy = self.proxies.get(port.protocol)
+            if proxy is None:
+                self._ensure_listeners(port)  # (says once that it is skipped)
+            else:
+                wanted.append((port, proxy))
+        self.listener_set.ensure_many(wanted)
 
     def _ensure_listeners(self, port: ServicePort) -> None:
         proxy = self.proxies.get(port.protocol)

@@ -8,7 +8,9 @@ the loopback addresses.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import socket
 
 import pytest
@@ -114,6 +116,95 @@ def test_a_proxy_port_that_cannot_be_bound_is_reported_once_and_retried(
         listeners.ensure(svc, proxy)  # (a full sync retries it)
         assert svc.name not in listeners.bind_failures
         assert listeners.proxy_ports(svc.name) == {("cluster", 4): port}
+    finally:
+        blocker.close()
+        listeners.close_all()
+
+
+def _twins() -> list[str]:
+    from uproxy import native
+    return ["native", "python"] if native.AVAILABLE else ["python"]
+
+
+@pytest.fixture(params=_twins())
+def twin(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """``PortAllocator.open_many``'s C call (native/sockets.c) or its Python twin."""
+    from uproxy import native
+    if request.param == "python":
+        monkeypatch.setattr(native, "AVAILABLE", False)
+    return str(request.param)
+
+
+def test_open_many_walks_the_range_as_open_does(twin: str) -> None:
+    """Both families, a taken port and an avoided one skipped, the cursor moved as
+    ``open`` moves it, then the range exhausted: that socket's error only."""
+    low = _free_ports(1)[0]
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", low + 1))
+    taken.listen()
+    allocator = PortAllocator((low, low + 5))
+    allocator.avoid.add(low + 2)
+    socks: list[socket.socket] = []
+    try:
+        opened = allocator.open_many(socket.SOCK_STREAM,
+                                     ["127.0.0.1", "::1", "127.0.0.1", "127.0.0.1", "::1"])
+        socks = [s for s in opened if isinstance(s, socket.socket)]
+        assert [s.getsockname()[:2] if isinstance(s, socket.socket) else None
+                for s in opened] == [("127.0.0.1", low), ("::1", low + 1),
+                                     ("127.0.0.1", low + 3), ("127.0.0.1", low + 4),
+                                     ("::1", low + 5)]
+        for s in socks:  # as bind() makes them: non-blocking, listening, v6 only
+            assert s.gettimeout() == 0.0 and not s.get_inheritable()
+            assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+            assert s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) == 1
+            if s.family == socket.AF_INET6:
+                assert s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+        assert allocator._cursor == low
+        allocator.avoid.add(low + 5)  # (IPv4's last free one)
+        (full,) = allocator.open_many(socket.SOCK_STREAM, ["127.0.0.1"])
+        assert isinstance(full, OSError) and full.errno == errno.EADDRINUSE
+        assert str(low) in str(full)
+        udp = allocator.open_many(socket.SOCK_DGRAM, ["::1", "192.0.2.1"])
+        assert isinstance(udp[0], socket.socket) and udp[0].type == socket.SOCK_DGRAM
+        socks.append(udp[0])
+        assert udp[0].getsockname()[1] == low  # (UDP's port space is its own)
+        assert isinstance(udp[1], OSError) and udp[1].errno == errno.EADDRNOTAVAIL
+        assert udp[1].strerror == os.strerror(errno.EADDRNOTAVAIL)
+    finally:
+        taken.close()
+        for s in socks:
+            s.close()
+
+
+def test_ports_ensured_together_open_what_one_by_one_opens_and_report_once(
+        twin: str, caplog: pytest.LogCaptureFixture) -> None:
+    """``ensure_many`` (the first sync's 10,000): new ClusterIP-only ports opened
+    together, the others through ``ensure``; a port that cannot be bound is the same
+    one line as before, and the next ensure retries it."""
+    caplog.set_level(logging.WARNING, logger="uproxy")
+    low = _free_ports(1)[0]
+    blocker = socket.socket()
+    blocker.bind(("0.0.0.0", low + 1))
+    blocker.listen()
+    listeners = ListenerSet(PortAllocator((low, low + 1)), "0.0.0.0", (), families=(4, 6))
+    proxy = _Proxy()
+    a, b = _port("a", "10.0.0.1", "fd00::1"), _port("b", "10.0.0.2")
+    try:
+        listeners.ensure_many([(a, proxy), (b, proxy)])
+        assert listeners.proxy_ports(a.name) == {("cluster", 4): low, ("cluster", 6): low + 1}
+        assert b.name in listeners.bind_failures and not listeners.proxy_ports(b.name)
+        assert a.name not in listeners.bind_failures
+        assert [r.getMessage() for r in caplog.records] == [
+            "Service default/b: port (unnamed): cannot listen on a proxy port 0.0.0.0: "
+            "already in use by another process"]
+        listeners.ensure_many([(a, proxy), (b, proxy)])  # (known now: the general path)
+        assert len(caplog.records) == 1 and len(proxy.served) == 2
+        blocker.close()
+        listeners.ensure_many([(b, proxy)])  # (a full sync retries it)
+        assert b.name not in listeners.bind_failures
+        assert listeners.proxy_ports(b.name) == {("cluster", 4): low + 1}
+        assert [(n.name, scope) for n, scope, _ in proxy.served] == [
+            ("a", "cluster"), ("a", "cluster"), ("b", "cluster")]
     finally:
         blocker.close()
         listeners.close_all()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -123,6 +124,38 @@ class ListenerSet:
             self.bind_failures.discard(port.name)
         else:
             self.bind_failures.add(port.name)
+
+    def ensure_many(self, ports: Sequence[tuple[ServicePort, Listening]]) -> None:
+        """:meth:`ensure` of each port with its proxy; the new ClusterIP-only ones (a
+        start's 10,000) have their sockets opened together (:meth:`PortAllocator.open_many`:
+        one C call per protocol), the others one by one as :meth:`ensure` does."""
+        batch: list[tuple[ServicePort, Listening, ListenerKey]] = []
+        for port, proxy in ports:
+            if (port.name in self._by_name or self.adopted or port.node_port
+                    or port.external_ips or port.load_balancer_ips):
+                self.ensure(port, proxy)
+                continue
+            name = port.name
+            self._by_name[name] = set()
+            self.bind_failures.discard(name)
+            for family in sorted({6 if ":" in ip else 4 for ip in port.cluster_ips}):
+                address = self.bind_addresses.get(family)
+                if address is not None:  # (a family not served: proxy_sockets leaves it out)
+                    batch.append((port, proxy,
+                                  ListenerKey(name, SCOPE_CLUSTER, address, 0, family)))
+        for protocol, kind in SOCK_KIND.items():
+            mine = [item for item in batch if item[0].protocol == protocol]
+            if not mine:
+                continue
+            opened = self.allocator.open_many(kind, [key.address for _, _, key in mine])
+            for (_, proxy, key), sock in zip(mine, opened, strict=True):
+                if isinstance(sock, OSError):
+                    self._bind_failed(key, sock)
+                    self.bind_failures.add(key.name)
+                    continue
+                self._warned.discard(key)
+                self.listeners[key] = proxy.listen(sock, key.name, SCOPE_CLUSTER)
+                self._by_name[key.name].add(key)
 
     def _open_cluster(self, port: ServicePort, proxy: Listening) -> None:
         """:meth:`ensure` of a new service port with ClusterIPs only (a start opens 10,000):

@@ -8,8 +8,11 @@ the new one).
 from __future__ import annotations
 
 import errno
+import os
 import random
 import socket
+
+from uproxy import native
 
 
 def bind(kind: int, address: str, port: int, *, reuse: bool = True) -> socket.socket:
@@ -23,11 +26,14 @@ def bind(kind: int, address: str, port: int, *, reuse: bool = True) -> socket.so
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((address, port))
         if kind == socket.SOCK_STREAM:
-            sock.listen(4096)
+            sock.listen(LISTEN_BACKLOG)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+LISTEN_BACKLOG = 4096
 
 
 def ephemeral_range() -> tuple[int, int]:
@@ -69,3 +75,46 @@ class PortAllocator:
                 if exc.errno != errno.EADDRINUSE:
                     raise
         raise OSError(errno.EADDRINUSE, f"no free port left in --proxy-port-range {low}-{high}")
+
+    def open_many(self, kind: int, addresses: list[str]) -> list[socket.socket | OSError]:
+        """:meth:`open` of each address in order (a start opens 10,000): the socket or the
+        error :meth:`open` would have raised. One C call with the native module (~3x
+        less CPU than Python's calls: ``native/sockets.c``); the Python twin otherwise."""
+        if not addresses or not native.AVAILABLE:
+            return [self._open_or_error(kind, address) for address in addresses]
+        lib, ffi = native.lib(), native.ffi()
+        low, high = self.port_range
+        n = len(addresses)
+        avoid = bytearray(high - low + 1)
+        for port in self.avoid:
+            if low <= port <= high:
+                avoid[port - low] = 1
+        families = [6 if ":" in a else 4 for a in addresses]
+        packed = b"".join(socket.inet_pton(socket.AF_INET6, a) if f == 6
+                          else socket.inet_pton(socket.AF_INET, a) + bytes(12)
+                          for a, f in zip(addresses, families, strict=True))
+        cursor = ffi.new("int *", self._cursor)
+        fds, bound = ffi.new("int[]", n), ffi.new("int[]", n)
+        rc = lib.uproxy_open_listeners(n, kind, families, packed, [0] * n, low, high, cursor,
+                                       bytes(avoid), LISTEN_BACKLOG, fds, bound)
+        if rc < 0:  # (bad arguments: nothing opened)
+            raise OSError(-rc, f"opening listeners: {os.strerror(-rc)}")
+        self._cursor = cursor[0]
+        out: list[socket.socket | OSError] = []
+        kind |= socket.SOCK_NONBLOCK
+        for fd, family in zip(fds, families, strict=True):
+            if fd >= 0:
+                out.append(socket.socket(socket.AF_INET6 if family == 6 else socket.AF_INET,
+                                         kind, 0, fd))
+            elif fd == -errno.EADDRINUSE:
+                out.append(OSError(errno.EADDRINUSE,
+                                   f"no free port left in --proxy-port-range {low}-{high}"))
+            else:
+                out.append(OSError(-fd, os.strerror(-fd)))
+        return out
+
+    def _open_or_error(self, kind: int, address: str) -> socket.socket | OSError:
+        try:
+            return self.open(kind, address)
+        except OSError as exc:
+            return exc
