@@ -208,3 +208,32 @@ def test_ports_ensured_together_open_what_one_by_one_opens_and_report_once(
     finally:
         blocker.close()
         listeners.close_all()
+
+
+def test_open_ahead_gives_what_open_many_gives_and_closes_what_it_did_not_hand_out(
+        twin: str) -> None:
+    """``open_ahead`` (chunks opened by a worker thread while the caller takes the ones
+    before): the same sockets in the same order; closed early, no fd is left open."""
+    low = _free_ports(1)[0]
+    addresses = ["127.0.0.1", "::1"] * 4 + ["127.0.0.1"]
+    before = len(os.listdir("/proc/self/fd"))
+    allocator = PortAllocator((low, low + 7))
+    opened = list(allocator.open_ahead(socket.SOCK_STREAM, addresses, chunk=2))
+    try:
+        assert [s.getsockname()[:2] if isinstance(s, socket.socket) else None
+                for s in opened] == [(a, low + i) for i, a in enumerate(addresses[:8])] + [
+                    ("127.0.0.1", low + 1)]  # (wrapped: low is IPv4's already)
+    finally:
+        for s in opened:
+            if isinstance(s, socket.socket):
+                s.close()
+    assert len(os.listdir("/proc/self/fd")) == before
+    allocator = PortAllocator((low, low + 7))
+    early = allocator.open_ahead(socket.SOCK_STREAM, addresses, chunk=2)
+    first = next(early)
+    second = next(early)
+    early.close()  # (the rest of its chunk, and the chunk being opened ahead, close)
+    assert isinstance(first, socket.socket) and isinstance(second, socket.socket)
+    first.close()
+    second.close()
+    assert len(os.listdir("/proc/self/fd")) == before

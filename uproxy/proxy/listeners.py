@@ -15,6 +15,7 @@ cannot be bound (taken by another process) is reported once and remembered in
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 from collections.abc import Sequence
@@ -127,8 +128,9 @@ class ListenerSet:
 
     def ensure_many(self, ports: Sequence[tuple[ServicePort, Listening]]) -> None:
         """:meth:`ensure` of each port with its proxy; the new ClusterIP-only ones (a
-        start's 10,000) have their sockets opened together (:meth:`PortAllocator.open_many`:
-        one C call per protocol), the others one by one as :meth:`ensure` does."""
+        start's 10,000) have their sockets opened together (:meth:`PortAllocator.open_ahead`: C
+        calls in a worker thread, each chunk opened while the one before is given to its
+        proxy), the others one by one as :meth:`ensure` does."""
         batch: list[tuple[ServicePort, Listening, ListenerKey]] = []
         for port, proxy in ports:
             if (port.name in self._by_name or self.adopted or port.node_port
@@ -147,15 +149,16 @@ class ListenerSet:
             mine = [item for item in batch if item[0].protocol == protocol]
             if not mine:
                 continue
-            opened = self.allocator.open_many(kind, [key.address for _, _, key in mine])
-            for (_, proxy, key), sock in zip(mine, opened, strict=True):
-                if isinstance(sock, OSError):
-                    self._bind_failed(key, sock)
-                    self.bind_failures.add(key.name)
-                    continue
-                self._warned.discard(key)
-                self.listeners[key] = proxy.listen(sock, key.name, SCOPE_CLUSTER)
-                self._by_name[key.name].add(key)
+            opened = self.allocator.open_ahead(kind, [key.address for _, _, key in mine])
+            with contextlib.closing(opened):  # (an error: the sockets not handed out close)
+                for (_, proxy, key), sock in zip(mine, opened, strict=True):
+                    if isinstance(sock, OSError):
+                        self._bind_failed(key, sock)
+                        self.bind_failures.add(key.name)
+                        continue
+                    self._warned.discard(key)
+                    self.listeners[key] = proxy.listen(sock, key.name, SCOPE_CLUSTER)
+                    self._by_name[key.name].add(key)
 
     def _open_cluster(self, port: ServicePort, proxy: Listening) -> None:
         """:meth:`ensure` of a new service port with ClusterIPs only (a start opens 10,000):
