@@ -461,8 +461,11 @@ class TcpProxy:
             endpoints = usable_endpoints(entry, external=listener.external,
                                          node_name=balancer.node_name, zone=balancer.zone,
                                          family=listener.family)
-        items = [(e.ip, e.port, i, balancer.avoided_until(e.address))
-                 for i, e in enumerate(endpoints)]
+        if balancer.avoiding():
+            items = [(e.ip, e.port, i, balancer.avoided_until(e.address))
+                     for i, e in enumerate(endpoints)]
+        else:  # (the usual case, and a start's: nothing avoided)
+            items = [(e.ip, e.port, i, 0.0) for i, e in enumerate(endpoints)]
         tp = self.transparent
         transparent, here = 0, []
         tp_on = tp is not None and listener.family in tp.families
@@ -486,7 +489,7 @@ class TcpProxy:
         """What the engine now has for ``listener``, as Python remembers it."""
         balancer = self.balancer
         listener.endpoints = endpoints
-        listener.packed = tuple((_pack_address(e.ip), e.port) for e in endpoints)
+        listener.packed = tuple([(_pack_address(e.ip), e.port) for e in endpoints])
         listener.avoided = any(item[3] > 0 for item in items)
         listener.pushed_tp = tp_on
         listener.pushed_topology = (balancer.node_name, balancer.zone)
