@@ -81,11 +81,12 @@ def test_transparent_connections_keep_the_client_address_on_both_families(
         lab: Lab, flavor: Flavor) -> None:
     """Transparent mode (the default): the backend sees the client's address, IPv4 and
     IPv6, and on the native path the engine set the connections up (binding the backend
-    socket to the client's address itself)."""
+    socket to the client's address itself). The first sync pushed each listener to the
+    engine once, with its transparent bits (not again when transparent mode came on)."""
     lab.start_echo(1, tcp_ports=(6789,))
     svc = service("setup", V4, PORTS, clusterIPs=[V4, V6], ipFamilyPolicy="PreferDualStack",
                   ipFamilies=["IPv4", "IPv6"])
-    node = NodeProxy(lab, loop=flavor.loop, native=flavor.native)
+    node = NodeProxy(lab, loop=flavor.loop, native=flavor.native, args=["-v", "1"])
     node.write("setup.yaml", svc,
                endpoint_slice("setup", [lab.pod_ip(1)], SLICE_PORTS, name="setup-v4"),
                endpoint_slice("setup", [lab.pod_ip6(1)], SLICE_PORTS, name="setup-v6"))
@@ -97,6 +98,7 @@ def test_transparent_connections_keep_the_client_address_on_both_families(
         assert _peer(lab, V6, 80) == lab.client_ip6
         path = "native" if flavor.native else "python"
         assert metric(lab, "uproxy_relay_setup_total", path=path) == 2
+        assert "listeners pushed again" not in node.log
     finally:
         assert node.stop() == 0
     assert node.uproxy_lines() == []

@@ -816,12 +816,17 @@ class TcpProxy:
         if families != self._transparent_families:
             self._transparent_families = families
             # (only the listeners pushed before transparent mode started, or of a family
-            # it changed for: at start-up its probe usually ends before the first push)
+            # it changed for: the first sync's push waits for its start, so none then)
+            again = 0
             for listeners in list(self._listeners.values()):
                 for listener in list(listeners):
                     if listener.native is None or (listener.family in families) \
                             != listener.pushed_tp:
                         self._refresh(listener)
+                        again += 1
+            if again:
+                log.debug("transparent mode changed (families %s): %d listeners pushed again",
+                          sorted(families), again)
             return
         balancer = self.balancer
         if not self._avoiding and not balancer.avoiding():
