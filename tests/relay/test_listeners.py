@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import random
 import socket
 
 import pytest
@@ -121,6 +122,33 @@ def test_a_proxy_port_that_cannot_be_bound_is_reported_once_and_retried(
         listeners.close_all()
 
 
+def _free_window(count: int) -> int:
+    """The first of ``count`` consecutive ports free for TCP and UDP on both loopbacks,
+    below the ephemeral range (where other tests' client sockets come and go)."""
+    rng = random.Random()
+    for _ in range(200):
+        low = rng.randrange(15000, 30000)
+        socks: list[socket.socket] = []
+        try:
+            for port in range(low, low + count):
+                for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1"),
+                                     (socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+                    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                        sock = socket.socket(family, kind)
+                        socks.append(sock)
+                        if family == socket.AF_INET6:
+                            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                        sock.bind((host, port))
+                        sock.close()
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+        return low
+    raise AssertionError(f"no {count} consecutive free ports found")
+
+
 def _twins() -> list[str]:
     from uproxy import native
     return ["native", "python"] if native.AVAILABLE else ["python"]
@@ -138,7 +166,7 @@ def twin(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
 def test_open_many_walks_the_range_as_open_does(twin: str) -> None:
     """Both families, a taken port and an avoided one skipped, the cursor moved as
     ``open`` moves it, then the range exhausted: that socket's error only."""
-    low = _free_ports(1)[0]
+    low = _free_window(6)
     taken = socket.socket()
     taken.bind(("127.0.0.1", low + 1))
     taken.listen()
@@ -182,7 +210,7 @@ def test_ports_ensured_together_open_what_one_by_one_opens_and_report_once(
     together, the others through ``ensure``; a port that cannot be bound is the same
     one line as before, and the next ensure retries it."""
     caplog.set_level(logging.WARNING, logger="uproxy")
-    low = _free_ports(1)[0]
+    low = _free_window(2)
     blocker = socket.socket()
     blocker.bind(("0.0.0.0", low + 1))
     blocker.listen()
@@ -214,7 +242,7 @@ def test_open_ahead_gives_what_open_many_gives_and_closes_what_it_did_not_hand_o
         twin: str) -> None:
     """``open_ahead`` (chunks opened by a worker thread while the caller takes the ones
     before): the same sockets in the same order; closed early, no fd is left open."""
-    low = _free_ports(1)[0]
+    low = _free_window(8)
     addresses = ["127.0.0.1", "::1"] * 4 + ["127.0.0.1"]
     before = len(os.listdir("/proc/self/fd"))
     allocator = PortAllocator((low, low + 7))
