@@ -33,6 +33,10 @@
 #include <sys/socket.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <arpa/inet.h>
+#include <linux/inet_diag.h>
+#include <linux/netlink.h>
+#include <linux/sock_diag.h>
 #include <sched.h>
 #include <time.h>
 #include <unistd.h>
@@ -170,6 +174,7 @@ struct conn {
     struct direction dir[2]; /* 0: client -> backend, 1: backend -> client */
     struct conn *prev, *next; /* all conns the engine thread knows */
     struct setup *su;         /* non-NULL while accepted and not connected yet */
+    struct tw_req *tw;        /* transparent, our FIN first: its TIME_WAIT to destroy */
     /* after a detach: the bytes each direction held (freed with the conn) */
     char *held[2];
     uint32_t held_len[2];
@@ -183,6 +188,9 @@ struct conn {
     bool live, closed, released;
     bool registered[2]; /* in epoll already (the backend, from its connect) */
     bool nonblocking;   /* both fds known non-blocking */
+    bool tp;            /* the engine bound the backend socket to the client's address */
+    bool foreign;       /* added by uproxy_engine_add*: not set up here (the socket says) */
+    bool tw_left;       /* transparent, our FIN first, and no exact address: count it */
     /* guarded by e->lock */
     bool cmd_queued;
     unsigned cmds;
@@ -241,6 +249,10 @@ struct uproxy_engine {
     struct listener *pause_head, *pause_tail;
     uint64_t setup_tokens, rng;
     int ev_pending;     /* events and completions queued since Python was last woken */
+    struct tw_req *tw_batch; /* SOCK_DESTROY requests sent at the end of the round */
+    int tw_n;
+    int diagfd;         /* NETLINK_SOCK_DIAG, opened at the first request (-1: not yet) */
+    bool tw_off;        /* the kernel refused: count them as left (the caller sweeps) */
     int64_t notify_at;  /* ms: when Python is woken for them (0: nothing pending) */
     int64_t notified;   /* ms: when Python was last woken for them */
 };
@@ -370,12 +382,178 @@ static void done_queue(struct uproxy_engine *e, struct conn *c, bool at_once)
         e->ev_pending++;
 }
 
+/* ---- transparent TIME_WAIT sockets (engine thread) ------------------------
+ * A backend socket bound to the client's address that sends its FIN first ends
+ * as a TIME_WAIT socket clientIP:E <-> pod:port here, which would take the pod's
+ * SYN-ACK to that client reaching the pod directly from port E (see
+ * uproxy/proxy/sockdiag.py). The engine destroys it once the backend's FIN is
+ * read, by its exact address: per round, one netlink send asks for the noted
+ * addresses (an O(1) lookup each), a second destroys those the kernel says are
+ * in TIME_WAIT, by their cookie -- that socket and no other, also when the
+ * backend's FIN crossed ours (then there is none: our socket closed passively and
+ * its port is free for the next connection). The caller's sweep, a walk of every
+ * socket of the node, is left for the ones it cannot (tw_left). */
+
+#define TW_BATCH 64
+
+struct tw_req {
+    struct nlmsghdr nh;
+    struct inet_diag_req_v2 r;
+};
+
+/* Our FIN goes first to the backend (called before the shutdown): note the
+ * socket's exact address while it is connected, if it is transparent. */
+static void tw_note(struct conn *c)
+{
+    if (c->tw || c->tw_left || (!c->tp && !c->foreign))
+        return;
+    int fd = c->fd[UPROXY_SIDE_BACKEND];
+    struct sockaddr_storage local, peer;
+    socklen_t ll = sizeof local, pl = sizeof peer;
+    if (getsockname(fd, (struct sockaddr *)&local, &ll) < 0
+        || getpeername(fd, (struct sockaddr *)&peer, &pl) < 0
+        || peer.ss_family != local.ss_family)
+        return; /* reset already: nothing will linger */
+    int v6 = local.ss_family == AF_INET6;
+    if (c->foreign) { /* handed to the engine: the socket says whether it is transparent */
+        int on = 0;
+        socklen_t ol = sizeof on;
+        if (getsockopt(fd, v6 ? SOL_IPV6 : SOL_IP, v6 ? IPV6_TRANSPARENT : IP_TRANSPARENT,
+                       &on, &ol) < 0 || !on)
+            return;
+    }
+    struct tw_req *q = calloc(1, sizeof *q);
+    if (!q) {
+        c->tw_left = true;
+        return;
+    }
+    q->nh.nlmsg_len = sizeof *q;
+    q->nh.nlmsg_type = SOCK_DIAG_BY_FAMILY;
+    q->nh.nlmsg_flags = NLM_F_REQUEST;
+    q->r.sdiag_family = (uint8_t)local.ss_family;
+    q->r.sdiag_protocol = IPPROTO_TCP;
+    q->r.idiag_states = 1U << 6; /* TCP_TIME_WAIT */
+    struct inet_diag_sockid *id = &q->r.id;
+    if (v6) {
+        struct sockaddr_in6 *a = (struct sockaddr_in6 *)&local, *b = (struct sockaddr_in6 *)&peer;
+        id->idiag_sport = a->sin6_port;
+        id->idiag_dport = b->sin6_port;
+        memcpy(id->idiag_src, &a->sin6_addr, 16);
+        memcpy(id->idiag_dst, &b->sin6_addr, 16);
+    } else {
+        struct sockaddr_in *a = (struct sockaddr_in *)&local, *b = (struct sockaddr_in *)&peer;
+        id->idiag_sport = a->sin_port;
+        id->idiag_dport = b->sin_port;
+        memcpy(id->idiag_src, &a->sin_addr, 4);
+        memcpy(id->idiag_dst, &b->sin_addr, 4);
+    }
+    id->idiag_cookie[0] = id->idiag_cookie[1] = INET_DIAG_NOCOOKIE;
+    c->tw = q;
+}
+
+/* Send `n` requests; the kernel answers them within send(). Read the answers
+ * without waiting: with `keep`, each TIME_WAIT socket's request is rewritten in
+ * place into a SOCK_DESTROY of that socket (its cookie) and the count returned;
+ * otherwise (the destroys) failures other than ENOENT are counted in *refused. */
+static int tw_send(struct uproxy_engine *e, struct tw_req *reqs, int n, bool keep, int *refused)
+{
+    if (send(e->diagfd, reqs, (size_t)n * sizeof *reqs, 0) < 0) {
+        *refused += n;
+        return 0;
+    }
+    int out = 0;
+    for (int tries = 0; tries <= n; tries++) { /* at most one answer per request */
+        char buf[8192] __attribute__((aligned(8)));
+        ssize_t got = recv(e->diagfd, buf, sizeof buf, MSG_DONTWAIT);
+        if (got <= 0)
+            break;
+        int left = (int)got;
+        for (struct nlmsghdr *h = (struct nlmsghdr *)buf; NLMSG_OK(h, left);
+             h = NLMSG_NEXT(h, left)) {
+            if (h->nlmsg_type == NLMSG_ERROR && h->nlmsg_len >= NLMSG_LENGTH(sizeof(int))) {
+                int err = -((struct nlmsgerr *)NLMSG_DATA(h))->error;
+                if (err && err != ENOENT) /* ENOENT: gone, or never one (crossed FINs) */
+                    (*refused)++;
+            } else if (keep && h->nlmsg_type == SOCK_DIAG_BY_FAMILY
+                       && h->nlmsg_len >= NLMSG_LENGTH(sizeof(struct inet_diag_msg))
+                       && out < n) {
+                struct inet_diag_msg *m = NLMSG_DATA(h);
+                if (m->idiag_state != 6) /* not TIME_WAIT: someone else's now, or closing */
+                    continue;
+                struct tw_req *d = &reqs[out++];
+                d->nh.nlmsg_type = SOCK_DESTROY;
+                d->r.sdiag_family = m->idiag_family;
+                d->r.id = m->id;
+            }
+        }
+    }
+    return out;
+}
+
+/* The round's noted sockets: ask, then destroy the ones in TIME_WAIT. */
+static void tw_flush(struct uproxy_engine *e)
+{
+    int n = e->tw_n;
+    if (!n)
+        return;
+    e->tw_n = 0;
+    if (!e->tw_off && e->diagfd < 0) {
+        e->diagfd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC | SOCK_NONBLOCK, NETLINK_SOCK_DIAG);
+        e->tw_off = e->diagfd < 0;
+    }
+    if (e->tw_off) {
+        stat_add(&e->stats.tw_left, (uint64_t)n);
+        return;
+    }
+    int refused = 0;
+    int found = tw_send(e, e->tw_batch, n, true, &refused);
+    int destroyed = found;
+    if (!refused && found) {
+        int failed = 0;
+        tw_send(e, e->tw_batch, found, false, &failed);
+        refused += failed;
+        destroyed -= failed;
+    }
+    if (refused) { /* EPERM, EOPNOTSUPP: the caller's sweep says why, once */
+        e->tw_off = true;
+        stat_add(&e->stats.tw_left, (uint64_t)(refused > n ? n : refused));
+    }
+    stat_add(&e->stats.tw_destroyed, (uint64_t)(destroyed > 0 ? destroyed : 0));
+}
+
+/* The connection ends: its noted TIME_WAIT socket exists now if the backend's
+ * FIN was read after ours (a reset before that sends RST instead: nothing lingers). */
+static void tw_close(struct uproxy_engine *e, struct conn *c)
+{
+    struct tw_req *q = c->tw;
+    c->tw = NULL;
+    bool lingers = c->dir[1].eof;
+    if (c->tw_left && lingers)
+        stat_add(&e->stats.tw_left, 1);
+    if (!q)
+        return;
+    if (lingers) {
+        if (!e->tw_batch)
+            e->tw_batch = malloc(TW_BATCH * sizeof *e->tw_batch);
+        if (e->tw_off || !e->tw_batch) {
+            stat_add(&e->stats.tw_left, 1);
+        } else {
+            e->tw_batch[e->tw_n++] = *q;
+            if (e->tw_n == TW_BATCH)
+                tw_flush(e);
+        }
+    }
+    free(q);
+}
+
 static void conn_finish(struct uproxy_engine *e, struct conn *c, int reason, int side, int err)
 {
     if (c->closed)
         return;
     c->closed = true;
     bool rst = reason != UPROXY_DONE_CLOSED;
+    if (c->tw || c->tw_left)
+        tw_close(e, c);
     for (int s = 0; s < 2; s++) {
         /* Explicit DEL: a forked child may still share the file, and then
          * close() alone would leave the registration (and its pointer) behind. */
@@ -556,12 +734,14 @@ static bool dir_pump(struct uproxy_engine *e, struct conn *c, int di)
         }
         if (d->eof) {
             if (!d->shut) {
+                /* our FIN first: the backend socket will linger in TIME_WAIT (a
+                 * transparent one is destroyed at close, see tw_note) */
+                if (dst == UPROXY_SIDE_BACKEND && !c->dir[1].eof && !c->hup[UPROXY_SIDE_BACKEND]) {
+                    stat_add(&e->stats.closes_first, 1);
+                    tw_note(c);
+                }
                 shutdown(c->fd[dst], SHUT_WR);
                 d->shut = true;
-                /* our FIN first: the backend socket will linger in TIME_WAIT (a
-                 * transparent one is swept, uproxy/proxy/sockdiag.py) */
-                if (dst == UPROXY_SIDE_BACKEND && !c->dir[1].eof && !c->hup[UPROXY_SIDE_BACKEND])
-                    stat_add(&e->stats.closes_first, 1);
             }
             return true;
         }
@@ -736,6 +916,7 @@ static void conn_free(struct uproxy_engine *e, struct conn *c)
         c->next->prev = c->prev;
     free(c->held[0]);
     free(c->held[1]);
+    free(c->tw);
     free(c);
 }
 
@@ -1096,6 +1277,7 @@ static void setup_failed(struct uproxy_engine *e, struct conn *c, int err)
 static bool setup_transparent(struct uproxy_engine *e, struct conn *c, struct ep_entry *t, int s)
 {
     struct epset *eps = c->su->eps;
+    c->tp = false;
     if (!(eps->transparent & UPROXY_TP_ON) || c->su->client.ss_family != t->sa.ss_family)
         return true;
     unsigned char client[16], endpoint[16];
@@ -1137,7 +1319,8 @@ static bool setup_transparent(struct uproxy_engine *e, struct conn *c, struct ep
     /* The port is left to connect (a free one for the whole 4-tuple). */
     if (setsockopt(s, SOL_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one) < 0)
         return false;
-    return bind(s, (struct sockaddr *)&src, len) == 0;
+    c->tp = bind(s, (struct sockaddr *)&src, len) == 0;
+    return c->tp;
 }
 
 static void setup_connect(struct uproxy_engine *e, struct conn *c)
@@ -1469,6 +1652,7 @@ static void *engine_main(void *arg)
             stopping = run_commands(e);
             free_dead_listeners(e);
         }
+        tw_flush(e);
         notify_python(e);
     }
     pthread_mutex_lock(&e->lock);
@@ -1478,6 +1662,7 @@ static void *engine_main(void *arg)
     setup_abort_all(e);
     for (struct conn *c = e->all; c; c = c->next)
         conn_finish(e, c, UPROXY_DONE_ABORTED, -1, 0);
+    tw_flush(e);
     pthread_mutex_lock(&e->lock); /* no accepting from now on */
     for (int i = 0; i < e->nlisteners; i++) {
         struct listener *l = e->listeners[i];
@@ -1514,7 +1699,7 @@ struct uproxy_engine *uproxy_engine_new(int max_pipes, int want_pipe_size, int k
     struct uproxy_engine *e = calloc(1, sizeof *e);
     if (!e)
         return NULL;
-    e->epfd = e->wakefd = e->donefd = -1;
+    e->epfd = e->wakefd = e->donefd = e->diagfd = -1;
     e->max_pipes = max_pipes < 0 ? 0 : max_pipes;
     e->keep_free = keep_free < 0 ? 0 : keep_free;
     e->scratch = malloc(SCRATCH_SIZE);
@@ -1588,6 +1773,7 @@ static struct uproxy_conn *conn_add(struct uproxy_engine *e, struct conn *c, int
     c->pub.token = token;
     c->fd[0] = client_fd;
     c->fd[1] = backend_fd;
+    c->foreign = true;
     pthread_mutex_lock(&e->lock);
     if (e->stopping) {
         pthread_mutex_unlock(&e->lock);
@@ -1775,6 +1961,8 @@ void uproxy_engine_stats(struct uproxy_engine *e, struct uproxy_engine_stats *ou
     out->setups_opened = stat_get(&e->stats.setups_opened);
     out->setups_refused = stat_get(&e->stats.setups_refused);
     out->closes_first = stat_get(&e->stats.closes_first);
+    out->tw_destroyed = stat_get(&e->stats.tw_destroyed);
+    out->tw_left = stat_get(&e->stats.tw_left);
 }
 
 /* ---- set-up API (event loop thread) -------------------------------------- */
@@ -2091,6 +2279,9 @@ void uproxy_engine_free(struct uproxy_engine *e)
         close(e->wakefd);
     if (e->donefd >= 0)
         close(e->donefd);
+    if (e->diagfd >= 0)
+        close(e->diagfd);
+    free(e->tw_batch);
     if (e->lock_ready)
         pthread_mutex_destroy(&e->lock);
     free(e->scratch);

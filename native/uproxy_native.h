@@ -100,6 +100,11 @@ struct uproxy_engine_stats {
     uint64_t setups_refused; /* accepted by the engine and reset (ever) */
     uint64_t closes_first;   /* backends that got uproxy's FIN before sending theirs
                               * (ever): each such socket lingers in TIME_WAIT here */
+    uint64_t tw_destroyed;   /* of those, transparent ones (bound to the client's
+                              * address) whose TIME_WAIT socket the engine destroyed
+                              * at close by its exact address (SOCK_DESTROY) */
+    uint64_t tw_left;        /* transparent ones it could not (no SOCK_DESTROY, a
+                              * socket it cannot name): the caller sweeps those */
 };
 
 /* Probe the pipe size (tries `want`, then halves down to 64 KiB, within

@@ -120,6 +120,9 @@ class Daemon:
         self._tcp_mover = TcpMover(tcp)
         self.metrics.affinity_pins.set_function(  # (read at scrape time)
             lambda: self.balancer.affinity_count() + tcp.affinity_count())
+        self.metrics.time_wait_from(lambda: ({"at_close": tcp.time_wait_destroyed(),
+                                              "sweep": self.transparent.swept},
+                                             self.transparent.sweeps))
         self._add_udp()
         self._served = Served()
         self.listener_set = self._listener_set(self._no_ipv6 is None)

@@ -8,7 +8,11 @@ of live connections are added at scrape time by the status server.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 _SYNC_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _PROG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
@@ -62,3 +66,39 @@ class Metrics:
             ["service"], registry=r)
         self.sync_errors = Counter(
             "uproxy_sync_errors_total", "Syncs that failed (iptables errors)", registry=r)
+
+    def time_wait_from(self, read: Callable[[], tuple[dict[str, int], int]]) -> None:
+        """``uproxy_transparent_time_wait_destroyed_total{how}`` and
+        ``uproxy_transparent_time_wait_sweeps_total``, read at scrape time from the relays'
+        and the sweep's own counts: ((``at_close``, ``sweep``), sweeps)."""
+        self.registry.register(_TimeWait(read))
+
+
+class _TimeWait(Collector):
+    def __init__(self, read: Callable[[], tuple[dict[str, int], int]]) -> None:
+        self._read = read
+
+    def describe(self) -> list[CounterMetricFamily]:
+        return list(self._families())
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        destroyed, sweeps = self._families()
+        counts, runs = self._read()
+        for how, count in sorted(counts.items()):
+            destroyed.add_metric([how], count)
+        sweeps.add_metric([], runs)
+        yield destroyed
+        yield sweeps
+
+    @staticmethod
+    def _families() -> tuple[CounterMetricFamily, CounterMetricFamily]:
+        return (CounterMetricFamily(
+                    "uproxy_transparent_time_wait_destroyed",
+                    "Transparent backend sockets' TIME_WAIT sockets destroyed, by how: "
+                    "at_close (by the relay, by their exact address) or sweep",
+                    labels=["how"]),
+                CounterMetricFamily(
+                    "uproxy_transparent_time_wait_sweeps",
+                    "Sweeps for transparent TIME_WAIT sockets (each a walk of every TCP "
+                    "socket of the node; only for ones not destroyed at close)"))
+

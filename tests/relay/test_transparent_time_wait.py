@@ -144,9 +144,10 @@ def test_a_client_reusing_the_backend_port_reaches_the_pod_directly(
         lab: Lab, flavor: Flavor, family: int, rfc1337: int) -> None:
     """With ``tcp_rfc1337`` off (the default) the TIME_WAIT socket answers the pod's
     SYN-ACK with an ACK, the pod resets, the reset kills the TIME_WAIT socket and the
-    client's first SYN retry (1 s) gets through: with the sweep, a client that comes a
-    second after the close loses no SYN. With it on the TIME_WAIT socket ignores the
-    reset and the client times out -- unless swept: at once, one SYN retry at most."""
+    client's first SYN retry (1 s) gets through; with it on the TIME_WAIT socket ignores
+    the reset and the client times out. The relay destroys the socket the moment it
+    exists (it read the pod's FIN), by its exact address: a client that comes at once
+    loses no SYN, and no sweep was needed (the sweep comes half a second after a close)."""
     lab.run("node", ["sysctl", "-qw", f"net.ipv4.tcp_rfc1337={rfc1337}"])
     node = _start(lab, flavor)
     try:
@@ -155,13 +156,22 @@ def test_a_client_reusing_the_backend_port_reaches_the_pod_directly(
         seen, closed = done.stdout.splitlines()
         peer, port = seen.split()
         assert (peer, closed) == (client, "closed"), done.stdout  # transparent, client first
-        words = _direct(lab, client, pod, int(port), after=0.0 if rfc1337 else 1.0)
+        words = _direct(lab, client, pod, int(port))
         assert words[:3] == ["ok", client, port], words
-        bound = 3.0 if rfc1337 else 0.9  # (one SYN retry; none)
-        assert float(words[3]) < bound, words
+        assert float(words[3]) < 0.9, words  # (no SYN retry)
         assert _leftover_time_wait(lab, client) == []
+        destroyed = _time_wait_destroyed(lab)
+        assert destroyed == {"at_close": 1.0, "sweep": 0.0}, destroyed
     finally:
         assert node.stop() == 0
+
+
+def _time_wait_destroyed(lab: Lab) -> dict[str, float]:
+    """``uproxy_transparent_time_wait_destroyed_total`` by ``how``, from /metrics."""
+    text = lab.run("node", ["curl", "-sf", "-m", "5", "http://127.0.0.1:10249/metrics"]).stdout
+    name = "uproxy_transparent_time_wait_destroyed_total{how=\""
+    return {line[len(name):].split('"', 1)[0]: float(line.split()[-1])
+            for line in text.splitlines() if line.startswith(name)}
 
 
 @pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])

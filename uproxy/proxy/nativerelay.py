@@ -840,7 +840,7 @@ class NativeRelay:
         return {name: int(getattr(s, name)) for name in (
             "conns_live", "pipes_in_use", "pipes_total", "pipes_max", "pipe_size",
             "splice_bytes", "copy_bytes", "bufs_in_use", "setups_live", "setups_opened",
-            "setups_refused", "closes_first")}
+            "setups_refused", "closes_first", "tw_destroyed", "tw_left")}
 
     def closes_first(self) -> int:
         """Backend connections that got our FIN before sending theirs (ever): each leaves
@@ -849,6 +849,15 @@ class NativeRelay:
             return int(self._final_stats.get("closes_first", 0))
         self._lib.uproxy_engine_stats(self._raw, self._stats)
         return int(self._stats.closes_first)
+
+    def time_wait_left(self) -> int:
+        """Of those, transparent ones whose TIME_WAIT socket the engine could not destroy
+        at close by its exact address (ever): the caller sweeps for them."""
+        return self.stats().get("tw_left", 0)
+
+    def time_wait_destroyed(self) -> int:
+        """Transparent TIME_WAIT sockets the engine destroyed at close (ever)."""
+        return self.stats().get("tw_destroyed", 0)
 
     def pipes_in_use(self) -> int:
         """Pipes holding a connection's bytes right now (idle connections hold none)."""

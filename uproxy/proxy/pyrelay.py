@@ -16,6 +16,7 @@ import contextlib
 import errno
 import socket
 
+from uproxy.proxy import sockdiag
 from uproxy.proxy.relay import (
     HANDED_OVER,
     DoneCallback,
@@ -66,6 +67,7 @@ class PyRelayHandle:
         self._up = _Direction(client, backend)
         self._down = _Direction(backend, client)
         self._closed = False
+        self._tw: sockdiag.Named | None = None  # transparent, our FIN first: its TIME_WAIT
         client.setblocking(False)
         backend.setblocking(False)
         if not paused:
@@ -131,6 +133,7 @@ class PyRelayHandle:
             return
         if d is self._up and not self._down.eof:  # our FIN first: the backend's TIME_WAIT here
             self._relay.closes_first_count += 1
+            self._tw = sockdiag.transparent_name(self._backend)  # (while it is connected)
         with contextlib.suppress(OSError):
             d.dst.shutdown(socket.SHUT_WR)
         if self._up.eof and self._down.eof and not self._up.pending and not self._down.pending:
@@ -193,6 +196,8 @@ class PyRelayHandle:
                 reset_close(sock)
             else:
                 sock.close()
+        if self._tw is not None and self._down.eof:  # the backend's FIN read: it exists now
+            self._relay.time_wait(self._tw)
         self._up.pending = self._down.pending = b""
         self._relay._done(self)
         self._on_done(RelayResult(self._up.moved, self._down.moved, error))
@@ -209,11 +214,35 @@ class PyRelay:
         self._live: set[PyRelayHandle] = set()
         self._closed = False
         self.closes_first_count = 0  # backends that got our FIN before sending theirs
+        self._time_wait_destroyed = 0  # of those, transparent TIME_WAIT sockets destroyed
+        self._time_wait_left = 0  # ... and ones that could not be (the sweep's)
+        self._exact: sockdiag.Exact | None = sockdiag.Exact()  # None: the kernel refused
 
     def closes_first(self) -> int:
         """Backend connections that got our FIN before sending theirs (ever): each leaves
         a TIME_WAIT socket on the node (transparent mode sweeps those)."""
         return self.closes_first_count
+
+    def time_wait_left(self) -> int:
+        """Transparent ones whose TIME_WAIT socket could not be destroyed at close by its
+        exact address (ever): the caller sweeps for them."""
+        return self._time_wait_left
+
+    def time_wait_destroyed(self) -> int:
+        """Transparent TIME_WAIT sockets destroyed at close (ever)."""
+        return self._time_wait_destroyed
+
+    def time_wait(self, name: sockdiag.Named) -> None:
+        """A transparent backend socket's TIME_WAIT exists: destroy it by its address (as
+        the native engine does, native/relay.c)."""
+        if self._exact is not None:
+            try:
+                self._time_wait_destroyed += self._exact.destroy(name)
+                return
+            except OSError:  # refused: the sweep says why, once
+                self._exact.close()
+                self._exact = None
+        self._time_wait_left += 1
 
     def start(self, client: socket.socket, backend: socket.socket,
               on_done: DoneCallback) -> PyRelayHandle | RefusedHandle:
@@ -263,3 +292,5 @@ class PyRelay:
         self._closed = True
         for handle in list(self._live):
             handle.abort()
+        if self._exact is not None:
+            self._exact.close()

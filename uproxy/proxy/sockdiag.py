@@ -213,3 +213,75 @@ def _destroy(nl: socket.socket, family: int, ids: list[bytes]) -> int:
                     raise OSError(-err, "SOCK_DESTROY: " + os.strerror(-err))
         destroyed += len(batch) - failed
     return destroyed
+
+
+# --- one socket by its exact address ------------------------------------------------------
+
+_NOCOOKIE = b"\xff" * 8
+_SOL_IPV6, _IPV6_TRANSPARENT = 41, 75
+_IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
+
+Named = tuple[int, tuple[str, int], tuple[str, int]]
+"""(family, local (address, port), peer (address, port)) of a TCP socket."""
+
+
+def transparent_name(sock: socket.socket) -> Named | None:
+    """The exact address of a connected socket bound to an address not the node's
+    (``IP_TRANSPARENT``), or None (not transparent, or not connected)."""
+    v6 = sock.family == socket.AF_INET6
+    try:
+        on = sock.getsockopt(_SOL_IPV6 if v6 else socket.SOL_IP,
+                             _IPV6_TRANSPARENT if v6 else _IP_TRANSPARENT)
+        if not on:
+            return None
+        local, peer = sock.getsockname(), sock.getpeername()
+    except OSError:
+        return None
+    return (6 if v6 else 4), (local[0], local[1]), (peer[0], peer[1])
+
+
+def _exact_id(name: Named) -> bytes:
+    family, (src, sport), (dst, dport) = name
+    af = socket.AF_INET6 if family == 6 else socket.AF_INET
+    return _SOCKID.pack(socket.htons(sport), socket.htons(dport),
+                        socket.inet_pton(af, src).ljust(16, b"\0"),
+                        socket.inet_pton(af, dst).ljust(16, b"\0"), 0, _NOCOOKIE)
+
+
+class Exact:
+    """``SOCK_DESTROY`` of one TIME_WAIT socket by its exact address: O(1) lookups in the
+    kernel, where :func:`sweep` walks every socket of the namespace. The relays use it for
+    the socket a transparent backend connection leaves when the backend's FIN is read
+    after ours. It asks first and destroys by the answer's cookie, so only a socket in
+    TIME_WAIT goes, never another one with the address (when the FINs crossed, ours
+    closed passively and left none)."""
+
+    def __init__(self) -> None:
+        self._nl: socket.socket | None = None
+
+    def destroy(self, name: Named) -> bool:
+        """True when destroyed, False when there is none; OSError when refused."""
+        if self._nl is None:
+            self._nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                                     NETLINK_SOCK_DIAG)
+        af = socket.AF_INET6 if name[0] == 6 else socket.AF_INET
+        self._nl.send(_request(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, 2, af, TIME_WAIT,
+                               _exact_id(name)))
+        data = self._nl.recv(1 << 12)
+        for kind, _seq, payload in _messages(data):
+            if kind == NLMSG_ERROR:
+                (err,) = _ERR.unpack_from(payload)
+                if -err == errno.ENOENT:
+                    return False
+                raise OSError(-err, "sock_diag: " + os.strerror(-err))
+            if kind == SOCK_DIAG_BY_FAMILY and len(payload) >= _MSG_HEAD.size + _SOCKID.size:
+                if payload[1] != TCP_TIME_WAIT:
+                    return False
+                sockid = payload[_MSG_HEAD.size:_MSG_HEAD.size + _SOCKID.size]
+                return _destroy(self._nl, af, [sockid]) == 1
+        return False
+
+    def close(self) -> None:
+        if self._nl is not None:
+            self._nl.close()
+            self._nl = None

@@ -266,7 +266,7 @@ class TcpProxy:
         self._connecting: set[_Connect] = set()
         self._metrics: dict[ServicePortName, _ServiceMetrics] = {}
         self.live: dict[int, tuple[Conn, RelayHandle]] = {}  # conn id -> relayed connection
-        self._closes_first = 0  # the relays' count at the last sweep request (closed_one)
+        self._tw_left = 0  # the relays' count at the last sweep request (closed_one)
         self.adopted_relay: RelayEngine | None = None  # what came over, if self.relay cannot adopt
         self.deferring = False  # new listeners wait for their first refresh (defer)
         self._deferred: list[TcpListener] = []
@@ -536,6 +536,15 @@ class TcpProxy:
             if timeout is None or all(now - last > timeout for _, _, last in pins):
                 del self._aff_pending[name]
 
+    def time_wait_destroyed(self) -> int:
+        """Transparent TIME_WAIT sockets the relays destroyed at close (ever)."""
+        total = 0
+        for relay in (self.relay, self.adopted_relay):
+            count = getattr(relay, "time_wait_destroyed", None)
+            if count is not None:
+                total += count()
+        return total
+
     def affinity_count(self) -> int:
         """The engine's pins (the balancer counts its own)."""
         return self._native_relay().affinity_count() if self._native else 0
@@ -689,23 +698,23 @@ class TcpProxy:
 
     def closed_one(self) -> None:
         """Connections closed: transparent mode sweeps the TIME_WAIT sockets its backend
-        sockets left (see :mod:`uproxy.proxy.sockdiag`) -- only when one of them got our
-        FIN first (the relays count those): a backend that closed first leaves none here,
-        and a sweep walks every TCP socket of the node (issue 16: the short connections
-        of an HTTP/1.0 client cost no sweep)."""
+        sockets left (see :mod:`uproxy.proxy.sockdiag`) -- only when the relays could not
+        destroy one at close by its exact address (they count those): a sweep walks every
+        TCP socket of the node, the relays' exact destroys one each (issue 16: the short
+        connections of a client that closes first cost no sweep)."""
         tp = self.transparent
         if tp is None or not tp.families:
             return
         total = 0
         for relay in (self.relay, self.adopted_relay):
-            count = getattr(relay, "closes_first", None)
+            count = getattr(relay, "time_wait_left", None)
             if relay is not None and count is None:
                 total = -1  # a relay that does not count: sweep at every close
                 break
             if count is not None:
                 total += count()
-        if total < 0 or total != self._closes_first:
-            self._closes_first = total
+        if total < 0 or total != self._tw_left:
+            self._tw_left = total
             tp.note_closed()
 
     def _flush_metrics(self) -> None:

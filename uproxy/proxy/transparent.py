@@ -97,6 +97,7 @@ class Transparent:
         self._sweep_again = False  # a close during a sweep: sweep once more after it
         self.sweep_refused = ""  # why sweeping is off (said once)
         self.swept = 0  # TIME_WAIT sockets destroyed while running
+        self.sweeps = 0  # sweeps run while running (each a walk of the node's sockets)
         # the endpoints' addresses and ports (the daemon's): a sweep destroys only sockets
         # whose peer is one of them; None (``uproxy cleanup``: no table) -- any peer
         self.backends: Callable[[], Collection[tuple[str, int]]] | None = None
@@ -170,6 +171,7 @@ class Transparent:
 
     async def _sweep_task(self) -> None:
         try:
+            self.sweeps += 1
             self.swept += await self.sweep(self.links.local)
         finally:
             self._sweep = None
