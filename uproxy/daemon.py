@@ -176,6 +176,7 @@ class Daemon:
         # The kernel's rules change under this lock only (nft/iptables-restore never
         # interleave); a full sync's repair holds it in the background (``repairing``).
         self._rules_lock = asyncio.Lock()
+        self._settled = False  # a takeover holds the rules lock (settle/unsettle)
         self._repair: asyncio.Task[None] | None = None
 
     def _adopt(self, adopted: Received) -> None:
@@ -989,6 +990,24 @@ class Daemon:
             else:
                 sock.close()
         log.info("took over %d of %d UDP flows", kept, len(flows))
+
+    async def settle(self) -> None:
+        """A new uproxy said hello: the rules work in flight finishes (start-up's
+        preparation, a sync's or a repair's ``nft -f``/``iptables-restore``, whose
+        processes run to their end even when their task is cancelled) and none starts
+        after it: the rules lock stays ours until :meth:`unsettle`, and for good once
+        handed over, so nothing of ours lands after the new uproxy's first sync."""
+        if self._prepare is not None:
+            with contextlib.suppress(Exception):  # (its failure is the first sync's to say)
+                await asyncio.shield(self._prepare)
+        await self._rules_lock.acquire()
+        self._settled = True
+
+    def unsettle(self) -> None:
+        """The takeover did not happen: rules work goes on."""
+        if self._settled:
+            self._settled = False
+            self._rules_lock.release()
 
     def pause(self) -> None:
         """A new uproxy takes over: stop accepting (the backlogs wait for it)."""

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,9 +35,28 @@ class StandIn:
             self.socks.append(sock)
         self.paused = self.released = False
         self.resumed: list[str] = []
+        self.log: list[str] = []  # settle, unsettle and pause, in order
+        self.rules_done: asyncio.Event | None = None  # settle waits for it (rules in flight)
+        self.held = False
+
+    async def settle(self) -> None:
+        try:
+            if self.rules_done is not None:
+                await self.rules_done.wait()
+        except asyncio.CancelledError:
+            self.log.append("settle given up")
+            raise
+        self.held = True
+        self.log.append("settled")
+
+    def unsettle(self) -> None:
+        if self.held:
+            self.held = False
+            self.log.append("unsettled")
 
     def pause(self) -> None:
         self.paused = True
+        self.log.append("paused")
 
     def inventory(self) -> list[tuple[Item, list[socket.socket]]]:
         return [(Item("listener", {"port": s.getsockname()[1]}), [s]) for s in self.socks]
@@ -54,12 +74,18 @@ class StandIn:
             sock.close()
 
 
-def _serving(tmp_path: Path, stand_in: StandIn,
-             new_side: Callable[[], object]) -> object:
-    """Run ``new_side`` in a thread while a HandoverServer serves ``stand_in``."""
+def _serving(tmp_path: Path, stand_in: StandIn, new_side: Callable[[], object], *,
+             rules_for: float | None = None, settle_wait: float = 5.0) -> object:
+    """Run ``new_side`` in a thread while a HandoverServer serves ``stand_in``; with
+    ``rules_for``, the stand-in's rules work in flight ends that many seconds after the
+    start (never, when it is longer than the test)."""
 
     async def main() -> object:
         server = HandoverServer(asyncio.get_running_loop(), str(tmp_path), stand_in, timeout=5)
+        server.settle_wait = settle_wait
+        if rules_for is not None:
+            done = stand_in.rules_done = asyncio.Event()
+            asyncio.get_running_loop().call_later(rules_for, done.set)
         server.start()
         try:
             return await asyncio.to_thread(new_side)
@@ -105,6 +131,45 @@ def test_every_listening_socket_comes_over_in_batches_and_keeps_its_backlog(
         stand_in.close()
     # The socket file is the new uproxy's to replace now: the old one leaves it alone.
     assert (tmp_path / "takeover.sock").exists()
+
+
+def test_the_rules_in_flight_finish_before_anything_is_paused_or_sent(tmp_path: Path) -> None:
+    """An nft -f that the old process started before the hello lands before the new
+    process's first sync: the old one settles (serving on) before it pauses and offers."""
+    stand_in = StandIn(2)
+    began = time.monotonic()
+    received = _serving(tmp_path, stand_in, lambda: take_over(str(tmp_path)), rules_for=0.4)
+    assert isinstance(received, Received)
+    assert time.monotonic() - began >= 0.4
+    assert stand_in.log == ["settled", "paused"]  # and the lock is kept: released
+    assert stand_in.released and stand_in.held
+    received.close_unclaimed(set())
+
+
+def test_a_failed_takeover_lets_the_rules_work_go_on(tmp_path: Path) -> None:
+    stand_in = StandIn(2)
+
+    def script(sock: socket.socket, decoder: FrameDecoder) -> object:
+        sock.sendall(encode({"type": "hello", "version": VERSION, "netns": netns_id()}))
+        return _frames(sock, decoder, "offer")  # then goes away without "owned"
+
+    _serving(tmp_path, stand_in, _raw(tmp_path, script), rules_for=0.1)
+    assert stand_in.log == ["settled", "paused", "unsettled"]
+    assert not stand_in.released and len(stand_in.resumed) == 1
+    stand_in.close()
+
+
+def test_rules_that_never_finish_hold_a_takeover_up_only_for_the_settle_wait(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    stand_in = StandIn(1)
+    began = time.monotonic()
+    received = _serving(tmp_path, stand_in, lambda: take_over(str(tmp_path)),
+                        rules_for=60.0, settle_wait=0.3)
+    assert isinstance(received, Received) and stand_in.released
+    assert 0.3 <= time.monotonic() - began < 5.0
+    assert stand_in.log == ["settle given up", "paused"] and not stand_in.held
+    assert "rules still being applied after 0.3s; handing over anyway" in caplog.text
+    received.close_unclaimed(set())
 
 
 def _raw(tmp_path: Path, script: Callable[[socket.socket, FrameDecoder], object]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -355,3 +356,53 @@ def _sample(text: str, series: str) -> float:
         if line.startswith(series + " "):
             return float(line.split()[-1])
     return 0.0
+
+
+def test_the_old_uproxys_rules_in_flight_never_land_after_the_new_ones(lab: Lab) -> None:
+    """An ``nft -f`` the old uproxy started before the hello (here a slow one: the node's
+    nft behind a wrapper that sleeps 2.5 s before it runs) must not land after the new
+    uproxy's first sync: it would put back a Service the new one no longer has, and the
+    new one's incremental syncs would never take it out (only a full sync, 30 s later).
+    The old one waits for it, serving on, and only then hands over."""
+    tools = lab.workdir / "bin-slow-nft"
+    tools.mkdir()
+    for tool in ("iptables", "iptables-save", "iptables-restore", "ip6tables", "ip6tables-save",
+                 "ip6tables-restore", "conntrack", "ip"):
+        found = shutil.which(tool)
+        assert found is not None, tool
+        (tools / tool).symlink_to(found)
+    nft = shutil.which("nft")
+    assert nft is not None
+    slow, started = lab.workdir / "slow-nft", lab.workdir / "slow-nft-started"
+    (tools / "nft").write_text(  # the next `nft -f` after `slow` appears takes 2.5 s more
+        f"#!/bin/sh\nPATH=/usr/bin:/bin\n"
+        f"if [ \"$1\" = -f ] && rm {slow} 2>/dev/null; then touch {started}; "
+        f"sleep 2.5; fi\nexec {nft} \"$@\"\n")
+    (tools / "nft").chmod(0o755)
+    lab.start_echo(1, tcp_ports=(9376,))
+    node = NodeProxy(lab, prefix=["env", f"PATH={tools}"])
+    assert node.interception == "nftables"
+    node.write("svc.yaml", service("upgraded", VIP, PORTS),
+               endpoint_slice("upgraded", lab.pod_ips[:1], SLICE_PORTS))
+    node.start(wait_for="default/upgraded: cluster IP")
+    gone = "10.0.0.191"
+    try:
+        slow.touch()
+        node.write("gone.yaml", service("gone", gone, PORTS),
+                   endpoint_slice("gone", lab.pod_ips[:1], SLICE_PORTS))
+        deadline = time.monotonic() + 10
+        while not started.exists():  # the old one's nft -f adding "gone" is under way
+            assert time.monotonic() < deadline, node.log
+            time.sleep(0.02)
+        began = time.monotonic()
+        node.remove("gone.yaml")  # the new uproxy starts without it
+        assert node.upgrade() == 0
+        time.sleep(max(0.0, began + 3.5 - time.monotonic()))  # past the slow nft's end
+        text = node.nft_tables(4)
+        assert VIP in text and gone not in text, text
+        old_log = lab.log(f"{node.name}-{node._starts - 1}")
+        assert "takeover: waited" in old_log and "for the rules in flight" in old_log, old_log
+        assert lab.probe("tcp", VIP, "80", "--count", "5")["counts"] == {"pod1": 5}
+    finally:
+        assert node.stop() == 0
+    assert node.uproxy_lines() == []

@@ -6,8 +6,13 @@ what its machines say. The starting process's side is :func:`connect` at start
 own source is loaded, so the running one serves on while the new one loads;
 :class:`HandoverServer` is the running process's side: it listens on
 ``<state-dir>/takeover.sock``, waits on the loop for the hello, then asks the
-daemon (a :class:`Handing`) to pause, collect what it hands over, and then
-either release or resume it.
+daemon (a :class:`Handing`) to settle its rules, pause, collect what it hands
+over, and then either release or resume it.
+
+Settling comes first, on the loop, while everything still serves: the rules work
+already under way (an ``nft -f`` or ``iptables-restore`` whose process has
+started) finishes and none starts after it, so no rules of the old process can
+land after the new one's first sync (up to :data:`SETTLE_WAIT`).
 
 From the hello on, the running side does its exchange with blocking calls and
 a deadline: everything it hands over is paused then anyway (the native
@@ -65,6 +70,7 @@ log = logging.getLogger("uproxy.takeover")
 
 STEP_TIMEOUT = 10.0  # the whole exchange, either side
 HELLO_WAIT = 600.0  # a new uproxy's time to load its source before it says hello
+SETTLE_WAIT = 5.0  # the rules work in flight at the hello: at most this long, then hand over
 _RECV = 1 << 16
 
 
@@ -264,6 +270,13 @@ def _next_event(channel: _Channel, items: tuple[Item, ...]) -> tuple[TakerEvent,
 class Handing(Protocol):
     """What the running daemon does for a takeover."""
 
+    async def settle(self) -> None:
+        """Let the rules work in flight finish and start no more (until :meth:`unsettle`;
+        never again once released): its rules must not land after the new process's."""
+
+    def unsettle(self) -> None:
+        """The takeover did not happen (or settling was given up): rules work goes on."""
+
     def pause(self) -> None:
         """Stop accepting and reading everything that will be handed over."""
 
@@ -292,7 +305,9 @@ class HandoverServer:
         self.giver = Giver(netns_id())
         self.sock: socket.socket | None = None
         self.released = False  # handed over: the socket file is the new uproxy's now
+        self.settle_wait = SETTLE_WAIT
         self._inode = 0
+        self._serving: asyncio.Task[None] | None = None  # one new uproxy at a time
 
     def start(self) -> None:
         """Listen (replacing the socket file of an uproxy that no longer answers)."""
@@ -314,6 +329,8 @@ class HandoverServer:
 
     def close(self) -> None:
         """Stop listening; remove the socket file unless a newer uproxy has replaced it."""
+        if self._serving is not None and not self._serving.done():
+            self._serving.cancel()  # (still settling: the exchange had not begun)
         if self.sock is None:
             return
         self.loop.remove_reader(self.sock.fileno())
@@ -345,10 +362,32 @@ class HandoverServer:
     def _hello_ready(self, peer: socket.socket, timer: asyncio.TimerHandle) -> None:
         timer.cancel()
         self.loop.remove_reader(peer.fileno())
+        if self._serving is not None and not self._serving.done():
+            log.warning("takeover: another new uproxy is being served; closing this one")
+            peer.close()
+            return
+        self._serving = self.loop.create_task(self._settle_and_serve(peer), name="takeover")
+
+    async def _settle_and_serve(self, peer: socket.socket) -> None:
+        """Settle the rules (serving on meanwhile), then the exchange (blocking)."""
+        started = time.monotonic()
         try:
+            try:  # (asyncio.timeout, not wait_for: see sources/kube/reflector.py)
+                async with asyncio.timeout(self.settle_wait):
+                    await self.daemon.settle()
+            except TimeoutError:  # (settle was cancelled: it holds nothing)
+                log.warning("takeover: rules still being applied after %gs; handing over "
+                            "anyway (the new uproxy's next full sync puts back any they "
+                            "overwrite)", self.settle_wait)
+            else:
+                waited = time.monotonic() - started
+                if waited >= 0.01:
+                    log.info("takeover: waited %.0f ms for the rules in flight", waited * 1000)
             self._serve(peer)
         finally:
             peer.close()
+            if not self.released:
+                self.daemon.unsettle()
 
     def _serve(self, peer: socket.socket) -> None:
         started = time.monotonic()
