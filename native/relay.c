@@ -2234,9 +2234,13 @@ int uproxy_engine_events(struct uproxy_engine *e, struct uproxy_event *out, int 
 {
     pthread_mutex_lock(&e->lock);
     int n = e->evq_len < max ? e->evq_len : max;
-    memcpy(out, e->evq, (size_t)n * sizeof *out);
-    memmove(e->evq, e->evq + n, (size_t)(e->evq_len - n) * sizeof *out);
-    e->evq_len -= n;
+    if (n > 0) { /* (evq is NULL until the first event: memcpy from NULL is undefined) */
+        memcpy(out, e->evq, (size_t)n * sizeof *out);
+        memmove(e->evq, e->evq + n, (size_t)(e->evq_len - n) * sizeof *out);
+        e->evq_len -= n;
+    } else {
+        n = 0;
+    }
     bool more = e->evq_len > 0;
     pthread_mutex_unlock(&e->lock);
     if (more)

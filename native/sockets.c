@@ -10,14 +10,17 @@
 
 #include "uproxy_native.h"
 
-/* One socket of family `family` (4/6) on `addr` (4 or 16 bytes), unbound; -errno. */
+/* One socket of family `family` (4/6), unbound; -errno. SO_REUSEADDR for TCP only:
+ * two UDP sockets that both have it may bind one address and port (the walk would
+ * hand out a port another service's socket holds, and take its datagrams). */
 static int open_one(int kind, int family)
 {
     int fd = socket(family == 6 ? AF_INET6 : AF_INET, kind | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0)
         return -errno;
     int one = 1;
-    if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) < 0 ||
+    if ((kind == SOCK_STREAM &&
+         setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) < 0) ||
         (family == 6 && setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof one) < 0)) {
         int err = -errno;
         close(fd);

@@ -484,7 +484,7 @@ int uproxy_transparent_source(const struct uproxy_links *links, int family,
 /* ---- listening sockets in batches (native/sockets.c) ----------------------
  *
  * Open `n` sockets of `kind` (SOCK_STREAM or SOCK_DGRAM) as uproxy.proxy.ports.bind
- * does (non-blocking, close-on-exec, SO_REUSEADDR, IPV6_V6ONLY for IPv6, bound,
+ * does (non-blocking, close-on-exec, SO_REUSEADDR for TCP, IPV6_V6ONLY for IPv6, bound,
  * listening with `backlog` when SOCK_STREAM): socket i of family families[i] (4 or
  * 6) on the address at addrs + 16 * i (the first 4 bytes for IPv4), port ports[i];
  * port 0: PortAllocator.open's walk, the first port of [low, high] from *cursor

@@ -204,6 +204,29 @@ def test_open_many_walks_the_range_as_open_does(twin: str) -> None:
             s.close()
 
 
+def test_the_walk_never_shares_a_udp_port(twin: str) -> None:
+    """A UDP port one of the allocator's own sockets holds is in use for the walk, as a
+    TCP one is: two UDP sockets that both had SO_REUSEADDR could bind one port (the new
+    one taking the other service's datagrams), so UDP ones go without it."""
+    low = _free_window(1)
+    allocator = PortAllocator((low, low))
+    socks: list[socket.socket] = []
+    try:
+        for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+            (first,) = allocator.open_many(kind, ["127.0.0.1"])
+            assert isinstance(first, socket.socket) and first.getsockname()[1] == low
+            socks.append(first)
+            (again,) = allocator.open_many(kind, ["127.0.0.1"])  # (the cursor is on it again)
+            if isinstance(again, socket.socket):
+                socks.append(again)
+            assert isinstance(again, OSError) and again.errno == errno.EADDRINUSE
+            assert first.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) \
+                == int(kind == socket.SOCK_STREAM)
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def test_ports_ensured_together_open_what_one_by_one_opens_and_report_once(
         twin: str, caplog: pytest.LogCaptureFixture) -> None:
     """``ensure_many`` (the first sync's 10,000): new ClusterIP-only ports opened

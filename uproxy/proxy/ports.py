@@ -18,11 +18,15 @@ from uproxy import native
 
 
 def bind(kind: int, address: str, port: int, *, reuse: bool = True) -> socket.socket:
-    """A non-blocking socket bound to (address, port); TCP ones listen."""
+    """A non-blocking socket bound to (address, port); TCP ones listen.
+
+    ``reuse`` (SO_REUSEADDR) is for TCP only: two UDP sockets that both set it may
+    bind one address and port, so the walk would hand out a port another service's
+    socket still holds (and the new socket would take its datagrams)."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     sock = socket.socket(family, kind | socket.SOCK_NONBLOCK)  # (no setblocking call after)
     try:
-        if reuse:
+        if reuse and kind == socket.SOCK_STREAM:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
