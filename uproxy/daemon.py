@@ -1003,6 +1003,20 @@ class Daemon:
         await self._rules_lock.acquire()
         self._settled = True
 
+    def settle_at_once(self) -> bool:
+        """:meth:`settle` when nothing is in flight: the free lock taken without a loop turn
+        (``acquire`` on a free ``asyncio.Lock`` returns without suspending)."""
+        if self._rules_lock.locked() or (self._prepare is not None and not self._prepare.done()):
+            return False
+        step = self._rules_lock.acquire()
+        try:
+            step.send(None)
+        except StopIteration:
+            self._settled = True
+            return True
+        step.close()  # (it would have waited after all: settle() will)
+        return False
+
     def unsettle(self) -> None:
         """The takeover did not happen: rules work goes on."""
         if self._settled:

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from tests.support.matrix import Flavor
+from tests.support.tools import tools_dir
 from tests.support.waiting import wait_until
 from uproxy.demo.lab import Lab
 from uproxy.demo.node import NodeProxy, endpoint_slice, service
@@ -390,13 +391,7 @@ def test_switching_interception_leaves_nothing_of_the_other(lab: Lab) -> None:
 def test_auto_interception_without_nft_falls_back_to_the_iptables_chain(lab: Lab) -> None:
     """``--interception auto`` (the default) on a node without nft: one log line says why,
     and the iptables chain serves."""
-    tools = lab.workdir / "bin-no-nft"
-    tools.mkdir()
-    for tool in ("iptables", "iptables-save", "iptables-restore", "ip6tables", "ip6tables-save",
-                 "ip6tables-restore", "conntrack", "ip"):
-        found = shutil.which(tool)
-        assert found is not None, tool
-        (tools / tool).symlink_to(found)
+    tools = tools_dir(lab.workdir / "bin-no-nft")
     lab.start_echo(1, tcp_ports=(9376,))
     node = NodeProxy(lab, prefix=["env", f"PATH={tools}"], args=["--interception", "auto"])
     node._nft_usable = False  # what the daemon finds on its PATH

@@ -49,6 +49,13 @@ class StandIn:
         self.held = True
         self.log.append("settled")
 
+    def settle_at_once(self) -> bool:
+        if self.rules_done is not None and not self.rules_done.is_set():
+            return False
+        self.held = True
+        self.log.append("settled at once")
+        return True
+
     def unsettle(self) -> None:
         if self.held:
             self.held = False
@@ -156,6 +163,12 @@ def test_a_failed_takeover_lets_the_rules_work_go_on(tmp_path: Path) -> None:
     _serving(tmp_path, stand_in, _raw(tmp_path, script), rules_for=0.1)
     assert stand_in.log == ["settled", "paused", "unsettled"]
     assert not stand_in.released and len(stand_in.resumed) == 1
+    # with nothing in flight: settled in the hello's callback, and unsettled just the same
+    stand_in.log.clear()
+    stand_in.rules_done = None
+    _serving(tmp_path, stand_in, _raw(tmp_path, script))
+    assert stand_in.log == ["settled at once", "paused", "unsettled"]
+    assert not stand_in.released and len(stand_in.resumed) == 2
     stand_in.close()
 
 

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support.matrix import Flavor
+from tests.support.tools import tools_dir
 from uproxy.demo.lab import Lab
 from uproxy.demo.node import NodeProxy, endpoint_slice, service
 
@@ -364,13 +365,7 @@ def test_the_old_uproxys_rules_in_flight_never_land_after_the_new_ones(lab: Lab)
     uproxy's first sync: it would put back a Service the new one no longer has, and the
     new one's incremental syncs would never take it out (only a full sync, 30 s later).
     The old one waits for it, serving on, and only then hands over."""
-    tools = lab.workdir / "bin-slow-nft"
-    tools.mkdir()
-    for tool in ("iptables", "iptables-save", "iptables-restore", "ip6tables", "ip6tables-save",
-                 "ip6tables-restore", "conntrack", "ip"):
-        found = shutil.which(tool)
-        assert found is not None, tool
-        (tools / tool).symlink_to(found)
+    tools = tools_dir(lab.workdir / "bin-slow-nft")
     nft = shutil.which("nft")
     assert nft is not None
     slow, started = lab.workdir / "slow-nft", lab.workdir / "slow-nft-started"

@@ -274,6 +274,10 @@ class Handing(Protocol):
         """Let the rules work in flight finish and start no more (until :meth:`unsettle`;
         never again once released): its rules must not land after the new process's."""
 
+    def settle_at_once(self) -> bool:
+        """:meth:`settle` without waiting, when no rules work is in flight: True if settled
+        (the exchange then runs in the hello's own callback, nothing else in between)."""
+
     def unsettle(self) -> None:
         """The takeover did not happen (or settling was given up): rules work goes on."""
 
@@ -365,6 +369,14 @@ class HandoverServer:
         if self._serving is not None and not self._serving.done():
             log.warning("takeover: another new uproxy is being served; closing this one")
             peer.close()
+            return
+        if self.daemon.settle_at_once():  # (the usual case: as before settling existed)
+            try:
+                self._serve(peer)
+            finally:
+                peer.close()
+                if not self.released:
+                    self.daemon.unsettle()
             return
         self._serving = self.loop.create_task(self._settle_and_serve(peer), name="takeover")
 
