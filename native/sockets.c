@@ -41,6 +41,27 @@ static int bind_port(int fd, int family, const unsigned char *addr, int port)
     return bind(fd, (struct sockaddr *)&a, sizeof a) < 0 ? -errno : 0;
 }
 
+/* bind, and listen for TCP; -errno (EADDRINUSE from either) */
+static int bind_listen(int fd, int kind, int family, const unsigned char *addr, int port,
+                       int backlog)
+{
+    int rc = bind_port(fd, family, addr, port);
+    if (rc == 0 && kind == SOCK_STREAM && listen(fd, backlog) < 0)
+        rc = -errno;
+    return rc;
+}
+
+/* whether fd has a local port (a bind that succeeded) */
+static int bound_to(int fd)
+{
+    struct sockaddr_storage a;
+    socklen_t len = sizeof a;
+    if (getsockname(fd, (struct sockaddr *)&a, &len) < 0)
+        return 1; /* unknown: start afresh */
+    return a.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&a)->sin6_port != 0
+                                   : ((struct sockaddr_in *)&a)->sin_port != 0;
+}
+
 int uproxy_open_listeners(int n, int kind, const int *families, const unsigned char *addrs,
                           const int *ports, int low, int high, int *cursor,
                           const unsigned char *avoid, int backlog, int *fds, int *bound)
@@ -60,7 +81,7 @@ int uproxy_open_listeners(int n, int kind, const int *families, const unsigned c
             continue;
         }
         if (port) {
-            rc = bind_port(fd, family, addr, port);
+            rc = bind_listen(fd, kind, family, addr, port, backlog);
         } else { /* PortAllocator.open's walk: from the cursor, skipping avoided ports */
             rc = -EADDRINUSE;
             for (int tries = 0; tries < size; tries++) {
@@ -68,15 +89,24 @@ int uproxy_open_listeners(int n, int kind, const int *families, const unsigned c
                 *cursor = port >= high ? low : port + 1;
                 if (avoid[port - low])
                     continue;
-                rc = bind_port(fd, family, addr, port);
+                rc = bind_listen(fd, kind, family, addr, port, backlog);
                 if (rc != -EADDRINUSE)
                     break;
+                if (kind == SOCK_STREAM && bound_to(fd)) {
+                    /* listen's EADDRINUSE (another socket listened on the port between
+                     * our bind and listen): the walk goes on, on a fresh socket, as
+                     * Python's does */
+                    close(fd);
+                    if ((fd = open_one(kind, family)) < 0) {
+                        rc = fd;
+                        break;
+                    }
+                }
             }
         }
-        if (rc == 0 && kind == SOCK_STREAM && listen(fd, backlog) < 0)
-            rc = -errno;
         if (rc < 0) {
-            close(fd);
+            if (fd >= 0)
+                close(fd);
             fds[i] = rc;
             continue;
         }

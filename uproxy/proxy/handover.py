@@ -28,7 +28,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -371,19 +371,15 @@ class HandoverServer:
             peer.close()
             return
         if self.daemon.settle_at_once():  # (the usual case: as before settling existed)
-            try:
+            with self._settled(peer):
                 self._serve(peer)
-            finally:
-                peer.close()
-                if not self.released:
-                    self.daemon.unsettle()
             return
         self._serving = self.loop.create_task(self._settle_and_serve(peer), name="takeover")
 
     async def _settle_and_serve(self, peer: socket.socket) -> None:
         """Settle the rules (serving on meanwhile), then the exchange (blocking)."""
         started = time.monotonic()
-        try:
+        with self._settled(peer):
             try:  # (asyncio.timeout, not wait_for: see sources/kube/reflector.py)
                 async with asyncio.timeout(self.settle_wait):
                     await self.daemon.settle()
@@ -396,6 +392,13 @@ class HandoverServer:
                 if waited >= 0.01:
                     log.info("takeover: waited %.0f ms for the rules in flight", waited * 1000)
             self._serve(peer)
+
+    @contextlib.contextmanager
+    def _settled(self, peer: socket.socket) -> Iterator[None]:
+        """Around a settled daemon's exchange (or its cancelled wait): closes the peer and
+        unsettles the daemon after, unless everything was handed over."""
+        try:
+            yield
         finally:
             peer.close()
             if not self.released:
