@@ -82,8 +82,12 @@ class Nftables:
             await self._run("-f", "-", stdin=text)
 
     async def tables(self) -> list[int]:
-        """Families (4, 6) that have a uproxy table now."""
-        _, out = await self._run("list", "tables")
+        """Families (4, 6) that have a uproxy table now.
+
+        From ``nft list chains``, which names every table: ``list tables`` would fetch
+        every set's elements first (nft 1.0.6: ~130 ms of nft's CPU with 10,000 Services
+        in the map, against ~10 ms; every full sync asks)."""
+        _, out = await self._run("list", "chains")
         return nftrules.uproxy_tables(out)
 
     async def list(self) -> str:

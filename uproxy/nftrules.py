@@ -228,7 +228,7 @@ def render_cleanup(families: Iterable[int] = (4, 6)) -> str:
     return "".join(line + "\n" for line in lines)
 
 
-_TABLE_LINE = re.compile(r"^table (?P<family>ip6?) (?P<name>\S+)$", re.MULTILINE)
+_TABLE_LINE = re.compile(r"^table (?P<family>ip6?) (?P<name>\S+)(?: \{)?$", re.MULTILINE)
 _ELEMENTS = re.compile(r"elements = \{(?P<body>[^}]*)\}")
 _ELEMENT = re.compile(
     r'(?P<addr>[0-9a-fA-F:.]+) \. (?P<proto>[a-z]+) \. (?P<port>\d+)'
@@ -252,7 +252,8 @@ def parse_elements(text: str) -> list[tuple[str, str, int, str, int]]:
 
 
 def uproxy_tables(list_tables_text: str) -> list[int]:
-    """Families (4, 6) that have a uproxy table, from ``nft list tables`` output."""
+    """Families (4, 6) that have a uproxy table, from ``nft list chains`` (or ``list
+    tables``) output."""
     found = set()
     for m in _TABLE_LINE.finditer(list_tables_text):
         if m["name"] == TABLE:

@@ -256,6 +256,15 @@ def test_uproxy_tables_from_list_tables() -> None:
     assert uproxy_tables("table ip nat\n") == []
 
 
+def test_uproxy_tables_from_list_chains() -> None:
+    """What ``nft list chains`` prints (the daemon asks it: see Nftables.tables)."""
+    text = ("table ip uproxy {\n\tchain output {\n\t\ttype nat hook output priority -100; "
+            "policy accept;\n\t}\n}\ntable ip uproxyx {\n}\ntable inet uproxy {\n}\n"
+            "table ip6 uproxy {\n\tchain prerouting {\n\t}\n}\n")
+    assert uproxy_tables(text) == [4, 6]
+    assert uproxy_tables("table ip uproxyx {\n}\ntable inet uproxy {\n}\n") == []
+
+
 def test_family_keyword() -> None:
     assert nftrules.family_keyword(4) == "ip"
     assert nftrules.family_keyword(6) == "ip6"
