@@ -110,12 +110,14 @@ def parse_dnsperf(text: str) -> DnsperfResult:
 
 
 # ----------------------------------------------------------------------------- /proc
-def parse_proc_stat_cpu(text: str, *, ticks: int = 100) -> float:
-    """utime+stime in seconds from one ``/proc/PID/stat`` line (comm may hold spaces)."""
+def parse_proc_stat_cpu(text: str, *, ticks: int = 100, children: bool = False) -> float:
+    """utime+stime in seconds from one ``/proc/PID/stat`` line (comm may hold spaces);
+    ``children``: plus cutime+cstime (the children it has waited for: nft, iptables)."""
     rest = text.rpartition(")")[2].split()
-    # rest[0] is field 3 (state); utime and stime are fields 14 and 15
+    # rest[0] is field 3 (state); utime and stime are fields 14 and 15, cutime and
+    # cstime 16 and 17
     try:
-        return (int(rest[11]) + int(rest[12])) / ticks
+        return sum(int(x) for x in rest[11:15 if children else 13]) / ticks
     except (IndexError, ValueError):
         raise ParseError(f"/proc/PID/stat: unexpected line {text[:200]!r}") from None
 

@@ -368,7 +368,9 @@ METHOD_DOC = """\
   last start stays up for the rest), seen by one small poller started beforehand in the node ns (a
   GET every 10 ms; until 2026-11-21 a `curl` process per poll, which took CPU from the
   daemon it timed), then the rule count in `iptables-save` and the process's
-  listening sockets (`ss -ltnp`) are checked. RSS and CPU at rest. Then
+  listening sockets (`ss -ltnp`) are checked. RSS and CPU at rest (the daemon's and the
+  `nft`/`iptables` processes it ran, over one default `--sync-period` and a second, so one
+  periodic full resync is in it; before 2026-12-02: the daemon's own over 10 s). Then
   `python -m bench.changes` (client ns) flips the single endpoint of one more service
   (10.0.0.20:80) between pod1 and pod2 -- rewriting its small manifest file, or applying
   the EndpointSlice through the API server's control socket -- every 0.2 s after the

@@ -86,7 +86,7 @@ class Options:
     scale_services: int = 10000
     takeover_conns: int = 10000  # idle connections held through the takeover (if fds allow)
     scale_starts: int = 3  # daemon starts timed per source; the median is reported
-    rest_seconds: float = 10.0
+    rest_seconds: float = 31.0  # one default --sync-period (its full resync) and a second
     changes: int = 40
     wrk_conns: int = 50
     conn_conns: int = 32
@@ -136,11 +136,12 @@ def new_results() -> Results:
 
 
 # ------------------------------------------------------------------------- /proc probes
-def cpu_seconds(pids: Sequence[int]) -> float:
+def cpu_seconds(pids: Sequence[int], *, children: bool = False) -> float:
     total = 0.0
     for pid in pids:
         with contextlib.suppress(OSError):
-            total += parse.parse_proc_stat_cpu(Path(f"/proc/{pid}/stat").read_text(), ticks=TICKS)
+            total += parse.parse_proc_stat_cpu(Path(f"/proc/{pid}/stat").read_text(), ticks=TICKS,
+                                               children=children)
     return total
 
 
@@ -604,9 +605,9 @@ def _scale_measure(lab: Lab, opts: Options, s: dict[str, Any], source: str,
                  f"daemon: {s.get('first_sync_log', '?')})")
         time.sleep(2.0)
         s["rss_mib"] = rss_kib([pid]) / 1024
-        c0 = cpu_seconds([pid])
+        c0 = cpu_seconds([pid], children=True)
         time.sleep(opts.rest_seconds)
-        s["cpu_rest_pct"] = (cpu_seconds([pid]) - c0) / opts.rest_seconds * 100
+        s["cpu_rest_pct"] = (cpu_seconds([pid], children=True) - c0) / opts.rest_seconds * 100
         s["rest_seconds"] = opts.rest_seconds
         opts.log(f"  scale ({source}): RSS at rest {s['rss_mib']:.1f} MiB, CPU at rest "
                  f"{s['cpu_rest_pct']:.1f}% over {opts.rest_seconds:g} s")

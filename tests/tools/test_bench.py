@@ -127,6 +127,9 @@ def test_proc_stat_and_status() -> None:
     # comm with spaces and a parenthesis, as /proc allows
     stat = "4242 (py thon) x) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 3 0 1 2 3"
     assert parse.parse_proc_stat_cpu(stat, ticks=100) == pytest.approx(3.25)
+    assert parse.parse_proc_stat_cpu(stat, ticks=100, children=True) == pytest.approx(3.25)
+    waited = "4242 (nft) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 75 40 10 20 0 3 0 1 2 3"
+    assert parse.parse_proc_stat_cpu(waited, ticks=100, children=True) == pytest.approx(3.75)
     assert parse.parse_vmrss_kib("Name:\tx\nVmRSS:\t   44628 kB\nThreads:\t3\n") == 44628
     with pytest.raises(ParseError):
         parse.parse_vmrss_kib("Name:\tzombie\n")
