@@ -468,7 +468,8 @@ class Daemon:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._repair  # our own rule removal below must come after it
         self.listener_set.close_all()
-        await self.health_checks.close()
+        # (after a handover: the probes this process accepted get their answers first)
+        await self.health_checks.close(linger=HEALTH_CHECK_LINGER if self.handed_over else 0.0)
         if self.takeover is not None or self.takeover_error is not None:
             # Never took over: the running uproxy keeps serving with its rules.
             if self.takeover is not None:
@@ -1089,6 +1090,9 @@ class Daemon:
                       r.family)
         return redirects.rules
 
+
+HEALTH_CHECK_LINGER = 1.0
+"""Seconds a uproxy that handed over gives its health-check node ports' accepted probes."""
 
 HANDED_OVER_EXIT_SLACK = 5.0
 """Seconds beyond --shutdown-grace in which a uproxy that handed everything over must be gone."""

@@ -21,6 +21,7 @@ load balancer's probe never finds the port closed during an upgrade).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import socket
@@ -132,7 +133,12 @@ class HealthCheckPorts:
 
         return handle
 
-    async def close(self) -> None:
+    async def close(self, *, linger: float = 0.0) -> None:
+        """Stop serving; ``linger`` (after a handover): first give the connections already
+        accepted up to that long to be answered (see :func:`let_accepted_finish`)."""
+        if linger > 0:
+            await let_accepted_finish([runner for _p, _a, runner in self.servers.values()],
+                                      linger)
         for _port, _addrs, runner in self.servers.values():
             with contextlib.suppress(Exception):
                 await runner.cleanup()
@@ -143,6 +149,21 @@ class HealthCheckPorts:
         self._sockets.clear()
         self._sites.clear()
         self.close_unclaimed()
+
+
+async def let_accepted_finish(runners: Sequence[web.BaseRunner], seconds: float) -> None:
+    """Wait (up to ``seconds``) until no connection of ``runners``' servers is open.
+
+    After a handover the sockets listen on in the new uproxy, but a probe's connection this
+    process accepted just before it stopped accepting is still its own, and its request
+    may not have arrived yet: closing it then (aiohttp's shutdown closes a connection with
+    no request in progress at once) resets the probe. Each probe asks once and is closed
+    after its answer (``Connection: close``); keep-alive ones hold this up to ``seconds``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while loop.time() < deadline and any(
+            runner.server is not None and runner.server.connections for runner in runners):
+        await asyncio.sleep(0.01)
 
 
 async def _serve(runner: web.AppRunner, sock: socket.socket) -> web.SockSite:
