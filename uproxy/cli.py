@@ -255,8 +255,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             await daemon.run()
         finally:
             handover.close()
-            for runner in status:
-                await runner.cleanup()
+            await _close_status(status, linger=daemon.handed_over)
         if daemon.takeover_error is not None:
             print(daemon.takeover_error.line, file=sys.stderr)
             return daemon.takeover_error.code
@@ -295,6 +294,22 @@ def _adopted_servers(settings: Settings, adopted: Any) -> dict[str, Any]:
         else:
             sock.close()
     return out
+
+
+async def _close_status(runners: list[Any], *, linger: bool) -> None:
+    """Close the status/health servers. After a handover (``linger``) the new uproxy listens
+    on the same sockets: stop accepting first, then answer the probes this process had
+    already accepted (up to the health-check node ports' linger) before closing them."""
+    if linger and runners:
+        from uproxy.daemon import HEALTH_CHECK_LINGER
+        from uproxy.status.server import stop_accepting
+        from uproxy.status.service_health import let_accepted_finish
+
+        for runner in runners:
+            stop_accepting(runner)
+        await let_accepted_finish(runners, HEALTH_CHECK_LINGER)
+    for runner in runners:
+        await runner.cleanup()
 
 
 def _server_sockets(runners: list[Any]) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from uproxy.model import ServicePortName
 from uproxy.series import Series
 from uproxy.status import health, views
 from uproxy.status.collect import readings, register_live_collector
+from uproxy.status.service_health import stop_accepting as stop_site_accepting
 from uproxy.status.stream import DEFAULT_LIMIT, MAX_LIMIT, ConnHub
 from uproxy.status.view import DaemonView
 
@@ -435,3 +436,10 @@ def listening_socket(runner: web.AppRunner) -> socket.socket:
         for sock in getattr(server, "sockets", None) or ():
             return socket.socket(fileno=os.dup(sock.fileno()))
     raise RuntimeError("the runner has no listening socket")
+
+
+def stop_accepting(runner: web.AppRunner) -> None:
+    """Stop a runner's sites accepting; its open connections are served on (a copy of each
+    listening socket lives on in the uproxy that took over)."""
+    for site in runner.sites:
+        stop_site_accepting(site)

@@ -111,16 +111,19 @@ class HealthCheckPorts:
         log.info("%s/%s: health-check node port %d open", *key, port)
 
     def pause(self) -> None:
-        """A takeover starts: stop accepting (the sites' dups close; the sockets stay, and
-        connections wait in their backlogs for whoever serves next)."""
+        """A takeover starts: stop accepting (the sockets stay, and connections wait in their
+        backlogs for whoever serves next)."""
+        for sites in self._sites.values():
+            for site in sites:
+                stop_accepting(site)
+
+    async def resume(self) -> None:
+        """The takeover failed: serve the same sockets again."""
         for sites in self._sites.values():
             for site in sites:
                 server = site._server  # (aiohttp keeps the asyncio server there)
                 if server is not None:
-                    server.close()
-
-    async def resume(self) -> None:
-        """The takeover failed: serve the same sockets again."""
+                    server.close()  # (the paused dup; its accepted connections are served on)
         for key, socks in self._sockets.items():
             runner = self.servers[key][2]
             self._sites[key] = [await _serve(runner, sock) for _address, sock in socks]
@@ -151,6 +154,26 @@ class HealthCheckPorts:
         self.close_unclaimed()
 
 
+def stop_accepting(site: web.BaseSite) -> None:
+    """Stop a site accepting connections; the ones it accepted are served on.
+
+    Not ``Server.close()`` on asyncio's own loop: a connection accepted in the loop's last
+    turn gets its transport in the next one, and a server closed in between makes that
+    fail (``Server._attach`` asserts) and drops the connection quietly, which resets the
+    client's request. Removing the listening sockets' reader stops accepting without that
+    race; whoever closes the site later closes them. (uvloop makes the transport in the
+    accept callback itself: closing is safe there.)"""
+    server = getattr(site, "_server", None)  # (aiohttp keeps the asyncio server there)
+    if server is None:
+        return
+    loop = server.get_loop()
+    if isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
+        for sock in server.sockets:
+            loop.remove_reader(sock.fileno())
+    else:
+        server.close()
+
+
 async def let_accepted_finish(runners: Sequence[web.BaseRunner], seconds: float) -> None:
     """Wait (up to ``seconds``) until no connection of ``runners``' servers is open.
 
@@ -161,6 +184,9 @@ async def let_accepted_finish(runners: Sequence[web.BaseRunner], seconds: float)
     after its answer (``Connection: close``); keep-alive ones hold this up to ``seconds``."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
+    # (first a few turns of the loop: on asyncio's own, a connection accepted last turn is
+    # not among the server's connections until its transport and protocol are made)
+    await asyncio.sleep(0.01)
     while loop.time() < deadline and any(
             runner.server is not None and runner.server.connections for runner in runners):
         await asyncio.sleep(0.01)
