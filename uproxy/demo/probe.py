@@ -129,13 +129,21 @@ async def tcp_whoami(host: str, port: int, *, count: int, concurrency: int, time
 
     async def one() -> None:
         sock = _socket(socket.SOCK_STREAM, source_ip, host)
+        waiting = "connection"
         try:
             async with asyncio.timeout(timeout):
                 await loop.sock_connect(sock, (host, port))
+                waiting = "reply"  # (the samples say which one did not come)
                 await loop.sock_sendall(sock, b"whoami\n")
                 reply = await _read_line(loop, sock)
             if hold > 0:
                 await asyncio.sleep(hold)
+        except TimeoutError:
+            try:
+                local = f" (local port {sock.getsockname()[1]})"
+            except OSError:
+                local = ""
+            raise TimeoutError(f"no {waiting} in {timeout:g}s{local}") from None
         finally:
             sock.close()
         tally.counts[_who(reply)] += 1
