@@ -42,6 +42,7 @@ from typing import Protocol
 
 from uproxy.demo.lab import Lab, LabError
 from uproxy.demo.node import NodeProxy, endpoint_slice, service
+from uproxy.proxy.relay import engine_threads
 
 VIP = "10.0.0.10"
 """ClusterIP of the balanced services: HTTP :80 (2 nginx pods) and DNS :53/udp (2 dnsmasq pods)."""
@@ -442,9 +443,16 @@ class CTcpRelay(_Redirected):
     def _argv(self, d: Path) -> list[str]:
         binary = build_tcp_reference(d)
         b = self.backends
-        return [str(binary), str(LOCAL_PORTS[HTTP_PORT]),
+        return [str(binary), "-t", str(bench_engine_threads()), str(LOCAL_PORTS[HTTP_PORT]),
                 *(f"{ip}:{HTTP_PORT}" for ip in b.http), "--", str(LOCAL_PORTS[BULK_PORT]),
                 *(f"{ip}:{BULK_PORT}" for ip in b.bulk)]
+
+
+def bench_engine_threads() -> int:
+    """The engine threads uproxy's daemon runs with in this bench (``--engine-threads``
+    from ``UPROXY_ENGINE_THREADS``, else auto): the C TCP relay runs with as many."""
+    value = os.environ.get("UPROXY_ENGINE_THREADS", "").strip()
+    return engine_threads(int(value) if value.isdigit() else 0)
 
 
 def _build(d: Path, name: str, sources: list[str], flags: list[str]) -> Path:

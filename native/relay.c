@@ -170,6 +170,7 @@ struct setup {
  * threads are separate bytes, never bit-fields of one word. */
 struct conn {
     struct uproxy_conn pub; /* first: the pointer handed to Python */
+    struct uproxy_engine *owner; /* the engine (thread) of its group that relays it */
     int fd[2];              /* UPROXY_SIDE_CLIENT, UPROXY_SIDE_BACKEND */
     struct direction dir[2]; /* 0: client -> backend, 1: backend -> client */
     struct conn *prev, *next; /* all conns the engine thread knows */
@@ -255,7 +256,27 @@ struct uproxy_engine {
     bool tw_off;        /* the kernel refused: count them as left (the caller sweeps) */
     int64_t notify_at;  /* ms: when Python is woken for them (0: nothing pending) */
     int64_t notified;   /* ms: when Python was last woken for them */
+
+    /* A group of engine threads (uproxy_engine_new_threads): the leader is the handle
+     * Python holds; every API call on it applies to the group (listeners, endpoints,
+     * links, stop), reads the group's events and completions, or goes to the engine
+     * that owns the connection. The others share the leader's eventfd (donefd), its
+     * ClientIP pins (aff) and its endpoint sets, and accept on the same listening
+     * sockets (EPOLLEXCLUSIVE: one engine woken per connection). */
+    struct uproxy_engine *leader; /* NULL: this is a leader (or alone) */
+    struct uproxy_engine **group; /* leader of more than one: all, itself first */
+    int ngroup;                   /* leader: how many (1 when alone) */
+    int member;                   /* index in the group (0: the leader) */
+    unsigned next_add;            /* leader: round robin of uproxy_engine_add* */
 };
+
+static inline int group_size(const struct uproxy_engine *e) { return e->ngroup > 1 ? e->ngroup : 1; }
+static inline struct uproxy_engine *group_at(struct uproxy_engine *e, int i)
+{
+    return i ? e->group[i] : e;
+}
+/* Several engines accept on the same listening sockets. */
+static inline bool grouped(const struct uproxy_engine *e) { return e->leader || e->ngroup > 1; }
 
 static inline void stat_set(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
 static inline uint64_t stat_get(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
@@ -1041,8 +1062,10 @@ static void listener_update(struct uproxy_engine *e, struct listener *l)
     if (want == l->registered)
         return;
     if (want) {
-        /* Level-triggered: a batch cut short is picked up at the next wait. */
-        struct epoll_event ev = {.events = EPOLLIN, .data.u64 = (uintptr_t)l | TAG_LISTENER};
+        /* Level-triggered: a batch cut short is picked up at the next wait. In a group
+         * every engine waits on the socket: a connection wakes one of them, not all. */
+        struct epoll_event ev = {.events = EPOLLIN | (grouped(e) ? EPOLLEXCLUSIVE : 0),
+                                 .data.u64 = (uintptr_t)l | TAG_LISTENER};
         if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, l->fd, &ev) == 0)
             l->registered = true;
     } else {
@@ -1290,8 +1313,10 @@ static bool setup_transparent(struct uproxy_engine *e, struct conn *c, struct ep
     pthread_mutex_unlock(&e->lock);
     if (links && t->here && uproxy_links_dev_of(links, v6 ? 6 : 4, endpoint) < 0) {
         int64_t now = now_ms();
-        if (now - t->link_reported >= 1000) { /* the links may predate its interface */
-            t->link_reported = now;
+        /* (the sets are shared by a group's engines: a race reports it twice, harmlessly) */
+        if (now - __atomic_load_n(&t->link_reported, __ATOMIC_RELAXED) >= 1000) {
+            /* the links may predate its interface */
+            __atomic_store_n(&t->link_reported, now, __ATOMIC_RELAXED);
             struct uproxy_event ev;
             ev_for(c, UPROXY_EV_NO_LINK, &ev);
             ev_push(e, &ev);
@@ -1416,7 +1441,10 @@ static void setup_start(struct uproxy_engine *e, struct listener *l, struct epse
         return;
     }
     c->su = su;
-    c->pub.token = UPROXY_SETUP_TOKEN | ++e->setup_tokens;
+    c->owner = e;
+    /* unique in the group: Python keys connections by token */
+    c->pub.token = UPROXY_SETUP_TOKEN
+                   | (++e->setup_tokens * UPROXY_ENGINE_THREADS_MAX + (uint64_t)e->member);
     c->fd[0] = fd;
     c->fd[1] = -1;
     c->nonblocking = true;
@@ -1694,16 +1722,20 @@ static void enqueue(struct uproxy_engine *e, struct conn *c, unsigned cmd)
     }
 }
 
-struct uproxy_engine *uproxy_engine_new(int max_pipes, int want_pipe_size, int keep_free)
+/* One engine and its thread; `leader`: a member of its group (shares its eventfd and pins). */
+static struct uproxy_engine *engine_create(int max_pipes, int want_pipe_size, int keep_free,
+                                           struct uproxy_engine *leader, int member)
 {
     struct uproxy_engine *e = calloc(1, sizeof *e);
     if (!e)
         return NULL;
     e->epfd = e->wakefd = e->donefd = e->diagfd = -1;
+    e->leader = leader;
+    e->member = member;
     e->max_pipes = max_pipes < 0 ? 0 : max_pipes;
     e->keep_free = keep_free < 0 ? 0 : keep_free;
     e->scratch = malloc(SCRATCH_SIZE);
-    e->aff = uproxy_affinity_new();
+    e->aff = leader ? leader->aff : uproxy_affinity_new();
     if (!e->scratch || !e->aff)
         goto fail;
     if (getrandom(&e->rng, sizeof e->rng, GRND_NONBLOCK) != sizeof e->rng)
@@ -1729,7 +1761,7 @@ struct uproxy_engine *uproxy_engine_new(int max_pipes, int want_pipe_size, int k
     e->lock_ready = true;
     e->epfd = epoll_create1(EPOLL_CLOEXEC);
     e->wakefd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    e->donefd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    e->donefd = leader ? leader->donefd : eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (e->epfd < 0 || e->wakefd < 0 || e->donefd < 0)
         goto fail;
     struct epoll_event ev = {.events = EPOLLIN, .data.u64 = 0};
@@ -1763,6 +1795,75 @@ fail: {
 }
 }
 
+struct uproxy_engine *uproxy_engine_new(int max_pipes, int want_pipe_size, int keep_free)
+{
+    return engine_create(max_pipes, want_pipe_size, keep_free, NULL, 0);
+}
+
+struct uproxy_engine *uproxy_engine_new_threads(int threads, int max_pipes, int want_pipe_size,
+                                                int keep_free)
+{
+    if (threads < 1 || threads > UPROXY_ENGINE_THREADS_MAX) {
+        errno = EINVAL;
+        return NULL;
+    }
+    /* The pipe budget is the group's: split between the engines. */
+    int share = max_pipes < 0 ? 0 : max_pipes / threads;
+    if (max_pipes > 0 && share < 1)
+        share = 1;
+    struct uproxy_engine *e = engine_create(threads > 1 ? share : max_pipes, want_pipe_size,
+                                            keep_free, NULL, 0);
+    if (!e || threads == 1)
+        return e;
+    e->group = calloc((size_t)threads, sizeof *e->group);
+    if (!e->group) {
+        uproxy_engine_free(e);
+        errno = ENOMEM;
+        return NULL;
+    }
+    e->group[0] = e;
+    e->ngroup = 1;
+    for (int i = 1; i < threads; i++) {
+        struct uproxy_engine *m = engine_create(share, want_pipe_size, keep_free, e, i);
+        if (!m) {
+            int err = errno;
+            uproxy_engine_free(e);
+            errno = err;
+            return NULL;
+        }
+        e->group[e->ngroup++] = m;
+    }
+    return e;
+}
+
+int uproxy_engine_threads(struct uproxy_engine *e) { return group_size(e); }
+
+static void stats_one(struct uproxy_engine *m, struct uproxy_engine_stats *out)
+{
+    const struct uproxy_engine_stats *s = &m->stats;
+    out->conns_live = stat_get(&s->conns_live);
+    out->pipes_in_use = stat_get(&s->pipes_in_use);
+    out->pipes_total = stat_get(&s->pipes_total);
+    out->pipes_max = stat_get(&s->pipes_max);
+    out->pipe_size = stat_get(&s->pipe_size);
+    out->splice_bytes = stat_get(&s->splice_bytes);
+    out->copy_bytes = stat_get(&s->copy_bytes);
+    out->bufs_in_use = stat_get(&s->bufs_in_use);
+    out->setups_live = stat_get(&s->setups_live);
+    out->setups_opened = stat_get(&s->setups_opened);
+    out->setups_refused = stat_get(&s->setups_refused);
+    out->closes_first = stat_get(&s->closes_first);
+    out->tw_destroyed = stat_get(&s->tw_destroyed);
+    out->tw_left = stat_get(&s->tw_left);
+}
+
+void uproxy_engine_thread_stats(struct uproxy_engine *e, int i, struct uproxy_engine_stats *out)
+{
+    memset(out, 0, sizeof *out);
+    if (i >= 0 && i < group_size(e))
+        stats_one(group_at(e, i), out);
+}
+
 int uproxy_engine_eventfd(struct uproxy_engine *e) { return e->donefd; }
 
 /* Queue a prepared connection for the engine thread (CMD_ADD); from then on it owns it.
@@ -1770,6 +1871,8 @@ int uproxy_engine_eventfd(struct uproxy_engine *e) { return e->donefd; }
 static struct uproxy_conn *conn_add(struct uproxy_engine *e, struct conn *c, int client_fd,
                                     int backend_fd, uint64_t token)
 {
+    e = group_at(e, (int)(e->next_add++ % (unsigned)group_size(e))); /* (a takeover's many) */
+    c->owner = e;
     c->pub.token = token;
     c->fd[0] = client_fd;
     c->fd[1] = backend_fd;
@@ -1843,6 +1946,7 @@ struct uproxy_conn *uproxy_engine_add_state(struct uproxy_engine *e, int client_
 void uproxy_engine_abort(struct uproxy_engine *e, struct uproxy_conn *pc)
 {
     struct conn *c = (struct conn *)pc;
+    e = c->owner; /* (in a group: the engine relaying it) */
     pthread_mutex_lock(&e->lock);
     bool queued = !e->stopping;
     if (queued)
@@ -1855,6 +1959,7 @@ void uproxy_engine_abort(struct uproxy_engine *e, struct uproxy_conn *pc)
 void uproxy_engine_detach(struct uproxy_engine *e, struct uproxy_conn *pc)
 {
     struct conn *c = (struct conn *)pc;
+    e = c->owner; /* (in a group: the engine relaying it) */
     pthread_mutex_lock(&e->lock);
     bool queued = !e->stopping;
     if (queued)
@@ -1867,6 +1972,7 @@ void uproxy_engine_detach(struct uproxy_engine *e, struct uproxy_conn *pc)
 void uproxy_engine_release(struct uproxy_engine *e, struct uproxy_conn *pc)
 {
     struct conn *c = (struct conn *)pc;
+    e = c->owner; /* (in a group: the engine relaying it) */
     pthread_mutex_lock(&e->lock);
     /* After stop the conn is freed by uproxy_engine_free. No wake: freeing can
      * wait for the next command. */
@@ -1887,9 +1993,25 @@ int uproxy_engine_poll_release(struct uproxy_engine *e, struct uproxy_done *out,
     return poll_done(e, out, max, true);
 }
 
+static int poll_one(struct uproxy_engine *e, struct uproxy_done *out, int max, bool release,
+                    bool *more);
+
 static int poll_done(struct uproxy_engine *e, struct uproxy_done *out, int max, bool release)
 {
     drain_eventfd(e->donefd);
+    int n = 0;
+    bool more = false;
+    for (int i = 0; i < group_size(e); i++)
+        n += poll_one(group_at(e, i), out + n, max - n, release, &more);
+    if (more)
+        wake(e->donefd);
+    return n;
+}
+
+/* One engine's completions (the group's eventfd is the caller's). */
+static int poll_one(struct uproxy_engine *e, struct uproxy_done *out, int max, bool release,
+                    bool *more)
+{
     int n = 0;
     pthread_mutex_lock(&e->lock);
     while (n < max && e->done_head) {
@@ -1925,14 +2047,12 @@ static int poll_done(struct uproxy_engine *e, struct uproxy_done *out, int max, 
             enqueue(e, c, CMD_RELEASE);
         }
     }
-    bool more = e->done_head != NULL;
+    *more = *more || e->done_head != NULL;
     pthread_mutex_unlock(&e->lock);
-    if (more)
-        wake(e->donefd);
     return n;
 }
 
-void uproxy_engine_stop(struct uproxy_engine *e)
+static void stop_one(struct uproxy_engine *e)
 {
     pthread_mutex_lock(&e->lock);
     bool first = !e->stopping;
@@ -1942,27 +2062,40 @@ void uproxy_engine_stop(struct uproxy_engine *e)
         wake(e->wakefd);
 }
 
+void uproxy_engine_stop(struct uproxy_engine *e)
+{
+    for (int i = 0; i < group_size(e); i++)
+        stop_one(group_at(e, i));
+}
+
 int uproxy_engine_stopped(struct uproxy_engine *e)
 {
-    return __atomic_load_n(&e->stopped, __ATOMIC_ACQUIRE);
+    for (int i = 0; i < group_size(e); i++)
+        if (!__atomic_load_n(&group_at(e, i)->stopped, __ATOMIC_ACQUIRE))
+            return 0;
+    return 1;
 }
 
 void uproxy_engine_stats(struct uproxy_engine *e, struct uproxy_engine_stats *out)
 {
-    out->conns_live = stat_get(&e->stats.conns_live);
-    out->pipes_in_use = stat_get(&e->stats.pipes_in_use);
-    out->pipes_total = stat_get(&e->stats.pipes_total);
-    out->pipes_max = stat_get(&e->stats.pipes_max);
-    out->pipe_size = stat_get(&e->stats.pipe_size);
-    out->splice_bytes = stat_get(&e->stats.splice_bytes);
-    out->copy_bytes = stat_get(&e->stats.copy_bytes);
-    out->bufs_in_use = stat_get(&e->stats.bufs_in_use);
-    out->setups_live = stat_get(&e->stats.setups_live);
-    out->setups_opened = stat_get(&e->stats.setups_opened);
-    out->setups_refused = stat_get(&e->stats.setups_refused);
-    out->closes_first = stat_get(&e->stats.closes_first);
-    out->tw_destroyed = stat_get(&e->stats.tw_destroyed);
-    out->tw_left = stat_get(&e->stats.tw_left);
+    stats_one(e, out);
+    for (int i = 1; i < group_size(e); i++) { /* the group's sums */
+        struct uproxy_engine_stats m;
+        stats_one(group_at(e, i), &m);
+        out->conns_live += m.conns_live;
+        out->pipes_in_use += m.pipes_in_use;
+        out->pipes_total += m.pipes_total;
+        out->pipes_max += m.pipes_max;
+        out->splice_bytes += m.splice_bytes;
+        out->copy_bytes += m.copy_bytes;
+        out->bufs_in_use += m.bufs_in_use;
+        out->setups_live += m.setups_live;
+        out->setups_opened += m.setups_opened;
+        out->setups_refused += m.setups_refused;
+        out->closes_first += m.closes_first;
+        out->tw_destroyed += m.tw_destroyed;
+        out->tw_left += m.tw_left;
+    }
 }
 
 /* ---- set-up API (event loop thread) -------------------------------------- */
@@ -1975,15 +2108,18 @@ int uproxy_engine_setup_config(struct uproxy_engine *e, const double *timeouts, 
 {
     if (n < 1 || n > UPROXY_SETUP_MAX_ATTEMPTS)
         return -EINVAL;
-    pthread_mutex_lock(&e->lock);
-    for (int i = 0; i < n; i++)
-        e->timeout_ms[i] = secs_ms(timeouts[i]);
-    e->ntimeouts = n;
-    e->avoid_ms = secs_ms(avoid_seconds);
-    e->fd_retry_ms = secs_ms(fd_retry);
-    e->fd_wait_ms = secs_ms(fd_wait);
-    e->fd_pause_ms = secs_ms(fd_pause);
-    pthread_mutex_unlock(&e->lock);
+    for (int g = 0; g < group_size(e); g++) {
+        struct uproxy_engine *m = group_at(e, g);
+        pthread_mutex_lock(&m->lock);
+        for (int i = 0; i < n; i++)
+            m->timeout_ms[i] = secs_ms(timeouts[i]);
+        m->ntimeouts = n;
+        m->avoid_ms = secs_ms(avoid_seconds);
+        m->fd_retry_ms = secs_ms(fd_retry);
+        m->fd_wait_ms = secs_ms(fd_wait);
+        m->fd_pause_ms = secs_ms(fd_pause);
+        pthread_mutex_unlock(&m->lock);
+    }
     return 0;
 }
 
@@ -2014,28 +2150,26 @@ static void listener_cc(struct uproxy_engine *e, int fd, char *out)
     pthread_mutex_unlock(&e->lock);
 }
 
-int uproxy_engine_listener_add(struct uproxy_engine *e, int fd)
+/* A listener of one engine on `fd`: with id `id` (-1: the next free one) and the
+ * congestion control `cc` for its backend sockets. Its id or -errno. */
+static int listener_add_one(struct uproxy_engine *e, int fd, int id, const char *cc)
 {
-    /* The engine thread must never block in accept4 (a shared file flag: Python's
-     * listening sockets are non-blocking already). */
-    int fl = fcntl(fd, F_GETFL);
-    if (fl < 0)
-        return -errno;
-    if (!(fl & O_NONBLOCK) && fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0)
-        return -errno;
     struct listener *l = calloc(1, sizeof *l);
     if (!l)
         return -ENOMEM;
     l->fd = fd;
-    listener_cc(e, fd, l->cc);
+    memcpy(l->cc, cc, sizeof l->cc);
     pthread_mutex_lock(&e->lock);
     if (e->stopping) {
         pthread_mutex_unlock(&e->lock);
         free(l);
         return -ESHUTDOWN;
     }
-    if (e->nlisteners == e->cap_listeners) {
+    int want = id < 0 ? e->nlisteners : id;
+    if (want >= e->cap_listeners) {
         int cap = e->cap_listeners ? e->cap_listeners * 2 : 64;
+        if (cap <= want)
+            cap = want + 64;
         struct listener **ls = realloc(e->listeners, (size_t)cap * sizeof *ls);
         if (!ls) {
             pthread_mutex_unlock(&e->lock);
@@ -2045,11 +2179,38 @@ int uproxy_engine_listener_add(struct uproxy_engine *e, int fd)
         e->listeners = ls;
         e->cap_listeners = cap;
     }
-    l->id = e->nlisteners++;
-    e->listeners[l->id] = l;
+    for (int i = e->nlisteners; i < want; i++) /* (a member that missed one: a gap) */
+        e->listeners[i] = NULL;
+    l->id = want;
+    e->listeners[want] = l;
+    if (want >= e->nlisteners)
+        e->nlisteners = want + 1;
     listener_update(e, l); /* (registers it with its first endpoint list) */
     pthread_mutex_unlock(&e->lock);
     return l->id;
+}
+
+int uproxy_engine_listener_add(struct uproxy_engine *e, int fd)
+{
+    /* The engine thread must never block in accept4 (a shared file flag: Python's
+     * listening sockets are non-blocking already). */
+    int fl = fcntl(fd, F_GETFL);
+    if (fl < 0)
+        return -errno;
+    if (!(fl & O_NONBLOCK) && fcntl(fd, F_SETFL, fl | O_NONBLOCK) < 0)
+        return -errno;
+    char cc[CC_NAME_MAX];
+    listener_cc(e, fd, cc);
+    int id = listener_add_one(e, fd, -1, cc);
+    /* The group's engines all accept on it, under the same id. */
+    for (int i = 1; id >= 0 && i < group_size(e); i++) {
+        int rc = listener_add_one(group_at(e, i), fd, id, cc);
+        if (rc < 0) {
+            uproxy_engine_listener_remove(e, id);
+            return rc;
+        }
+    }
+    return id;
 }
 
 int uproxy_engine_listener_set(struct uproxy_engine *e, int id, int has_service, int family,
@@ -2091,22 +2252,25 @@ int uproxy_engine_listener_set(struct uproxy_engine *e, int id, int has_service,
         t->here = here && here[i];
         t->avoid_until = avoid_until[i] > 0 ? (int64_t)(avoid_until[i] * 1000.0) : 0;
     }
-    pthread_mutex_lock(&e->lock);
-    struct listener *l = listener_get(e, id);
-    struct epset *old = NULL;
-    if (l && !l->removed) {
-        old = l->eps;
-        l->eps = s;
-        s = NULL;
-        listener_update(e, l); /* the first list starts accepting */
+    /* One set for the group (its engines' failure marks are shared too). */
+    bool taken = false;
+    for (int g = 0; g < group_size(e); g++) {
+        struct uproxy_engine *m = group_at(e, g);
+        pthread_mutex_lock(&m->lock);
+        struct listener *l = listener_get(m, id);
+        struct epset *old = NULL;
+        if (l && !l->removed) {
+            old = l->eps;
+            eps_ref(s);
+            l->eps = s;
+            listener_update(m, l); /* the first list starts accepting */
+            taken = taken || g == 0;
+        }
+        pthread_mutex_unlock(&m->lock);
+        eps_unref(old);
     }
-    pthread_mutex_unlock(&e->lock);
-    eps_unref(old);
-    if (s) {
-        free(s);
-        return -ENOENT;
-    }
-    return 0;
+    eps_unref(s); /* (ours: freed here when no listener took it) */
+    return taken ? 0 : -ENOENT;
 }
 
 int uproxy_engine_listeners_add(struct uproxy_engine *e, int n, const int *fds,
@@ -2138,7 +2302,16 @@ int uproxy_engine_listeners_add(struct uproxy_engine *e, int n, const int *fds,
     return n;
 }
 
+static void set_links_one(struct uproxy_engine *e, struct uproxy_links *links);
+
 void uproxy_engine_set_links(struct uproxy_engine *e, struct uproxy_links *links)
+{
+    for (int i = 1; i < group_size(e); i++) /* (one links object, one reference each) */
+        set_links_one(group_at(e, i), uproxy_links_ref(links));
+    set_links_one(e, links);
+}
+
+static void set_links_one(struct uproxy_engine *e, struct uproxy_links *links)
 {
     struct old_links *node = malloc(sizeof *node);
     pthread_mutex_lock(&e->lock);
@@ -2166,7 +2339,7 @@ static void listener_quiesce(struct uproxy_engine *e, struct listener *l)
         sched_yield();
 }
 
-void uproxy_engine_listener_pause(struct uproxy_engine *e, int id)
+static void listener_pause_one(struct uproxy_engine *e, int id)
 {
     pthread_mutex_lock(&e->lock);
     struct listener *l = listener_get(e, id);
@@ -2179,7 +2352,13 @@ void uproxy_engine_listener_pause(struct uproxy_engine *e, int id)
         listener_quiesce(e, l);
 }
 
-void uproxy_engine_listener_resume(struct uproxy_engine *e, int id)
+void uproxy_engine_listener_pause(struct uproxy_engine *e, int id)
+{
+    for (int i = 0; i < group_size(e); i++)
+        listener_pause_one(group_at(e, i), id);
+}
+
+static void listener_resume_one(struct uproxy_engine *e, int id)
 {
     pthread_mutex_lock(&e->lock);
     struct listener *l = listener_get(e, id);
@@ -2190,7 +2369,13 @@ void uproxy_engine_listener_resume(struct uproxy_engine *e, int id)
     pthread_mutex_unlock(&e->lock);
 }
 
-void uproxy_engine_listener_remove(struct uproxy_engine *e, int id)
+void uproxy_engine_listener_resume(struct uproxy_engine *e, int id)
+{
+    for (int i = 0; i < group_size(e); i++)
+        listener_resume_one(group_at(e, i), id);
+}
+
+static void listener_remove_one(struct uproxy_engine *e, int id)
 {
     pthread_mutex_lock(&e->lock);
     struct listener *l = listener_get(e, id);
@@ -2206,6 +2391,12 @@ void uproxy_engine_listener_remove(struct uproxy_engine *e, int id)
         listener_quiesce(e, l);
         wake(e->wakefd); /* freed by the engine thread after its batch */
     }
+}
+
+void uproxy_engine_listener_remove(struct uproxy_engine *e, int id)
+{
+    for (int i = 0; i < group_size(e); i++)
+        listener_remove_one(group_at(e, i), id);
 }
 
 int uproxy_engine_affinity_export(struct uproxy_engine *e, struct uproxy_pin *out, int max)
@@ -2230,7 +2421,21 @@ int uproxy_engine_affinity_forget(struct uproxy_engine *e, int group)
 
 int uproxy_engine_affinity_count(struct uproxy_engine *e) { return uproxy_affinity_count(e->aff); }
 
+static int events_one(struct uproxy_engine *e, struct uproxy_event *out, int max, bool *more);
+
 int uproxy_engine_events(struct uproxy_engine *e, struct uproxy_event *out, int max)
+{
+    int n = 0;
+    bool more = false;
+    for (int i = 0; i < group_size(e); i++)
+        n += events_one(group_at(e, i), out + n, max - n, &more);
+    if (more)
+        wake(e->donefd);
+    return n;
+}
+
+/* One engine's set-up events (the group's eventfd is the caller's). */
+static int events_one(struct uproxy_engine *e, struct uproxy_event *out, int max, bool *more)
 {
     pthread_mutex_lock(&e->lock);
     int n = e->evq_len < max ? e->evq_len : max;
@@ -2241,10 +2446,8 @@ int uproxy_engine_events(struct uproxy_engine *e, struct uproxy_event *out, int 
     } else {
         n = 0;
     }
-    bool more = e->evq_len > 0;
+    *more = *more || e->evq_len > 0;
     pthread_mutex_unlock(&e->lock);
-    if (more)
-        wake(e->donefd);
     return n;
 }
 
@@ -2252,8 +2455,15 @@ void uproxy_engine_free(struct uproxy_engine *e)
 {
     if (!e)
         return;
+    if (e->group) { /* the others first: they share this one's eventfd and pins */
+        for (int i = 1; i < e->ngroup; i++)
+            uproxy_engine_free(e->group[i]);
+        free(e->group);
+        e->group = NULL;
+        e->ngroup = 1;
+    }
     if (e->thread_started) {
-        uproxy_engine_stop(e);
+        stop_one(e);
         pthread_join(e->thread, NULL);
     }
     while (e->all) /* all closed by now; freed whether released or not */
@@ -2281,7 +2491,7 @@ void uproxy_engine_free(struct uproxy_engine *e)
         close(e->epfd);
     if (e->wakefd >= 0)
         close(e->wakefd);
-    if (e->donefd >= 0)
+    if (e->donefd >= 0 && !e->leader)
         close(e->donefd);
     if (e->diagfd >= 0)
         close(e->diagfd);
@@ -2289,6 +2499,7 @@ void uproxy_engine_free(struct uproxy_engine *e)
     if (e->lock_ready)
         pthread_mutex_destroy(&e->lock);
     free(e->scratch);
-    uproxy_affinity_free(e->aff);
+    if (!e->leader)
+        uproxy_affinity_free(e->aff);
     free(e);
 }

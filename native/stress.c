@@ -25,6 +25,8 @@
  * and a bad affinity among them) to an engine that relays clients from four
  * threads to an echo server while the main thread removes, pauses, re-pushes and
  * pushes more (sockets_phase, push_phase).
+ * Every engine here is a group (uproxy_engine_new_threads: two or three engine
+ * threads behind one handle), which covers the single engine's code too.
  * Exit status 0 on success; a message on stderr otherwise.
  */
 #define _GNU_SOURCE
@@ -162,7 +164,7 @@ static int port_of_any(int fd)
 
 static void setup_phase(void)
 {
-    struct uproxy_engine *e = uproxy_engine_new(4, 64 * 1024, 2);
+    struct uproxy_engine *e = uproxy_engine_new_threads(2, 4, 64 * 1024, 2); /* a group */
     if (!e)
         FAIL("setup engine_new: %s", strerror(errno));
     static const double timeouts[] = {0.05, 0.05};
@@ -815,7 +817,7 @@ static int push_batch(struct uproxy_engine *e, struct push_batch *b)
 
 static void push_phase(void)
 {
-    struct uproxy_engine *e = uproxy_engine_new(4, 64 * 1024, 2);
+    struct uproxy_engine *e = uproxy_engine_new_threads(2, 4, 64 * 1024, 2); /* a group */
     if (!e)
         FAIL("push engine_new: %s", strerror(errno));
     static const double timeouts[] = {1.0, 1.0};
@@ -1031,7 +1033,9 @@ int main(void)
 {
     int fds_before = count_fds();
     int lc = listener(), lb = listener();
-    struct uproxy_engine *e = uproxy_engine_new(4, 64 * 1024, 2); /* a small pool: copies too */
+    /* a group of three engine threads (connections added go to each in turn), a small
+     * pool: copies too */
+    struct uproxy_engine *e = uproxy_engine_new_threads(3, 4, 64 * 1024, 2);
     if (!e)
         FAIL("engine_new: %s", strerror(errno));
     static char payload[300 * 1024];

@@ -1,6 +1,6 @@
 /* tcp_reference: uproxy's TCP engine with nothing around it, for the benchmark.
  *
- *     tcp_reference PORT IP:PORT [IP:PORT ...] [-- PORT IP:PORT ...]
+ *     tcp_reference [-t THREADS] PORT IP:PORT [IP:PORT ...] [-- PORT IP:PORT ...]
  *
  * What it is for: the new-connections target asks uproxy for 1.1x nginx stream and
  * no more proxy CPU per connection than nginx. This program answers "how far can
@@ -12,6 +12,7 @@
  * metrics, no transparent mode (connections go from the node's address). `make bench`
  * runs it as the peer "C TCP relay" beside uproxy native.
  *
+ * -t: engine threads (uproxy_engine_new_threads; uproxy's --engine-threads), 1 by default.
  * Each "PORT IP:PORT ..." group (separated by "--") is one listener on 0.0.0.0:PORT
  * and its endpoints (IPv4). Not a proxy: endpoints never change, errors are counted
  * and printed at exit. It runs until SIGTERM/SIGINT.
@@ -103,12 +104,18 @@ int main(int argc, char **argv) {
     static struct uproxy_done done[DRAIN];
     unsigned long long opened = 0, refused = 0, failed = 0, closed = 0;
     struct uproxy_engine *e;
-    int efd;
-    if (argc < 3) {
-        fprintf(stderr, "usage: tcp_reference PORT IP:PORT [IP:PORT ...] [-- PORT IP:PORT ...]\n");
+    int efd, threads = 1, first = 1;
+    if (argc > 2 && strcmp(argv[1], "-t") == 0) {
+        threads = atoi(argv[2]);
+        first = 3;
+    }
+    if (argc < first + 2 || threads < 1) {
+        fprintf(stderr, "usage: tcp_reference [-t THREADS] PORT IP:PORT [IP:PORT ...] "
+                        "[-- PORT IP:PORT ...]\n");
         return 2;
     }
-    e = uproxy_engine_new(1024, 256 * 1024, 16); /* uproxy's defaults (nativerelay.py) */
+    /* uproxy's defaults (nativerelay.py) */
+    e = uproxy_engine_new_threads(threads, 1024, 256 * 1024, 16);
     if (!e) {
         perror("tcp_reference: engine");
         return 1;
@@ -117,7 +124,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "tcp_reference: set-up config refused\n");
         return 1;
     }
-    for (int i = 1; i < argc;) {
+    for (int i = first; i < argc;) {
         int j = i + 1;
         while (j < argc && strcmp(argv[j], "--") != 0)
             j++;
@@ -129,7 +136,7 @@ int main(int argc, char **argv) {
     signal(SIGINT, on_signal);
     signal(SIGPIPE, SIG_IGN);
     efd = uproxy_engine_eventfd(e);
-    printf("tcp_reference: ready\n");
+    printf("tcp_reference: ready (%d engine thread%s)\n", threads, threads == 1 ? "" : "s");
     fflush(stdout);
     while (!stopping) {
         struct pollfd p = {.fd = efd, .events = POLLIN};

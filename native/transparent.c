@@ -53,6 +53,7 @@ struct uproxy_links {
     /* The prefix lengths present, longest first: [0] IPv4, [1] IPv6. */
     uint8_t lens[2][129];
     int nlens[2];
+    int refs; /* atomic: the engines of a group share one (uproxy_links_ref) */
 };
 
 static int addr_len(int family)
@@ -62,12 +63,22 @@ static int addr_len(int family)
 
 struct uproxy_links *uproxy_links_new(void)
 {
-    return calloc(1, sizeof(struct uproxy_links));
+    struct uproxy_links *links = calloc(1, sizeof(struct uproxy_links));
+    if (links)
+        links->refs = 1;
+    return links;
+}
+
+struct uproxy_links *uproxy_links_ref(struct uproxy_links *links)
+{
+    if (links)
+        __atomic_add_fetch(&links->refs, 1, __ATOMIC_RELAXED);
+    return links;
 }
 
 void uproxy_links_free(struct uproxy_links *links)
 {
-    if (links == NULL)
+    if (links == NULL || __atomic_sub_fetch(&links->refs, 1, __ATOMIC_ACQ_REL) > 0)
         return;
     free(links->local.slots);
     free(links->nets.slots);

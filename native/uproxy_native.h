@@ -113,6 +113,21 @@ struct uproxy_engine_stats {
  * NULL with errno set on failure. */
 struct uproxy_engine *uproxy_engine_new(int max_pipes, int want_pipe_size, int keep_free);
 
+/* uproxy_engine_new with `threads` engine threads (1 to UPROXY_ENGINE_THREADS_MAX),
+ * one handle: every listener is accepted on by all of them (EPOLLEXCLUSIVE: a new
+ * connection wakes one), a connection stays on the thread that accepted it (one
+ * added with uproxy_engine_add* goes to the next thread in turn), and the calls
+ * below apply to the group: one eventfd, the events and completions of all
+ * threads, one table of ClientIP pins, one endpoint set per listener (a failed
+ * connect avoids the endpoint for every thread), the sums in the stats, the pipe
+ * budget `max_pipes` split between them. NULL with errno set on failure. */
+struct uproxy_engine *uproxy_engine_new_threads(int threads, int max_pipes, int want_pipe_size,
+                                                int keep_free);
+#define UPROXY_ENGINE_THREADS_MAX 64
+int uproxy_engine_threads(struct uproxy_engine *e);
+/* Thread `i`'s own figures (0: the leader; all zero for an i out of range). */
+void uproxy_engine_thread_stats(struct uproxy_engine *e, int i, struct uproxy_engine_stats *out);
+
 /* The eventfd that becomes readable when completions are queued. */
 int uproxy_engine_eventfd(struct uproxy_engine *e);
 
@@ -443,7 +458,9 @@ struct uproxy_links;
 
 /* An empty set of links (every answer 0, as with an empty NodeLinks); NULL on ENOMEM. */
 struct uproxy_links *uproxy_links_new(void);
-void uproxy_links_free(struct uproxy_links *links);
+void uproxy_links_free(struct uproxy_links *links); /* drops one reference */
+/* One more reference (the engines of a group share one links object). */
+struct uproxy_links *uproxy_links_ref(struct uproxy_links *links);
 
 /* One of the node's own addresses (family 4 or 6; an IPv4-mapped address is
  * kept as IPv6 and so never matches: give IPv4 addresses as family 4). Adding

@@ -53,7 +53,7 @@ from uproxy.proxy.handover import Received, Session, TakeoverExit
 from uproxy.proxy.listeners import Listener, ListenerKey, ListenerSet, Listening
 from uproxy.proxy.node_addresses import nodeport_addresses
 from uproxy.proxy.ports import PortAllocator
-from uproxy.proxy.relay import make_relay
+from uproxy.proxy.relay import engine_threads, make_relay
 from uproxy.proxy.tcp import TcpProxy
 from uproxy.proxy.tcp_takeover import TcpMover
 from uproxy.proxy.transparent import Transparent
@@ -107,7 +107,7 @@ class Daemon:
         self._nft_text: tuple[list[Redirect], tuple[int, ...], str] | None = None  # _nft_whole
         self.allocator = PortAllocator(settings.proxy_port_range)
         self.loop = asyncio.get_running_loop()
-        self.relay = make_relay(self.loop)
+        self.relay = make_relay(self.loop, threads=engine_threads(settings.engine_threads))
         self.transparent = Transparent(settings.hostname_override)  # on: _prepare_iptables
         self.transparent.backends = self._backend_addresses
         self._backends: frozenset[tuple[str, int]] | None = None  # (None: the table changed)
@@ -123,6 +123,7 @@ class Daemon:
         self.metrics.time_wait_from(lambda: ({"at_close": tcp.time_wait_destroyed(),
                                               "sweep": self.transparent.swept},
                                              self.transparent.sweeps))
+        self.metrics.engine_threads_from(self.relay.thread_stats)
         self._add_udp()
         self._served = Served()
         self.listener_set = self._listener_set(self._no_ipv6 is None)

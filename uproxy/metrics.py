@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 _SYNC_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -72,6 +72,41 @@ class Metrics:
         ``uproxy_transparent_time_wait_sweeps_total``, read at scrape time from the relays'
         and the sweep's own counts: ((``at_close``, ``sweep``), sweeps)."""
         self.registry.register(_TimeWait(read))
+
+
+    def engine_threads_from(self, read: Callable[[], list[dict[str, int]]]) -> None:
+        """``uproxy_engine_thread_connections_total{thread}`` and
+        ``uproxy_engine_thread_connections_active{thread}``: what each native engine thread
+        (``--engine-threads``) set up and relays, read at scrape time (``read``: the relay's
+        per-thread stats; an empty list on the Python twin)."""
+        self.registry.register(_EngineThreads(read))
+
+
+class _EngineThreads(Collector):
+    def __init__(self, read: Callable[[], list[dict[str, int]]]) -> None:
+        self._read = read
+
+    def describe(self) -> list[CounterMetricFamily | GaugeMetricFamily]:
+        return list(self._families())
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        opened, live = self._families()
+        for i, stats in enumerate(self._read()):
+            opened.add_metric([str(i)], stats.get("setups_opened", 0))
+            live.add_metric([str(i)], stats.get("conns_live", 0))
+        yield opened
+        yield live
+
+    @staticmethod
+    def _families() -> tuple[CounterMetricFamily, GaugeMetricFamily]:
+        return (CounterMetricFamily(
+                    "uproxy_engine_thread_connections",
+                    "Connections a native engine thread accepted and connected to an endpoint "
+                    "(--engine-threads; the thread's number)", labels=["thread"]),
+                GaugeMetricFamily(
+                    "uproxy_engine_thread_connections_active",
+                    "Connections a native engine thread relays now (set up there or handed "
+                    "to it)", labels=["thread"]))
 
 
 class _TimeWait(Collector):

@@ -134,6 +134,28 @@ def _integer(value: Any) -> int:
         raise ValueError(f"{value!r} is not an integer") from None
 
 
+ENGINE_THREADS_MAX = 64
+"""As ``UPROXY_ENGINE_THREADS_MAX`` in native/uproxy_native.h."""
+
+
+def _engine_threads(value: Any) -> int:
+    """``auto`` (0: one per usable core, see :func:`uproxy.proxy.relay.engine_threads`) or
+    1 to 64."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return 0
+    try:
+        number = _integer(value)
+    except ValueError:
+        number = 0
+    if not 1 <= number <= ENGINE_THREADS_MAX:
+        raise ValueError(f"{value!r} is not auto or 1 to {ENGINE_THREADS_MAX}")
+    return number
+
+
+def _show_threads(value: Any) -> str:
+    return "auto" if value == 0 else str(value)
+
+
 def _positive_int(value: Any) -> int:
     if isinstance(value, bool):
         raise ValueError(f"{value!r} is not a positive integer")
@@ -298,6 +320,10 @@ class Settings:
     relay_congestion_control: str = setting(
         "", parse=_congestion_name, metavar="NAME",
         help="relayed connections' TCP congestion control (cubic, ...)")
+    engine_threads: int = setting(
+        0, parse=_engine_threads, show=_show_threads, metavar="N",
+        help="native engine threads accepting and relaying TCP (auto: one per core, "
+             "at most 8)")
     state_dir: str = setting(
         "/run/uproxy", parse=str, metavar="DIR",
         help="takeover socket for upgrades")

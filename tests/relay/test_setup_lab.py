@@ -15,6 +15,7 @@ import pytest
 from tests.support.matrix import Flavor
 from uproxy.demo.lab import Lab
 from uproxy.demo.node import NodeProxy, endpoint_slice, service
+from uproxy.proxy.relay import engine_threads
 
 pytestmark = pytest.mark.lab
 
@@ -64,6 +65,16 @@ def test_blackholed_and_refusing_endpoints_are_skipped_on_both_families(
         assert failures >= 4, failures  # each bad endpoint of each family failed at least once
         assert metric(lab, "uproxy_connections_total", service="default/setup:http",
                       result="ok") == 60
+        if flavor.native:  # the daemon's engine threads (--engine-threads auto) set them up
+            threads = engine_threads(0)
+            per = [metric(lab, "uproxy_engine_thread_connections_total", thread=str(i))
+                   for i in range(threads + 1)]
+            assert sum(per) == 60 and per[threads] == 0, per
+            assert metric(lab, "uproxy_engine_thread_connections_active",
+                          thread=str(threads - 1)) == 0
+            assert f'uproxy_engine_thread_connections_active{{thread="{threads - 1}"}}' in \
+                lab.run("node", ["curl", "-sS", "--max-time", "3",
+                                 "http://127.0.0.1:10249/metrics"]).stdout
     finally:
         assert node.stop() == 0
     assert node.uproxy_lines() == []

@@ -9,7 +9,8 @@ fixtures over the C and Python parsers. The combinations live here and nowhere e
   ``native_flavor`` over :data:`NATIVE_FLAVORS` (both loops, native path: what only
   the engine has, such as its pipe pool).
 - :func:`run_on` runs a coroutine on a fresh loop of the flavor's kind.
-- :func:`relay_for` builds the flavor's relay; in-process proxies take ``flavor.native``;
+- :func:`relay_for` builds the flavor's relay (native: :data:`NATIVE_THREADS` engine
+  threads); in-process proxies take ``flavor.native``;
   the daemon in the lab takes ``NodeProxy(lab, loop=flavor.loop, native=flavor.native)``.
 
 :func:`select_path` is the harness's only question to :mod:`uproxy.native`: whether the
@@ -72,9 +73,15 @@ def select_path(flavor: Flavor) -> Flavor:
     return flavor
 
 
+NATIVE_THREADS = 2
+"""Engine threads of the native flavor's relay: a group (``--engine-threads``), as the daemon
+runs on a machine with two cores or more; tests that need one thread say ``threads=1``."""
+
+
 def relay_for(flavor: Flavor, loop: asyncio.AbstractEventLoop, **native_opts: int) -> Relay:
     """The relay twin of ``flavor`` (``native_opts`` go to the native engine only)."""
     if flavor.native:
+        native_opts.setdefault("threads", NATIVE_THREADS)
         return NativeRelay(loop, **native_opts)
     return PyRelay(loop)
 

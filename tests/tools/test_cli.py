@@ -157,6 +157,16 @@ def test_run_with_an_unknown_congestion_control(manifests: Path) -> None:
     assert_one_line_error(done, "--relay-congestion-control", "not a congestion control name")
 
 
+def test_run_with_a_bad_engine_thread_count(manifests: Path) -> None:
+    for value in ("0", "65", "many"):
+        done = uproxy("run", "--manifests", str(manifests), "--engine-threads", value,
+                      env={"UPROXY_MANAGE_IPTABLES": "false"})
+        assert_one_line_error(done, "--engine-threads", value)
+    done = uproxy("run", "--manifests", str(manifests), env={"UPROXY_ENGINE_THREADS": "-1",
+                                                            "UPROXY_MANAGE_IPTABLES": "false"})
+    assert_one_line_error(done, "UPROXY_ENGINE_THREADS", "-1")
+
+
 def test_run_with_a_bad_environment_value(manifests: Path) -> None:
     done = uproxy("run", "--manifests", str(manifests), env={"UPROXY_SYNC_PERIOD": "soon"})
     assert_one_line_error(done, "UPROXY_SYNC_PERIOD", "soon")

@@ -158,6 +158,9 @@ def _layout(ffi: Any, cname: str, names: Sequence[str]) -> struct.Struct:
     return struct.Struct("".join(fmt))
 
 
+_STAT_NAMES = ("conns_live", "pipes_in_use", "pipes_total", "pipes_max", "pipe_size",
+               "splice_bytes", "copy_bytes", "bufs_in_use", "setups_live", "setups_opened",
+               "setups_refused", "closes_first", "tw_destroyed", "tw_left")
 _DONE_FIELDS = ("conn", "token", "bytes_up", "bytes_down", "reason", "side", "err")
 
 
@@ -304,20 +307,29 @@ class NativeRelay:
 
     name = "native"
 
+    @property
+    def threads(self) -> int:
+        """Engine threads accepting and relaying (``--engine-threads``)."""
+        return self._threads
+
     def __init__(self, loop: asyncio.AbstractEventLoop, *, max_pipes: int | None = None,
-                 pipe_size: int = PIPE_SIZE, keep_free_pipes: int = KEEP_FREE_PIPES) -> None:
+                 pipe_size: int = PIPE_SIZE, keep_free_pipes: int = KEEP_FREE_PIPES,
+                 threads: int = 1) -> None:
         self.loop = loop
         self._lib = native.lib()
         ffi = self._ffi = native.ffi()
         if max_pipes is None:
             max_pipes = default_max_pipes(pipe_size)
-        engine = self._lib.uproxy_engine_new(max_pipes, pipe_size, keep_free_pipes)
+        # (threads > 1: a group behind one handle, one eventfd; see uproxy_native.h)
+        engine = self._lib.uproxy_engine_new_threads(threads, max_pipes, pipe_size,
+                                                     keep_free_pipes)
         if engine == ffi.NULL:
             err = ffi.errno
             raise OSError(err, f"native relay engine: {os.strerror(err)}")
         # Freed by close(); the gc hook only covers a relay dropped without it.
         self._engine: Any = ffi.gc(engine, self._lib.uproxy_engine_free)
         self._raw = engine
+        self._threads = int(self._lib.uproxy_engine_threads(engine))
         self._efd: int = self._lib.uproxy_engine_eventfd(engine)
         self._done_buf = ffi.new("struct uproxy_done[]", _POLL_BATCH)
         self._stats = ffi.new("struct uproxy_engine_stats *")
@@ -837,10 +849,19 @@ class NativeRelay:
             return dict(self._final_stats)  # the last figures before the engine was freed
         self._lib.uproxy_engine_stats(self._raw, self._stats)
         s = self._stats
-        return {name: int(getattr(s, name)) for name in (
-            "conns_live", "pipes_in_use", "pipes_total", "pipes_max", "pipe_size",
-            "splice_bytes", "copy_bytes", "bufs_in_use", "setups_live", "setups_opened",
-            "setups_refused", "closes_first", "tw_destroyed", "tw_left")}
+        return {name: int(getattr(s, name)) for name in _STAT_NAMES}
+
+    def thread_stats(self) -> list[dict[str, int]]:
+        """:meth:`stats` of each engine thread (``--engine-threads``), the first the leader's:
+        how the group shares the work (the metrics' ``thread`` label)."""
+        if self._engine is None:
+            return []
+        out = []
+        for i in range(self._threads):
+            self._lib.uproxy_engine_thread_stats(self._raw, i, self._stats)
+            s = self._stats
+            out.append({name: int(getattr(s, name)) for name in _STAT_NAMES})
+        return out
 
     def closes_first(self) -> int:
         """Backend connections that got our FIN before sending theirs (ever): each leaves

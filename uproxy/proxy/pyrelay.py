@@ -287,6 +287,10 @@ class PyRelay:
         return {"conns_live": len(self._live), "pipes_in_use": 0,
                 "bufs_in_use": self.buffers_in_use()}
 
+    def thread_stats(self) -> list[dict[str, int]]:
+        """No engine threads: this relay runs on the loop itself."""
+        return []
+
     async def close(self) -> None:
         """Abort live connections (both sides get RST); later ``start`` calls are refused."""
         self._closed = True

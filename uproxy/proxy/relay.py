@@ -23,7 +23,8 @@ and the Python twin, :mod:`uproxy.proxy.pyrelay`); callers see only this module:
   everything the relay holds (the native engine's thread is joined).
 * ``active()`` counts live connections; ``pipes_in_use()`` and
   ``buffers_in_use()`` count where stuck bytes sit (an idle connection holds
-  neither); ``stats()`` has those figures by name for the status page.
+  neither); ``stats()`` has those figures by name for the status page, and
+  ``thread_stats()`` per native engine thread (``--engine-threads``).
 
 :func:`make_relay` picks the native engine when it is active
 (:data:`uproxy.native.ACTIVE`); it imports the implementation it picks, so a
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import struct
 from collections.abc import Callable
@@ -112,6 +114,9 @@ class Relay(Protocol):
 
     def stats(self) -> dict[str, int]: ...
 
+    def thread_stats(self) -> list[dict[str, int]]:
+        """:meth:`stats` per native engine thread (none on the Python twin)."""
+
     def catch_up(self) -> None:
         """Hand over now what the relay queued for the event loop (finished connections,
         set-up records): readers of the table and metrics call it first, as under load
@@ -151,13 +156,29 @@ def refuse(loop: asyncio.AbstractEventLoop, client: socket.socket, backend: sock
     return RefusedHandle(native=native)
 
 
+AUTO_THREADS_MAX = 8
+
+
+def engine_threads(setting: int) -> int:
+    """How many engine threads ``--engine-threads`` means here: ``auto`` (0) is one per
+    CPU this process may run on, at most :data:`AUTO_THREADS_MAX`."""
+    if setting > 0:
+        return setting
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(AUTO_THREADS_MAX, cores))
+
+
 def make_relay(loop: asyncio.AbstractEventLoop, *, prefer_native: bool = True,
-               max_pipes: int | None = None) -> Relay:
-    """The native engine when it is active (see :mod:`uproxy.native`), else the Python twin."""
+               max_pipes: int | None = None, threads: int = 1) -> Relay:
+    """The native engine when it is active (see :mod:`uproxy.native`), else the Python twin.
+    ``threads``: the native engine's (see :func:`engine_threads`); the twin has one loop."""
     if prefer_native and native.ACTIVE == "native":
         from uproxy.proxy.nativerelay import NativeRelay
 
-        return NativeRelay(loop, max_pipes=max_pipes)
+        return NativeRelay(loop, max_pipes=max_pipes, threads=threads)
     from uproxy.proxy.pyrelay import PyRelay
 
     return PyRelay(loop)
