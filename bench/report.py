@@ -26,7 +26,17 @@ from bench.parse import (
     render_table,
     render_targets,
 )
-from bench.peers import C_TCP, C_UDP, HAPROXY, KERNEL, LOCAL_PORTS, NATIVE, NGINX, PYTHON
+from bench.peers import (
+    C_TCP,
+    C_UDP,
+    HAPROXY,
+    KERNEL,
+    LOCAL_PORTS,
+    NATIVE,
+    NGINX,
+    PYTHON,
+    bench_engine_threads,
+)
 from bench.run import Options, Results
 
 SUMMARY_FIGS = ("bulk", "cpu_gb", "conn", "cpu_conn", "ka", "ka_p50", "ka_p99", "dns", "dns_lost",
@@ -268,7 +278,8 @@ def render_markdown(res: Results, opts: Options, mach: dict[str, str], *, chart_
         out.append(render_table(fig, peers, kernel=KERNEL, nginx=NGINX) + "\n")
     out.append("## How each peer was configured\n")
     out.append(PEERS_DOC.format(http=LOCAL_PORTS[80], bulk=LOCAL_PORTS[5201],
-                                dns=LOCAL_PORTS[53], haproxy=HAPROXY) + "\n")
+                                dns=LOCAL_PORTS[53], haproxy=HAPROXY,
+                                threads=bench_engine_threads()) + "\n")
     out.append("## How each figure was measured\n")
     out.append(METHOD_DOC.format(seconds=opts.seconds, idle=opts.idle_count,
                                  conns=opts.wrk_conns, cconns=opts.conn_conns,
@@ -301,9 +312,11 @@ at a time (started, measured, stopped, conntrack flushed).
   with `UPROXY_NO_NATIVE=1` (pure-Python relay twin). Interception: its own
   `REDIRECT` rules into its sockets. Both connect to the backends from the client's
   address (transparent mode, the default); **uproxy native masquerade-all** is the native
-  daemon with `--masquerade-all` (from the node's address), TCP rows only.
+  daemon with `--masquerade-all` (from the node's address), TCP rows only. The native
+  engine runs `--engine-threads auto`: **{threads} engine thread(s)** on this machine (one
+  per core), in the one daemon process.
 - **nginx stream**: Debian nginx with `load_module ngx_stream_module.so`,
-  **`worker_processes 1`** (to match uproxy's single process), `worker_connections
+  **`worker_processes 1`** (the issues' reference: one worker), `worker_connections
   40000`, `upstream {{ random; server pod1; server pod2; }}`, `listen {http}` (HTTP),
   `listen {bulk}` (bulk), `listen {dns} udp` with `proxy_responses 1` (DNS).
 - **{haproxy}**: Debian HAProxy 2.6, `nbthread 1`, `mode tcp`, `option splice-auto`,
@@ -313,8 +326,8 @@ at a time (started, measured, stopped, conntrack flushed).
   `native/relay.c`, `native/transparent.c` and `native/affinity.c` -- uproxy's TCP
   engine (accept4 batches, endpoint choice, connect with the per-attempt timeouts,
   splice/copy relay) with a control thread that only drains its events and completions:
-  no Python, no connection table or metrics, from the node's address. The ceiling of
-  uproxy's design here.
+  no Python, no connection table or metrics, from the node's address; `-t {threads}`: as
+  many engine threads as uproxy native. The ceiling of uproxy's design here.
 - **C UDP relay** (DNS only): `native/udp_reference.c`, compiled at run time with
   `native/udp.c` -- uproxy's UDP design and batching code (recvmmsg, grouping by client,
   one connected backend socket per client, sendmmsg with GSO, replies from the listener

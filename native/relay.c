@@ -1838,23 +1838,17 @@ struct uproxy_engine *uproxy_engine_new_threads(int threads, int max_pipes, int 
 
 int uproxy_engine_threads(struct uproxy_engine *e) { return group_size(e); }
 
+/* struct uproxy_engine_stats is uint64_t fields only: read (and summed) as an array. */
+#define STATS_WORDS (sizeof(struct uproxy_engine_stats) / sizeof(uint64_t))
+_Static_assert(sizeof(struct uproxy_engine_stats) == STATS_WORDS * sizeof(uint64_t),
+               "uproxy_engine_stats: uint64_t fields only");
+
 static void stats_one(struct uproxy_engine *m, struct uproxy_engine_stats *out)
 {
-    const struct uproxy_engine_stats *s = &m->stats;
-    out->conns_live = stat_get(&s->conns_live);
-    out->pipes_in_use = stat_get(&s->pipes_in_use);
-    out->pipes_total = stat_get(&s->pipes_total);
-    out->pipes_max = stat_get(&s->pipes_max);
-    out->pipe_size = stat_get(&s->pipe_size);
-    out->splice_bytes = stat_get(&s->splice_bytes);
-    out->copy_bytes = stat_get(&s->copy_bytes);
-    out->bufs_in_use = stat_get(&s->bufs_in_use);
-    out->setups_live = stat_get(&s->setups_live);
-    out->setups_opened = stat_get(&s->setups_opened);
-    out->setups_refused = stat_get(&s->setups_refused);
-    out->closes_first = stat_get(&s->closes_first);
-    out->tw_destroyed = stat_get(&s->tw_destroyed);
-    out->tw_left = stat_get(&s->tw_left);
+    const uint64_t *from = (const uint64_t *)&m->stats;
+    uint64_t *to = (uint64_t *)out;
+    for (size_t k = 0; k < STATS_WORDS; k++)
+        to[k] = stat_get(&from[k]);
 }
 
 void uproxy_engine_thread_stats(struct uproxy_engine *e, int i, struct uproxy_engine_stats *out)
@@ -2079,22 +2073,14 @@ int uproxy_engine_stopped(struct uproxy_engine *e)
 void uproxy_engine_stats(struct uproxy_engine *e, struct uproxy_engine_stats *out)
 {
     stats_one(e, out);
-    for (int i = 1; i < group_size(e); i++) { /* the group's sums */
+    for (int i = 1; i < group_size(e); i++) { /* the group's sums (the pipe size is one) */
         struct uproxy_engine_stats m;
         stats_one(group_at(e, i), &m);
-        out->conns_live += m.conns_live;
-        out->pipes_in_use += m.pipes_in_use;
-        out->pipes_total += m.pipes_total;
-        out->pipes_max += m.pipes_max;
-        out->splice_bytes += m.splice_bytes;
-        out->copy_bytes += m.copy_bytes;
-        out->bufs_in_use += m.bufs_in_use;
-        out->setups_live += m.setups_live;
-        out->setups_opened += m.setups_opened;
-        out->setups_refused += m.setups_refused;
-        out->closes_first += m.closes_first;
-        out->tw_destroyed += m.tw_destroyed;
-        out->tw_left += m.tw_left;
+        const uint64_t *add = (const uint64_t *)&m;
+        uint64_t *sum = (uint64_t *)out;
+        for (size_t k = 0; k < STATS_WORDS; k++)
+            sum[k] += add[k];
+        out->pipe_size = stat_get(&e->stats.pipe_size);
     }
 }
 

@@ -321,9 +321,8 @@ class Settings:
         "", parse=_congestion_name, metavar="NAME",
         help="relayed connections' TCP congestion control (cubic, ...)")
     engine_threads: int = setting(
-        0, parse=_engine_threads, show=_show_threads, metavar="N",
-        help="native engine threads accepting and relaying TCP (auto: one per core, "
-             "at most 8)")
+        0, parse=_engine_threads, show=_show_threads, metavar="N|auto",
+        help="engine threads (auto: one per core, at most 8)")
     state_dir: str = setting(
         "/run/uproxy", parse=str, metavar="DIR",
         help="takeover socket for upgrades")

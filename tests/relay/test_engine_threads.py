@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from pathlib import Path
 
 import pytest
 
@@ -156,7 +157,15 @@ def test_every_threads_connections_are_taken_back_for_a_takeover(native_flavor: 
     _run(native_flavor, main)
 
 
-def test_auto_is_one_thread_per_usable_core() -> None:
+def test_auto_is_one_thread_per_usable_core(tmp_path: Path) -> None:
     cores = len(os.sched_getaffinity(0))
-    assert engine_threads(0) == max(1, min(8, cores))
-    assert engine_threads(3) == 3
+    absent = str(tmp_path / "absent")
+    assert engine_threads(0, absent) == max(1, min(8, cores))
+    assert engine_threads(3, absent) == 3
+    limit = tmp_path / "cpu.max"  # a cgroup v2 CPU limit: 1.5 CPUs -> 2 threads (or fewer cores)
+    limit.write_text("150000 100000\n")
+    assert engine_threads(0, str(limit)) == min(2, cores)
+    limit.write_text("max 100000\n")
+    assert engine_threads(0, str(limit)) == max(1, min(8, cores))
+    limit.write_text("garbage\n")
+    assert engine_threads(0, str(limit)) == max(1, min(8, cores))

@@ -242,6 +242,8 @@ async def test_rules_are_the_iptables_save_lines(client: Client, stack: Stack) -
 async def test_info(client: Client, stack: Stack) -> None:
     data = await get_json(client, "/api/v1/info")
     assert data["relay"] == stack.daemon.relay.name and data["native"] in ("native", "python")
+    assert data["engineThreads"] == (stack.daemon.relay.threads  # type: ignore[attr-defined]
+                                     if data["relay"] == "native" else 0)
     assert data["loop"] == "asyncio" and data["source"] == "files"
     assert data["ready"] is True and data["healthy"] is True
     assert data["node"] == "status-test-node" and data["servicePorts"] == 3

@@ -1,13 +1,14 @@
 """The native engine behind the relay contract (:mod:`uproxy.proxy.relay`).
 
 :class:`NativeRelay` hands the two fds to the C engine (``native/relay.c``):
-one engine thread per relay (one per process in the daemon) runs an
-edge-triggered epoll loop and moves both directions itself (small reads with
-recv/send, bulk with splice through pooled pipes); the event loop hears only
-of finished connections, through an eventfd it watches with ``add_reader``,
-and drains a completion queue. Counters live in C memory, read as plain
-64-bit loads. Why an engine thread rather than splice steps run from loop
-callbacks: the measurements are in ``bench/ANALYSIS.md`` (uproxy/proxy/nativerelay.py).
+its engine threads (``threads``, the daemon's ``--engine-threads``; one relay per
+process) each run an edge-triggered epoll loop, accept on every listener and move
+both directions of their connections themselves (small reads with recv/send, bulk
+with splice through pooled pipes); the event loop hears only of set-ups and
+finished connections, through one eventfd for the group that it watches with
+``add_reader``, and drains the group's queues as one engine's. Counters live in C
+memory, read as plain 64-bit loads. Why an engine thread rather than splice steps run
+from loop callbacks: the measurements are in ``bench/ANALYSIS.md`` (uproxy/proxy/nativerelay.py).
 
 Reason and side codes, and the smallest pipe the engine settles for, come
 from the compiled module (``native/uproxy_native.h``), never re-declared here.

@@ -159,15 +159,23 @@ def refuse(loop: asyncio.AbstractEventLoop, client: socket.socket, backend: sock
 AUTO_THREADS_MAX = 8
 
 
-def engine_threads(setting: int) -> int:
+def engine_threads(setting: int, cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
     """How many engine threads ``--engine-threads`` means here: ``auto`` (0) is one per
-    CPU this process may run on, at most :data:`AUTO_THREADS_MAX`."""
+    CPU this process may run on (its affinity, and its cgroup's CPU limit, ``cpu.max``,
+    rounded up: a pod limited to 1.5 CPUs gets 2), at most :data:`AUTO_THREADS_MAX`."""
     if setting > 0:
         return setting
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
+    try:
+        with open(cpu_max) as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max" and int(period) > 0:
+            cores = min(cores, -(-int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 limit to read: the affinity alone
     return max(1, min(AUTO_THREADS_MAX, cores))
 
 

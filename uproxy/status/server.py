@@ -199,6 +199,7 @@ async def info(request: web.Request) -> web.Response:
     return _json({
         "version": __version__,
         "relay": daemon.relay.name,
+        "engineThreads": len(daemon.relay.thread_stats()),  # (0: the Python twin)
         "native": native.ACTIVE,
         "nativeReason": native.REASON,
         "loop": _loop_name(daemon),

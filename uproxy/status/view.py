@@ -49,6 +49,8 @@ class Named(Protocol):
 class RelayView(Named, Protocol):
     def catch_up(self) -> None: ...
 
+    def thread_stats(self) -> list[dict[str, int]]: ...
+
 
 class DaemonView(Protocol):
     @property
