@@ -51,6 +51,10 @@ class Named:
     def catch_up(self) -> None:
         """(the relay's part of DaemonView: nothing queued here)"""
 
+    def thread_stats(self) -> list[dict[str, int]]:
+        """(the relay's part of DaemonView: no engine threads, as the Python twin)"""
+        return []
+
 
 @dataclass
 class View:
