@@ -2073,15 +2073,15 @@ int uproxy_engine_stopped(struct uproxy_engine *e)
 void uproxy_engine_stats(struct uproxy_engine *e, struct uproxy_engine_stats *out)
 {
     stats_one(e, out);
-    for (int i = 1; i < group_size(e); i++) { /* the group's sums (the pipe size is one) */
+    for (int i = 1; i < group_size(e); i++) { /* the group's sums */
         struct uproxy_engine_stats m;
         stats_one(group_at(e, i), &m);
         const uint64_t *add = (const uint64_t *)&m;
         uint64_t *sum = (uint64_t *)out;
         for (size_t k = 0; k < STATS_WORDS; k++)
             sum[k] += add[k];
-        out->pipe_size = stat_get(&e->stats.pipe_size);
     }
+    out->pipe_size = stat_get(&e->stats.pipe_size); /* (not a sum: the group's one size) */
 }
 
 /* ---- set-up API (event loop thread) -------------------------------------- */
