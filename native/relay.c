@@ -28,6 +28,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/ioctl.h>
+#include <linux/sockios.h>
 #include <sys/eventfd.h>
 #include <sys/random.h>
 #include <sys/socket.h>
@@ -98,6 +100,8 @@ struct direction {
     bool bulk; /* the last read filled its buffer: use a pipe next */
     bool eof;  /* src returned EOF */
     bool shut; /* dst got SHUT_WR (after everything was delivered) */
+    bool corked; /* the last send to dst had MSG_MORE (src's FIN is in): dst's
+                  * SHUT_WR takes it out with the FIN, or dir_pump uncorks it */
 };
 
 struct conn;
@@ -693,7 +697,7 @@ static void conn_fail(struct uproxy_engine *e, struct conn *c, int side, int err
 }
 
 /* Move what can be moved one way. Returns false when the connection ended. */
-static bool dir_pump(struct uproxy_engine *e, struct conn *c, int di)
+static bool dir_pump_once(struct uproxy_engine *e, struct conn *c, int di)
 {
     struct direction *d = &c->dir[di];
     int src = di, dst = 1 - di;
@@ -761,8 +765,11 @@ static bool dir_pump(struct uproxy_engine *e, struct conn *c, int di)
                     stat_add(&e->stats.closes_first, 1);
                     tw_note(c);
                 }
-                shutdown(c->fd[dst], SHUT_WR);
+                shutdown(c->fd[dst], SHUT_WR); /* the FIN carries corked bytes along */
                 d->shut = true;
+                if (d->corked)
+                    stat_add(&e->stats.fins_with_data, 1);
+                d->corked = false;
             }
             return true;
         }
@@ -825,9 +832,15 @@ static bool dir_pump(struct uproxy_engine *e, struct conn *c, int di)
              * read that would only say EAGAIN. */
             c->readable[src] = false;
         }
+        /* src's FIN is in (hup) and this short read emptied its queue: these are
+         * the direction's last bytes and the next recv says EOF. MSG_MORE holds
+         * them in dst's write queue for the SHUT_WR right after, which sets FIN
+         * on that same segment: one packet (data+FIN) instead of two, and one
+         * ACK fewer from the peer. */
+        int more = n < SCRATCH_SIZE && c->hup[src] ? MSG_MORE : 0;
         ssize_t sent = 0;
         if (c->writable[dst]) {
-            sent = send(c->fd[dst], e->scratch, (size_t)n, MSG_NOSIGNAL | MSG_DONTWAIT);
+            sent = send(c->fd[dst], e->scratch, (size_t)n, MSG_NOSIGNAL | MSG_DONTWAIT | more);
             if (sent < 0) {
                 if (errno != EAGAIN && errno != EINTR) {
                     conn_fail(e, c, dst, errno);
@@ -839,6 +852,8 @@ static bool dir_pump(struct uproxy_engine *e, struct conn *c, int di)
             }
             stat_add(moved, (uint64_t)sent);
             stat_add(&e->stats.copy_bytes, (uint64_t)sent);
+            if (sent > 0 && more)
+                d->corked = true;
         }
         if (sent < n) {
             d->buf = malloc((size_t)(n - sent));
@@ -852,6 +867,22 @@ static bool dir_pump(struct uproxy_engine *e, struct conn *c, int di)
             d->buf_len = (uint32_t)(n - sent);
         }
     }
+}
+
+/* dir_pump_once, and then no byte stays corked: if src's EOF did not follow
+ * the bytes sent with MSG_MORE (not expected: the FIN was in before them),
+ * push them now (TCP_CORK off pushes what is queued, Nagle as dst had it). */
+static bool dir_pump(struct uproxy_engine *e, struct conn *c, int di)
+{
+    if (!dir_pump_once(e, c, di))
+        return false;
+    struct direction *d = &c->dir[di];
+    if (d->corked) {
+        int off = 0;
+        setsockopt(c->fd[1 - di], IPPROTO_TCP, TCP_CORK, &off, sizeof off);
+        d->corked = false;
+    }
+    return true;
 }
 
 static void conn_pump(struct uproxy_engine *e, struct conn *c)
@@ -1374,6 +1405,16 @@ static void setup_connect(struct uproxy_engine *e, struct conn *c)
     }
     int one = 1;
     setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    /* The client has spoken already (the usual case: its request came right after its
+     * handshake): the handshake's last ACK to the endpoint can wait and leave with
+     * those bytes, one segment instead of two, and the endpoint's accept finds them
+     * there. TCP_DEFER_ACCEPT on a connecting socket does that (the kernel sends the
+     * ACK alone after 200 ms at most). Never for a client that has not spoken: a
+     * server-first protocol's greeting must not wait for that ACK. */
+    int inq = 0;
+    if (ioctl(c->fd[0], SIOCINQ, &inq) == 0 && inq > 0
+        && setsockopt(s, IPPROTO_TCP, TCP_DEFER_ACCEPT, &one, sizeof one) == 0)
+        stat_add(&e->stats.acks_with_data, 1);
     if (c->su->cc[0]) /* failing leaves the default: still a working connection */
         setsockopt(s, IPPROTO_TCP, TCP_CONGESTION, c->su->cc, (socklen_t)strlen(c->su->cc));
     c->fd[1] = s;

@@ -105,6 +105,10 @@ struct uproxy_engine_stats {
                               * at close by its exact address (SOCK_DESTROY) */
     uint64_t tw_left;        /* transparent ones it could not (no SOCK_DESTROY, a
                               * socket it cannot name): the caller sweeps those */
+    uint64_t fins_with_data; /* SHUT_WRs whose FIN left on the segment of the direction's
+                              * last bytes (their sender's FIN had come with them) */
+    uint64_t acks_with_data; /* backend connects whose handshake's last ACK waited for
+                              * the client's first bytes (already there: TCP_DEFER_ACCEPT) */
 };
 
 /* Probe the pipe size (tries `want`, then halves down to 64 KiB, within

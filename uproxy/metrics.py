@@ -77,8 +77,9 @@ class Metrics:
     def engine_threads_from(self, read: Callable[[], list[dict[str, int]]]) -> None:
         """``uproxy_engine_thread_connections_total{thread}`` and
         ``uproxy_engine_thread_connections_active{thread}``: what each native engine thread
-        (``--engine-threads``) set up and relays, read at scrape time (``read``: the relay's
-        per-thread stats; an empty list on the Python twin)."""
+        (``--engine-threads``) set up and relays; ``uproxy_engine_merged_segments_total{what}``:
+        the segments the engine saved (all threads). Read at scrape time (``read``: the
+        relay's per-thread stats; an empty list on the Python twin)."""
         self.registry.register(_EngineThreads(read))
 
 
@@ -90,15 +91,20 @@ class _EngineThreads(Collector):
         return list(self._families())
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        opened, live = self._families()
-        for i, stats in enumerate(self._read()):
+        opened, live, merged = self._families()
+        threads = self._read()
+        for i, stats in enumerate(threads):
             opened.add_metric([str(i)], stats.get("setups_opened", 0))
             live.add_metric([str(i)], stats.get("conns_live", 0))
+        if threads:
+            for what, key in (("fin", "fins_with_data"), ("ack", "acks_with_data")):
+                merged.add_metric([what], sum(t.get(key, 0) for t in threads))
         yield opened
         yield live
+        yield merged
 
     @staticmethod
-    def _families() -> tuple[CounterMetricFamily, GaugeMetricFamily]:
+    def _families() -> tuple[CounterMetricFamily, GaugeMetricFamily, CounterMetricFamily]:
         return (CounterMetricFamily(
                     "uproxy_engine_thread_connections",
                     "Connections a native engine thread accepted and connected to an endpoint "
@@ -106,7 +112,12 @@ class _EngineThreads(Collector):
                 GaugeMetricFamily(
                     "uproxy_engine_thread_connections_active",
                     "Connections a native engine thread relays now (set up there or handed "
-                    "to it)", labels=["thread"]))
+                    "to it)", labels=["thread"]),
+                CounterMetricFamily(
+                    "uproxy_engine_merged_segments",
+                    "TCP segments the native engine saved by merging: a FIN sent on the "
+                    "segment of a direction's last bytes (fin), a backend handshake's last "
+                    "ACK sent with the client's first bytes (ack)", labels=["what"]))
 
 
 class _TimeWait(Collector):

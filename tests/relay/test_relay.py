@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from tests.support.matrix import Flavor, relay_for, run_on
+from tests.support.sockets import segments_in, send_with_fin
 from tests.support.waiting import wait_until_async
 from uproxy.proxy.nativerelay import NativeRelay
 from uproxy.proxy.pyrelay import PyRelay
@@ -241,6 +242,41 @@ def test_the_relay_counts_backends_that_got_its_fin_first(flavor: Flavor, first:
             assert await recv_to_eof(loop, closer) == b""
             await p.done.wait()
             assert relay.closes_first() == (1 if first == "client" else 0)
+
+    run_on(flavor, body)
+
+
+@pytest.mark.parametrize("first", ["client", "backend"])
+def test_a_fin_that_came_with_the_last_bytes_leaves_with_them(flavor: Flavor,
+                                                              first: str) -> None:
+    """A side whose last bytes and FIN came in one segment (a server's write + close, an
+    HTTP/1.0 client's request + SHUT_WR): the native engine sends those bytes with
+    MSG_MORE and its SHUT_WR puts the FIN on their segment -- the other side receives one
+    segment, not two (the kernel's count, TCP_INFO). The Python twin relays the same bytes
+    and EOF (it sends the FIN in a segment of its own)."""
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        async with Rig(loop, relay_for(flavor, loop)) as rig:
+            relay = rig.relay
+            p = rig.connect()
+            closer, other = (p.client, p.server) if first == "client" else (p.server, p.client)
+            for a, b in ((p.client, p.server), (p.server, p.client)):  # the relay is running
+                await loop.sock_sendall(a, b"hi")
+                assert await recv_exactly(loop, b, 2) == b"hi"
+            before = segments_in(other)
+            merged = relay.stats().get("fins_with_data", 0)
+            send_with_fin(closer, b"the last bytes")
+            assert await recv_to_eof(loop, other) == b"the last bytes"
+            after = segments_in(other)
+            if flavor.native:
+                assert (after[0] - before[0], after[1] - before[1]) == (1, 1)
+                assert relay.stats()["fins_with_data"] == merged + 1
+            else:
+                assert after[1] - before[1] == 1
+            other.shutdown(socket.SHUT_WR)
+            assert await recv_to_eof(loop, closer) == b""
+            await p.done.wait()
+            assert p.results[0].error is None
 
     run_on(flavor, body)
 

@@ -110,6 +110,11 @@ def test_transparent_connections_keep_the_client_address_on_both_families(
         path = "native" if flavor.native else "python"
         assert metric(lab, "uproxy_relay_setup_total", path=path) == 2
         assert "listeners pushed again" not in node.log
+        text = lab.run("node", ["curl", "-sS", "--max-time", "3",
+                                "http://127.0.0.1:10249/metrics"]).stdout
+        for what in ("fin", "ack"):  # the engine's saved segments (counted in tests/relay)
+            assert (f'uproxy_engine_merged_segments_total{{what="{what}"}}' in text) \
+                == flavor.native, what
     finally:
         assert node.stop() == 0
     assert node.uproxy_lines() == []

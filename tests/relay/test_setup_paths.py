@@ -22,7 +22,13 @@ from dataclasses import dataclass, field
 import pytest
 
 from tests.support.matrix import Flavor, relay_for, run_on, select_path
-from tests.support.sockets import congestion, congestion_choices, own_tcp_socket
+from tests.support.sockets import (
+    congestion,
+    congestion_choices,
+    own_tcp_socket,
+    segments_in,
+    send_with_fin,
+)
 from uproxy.balance import Balancer
 from uproxy.connections import ConnTable
 from uproxy.metrics import Metrics
@@ -575,6 +581,141 @@ def test_a_live_connection_is_in_the_table_for_readers_and_soon_without_one(
                 await server.wait_closed()
 
     _run(flavor, main)
+
+
+class _Greeter:
+    """A backend on its own thread: per connection, how its handshake and the client's
+    first bytes came (TCP_INFO's segments, counted when accept returns and after reading
+    ``expect`` bytes), then ``greeting`` + FIN in one segment, or, with ``expect`` 0, the
+    greeting first (a server-first protocol) and then the client's bytes."""
+
+    def __init__(self, family: int, expect: int, greeting: bytes) -> None:
+        self.lsock = socket.socket(AF[family], socket.SOCK_STREAM)
+        self.lsock.bind((LOOPBACK[family], 0))
+        self.lsock.listen(16)
+        self.lsock.settimeout(0.2)
+        self.address = self.lsock.getsockname()[:2]
+        self.expect, self.greeting = expect, greeting
+        self.seen: list[tuple[bytes, tuple[int, int]]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.lsock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                if not self.expect:
+                    conn.sendall(self.greeting)
+                got = b""
+                while len(got) < max(self.expect, 1):
+                    chunk = conn.recv(64)
+                    if not chunk:
+                        break
+                    got += chunk
+                self.seen.append((got, segments_in(conn)))
+                if self.expect:
+                    send_with_fin(conn, self.greeting)
+                with contextlib.suppress(OSError):
+                    while conn.recv(64):
+                        pass
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.lsock.close()
+
+
+def _speaking_client(family: int, address: tuple[str, int], data: bytes) -> socket.socket:
+    """A client whose handshake's last ACK leaves with ``data`` (TCP_DEFER_ACCEPT on its own
+    socket): its bytes are there when the proxy accepts it, every time."""
+    sock = socket.socket(AF[family], socket.SOCK_STREAM)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
+    sock.settimeout(5)
+    sock.connect(address)
+    sock.sendall(data)
+    return sock
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_handshake_ack_to_the_endpoint_leaves_with_the_clients_first_bytes(
+        flavor: Flavor, family: int) -> None:
+    """A client that has spoken by the time it is accepted: the proxy's connect to the
+    endpoint holds its handshake's last ACK back (TCP_DEFER_ACCEPT on the connecting
+    socket) and sends it with those bytes. The endpoint sees SYN, then ACK+data: two
+    segments, one with data -- not SYN, ACK, data. Both paths do it."""
+    async def main() -> None:
+        async with rig(flavor, family) as r:
+            greeter = _Greeter(family, 4, b"pong")
+            try:
+                r.set_endpoints([greeter.address])
+                acks = r.proxy.relay.stats().get("acks_with_data", 0)
+                for _ in range(5):
+                    sock = await asyncio.to_thread(_speaking_client, family, r.address, b"ping")
+                    try:
+                        answer = await asyncio.to_thread(_recv_all, sock)
+                    finally:
+                        sock.close()
+                    assert answer == b"pong"
+                await r.settle(_path(flavor), 5)
+            finally:
+                await asyncio.to_thread(greeter.close)  # (the loop relays its last FIN)
+            assert [got for got, _ in greeter.seen] == [b"ping"] * 5
+            assert [segs for _, segs in greeter.seen] == [(2, 1)] * 5
+            if flavor.native:
+                assert r.proxy.relay.stats()["acks_with_data"] == acks + 5
+
+    _run(flavor, main)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_client_that_has_not_spoken_does_not_hold_the_handshake_back(
+        flavor: Flavor, family: int) -> None:
+    """The other side of the rule above: a client that waits for the server to speak
+    first (SMTP, MySQL, SSH) must not have the endpoint's accept wait for a held ACK (the
+    kernel would send it alone only after 200 ms): the greeting comes at once."""
+    async def main() -> None:
+        async with rig(flavor, family) as r:
+            greeter = _Greeter(family, 0, b"220 ready\r\n")
+            try:
+                r.set_endpoints([greeter.address])
+                acks = r.proxy.relay.stats().get("acks_with_data", 0)
+                took = []
+                for _ in range(3):
+                    start = time.monotonic()
+                    reader, writer = await asyncio.open_connection(*r.address)
+                    try:
+                        assert await asyncio.wait_for(reader.readexactly(11), 5) \
+                            == b"220 ready\r\n"
+                        took.append(time.monotonic() - start)
+                        writer.write(b"QUIT")
+                        await writer.drain()
+                    finally:
+                        writer.close()
+                await r.settle(_path(flavor), 3)
+                await _until(lambda: len(greeter.seen) == 3)
+            finally:
+                await asyncio.to_thread(greeter.close)  # (the loop relays its last FIN)
+            assert [got for got, _ in greeter.seen] == [b"QUIT"] * 3
+            # a held ACK would cost each connection 200 ms; a fast one takes a few ms
+            assert sorted(took)[1] < 0.15, took
+            if flavor.native:
+                assert r.proxy.relay.stats()["acks_with_data"] == acks
+
+    _run(flavor, main)
+
+
+def _recv_all(sock: socket.socket) -> bytes:
+    got = b""
+    while chunk := sock.recv(64):
+        got += chunk
+    return got
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -40,3 +40,22 @@ def own_tcp_socket(local: tuple, peer: tuple) -> socket.socket | None:  # type: 
             pass
         s.close()
     return None
+
+
+# struct tcp_info (linux/tcp.h): tcpi_segs_in at byte 140, tcpi_data_segs_in at 152
+_SEGS_IN, _DATA_SEGS_IN = 140, 152
+
+
+def segments_in(sock: socket.socket) -> tuple[int, int]:
+    """(segments, segments carrying data) ``sock`` has received, SYN included: the
+    kernel's own count (``TCP_INFO``), so a test can see how the bytes and the
+    handshake's ACK and FIN were packed into segments."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 160)
+    return (int.from_bytes(info[_SEGS_IN:_SEGS_IN + 4], "little"),
+            int.from_bytes(info[_DATA_SEGS_IN:_DATA_SEGS_IN + 4], "little"))
+
+
+def send_with_fin(sock: socket.socket, data: bytes) -> None:
+    """``data`` and the FIN in one segment (MSG_MORE holds the bytes for SHUT_WR)."""
+    sock.send(data, socket.MSG_MORE)
+    sock.shutdown(socket.SHUT_WR)

@@ -161,7 +161,8 @@ def _layout(ffi: Any, cname: str, names: Sequence[str]) -> struct.Struct:
 
 _STAT_NAMES = ("conns_live", "pipes_in_use", "pipes_total", "pipes_max", "pipe_size",
                "splice_bytes", "copy_bytes", "bufs_in_use", "setups_live", "setups_opened",
-               "setups_refused", "closes_first", "tw_destroyed", "tw_left")
+               "setups_refused", "closes_first", "tw_destroyed", "tw_left", "fins_with_data",
+               "acks_with_data")
 _DONE_FIELDS = ("conn", "token", "bytes_up", "bytes_down", "reason", "side", "err")
 
 

@@ -30,9 +30,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import socket
+import sys
+import termios
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -873,6 +876,16 @@ def _endpoint_of(listener: TcpListener, ev: SetupEvent) -> Endpoint:
     return Endpoint(address[0], address[1])
 
 
+def client_spoke(client: socket.socket) -> bool:
+    """Whether ``client`` has bytes waiting (``FIONREAD``): then the backend socket's
+    handshake ACK may wait to leave with them (``TCP_DEFER_ACCEPT`` before its connect)."""
+    try:
+        waiting = fcntl.ioctl(client.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return False
+    return int.from_bytes(waiting, sys.byteorder, signed=True) > 0
+
+
 def _pack_address(ip: str) -> bytes:
     """``ip`` as the engine reports it in an event (16 bytes, an IPv4 address zero-padded)."""
     if ":" in ip:
@@ -993,6 +1006,9 @@ class _Connect:
             return
         self.sock = sock
         sock.setblocking(False)
+        if client_spoke(self.client):  # as the engine does (native/relay.c setup_connect)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
         err = sock.connect_ex(endpoint.address)
         if err == 0:
             self.feed(CONNECTED)
