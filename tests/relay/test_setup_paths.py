@@ -632,6 +632,19 @@ class _Greeter:
         self.lsock.close()
 
 
+@contextlib.asynccontextmanager
+async def _greeter_rig(flavor: Flavor, family: int, expect: int,
+                       greeting: bytes) -> AsyncIterator[tuple[Rig, _Greeter]]:
+    """:func:`rig` whose one endpoint is a :class:`_Greeter`."""
+    async with rig(flavor, family) as r:
+        greeter = _Greeter(family, expect, greeting)
+        r.set_endpoints([greeter.address])
+        try:
+            yield r, greeter
+        finally:
+            await asyncio.to_thread(greeter.close)  # (the loop relays its last FIN)
+
+
 def _speaking_client(family: int, address: tuple[str, int], data: bytes) -> socket.socket:
     """A client whose handshake's last ACK leaves with ``data`` (TCP_DEFER_ACCEPT on its own
     socket): its bytes are there when the proxy accepts it, every time."""
@@ -651,21 +664,16 @@ def test_the_handshake_ack_to_the_endpoint_leaves_with_the_clients_first_bytes(
     socket) and sends it with those bytes. The endpoint sees SYN, then ACK+data: two
     segments, one with data -- not SYN, ACK, data. Both paths do it."""
     async def main() -> None:
-        async with rig(flavor, family) as r:
-            greeter = _Greeter(family, 4, b"pong")
-            try:
-                r.set_endpoints([greeter.address])
-                acks = r.proxy.relay.stats().get("acks_with_data", 0)
-                for _ in range(5):
-                    sock = await asyncio.to_thread(_speaking_client, family, r.address, b"ping")
-                    try:
-                        answer = await asyncio.to_thread(_recv_all, sock)
-                    finally:
-                        sock.close()
-                    assert answer == b"pong"
-                await r.settle(_path(flavor), 5)
-            finally:
-                await asyncio.to_thread(greeter.close)  # (the loop relays its last FIN)
+        async with _greeter_rig(flavor, family, 4, b"pong") as (r, greeter):
+            acks = r.proxy.relay.stats().get("acks_with_data", 0)
+            for _ in range(5):
+                sock = await asyncio.to_thread(_speaking_client, family, r.address, b"ping")
+                try:
+                    answer = await asyncio.to_thread(_recv_all, sock)
+                finally:
+                    sock.close()
+                assert answer == b"pong"  # (sent after the greeter noted what it saw)
+            await r.settle(_path(flavor), 5)
             assert [got for got, _ in greeter.seen] == [b"ping"] * 5
             assert [segs for _, segs in greeter.seen] == [(2, 1)] * 5
             if flavor.native:
@@ -681,27 +689,22 @@ def test_a_client_that_has_not_spoken_does_not_hold_the_handshake_back(
     first (SMTP, MySQL, SSH) must not have the endpoint's accept wait for a held ACK (the
     kernel would send it alone only after 200 ms): the greeting comes at once."""
     async def main() -> None:
-        async with rig(flavor, family) as r:
-            greeter = _Greeter(family, 0, b"220 ready\r\n")
-            try:
-                r.set_endpoints([greeter.address])
-                acks = r.proxy.relay.stats().get("acks_with_data", 0)
-                took = []
-                for _ in range(3):
-                    start = time.monotonic()
-                    reader, writer = await asyncio.open_connection(*r.address)
-                    try:
-                        assert await asyncio.wait_for(reader.readexactly(11), 5) \
-                            == b"220 ready\r\n"
-                        took.append(time.monotonic() - start)
-                        writer.write(b"QUIT")
-                        await writer.drain()
-                    finally:
-                        writer.close()
-                await r.settle(_path(flavor), 3)
-                await _until(lambda: len(greeter.seen) == 3)
-            finally:
-                await asyncio.to_thread(greeter.close)  # (the loop relays its last FIN)
+        async with _greeter_rig(flavor, family, 0, b"220 ready\r\n") as (r, greeter):
+            acks = r.proxy.relay.stats().get("acks_with_data", 0)
+            took = []
+            for _ in range(3):
+                start = time.monotonic()
+                reader, writer = await asyncio.open_connection(*r.address)
+                try:
+                    assert await asyncio.wait_for(reader.readexactly(11), 5) \
+                        == b"220 ready\r\n"
+                    took.append(time.monotonic() - start)
+                    writer.write(b"QUIT")
+                    await writer.drain()
+                finally:
+                    writer.close()
+            await r.settle(_path(flavor), 3)
+            await _until(lambda: len(greeter.seen) == 3)
             assert [got for got, _ in greeter.seen] == [b"QUIT"] * 3
             # a held ACK would cost each connection 200 ms; a fast one takes a few ms
             assert sorted(took)[1] < 0.15, took
