@@ -134,7 +134,16 @@ class ConnTable:
         self._conns: dict[int, Conn] = {}
         self._ids = itertools.count(1)
         self.subscribers: set[Subscriber] = set()
+        # those of the subscribers that need not hear of connections that open and close
+        # between two of their looks (the status stream: it never sends those)
+        self.brief_blind: set[Subscriber] = set()
         self.services: dict[ServicePortName, ServiceTally] = {}
+
+    def sees_brief(self) -> bool:
+        """Whether some subscriber must hear of every connection, even one that opens and
+        closes within one of the relay's batches: then each gets an entry (and its events);
+        else such connections are only counted (:meth:`opened_and_closed`)."""
+        return any(sub not in self.brief_blind for sub in self.subscribers)
 
     @property
     def endpoints(self) -> dict[EndpointKey, Tally]:
@@ -218,7 +227,8 @@ class ConnTable:
     def opened_and_closed(self, service: ServicePortName, backend: tuple[str, int], count: int,
                           *, bytes_up: int = 0, bytes_down: int = 0) -> None:
         """``count`` TCP connections to ``backend`` that opened and closed before anything
-        could see them (no subscriber, one batch of the engine's): the tallies and ids
+        could see them (no subscriber that :meth:`sees_brief`, one batch of the engine's,
+        or its hold): the tallies and ids
         :meth:`open`, :meth:`established` and :meth:`close` would have left, with no entry."""
         self._ids = itertools.count(next(self._ids) + count)
         tally = self.services.get(service)

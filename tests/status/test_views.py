@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from uproxy.connections import ConnTable
+from uproxy.connections import Conn, ConnTable
 from uproxy.model import ServicePortName
 from uproxy.state import Store
 from uproxy.status.client import format_table, human_bytes, human_duration
@@ -142,6 +142,27 @@ async def test_hub_batches_and_coalesces() -> None:
     finally:
         await hub.close()
     assert hub._on_event not in conns.subscribers
+    assert hub._on_event not in conns.brief_blind
+
+
+def test_only_subscribers_that_must_hear_of_every_connection_make_the_table_see_brief_ones(
+        ) -> None:
+    """The hub never sends a connection that opened and closed between two flushes, so it
+    does not make the relays give such connections entries; any other subscriber does."""
+    conns = ConnTable()
+    assert not conns.sees_brief()
+    hub = ConnHub(conns)
+    watcher = hub.add()
+    assert hub._on_event in conns.subscribers and not conns.sees_brief()
+
+    def other(event: str, conn: Conn) -> None:
+        pass
+
+    conns.subscribers.add(other)
+    assert conns.sees_brief()
+    conns.subscribers.discard(other)
+    hub.remove(watcher)
+    assert not conns.subscribers and not conns.brief_blind and not conns.sees_brief()
 
 
 async def test_slow_watcher_gets_a_snapshot_instead_of_a_backlog() -> None:

@@ -284,7 +284,7 @@ class TcpProxy:
         return TcpListener(self, sock, name, scope)
 
     def _unwatched(self) -> bool:
-        return not self.conns.subscribers
+        return not self.conns.sees_brief()
 
     # ---- set-up in the engine --------------------------------------------------------
     @property
@@ -604,10 +604,11 @@ class TcpProxy:
 
         Metrics are counted per batch and service (:meth:`_flush_metrics`, at the end of
         the engine's batch). A connection that opened and already closed in this batch
-        gets no table entry unless someone watches the table (a status stream): its
-        tallies come out as open, established and close would leave them."""
+        gets no table entry unless a subscriber must hear of every connection
+        (``ConnTable.sees_brief``; the status stream need not): its tallies come out as
+        open, established and close would leave them."""
         conns, balancer = self.conns, self.balancer
-        watched = bool(conns.subscribers)
+        watched = conns.sees_brief()
         # (engine listener id, packed endpoint) -> [name, address, count, bytes up, down]
         short: dict[tuple[int, tuple[bytes, int] | None], list[Any]] = {}
         closed = False

@@ -10,7 +10,9 @@ the page and the server the bottleneck. So:
 - every ``flush_interval`` (250 ms) it turns the pending events into at most
   one ``batch`` message per watcher: rows opened (only while the watcher sees
   fewer than its ``limit``), rows updated and ids closed among the rows it
-  sees. A connection that opened and closed within one interval is never sent;
+  sees. A connection that opened and closed within one interval is never sent, so the
+  hub subscribes as ``brief_blind``: the native relay's short connections (opened and
+  closed within one of its batches, or its 50 ms hold) cost it no entry at all;
 - every ``snapshot_interval`` each watcher gets a ``snapshot``: the first
   ``limit`` matching connections (oldest first, so rows do not jump) with
   fresh byte counts (read from the relay counters for those rows only), and
@@ -94,7 +96,7 @@ class ConnHub:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="status-stream")
 
     async def close(self) -> None:
-        self.conns.subscribers.discard(self._on_event)
+        self._unsubscribe()
         for watcher in list(self.watchers):
             watcher.end()
         self.watchers.clear()
@@ -108,14 +110,19 @@ class ConnHub:
         watcher = Watcher(service=service, limit=max(1, min(limit, MAX_LIMIT)))
         self.watchers.add(watcher)
         self._have_watchers.set()
+        self.conns.brief_blind.add(self._on_event)
         self.conns.subscribers.add(self._on_event)
         return watcher
+
+    def _unsubscribe(self) -> None:
+        self.conns.subscribers.discard(self._on_event)
+        self.conns.brief_blind.discard(self._on_event)
 
     def remove(self, watcher: Watcher) -> None:
         self.watchers.discard(watcher)
         if not self.watchers:
             self._have_watchers.clear()
-            self.conns.subscribers.discard(self._on_event)
+            self._unsubscribe()
             self._opened.clear()  # (what _on_event kept for watchers no longer there)
             self._updated.clear()
             self._closed.clear()
