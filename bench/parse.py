@@ -122,6 +122,22 @@ def parse_proc_stat_cpu(text: str, *, ticks: int = 100, children: bool = False) 
         raise ParseError(f"/proc/PID/stat: unexpected line {text[:200]!r}") from None
 
 
+def parse_machine_cpu(text: str, *, ticks: int = 100) -> tuple[float, float]:
+    """(busy, all) CPU seconds of every CPU since boot from ``/proc/stat``'s ``cpu`` line:
+    busy is user+nice+system+irq+softirq (guest time is inside user), all adds idle and
+    iowait (steal, time the host took, is neither)."""
+    for line in text.splitlines():
+        fields = line.split()
+        if fields and fields[0] == "cpu":
+            try:
+                user, nice, system, idle, iowait, irq, softirq = (int(x) for x in fields[1:8])
+            except ValueError:
+                break
+            busy = user + nice + system + irq + softirq
+            return busy / ticks, (busy + idle + iowait) / ticks
+    raise ParseError(f"/proc/stat: no cpu line with 7 counters in {text[:200]!r}")
+
+
 def parse_vmrss_kib(status_text: str) -> int:
     """``VmRSS`` of a ``/proc/PID/status`` text, in KiB."""
     m = re.search(r"^VmRSS:\s+(\d+) kB", status_text, re.M)

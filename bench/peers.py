@@ -21,7 +21,11 @@ Service's second ClusterIP :data:`VIP6`), so the load tools run unchanged:
   packets reach them;
 - the C UDP relay (DNS only): ``native/udp_reference.c``, the smallest relay of
   uproxy's UDP design (the same batching code, no Python), built at run time:
-  how close any userspace relay of that shape gets to kernel DNAT here.
+  how close any userspace relay of that shape gets to kernel DNAT here;
+- the C TCP relay: ``native/tcp_reference.c``, uproxy's TCP engine without Python;
+- the minimal splice relay (bulk only): ``native/splice_minimal.c``, a thread per
+  direction doing nothing but blocking splices, none of uproxy's code: how close any
+  relay through a second TCP connection gets to kernel DNAT's single stream here.
 
 A peer's :meth:`Peer.pids` are the processes whose CPU, RSS and fds we measure
 (all of nginx's or HAProxy's processes; none for the kernel).
@@ -60,7 +64,8 @@ KERNEL, NATIVE, PYTHON, NGINX, HAPROXY, C_UDP = (
     "kernel DNAT", "uproxy native", "uproxy python", "nginx stream", "HAProxy", "C UDP relay")
 NATIVE_MASQ = "uproxy native masquerade-all"
 C_TCP = "C TCP relay"
-ALL_PEERS = (KERNEL, NATIVE, NATIVE_MASQ, PYTHON, NGINX, HAPROXY, C_UDP, C_TCP)
+C_SPLICE = "minimal splice relay"
+ALL_PEERS = (KERNEL, NATIVE, NATIVE_MASQ, PYTHON, NGINX, HAPROXY, C_UDP, C_TCP, C_SPLICE)
 UPROXY_PEERS = (NATIVE, NATIVE_MASQ, PYTHON)
 IPV6_PEERS = (KERNEL, NATIVE)
 """The peers with IPv6 rows (issue 13: uproxy native against kernel DNAT over IPv6)."""
@@ -80,6 +85,7 @@ class Peer(Protocol):
     name: str
     udp: bool  # proxies DNS
     tcp: bool  # proxies HTTP and bulk (every peer but the C UDP relay)
+    bulk_only: bool  # proxies the bulk Service only (the minimal splice relay)
     ipv6: bool  # proxies HTTP and DNS on the IPv6 ClusterIP VIP6 too
 
     def start(self) -> None: ...
@@ -178,6 +184,7 @@ def clean_slate(lab: Lab) -> None:
 
 class KernelDnat:
     udp = tcp = ipv6 = True
+    bulk_only = False
 
     def __init__(self, lab: Lab, backends: Backends, *,
                  others: Sequence[tuple[str, str, int, str, tuple[str, ...]]] = (),
@@ -225,6 +232,7 @@ class KernelDnat:
 
 class Uproxy:
     udp = tcp = True
+    bulk_only = False
 
     def __init__(self, lab: Lab, backends: Backends, *, native: bool,
                  args: tuple[str, ...] = (), masquerade_all: bool = False) -> None:
@@ -293,6 +301,7 @@ class _Redirected:
     udp = False
     tcp = True
     ipv6 = False  # issue 13's IPv6 rows compare uproxy with kernel DNAT only
+    bulk_only = False
     name = ""
 
     def __init__(self, lab: Lab) -> None:
@@ -305,7 +314,8 @@ class _Redirected:
         for port, local in LOCAL_PORTS.items():
             ip = VIP_BULK if port == BULK_PORT else VIP
             protos = ["udp"] if port == DNS_PORT else ["tcp"]
-            if (port == DNS_PORT and not self.udp) or (port != DNS_PORT and not self.tcp):
+            if (port == DNS_PORT and not self.udp) or (port != DNS_PORT and not self.tcp) \
+                    or (self.bulk_only and port != BULK_PORT):
                 continue
             for proto in protos:
                 lines.append(f"-A {self.chain} -d {ip}/32 -p {proto} -m {proto} --dport {port} "
@@ -320,7 +330,9 @@ class _Redirected:
         d.mkdir(exist_ok=True)
         self.proc = self.lab.spawn("node", self._argv(d), d.name)
         try:
-            for port in (LOCAL_PORTS[HTTP_PORT], LOCAL_PORTS[BULK_PORT]) if self.tcp else ():
+            tcp_ports = (LOCAL_PORTS[BULK_PORT],) if self.bulk_only else \
+                (LOCAL_PORTS[HTTP_PORT], LOCAL_PORTS[BULK_PORT])
+            for port in tcp_ports if self.tcp else ():
                 self.lab.wait_port("node", "0.0.0.0", port, "tcp", proc=None)
             if self.udp:
                 self.lab.wait_port("node", "0.0.0.0", LOCAL_PORTS[DNS_PORT], "udp", proc=None)
@@ -448,6 +460,22 @@ class CTcpRelay(_Redirected):
                 *(f"{ip}:{BULK_PORT}" for ip in b.bulk)]
 
 
+class MinimalSplice(_Redirected):
+    """``native/splice_minimal.c``: the smallest splice relay (not uproxy's code), bulk only,
+    from the node's address."""
+
+    bulk_only = True
+
+    def __init__(self, lab: Lab, backends: Backends) -> None:
+        super().__init__(lab)
+        self.name = C_SPLICE
+        self.backends = backends
+
+    def _argv(self, d: Path) -> list[str]:
+        binary = build_splice_minimal(d)
+        return [str(binary), str(LOCAL_PORTS[BULK_PORT]), f"{self.backends.bulk[0]}:{BULK_PORT}"]
+
+
 def bench_engine_threads() -> int:
     """The engine threads uproxy's daemon runs with in this bench (``--engine-threads``
     from ``UPROXY_ENGINE_THREADS``, else auto): the C TCP relay runs with as many."""
@@ -476,6 +504,11 @@ def build_tcp_reference(d: Path) -> Path:
     return _build(d, "tcp_reference", ["tcp_reference.c", "relay.c", "transparent.c",
                                       "affinity.c"],
                   ["-pthread"])
+
+
+def build_splice_minimal(d: Path) -> Path:
+    """Compile ``native/splice_minimal.c`` into ``d``, once."""
+    return _build(d, "splice_minimal", ["splice_minimal.c"], ["-pthread"])
 
 
 def build_udp_reference(d: Path) -> Path:

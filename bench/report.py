@@ -27,6 +27,7 @@ from bench.parse import (
     render_targets,
 )
 from bench.peers import (
+    C_SPLICE,
     C_TCP,
     C_UDP,
     HAPROXY,
@@ -39,7 +40,8 @@ from bench.peers import (
 )
 from bench.run import Options, Results
 
-SUMMARY_FIGS = ("bulk", "cpu_gb", "conn", "cpu_conn", "ka", "ka_p50", "ka_p99", "dns", "dns_lost",
+SUMMARY_FIGS = ("bulk", "cpu_gb", "machine_gb", "machine_busy", "conn", "cpu_conn", "ka",
+                "ka_p50", "ka_p99", "dns", "dns_lost",
                 "conn6", "ka6", "ka6_p50", "ka6_p99", "dns6", "dns6_lost", "idle_rss", "idle_fds",
                 "conn_scale", "conn_scale_ratio")
 IPV6_PAIRS = (("conn", "new conn/s"), ("ka", "keep-alive req/s"), ("dns", "DNS q/s"))
@@ -56,6 +58,9 @@ def targets(res: Results) -> list[Target]:
     r = ratio(m("bulk", NATIVE), m("bulk", KERNEL))
     rc = ratio(m("bulk", C_TCP), m("bulk", KERNEL))
     ceiling = "" if rc is None else f"; the C TCP relay (same engine, no Python) {fmt_ratio(rc)}"
+    rs = ratio(m("bulk", C_SPLICE), m("bulk", KERNEL))
+    ceiling += "" if rs is None else \
+        f"; the minimal splice relay (none of uproxy's code) {fmt_ratio(rs)}"
     out.append(Target("bulk Gbit/s >= 0.85x kernel DNAT", check(r, ">=", 0.85),
                       f"{fmt_ratio(r)} ({fmt_num(m('bulk', NATIVE))} vs "
                       f"{fmt_num(m('bulk', KERNEL))} Gbit/s){ceiling}"))
@@ -328,6 +333,11 @@ at a time (started, measured, stopped, conntrack flushed).
   splice/copy relay) with a control thread that only drains its events and completions:
   no Python, no connection table or metrics, from the node's address; `-t {threads}`: as
   many engine threads as uproxy native. The ceiling of uproxy's design here.
+- **minimal splice relay** (bulk only): `native/splice_minimal.c`, compiled at run time,
+  none of uproxy's code -- blocking `connect`, then one thread per direction doing only
+  `splice(socket -> pipe)` and `splice(pipe -> socket)` (256 KiB pipe) until EOF, from
+  the node's address. The fewest system calls and wake-ups a relay through a second TCP
+  connection can make: how close any such relay gets to kernel DNAT's single stream.
 - **C UDP relay** (DNS only): `native/udp_reference.c`, compiled at run time with
   `native/udp.c` -- uproxy's UDP design and batching code (recvmmsg, grouping by client,
   one connected backend socket per client, sendmmsg with GSO, replies from the listener
@@ -342,7 +352,7 @@ at a time (started, measured, stopped, conntrack flushed).
   fd00:96::a/128`, `-j DNAT --to-destination [fd00:17::2]:80`); uproxy serves it from the
   same daemon, intercepting with `ip6tables` `REDIRECT`. uproxy native's IPv4 rows come
   from that same dual-stack daemon.
-- nginx, HAProxy and the C UDP relay listen in the node ns and are reached through
+- nginx, HAProxy and the C relays listen in the node ns and are reached through
   `REDIRECT` rules for the ClusterIPs (chain `BENCH-REDIRECT` from PREROUTING/OUTPUT) --
   the same interception path uproxy uses, so proxies are compared with proxies. CPU, RSS
   and fds sum all of their processes (nginx master + worker)."""
@@ -351,6 +361,9 @@ METHOD_DOC = """\
 - **bulk**: `iperf3 -c 10.0.0.11 -t {seconds:g} -J` from the client ns, one stream;
   receiver's bits/s. **CPU per GB**: utime+stime of the proxy's processes
   (`/proc/PID/stat`) before/after the bulk test divided by the GB iperf3 moved.
+  **Machine CPU per GB**: the same for the whole machine (`/proc/stat` `cpu` line:
+  user+nice+system+irq+softirq of both cores: iperf3 at both ends, the pods' and the
+  node's kernel work, the proxy), with **busy** the share of both cores' time it was.
 - **new connections/s**: `wrk -t2 -c{cconns} -d{seconds:g}s -H "Connection: close"` --
   every request on a new connection through the proxy to the nginx pods. **Proxy CPU
   per new connection**: utime+stime of the proxy's processes over that test divided by
@@ -443,7 +456,8 @@ def write_chart(res: Results, peers: Sequence[str], path: Path) -> str:
     if not figs:
         return "skipped (nothing measured)."
     colors = {KERNEL: "#777777", NATIVE: "#1f77b4", PYTHON: "#9ecae1", NGINX: "#2ca02c",
-              HAPROXY: "#ff7f0e", C_UDP: "#9467bd", C_TCP: "#8c564b"}
+              HAPROXY: "#ff7f0e", C_UDP: "#9467bd", C_TCP: "#8c564b",
+              C_SPLICE: "#e377c2"}
     cols = min(4, len(figs))
     rows = (len(figs) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.9 * rows), squeeze=False)

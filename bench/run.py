@@ -40,6 +40,7 @@ from bench.parse import Figure
 from bench.peers import (
     ALL_PEERS,
     BULK_PORT,
+    C_SPLICE,
     C_TCP,
     C_UDP,
     DNS_PORT,
@@ -60,6 +61,7 @@ from bench.peers import (
     CUdpRelay,
     Haproxy,
     KernelDnat,
+    MinimalSplice,
     NginxStream,
     Peer,
     Uproxy,
@@ -109,6 +111,9 @@ def new_results() -> Results:
     for f in (
         Figure("bulk", "single-stream bulk", "Gbit/s"),
         Figure("cpu_gb", "proxy CPU per GB moved", "CPU s/GB", higher_is_better=False),
+        Figure("machine_gb", "machine CPU per GB moved (both cores: load tools, pods, proxy, "
+               "softirq)", "CPU s/GB", higher_is_better=False),
+        Figure("machine_busy", "machine busy during bulk", "%"),
         Figure("cpu_conn", "proxy CPU per new connection", "us", higher_is_better=False),
         Figure("conn", "new connections (1 HTTP request each)", "conn/s"),
         Figure("ka", "keep-alive HTTP", "req/s"),
@@ -209,6 +214,8 @@ def make_peer(name: str, lab: Lab, backends: Backends) -> Peer:
         return CUdpRelay(lab, backends)
     if name == C_TCP:
         return CTcpRelay(lab, backends)
+    if name == C_SPLICE:
+        return MinimalSplice(lab, backends)
     raise ValueError(f"unknown peer {name!r}")
 
 
@@ -230,19 +237,35 @@ def check_path(lab: Lab, peer: Peer, vip: str = VIP) -> None:
 
 
 # ---------------------------------------------------------------------------- tests
+def machine_cpu() -> tuple[float, float]:
+    """(busy, all) CPU seconds of the whole machine so far (:func:`parse.parse_machine_cpu`)."""
+    return parse.parse_machine_cpu(Path("/proc/stat").read_text(), ticks=TICKS)
+
+
 def run_bulk(lab: Lab, peer: Peer, opts: Options, res: Results) -> None:
+    """iperf3's single stream; besides the rate, the proxy's CPU per GB and the whole
+    machine's (the load tools, the pods and the kernel's softirq work included: on this
+    2-core box a relay's second TCP connection is paid for in that figure)."""
     pids = peer.pids()
     cpu0 = cpu_seconds(pids)
+    busy0, all0 = machine_cpu()
     out = lab.run("client", ["iperf3", "-c", VIP_BULK, "-p", str(BULK_PORT),
                              "-t", f"{opts.seconds:g}", "-J"],
                   timeout=opts.seconds + 20, check=False)
+    busy1, all1 = machine_cpu()
     cpu1 = cpu_seconds(pids)
     result = parse.parse_iperf3(out.stdout)
     res.fig("bulk").add(peer.name, result.bits_per_second / 1e9)
+    line = f"    bulk: {result.bits_per_second / 1e9:.2f} Gbit/s"
     if pids and result.bytes:
         res.fig("cpu_gb").add(peer.name, (cpu1 - cpu0) / (result.bytes / 1e9))
-    opts.log(f"    bulk: {result.bits_per_second / 1e9:.2f} Gbit/s"
-             + (f", {(cpu1 - cpu0) / (result.bytes / 1e9):.3f} CPU s/GB" if pids else ""))
+        line += f", {(cpu1 - cpu0) / (result.bytes / 1e9):.3f} CPU s/GB"
+    if result.bytes and all1 > all0:
+        res.fig("machine_gb").add(peer.name, (busy1 - busy0) / (result.bytes / 1e9))
+        res.fig("machine_busy").add(peer.name, 100 * (busy1 - busy0) / (all1 - all0))
+        line += (f", machine {(busy1 - busy0) / (result.bytes / 1e9):.3f} CPU s/GB, "
+                 f"{100 * (busy1 - busy0) / (all1 - all0):.0f}% busy")
+    opts.log(line)
 
 
 def _wrk(lab: Lab, opts: Options, args: list[str], vip: str = VIP) -> parse.WrkResult:
@@ -396,6 +419,8 @@ def applies(test: str, peer: Peer) -> bool:
     IPv6 tests only on the peers with an IPv6 path."""
     if test in IPV6_TESTS and not peer.ipv6:
         return False
+    if peer.bulk_only:
+        return test == "bulk"
     return peer.udp if test.startswith("dns") else peer.tcp
 
 
@@ -403,7 +428,7 @@ def run_peer(lab: Lab, peer: Peer, opts: Options, res: Results, *, first_round: 
     clean_slate(lab)
     peer.start()
     try:
-        if peer.tcp:
+        if peer.tcp and not peer.bulk_only:
             check_path(lab, peer)
         if peer.tcp and peer.ipv6 and any(t in opts.only for t in IPV6_TESTS):
             check_path(lab, peer, VIP6)
@@ -414,7 +439,7 @@ def run_peer(lab: Lab, peer: Peer, opts: Options, res: Results, *, first_round: 
                 except (LabError, parse.ParseError) as exc:
                     res.errors.append(f"{peer.name} {test}: {exc}")
                     opts.log(f"    {test}: FAILED: {exc}")
-        if first_round and "idle" in opts.only and peer.tcp:
+        if first_round and "idle" in opts.only and peer.tcp and not peer.bulk_only:
             try:
                 run_idle(lab, peer, opts, res)
             except (LabError, ValueError, KeyError) as exc:

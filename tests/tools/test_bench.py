@@ -135,6 +135,17 @@ def test_proc_stat_and_status() -> None:
         parse.parse_vmrss_kib("Name:\tzombie\n")
 
 
+def test_machine_cpu_counts_busy_time_of_every_cpu_and_leaves_out_steal() -> None:
+    stat = ("cpu  1000 20 300 5000 80 7 93 400 0 0\n"
+            "cpu0 500 10 150 2500 40 3 47 200 0 0\n"
+            "intr 12345 0 0\n")
+    busy, total = parse.parse_machine_cpu(stat, ticks=100)
+    assert busy == pytest.approx(14.2)  # user, nice, system, irq, softirq
+    assert total == pytest.approx(14.2 + 50.8)  # + idle, iowait; steal in neither
+    with pytest.raises(ParseError, match="/proc/stat"):
+        parse.parse_machine_cpu("cpu0 1 2 3 4 5 6 7\n")
+
+
 def test_histogram_quantile_is_the_bucket_bound() -> None:
     text = (
         'kubeproxy_sync_proxy_rules_duration_seconds_bucket{le="0.01"} 30.0\n'
@@ -235,8 +246,8 @@ class _FakePeer:
 
     name = "p"
 
-    def __init__(self, *, tcp: bool, udp: bool, ipv6: bool) -> None:
-        self.tcp, self.udp, self.ipv6 = tcp, udp, ipv6
+    def __init__(self, *, tcp: bool, udp: bool, ipv6: bool, bulk_only: bool = False) -> None:
+        self.tcp, self.udp, self.ipv6, self.bulk_only = tcp, udp, ipv6, bulk_only
 
     def start(self) -> None: ...
     def stop(self) -> None: ...
@@ -255,6 +266,8 @@ def test_ipv6_tests_run_only_on_peers_with_an_ipv6_path() -> None:
     assert [t for t in DATA_TESTS if applies(t, v4_only)] == \
         ["bulk", "conn", "keepalive", "status", "dns"]
     assert [t for t in DATA_TESTS if applies(t, udp_only)] == ["dns", "dns6"]
+    bulk_only = _FakePeer(tcp=True, udp=False, ipv6=False, bulk_only=True)
+    assert [t for t in DATA_TESTS if applies(t, bulk_only)] == ["bulk"]
 
 
 def test_only_accepts_the_ipv6_tests_and_they_are_in_the_default_set() -> None:
