@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.peers import ALL_PEERS
+from bench.peers import ALL_PEERS, OPTIONAL_PEERS
 from bench.run import TESTS, Options
 
 HERE = Path(__file__).resolve().parent
@@ -62,7 +62,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, Path]:
         p.error(f"--only: unknown test(s) {', '.join(bad)} (known: {', '.join(TESTS)})")
     peers: tuple[str, ...] = ALL_PEERS
     if a.peers:
-        by_key = {n.lower().replace(" ", "-"): n for n in ALL_PEERS}
+        by_key = {n.lower().replace(" ", "-"): n for n in (*ALL_PEERS, *OPTIONAL_PEERS)}
         wanted = [t.strip().lower().replace(" ", "-") for t in a.peers.split(",") if t.strip()]
         unknown = [w for w in wanted if w not in by_key]
         if unknown:

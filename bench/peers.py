@@ -66,6 +66,11 @@ NATIVE_MASQ = "uproxy native masquerade-all"
 C_TCP = "C TCP relay"
 C_SPLICE = "minimal splice relay"
 ALL_PEERS = (KERNEL, NATIVE, NATIVE_MASQ, PYTHON, NGINX, HAPROXY, C_UDP, C_TCP, C_SPLICE)
+C_SPLICE_CUBIC = "minimal splice relay cubic"
+OPTIONAL_PEERS = (C_SPLICE_CUBIC,)
+"""Peers only ``--peers`` names (not in a default run): the minimal splice relay with
+``cubic`` on both of its sockets, which does not pace (what the second sender's pacing
+costs where the node's default is BBR without the fq qdisc)."""
 UPROXY_PEERS = (NATIVE, NATIVE_MASQ, PYTHON)
 IPV6_PEERS = (KERNEL, NATIVE)
 """The peers with IPv6 rows (issue 13: uproxy native against kernel DNAT over IPv6)."""
@@ -466,14 +471,16 @@ class MinimalSplice(_Redirected):
 
     bulk_only = True
 
-    def __init__(self, lab: Lab, backends: Backends) -> None:
+    def __init__(self, lab: Lab, backends: Backends, congestion: str = "") -> None:
         super().__init__(lab)
-        self.name = C_SPLICE
+        self.name = f"{C_SPLICE} {congestion}" if congestion else C_SPLICE
         self.backends = backends
+        self.congestion = congestion
 
     def _argv(self, d: Path) -> list[str]:
         binary = build_splice_minimal(d)
-        return [str(binary), str(LOCAL_PORTS[BULK_PORT]), f"{self.backends.bulk[0]}:{BULK_PORT}"]
+        return [str(binary), *(["-c", self.congestion] if self.congestion else []),
+                str(LOCAL_PORTS[BULK_PORT]), f"{self.backends.bulk[0]}:{BULK_PORT}"]
 
 
 def bench_engine_threads() -> int:

@@ -41,6 +41,7 @@ from bench.peers import (
     ALL_PEERS,
     BULK_PORT,
     C_SPLICE,
+    C_SPLICE_CUBIC,
     C_TCP,
     C_UDP,
     DNS_PORT,
@@ -216,6 +217,8 @@ def make_peer(name: str, lab: Lab, backends: Backends) -> Peer:
         return CTcpRelay(lab, backends)
     if name == C_SPLICE:
         return MinimalSplice(lab, backends)
+    if name == C_SPLICE_CUBIC:
+        return MinimalSplice(lab, backends, congestion="cubic")
     raise ValueError(f"unknown peer {name!r}")
 
 

@@ -1,6 +1,6 @@
 /* splice_minimal: the smallest splice(2) relay there is, for the benchmark's bulk row.
  *
- *     splice_minimal [-p PIPE_BYTES] PORT IP:PORT
+ *     splice_minimal [-p PIPE_BYTES] [-c CONGESTION] PORT IP:PORT
  *
  * What it is for: the bulk target asks a userspace relay for 0.85x of kernel DNAT's
  * single-stream throughput. uproxy's engine (and the C TCP relay, which is that engine
@@ -14,7 +14,10 @@
  * (the node's TCP receive of the client's stream, its ACKs, the node's TCP send to the
  * endpoint and that leg's ACKs), which kernel DNAT does not have.
  *
- * -p: the pipe size (F_SETPIPE_SZ), 256 KiB by default as uproxy's engine. IPv4 only,
+ * -p: the pipe size (F_SETPIPE_SZ), 256 KiB by default as uproxy's engine. -c: a TCP
+ * congestion control for both of the relay's sockets (TCP_CONGESTION on the listener,
+ * which accepted sockets inherit, and on each connecting socket), the namespace's default
+ * when not given: how much of the gap is the second sender's pacing. IPv4 only,
  * one endpoint, errors end the connection; it runs until killed. `make bench` runs it as
  * the peer "minimal splice relay" (bulk row only: a thread pair per connection is not a
  * design for many short connections).
@@ -35,6 +38,7 @@
 
 static struct sockaddr_in endpoint;
 static int pipe_bytes = 256 * 1024;
+static const char *congestion;
 
 struct half {
     int from, to;
@@ -87,6 +91,8 @@ static void *pump(void *arg) {
 static void start(int client) {
     int server = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     int one = 1;
+    if (server >= 0 && congestion) /* from its first segment on */
+        setsockopt(server, IPPROTO_TCP, TCP_CONGESTION, congestion, (socklen_t)strlen(congestion));
     if (server < 0 || connect(server, (struct sockaddr *)&endpoint, sizeof endpoint) < 0) {
         if (server >= 0)
             close(server);
@@ -122,9 +128,11 @@ static void start(int client) {
 
 int main(int argc, char **argv) {
     int opt;
-    while ((opt = getopt(argc, argv, "p:")) != -1) {
+    while ((opt = getopt(argc, argv, "p:c:")) != -1) {
         if (opt == 'p')
             pipe_bytes = atoi(optarg);
+        else if (opt == 'c')
+            congestion = optarg;
         else
             goto usage;
     }
@@ -142,6 +150,11 @@ int main(int argc, char **argv) {
     struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one); /* inherited by accepted */
+    if (congestion &&
+        setsockopt(fd, IPPROTO_TCP, TCP_CONGESTION, congestion, (socklen_t)strlen(congestion)) < 0) {
+        fprintf(stderr, "splice_minimal: congestion control %s: %s\n", congestion, strerror(errno));
+        return 2;
+    }
     if (bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0 || listen(fd, 128) < 0) {
         fprintf(stderr, "splice_minimal: port %d: %s\n", port, strerror(errno));
         return 2;
@@ -154,6 +167,6 @@ int main(int argc, char **argv) {
             usleep(1000);
     }
 usage:
-    fprintf(stderr, "usage: splice_minimal [-p PIPE_BYTES] PORT IP:PORT\n");
+    fprintf(stderr, "usage: splice_minimal [-p PIPE_BYTES] [-c CONGESTION] PORT IP:PORT\n");
     return 2;
 }

@@ -11,19 +11,23 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 
+import pytest
+
 from bench.peers import build_splice_minimal
 from uproxy.demo.lab import Lab
 
 VIP, LOCAL = "10.0.0.13", 10081
 
 
+@pytest.mark.parametrize("congestion", ["", "cubic"], ids=["default", "cubic"])
 def test_minimal_splice_relay_relays_whole_streams_through_the_cluster_ip(
-        lab_factory: Callable[..., Lab]) -> None:
+        lab_factory: Callable[..., Lab], congestion: str) -> None:
+    """(``-c cubic``: the bench's optional peer "minimal splice relay cubic".)"""
     lab = lab_factory(pods=1, name_hint="splicemin")
     lab.start_echo(1, tcp_ports=(6789,))
     binary = build_splice_minimal(lab.workdir)
-    proc = lab.spawn("node", [str(binary), str(LOCAL), f"{lab.pod_ip(1)}:6789"],
-                     "splice-minimal")
+    proc = lab.spawn("node", [str(binary), *(["-c", congestion] if congestion else []),
+                              str(LOCAL), f"{lab.pod_ip(1)}:6789"], "splice-minimal")
     try:
         lab.wait_port("node", "0.0.0.0", LOCAL, "tcp", proc=proc)
         lab.run("node", ["iptables", "-t", "nat", "-A", "PREROUTING", "-d", VIP, "-p", "tcp",
