@@ -278,7 +278,14 @@ def test_the_sweep_destroys_only_sockets_bound_to_addresses_not_the_nodes(
     (stop, ``uproxy cleanup``) sweeps too. The node's addresses are filtered by the kernel,
     or here when there are too many for its filter. Given the endpoints (the daemon's
     table), only sockets whose peer is one of them go: here the IPv4 pod's, not the IPv6
-    pod's."""
+    pod's.
+
+    ``tcp_rfc1337`` on: the listings count on every TIME_WAIT socket living its 60 s, and
+    with it off a reset kills one. The pod's stack sends one now and then: its delayed ACK
+    of our FIN (sent as it closes, from another CPU) can reach the node after its FIN|ACK;
+    the TIME_WAIT socket answers that old segment with an ACK, the pod's socket is gone by
+    then, and the pod resets."""
+    lab.run("node", ["sysctl", "-qw", "net.ipv4.tcp_rfc1337=1"])
     server = lab.spawn("pod1", [sys.executable, "-c", POD_SERVER], "tw-server")
     lab.wait_port("pod1", "::", POD_PORT, "tcp", proc=server)
     pairs = [lab.client_ip, lab.pod_ip(1), lab.client_ip6, lab.pod_ip6(1)]
