@@ -489,6 +489,21 @@ def _fetch_all(address: tuple[str, int], family: int, count: int) -> list[bytes]
     return got
 
 
+async def _short_ones(r: Rig, flavor: Flavor, address: tuple[str, int], count: int) -> None:
+    """``count`` clients that each fetch ``address``'s "hello" (the only endpoint) and go;
+    on the native flavor with the loop blocked throughout, so that the engine's OPENED and
+    DONE of every one arrive in one batch. Returns once the table counted all closed."""
+    r.set_endpoints([address])
+    if flavor.native:  # the engine needs no loop: block it for the whole run
+        got = _fetch_all(r.address, r.family, count)
+    else:
+        got = await asyncio.to_thread(_fetch_all, r.address, r.family, count)
+    assert got == [b"hello"] * count
+    await _until(lambda: NAME in r.conns.services
+                 and r.conns.services[NAME].opened == count
+                 and r.conns.services[NAME].open == 0)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("watched", [False, True], ids=["unwatched", "watched"])
 def test_connections_that_end_within_one_batch_are_counted_as_any_other(
@@ -505,15 +520,7 @@ def test_connections_that_end_within_one_batch_are_counted_as_any_other(
             if watched:
                 r.conns.subscribers.add(lambda event, conn: seen.append((event, conn.id)))
             with _speak_and_close(family, b"hello") as address:
-                r.set_endpoints([address])
-                if flavor.native:  # the engine needs no loop: block it for the whole run
-                    got = _fetch_all(r.address, family, count)
-                else:
-                    got = await asyncio.to_thread(_fetch_all, r.address, family, count)
-                assert got == [b"hello"] * count
-                await _until(lambda: NAME in r.conns.services
-                             and r.conns.services[NAME].opened == count
-                             and r.conns.services[NAME].open == 0)
+                await _short_ones(r, flavor, address, count)
                 tally = r.conns.services[NAME]
                 at = tally.by_endpoint[address]
                 assert (tally.bytes_up, tally.bytes_down, tally.failed) == (0, 5 * count, 0)
@@ -570,15 +577,7 @@ def test_an_open_status_stream_costs_short_connections_no_entry(
             watcher = hub.add()
             assert not r.conns.sees_brief()
             with _speak_and_close(family, b"hello") as address:
-                r.set_endpoints([address])
-                if flavor.native:  # the engine needs no loop: block it for the whole run
-                    got = _fetch_all(r.address, family, count)
-                else:
-                    got = await asyncio.to_thread(_fetch_all, r.address, family, count)
-                assert got == [b"hello"] * count
-                await _until(lambda: NAME in r.conns.services
-                             and r.conns.services[NAME].opened == count
-                             and r.conns.services[NAME].open == 0)
+                await _short_ones(r, flavor, address, count)
                 tally = r.conns.services[NAME]
                 assert (tally.bytes_up, tally.bytes_down) == (0, 5 * count)
                 assert hub.heard == (0 if flavor.native else 3 * count)
