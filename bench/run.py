@@ -122,6 +122,10 @@ def new_results() -> Results:
         Figure("ka_p99", "keep-alive p99 latency", "ms", higher_is_better=False),
         Figure("conn_watch", "new connections, status stream open", "conn/s"),
         Figure("ka_watch", "keep-alive HTTP, status stream open", "req/s"),
+        Figure("conn_nowatch", "new connections, the status test's run without the stream",
+               "conn/s"),
+        Figure("ka_nowatch", "keep-alive HTTP, the status test's run without the stream",
+               "req/s"),
         Figure("dns", "DNS over UDP", "queries/s"),
         Figure("dns_lost", "DNS queries lost", "queries", higher_is_better=False),
         Figure("conn6", "IPv6: new connections (1 HTTP request each)", "conn/s"),
@@ -321,26 +325,45 @@ def run_status(lab: Lab, peer: Peer, opts: Options, res: Results) -> None:
     One ``curl -N`` on /api/v1/connections/watch and the page's polls (:data:`PAGE_POLLS`)
     are what an open page costs: it gets its rows, batched events and periodic snapshots
     over that stream, and its charts, bars, event log and tables by polling.
+
+    Paired: the same two tests without the page, right before or right after the ones with
+    it (the order alternates by round), so the pair shares the node's state (the earlier
+    tests' TIME_WAIT sockets and conntrack entries) and the host's moment; the loss is the
+    median of the per-round ratios. Against the round's ``conn``/``ka`` figures, which run
+    earlier in the round after other tests, the comparison also held the order's effect.
     """
     if peer.name not in UPROXY_PEERS:
         return
-    watch = lab.spawn("node", ["curl", "-sN", "-o", "/dev/null",
-                               "http://127.0.0.1:10249/api/v1/connections/watch"], "watch")
-    poll = lab.spawn("node", ["sh", "-c", PAGE_POLLS], "page-polls")  # the page's charts etc.
+    nth = len(res.fig("conn_watch").samples.get(peer.name, []))
+    for streaming in (False, True) if nth % 2 == 0 else (True, False):
+        c, k = _status_pair(lab, opts, streaming)
+        res.fig("conn_watch" if streaming else "conn_nowatch").add(peer.name,
+                                                                   c.requests_per_sec)
+        res.fig("ka_watch" if streaming else "ka_nowatch").add(peer.name, k.requests_per_sec)
+        opts.log(f"    {'with' if streaming else 'without'} the status stream open: "
+                 f"{c.requests_per_sec:,.0f} conn/s, {k.requests_per_sec:,.0f} keep-alive req/s")
+
+
+def _status_pair(lab: Lab, opts: Options,
+                 streaming: bool) -> tuple[parse.WrkResult, parse.WrkResult]:
+    """The new-connections and keep-alive tests, with the page open if ``streaming``."""
+    procs: list[subprocess.Popen[bytes]] = []
     try:
-        time.sleep(0.3)
-        if watch.poll() is not None:
-            raise LabError("the status stream did not stay open")
+        if streaming:
+            procs.append(lab.spawn("node", ["curl", "-sN", "-o", "/dev/null",
+                                            "http://127.0.0.1:10249/api/v1/connections/watch"],
+                                   "watch"))
+            procs.append(lab.spawn("node", ["sh", "-c", PAGE_POLLS], "page-polls"))
+            time.sleep(0.3)
+            if procs[0].poll() is not None:
+                raise LabError("the status stream did not stay open")
         c = _wrk(lab, opts, ["-c", str(opts.conn_conns), "-H", "Connection: close"])
         k = _wrk(lab, opts, ["-c", str(opts.wrk_conns), "--latency"])
     finally:
-        for proc in (watch, poll):
+        for proc in procs:
             proc.terminate()
             proc.wait(5)
-    res.fig("conn_watch").add(peer.name, c.requests_per_sec)
-    res.fig("ka_watch").add(peer.name, k.requests_per_sec)
-    opts.log(f"    with the status stream open: {c.requests_per_sec:,.0f} conn/s, "
-             f"{k.requests_per_sec:,.0f} keep-alive req/s")
+    return c, k
 
 
 def fmt_ms(v: float | None) -> str:
@@ -709,11 +732,21 @@ def run_scale_conn(lab: Lab, opts: Options, res: Results, backends: Backends) ->
             clean_slate(lab)
             peer.start()
             check_path(lab, peer)
-            one = _wrk(lab, opts, conns).requests_per_sec
-            write_list(peer.node.manifests / "scale.json", scale_objects(n, backends.http))
+            before = _wrk(lab, opts, conns).requests_per_sec
+            scale_file = peer.node.manifests / "scale.json"
+            write_list(scale_file, scale_objects(n, backends.http))
             peer.node.wait_rules(lambda t: t.count('"scale/svc-') >= n, timeout=120)
             check_path(lab, peer)
             with_others = _wrk(lab, opts, conns).requests_per_sec
+            # ... and alone again: the reference is the mean of the runs on either side,
+            # so a drift of the host (or of the node's state) over the three runs cancels
+            scale_file.unlink()
+            peer.node.wait_rules(lambda t: '"scale/svc-' not in t, timeout=120)
+            check_path(lab, peer)
+            after = _wrk(lab, opts, conns).requests_per_sec
+            opts.log(f"    {NATIVE} alone: {before:,.0f} conn/s before the others, "
+                     f"{after:,.0f} after they were removed")
+            one = (before + after) / 2
         except (LabError, parse.ParseError) as exc:
             res.errors.append(f"scale-conn {NATIVE}: {exc}")
             opts.log(f"    FAILED: {str(exc)[:2000]}")

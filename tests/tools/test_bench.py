@@ -307,6 +307,33 @@ def test_ipv6_rows_and_target_against_kernel_over_ipv6() -> None:
     assert "| IPv6: DNS over UDP (queries/s) | 10.0 | 8.00 (0.80x) |" in table
 
 
+def test_the_status_target_is_the_median_of_each_rounds_pair() -> None:
+    from bench.peers import NATIVE
+    from bench.report import targets
+    from bench.run import Results, new_results
+
+    def status(res: Results) -> parse.Target:
+        return next(t for t in targets(res) if t.text.startswith("status page"))
+
+    res = new_results()
+    assert status(res).met is None  # no pair measured: "n/a", never "met"
+    # Three rounds: with 900 vs 1000 without (-10%), 1010 vs 1000 (+1%), 990 vs 1000 (-1%).
+    # The medians of each side alone (990 vs 1000) would say -1% too; the pairs decide.
+    for w, wo in ((900.0, 1000.0), (1010.0, 1000.0), (990.0, 1000.0)):
+        res.fig("conn_watch").add(NATIVE, w)
+        res.fig("conn_nowatch").add(NATIVE, wo)
+        res.fig("ka_watch").add(NATIVE, 2 * w)
+        res.fig("ka_nowatch").add(NATIVE, 2 * wo)
+    res.fig("conn").add(NATIVE, 5000.0)  # the round's own conn figure plays no part
+    t = status(res)
+    assert t.met is True
+    assert "new conn/s lost 1.0% (per round -10.0%, +1.0%, -1.0%)" in t.detail
+    res.fig("ka_watch").samples[NATIVE] = [1800.0, 1900.0, 1940.0]  # -10%, -5%, -3%
+    t = status(res)
+    assert t.met is False
+    assert "keep-alive req/s lost 5.0%" in t.detail
+
+
 def test_an_unwritable_out_path_is_one_line_before_the_run(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from bench.__main__ import main
