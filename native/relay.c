@@ -48,8 +48,8 @@
 
 #define SCRATCH_SIZE (64 * 1024)
 #define MAX_EVENTS 256
-#define UPROXY_NOTIFY_MS 10    /* under load: at most one wake-up of Python per this */
-#define UPROXY_NOTIFY_BATCH 128 /* ... or this many records queued */
+#define UPROXY_NOTIFY_MS 40    /* under load: at most one wake-up of Python per this */
+#define UPROXY_NOTIFY_BATCH 1024 /* ... or this many records queued */
 
 #define CMD_ADD 1u
 #define CMD_ABORT 2u

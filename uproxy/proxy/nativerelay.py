@@ -358,7 +358,7 @@ class NativeRelay:
                          lib.UPROXY_REFUSED_ALL_FAILED: "all_failed",
                          lib.UPROXY_REFUSED_NO_SOCKET: "no_socket",
                          lib.UPROXY_REFUSED_ABORTED: "cancelled"}
-        # (under load the engine writes the eventfd at most every few milliseconds, so
+        # (under load the engine writes the eventfd at most every 40 ms, so
         # the bookkeeping runs in batches: native/relay.c, notify_python)
         loop.add_reader(self._efd, self._on_completions)
 
@@ -841,7 +841,7 @@ class NativeRelay:
 
     def active(self) -> int:
         """Live connections, counting the ones the engine is still setting up."""
-        setting_up = self.stats().get("setups_live", 0)
+        setting_up = self._stat("setups_live")
         return len(self._live) + len(self._held) + setting_up + (
             self._resumed.active() if self._resumed is not None else 0)
 
@@ -865,22 +865,26 @@ class NativeRelay:
             out.append({name: int(getattr(s, name)) for name in _STAT_NAMES})
         return out
 
+    def _stat(self, name: str) -> int:
+        """One engine-wide figure of :meth:`stats`, without building the others (per batch)."""
+        if self._engine is None:
+            return int(self._final_stats.get(name, 0))
+        self._lib.uproxy_engine_stats(self._raw, self._stats)
+        return int(getattr(self._stats, name))
+
     def closes_first(self) -> int:
         """Backend connections that got our FIN before sending theirs (ever): each leaves
         a TIME_WAIT socket on the node (transparent mode sweeps those)."""
-        if self._engine is None:
-            return int(self._final_stats.get("closes_first", 0))
-        self._lib.uproxy_engine_stats(self._raw, self._stats)
-        return int(self._stats.closes_first)
+        return self._stat("closes_first")
 
     def time_wait_left(self) -> int:
         """Of those, transparent ones whose TIME_WAIT socket the engine could not destroy
-        at close by its exact address (ever): the caller sweeps for them."""
-        return self.stats().get("tw_left", 0)
+        at close by its exact address (ever): the caller sweeps for them (once a batch)."""
+        return self._stat("tw_left")
 
     def time_wait_destroyed(self) -> int:
         """Transparent TIME_WAIT sockets the engine destroyed at close (ever)."""
-        return self.stats().get("tw_destroyed", 0)
+        return self._stat("tw_destroyed")
 
     def pipes_in_use(self) -> int:
         """Pipes holding a connection's bytes right now (idle connections hold none)."""
