@@ -264,14 +264,16 @@ def run_bulk(lab: Lab, peer: Peer, opts: Options, res: Results) -> None:
     result = parse.parse_iperf3(out.stdout)
     res.fig("bulk").add(peer.name, result.bits_per_second / 1e9)
     line = f"    bulk: {result.bits_per_second / 1e9:.2f} Gbit/s"
-    if pids and result.bytes:
-        res.fig("cpu_gb").add(peer.name, (cpu1 - cpu0) / (result.bytes / 1e9))
-        line += f", {(cpu1 - cpu0) / (result.bytes / 1e9):.3f} CPU s/GB"
-    if result.bytes and all1 > all0:
-        res.fig("machine_gb").add(peer.name, (busy1 - busy0) / (result.bytes / 1e9))
-        res.fig("machine_busy").add(peer.name, 100 * (busy1 - busy0) / (all1 - all0))
-        line += (f", machine {(busy1 - busy0) / (result.bytes / 1e9):.3f} CPU s/GB, "
-                 f"{100 * (busy1 - busy0) / (all1 - all0):.0f}% busy")
+    gb = result.bytes / 1e9
+    if pids and gb:
+        per_gb = (cpu1 - cpu0) / gb
+        res.fig("cpu_gb").add(peer.name, per_gb)
+        line += f", {per_gb:.3f} CPU s/GB"
+    if gb and all1 > all0:
+        machine_gb, busy = (busy1 - busy0) / gb, 100 * (busy1 - busy0) / (all1 - all0)
+        res.fig("machine_gb").add(peer.name, machine_gb)
+        res.fig("machine_busy").add(peer.name, busy)
+        line += f", machine {machine_gb:.3f} CPU s/GB, {busy:.0f}% busy"
     opts.log(line)
 
 
