@@ -332,7 +332,8 @@ def run_status(lab: Lab, peer: Peer, opts: Options, res: Results) -> None:
     it (the order alternates by round), so the pair shares the node's state (the earlier
     tests' TIME_WAIT sockets and conntrack entries) and the host's moment; the loss is the
     median of the per-round ratios. Against the round's ``conn``/``ka`` figures, which run
-    earlier in the round after other tests, the comparison also held the order's effect.
+    earlier in the round after other tests, the comparison also held whatever running
+    later in the round changes.
     """
     if peer.name not in UPROXY_PEERS:
         return
@@ -741,7 +742,7 @@ def run_scale_conn(lab: Lab, opts: Options, res: Results, backends: Backends) ->
             check_path(lab, peer)
             with_others = _wrk(lab, opts, conns).requests_per_sec
             # ... and alone again: the reference is the mean of the runs on either side,
-            # so a drift of the host (or of the node's state) over the three runs cancels
+            # so a steady drift of the host over the three runs cancels
             scale_file.unlink()
             peer.node.wait_rules(lambda t: '"scale/svc-' not in t, timeout=120)
             check_path(lab, peer)
