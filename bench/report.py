@@ -380,8 +380,9 @@ METHOD_DOC = """\
   outstanding, a query counts as lost after 2 s) against the dnsmasq pods through the
   peer's UDP path.
 - **IPv6 rows** (`conn6`, `keepalive6`, `dns6`): the same wrk and dnsperf commands
-  against `http://[fd00:96::a]:80/` and `fd00:96::a` port 53, right after the IPv4 tests
-  of the same peer in the same round.
+  against `http://[fd00:96::a]:80/` and `fd00:96::a` port 53, each right after its IPv4
+  twin in the same start of the peer (until 2026-12-03: all three after the IPv4 tests, the
+  status test and DNS).
 - **status page open** (uproxy's peers; issue 7): the new-connections and keep-alive tests
   again, twice in a row: once with the page open -- one `curl -N` on
   `/api/v1/connections/watch` and the page's polls (a `curl` per request, at the page's
