@@ -61,7 +61,7 @@ demo: deps
 	$(PY) -m uproxy demo
 
 bench: deps
-	$(PY) -m bench
+	$(PY) -m bench $(if $(BASELINE),--baseline $(BASELINE))
 
 clean:
 	rm -rf $(VENV) build *.egg-info uproxy/_native*.so uproxy/_native.c

@@ -1,4 +1,4 @@
-"""``python -m bench [--quick] [--only bulk,conn,keepalive,dns,conn6,...] [--rounds N]``.
+"""``python -m bench [--quick] [--only bulk,conn,...] [--rounds N] [--baseline REV]``.
 
 Installs the load tools when missing (as root, ``apt-get``), runs the
 side-by-side benchmark in a namespace lab (:mod:`bench.run`), prints the main
@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench.peers import ALL_PEERS, OPTIONAL_PEERS
+from bench.peers import ALL_PEERS, BASELINE, NATIVE, OPTIONAL_PEERS
 from bench.run import TESTS, Options
 
 HERE = Path(__file__).resolve().parent
@@ -47,6 +47,16 @@ def ensure_tools() -> None:
                              f"{proc.stderr.strip().splitlines()[-1:] or proc.returncode}")
 
 
+def resolve_commit(rev: str) -> str:
+    """The full hash of ``rev`` in this repository, or "" (not a commit, no git)."""
+    try:
+        out = subprocess.run(["git", "-C", str(HERE.parent), "rev-parse", "--verify", "--quiet",
+                              f"{rev}^{{commit}}"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
 def parse_args(argv: Sequence[str] | None) -> tuple[Options, Path]:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[1])
     p.add_argument("--quick", action="store_true", help="1 round, 2 s tests (development)")
@@ -55,6 +65,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, Path]:
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--seconds", type=float, default=None)
     p.add_argument("--out", type=Path, default=None, help="markdown output path")
+    p.add_argument("--baseline", metavar="REV", default=None,
+                   help="also run uproxy native as it was at this commit of the repository "
+                        "(the peer 'uproxy baseline', right after uproxy native): whether "
+                        "anything regressed, in the same run")
     a = p.parse_args(argv)
     only = tuple(t.strip() for t in a.only.split(",") if t.strip())
     bad = [t for t in only if t not in TESTS]
@@ -68,7 +82,14 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Options, Path]:
         if unknown:
             p.error(f"--peers: unknown {', '.join(unknown)} (known: {', '.join(by_key)})")
         peers = tuple(by_key[w] for w in wanted)
-    opts = Options(only=only, peers=peers)
+    baseline = ""
+    if a.baseline:
+        baseline = resolve_commit(a.baseline)
+        if not baseline:
+            p.error(f"--baseline: {a.baseline!r} is not a commit of {HERE.parent}")
+        at = peers.index(NATIVE) + 1 if NATIVE in peers else len(peers)
+        peers = (*peers[:at], BASELINE, *peers[at:])
+    opts = Options(only=only, peers=peers, baseline=baseline)
     if a.quick:
         opts.rounds, opts.seconds = 1, 2.0
         opts.idle_count, opts.scale_services, opts.rest_seconds, opts.changes = 2000, 2000, 3, 10

@@ -37,8 +37,10 @@ import base64
 import contextlib
 import hashlib
 import os
+import shlex
 import signal
 import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +73,8 @@ OPTIONAL_PEERS = (C_SPLICE_CUBIC,)
 """Peers only ``--peers`` names (not in a default run): the minimal splice relay with
 ``cubic`` on both of its sockets, which does not pace (what the second sender's pacing
 costs where the node's default is BBR without the fq qdisc)."""
+BASELINE = "uproxy baseline"
+"""uproxy native at the commit ``--baseline REV`` names (added to the run only then)."""
 UPROXY_PEERS = (NATIVE, NATIVE_MASQ, PYTHON)
 IPV6_PEERS = (KERNEL, NATIVE)
 """The peers with IPv6 rows (issue 13: uproxy native against kernel DNAT over IPv6)."""
@@ -240,15 +244,18 @@ class Uproxy:
     bulk_only = False
 
     def __init__(self, lab: Lab, backends: Backends, *, native: bool,
-                 args: tuple[str, ...] = (), masquerade_all: bool = False) -> None:
-        self.name = NATIVE_MASQ if masquerade_all else NATIVE if native else PYTHON
+                 args: tuple[str, ...] = (), masquerade_all: bool = False,
+                 source: Path | None = None) -> None:
+        """``source``: a tree from :func:`build_baseline` (the peer "uproxy baseline")."""
+        self.name = BASELINE if source is not None else \
+            NATIVE_MASQ if masquerade_all else NATIVE if native else PYTHON
         self.udp = not masquerade_all  # its TCP rows are the comparison; DNS is the same
         self.ipv6 = self.name in IPV6_PEERS and bool(backends.http6)
         self.lab = lab
         if masquerade_all:
             args = (*args, "--masquerade-all")
         self.node = NodeProxy(lab, native=native, loop="uvloop", args=args,
-                              name=self.name.replace(" ", "-"))
+                              name=self.name.replace(" ", "-"), source=source)
         self.node.write(
             "bench.yaml",
             service("web", VIP, [{"name": "http", "port": HTTP_PORT, "targetPort": HTTP_PORT},
@@ -276,6 +283,11 @@ class Uproxy:
         )
 
     def start(self) -> None:
+        if self.node.source is not None:
+            # /readyz: first sync done, rules applied (how an earlier uproxy shows its rules
+            # is its own; the run checks the path with a request before measuring)
+            self.node.start(timeout=30)
+            return
         self.node.start(wait_for="bench/bulk:iperf cluster IP", timeout=30)
         self.node.wait_rules(lambda t: "bench/web:dns cluster IP" in t
                              and "bench/web:http cluster IP" in t, timeout=10)
@@ -516,6 +528,35 @@ def build_tcp_reference(d: Path) -> Path:
 def build_splice_minimal(d: Path) -> Path:
     """Compile ``native/splice_minimal.c`` into ``d``, once."""
     return _build(d, "splice_minimal", ["splice_minimal.c"], ["-pthread"])
+
+
+def build_baseline(rev: str, d: Path) -> Path:
+    """uproxy at commit ``rev`` of this repository, unpacked into ``d/baseline-REV`` with its
+    native module built and its modules byte-compiled (as this checkout's are for the run):
+    the tree the peer "uproxy baseline" runs (``-m uproxy`` from there)."""
+    tree = d / f"baseline-{rev[:12]}"
+    done = tree / ".built"
+    if done.exists():
+        return tree
+    tree.mkdir(parents=True, exist_ok=True)
+    q = shlex.quote
+    steps = (("git archive", f"git -C {q(str(NATIVE_SRC.parent))} archive --format=tar "
+                             f"{q(rev)} | tar -x -C {q(str(tree))}"),
+             ("its native module",
+              f"cd {q(str(tree))} && exec {q(sys.executable)} uproxy/_native_build.py"),
+             ("byte-compiling it",
+              f"exec {q(sys.executable)} -m compileall -q {q(str(tree / 'uproxy'))}"))
+    for what, command in steps:
+        try:
+            proc = subprocess.run(["sh", "-c", command], capture_output=True, text=True,
+                                  timeout=300)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise LabError(f"baseline {rev[:12]}: {what}: {exc}") from None
+        if proc.returncode != 0:
+            last = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-1:] or ["?"]
+            raise LabError(f"baseline {rev[:12]}: {what} failed: {last[0]}")
+    done.touch()
+    return tree
 
 
 def build_udp_reference(d: Path) -> Path:

@@ -29,6 +29,7 @@ from bench.parse import (
     render_targets,
 )
 from bench.peers import (
+    BASELINE,
     C_SPLICE,
     C_TCP,
     C_UDP,
@@ -125,9 +126,7 @@ def targets(res: Results) -> list[Target]:
                       f"{fmt_ratio(r)} of kernel, {fmt_ratio(rn)} of nginx, lost per round: "
                       f"{lost if lost is not None else 'n/a'}{ceiling}"))
     out.append(ipv6_target(res))
-    out.append(Target("IPv4 (issue 13): no regression from dual-stack", None,
-                      "one run cannot check it: compare the IPv4 rows with the previous "
-                      "RESULTS.md's (uproxy native's IPv4 rows come from the dual-stack daemon)"))
+    out.append(baseline_target(res))
     for source, s in res.scale.items():
         label = "manifest files" if source == "files" else "API server (watch)"
         ready = s.get("ready_s")
@@ -149,6 +148,35 @@ def targets(res: Results) -> list[Target]:
         out.append(Target("10,000 services ready <= 2 s", None, "n/a"))
         out.append(Target("endpoint-change-to-applied p99 <= 100 ms", None, "n/a"))
     return out
+
+
+BASELINE_FIGS = (("bulk", "bulk", 0.95), ("conn", "new conn/s", 0.95),
+                  ("ka", "keep-alive req/s", 0.95), ("dns", "DNS q/s", 0.95),
+                  ("ka_p99", "keep-alive p99", 1.10), ("idle_rss", "idle KiB per connection", 1.05))
+"""uproxy native against the peer "uproxy baseline": (figure, label, limit) -- at least
+``limit`` times the baseline's where higher is better, at most where lower is."""
+
+
+def baseline_target(res: Results) -> Target:
+    """Issues 13 and 16's "no regression" (IPv4 rows; keep-alive, p99, idle memory, DNS),
+    checked in the run itself against uproxy at an earlier commit (``--baseline REV``)."""
+    title = ("no regression against uproxy at an earlier commit (`--baseline REV`; issue 13's "
+             "IPv4 rows, issue 16's keep-alive, p99, idle memory and DNS): rates >= 0.95x, "
+             "p99 <= 1.10x, idle memory <= 1.05x of the baseline's")
+    f = res.figures
+    parts, oks = [], []
+    for key, label, limit in BASELINE_FIGS:
+        r = ratio(f[key].median(NATIVE), f[key].median(BASELINE))
+        if r is None:
+            continue
+        oks.append(check(r, ">=" if f[key].higher_is_better else "<=", limit))
+        parts.append(f"{label} {fmt_ratio(r)}")
+    if not parts:
+        return Target(title, None, "not measured: `python -m bench --baseline REV` runs that "
+                                   "commit's uproxy beside this one (the peer 'uproxy baseline')")
+    return Target(title, all(oks) if len(oks) == len(BASELINE_FIGS) else None,
+                  "; ".join(parts) + " of the baseline's"
+                  + ("" if len(oks) == len(BASELINE_FIGS) else " (not every figure measured)"))
 
 
 def ipv6_target(res: Results) -> Target:
@@ -263,7 +291,9 @@ def render_markdown(res: Results, opts: Options, mach: dict[str, str], *, chart_
     out: list[str] = []
     out.append("# uproxy side-by-side benchmark (`make bench` = `python -m bench`)\n")
     out.append(f"Run {mach['date']}: {opts.rounds} round(s), {opts.seconds:g} s per load test, "
-               f"{elapsed / 60:.1f} min in all, uproxy at commit `{mach['commit']}`. "
+               f"{elapsed / 60:.1f} min in all, uproxy at commit `{mach['commit']}`"
+               + (f" (uproxy baseline: commit `{opts.baseline[:10]}`)" if opts.baseline else "")
+               + ". "
                f"Machine: `nproc` = {mach['nproc']} "
                f"({mach['cpu']}), kernel {mach['kernel']}, Python {mach['python']}; "
                f"{mach['nginx']}, {mach['haproxy']}, {mach['iperf3']}, {mach['dnsperf']}.\n")
@@ -358,6 +388,10 @@ at a time (started, measured, stopped, conntrack flushed).
   fd00:96::a/128`, `-j DNAT --to-destination [fd00:17::2]:80`); uproxy serves it from the
   same daemon, intercepting with `ip6tables` `REDIRECT`. uproxy native's IPv4 rows come
   from that same dual-stack daemon.
+- **uproxy baseline** (only with `python -m bench --baseline REV`): uproxy native as it
+  was at commit REV of this repository (`git archive`, its own native module built),
+  started the same way right after uproxy native in every round, IPv4 rows only (no
+  status test). Its ratios to uproxy native are the "no regression" target's.
 - nginx, HAProxy and the C relays listen in the node ns and are reached through
   `REDIRECT` rules for the ClusterIPs (chain `BENCH-REDIRECT` from PREROUTING/OUTPUT) --
   the same interception path uproxy uses, so proxies are compared with proxies. CPU, RSS
@@ -471,7 +505,8 @@ def write_chart(res: Results, peers: Sequence[str], path: Path) -> str:
     figs = [res.figures[k] for k in CHART_FIGS if res.figures[k].samples]
     if not figs:
         return "skipped (nothing measured)."
-    colors = {KERNEL: "#777777", NATIVE: "#1f77b4", PYTHON: "#9ecae1", NGINX: "#2ca02c",
+    colors = {KERNEL: "#777777", NATIVE: "#1f77b4", BASELINE: "#17becf", PYTHON: "#9ecae1",
+              NGINX: "#2ca02c",
               HAPROXY: "#ff7f0e", C_UDP: "#9467bd", C_TCP: "#8c564b",
               C_SPLICE: "#e377c2"}
     cols = min(4, len(figs))

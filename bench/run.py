@@ -39,6 +39,7 @@ from bench.changes import write as write_churn
 from bench.parse import Figure
 from bench.peers import (
     ALL_PEERS,
+    BASELINE,
     BULK_PORT,
     C_SPLICE,
     C_SPLICE_CUBIC,
@@ -66,6 +67,7 @@ from bench.peers import (
     NginxStream,
     Peer,
     Uproxy,
+    build_baseline,
     clean_slate,
     flush_conntrack,
 )
@@ -85,6 +87,7 @@ class Options:
     seconds: float = 5.0
     only: tuple[str, ...] = TESTS
     peers: tuple[str, ...] = ALL_PEERS
+    baseline: str = ""  # the commit the peer "uproxy baseline" runs (``--baseline``)
     idle_count: int = 9000
     scale_services: int = 10000
     takeover_conns: int = 10000  # idle connections held through the takeover (if fds allow)
@@ -202,7 +205,12 @@ def prepare_lab(lab: Lab) -> Backends:
                     dns=(lab.pod_ip(1), lab.pod_ip(2)), http6=pods6, dns6=pods6)
 
 
-def make_peer(name: str, lab: Lab, backends: Backends) -> Peer:
+def make_peer(name: str, lab: Lab, backends: Backends, baseline: Path | None = None) -> Peer:
+    """``baseline``: the tree the peer "uproxy baseline" runs (:func:`build_baseline`)."""
+    if name == BASELINE:
+        if baseline is None:
+            raise ValueError("the peer 'uproxy baseline' needs --baseline REV")
+        return Uproxy(lab, backends, native=True, source=baseline)
     if name == KERNEL:
         return KernelDnat(lab, backends)
     if name == NATIVE:
@@ -885,12 +893,22 @@ def run(opts: Options) -> Results:
                 opts.log("scale-conn (issue 16): new conn/s with other Services present")
                 run_scale_conn(lab, opts, res, backends)
             data_tests = [t for t in opts.only if not t.startswith("scale")]
+            tree = None
+            if data_tests and BASELINE in opts.peers:
+                opts.log(f"baseline: uproxy at {opts.baseline[:12]}")
+                try:
+                    tree = build_baseline(opts.baseline, lab.workdir)
+                except LabError as exc:
+                    res.errors.append(f"{BASELINE}: {exc}")
+                    opts.log(f"  FAILED: {exc}")
             if data_tests:
                 for rnd in range(1, opts.rounds + 1):
                     opts.log(f"round {rnd}/{opts.rounds}")
                     for name in opts.peers:
+                        if name == BASELINE and tree is None:
+                            continue
                         opts.log(f"  {name}")
-                        peer = make_peer(name, lab, backends)
+                        peer = make_peer(name, lab, backends, tree)
                         try:
                             run_peer(lab, peer, opts, res, first_round=rnd == 1)
                         except LabError as exc:

@@ -343,3 +343,52 @@ def test_an_unwritable_out_path_is_one_line_before_the_run(
     assert main(["--quick", "--out", str(blocker / "RESULTS.md")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"bench: --out {blocker / 'RESULTS.md'}: "), err
+
+
+def test_baseline_puts_its_peer_right_after_uproxy_native_and_a_bad_rev_is_refused(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.__main__ import parse_args, resolve_commit
+    from bench.peers import BASELINE, KERNEL, NATIVE, NGINX
+
+    head = resolve_commit("HEAD")
+    if not head:
+        pytest.skip("not a git checkout")
+    opts, _ = parse_args(["--baseline", "HEAD", "--peers", "kernel DNAT,uproxy native,nginx"
+                          " stream"])
+    assert opts.peers == (KERNEL, NATIVE, BASELINE, NGINX) and opts.baseline == head
+    opts, _ = parse_args(["--baseline", head[:10], "--peers", "nginx stream"])
+    assert opts.peers == (NGINX, BASELINE)  # no uproxy native in the run: last
+    default, _ = parse_args([])
+    assert BASELINE not in default.peers and default.baseline == ""
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--baseline", "no-such-rev-anywhere"])
+    assert info.value.code == 2
+    assert "--baseline: 'no-such-rev-anywhere' is not a commit of" in capsys.readouterr().err
+
+
+def test_the_no_regression_target_is_uproxy_against_its_baseline() -> None:
+    from bench.peers import BASELINE, NATIVE, NGINX
+    from bench.report import BASELINE_FIGS, baseline_target
+    from bench.run import new_results
+
+    res = new_results()
+    t = baseline_target(res)
+    assert t.met is None and "--baseline REV" in t.detail  # never "met" unmeasured
+    base = {"bulk": 10.0, "conn": 6000.0, "ka": 30000.0, "dns": 40000.0, "ka_p99": 4.0,
+            "idle_rss": 1.5}
+    assert {k for k, _, _ in BASELINE_FIGS} == set(base)
+    for key, value in base.items():
+        res.fig(key).add(BASELINE, value)
+        res.fig(key).add(NATIVE, value * (0.96 if key == "conn" else 1.0))
+        res.fig(key).add(NGINX, value * 5)  # other peers play no part
+    t = baseline_target(res)
+    assert t.met is True
+    assert "new conn/s 0.96x" in t.detail and "idle KiB per connection 1.00x" in t.detail
+    res.fig("ka_p99").samples[NATIVE] = [4.5]  # 1.125x: worse by more than 10%
+    assert baseline_target(res).met is False
+    res.fig("ka_p99").samples[NATIVE] = [4.0]
+    res.fig("dns").samples[NATIVE] = [37000.0]  # 0.925x
+    assert baseline_target(res).met is False
+    res.fig("idle_rss").samples.clear()  # not every figure measured: not a verdict
+    t = baseline_target(res)
+    assert t.met is None and "not every figure measured" in t.detail

@@ -399,11 +399,12 @@ class Lab:
                          timeout=timeout, check=check, input=input)
 
     def spawn(self, ns: str, argv: Sequence[str], log_name: str, *,
-              env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+              env: Mapping[str, str] | None = None,
+              cwd: Path | None = None) -> subprocess.Popen[bytes]:
         """Start ``argv`` in ``ns`` in the background; tracked and killed at teardown.
 
         stdout and stderr go to ``<workdir>/<log_name>.log`` (see :meth:`logs`).
-        ``env`` entries are added to the current environment.
+        ``env`` entries are added to the current environment; ``cwd``: its directory.
         """
         if self._torn_down:
             raise LabError(f"lab {self.prefix} is torn down")
@@ -413,7 +414,7 @@ class Lab:
             proc = subprocess.Popen(
                 ["ip", "netns", "exec", self.resolve(ns), *argv],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, env=full_env,
+                start_new_session=True, env=full_env, cwd=cwd,
             )
         self._procs.append((log_name, proc))
         return proc

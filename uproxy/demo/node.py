@@ -29,8 +29,11 @@ from uproxy.rules import parse_rules
 class NodeProxy:
     def __init__(self, lab: Lab, *, loop: str = "uvloop", native: bool = True,
                  args: Iterable[str] = (), name: str = "uproxy",
-                 prefix: Iterable[str] = ()) -> None:
+                 prefix: Iterable[str] = (), source: Path | None = None) -> None:
         self.lab = lab
+        # Another uproxy source tree to run (the bench's baseline): ``-m uproxy`` from there.
+        self.source = source
+        self._help: str | None = None
         self.loop = loop
         self.native = native
         self.args = list(args)
@@ -83,12 +86,29 @@ class NodeProxy:
                 "--manifests", str(self.manifests), "--loop", self.loop,
                 "--hostname-override", "node",
                 "--status-address", "127.0.0.1:10249", "--healthz-address", "127.0.0.1:10256",
-                "--state-dir", str(self.state_dir), *self.args]
+                *(("--state-dir", str(self.state_dir)) if self.knows("--state-dir") else ()),
+                *self.args]
         self._starts += 1
-        self.proc = self.lab.spawn("node", argv, f"{self.name}-{self._starts}", env=env)
+        self.proc = self.lab.spawn("node", argv, f"{self.name}-{self._starts}", env=env,
+                                   cwd=self.source)
         self.wait_ready(timeout=timeout)
         if wait_for is not None:
             self.wait_rules(lambda text: wait_for in text, timeout=timeout, family=None)
+
+    def knows(self, flag: str) -> bool:
+        """Whether this uproxy's ``run`` takes ``flag``: always for this checkout; for a
+        :attr:`source` tree, what its ``uproxy run --help`` lists (an older uproxy lacks
+        some of the flags :meth:`start` passes)."""
+        if self.source is None:
+            return True
+        if self._help is None:
+            out = subprocess.run([sys.executable, "-m", "uproxy", "run", "--help"],
+                                 cwd=self.source, capture_output=True, text=True, timeout=60)
+            if out.returncode != 0:
+                raise LabError(f"uproxy in {self.source} does not start: "
+                               f"{(out.stderr.strip().splitlines() or ['?'])[-1]}")
+            self._help = out.stdout
+        return flag in self._help.split()
 
     def upgrade(self, *, timeout: float = 15.0) -> int:
         """Start a new uproxy beside the running one, which hands it every socket and exits.
