@@ -199,6 +199,9 @@ def _native_error(lib: Any, reason: int, side: int, err: int) -> str | None:
     return f"{who} error: {text}" if who else f"error: {text}"
 
 
+_NOTHING_YET = RelayResult(0, 0)  # (frozen: one for every handle, not one each)
+
+
 class NativeRelayHandle:
     """A connection owned by the engine. Counters are read from C memory until
     the completion arrives, then frozen (the engine frees that memory)."""
@@ -211,7 +214,7 @@ class NativeRelayHandle:
         self._relay = relay
         self._conn: Any = conn
         self._on_done = on_done
-        self._final = RelayResult(0, 0)
+        self._final = _NOTHING_YET
         self._want_detach = False
         self._detached: RelayState | None = None  # taken back from the engine (a takeover)
         self._socks: tuple[socket.socket, socket.socket] | None = None

@@ -38,7 +38,7 @@ import sys
 import termios
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from uproxy.balance import FAILED_AVOID_SECONDS, Balancer, usable_endpoints
 from uproxy.connect import (
@@ -268,11 +268,18 @@ class TcpProxy:
         self._py_setup_metric = metrics.relay_setup.labels("python")
         self._connecting: set[_Connect] = set()
         self._metrics: dict[ServicePortName, _ServiceMetrics] = {}
-        self.live: dict[int, tuple[Conn, RelayHandle]] = {}  # conn id -> relayed connection
         self._tw_left = 0  # the relays' count at the last sweep request (closed_one)
         self.adopted_relay: RelayEngine | None = None  # what came over, if self.relay cannot adopt
         self.deferring = False  # new listeners wait for their first refresh (defer)
         self._deferred: list[TcpListener] = []
+
+    @property
+    def live(self) -> dict[int, tuple[Conn, RelayHandle]]:
+        """The relayed TCP connections, by id: the connection table's, each with the handle
+        it got when established (built when asked, by a takeover; a dict kept beside the
+        table cost every idle connection ~100 bytes)."""
+        return {conn.id: (conn, cast(RelayHandle, conn.handle)) for conn in self.conns
+                if conn.protocol == "TCP" and conn.handle is not None}
 
     def listen(self, sock: socket.socket, name: ServicePortName, scope: str) -> TcpListener:
         # Accepted sockets inherit them: set once here, not per connection.
@@ -736,23 +743,21 @@ class TcpProxy:
         assert handle is not None and client is not None
         conn = self.conns.open(protocol="TCP", service=listener.name, client=client,
                                scope=listener.scope)
-        nrelay = self._native_relay()
 
+        # (every idle connection holds this closure: it captures m, self and conn only)
         def done(result: RelayResult) -> None:
             if not m.dirty:
                 m.dirty = True
                 self._dirty.append(m)
             m.closed_pending(result.bytes_up, result.bytes_down)
             self.closed_one()
-            if not nrelay.in_batch:  # (a takeover's hand-over, a resumed connection)
+            if not self._native_relay().in_batch:  # (a takeover's hand-over, a resumed one)
                 self._flush_metrics()
-            self.live.pop(conn.id, None)
             self.conns.close(conn, bytes_up=result.bytes_up, bytes_down=result.bytes_down,
                              error=result.error)
 
         handle._on_done = done
         self.conns.established(conn, endpoint.address, handle)
-        self.live[conn.id] = (conn, handle)
 
     def _native_refused(self, listener: TcpListener, ev: SetupEvent) -> None:
         name = str(listener.name)
@@ -803,14 +808,12 @@ class TcpProxy:
         def done(result: RelayResult) -> None:
             m.closed(result)
             self.closed_one()
-            self.live.pop(conn.id, None)
             self.conns.close(conn, bytes_up=result.bytes_up, bytes_down=result.bytes_down,
                              error=result.error)
 
         handle = self.relay.start(client, backend, done)
         if conn.state != "closed":
             self.conns.established(conn, endpoint.address, handle)
-            self.live[conn.id] = (conn, handle)
 
     def rules_applied(self) -> None:
         """After every sync: follow transparent mode's families (it starts after the first

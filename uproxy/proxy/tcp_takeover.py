@@ -100,7 +100,6 @@ class TcpMover:
             active.dec()
             up.inc(max(0, result.bytes_up - state.up))  # this process's share
             down.inc(max(0, result.bytes_down - state.down))
-            proxy.live.pop(conn.id, None)
             proxy.conns.close(conn, bytes_up=result.bytes_up, bytes_down=result.bytes_down,
                               error=result.error)
             proxy.closed_one()  # (a transparent one may leave a TIME_WAIT socket)
@@ -116,5 +115,4 @@ class TcpMover:
         handle = relay.adopt(client, backend, state, done)
         if conn.state != "closed":
             proxy.conns.established(conn, (meta["backend"][0], int(meta["backend"][1])), handle)
-            proxy.live[conn.id] = (conn, handle)
         return conn
